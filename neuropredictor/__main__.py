@@ -1,0 +1,3 @@
+from neuropredictor.cli import app
+
+app(prog_name="neuropredictor")

@@ -1,0 +1,326 @@
+"""The `neuropredictor` command line. Heavy imports (torch, models) happen inside commands, so
+`--help` and start-up stay fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neuropredictor.errors import NeuroPredictorError
+
+app = typer.Typer(
+    help="Extract activations of vision models over large image sets, resumably, into Zarr.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+shards_app = typer.Typer(help="Make and inspect WebDataset shards.", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+console = Console()
+err_console = Console(stderr=True)
+
+NoPretrained = Annotated[bool, typer.Option("--no-pretrained", help="Random weights (no download).")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: .safetensors or a torch state dict.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def models(
+    pattern: Annotated[Optional[str], typer.Argument(help="Glob filter, e.g. 'resnet*' or '*vit_base*'.")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", "-s", help="timm, torchvision, openclip, clip, hf, custom")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """List model specs that can be loaded (hf: only what is in the local cache)."""
+    from neuropredictor.models import GRAMMAR, list_models
+
+    try:
+        specs = list_models(source, pattern)
+    except ValueError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(specs))
+        return
+    for spec in specs:
+        print(spec)
+    if not specs:
+        err_console.print("no models match.\n" + GRAMMAR)
+
+
+@app.command()
+def layers(
+    spec: Annotated[str, typer.Argument(help="Model spec SOURCE:NAME[@TAG], e.g. torchvision:alexnet.")],
+    pattern: Annotated[Optional[str], typer.Argument(help="Glob over layer names ('*' within a segment, '**' across).")] = None,
+    no_pretrained: NoPretrained = False,
+    weights: Weights = None,
+    as_json: AsJson = False,
+) -> None:
+    """Every layer of a model: name, module type, leaf, output shape for one image, parameters."""
+    from neuropredictor.layers import describe_layers, filter_layers
+    from neuropredictor.models import load_model
+
+    try:
+        model = load_model(spec, pretrained=not no_pretrained, weights=weights)
+        infos = filter_layers(describe_layers(model), pattern)
+    except NeuroPredictorError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"spec": str(model.spec), "input_size": list(model.input_size),
+                          "layers": [i.as_dict() for i in infos]}))
+        return
+    table = Table(title=f"{model.spec}  input {tuple(model.input_size)}  weights {model.weights}")
+    for col in ("name", "type", "leaf", "output shape", "params"):
+        table.add_column(col, justify="right" if col == "params" else "left")
+    for i in infos:
+        shape = "x".join(map(str, i.shape)) if i.shape else ("not run" if i.calls == 0 else "?")
+        table.add_row(i.name, i.type, "yes" if i.leaf else "", shape, f"{i.params:,}")
+    Console(width=max(console.width, 110)).print(table)
+
+
+
+@shards_app.command("make")
+def shards_make(
+    image_dir: Annotated[Path, typer.Argument(help="Folder of images (jpg, png, webp; nested folders).")],
+    out: Annotated[str, typer.Argument(help="Output folder or URL (s3://bucket/prefix) for the tar shards.")],
+    maxcount: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    prefix: Annotated[str, typer.Option(help="Shard file name prefix.")] = "shard",
+    as_json: AsJson = False,
+) -> None:
+    """Pack a folder of images into WebDataset shards, with stable keys and an index of counts."""
+    from neuropredictor.corpus import make_shards
+
+    try:
+        shards = make_shards(image_dir, out, maxcount=maxcount, prefix=prefix)
+    except NeuroPredictorError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([{"name": s.name, "url": s.url, "count": s.count} for s in shards]))
+        return
+    total = sum(s.count for s in shards)
+    console.print(f"wrote {len(shards)} shards ({total} images) to {out}")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8} img/s"), TextColumn("shards {task.fields[shards]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+        disable=not err_console.is_terminal and not _force_progress(),
+    )
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("NEUROPREDICTOR_PROGRESS") == "1"
+
+
+def run_with_progress(params) -> dict:
+    """Run the `extract` Prefect flow in this process (ephemeral Prefect, or the server PREFECT_API_URL
+    names) with a rich progress bar fed by the pipeline's progress events; returns the store's manifest."""
+    import threading
+    import time
+
+    from neuropredictor import pipeline
+    from neuropredictor.store import FeatureStore
+
+    # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache.
+    threading.Thread(target=_prewarm, args=(params,), daemon=True).start()
+    from flows.extract import extract_flow
+
+    with _progress() as progress:
+        task = progress.add_task("extract", total=None, rate="-", shards="-")
+        state = {"t0": None, "seen": 0, "shards": 0, "of": 0}
+
+        def listener(event: str, data: dict) -> None:
+            if event == "planned":
+                state.update(shards=data["committed_shards"], of=data["shards"])
+                progress.update(task, total=data["rows"], completed=data["committed_rows"],
+                                shards=f"{state['shards']}/{state['of']}")
+            elif event == "batch":
+                state["t0"] = state["t0"] or time.perf_counter()
+                state["seen"] += data["images"]
+                rate = state["seen"] / max(time.perf_counter() - state["t0"], 1e-9)
+                progress.update(task, advance=data["images"], rate=f"{rate:,.0f}")
+            elif event == "shard":
+                state["shards"] += 1
+                progress.update(task, shards=f"{state['shards']}/{state['of']}")
+
+        with pipeline.progress_listener(listener):
+            try:
+                extract_flow(params)
+            finally:
+                progress.refresh()
+    return FeatureStore.open(params.out, params.storage_options, mode="r").manifest
+
+
+def _prewarm(params) -> None:
+    from neuropredictor import pipeline
+
+    try:
+        pipeline.get_runner(params, params.resolved_devices()[0])
+    except Exception:
+        pass  # the flow's validate step loads it again and reports the error properly
+
+
+@app.command()
+def extract(
+    corpus: Annotated[str, typer.Option("--corpus", help="Shards: directory, brace pattern (quote it!) or URL.")],
+    model: Annotated[str, typer.Option("--model", help="Model spec SOURCE:NAME[@TAG].")],
+    layers: Annotated[str, typer.Option("--layers", help="Comma-separated layer names or globs.")],
+    out: Annotated[str, typer.Option("--out", help="Output Zarr store (path or s3://...).")],
+    reduce: Annotated[str, typer.Option("--reduce", help="R for every layer, or layer=R,...: full, flatten, avgpool, cls, pool:K, srp:D.")] = "full",
+    no_pretrained: NoPretrained = False,
+    weights: Weights = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast).")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: float32 or float16.")] = "float32",
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Decode workers (default: cores, up to 8).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
+    compression: Annotated[str, typer.Option("--compression")] = "zstd",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made with another configuration.")] = False,
+    retries: Annotated[int, typer.Option("--retries", help="Retries of a failed shard.")] = 2,
+    retry_delay: Annotated[float, typer.Option("--retry-delay", help="Seconds before the first retry (then doubling).")] = 10.0,
+    as_json: AsJson = False,
+) -> None:
+    """Extract layer activations of one model over a corpus into a Zarr store. Re-running resumes.
+
+    Runs the `extract` Prefect flow in this process (no server needed); with PREFECT_API_URL set, the
+    run reports to that server."""
+    from pydantic import ValidationError
+
+    from flows.extract import ExtractParameters
+    from neuropredictor.layers import split_layers
+
+    try:
+        params = ExtractParameters(
+            corpus=corpus, model=model, layers=split_layers(layers), out=out, reduce=reduce,
+            pretrained=not no_pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
+            precision=precision, dtype=dtype, num_workers=num_workers, device=device,
+            channels_last=channels_last, compression=compression, overwrite=overwrite, retries=retries,
+            retry_delay_seconds=retry_delay,
+        )
+        manifest = run_with_progress(params)
+    except (NeuroPredictorError, ValidationError) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(_summary(manifest, out)))
+    else:
+        _print_summary(_summary(manifest, out))
+
+
+def _summary(manifest: dict, url: str) -> dict:
+    shards = manifest.get("shards", [])
+    by_status: dict[str, int] = {}
+    for s in shards:
+        by_status[s["status"]] = by_status.get(s["status"], 0) + 1
+    rows = sum(s.get("count", 0) for s in shards if s.get("status") == "committed")
+    secs = sum(s.get("duration_s") or 0 for s in shards if s.get("status") == "committed")
+    return {
+        "url": url,
+        "status": manifest.get("status"),
+        "model": manifest.get("config", {}).get("model"),
+        "layers": manifest.get("layers", []),
+        "rows": manifest.get("rows", {}),
+        "shards": {"total": len(shards), **by_status},
+        "failed": [{"name": s["name"], "error": s.get("error")} for s in shards if s["status"] == "failed"],
+        "bad_samples": manifest.get("bad_samples", []),
+        "images_per_s": round(rows / secs, 1) if secs else None,
+        "config_hash": manifest.get("config_hash"),
+    }
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"{summary['url']}  [{summary['status']}]  {summary['model']}")
+    for col in ("layer", "shape", "dtype", "reduction"):
+        table.add_column(col)
+    for layer in summary["layers"]:
+        table.add_row(layer["name"], "(N, " + ", ".join(map(str, layer["shape"])) + ")", layer["dtype"], layer["reduction"])
+    console.print(table)
+    sh, rows = summary["shards"], summary["rows"]
+    console.print(
+        f"shards: {sh.get('committed', 0)} done, {sh.get('failed', 0)} failed, {sh.get('pending', 0)} pending "
+        f"of {sh['total']};  rows: {rows.get('committed', 0)}/{rows.get('total', 0)} written, "
+        f"{rows.get('invalid', 0)} invalid;  throughput: {summary['images_per_s'] or '-'} img/s"
+    )
+    for bad in summary["bad_samples"][:10]:
+        console.print(f"  bad sample {bad['key']} ({bad['shard']}): {bad['reason']}", highlight=False)
+    if len(summary["bad_samples"]) > 10:
+        console.print(f"  ... and {len(summary['bad_samples']) - 10} more (see manifest.json)")
+    for f in summary["failed"]:
+        console.print(f"  [red]failed[/] {f['name']}: {f['error']}", highlight=False)
+    console.print(f"read it: [bold]neuropredictor.open_features({summary['url']!r})[/]  "
+                  f"or xarray.open_zarr({summary['url']!r}, group='features')", highlight=False)
+
+
+@app.command()
+def inspect(
+    out: Annotated[str, typer.Argument(help="A store written by `neuropredictor extract`.")],
+    as_json: AsJson = False,
+) -> None:
+    """Summarise a store: layers, shapes, shards done/failed/pending, bad samples, throughput."""
+    from neuropredictor.store import FeatureStore
+
+    try:
+        store = FeatureStore.open(out, mode="r")
+        manifest = store.manifest
+        if manifest.get("status") in ("planning", "planned"):
+            # not finalized yet (running, or interrupted): statuses come from the commit records
+            from neuropredictor import manifest as mf
+
+            commits, failures = store.committed(), store.failures()
+            manifest = dict(manifest, shards=[mf.shard_entry(s, commits.get(s.name), failures.get(s.name))
+                                              for s in store.shards])
+    except NeuroPredictorError as exc:
+        _fail(exc)
+    summary = _summary(manifest, out)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's images, shards and store.")] = Path("demo-output"),
+    images: Annotated[int, typer.Option(help="How many images to generate.")] = 48,
+) -> None:
+    """Generate a small image set, shard it, and extract two layers of a small model into local Zarr."""
+    import numpy as np
+    from PIL import Image
+
+    from flows.extract import ExtractParameters
+    from neuropredictor.corpus import make_shards
+
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        # smooth colour gradients plus noise: cheap, varied, and deterministic
+        h, w = 96 + (i % 4) * 16, 128 - (i % 3) * 16
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (i + 1)) % 256, (yy * (i + 3)) % 256, ((xx + yy) * 2 + i * 10) % 256], -1)
+        arr = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(image_dir / f"stim{i:03d}.jpg", quality=90)
+    shards = make_shards(image_dir, str(out / "shards"), maxcount=16)
+    console.print(f"made {len(shards)} shards of {images} generated images in {out / 'shards'}")
+    store = str(out / "features.zarr")
+    params = ExtractParameters(corpus=str(out / "shards"), model="torchvision:resnet18", layers=["layer3", "layer4"],
+                               reduce="layer3=pool:2,layer4=avgpool", out=store, pretrained=False, batch_size=16)
+    console.print("extracting torchvision:resnet18 (random weights: no download) layers layer3 (pool:2), layer4 (avgpool)")
+    try:
+        manifest = run_with_progress(params)
+    except NeuroPredictorError as exc:
+        _fail(exc)
+    _print_summary(_summary(manifest, store))

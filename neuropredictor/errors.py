@@ -1,0 +1,35 @@
+"""User-facing errors. Each message names the problem and how to fix it."""
+
+from __future__ import annotations
+
+
+class NeuroPredictorError(Exception):
+    """Base class for errors a user can act on (bad spec, missing layer, unreachable corpus...)."""
+
+
+class ModelSpecError(NeuroPredictorError):
+    """The model spec cannot be parsed or names a model that does not exist."""
+
+
+class WeightsUnavailableError(NeuroPredictorError):
+    """Pretrained weights could not be obtained (offline, missing file, incompatible checkpoint)."""
+
+
+class LayerNotFoundError(NeuroPredictorError):
+    """A requested layer name or pattern matches no module of the model."""
+
+
+class ReductionError(NeuroPredictorError):
+    """A reduction is unknown or does not fit the layer's output shape."""
+
+
+class CorpusError(NeuroPredictorError):
+    """The corpus cannot be listed, read or counted."""
+
+
+class StoreError(NeuroPredictorError):
+    """The output store cannot be created, opened or written."""
+
+
+class ConfigMismatchError(StoreError):
+    """The output store exists and was made with a different configuration."""

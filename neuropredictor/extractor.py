@@ -1,0 +1,139 @@
+"""Hooked extraction: one forward pass records every selected layer, reduced on the device.
+
+    with Extractor(model, ["layer1", "layer4"], reduce="avgpool", device="cuda", precision="bf16") as ex:
+        feats = ex(images)          # {"layer1": (B, 256), "layer4": (B, 2048)} float32 on the device
+
+The forward pass stops as soon as the last selected layer has produced its output (early exit), so
+extracting `layer1` of a ResNet costs only the stem and layer1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import math
+import threading
+
+import torch
+
+from neuropredictor import reduce as R
+from neuropredictor.errors import LayerNotFoundError, NeuroPredictorError
+from neuropredictor.layers import ROOT, LayerInfo, describe_layers, named_layers, pick_tensor, select_layers
+from neuropredictor.models import LoadedModel
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _StopForward(BaseException):
+    """Raised from the last hook to end the forward pass early. A BaseException, so a model's own
+    `except Exception` blocks do not swallow it."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    reduction: R.Reduction
+    in_shape: tuple[int, ...]  # per-sample output shape of the module
+    out_shape: tuple[int, ...]  # per-sample shape after the reduction
+    calls: int  # times the module runs per forward pass; the last call is recorded
+
+
+class Extractor:
+    """Forward hooks on the selected layers of a loaded model; a context manager that removes them on exit."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        layers: str | Sequence[str],
+        reduce: str | dict[str, str] | None = "full",
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        early_exit: bool = True,
+        srp_seed: int = 0,
+        layer_infos: Sequence[LayerInfo] | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise NeuroPredictorError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
+        self.model = model
+        self.device = torch.device(device)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.early_exit = early_exit
+        infos = {i.name: i for i in (layer_infos or describe_layers(model))}
+        names = select_layers(list(infos), layers)
+        for name in names:
+            if infos[name].calls == 0 or infos[name].shape is None:
+                why = "does not run in the model's forward pass" if infos[name].calls == 0 else "has no batch-first tensor output"
+                raise LayerNotFoundError(f"layer {name!r} {why}; pick another from: neuropredictor layers {model.spec}")
+        reductions = R.parse_reduce_option(reduce, names)
+        self.plan = {
+            n: LayerPlan(n, reductions[n], infos[n].shape, R.output_shape(reductions[n], infos[n].shape, n), infos[n].calls)
+            for n in names
+        }
+        # the layer whose output comes last in the forward pass ends it
+        self._last = max(names, key=lambda n: infos[n].order)
+        self._srp = {
+            n: R.srp_matrix(n, math.prod(p.in_shape), p.reduction.arg, srp_seed).to(self.device)
+            for n, p in self.plan.items()
+            if p.reduction.name == "srp"
+        }
+        self.module = model.module.to(self.device)
+        if channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self._handles: list = []
+        self._lock = threading.Lock()  # hooks share per-call state: one forward pass at a time
+        self._calls: dict[str, int] = {}
+        self._out: dict[str, torch.Tensor] = {}
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.plan)
+
+    def __enter__(self) -> Extractor:
+        modules = dict(named_layers(self.module))
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.plan]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        plan = self.plan[name]
+
+        def hook(_module, _inputs, output):
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self._calls[name] < plan.calls:
+                return  # a shared module: record its last call only
+            with torch.autocast(self.device.type, enabled=False):
+                self._out[name] = R.apply(plan.reduction, pick_tensor(output), self._srp.get(name))
+            if self.early_exit and name == self._last and len(self._out) == len(self.plan):
+                raise _StopForward
+
+        return hook
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run one batch (B, C, H, W); returns {layer: reduced float32 tensor on the device}."""
+        if not self._handles:
+            raise RuntimeError("use the Extractor as a context manager: `with Extractor(...) as ex: ex(images)`")
+        x = images.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = PRECISIONS[self.precision]
+        with self._lock:
+            self._calls, self._out = {}, {}
+            try:
+                with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    self.module(x)
+            except _StopForward:
+                pass
+            out, self._out = self._out, {}
+        missing = [n for n in self.plan if n not in out]
+        if missing:
+            raise NeuroPredictorError(f"layers {missing} did not produce an output in this forward pass")
+        return out
+

@@ -1,0 +1,168 @@
+"""Listing, describing and selecting a model's layers (its named modules).
+
+Which tensor a layer records: a module's output is used as it is when it is a tensor. Otherwise:
+a dict or Hugging Face ModelOutput gives its `last_hidden_state` if it has one, else its first tensor
+value; a tuple or list gives its first element that holds a tensor (attention blocks that return
+`(hidden, weights)` record `hidden`); a dataclass is read like a dict of its fields. The rule applies
+recursively. A module that runs several times in one forward pass (torchvision ResNet's shared `relu`)
+records its last call. The whole model's output is the pseudo-layer `output`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuropredictor.errors import LayerNotFoundError
+from neuropredictor.models import LoadedModel
+
+ROOT = "output"  # name of the whole model's output
+
+
+def pick_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor a layer records from whatever its module returned (see module docstring)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        if isinstance(output.get("last_hidden_state"), torch.Tensor):
+            return output["last_hidden_state"]
+        values: Iterable = output.values()
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        values = (getattr(output, f.name) for f in dataclasses.fields(output))
+    elif isinstance(output, (tuple, list)):
+        values = output
+    else:
+        return None
+    for value in values:
+        tensor = pick_tensor(value)
+        if tensor is not None:
+            return tensor
+    return None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    type: str
+    leaf: bool
+    shape: tuple[int, ...] | None  # output shape for one image; None if the module did not run
+    params: int
+    calls: int  # times the module ran in one forward pass
+    order: int  # position of its (last) call in the forward pass; -1 if it did not run
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def named_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every layer, the root last as `output`."""
+    return [(n, m) for n, m in module.named_modules() if n] + [(ROOT, module)]
+
+
+@torch.inference_mode()
+def describe_layers(model: LoadedModel, device: str | torch.device | None = None) -> list[LayerInfo]:
+    """Every layer with its output shape for one image, found by one real forward pass with hooks on a
+    dummy batch of the model's input size."""
+    module = model.module
+    device = torch.device(device) if device else next(module.parameters(), torch.empty(0)).device
+    layers = named_layers(module)
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    order: dict[str, int] = {}
+    counter = iter(range(1 << 30))
+
+    def hook_for(name: str):
+        def hook(_mod, _inp, out):
+            calls[name] = calls.get(name, 0) + 1
+            order[name] = next(counter)
+            t = pick_tensor(out)
+            # batch of 2, so a layout without the batch first (T, B, D) is recognisable
+            shapes[name] = tuple(t.shape[1:]) if t is not None and t.ndim >= 1 and t.shape[0] == 2 else None
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
+    try:
+        module(torch.randn(2, *model.input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    infos = []
+    for name, mod in layers:
+        infos.append(
+            LayerInfo(
+                name=name,
+                type=type(mod).__name__,
+                leaf=not any(True for _ in mod.children()),
+                shape=shapes.get(name),
+                params=sum(p.numel() for p in mod.parameters()),
+                calls=calls.get(name, 0),
+                order=order.get(name, -1),
+            )
+        )
+    return infos
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """`*` and `?` match within one dotted segment (`blocks.*` is blocks.0..N, not blocks.0.attn);
+    `**` matches across segments (`layer1.**` is everything inside layer1)."""
+    out = []
+    for part in re.split(r"(\*\*|\*|\?)", pattern):
+        out.append({"**": ".*", "*": "[^.]*", "?": "[^.]"}.get(part) or re.escape(part))
+    return re.compile("".join(out) + r"\Z")
+
+
+def split_layers(text: str | Sequence[str]) -> list[str]:
+    """`"layer1,layer2"` or a list -> list of names/patterns."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return [s.strip() for s in items if s and s.strip()]
+
+
+def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[str]:
+    """Resolve exact names and globs against the model's layer names, in model order.
+
+    Raises LayerNotFoundError naming the closest real layers for every pattern that matches nothing.
+    """
+    patterns = split_layers(patterns)
+    if not patterns:
+        raise LayerNotFoundError("no layers given; list them with: neuropredictor layers SPEC")
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if pattern in names:
+            chosen.add(pattern)
+            continue
+        regex = _glob_regex(pattern)
+        hits = [n for n in names if regex.match(n)] if any(c in pattern for c in "*?") else []
+        if not hits:
+            raise LayerNotFoundError(_unknown_message(pattern, names))
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+def _unknown_message(pattern: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(pattern, names, n=6, cutoff=0.5)
+    if not close:  # fall back to layers sharing the pattern's first segment
+        head = pattern.split(".")[0].rstrip("*")
+        close = [n for n in names if head and n.startswith(head)][:6]
+    if not close:
+        close = [n for n in names if "." not in n][:8]
+    return (
+        f"unknown layer {pattern!r}. Closest layers: {', '.join(close) or '(none)'}.\n"
+        "Names are module paths (`*` matches within one dotted segment); "
+        "see all of them with: neuropredictor layers SPEC"
+    )
+
+
+def filter_layers(infos: Sequence[LayerInfo], pattern: str | None) -> list[LayerInfo]:
+    """For `neuropredictor layers SPEC PATTERN`: the layers a glob matches (same rules as selection)."""
+    if not pattern:
+        return list(infos)
+    regex = _glob_regex(pattern)
+    return [i for i in infos if regex.match(i.name)]

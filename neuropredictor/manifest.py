@@ -1,0 +1,315 @@
+"""The run record: config and its hash, shard statuses, bad samples, software versions.
+
+Plain functions over plain dicts, so the record can be built, read and diffed without zarr, torch or
+a store object. Everything that ends up in `manifest.json` or in a commit record goes through
+`redact` first: storage options, tokens and passwords must never be written next to the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+FORMAT = "neuropredictor-store/1"
+
+REDACTED = "***"
+
+# Name parts that mark a value as a credential. Matching is per word of the key name (split on
+# `_`, `-`, `.`, spaces and camelCase), so `aws_secret_access_key`, `hfToken` and s3fs's bare `key`
+# are caught while harmless names such as `monkey` or `num_tokens` are left alone.
+_SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials",
+                 "apikey", "accesskey", "secretkey", "authorization"}
+# `scheme://user:password@host` and secret-looking query parameters (presigned URLs) inside strings.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]+@")
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&][^=&#\s]*(?:signature|token|secret|password|credential|key)[^=&#\s]*=)[^&#\s]*",
+    re.IGNORECASE,
+)
+
+# Distributions reported in the manifest, under the name the manifest uses.
+_SOFTWARE = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "open_clip": "open_clip_torch",
+    "transformers": "transformers",
+    "zarr": "zarr",
+    "numpy": "numpy",
+    "xarray": "xarray",
+    "fsspec": "fsspec",
+    "s3fs": "s3fs",
+    "webdataset": "webdataset",
+    "pillow": "pillow",
+    "neuropredictor": "neuropredictor",
+}
+
+SHARD_COMMITTED = "committed"
+SHARD_FAILED = "failed"
+SHARD_PENDING = "pending"
+
+# Commit-record fields that the manifest's shard entry takes over itself; any other field of a
+# commit record (images_per_s, stats, committed_at...) is passed through unchanged.
+_SHARD_FIELDS = ("name", "url", "count", "offset", "status", "attempts", "duration_s", "device", "host", "error")
+_RECORD_INTERNAL = {"kind", "shard", "bad_samples"}
+
+
+def now_iso() -> str:
+    """Current UTC time, second precision, ISO 8601 (what every timestamp in the store uses)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_secret_name(name: str) -> bool:
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    parts = {p.lower() for p in re.split(r"[^A-Za-z0-9]+", words) if p}
+    return bool(parts & _SECRET_WORDS) or name.lower() in _SECRET_WORDS
+
+
+def _is_blank(value: Any) -> bool:
+    # An unset credential (None / "") is kept as is: it shows that none was given, and leaks nothing.
+    return value is None or (isinstance(value, str) and value == "")
+
+
+def redact_text(text: str) -> str:
+    """Remove passwords from URLs (`s3://user:pw@host` -> `s3://user:***@host`) and secret query values."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of obj with credential values replaced by "***".
+
+    Values of dict keys whose name contains one of key/secret/token/password/credential as a word
+    (case-insensitive, any nesting depth, inside lists too) are replaced; strings elsewhere lose
+    URL passwords and secret query parameters. Mappings become dicts and tuples become lists,
+    which is what they turn into in JSON anyway.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): (REDACTED if _is_secret_name(str(k)) and not _is_blank(v) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars/arrays and paths show up in configs and stats; write them as plain JSON values.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def canonical(obj: Any) -> Any:
+    """obj as it reads back from JSON (tuples -> lists, numpy -> Python), so stored and requested compare equal."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic compact JSON: sorted keys, no whitespace, UTF-8 text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
+def config_hash(config: dict) -> str:
+    """sha256 (hex) of the redacted config as canonical JSON.
+
+    Redacted first so that the hash can be recomputed from the manifest and a rotated credential does
+    not count as a different run.
+    """
+    return hashlib.sha256(canonical_json(redact(canonical(config))).encode("utf-8")).hexdigest()
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = canonical_json(value) if value is not _MISSING else "<missing>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_MISSING = object()
+
+
+def diff_configs(stored: Any, requested: Any, prefix: str = "") -> list[str]:
+    """Differences between two configs as `dotted.path: stored=... requested=...` lines (JSON values).
+
+    Nested dicts are compared key by key; anything else (lists included) is compared as a whole.
+    Both sides are canonicalised first, so a tuple and the list it was stored as are equal.
+    """
+    if prefix == "":
+        stored, requested = canonical(stored), canonical(requested)
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        out: list[str] = []
+        for k in sorted(set(stored) | set(requested), key=str):
+            path = f"{prefix}.{k}" if prefix else str(k)
+            out += diff_configs(stored.get(k, _MISSING), requested.get(k, _MISSING), path)
+        return out
+    if stored is _MISSING and requested is _MISSING or stored == requested:
+        return []
+    return [f"{prefix or '<config>'}: stored={_short(stored)} requested={_short(requested)}"]
+
+
+def software_versions() -> dict[str, str]:
+    """Python and the versions of the installed packages that shape the output (metadata only, no imports)."""
+    out = {"python": platform.python_version()}
+    for name, dist in _SOFTWARE.items():
+        try:
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if "neuropredictor" not in out:  # running from a source checkout that was never pip-installed
+        with contextlib.suppress(Exception):
+            import neuropredictor  # light: the package imports its parts lazily
+
+            out["neuropredictor"] = str(neuropredictor.__version__)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON files on any fsspec filesystem
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def read_json(fs: Any, path: str) -> Any:
+    """Parse the JSON file at path (FileNotFoundError if there is none)."""
+    return json.loads(fs.cat_file(path))
+
+
+def write_json_atomic(fs: Any, path: str, obj: Any) -> None:
+    """Write obj as JSON so that a reader sees the old file or the new one, never half of one.
+
+    Local disk: temp file in the same directory, fsync, os.replace. Object stores: one PUT
+    (`pipe_file`), which is atomic per object there.
+    """
+    data = (json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
+    write_bytes_atomic(fs, path, data)
+
+
+def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write data to path all at once (see `write_json_atomic`); parent folders are made on local disk."""
+    if _is_local(fs):
+        path = fs._strip_protocol(path)
+        directory = os.path.dirname(path)
+        os.makedirs(directory or ".", exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+
+def _bad_samples(record: Mapping, shard_name: str) -> list[dict]:
+    # Sample keys are data, not credentials: built field by field instead of going through redact
+    # (which would blank every `key`). The reason text still loses URL passwords.
+    out = []
+    for item in record.get("bad_samples") or []:
+        if isinstance(item, Mapping):
+            key, reason = item.get("key"), item.get("reason", "")
+        else:
+            key, reason = item, ""
+        out.append({"key": None if key is None else str(key), "shard": shard_name,
+                    "reason": redact_text(str(reason))})
+    return out
+
+
+def shard_entry(shard: Any, commit: Mapping | None = None, failure: Mapping | None = None) -> dict:
+    """The manifest's entry for one shard, from its plan and its commit / failure records (if any)."""
+    entry: dict[str, Any] = {"name": shard.name, "url": redact_text(str(shard.url)), "count": int(shard.count),
+                             "offset": int(shard.offset)}
+    failed_attempts = int(failure.get("attempts") or 0) if failure else 0
+    if commit is not None:
+        rec = redact(dict(commit))
+        entry.update(status=SHARD_COMMITTED, attempts=rec.get("attempts") or failed_attempts + 1,
+                     duration_s=rec.get("duration_s"), device=rec.get("device"), host=rec.get("host"),
+                     error=None)
+        entry.update({k: v for k, v in rec.items() if k not in _SHARD_FIELDS and k not in _RECORD_INTERNAL})
+    elif failure is not None:
+        rec = redact(dict(failure))
+        entry.update(status=SHARD_FAILED, attempts=failed_attempts, duration_s=rec.get("duration_s"),
+                     device=rec.get("device"), host=rec.get("host"), error=rec.get("error"))
+        if rec.get("failed_at"):
+            entry["failed_at"] = rec["failed_at"]
+    else:
+        entry.update(status=SHARD_PENDING, attempts=0, duration_s=None, device=None, host=None, error=None)
+    return entry
+
+
+def build_manifest(
+    *,
+    config: dict,
+    layers: Iterable[Mapping],
+    shards: Iterable[Any],
+    status: str,
+    storage: Mapping | None = None,
+    commits: Mapping[str, Mapping] | None = None,
+    failures: Mapping[str, Mapping] | None = None,
+    valid_rows: int | None = None,
+    created: str | None = None,
+    software: Mapping | None = None,
+) -> dict:
+    """The whole run record, ready for `write_json_atomic`.
+
+    layers: dicts with name, shape, dtype, reduction. shards: objects with url, name, count, offset
+    (the plan). commits / failures: shard name -> record. valid_rows: number of valid rows among the
+    committed ones, when the caller counted them in the data; otherwise taken from the records
+    (a record's `valid` field, else count minus its bad samples).
+    """
+    commits, failures = commits or {}, failures or {}
+    config = redact(canonical(config))
+    shards = list(shards)
+    entries = [shard_entry(s, commits.get(s.name), failures.get(s.name)) for s in shards]
+    bad = [b for s in shards if s.name in commits for b in _bad_samples(commits[s.name], s.name)]
+    committed_rows = sum(int(s.count) for s in shards if s.name in commits)
+    if valid_rows is None:
+        valid_rows = 0
+        for s in shards:
+            if s.name in commits:
+                rec = commits[s.name]
+                valid_rows += int(rec.get("valid", int(s.count) - len(rec.get("bad_samples") or [])))
+    stamp = now_iso()
+    return {
+        "format": FORMAT,
+        "status": status,
+        "created": created or stamp,
+        "updated": stamp,
+        "config": config,
+        "config_hash": config_hash(config),
+        "layers": [canonical(dict(layer)) for layer in layers],
+        "storage": canonical(dict(storage or {})),
+        "shards": entries,
+        "rows": {"total": sum(int(s.count) for s in shards), "committed": committed_rows,
+                 "valid": int(valid_rows), "invalid": committed_rows - int(valid_rows)},
+        "bad_samples": bad,
+        "software": dict(software) if software is not None else software_versions(),
+    }
+
+
+def hostname() -> str:
+    """This machine's name, for commit and failure records."""
+    return socket.gethostname()

@@ -1,0 +1,65 @@
+"""The user's own models: `custom:package.module:factory` or `custom:path/to/file.py:factory`.
+
+The factory returns an `nn.Module`, or `(module, transform)` where transform maps a PIL image to a (C, H, W)
+tensor. If it accepts a `pretrained` argument, it receives the CLI's choice. Without a transform, the
+ImageNet evaluation preprocessing (resize 256, centre crop 224, normalise) is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from neuropredictor.errors import ModelSpecError
+from neuropredictor.models.base import Transform, imagenet_transform
+from neuropredictor.models.spec import ModelSpec
+
+
+def _import_target(target: str):
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ModelSpecError(f"custom model file {path} does not exist")
+        # a stable module name, registered in sys.modules, so objects defined there pickle into workers
+        name = "neuropredictor_custom_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        if name in sys.modules:
+            return sys.modules[name]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[name]
+            raise
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise ModelSpecError(f"cannot import {target!r} for the custom model: {exc}") from exc
+
+
+def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
+    target, _, factory_name = spec.name.rpartition(":")
+    module = _import_target(target)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise ModelSpecError(f"{target} has no factory {factory_name!r}; callables there: {names}")
+    accepts_pretrained = "pretrained" in inspect.signature(factory).parameters
+    result = factory(pretrained=pretrained) if accepts_pretrained else factory()
+    model, transform = result if isinstance(result, tuple) else (result, None)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"custom factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
+    weights = "pretrained:factory" if pretrained and accepts_pretrained else "random" if accepts_pretrained else "factory"
+    return model, transform or imagenet_transform(), weights
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    return []  # user code is named by its spec; there is nothing to enumerate

@@ -1,0 +1,105 @@
+"""Hugging Face vision models: `hf:ORG/NAME` (hub id, from the cache or downloaded) or `hf:/local/dir`.
+
+Dual-tower models (CLIP, SigLIP, ...) and vision wrappers are reduced to their image tower (`vision_model`,
+unwrapped as deep as it goes); layer names are relative to it (`encoder.layers.3`, `post_layernorm`, `head`). Needs the `hf` extra (transformers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuropredictor.errors import ModelSpecError
+from neuropredictor.models.base import Transform, pretrained_download
+from neuropredictor.models.spec import ModelSpec
+
+_PIL_TO_V2 = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelSpecError("hf: models need transformers: pip install 'neuropredictor[hf]'") from exc
+    return transformers
+
+
+def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
+    transformers = _import_transformers()
+    revision = {"revision": spec.tag} if spec.tag else {}
+    with pretrained_download(spec):
+        try:
+            config = transformers.AutoConfig.from_pretrained(spec.name, **revision)
+            processor = transformers.AutoImageProcessor.from_pretrained(spec.name, **revision)
+        except (OSError, ValueError) as exc:
+            if type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "offline" in str(exc).lower():
+                raise
+            raise ModelSpecError(f"hf:{spec.name}: cannot read its config / image processor: {exc}") from exc
+        if pretrained:
+            model = transformers.AutoModel.from_pretrained(spec.name, **revision)
+            weights = f"pretrained:{getattr(config, '_commit_hash', None) or spec.tag or 'main'}"
+        else:
+            model = transformers.AutoModel.from_config(config)
+            weights = "random"
+    # CLIPModel -> CLIPVisionModel -> CLIPVisionTransformer: names relative to the innermost image tower
+    while isinstance(getattr(model, "vision_model", None), nn.Module):
+        model = model.vision_model
+    return model, processor_transform(processor), weights
+
+
+def processor_transform(processor) -> Transform:
+    """A torchvision transform with the image processor's eval settings (resize, crop, rescale, normalise).
+
+    Built from the processor's attributes instead of calling the processor per image, so it is cheap and
+    picklable for DataLoader workers.
+    """
+    from torchvision.transforms import v2
+
+    size = dict(getattr(processor, "size", None) or {})
+    resample = getattr(processor, "resample", 3)
+    interp_name = _PIL_TO_V2.get(int(resample), "BICUBIC") if not hasattr(resample, "name") else resample.name
+    interp = getattr(v2.InterpolationMode, interp_name, v2.InterpolationMode.BICUBIC)
+    steps: list = []
+    if getattr(processor, "do_resize", True) and size:
+        if "height" in size and "width" in size:
+            steps.append(v2.Resize((size["height"], size["width"]), interpolation=interp, antialias=True))
+        elif "shortest_edge" in size:
+            edge = size["shortest_edge"]
+            crop_pct = getattr(processor, "crop_pct", None)
+            if crop_pct and edge < 384:  # ConvNeXt-style: resize up by 1/crop_pct, then crop to `edge`
+                steps += [v2.Resize(int(edge / crop_pct), interpolation=interp, antialias=True), v2.CenterCrop(edge)]
+            else:
+                steps.append(v2.Resize(edge, interpolation=interp, antialias=True))
+    crop = dict(getattr(processor, "crop_size", None) or {})
+    if getattr(processor, "do_center_crop", False) and crop:
+        steps.append(v2.CenterCrop((crop["height"], crop["width"])))
+    steps.append(v2.PILToTensor())
+    steps.append(v2.ToDtype(torch.float32, scale=False))
+    if getattr(processor, "do_rescale", True):
+        steps.append(_Rescale(float(getattr(processor, "rescale_factor", 1 / 255))))
+    if getattr(processor, "do_normalize", True):
+        steps.append(v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)))
+    return v2.Compose(steps)
+
+
+class _Rescale:
+    """Multiply by the processor's rescale factor (a class, not a lambda, so it pickles)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Models already in the local Hugging Face cache (the hub itself is not searched)."""
+    import fnmatch
+
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = [r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model"]
+    except Exception:
+        return []
+    return sorted(r for r in repos if pattern is None or fnmatch.fnmatch(r, pattern) or fnmatch.fnmatch(r, f"*{pattern}*"))

@@ -1,0 +1,57 @@
+"""OpenCLIP and OpenAI CLIP: `openclip:ARCH@TAG` and `clip:ARCH`; the image tower is the extracted model.
+
+Layer names are relative to the image tower (`transformer.resblocks.11`, `ln_post`, ...).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from neuropredictor.errors import ModelSpecError
+from neuropredictor.models.base import Transform, pretrained_download
+from neuropredictor.models.spec import ModelSpec
+
+
+def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
+    import open_clip
+
+    if spec.name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(spec.name, open_clip.list_models(), n=6, cutoff=0.4)
+        raise ModelSpecError(f"open_clip has no architecture {spec.name!r}. Close names: {close}")
+    if spec.source == "clip":
+        if spec.tag not in (None, "openai"):
+            raise ModelSpecError(f"clip: specs use OpenAI's weights only; for other tags write openclip:{spec.name}@{spec.tag}")
+        tag = "openai"
+    else:
+        tag = spec.tag
+        if pretrained and not tag:
+            tags = [t for a, t in open_clip.list_pretrained() if a == spec.name]
+            raise ModelSpecError(f"openclip:{spec.name} needs a pretrained tag (@TAG), one of {tags}, or --no-pretrained")
+        if tag and (spec.name, tag) not in open_clip.list_pretrained():
+            tags = [t for a, t in open_clip.list_pretrained() if a == spec.name]
+            raise ModelSpecError(f"open_clip has no pretrained tag {tag!r} for {spec.name}; tags: {tags}")
+    kwargs = {}
+    if spec.source == "clip":
+        kwargs["force_quick_gelu"] = True  # OpenAI's architecture, also with random weights
+    if pretrained:
+        with pretrained_download(spec):
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=tag, **kwargs)
+        weights = f"pretrained:{tag}"
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=None, **kwargs)
+        weights = "random"
+    return model.visual, preprocess, weights
+
+
+def list_models(pattern: str | None = None, source: str = "openclip") -> list[str]:
+    import fnmatch
+
+    import open_clip
+
+    if source == "clip":
+        entries = [f"{a}" for a, t in open_clip.list_pretrained() if t == "openai" and "quickgelu" not in a]
+    else:
+        entries = [f"{a}@{t}" for a, t in open_clip.list_pretrained()]
+    return [e for e in entries if pattern is None or fnmatch.fnmatch(e, pattern) or fnmatch.fnmatch(e, f"*{pattern}*")]

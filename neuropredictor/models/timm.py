@@ -1,0 +1,41 @@
+"""timm models: `timm:NAME` (timm's own names, pretrained tags included after a dot)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from neuropredictor.errors import ModelSpecError
+from neuropredictor.models.base import Transform, pretrained_download
+from neuropredictor.models.spec import ModelSpec
+
+
+def _name(spec: ModelSpec) -> str:
+    return f"{spec.name}.{spec.tag}" if spec.tag else spec.name
+
+
+def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    name = _name(spec)
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch[:6]}*")[:8]
+        raise ModelSpecError(f"timm has no model {arch!r}. Close names: {close}. List them: neuropredictor models --source timm")
+    if pretrained:
+        with pretrained_download(spec):
+            model = timm.create_model(name, pretrained=True)
+        tag = model.pretrained_cfg.get("tag") or ""
+        weights = f"pretrained:{arch}.{tag}" if tag else f"pretrained:{arch}"
+    else:
+        # the name may carry a tag: its pretrained_cfg still sets the right input size and normalisation
+        model = timm.create_model(name, pretrained=False)
+        weights = "random"
+    cfg = resolve_model_data_config(model)
+    return model, create_transform(**cfg, is_training=False), weights
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    import timm
+
+    return sorted(timm.list_models(pattern or "*", pretrained=bool(pattern and "." in pattern)))

@@ -1,0 +1,64 @@
+"""torchvision models: `torchvision:NAME[@WEIGHTS]`, WEIGHTS a member of the model's weights enum."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from neuropredictor.errors import ModelSpecError
+from neuropredictor.models.base import Transform, imagenet_transform, pretrained_download
+from neuropredictor.models.spec import ModelSpec
+
+
+def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
+    import torchvision.models as tvm
+
+    names = tvm.list_models()
+    if spec.name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(spec.name, names, n=6, cutoff=0.5)
+        raise ModelSpecError(f"torchvision has no model {spec.name!r}. Close names: {close}")
+    try:
+        enum = tvm.get_model_weights(spec.name)
+    except ValueError:
+        enum = None
+    member = None
+    if enum is not None:
+        tag = spec.tag or "DEFAULT"
+        try:
+            member = enum[tag]
+        except KeyError:
+            raise ModelSpecError(
+                f"{spec.name} has no weights {tag!r}; choose one of {[m.name for m in enum]}"
+            ) from None
+    elif spec.tag:
+        raise ModelSpecError(f"torchvision:{spec.name} has no weights enum, so no tag {spec.tag!r}")
+    if pretrained:
+        if member is None:
+            raise ModelSpecError(f"torchvision:{spec.name} has no pretrained weights; use --no-pretrained or --weights PATH")
+        with pretrained_download(spec):
+            model = tvm.get_model(spec.name, weights=member)
+        weights = f"pretrained:{member}"
+    else:
+        model = tvm.get_model(spec.name, weights=None)
+        weights = "random"
+    # the weights' own eval transform is known without downloading anything
+    transform = member.transforms() if member is not None else imagenet_transform()
+    return model, transform, weights
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    import fnmatch
+
+    import torchvision.models as tvm
+
+    out = []
+    for name in tvm.list_models():
+        try:
+            tags = [m.name for m in tvm.get_model_weights(name)]
+        except ValueError:
+            tags = []
+        for entry in [name] + [f"{name}@{t}" for t in tags]:
+            if pattern is None or fnmatch.fnmatch(entry, pattern) or fnmatch.fnmatch(entry, f"*{pattern}*"):
+                out.append(entry)
+    return out

@@ -1,0 +1,157 @@
+"""Reductions applied to a layer's output on the device, before anything is copied to the host.
+
+Shapes are per batch: conv maps are (B, C, H, W), token sequences (B, T, D), vectors (B, D).
+
+    full        keep the tensor as it is
+    flatten     (B, prod(rest))
+    avgpool     spatial mean of a conv map -> (B, C); token mean of a sequence -> (B, D)
+    cls         first token of a sequence -> (B, D)
+    pool:K      adaptive average pooling of a conv map to K x K -> (B, C, K, K)
+    srp:D       sparse random projection of the flattened output to D dims -> (B, D)
+
+SRP matrices depend only on (seed, layer name, input dim, D) and are generated on the CPU with a seeded
+torch generator, so every process and every GPU projects identically.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from neuropredictor.errors import ReductionError
+
+NAMES = ("full", "flatten", "avgpool", "cls", "pool", "srp")
+
+
+@dataclass(frozen=True)
+class Reduction:
+    name: str
+    arg: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.arg}" if self.arg is not None else self.name
+
+
+def parse_reduction(text: str) -> Reduction:
+    name, sep, arg = text.strip().partition(":")
+    if name not in NAMES:
+        raise ReductionError(f"unknown reduction {text!r}; choose one of full, flatten, avgpool, cls, pool:K, srp:D")
+    if name in ("pool", "srp"):
+        if not sep or not arg.isdigit() or int(arg) < 1:
+            raise ReductionError(f"reduction {name} needs a positive size, e.g. {name}:{2 if name == 'pool' else 4096}")
+        return Reduction(name, int(arg))
+    if sep:
+        raise ReductionError(f"reduction {name} takes no argument (got {text!r})")
+    return Reduction(name)
+
+
+def parse_reduce_option(value: str | dict[str, str] | None, layers: list[str]) -> dict[str, Reduction]:
+    """`--reduce` as given by a user -> one Reduction per layer.
+
+    "avgpool" applies to every layer; "layer4=avgpool,layer3=pool:2" sets layers one by one (globs allowed);
+    a bare entry among them is the default for the layers not named; layers not covered keep `full`.
+    """
+    if value is None:
+        value = "full"
+    items = list(value.items()) if isinstance(value, dict) else [
+        tuple(part.split("=", 1)) if "=" in part else (None, part) for part in value.split(",") if part.strip()
+    ]
+    default = Reduction("full")
+    per_layer: dict[str, Reduction] = {}
+    for key, red_text in items:
+        red = parse_reduction(red_text)
+        if key is None:
+            default = red
+            continue
+        matched = [name for name in layers if name == key.strip() or fnmatch.fnmatchcase(name, key.strip())]
+        if not matched:
+            raise ReductionError(f"--reduce names layer {key!r}, which is not among the selected layers {layers}")
+        for name in matched:
+            per_layer[name] = red
+    return {name: per_layer.get(name, default) for name in layers}
+
+
+def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "") -> tuple[int, ...]:
+    """Per-sample shape after the reduction, given the per-sample output shape; errors if it does not fit."""
+    where = f" for layer {layer!r} with output shape {tuple(shape)}" if layer else ""
+    if red.name == "full":
+        return tuple(shape)
+    if red.name == "flatten":
+        return (math.prod(shape),)
+    if red.name == "avgpool":
+        if len(shape) in (2, 3):  # (T, D) tokens, or (C, H, W) conv maps
+            return (shape[-1],) if len(shape) == 2 else (shape[0],)
+        if len(shape) == 1:
+            return tuple(shape)
+        raise ReductionError(f"avgpool needs a conv map (C,H,W) or tokens (T,D){where}")
+    if red.name == "cls":
+        if len(shape) != 2:
+            raise ReductionError(f"cls needs a token sequence (T, D){where}; use avgpool or pool:K for conv maps")
+        return (shape[1],)
+    if red.name == "pool":
+        if len(shape) != 3:
+            raise ReductionError(f"pool:K needs a conv map (C, H, W){where}; use avgpool or cls for tokens")
+        return (shape[0], red.arg, red.arg)
+    if red.name == "srp":
+        return (red.arg,)
+    raise ReductionError(f"unknown reduction {red}")
+
+
+def srp_matrix(layer: str, in_dim: int, out_dim: int, seed: int = 0) -> torch.Tensor:
+    """The (out_dim, in_dim) very sparse random projection (Li et al. 2006) for one layer, as a CSR tensor.
+
+    Each entry is nonzero with probability 1/sqrt(in_dim), with value +-sqrt(sqrt(in_dim)/out_dim), so
+    squared norms are preserved in expectation. Row indices are drawn with replacement and duplicates merged.
+    """
+    digest = hashlib.sha256(f"neuropredictor-srp|{seed}|{layer}|{in_dim}|{out_dim}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    density = 1.0 / math.sqrt(in_dim)
+    counts = torch.binomial(torch.full((out_dim,), float(in_dim)), torch.full((out_dim,), density), generator=gen).long()
+    cols = torch.randint(in_dim, (int(counts.sum()),), generator=gen)
+    rows = torch.repeat_interleave(torch.arange(out_dim), counts)
+    signs = torch.randint(0, 2, (cols.numel(),), generator=gen) * 2 - 1
+    flat, first = _unique_first(rows * in_dim + cols)
+    values = signs[first].to(torch.float32) * math.sqrt(1.0 / (density * out_dim))
+    indices = torch.stack([flat // in_dim, flat % in_dim])
+    with warnings.catch_warnings():  # "CSR support is in beta": it is what CPU and CUDA both multiply fast
+        warnings.simplefilter("ignore", UserWarning)
+        coo = torch.sparse_coo_tensor(indices, values, (out_dim, in_dim), is_coalesced=True, check_invariants=False)
+        return coo.to_sparse_csr()
+
+
+def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique values of x and the index of each one's first occurrence."""
+    uniq, inverse = torch.unique(x, sorted=True, return_inverse=True)
+    first = torch.full((uniq.numel(),), x.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(x.numel()), reduce="amin")
+    return uniq, first
+
+
+def apply(red: Reduction, x: torch.Tensor, srp: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce a batch (B, ...) in float32. The result never shares memory with x (in-place ops after a
+    hook, like ReLU(inplace=True), must not change what was recorded)."""
+    x = x.float()
+    if red.name == "full":
+        return x.clone()
+    if red.name == "flatten":
+        return x.reshape(x.shape[0], -1).clone()
+    if red.name == "avgpool":
+        if x.ndim == 4:
+            return x.mean(dim=(2, 3))
+        if x.ndim == 3:
+            return x.mean(dim=1)
+        return x.clone()
+    if red.name == "cls":
+        return x[:, 0].clone()
+    if red.name == "pool":
+        return F.adaptive_avg_pool2d(x, red.arg)
+    if red.name == "srp":
+        flat = x.reshape(x.shape[0], -1)
+        return (srp @ flat.T).T.contiguous()
+    raise ReductionError(f"unknown reduction {red}")

@@ -1,0 +1,66 @@
+"""Models of the kind users bring (`custom:` specs): a small CIFAR CNN with its own transform (seed 004),
+and a tiny Robust-ResNet-style network (seed 002: patchify stem, large depth-wise kernels, few norms)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+
+class CifarCNN(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def cifar_cnn():
+    transform = v2.Compose([
+        v2.Resize((32, 32), antialias=True), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    ])
+    return CifarCNN(), transform
+
+
+class DWBlock(nn.Module):
+    """Depth-wise bottleneck with one norm and one activation (Robust ResNet's reduced design)."""
+
+    def __init__(self, dim: int, kernel_size: int = 11) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.pwconv1 = nn.Conv2d(dim, dim * 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.pwconv2 = nn.Conv2d(dim * 4, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+
+
+class TinyRobustResNet(nn.Module):
+    def __init__(self, dims=(16, 32), depths=(1, 2), patch_size: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dims[0], kernel_size=patch_size, stride=patch_size)
+        stages = []
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            down = nn.Conv2d(dims[i - 1], dim, 2, stride=2) if i else nn.Identity()
+            stages.append(nn.Sequential(down, *[DWBlock(dim) for _ in range(depth)]))
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dims[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+def robust_resnet_tiny(pretrained: bool = False) -> nn.Module:
+    if pretrained:
+        raise ValueError("no pretrained weights for this test model")
+    torch.manual_seed(0)
+    return TinyRobustResNet()

@@ -1,0 +1,550 @@
+"""neuropredictor.corpus: making, listing, counting and reading WebDataset shards (local and S3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from conftest import make_images
+from neuropredictor.corpus import IMAGE_EXTENSIONS, Batch, Shard, list_shards, make_shards, read_shard
+from neuropredictor.errors import CorpusError
+
+
+def small_transform() -> T.Compose:
+    """Picklable (no lambdas): DataLoader workers receive it."""
+    return T.Compose([T.Resize(16), T.CenterCrop(16), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+
+class FailOnWidth:
+    """A transform that raises for images of one width (a per-sample transform failure)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.inner = small_transform()
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if img.width == self.width:
+            raise ValueError(f"width {self.width} not supported")
+        return self.inner(img)
+
+
+def image_files(root: Path) -> dict[str, Path]:
+    """Expected key -> file for the images under root."""
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS:
+            rel = p.relative_to(root).as_posix()
+            out[rel.rsplit(".", 1)[0].replace(".", "_")] = p
+    return out
+
+
+def tar_members(src: str | Path | bytes) -> list[tuple[str, bytes]]:
+    opened = tarfile.open(fileobj=io.BytesIO(src)) if isinstance(src, bytes) else tarfile.open(src)
+    with opened as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def read_all(shard: Shard, transform=None, batch_size: int = 4, **kw) -> list[Batch]:
+    return list(read_shard(shard, transform or small_transform(), batch_size, **kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# make_shards
+
+
+def test_make_shards_counts_index_and_members(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    shards = make_shards(image_dir, str(out), maxcount=10)
+
+    assert [s.count for s in shards] == [10, 10, 5]
+    assert [s.offset for s in shards] == [0, 10, 20]
+    assert [s.name for s in shards] == ["shard-000000", "shard-000001", "shard-000002"]
+    assert [s.url for s in shards] == [str(out / f"{s.name}.tar") for s in shards]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json"] + [f"shard-00000{i}.tar" for i in range(3)]
+
+    index = json.loads((out / "index.json").read_text())
+    assert index == {
+        "format": "neuropredictor-shards/1",
+        "shards": [{"name": f"shard-00000{i}", "count": c} for i, c in enumerate([10, 10, 5])],
+        "total": 25,
+    }
+
+    expected = image_files(image_dir)
+    keys_in_order = []
+    for s in shards:
+        members = tar_members(s.url)
+        assert len(members) == 2 * s.count  # image + json, nothing else
+        for (img_name, img_bytes), (meta_name, meta_bytes) in zip(members[::2], members[1::2]):
+            key, ext = img_name.rsplit(".", 1)
+            assert meta_name == f"{key}.json"
+            assert "." not in key
+            src = expected[key]
+            assert ext == src.suffix[1:].lower()
+            assert img_bytes == src.read_bytes()  # stored unmodified
+            assert json.loads(meta_bytes) == {"path": src.relative_to(image_dir).as_posix()}
+            keys_in_order.append(key)
+    # sorted, deterministic walk; nested keys keep their "/"
+    assert keys_in_order == sorted(expected, key=lambda k: k.split("/"))
+    assert keys_in_order[0] == "cat0/img0000"
+
+
+def test_make_shards_is_deterministic_and_removes_stale_shards(image_dir: Path, tmp_path: Path) -> None:
+    a = make_shards(image_dir, str(tmp_path / "a"), maxcount=10)
+    b = make_shards(image_dir, str(tmp_path / "b"), maxcount=10)
+    for sa, sb in zip(a, b, strict=True):
+        assert Path(sa.url).read_bytes() == Path(sb.url).read_bytes()
+    assert (tmp_path / "a/index.json").read_bytes() == (tmp_path / "b/index.json").read_bytes()
+
+    # re-run into the same folder with bigger shards: the third shard of the old run must not linger
+    c = make_shards(image_dir, str(tmp_path / "a"), maxcount=20)
+    assert [s.count for s in c] == [20, 5]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["index.json", "shard-000000.tar", "shard-000001.tar"]
+    assert [s.count for s in list_shards(str(tmp_path / "a"))] == [20, 5]
+
+
+def test_webdataset_reads_the_shards(image_dir: Path, tmp_path: Path) -> None:
+    shards = make_shards(image_dir, str(tmp_path / "shards"), maxcount=10)
+    expected = image_files(image_dir)
+    seen = {}
+    for sample in wds.WebDataset([s.url for s in shards], shardshuffle=False, empty_check=False):
+        key = sample["__key__"]
+        ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
+        seen[key] = sample[ext]
+        assert json.loads(sample["json"])["path"] == expected[key].relative_to(image_dir).as_posix()
+    assert seen.keys() == expected.keys()
+    assert all(seen[k] == expected[k].read_bytes() for k in expected)
+
+
+def test_make_shards_key_rules(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub.dir").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(src / "a.b.c.jpg")
+    Image.new("RGB", (8, 8)).save(src / "sub.dir" / "UPPER.JPEG", format="JPEG")
+    Image.new("RGB", (8, 8)).save(src / "x.png")
+    (src / "notes.txt").write_text("not an image")
+    (src / ".hidden.jpg").write_bytes(b"macOS resource fork")
+    shards = make_shards(src, str(tmp_path / "out"))
+    names = [n for n, _ in tar_members(shards[0].url)]
+    assert names == ["a_b_c.jpg", "a_b_c.json", "sub_dir/UPPER.jpeg", "sub_dir/UPPER.json", "x.png", "x.json"]
+    assert shards[0].count == 3
+
+
+def test_make_shards_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.txt").write_text("x")
+    with pytest.raises(CorpusError, match="no images .*empty"):
+        make_shards(empty, str(tmp_path / "out"))
+
+    with pytest.raises(CorpusError, match="does not exist"):
+        make_shards(tmp_path / "nope", str(tmp_path / "out"))
+
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    Image.new("RGB", (8, 8)).save(dup / "face.jpg")
+    Image.new("RGB", (8, 8)).save(dup / "face.png")
+    with pytest.raises(CorpusError, match=r"face\.jpg and face\.png"):
+        make_shards(dup, str(tmp_path / "out"))
+
+    cyc = tmp_path / "cycle"
+    (cyc / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(cyc / "sub" / "a.jpg")
+    (cyc / "sub" / "loop").symlink_to(cyc)  # a symlink cycle: walked once, not forever
+    assert make_shards(cyc, str(tmp_path / "cyc-out"))[0].count == 1
+
+    dots = tmp_path / "dots"
+    dots.mkdir()
+    Image.new("RGB", (8, 8)).save(dots / "a.b.jpg")
+    Image.new("RGB", (8, 8)).save(dots / "a_b.jpg")
+    with pytest.raises(CorpusError, match="a_b"):
+        make_shards(dots, str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------------------
+# list_shards
+
+
+@pytest.fixture
+def shard_dir(image_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    make_shards(image_dir, str(out), maxcount=10)
+    return out
+
+
+def test_list_shards_forms(shard_dir: Path, tmp_path: Path) -> None:
+    (shard_dir / "README.md").write_text("not a shard")
+    ref = list_shards(str(shard_dir))
+    assert [(s.name, s.count, s.offset) for s in ref] == [
+        ("shard-000000", 10, 0),
+        ("shard-000001", 10, 10),
+        ("shard-000002", 5, 20),
+    ]
+    assert all(Path(s.url).is_absolute() and Path(s.url).is_file() for s in ref)
+
+    assert list_shards(shard_dir) == ref  # a Path
+    assert list_shards(str(shard_dir) + "/") == ref
+    assert list_shards(f"file://{shard_dir}") == ref
+    assert list_shards(str(shard_dir / "shard-{000000..000002}.tar")) == ref
+    assert list_shards(str(shard_dir / "shard-*.tar")) == ref
+    assert list_shards([s.url for s in ref]) == ref
+
+    # order follows the list; offsets are cumulative in that order
+    swapped = list_shards([str(shard_dir / "shard-000002.tar"), str(shard_dir / "shard-{000000..000001}.tar")])
+    assert [(s.name, s.count, s.offset) for s in swapped] == [
+        ("shard-000002", 5, 0),
+        ("shard-000000", 10, 5),
+        ("shard-000001", 10, 15),
+    ]
+    single = list_shards(str(shard_dir / "shard-000001.tar"))
+    assert [(s.name, s.count, s.offset) for s in single] == [("shard-000001", 10, 0)]
+
+
+def test_long_patterns_and_lists(image_dir: Path, tmp_path: Path) -> None:
+    shards = make_shards(image_dir, str(tmp_path / "many"), maxcount=1)
+    assert len(shards) == 25 and [s.offset for s in shards] == list(range(25))
+    assert list_shards(str(tmp_path / "many/shard-{000000..000024}.tar")) == shards
+    assert list_shards([s.url for s in shards]) == shards
+    with pytest.raises(CorpusError, match="1 of 26 .*shard-000025.tar"):
+        list_shards(str(tmp_path / "many/shard-{000000..000025}.tar"))
+    with pytest.raises(CorpusError, match="shard-000030.tar does not exist"):
+        list_shards([s.url for s in shards] + [str(tmp_path / "many/shard-000030.tar")])
+
+
+def test_counts_from_headers_match_index(shard_dir: Path) -> None:
+    from_index = list_shards(str(shard_dir))
+    # make the index lie about one shard: proves the count above came from the index
+    index = json.loads((shard_dir / "index.json").read_text())
+    index["shards"] = index["shards"][:2]
+    index["shards"][0]["count"] = 7
+    (shard_dir / "index.json").write_text(json.dumps(index))
+    partial = list_shards(str(shard_dir))
+    assert [s.count for s in partial] == [7, 10, 5]  # third shard scanned
+
+    (shard_dir / "index.json").unlink()
+    scanned = list_shards(str(shard_dir))
+    assert scanned == from_index
+
+
+def test_header_count_groups_like_webdataset(tmp_path: Path) -> None:
+    """Several fields per sample, nested keys, a __meta__ member, a directory entry, an undotted name."""
+    path = tmp_path / "mixed.tar"
+    members = [
+        ("__index__", b"meta"),
+        ("a/one.jpg", b"x"), ("a/one.cls", b"1"), ("a/one.seg.png", b"y"),
+        ("a/two.jpg", b"x"),
+        ("README", b"no dot: skipped"),
+        ("b.c/three.json", b"{}"),
+        ("b.c/three.JPG", b"x"),
+        ("four.txt", b"t"),
+    ]
+    write_tar(path, members)
+    with tarfile.open(path, "a") as tf:
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+    n_wds = sum(1 for _ in wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
+    (shard,) = list_shards(str(path))
+    assert shard.count == n_wds == 4
+
+    batches = read_all(shard, batch_size=3)
+    keys = [k for b in batches for k in b.keys]
+    assert keys == ["a/one", "a/two", "b.c/three", "four"]
+    valid = torch.cat([b.valid for b in batches]).tolist()
+    assert valid == [False, False, False, False]  # the image bytes are garbage / missing
+    errors = {k: v for b in batches for k, v in b.errors.items()}
+    assert errors["a/one"].startswith("cannot decode image")
+    assert errors["four"].startswith("no image member")
+
+
+def test_list_shards_errors(shard_dir: Path, tmp_path: Path) -> None:
+    missing_dir = tmp_path / "no-such-dir"
+    with pytest.raises(CorpusError, match=f"{missing_dir}.*does not exist"):
+        list_shards(str(missing_dir))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(CorpusError, match=f"no .tar shards in {empty}"):
+        list_shards(str(empty))
+
+    with pytest.raises(CorpusError) as exc:
+        list_shards(str(shard_dir / "shard-{000000..000009}.tar"))
+    msg = str(exc.value)
+    assert "7 of 10" in msg and "shard-000003.tar" in msg and "shard-000007.tar" in msg
+    assert "shard-000008.tar" not in msg and "2 more" in msg  # at most 5 named
+
+    with pytest.raises(CorpusError, match="index.json is not a .tar shard"):
+        list_shards(str(shard_dir / "index.json"))
+
+    with pytest.raises(CorpusError, match="does not exist"):
+        list_shards(str(shard_dir / "shard-000099.tar"))
+
+    with pytest.raises(CorpusError, match="named 'shard-000000'"):
+        list_shards([str(shard_dir / "shard-000000.tar"), str(shard_dir)])
+
+    with pytest.raises(CorpusError, match="empty"):
+        list_shards([])
+    with pytest.raises(CorpusError, match="empty"):
+        list_shards("")
+
+    with pytest.raises(CorpusError, match="matches no .tar"):
+        list_shards(str(shard_dir / "other-*.tar"))
+
+    # many names in one folder: checked against one listing instead of a request per shard
+    with pytest.raises(CorpusError) as exc:
+        list_shards(str(shard_dir / "shard-{000000..000019}.tar"))
+    msg = str(exc.value)
+    assert "17 of 20" in msg and "shard-000003.tar" in msg and "shard-000008.tar" not in msg and "12 more" in msg
+
+    # a comma brace list is plain braceexpand too
+    assert [s.name for s in list_shards(str(shard_dir / "shard-00000{0,2}.tar"))] == ["shard-000000", "shard-000002"]
+
+
+def test_damaged_tars_are_errors_not_short_shards(shard_dir: Path, tmp_path: Path) -> None:
+    data = (shard_dir / "shard-000000.tar").read_bytes()
+    members = tar_members(shard_dir / "shard-000000.tar")
+
+    # cut at a member boundary (no end-of-archive blocks): tarfile alone would read 4 samples quietly
+    with tarfile.open(shard_dir / "shard-000000.tar") as tf:
+        infos = tf.getmembers()
+    cut = infos[8].offset  # header of the 5th sample's image
+    trunc = tmp_path / "t1"
+    trunc.mkdir()
+    (trunc / "cut.tar").write_bytes(data[:cut])
+    with pytest.raises(CorpusError, match="cut.tar is truncated"):
+        list_shards(str(trunc))
+    bad = Shard(url=str(trunc / "cut.tar"), name="cut", count=10, offset=0)
+    with pytest.raises(CorpusError, match="cut.tar is truncated"):
+        read_all(bad)
+
+    # cut inside a member's data
+    (trunc / "cut.tar").write_bytes(data[: cut - 700])
+    with pytest.raises(CorpusError, match="cut.tar"):
+        list_shards(str(trunc))
+
+    # garbage over a header in the middle
+    garbled = bytearray(data)
+    garbled[cut : cut + 512] = bytes(range(256)) * 2
+    (trunc / "cut.tar").write_bytes(bytes(garbled))
+    with pytest.raises(CorpusError, match="cut.tar is truncated or corrupt.*invalid tar header"):
+        list_shards(str(trunc))
+    with pytest.raises(CorpusError, match="cut.tar"):
+        read_all(bad, num_workers=2)
+
+    # zeros over a header in the middle (reads as an early end-of-archive)
+    zeroed = bytearray(data)
+    zeroed[cut : cut + 512] = bytes(512)
+    (trunc / "cut.tar").write_bytes(bytes(zeroed))
+    with pytest.raises(CorpusError, match="cut.tar is corrupt: data follows an end-of-archive"):
+        list_shards(str(trunc))
+
+    # not a tar at all
+    (trunc / "cut.tar").write_bytes(b"hello" * 100)
+    with pytest.raises(CorpusError, match="cut.tar is not a readable tar"):
+        list_shards(str(trunc))
+    assert len(members) == 20
+
+
+# ------------------------------------------------------------------------------------------------
+# read_shard
+
+
+def expected_tensor(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        return small_transform()(img.convert("RGB"))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_read_shard_order_and_values_with_and_without_workers(image_dir: Path, tmp_path: Path) -> None:
+    (shard,) = make_shards(image_dir, str(tmp_path / "one"), maxcount=100)
+    assert shard.count == 25
+    files = image_files(image_dir)
+    tar_keys = [n.rsplit(".", 1)[0] for n, _ in tar_members(shard.url)[::2]]
+
+    runs = {nw: read_all(shard, batch_size=4, num_workers=nw) for nw in (0, 2)}
+    for nw, batches in runs.items():
+        assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 4, 1], nw
+        assert torch.cat([b.index for b in batches]).tolist() == list(range(25))
+        assert all(b.index.dtype == torch.int64 and b.valid.dtype == torch.bool for b in batches)
+        assert [k for b in batches for k in b.keys] == tar_keys
+        for b in batches:
+            assert b.images.shape == (len(b), 3, 16, 16) and b.images.dtype == torch.float32
+            assert b.valid.all() and b.errors == {}
+            for key, img in zip(b.keys, b.images):
+                assert torch.equal(img, expected_tensor(files[key]))
+    for b0, b2 in zip(runs[0], runs[2], strict=True):
+        assert b0.keys == b2.keys and torch.equal(b0.index, b2.index) and torch.equal(b0.images, b2.images)
+
+    # stopping early shuts the workers down without hanging
+    it = read_shard(shard, small_transform(), 2, num_workers=2)
+    assert next(it).index.tolist() == [0, 1]
+    it.close()
+
+    # more workers than batches, batch size larger than the shard
+    (only,) = read_all(shard, batch_size=64, num_workers=2)
+    assert only.index.tolist() == list(range(25))
+    # three workers (more than this machine's cores: torch warns), batch size 1: every sample its own batch
+    assert [int(b.index) for b in read_all(shard, batch_size=1, num_workers=3)] == list(range(25))
+
+
+def test_bad_images_are_marked_invalid(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_images(src, 6, nested=False)  # img0000.jpg img0001.png img0002.webp img0003.jpg ...
+    good = (src / "img0000.jpg").read_bytes()
+    (src / "img0003.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    (src / "img0004.png").write_bytes(b"")  # zero bytes
+    (src / "img0005.webp").write_bytes(b"RIFF" + bytes(range(200)))  # garbage
+    Image.new("RGB", (77, 20), "red").save(src / "img0006.png")  # decodes, but the transform refuses it
+    (shard,) = make_shards(src, str(tmp_path / "out"))
+
+    for nw in (0, 2):
+        batches = read_all(shard, transform=FailOnWidth(77), batch_size=3, num_workers=nw)
+        keys = [k for b in batches for k in b.keys]
+        assert keys == [f"img{i:04d}" for i in range(7)]
+        valid = dict(zip(keys, torch.cat([b.valid for b in batches]).tolist()))
+        assert valid == {
+            "img0000": True, "img0001": True, "img0002": True,
+            "img0003": False, "img0004": False, "img0005": False, "img0006": False,
+        }
+        errors = {k: v for b in batches for k, v in b.errors.items()}
+        assert set(errors) == {"img0003", "img0004", "img0005", "img0006"}
+        assert errors["img0003"].startswith("cannot decode image:") and "truncated" in errors["img0003"]
+        assert errors["img0004"].startswith("cannot decode image:")
+        assert errors["img0005"].startswith("cannot decode image:")
+        assert errors["img0006"] == "transform failed: ValueError: width 77 not supported"
+        images = torch.cat([b.images for b in batches])
+        assert images.shape == (7, 3, 16, 16)
+        assert images[3:].abs().sum() == 0  # invalid -> zeros
+        assert torch.equal(images[0], expected_tensor(src / "img0000.jpg"))
+
+
+def test_count_mismatch_is_an_error(shard_dir: Path) -> None:
+    shard = list_shards(str(shard_dir))[0]  # 10 samples
+    with pytest.raises(CorpusError, match="has 10 samples but the corpus index says 11"):
+        read_all(dataclasses.replace(shard, count=11), num_workers=2)
+
+    # too few expected: nothing past the expected rows is ever yielded (they belong to the next shard)
+    seen = []
+    with pytest.raises(CorpusError, match="more than 9 samples"):
+        for b in read_shard(dataclasses.replace(shard, count=9), small_transform(), 3, num_workers=2):
+            seen.extend(b.index.tolist())
+    assert seen and max(seen) < 9
+
+
+def test_read_shard_missing_shard_and_bad_transform(shard_dir: Path) -> None:
+    ghost = Shard(url=str(shard_dir / "gone.tar"), name="gone", count=3, offset=0)
+    with pytest.raises(CorpusError, match="gone.tar does not exist"):
+        read_all(ghost, num_workers=1)
+    with pytest.raises(CorpusError, match="gone.tar does not exist"):
+        read_all(ghost)
+    shard = list_shards(str(shard_dir))[0]
+    with pytest.raises(TypeError, match="must return a torch.Tensor"):
+        read_all(shard, transform=T.Resize(8))
+
+
+def test_empty_shard_reads_nothing(tmp_path: Path) -> None:
+    write_tar(tmp_path / "empty.tar", [])
+    (shard,) = list_shards(str(tmp_path / "empty.tar"))
+    assert shard.count == 0
+    assert read_all(shard, num_workers=2) == []
+
+
+def test_pin_memory_batches(shard_dir: Path) -> None:
+    shard = list_shards(str(shard_dir))[2]
+    batches = read_all(shard, batch_size=2, num_workers=1, pin_memory=torch.cuda.is_available())
+    assert [b.index.tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+    if torch.cuda.is_available():
+        assert all(b.images.is_pinned() and b.index.is_pinned() for b in batches)
+
+
+# ------------------------------------------------------------------------------------------------
+# S3 (moto server)
+
+
+def test_s3_make_list_read_with_env_credentials(s3: dict, image_dir: Path) -> None:
+    shards = make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10)
+    assert [s.url for s in shards] == [f"s3://test-bucket/corpus/shard-00000{i}.tar" for i in range(3)]
+
+    listed = list_shards("s3://test-bucket/corpus")
+    assert listed == shards
+    assert list_shards("s3://test-bucket/corpus/shard-{000000..000002}.tar") == shards
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    index = json.loads(fs.cat_file("test-bucket/corpus/index.json"))
+    assert index["total"] == 25
+    fs.rm_file("test-bucket/corpus/index.json")
+    assert list_shards("s3://test-bucket/corpus/") == shards  # counted from headers over S3
+
+    files = image_files(image_dir)
+    batches = read_all(listed[2], batch_size=2, num_workers=2)
+    assert torch.cat([b.index for b in batches]).tolist() == list(range(5))
+    for b in batches:
+        assert b.valid.all()
+        for key, img in zip(b.keys, b.images):
+            assert torch.equal(img, expected_tensor(files[key]))
+
+
+def test_s3_with_explicit_storage_options(s3: dict, image_dir: Path, monkeypatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var)
+    shards = make_shards(image_dir, "s3://test-bucket/c2", maxcount=20, storage_options=s3)
+    listed = list_shards(["s3://test-bucket/c2/shard-000001.tar", "s3://test-bucket/c2/shard-000000.tar"], storage_options=s3)
+    assert [(s.name, s.count, s.offset) for s in listed] == [("shard-000001", 5, 0), ("shard-000000", 20, 5)]
+    for nw in (0, 2):
+        batches = read_all(shards[1], batch_size=2, num_workers=nw, storage_options=s3)
+        assert [k for b in batches for k in b.keys] == [
+            n.rsplit(".", 1)[0] for n, _ in tar_members(_s3_bytes(s3, shards[1].url))[::2]
+        ]
+        assert all(b.valid.all() for b in batches)
+
+
+def _s3_bytes(opts: dict, url: str) -> bytes:
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **opts).cat_file(url)
+
+
+def test_s3_errors(s3: dict, image_dir: Path) -> None:
+    with pytest.raises(CorpusError, match="s3://no-such-bucket/corpus does not exist"):
+        list_shards("s3://no-such-bucket/corpus")
+    make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10)
+    with pytest.raises(CorpusError, match=r"1 of 4 .*s3://test-bucket/corpus/shard-000003.tar"):
+        list_shards("s3://test-bucket/corpus/shard-{000000..000003}.tar")
+    with pytest.raises(CorpusError, match=r"17 of 20 .*s3://test-bucket/corpus/shard-000003.tar"):
+        list_shards("s3://test-bucket/corpus/shard-{000000..000019}.tar")
+    with pytest.raises(CorpusError, match="s3://test-bucket/other does not exist"):
+        list_shards("s3://test-bucket/other")
+
+
+def test_unreachable_endpoint(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = {
+        "endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
+        "config_kwargs": {"retries": {"max_attempts": 1}},  # fail fast: the test is about the message
+    }
+    with pytest.raises(CorpusError, match="cannot reach corpus s3://bucket/corpus.*endpoint") as exc:
+        list_shards("s3://bucket/corpus", storage_options=opts)
+    assert "\"s\"" not in str(exc.value) and "'s'" not in str(exc.value)  # no secrets in messages

@@ -1,0 +1,446 @@
+"""Encoding models and RSA (neuropredictor.encode): planted truth, an independent solver
+(scikit-learn), alignment and bad input, every neural file format, RSA, outputs, and one run on a
+real features store made by the pipeline."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+from scipy.stats import spearmanr
+from threadpoolctl import threadpool_limits
+
+from conftest import make_images
+from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.encode import (
+    DEFAULT_ALPHAS,
+    AlignmentWarning,
+    EncodingError,
+    NeuralData,
+    encode,
+    encode_command,
+    encode_layer,
+    load_neural,
+    parse_alphas,
+    plot_scores,
+    rdm,
+    rsa,
+    save_scores,
+    summary_table,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: on a shared 2-core CI box, BLAS/torch threads only add spin-waiting
+    (a 240x150 fit went from 0.08 s to 4 s with 2 threads next to another busy process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic features shaped like open_features' result, with a planted layer
+
+
+N, T = 600, 40
+NOISE_SD = np.linspace(0.6, 1.6, T)  # per target: later targets are noisier
+
+
+def features_dataset(layers: dict[str, np.ndarray], keys: list[str], valid: np.ndarray | None = None) -> xr.Dataset:
+    """A Dataset like `open_features` returns: one variable per layer (stimulus, <layer>.dim_i...),
+    `valid`, and the `key` coordinate on stimulus."""
+    data = {}
+    for name, arr in layers.items():
+        dims = ("stimulus", *(f"{name}.dim_{i}" for i in range(1, arr.ndim)))
+        data[name] = (dims, arr.astype(np.float32))
+    n = len(keys)
+    data["valid"] = (("stimulus",), np.ones(n, bool) if valid is None else valid)
+    return xr.Dataset(data, coords={"key": (("stimulus",), np.array(keys, dtype=object))})
+
+
+@pytest.fixture(scope="module")
+def planted():
+    rng = np.random.default_rng(42)
+    keys = [f"cat{i % 4}/img{i:04d}" for i in range(N)]
+    mid = rng.standard_normal((N, 50))  # the planted layer: iid N(0,1) features, so var(x @ w) = |w|^2
+    early = np.tanh(mid @ rng.standard_normal((50, 100)) / 5) + 0.8 * rng.standard_normal((N, 100))
+    late = rng.standard_normal((N, 4, 4, 4))  # unrelated, conv-shaped
+    W = rng.standard_normal((50, T)) / np.sqrt(50)
+    signal = mid @ W
+    Y = signal + rng.standard_normal((N, T)) * NOISE_SD
+    signal_var = (W**2).sum(0)
+    theory_r = np.sqrt(signal_var / (signal_var + NOISE_SD**2))
+    ds = features_dataset({"early": early, "mid": mid, "late": late}, keys)
+    roi = ["V1"] * (T // 2) + ["IT"] * (T // 2)
+    neural = NeuralData(Y, keys, targets=[f"vox{i}" for i in range(T)], roi=roi)
+    scores = encode(ds, neural, device="cpu")
+    return {"ds": ds, "neural": neural, "scores": scores, "theory_r": theory_r, "signal_var": signal_var, "mid": mid, "early": early}
+
+
+def test_planted_layer_wins_and_r_matches_theory(planted):
+    s, theory = planted["scores"], planted["theory_r"]
+    assert list(s.layer.values) == ["early", "mid", "late"]  # model (store) order kept
+    assert s.r.dims == ("layer", "target") and s.sizes == {"layer": 3, "target": T}
+    assert list(s.n_features.values) == [100, 50, 64]
+    med = s.r.median("target")
+    assert med.idxmax().item() == "mid"
+    assert s.attrs["n_train"] == 480 and s.attrs["n_test"] == 120
+    r_mid = s.r.sel(layer="mid").values
+    # held-out r of the planted layer ~ sqrt(signal / (signal + noise)) ...
+    assert abs(r_mid.mean() - theory.mean()) < 0.1, (r_mid.mean(), theory.mean())
+    # ... lowered by the estimation error of 50 weights from 480 stimuli: an unbiased (OLS-like)
+    # fit adds about noise_var * p / n_train to the prediction's variance; ridge does a bit better
+    sv, nv = planted["signal_var"], NOISE_SD**2
+    estimated = sv / np.sqrt((sv + nv) * (sv + nv * 50 / 480))
+    assert abs(r_mid.mean() - estimated.mean()) < 0.04, (r_mid.mean(), estimated.mean())
+    assert r_mid.mean() < theory.mean()
+    assert np.corrcoef(r_mid, theory)[0, 1] > 0.7  # per target, the noisier ones score lower
+    assert np.all(s.r2.sel(layer="mid").values < r_mid)  # R^2 <= r^2 < r for these
+    assert abs(s.r.sel(layer="late").median()) < 0.1  # unrelated layer ~ 0
+    table = summary_table(s)
+    best = table[table.best].set_index("roi")["layer"].to_dict()
+    assert best == {"all": "mid", "V1": "mid", "IT": "mid"}
+
+
+def test_alphas_sensible(planted):
+    s = planted["scores"]
+    alpha = s.alpha.sel(layer="mid").values
+    # well conditioned (n >> p): never at the grid's edges
+    assert alpha.min() > DEFAULT_ALPHAS[0] and alpha.max() < DEFAULT_ALPHAS[-1]
+    assert set(np.unique(alpha)) <= set(DEFAULT_ALPHAS)
+    # noisier targets need more shrinkage (optimal alpha ~ noise var / weight var)
+    rho = spearmanr(NOISE_SD, np.log(alpha)).statistic
+    assert rho > 0.6, rho
+    assert np.median(np.log10(alpha[T // 2:])) > np.median(np.log10(alpha[: T // 2]))
+
+
+def test_shuffled_keys_score_near_zero(planted):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all keys still match: nothing to report
+        s = encode(planted["ds"], planted["neural"].permuted(seed=1), device="cpu")
+    assert np.all(np.abs(s.r.median("target").values) < 0.1), s.r.median("target").values
+
+
+def test_split_is_deterministic_and_order_free(planted):
+    ds, nd = planted["ds"], planted["neural"]
+    rev = NeuralData(nd.values[::-1].copy(), nd.keys[::-1], nd.targets, nd.roi)
+    a = encode(ds, nd, layers="mid", device="cpu")
+    b = encode(ds, rev, layers=["mid"], device="cpu")
+    np.testing.assert_allclose(a.r.values, b.r.values, atol=1e-6)  # same stimuli held out
+    c = encode(ds, nd, layers="mid", device="cpu", seed=3)
+    assert not np.allclose(a.r.values, c.r.values)
+
+
+def test_outer_folds_and_ceiling(planted):
+    ds, nd = planted["ds"], planted["neural"]
+    ceiling = np.full(T, 0.8)
+    ceiling[0] = 0.0  # unusable ceiling -> NaN, not inf
+    s = encode(ds, nd, layers="mid,late", device="cpu", outer_folds=4, ceiling=ceiling)
+    assert s.attrs["split"] == "4-fold" and s.attrs["n_test"] == N // 4
+    np.testing.assert_allclose(s.r_normalized.values[:, 1:], s.r.values[:, 1:] / 0.8)
+    assert np.isnan(s.r_normalized.values[:, 0]).all()
+    assert s.r.median("target").idxmax().item() == "mid"
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement with scikit-learn
+
+
+def _standardise(Xtr, Xte):
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    sd[sd == 0] = 1
+    return (Xtr - mu) / sd, (Xte - mu) / sd
+
+
+@pytest.mark.parametrize("n_features,device", [(20, "cpu"), (20, "numpy"), (150, "cpu")])
+def test_matches_sklearn_ridgecv_leave_one_out(n_features, device):
+    """Same grid, same standardisation, same inner CV (leave-one-out, which sklearn's RidgeCV
+    computes in closed form with alpha_per_target): same alphas, and r/R^2 within 1e-4. 150
+    features > 60 training stimuli exercises the kernel solver."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import LeaveOneOut
+
+    rng = np.random.default_rng(n_features)
+    n, t = 80, 12
+    X = rng.standard_normal((n, n_features))
+    Y = X @ rng.standard_normal((n_features, t)) * 0.3 + rng.standard_normal((n, t)) * np.linspace(0.5, 4, t) + 5.0
+    tr, te = np.arange(60), np.arange(60, n)
+    alphas = np.logspace(-1, 4, 11)
+    ours = encode_layer(X[tr], Y[tr], X[te], Y[te], alphas, cv=LeaveOneOut(), dtype="float64", device=device,
+                        return_predictions=True)
+    assert ours["solver"] == ("kernel" if n_features > 60 else "ridge")
+    Xtr, Xte = _standardise(X[tr], X[te])
+    ref = RidgeCV(alphas=alphas, alpha_per_target=True, fit_intercept=True).fit(Xtr, Y[tr])
+    pred = ref.predict(Xte)
+    np.testing.assert_allclose(ours["alpha"], ref.alpha_, rtol=1e-12)
+    ref_r = np.array([np.corrcoef(Y[te][:, j], pred[:, j])[0, 1] for j in range(t)])
+    np.testing.assert_allclose(ours["r"], ref_r, atol=1e-4)
+    np.testing.assert_allclose(ours["r2"], r2_score(Y[te], pred, multioutput="raw_values"), atol=1e-4)
+    np.testing.assert_allclose(ours["predictions"], pred, rtol=1e-6, atol=1e-6)
+    assert len(set(ours["alpha"].tolist())) > 1  # the comparison covers per-target choices
+
+
+def test_matches_sklearn_ridge_fixed_alpha_float32():
+    """Default float32 path, one alpha (no selection): predictions of sklearn's Ridge."""
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((120, 30)).astype(np.float32)
+    Y = X @ rng.standard_normal((30, 8)) + rng.standard_normal((120, 8))
+    ours = encode_layer(X[:90], Y[:90], X[90:], Y[90:], [10.0], return_predictions=True, device="cpu")
+    Xtr, Xte = _standardise(X[:90].astype(np.float64), X[90:].astype(np.float64))
+    pred = Ridge(alpha=10.0).fit(Xtr, Y[:90]).predict(Xte)
+    np.testing.assert_allclose(ours["predictions"], pred, atol=1e-3)
+    ref_r = np.array([np.corrcoef(Y[90:, j], pred[:, j])[0, 1] for j in range(8)])
+    np.testing.assert_allclose(ours["r"], ref_r, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment and bad input
+
+
+def _small(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    keys = [f"img{i:03d}" for i in range(n)]
+    A = rng.standard_normal((n, 10))
+    Y = A @ rng.standard_normal((10, 5)) + 0.5 * rng.standard_normal((n, 5))
+    return keys, A, Y
+
+
+def test_no_overlap_is_a_clear_error():
+    keys, A, Y = _small()
+    ds = features_dataset({"a": A}, keys)
+    with pytest.raises(EncodingError, match="no stimulus key is in both.*would match after dropping"):
+        encode(ds, NeuralData(Y, [f"stim/{k}.jpg" for k in keys]), device="cpu")
+
+
+def test_unmatched_invalid_and_nan_rows_reported_and_dropped():
+    keys, A, Y = _small(80)
+    valid = np.ones(80, bool)
+    valid[[3, 4]] = False  # undecodable images: NaN features
+    A[[3, 4]] = np.nan
+    ds = features_dataset({"a": A}, keys, valid)
+    Y = Y.copy()
+    Y[[10, 11, 12], 1] = np.nan  # missing measurements
+    Y[:, 4] = np.nan  # a dead target
+    nkeys = list(keys)
+    nkeys[70:] = [f"extra{i}" for i in range(10)]  # in the neural data only; img070.. in features only
+    with pytest.warns(AlignmentWarning, match="dropped") as rec:
+        s = encode(ds, NeuralData(Y, nkeys), device="cpu", n_folds=3)
+    msg = str(rec[0].message)
+    assert "'extra0'" in msg and "'img003'" in msg and "'img010'" in msg
+    assert s.attrs["dropped_features_only"] == 10 and s.attrs["dropped_neural_only"] == 10
+    assert s.attrs["dropped_invalid_features"] == 2 and s.attrs["dropped_nan_neural"] == 3
+    assert s.attrs["dropped_nan_targets"] == 1
+    assert s.attrs["n_stimuli"] == 80 - 10 - 2 - 3
+    report = json.loads(s.attrs["alignment"])
+    assert report["dropped"]["invalid_features"]["examples"] == ["img003", "img004"]
+    assert np.isnan(s.r.values[0, 4]) and np.isfinite(s.r.values[0, :4]).all()
+    assert (s.r.values[0, :4] > 0.5).all()  # still the right rows: alignment by key worked
+
+
+def test_all_nan_is_an_error():
+    keys, A, Y = _small()
+    with pytest.raises(EncodingError, match="every target .* NaN"):
+        encode(features_dataset({"a": A}, keys), NeuralData(np.full_like(Y, np.nan), keys), device="cpu")
+
+
+def test_shape_and_duplicate_errors(tmp_path):
+    keys, A, Y = _small()
+    with pytest.raises(EncodingError, match="59 stimulus keys for 60 rows"):
+        NeuralData(Y, keys[:-1])
+    np.save(tmp_path / "y.npy", Y)
+    (tmp_path / "keys.txt").write_text("\n".join(keys[:50]) + "\n")
+    with pytest.raises(EncodingError, match="50 keys for 60 rows"):
+        load_neural(tmp_path / "y.npy", keys=tmp_path / "keys.txt")
+    with pytest.raises(EncodingError, match="no stimulus keys"):
+        load_neural(tmp_path / "y.npy")
+    with pytest.raises(EncodingError, match="more than once.*'img001'"):
+        NeuralData(Y, keys[:1] + keys[:1] + keys[1:-1])
+    with pytest.raises(EncodingError, match="features store has 1 keys on more than one row"):
+        encode(features_dataset({"a": A}, keys[:-1] + keys[:1]), NeuralData(Y, keys), device="cpu")
+    with pytest.raises(EncodingError, match="not in the features store; it has a"):
+        encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), layers="b", device="cpu")
+    with pytest.raises(EncodingError, match="ROI labels for 5 targets"):
+        NeuralData(Y, keys, roi=["V1"])
+    with pytest.raises(EncodingError, match="training stimuli"):
+        encode(features_dataset({"a": A[:12]}, keys[:12]), NeuralData(Y[:12], keys[:12]), device="cpu")
+    with pytest.raises(EncodingError, match="alphas"):
+        parse_alphas("1,-2")
+    np.testing.assert_allclose(parse_alphas("logspace:-2:6:17"), DEFAULT_ALPHAS)
+
+
+# ---------------------------------------------------------------------------------------------
+# File formats
+
+
+def _check(nd: NeuralData, keys, Y, targets=None):
+    assert nd.keys == keys
+    np.testing.assert_allclose(nd.values, Y)
+    if targets is not None:
+        assert nd.targets == targets
+
+
+def test_load_npy_with_key_file(tmp_path):
+    keys, _, Y = _small()
+    np.save(tmp_path / "y.npy", Y)
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n\n")  # trailing blank lines are no keys
+    (tmp_path / "test.txt").write_text("img001\nimg005\n")
+    nd = load_neural(str(tmp_path / "y.npy"), keys=str(tmp_path / "keys.txt"), split=str(tmp_path / "test.txt"))
+    _check(nd, keys, Y, [f"t{i}" for i in range(5)])
+    assert nd.train.sum() == 58 and not nd.train[1] and not nd.train[5]
+
+
+def test_load_npz_with_keys_roi_ceiling_split(tmp_path):
+    keys, _, Y = _small()
+    is_test = np.zeros(60, bool)
+    is_test[::5] = True
+    np.savez(tmp_path / "y.npz", betas=Y, keys=np.array(keys), roi=np.array(["V1", "V1", "V4", "IT", "IT"]),
+             noise_ceiling=np.linspace(0.5, 0.9, 5), is_test=is_test, other=np.zeros((3, 3)))
+    nd = load_neural(tmp_path / "y.npz", split="is_test")
+    _check(nd, keys, Y)
+    assert nd.roi == ["V1", "V1", "V4", "IT", "IT"]
+    np.testing.assert_allclose(nd.ceiling, np.linspace(0.5, 0.9, 5))
+    np.testing.assert_array_equal(nd.train, ~is_test)  # a column named *test*: True = test
+
+
+def test_load_csv_with_key_column(tmp_path):
+    keys, _, Y = _small()
+    keys = [f"{i:03d}" for i in range(60)]  # digit keys must stay strings ("001", not 1)
+    df = pd.DataFrame(Y, columns=[f"v{i}" for i in range(5)])
+    df.insert(0, "stim", keys)
+    df["fold"] = ["test" if i % 4 == 0 else "train" for i in range(60)]
+    df.to_csv(tmp_path / "y.csv", index=False)
+    nd = load_neural(tmp_path / "y.csv", key_column="stim", split="fold")
+    _check(nd, keys, Y, [f"v{i}" for i in range(5)])
+    assert nd.train.sum() == 45
+    with pytest.raises(EncodingError, match="no key column 'key'"):
+        load_neural(tmp_path / "y.csv")
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_load_netcdf_and_zarr_with_coordinate(tmp_path, suffix):
+    keys, _, Y = _small()
+    da = xr.DataArray(Y, dims=("presentation", "neuroid"),
+                      coords={"stimulus_id": ("presentation", keys), "neuroid": [f"n{i}" for i in range(5)],
+                              "roi": ("neuroid", ["V4", "V4", "IT", "IT", "IT"])})
+    ds = da.to_dataset(name="rates")
+    path = tmp_path / f"y{suffix}"
+    if suffix == ".nc":
+        ds.to_netcdf(path)
+    else:
+        ds.to_zarr(path, zarr_format=3, consolidated=False)
+    nd = load_neural(path, key_column="stimulus_id")
+    _check(nd, keys, Y, [f"n{i}" for i in range(5)])
+    assert nd.roi == ["V4", "V4", "IT", "IT", "IT"]
+    # keys as the first dimension's own coordinate work too
+    ds2 = xr.DataArray(Y, dims=("stimulus", "voxel"), coords={"stimulus": keys}).to_dataset(name="y")
+    path2 = tmp_path / f"z{suffix}"
+    ds2.to_netcdf(path2) if suffix == ".nc" else ds2.to_zarr(path2, zarr_format=3, consolidated=False)
+    _check(load_neural(path2), keys, Y)
+
+
+# ---------------------------------------------------------------------------------------------
+# RSA
+
+
+def test_rsa_recovers_the_source_layer(planted):
+    ds = planted["ds"]
+    keys = list(ds.key.values)
+    # neural patterns = the mid layer's patterns (plus a little noise), in another row order
+    rng = np.random.default_rng(0)
+    Y = planted["mid"] + 0.05 * rng.standard_normal(planted["mid"].shape)
+    order = rng.permutation(N)
+    nd = NeuralData(Y[order], [keys[i] for i in order], roi=["a"] * 25 + ["b"] * 25)
+    res = rsa(ds, nd)
+    assert res.rho.sel(layer="mid") > 0.95
+    assert res.rho.sel(layer="early") < res.rho.sel(layer="mid") - 0.2
+    assert abs(res.rho.sel(layer="late")) < 0.1
+    assert res.rho_roi.dims == ("layer", "roi") and list(res.roi.values) == ["a", "b"]
+    assert res.rho_roi.sel(layer="mid").min() > res.rho_roi.sel(layer="late").max()
+    # an RDM given directly
+    direct = rsa(ds, neural_rdm=rdm(planted["mid"]), rdm_keys=keys, layers=["mid", "late"])
+    assert direct.rho.sel(layer="mid") == pytest.approx(1.0, abs=1e-6)
+    assert abs(direct.rho.sel(layer="late")) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_save_scores_round_trip_and_plot(planted, tmp_path):
+    s = planted["scores"]
+    url = str(tmp_path / "scores.zarr")
+    save_scores(s, url)
+    back = xr.open_zarr(url)
+    xr.testing.assert_allclose(back.load(), s)
+    assert back.attrs["n_train"] == 480 and json.loads(back.attrs["alignment"])["n_matched"] == N
+    with pytest.raises(EncodingError, match="already exists"):
+        save_scores(s, url)
+    save_scores(s, url, overwrite=True)
+    png = plot_scores(s, tmp_path / "scores.png")
+    data = Path(png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_csv_with_roi_file_and_missing_store(planted, tmp_path):
+    ds, nd = planted["ds"], planted["neural"]
+    df = pd.DataFrame(nd.values, columns=nd.targets)
+    df.insert(0, "key", nd.keys)
+    df.to_csv(tmp_path / "neural.csv", index=False)
+    (tmp_path / "roi.txt").write_text("\n".join(nd.roi))
+    out = str(tmp_path / "out.zarr")
+    with pytest.raises(NeuroPredictorError, match="no neuropredictor store"):
+        encode_command(str(tmp_path / "missing.zarr"), str(tmp_path / "neural.csv"), out)
+    neural = load_neural(tmp_path / "neural.csv", roi=str(tmp_path / "roi.txt"))
+    assert neural.roi == nd.roi
+    s = encode(ds, neural, layers="mid,late", device="cpu")
+    assert s.r.median("target").idxmax().item() == "mid"
+
+
+# ---------------------------------------------------------------------------------------------
+# A real store from the pipeline
+
+
+def test_real_store_from_pipeline(tmp_path):
+    from neuropredictor.corpus import make_shards
+    from neuropredictor.pipeline import ExtractConfig, run
+    from neuropredictor.store import open_features
+
+    images = tmp_path / "imgs"
+    make_images(images, 60, nested=False)
+    make_shards(images, str(tmp_path / "shards"), maxcount=25)
+    out = str(tmp_path / "run.zarr")
+    run(ExtractConfig(corpus=str(tmp_path / "shards"), model="torchvision:resnet18", layers=["layer1", "layer4"],
+                      reduce="avgpool", out=out, pretrained=False, batch_size=20, num_workers=0))
+    feats = open_features(out)
+    keys = [str(k) for k in feats.key.values]
+    l4 = feats["layer4"].values
+    rng = np.random.default_rng(0)
+    l4z = (l4 - l4.mean(0)) / l4.std(0)
+    signal = l4z @ rng.standard_normal((512, 30)) / np.sqrt(512)
+    Y = signal + 0.5 * signal.std(0) * rng.standard_normal(signal.shape)
+    # neural rows in another order, two stimuli missing, one unknown stimulus
+    order = rng.permutation(len(keys))[:-2]
+    nd = NeuralData(np.vstack([Y[order], np.zeros((1, 30))]), [keys[i] for i in order] + ["not-a-stimulus"])
+    np.save(tmp_path / "y.npy", nd.values)
+    (tmp_path / "keys.txt").write_text("\n".join(nd.keys))
+    result = encode_command(out, str(tmp_path / "y.npy"), str(tmp_path / "scores.zarr"),
+                            keys=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
+    assert result["best_layer"] == "layer4", result
+    assert result["layers"]["layer4"] > 0.6 and result["layers"]["layer4"] > result["layers"]["layer1"]
+    assert result["dropped"]["features_only"] == 2 and result["dropped"]["neural_only"] == 1
+    assert result["n_train"] + result["n_test"] == 58
+    scores = xr.open_zarr(result["scores"])
+    assert list(scores.layer.values) == ["layer1", "layer4"]  # model order
+    assert Path(result["plot"]).stat().st_size > 0

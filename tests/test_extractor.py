@@ -1,0 +1,250 @@
+"""Hooked extraction against independent computations; early exit; precision; reductions; SRP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuropredictor.errors import ReductionError
+from neuropredictor.extractor import Extractor
+from neuropredictor.layers import describe_layers
+from neuropredictor.models import load_model
+from neuropredictor.reduce import parse_reduce_option, parse_reduction, srp_matrix
+
+
+@pytest.fixture(scope="module")
+def alexnet():
+    torch.manual_seed(0)
+    return load_model("torchvision:alexnet", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return load_model("torchvision:resnet18", pretrained=False)
+
+
+def _x(n=3, size=224, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_alexnet_layers_equal_the_network_applied_by_hand(alexnet):
+    net = alexnet.module
+    x = _x()
+    layers = ["features.0", "features.4", "features.12", "avgpool", "classifier.2", "classifier.6"]
+    with Extractor(alexnet, layers) as ex:
+        got = ex(x)
+    with torch.inference_mode():
+        # features[:k] as fresh Sequentials; ReLU(inplace) there mutates nothing we compare against
+        assert torch.equal(got["features.0"], net.features[:1](x))
+        assert torch.equal(got["features.4"], net.features[:5](x))
+        f = net.features(x)
+        assert torch.equal(got["features.12"], f)
+        pooled = net.avgpool(f)
+        assert torch.equal(got["avgpool"], pooled)
+        flat = torch.flatten(pooled, 1)
+        assert torch.equal(got["classifier.2"], F.relu(F.linear(flat, net.classifier[1].weight, net.classifier[1].bias)))
+        assert torch.equal(got["classifier.6"], net(x))
+
+
+def test_vit_blocks_equal_timm_forward_intermediates():
+    torch.manual_seed(0)
+    model = load_model("timm:vit_tiny_patch16_224", pretrained=False)
+    x = _x(2)
+    with Extractor(model, "blocks.*") as ex:
+        got = ex(x)
+    with torch.inference_mode():
+        inter = model.module.forward_intermediates(x, indices=12, output_fmt="NLC", intermediates_only=True,
+                                                   return_prefix_tokens=True)
+    assert len(got) == 12
+    for k, (spatial, prefix) in enumerate(inter):
+        assert torch.equal(got[f"blocks.{k}"], torch.cat([prefix, spatial], dim=1)), k
+
+
+def test_openclip_visual_output_and_blocks():
+    torch.manual_seed(0)
+    model = load_model("openclip:ViT-B-32", pretrained=False)
+    x = _x(2)
+    with Extractor(model, ["transformer.resblocks.5", "output"], early_exit=False) as ex:
+        got = ex(x)
+    with torch.inference_mode():
+        assert torch.equal(got["output"], model.module(x))  # open_clip's own image embedding
+        inter = model.module.forward_intermediates(x, indices=[5], output_fmt="NLC", intermediates_only=True,
+                                                   output_extra_tokens=True)
+    tokens = torch.cat([inter["image_intermediates_prefix"][0], inter["image_intermediates"][0]], dim=1)
+    assert torch.allclose(got["transformer.resblocks.5"], tokens, atol=1e-6)
+
+
+def test_shared_module_records_its_last_call(resnet18):
+    # torchvision's BasicBlock applies one `relu` twice; its last call is the block's output
+    x = _x(2)
+    with Extractor(resnet18, ["layer1.0.relu", "layer1.0"]) as ex:
+        got = ex(x)
+    assert torch.equal(got["layer1.0.relu"], got["layer1.0"])
+
+
+def test_early_exit_same_tensors_and_skips_the_rest(resnet18):
+    x = _x(2)
+    layers = ["layer1", "layer2.0.conv1"]
+    early_ex = Extractor(resnet18, layers, reduce="full")
+    full_ex = Extractor(resnet18, layers, reduce="full", early_exit=False)
+    later_calls = []  # registered after the extractors' own layer discovery pass
+    handle = resnet18.module.layer4.register_forward_hook(lambda *a: later_calls.append(1))
+    try:
+        with early_ex:
+            early = early_ex(x)
+        assert later_calls == []  # the forward pass stopped after layer2.0.conv1
+        with full_ex:
+            full = full_ex(x)
+        assert later_calls == [1]
+    finally:
+        handle.remove()
+    for k in early:
+        assert torch.equal(early[k], full[k])
+
+
+def test_hooks_removed_on_exit(resnet18):
+    with Extractor(resnet18, ["layer1", "fc"]):
+        assert resnet18.module.layer1._forward_hooks
+    assert not resnet18.module.layer1._forward_hooks and not resnet18.module.fc._forward_hooks
+    with pytest.raises(RuntimeError, match="context manager"):
+        Extractor(resnet18, ["layer1"])(_x(1))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_within_tolerance(resnet18, precision):
+    # Stated tolerance: relative L2 error of each layer's features <= 5e-2 under bf16/fp16 autocast
+    x = _x(2)
+    with Extractor(resnet18, ["layer2", "layer4"], reduce="avgpool") as ex:
+        ref = ex(x)
+    with Extractor(resnet18, ["layer2", "layer4"], reduce="avgpool", precision=precision) as ex:
+        low = ex(x)
+    for k in ref:
+        assert low[k].dtype == torch.float32
+        rel = (low[k] - ref[k]).norm() / ref[k].norm()
+        assert 0 < rel < 5e-2, (k, rel)
+
+
+def test_channels_last_matches(resnet18):
+    x = _x(2)
+    with Extractor(resnet18, ["layer3"], reduce="full") as ex:
+        ref = ex(x)["layer3"]
+    with Extractor(resnet18, ["layer3"], reduce="full", channels_last=True) as ex:
+        got = ex(x)["layer3"]
+    resnet18.module.to(memory_format=torch.contiguous_format)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_reductions_equal_independent_formulas(resnet18):
+    x = _x(2)
+    with Extractor(resnet18, ["layer3"], reduce="full") as ex:
+        fmap = ex(x)["layer3"]
+    cases = {
+        "flatten": fmap.reshape(2, -1),
+        "avgpool": fmap.mean(dim=(2, 3)),
+        "pool:2": torch.stack([torch.stack([fmap[:, :, i * 7:(i + 1) * 7, j * 7:(j + 1) * 7].mean(dim=(2, 3))
+                                            for j in range(2)], -1) for i in range(2)], -2),
+    }
+    for red, ref in cases.items():
+        with Extractor(resnet18, ["layer3"], reduce=red) as ex:
+            got = ex(x)["layer3"]
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5), red
+
+
+def test_token_reductions():
+    torch.manual_seed(0)
+    model = load_model("timm:vit_tiny_patch16_224", pretrained=False)
+    x = _x(2)
+    with Extractor(model, ["blocks.3"], reduce="full") as ex:
+        tokens = ex(x)["blocks.3"]
+    with Extractor(model, ["blocks.3", "blocks.4"], reduce="blocks.3=cls,blocks.4=avgpool") as ex:
+        got = ex(x)
+    assert torch.equal(got["blocks.3"], tokens[:, 0])
+    with Extractor(model, ["blocks.4"], reduce="full") as ex:
+        assert torch.allclose(got["blocks.4"], ex(x)["blocks.4"].mean(dim=1), atol=1e-6)
+    with pytest.raises(ReductionError, match="pool:K needs a conv map"):
+        Extractor(model, ["blocks.3"], reduce="pool:2")
+
+
+def test_reduce_option_parsing():
+    layers = ["layer3", "layer4", "fc"]
+    got = parse_reduce_option("avgpool,layer3=pool:2,fc=full", layers)
+    assert {k: str(v) for k, v in got.items()} == {"layer3": "pool:2", "layer4": "avgpool", "fc": "full"}
+    assert {str(v) for v in parse_reduce_option("srp:64", layers).values()} == {"srp:64"}
+    with pytest.raises(ReductionError, match="not among the selected layers"):
+        parse_reduce_option("layer9=avgpool", layers)
+    for bad in ("mean", "pool", "srp:0", "cls:3"):
+        with pytest.raises(ReductionError):
+            parse_reduction(bad)
+
+
+def test_srp_preserves_norms_and_depends_on_layer():
+    w = srp_matrix("layer3", 5000, 512, seed=0)
+    x = torch.randn(64, 5000)
+    ratio = ((w @ x.T).T.norm(dim=1) / x.norm(dim=1))
+    assert abs(ratio.mean().item() - 1) < 0.05
+    dense = w.to_dense()
+    assert 0.005 < (dense != 0).float().mean().item() < 0.03  # density ~ 1/sqrt(5000) = 0.014
+    assert not torch.equal(dense, srp_matrix("layer4", 5000, 512, seed=0).to_dense())
+    assert not torch.equal(dense, srp_matrix("layer3", 5000, 512, seed=1).to_dense())
+    assert torch.equal(dense, srp_matrix("layer3", 5000, 512, seed=0).to_dense())
+
+
+_SRP_CHILD = """
+import hashlib, torch
+from neuropredictor.reduce import srp_matrix, parse_reduction, apply
+w = srp_matrix("blocks.7", 37632, 256, seed=3)
+x = torch.arange(2 * 37632, dtype=torch.float32).reshape(2, 37632) / 37632
+y = apply(parse_reduction("srp:256"), x, w)
+h = hashlib.sha256()
+for t in (w.crow_indices(), w.col_indices(), w.values(), y):
+    h.update(t.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_srp_identical_across_processes():
+    digests = {subprocess.run([sys.executable, "-c", _SRP_CHILD], capture_output=True, text=True, check=True).stdout.strip()
+               for _ in range(2)}
+    assert len(digests) == 1 and len(digests.pop()) == 64
+
+
+def test_srp_through_the_extractor(resnet18):
+    x = _x(2)
+    with Extractor(resnet18, ["layer2"], reduce="full") as ex:
+        fmap = ex(x)["layer2"]
+    with Extractor(resnet18, ["layer2"], reduce="srp:128", srp_seed=5) as ex:
+        got = ex(x)["layer2"]
+    w = srp_matrix("layer2", fmap[0].numel(), 128, seed=5)
+    assert torch.allclose(got, (w.to_dense() @ fmap.reshape(2, -1).T).T, atol=1e-3, rtol=1e-4)
+
+
+def test_layer_that_never_runs_is_refused():
+    from neuropredictor.errors import LayerNotFoundError
+
+    torch.manual_seed(0)
+    model = load_model("torchvision:googlenet", pretrained=False)  # aux classifiers run only in training
+    infos = {i.name: i for i in describe_layers(model)}
+    assert infos["aux1"].calls == 0
+    with pytest.raises(LayerNotFoundError, match="does not run"):
+        Extractor(model, ["aux1"], layer_infos=list(infos.values()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(resnet18):
+    x = _x(2)
+    with Extractor(resnet18, ["layer3", "fc"], reduce="avgpool") as ex:
+        ref = ex(x)
+    with Extractor(resnet18, ["layer3", "fc"], reduce="avgpool", device="cuda") as ex:
+        got = {k: v.cpu() for k, v in ex(x).items()}
+    with Extractor(resnet18, ["layer3", "fc"], reduce="avgpool", device="cuda", precision="bf16", channels_last=True) as ex:
+        low = {k: v.cpu() for k, v in ex(x).items()}
+    resnet18.module.to("cpu", memory_format=torch.contiguous_format)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-3, rtol=1e-3)
+        assert (low[k] - ref[k]).norm() / ref[k].norm() < 5e-2

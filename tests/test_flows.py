@@ -1,0 +1,229 @@
+"""The `extract` Prefect flow and the CLI that runs it: end to end on local disk and S3, retries of a
+transient storage fault, a permanently failing shard, a killed run, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import s3fs
+import zarr
+
+from conftest import MODEL, check_against_reference, make_images
+from flows.extract import ExtractParameters, extract_flow
+from neuropredictor.corpus import make_shards
+from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError, StoreError
+from neuropredictor.store import FeatureStore, open_features
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    """A temporary Prefect server (SQLite) for this module's flow runs; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+def _params(corpus, out, **kw) -> ExtractParameters:
+    base = dict(corpus=str(corpus), model=MODEL, layers=["layer2", "layer4"], reduce="layer2=pool:2,layer4=avgpool",
+                out=str(out), pretrained=False, batch_size=4, num_workers=1, retries=2, retry_delay_seconds=0)
+    base.update(kw)
+    return ExtractParameters(**base)
+
+
+@pytest.fixture
+def corpus(tmp_path, image_dir):
+    make_shards(image_dir, str(tmp_path / "shards"), maxcount=10)  # 25 images -> 10, 10, 5
+    return tmp_path / "shards"
+
+
+def _arrays(url, storage_options=None) -> dict[str, np.ndarray]:
+    group = zarr.open_group(FeatureStore.open(url, storage_options, mode="r")._zarr_store(), mode="r")
+    out = {name: np.asarray(group[f"features/{name}"][:]) for name in ("layer2", "layer4")}
+    out["keys"] = np.array([str(k) for k in group["keys"][:]], dtype=object)
+    out["valid"] = np.asarray(group["valid"][:])
+    return out
+
+
+def _assert_identical(a_url, b_url):
+    a, b = _arrays(a_url), _arrays(b_url)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _artifacts(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def test_flow_end_to_end_local_with_artifacts(corpus, image_dir, tmp_path):
+    out = tmp_path / "out.zarr"
+    state = extract_flow(_params(corpus, out), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["status"] == "complete" and summary["rows"]["valid"] == 25
+    check_against_reference(open_features(str(out)), image_dir)
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert {"extract-progress", "extract-layers", "extract-shards", "extract-summary"} <= set(arts)
+    assert float(arts["extract-progress"].data) == pytest.approx(100.0)
+    layers = json.loads(arts["extract-layers"].data)
+    assert [row["layer"] for row in layers] == ["layer2", "layer4"] and layers[0]["shape"] == "(N, 128, 2, 2)"
+    assert str(out) in arts["extract-summary"].data and "open_features" in arts["extract-summary"].data
+
+
+def test_flow_end_to_end_s3(s3, image_dir):
+    make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
+    params = _params("s3://test-bucket/corpus", "s3://test-bucket/runs/flow.zarr", storage_options=s3)
+    summary = extract_flow(params)
+    assert summary["status"] == "complete"
+    check_against_reference(open_features("s3://test-bucket/runs/flow.zarr", s3), image_dir)
+    manifest = FeatureStore.open("s3://test-bucket/runs/flow.zarr", s3, mode="r").manifest
+    assert "testing-secret" not in json.dumps(manifest)
+
+
+class FlakyS3(s3fs.S3FileSystem):
+    """S3 whose first `failures` writes of feature chunks fail, like a throttled or flaky object store."""
+
+    protocol = ("flakys3",)
+    failures = 0
+
+    async def _pipe_file(self, path, data, *args, **kwargs):
+        if "/features/" in path and "/c/" in path and FlakyS3.failures > 0:
+            FlakyS3.failures -= 1
+            raise OSError(f"injected transient write failure for {path}")
+        return await super()._pipe_file(path, data, *args, **kwargs)
+
+
+def test_transient_storage_fault_is_retried(s3, image_dir):
+    fsspec.register_implementation("flakys3", FlakyS3, clobber=True)
+    make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
+    FlakyS3.failures = 2  # the first shard's first two attempts each lose one chunk write
+    params = _params("s3://test-bucket/corpus", "flakys3://test-bucket/runs/flaky.zarr", storage_options=s3, retries=3)
+    state = extract_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    assert FlakyS3.failures == 0
+    manifest = FeatureStore.open("s3://test-bucket/runs/flaky.zarr", s3, mode="r").manifest
+    attempts = {s["name"]: s["attempts"] for s in manifest["shards"]}
+    assert attempts["shard-000000"] == 3 and attempts["shard-000002"] == 1
+    check_against_reference(open_features("s3://test-bucket/runs/flaky.zarr", s3), image_dir)
+
+
+def test_permanent_fault_fails_the_flow_then_rerun_runs_only_that_shard(corpus, tmp_path):
+    clean = tmp_path / "clean.zarr"
+    extract_flow(_params(corpus, clean))
+    tar = corpus / "shard-000001.tar"
+    original = tar.read_bytes()
+    tar.write_bytes(original[: len(original) // 2])  # truncated: every attempt fails
+    out = tmp_path / "out.zarr"
+    state = extract_flow(_params(corpus, out, retries=1), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="shard-000001") as info:
+        state.result()
+    assert "run the same command again" in str(info.value)
+    manifest = json.loads((out / "manifest.json").read_text())
+    status = {s["name"]: s["status"] for s in manifest["shards"]}
+    assert status == {"shard-000000": "committed", "shard-000001": "failed", "shard-000002": "committed"}
+    failed = next(s for s in manifest["shards"] if s["name"] == "shard-000001")
+    assert failed["attempts"] == 2 and "CorpusError" in failed["error"]
+    kept = {p: p.stat().st_mtime_ns for p in (out / "_status").glob("shard-00000[02].json")}
+    tar.write_bytes(original)  # fix the cause, run again
+    summary = extract_flow(_params(corpus, out))
+    assert summary["status"] == "complete"
+    assert kept == {p: p.stat().st_mtime_ns for p in kept}  # the other shards did not run again
+    _assert_identical(str(clean), str(out))
+
+
+def test_killed_run_then_rerun_gives_the_identical_store(tmp_path, prefect_api):
+    images = tmp_path / "imgs"
+    make_images(images, 24, nested=False)
+    corpus = tmp_path / "shards"
+    make_shards(images, str(corpus), maxcount=3)  # 8 shards
+    clean = tmp_path / "clean.zarr"
+    extract_flow(_params(corpus, clean, batch_size=2))
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "neuropredictor", "extract", "--corpus", str(corpus), "--model", MODEL,
+           "--layers", "layer2,layer4", "--reduce", "layer2=pool:2,layer4=avgpool", "--out", str(out),
+           "--no-pretrained", "--batch-size", "2", "--num-workers", "1"]
+    env = {**__import__("os").environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "_status").glob("*.json"))) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    committed = len(list((out / "_status").glob("*.json")))
+    assert 2 <= committed < 8
+    summary = extract_flow(_params(corpus, out, batch_size=2))
+    assert summary["status"] == "complete"
+    _assert_identical(str(clean), str(out))
+
+
+@pytest.mark.parametrize(
+    "change,error,words",
+    [
+        ({"model": "torchvision:resnet19"}, ModelSpecError, "resnet18"),
+        ({"layers": ["layer5"]}, LayerNotFoundError, "layer4"),
+        ({"corpus": "MISSING"}, CorpusError, "does not exist"),
+        ({"out": "FILE/out.zarr"}, StoreError, "is a file"),
+    ],
+)
+def test_bad_inputs_fail_fast_and_write_nothing(corpus, tmp_path, change, error, words):
+    (tmp_path / "FILE").write_text("not a folder")
+    kw = {"corpus": corpus, "out": tmp_path / "never.zarr"}
+    kw.update({k: (tmp_path / v if k in ("corpus", "out") else v) for k, v in change.items()})
+    params = _params(**kw)
+    with pytest.raises(error, match=words):
+        extract_flow(params)
+    assert not (tmp_path / "never.zarr").exists() and not (tmp_path / "FILE" ).is_dir()
+
+
+def test_config_mismatch_refused_through_the_flow(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    extract_flow(_params(corpus, out))
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(ConfigMismatchError, match="reductions"):
+        extract_flow(_params(corpus, out, reduce="avgpool"))
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_cli_extract_resume_inspect(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    out = tmp_path / "cli.zarr"
+    args = ["extract", "--corpus", str(corpus), "--model", MODEL, "--layers", "layer4", "--reduce", "avgpool",
+            "--out", str(out), "--no-pretrained", "--batch-size", "8", "--num-workers", "0", "--json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output.strip().splitlines()[-1])
+    assert summary["status"] == "complete" and summary["rows"]["committed"] == 25
+    chunks = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*") if p.is_file() and p.name != "zarr.json"}
+    again = CliRunner().invoke(app, args)  # the same command again: resumes, nothing left to do
+    assert again.exit_code == 0, again.output
+    assert chunks == {p: p.stat().st_mtime_ns for p in chunks}
+    info = CliRunner().invoke(app, ["inspect", str(out), "--json"])
+    data = json.loads(info.output)
+    assert data["shards"] == {"total": 3, "committed": 3} and data["layers"][0]["shape"] == [512]
+    bad = CliRunner().invoke(app, args[:-1] + ["--layers", "layer9"])
+    assert bad.exit_code == 2 and "layer4" in bad.output

@@ -1,0 +1,256 @@
+"""Model loading: the spec grammar, one real forward pass per source, local weights, offline errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neuropredictor.errors import ModelSpecError, WeightsUnavailableError
+from neuropredictor.extractor import Extractor
+from neuropredictor.models import list_models, load_model, parse_spec
+
+TESTS = Path(__file__).parent
+
+
+def _image(seed: int = 0, size=(300, 240)) -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def _batch(model, n: int = 2) -> torch.Tensor:
+    return torch.stack([model.transform(_image(i)) for i in range(n)])
+
+
+@pytest.mark.parametrize(
+    "text,source,name,tag",
+    [
+        ("timm:resnet50", "timm", "resnet50", None),
+        ("torchvision:resnet50@IMAGENET1K_V2", "torchvision", "resnet50", "IMAGENET1K_V2"),
+        ("openclip:ViT-B-32@laion2b_s34b_b79k", "openclip", "ViT-B-32", "laion2b_s34b_b79k"),
+        ("hf:google/siglip-base-patch16-224", "hf", "google/siglip-base-patch16-224", None),
+        ("custom:path/to/file.py:make", "custom", "path/to/file.py:make", None),
+        ("custom:pkg.mod:factory", "custom", "pkg.mod:factory", None),
+    ],
+)
+def test_parse_spec(text, source, name, tag):
+    spec = parse_spec(text)
+    assert (spec.source, spec.name, spec.tag) == (source, name, tag)
+    assert str(spec) == text
+
+
+@pytest.mark.parametrize("text", ["resnet50", "keras:resnet50", "timm:", "custom:file.py", "timm:resnet50@"])
+def test_parse_spec_errors(text):
+    with pytest.raises(ModelSpecError, match="spec|source|factory"):
+        parse_spec(text)
+
+
+def test_unknown_models_name_close_matches():
+    with pytest.raises(ModelSpecError, match="resnet50"):
+        load_model("torchvision:resnet5O", pretrained=False)
+    with pytest.raises(ModelSpecError, match="timm has no model"):
+        load_model("timm:resnet_does_not_exist", pretrained=False)
+    with pytest.raises(ModelSpecError, match="IMAGENET1K_V1"):
+        load_model("torchvision:resnet50@NOPE", pretrained=False)
+
+
+def _check_forward(model, layer: str, reduce: str = "avgpool") -> torch.Tensor:
+    x = _batch(model)
+    with Extractor(model, [layer], reduce=reduce) as ex:
+        out = ex(x)[layer]
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert not torch.equal(out[0], out[1])  # two different images give different features
+    return out
+
+
+def test_source_timm():
+    model = load_model("timm:vit_tiny_patch16_224", pretrained=False)
+    assert model.input_size == (3, 224, 224) and model.weights == "random:seed0"
+    _check_forward(model, "blocks.11", "cls")
+
+
+def test_source_torchvision_transform_without_weights():
+    model = load_model("torchvision:resnet18", pretrained=False)
+    assert model.input_size == (3, 224, 224)
+    # the weights enum's eval transform: resize 256, centre crop 224, ImageNet normalisation
+    img = _image(1)
+    x = model.transform(img)
+    from torchvision.transforms import functional as TF
+
+    ref = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(img, 256), 224)), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert torch.allclose(x, ref, atol=2e-2)
+    _check_forward(model, "layer4")
+
+
+def test_source_clip_is_the_image_tower():
+    model = load_model("clip:ViT-B-32", pretrained=False)
+    assert type(model.module).__name__ == "VisionTransformer"
+    assert model.input_size == (3, 224, 224)
+    _check_forward(model, "transformer.resblocks.11", "cls")
+
+
+def test_source_openclip_resnet():
+    model = load_model("openclip:RN50", pretrained=False)
+    assert type(model.module).__name__ == "ModifiedResNet"
+    _check_forward(model, "layer2")
+
+
+def _tiny_hf_dir(tmp_path: Path, dual: bool) -> Path:
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / ("clip" if dual else "vit")
+    if dual:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16)
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100)
+        config = transformers.CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    else:
+        config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=48, patch_size=16)
+        processor = transformers.ViTImageProcessor(size={"height": 48, "width": 48})
+    config.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_source_hf_vit_and_processor_settings(tmp_path):
+    path = _tiny_hf_dir(tmp_path, dual=False)
+    model = load_model(f"hf:{path}", pretrained=False)
+    assert model.input_size == (3, 48, 48)
+    out = _check_forward(model, "layers.2", "cls")
+    assert out.shape == (2, 32)
+    # our transform reproduces the image processor's own output
+    import transformers
+
+    proc = transformers.AutoImageProcessor.from_pretrained(path)
+    img = _image(3)
+    ref = torch.as_tensor(np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0]))
+    assert torch.allclose(model.transform(img), ref, atol=3e-2)
+
+
+def test_source_hf_dual_tower_gives_vision_model(tmp_path):
+    path = _tiny_hf_dir(tmp_path, dual=True)
+    model = load_model(f"hf:{path}", pretrained=False)
+    names = [n for n, _ in model.module.named_modules()]
+    assert "encoder.layers.1" in names and "post_layernorm" in names
+    assert not any("text" in n for n in names)  # only the image tower is kept
+    assert model.input_size == (3, 64, 64)
+    # the module's own output is a ModelOutput: the recorded tensor is its last_hidden_state
+    x = _batch(model)
+    with Extractor(model, ["output", "encoder.layers.1"]) as ex:
+        out = ex(x)
+    with torch.inference_mode():
+        ref = model.module(x)
+    assert torch.equal(out["output"], ref.last_hidden_state)
+
+
+def test_source_custom_file_with_transform():
+    model = load_model(f"custom:{TESTS / 'custom_models.py'}:cifar_cnn", pretrained=False)
+    assert model.input_size == (3, 32, 32)
+    out = _check_forward(model, "features.3", "flatten")
+    assert out.shape == (2, 32 * 16 * 16)
+
+
+def test_source_custom_module_factory(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    model = load_model("custom:custom_models:robust_resnet_tiny", pretrained=False)
+    assert model.input_size == (3, 224, 224)  # no transform given: ImageNet preprocessing
+    _check_forward(model, "stages.1.1")
+    with pytest.raises(ModelSpecError, match="no factory 'nope'"):
+        load_model("custom:custom_models:nope", pretrained=False)
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:alexnet", "clip:ViT-B-32", f"custom:{TESTS / 'custom_models.py'}:cifar_cnn"])
+def test_transforms_pickle_for_dataloader_workers(spec):
+    model = load_model(spec, pretrained=False)
+    clone = pickle.loads(pickle.dumps(model.transform))
+    img = _image(5)
+    assert torch.equal(clone(img), model.transform(img))
+
+
+def test_local_weights_torch_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(123)
+    source = load_model("torchvision:alexnet", pretrained=False).module
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    pt = tmp_path / "alexnet.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, pt)  # a wrapped DDP checkpoint
+    st = tmp_path / "alexnet.safetensors"
+    save_file(state, str(st))
+    for path in (pt, st):
+        model = load_model("torchvision:alexnet", weights=path)
+        assert model.weights.startswith("sha256:")
+        for k, v in model.module.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+def test_local_weights_refuse_pickled_code_and_wrong_models(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": object()}, evil)
+    with pytest.raises(WeightsUnavailableError, match="weights_only"):
+        load_model("torchvision:alexnet", weights=evil)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(load_model("timm:resnet18", pretrained=False).module.state_dict(), wrong)
+    with pytest.raises(WeightsUnavailableError, match="does not fit"):
+        load_model("torchvision:alexnet", weights=wrong)
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        load_model("torchvision:alexnet", weights=tmp_path / "missing.pt")
+
+
+def test_clip_weights_from_a_full_clip_checkpoint(tmp_path):
+    import open_clip
+
+    torch.manual_seed(7)
+    full = open_clip.create_model("RN50", pretrained=None)
+    path = tmp_path / "clip_full.pt"
+    torch.save(full.state_dict(), path)  # keys "visual.*", "transformer.*", ...
+    model = load_model("openclip:RN50", weights=path)
+    assert torch.equal(model.module.conv1.weight, full.visual.conv1.weight)
+
+
+def test_offline_download_failure_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE when imported: set the constant too, so no request is retried
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for spec in ("timm:resnet18", "openclip:RN50@openai"):
+        with pytest.raises(WeightsUnavailableError, match="--weights PATH") as info:
+            load_model(spec)
+        assert "--no-pretrained" in str(info.value)
+
+
+def test_list_models():
+    assert "timm:resnet50" in list_models("timm", "resnet5*")
+    tv = list_models("torchvision", "alexnet*")
+    assert "torchvision:alexnet" in tv and "torchvision:alexnet@IMAGENET1K_V1" in tv
+    assert "clip:ViT-B-32" in list_models("clip")
+    assert "openclip:ViT-B-32@laion2b_s34b_b79k" in list_models("openclip", "ViT-B-32@*")
+
+
+def test_cli_models_json():
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    result = CliRunner().invoke(app, ["models", "--source", "torchvision", "resnet50*", "--json"])
+    assert result.exit_code == 0, result.output
+    specs = json.loads(result.output)
+    assert "torchvision:resnet50@IMAGENET1K_V2" in specs
+
+
+def test_random_weights_are_reproducible_and_leave_the_callers_rng_alone():
+    torch.manual_seed(99)
+    expected_next = torch.rand(3)
+    torch.manual_seed(99)
+    a = load_model("timm:resnet18", pretrained=False).module.state_dict()
+    after = torch.rand(3)
+    b = load_model("timm:resnet18", pretrained=False).module.state_dict()
+    assert torch.equal(after, expected_next)  # load_model did not consume the caller's random stream
+    assert all(torch.equal(a[k], b[k]) for k in a)  # every process builds the same "random" model

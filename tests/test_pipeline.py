@@ -1,0 +1,188 @@
+"""The shard-level data path end to end: shards -> extract_shard -> Zarr, against an independent
+in-memory computation; concurrency, a killed process, corrupt images, config mismatch, S3, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import MODEL, check_against_reference, make_images
+from neuropredictor.corpus import list_shards, make_shards
+from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError
+from neuropredictor.models import load_model
+from neuropredictor.pipeline import ExtractConfig, extract_shard, finalize, plan, run
+from neuropredictor.store import FeatureStore, open_features
+
+def _config(corpus, out, **kw) -> ExtractConfig:
+    base = dict(corpus=corpus if isinstance(corpus, list) else str(corpus), model=MODEL, layers=["layer2", "layer4"], reduce="layer2=pool:2,layer4=avgpool",
+                out=str(out), pretrained=False, batch_size=4, num_workers=1)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+@pytest.fixture
+def corpus(tmp_path, image_dir):
+    make_shards(image_dir, str(tmp_path / "shards"), maxcount=10)  # 25 images -> 10, 10, 5
+    return tmp_path / "shards"
+
+
+def _check_against_reference(url, image_dir, storage_options=None):
+    return check_against_reference(open_features(url, storage_options), image_dir)
+
+
+def test_store_equals_independent_forward_local(corpus, image_dir, tmp_path):
+    out = tmp_path / "out.zarr"
+    manifest = run(_config(corpus, out))
+    assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 25
+    assert [s["status"] for s in manifest["shards"]] == ["committed"] * 3
+    assert manifest["config"]["model"] == MODEL and manifest["config"]["weights"] == "random:seed0"
+    ds = _check_against_reference(str(out), image_dir)
+    assert ds["layer2"].dims == ("stimulus", "layer2.dim_1", "layer2.dim_2", "layer2.dim_3")
+    # plain zarr and xarray read it with named dims
+    import xarray as xr
+
+    assert xr.open_zarr(out, group="features")["layer4"].dims[0] == "stimulus"
+    assert zarr.open_group(str(out), mode="r")["features/layer4"].shape == (25, 512)
+
+
+def test_store_equals_independent_forward_s3(s3, image_dir, tmp_path):
+    make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
+    cfg = _config("s3://test-bucket/corpus", "s3://test-bucket/runs/r1.zarr", storage_options=s3)
+    manifest = run(cfg)
+    assert manifest["status"] == "complete"
+    _check_against_reference("s3://test-bucket/runs/r1.zarr", image_dir, s3)
+    text = json.dumps(manifest)
+    assert "testing-secret" not in text  # storage options never reach the manifest
+
+
+def test_unequal_shards_concurrent_equals_sequential(tmp_path):
+    images = tmp_path / "imgs"
+    make_images(images, 25, nested=False)
+    files = sorted(images.iterdir())
+    shard_dir = tmp_path / "shards"
+    # shards of 7, 13 and 5 samples: three corpora made separately, listed as one
+    for name, part in (("a", files[:7]), ("b", files[7:20]), ("c", files[20:])):
+        sub = tmp_path / f"src_{name}"
+        sub.mkdir()
+        for f in part:
+            (sub / f.name).write_bytes(f.read_bytes())
+        make_shards(sub, str(shard_dir / name), maxcount=100, prefix=f"part{name}")
+    corpus = [str(shard_dir / n) for n in "abc"]
+    assert [s.count for s in list_shards(corpus)] == [7, 13, 5]
+
+    seq = _config(corpus, tmp_path / "seq.zarr")
+    run(seq)
+    par = _config(corpus, tmp_path / "par.zarr")
+    store = plan(par)
+    errors = []
+
+    def work(shard):
+        try:
+            extract_shard(par, shard)
+        except Exception as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in store.shards]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    finalize(par)
+    a, b = open_features(str(tmp_path / "seq.zarr")), open_features(str(tmp_path / "par.zarr"))
+    assert list(a["key"].values) == list(b["key"].values)
+    for layer in ("layer2", "layer4"):
+        np.testing.assert_array_equal(a[layer].values, b[layer].values)
+    assert not np.isnan(b["layer4"].values).any()
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from neuropredictor.pipeline import ExtractConfig, extract_shard
+from neuropredictor.store import FeatureStore
+cfg = ExtractConfig.model_validate_json(sys.argv[1])
+store = FeatureStore.open(cfg.out)
+shard = store.shards[int(sys.argv[2])]
+seen = [0]
+def on_batch(n):
+    seen[0] += 1
+    if seen[0] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # die mid-shard, after some rows were handed to the writer
+extract_shard(cfg, shard, store=store, on_batch=on_batch)
+"""
+
+
+def test_killed_mid_shard_leaves_no_commit_and_rerun_completes(corpus, image_dir, tmp_path):
+    cfg = _config(corpus, tmp_path / "out.zarr")
+    store = plan(cfg)
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, cfg.model_dump_json(), "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not store.is_committed(store.shards[1].name)
+    manifest = run(cfg)  # resumes: does everything still missing
+    assert manifest["status"] == "complete"
+    _check_against_reference(str(tmp_path / "out.zarr"), image_dir)
+
+
+def test_committed_shard_is_a_noop(corpus, tmp_path):
+    cfg = _config(corpus, tmp_path / "out.zarr")
+    run(cfg)
+    store = FeatureStore.open(cfg.out)
+    before = {p: p.stat().st_mtime_ns for p in Path(cfg.out).rglob("*") if p.is_file() and "features" in p.parts}
+    record = extract_shard(cfg, store.shards[0], store=store)
+    assert record.get("skipped") is True
+    after = {p: p.stat().st_mtime_ns for p in Path(cfg.out).rglob("*") if p.is_file() and "features" in p.parts}
+    assert before == after
+
+
+def test_corrupt_image_is_recorded_and_skipped(tmp_path):
+    images = tmp_path / "imgs"
+    make_images(images, 9, nested=False)
+    bad = images / "img0003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    make_shards(images, str(tmp_path / "shards"), maxcount=5)
+    cfg = _config(tmp_path / "shards", tmp_path / "out.zarr")
+    manifest = run(cfg)
+    assert manifest["status"] == "complete"
+    assert manifest["rows"] == {"total": 9, "committed": 9, "valid": 8, "invalid": 1}
+    assert [b["key"] for b in manifest["bad_samples"]] == ["img0003"]
+    assert "decode" in manifest["bad_samples"][0]["reason"] or "image" in manifest["bad_samples"][0]["reason"]
+    ds = open_features(cfg.out)
+    row = list(ds["key"].values).index("img0003")
+    assert not bool(ds["valid"][row]) and np.isnan(ds["layer4"].values[row]).all()
+    assert np.isfinite(np.delete(ds["layer4"].values, row, axis=0)).all()
+
+
+def test_config_mismatch_is_refused_and_overwrite_replaces(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    manifest_before = (out / "manifest.json").read_text()
+    with pytest.raises(ConfigMismatchError) as info:
+        plan(_config(corpus, out, reduce="avgpool"))
+    assert "reductions" in str(info.value) and "--overwrite" in str(info.value)
+    assert (out / "manifest.json").read_text() == manifest_before  # nothing written
+    # batch size and workers are not part of the identity: a resume with other values is fine
+    plan(_config(corpus, out, batch_size=3, num_workers=0))
+    manifest = run(_config(corpus, out, reduce="avgpool", overwrite=True))
+    assert manifest["layers"][0]["reduction"] == "avgpool" and manifest["layers"][0]["shape"] == [128]
+
+
+def test_bad_inputs_fail_before_anything_is_written(corpus, tmp_path):
+    out = tmp_path / "never.zarr"
+    with pytest.raises(ModelSpecError):
+        plan(_config(corpus, out, model="torchvision:resnet19"))
+    with pytest.raises(LayerNotFoundError, match="layer4"):
+        plan(_config(corpus, out, layers=["layer5"]))
+    with pytest.raises(CorpusError):
+        plan(_config(tmp_path / "no-such-dir", out))
+    assert not out.exists()

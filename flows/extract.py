@@ -43,6 +43,10 @@ class ExtractParameters(ExtractConfig):
                                        "with jitter.")
     credentials_block: str | None = Field(None, description="Name of a Prefect Secret block holding the storage "
                                           "options (JSON, e.g. endpoint_url, key, secret) for s3:// URLs; never logged.")
+    shards: list[str] | None = Field(None, description="Only these shards (by name); default all. The "
+                                     "extract-distributed flow gives each child run its group.")
+    finalize: bool = Field(True, description="Write the manifest at the end. Child runs of extract-distributed "
+                           "leave it to their parent.")
 
     def library_config(self) -> ExtractConfig:
         """The library's config: storage options resolved from the credentials block, if one is named."""
@@ -127,7 +131,7 @@ def extract_flow(params: ExtractParameters) -> dict:
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    todo = [s for s in store.shards if not store.is_committed(s.name)]
+    todo = [s for s in _selected(store.shards, params.shards) if not store.is_committed(s.name)]
     logger.info("%d of %d shards to extract (%d rows) on %s", len(todo), planned["shards"],
                 sum(s.count for s in todo), ", ".join(devices))
     total_rows = max(store.rows, 1)
@@ -163,11 +167,25 @@ def extract_flow(params: ExtractParameters) -> dict:
         done_rows += sum(s.count for s in group if s.name not in failed)
         update_progress_artifact(progress_id, progress=100.0 * done_rows / total_rows)
         launch()
+    if not params.finalize:
+        if failed:
+            raise NeuroPredictorError(pipeline.failure_message(failed))
+        return {"status": "shards-done", "shards": {s.name: "committed" for s in todo}}
     manifest = finalize_task(config)
-    _report(config, manifest)
+    report_artifacts(config, manifest)
     if failed:
         raise NeuroPredictorError(pipeline.failure_message(failed))
-    return _summary(manifest)
+    return summarize(manifest)
+
+
+def _selected(shards: list[Shard], names: list[str] | None) -> list[Shard]:
+    if names is None:
+        return shards
+    unknown = sorted(set(names) - {s.name for s in shards})
+    if unknown:
+        raise NeuroPredictorError(f"shards {unknown[:5]} are not in the corpus of this store")
+    wanted = set(names)
+    return [s for s in shards if s.name in wanted]
 
 
 def _state_error(future: Any) -> str:
@@ -178,12 +196,12 @@ def _state_error(future: Any) -> str:
     return str(future.state.message)
 
 
-def _summary(manifest: dict) -> dict:
+def summarize(manifest: dict) -> dict:
     return {"status": manifest["status"], "rows": manifest["rows"], "config_hash": manifest["config_hash"],
             "shards": {s["name"]: s["status"] for s in manifest["shards"]}}
 
 
-def _report(config: ExtractConfig, manifest: dict) -> None:
+def report_artifacts(config: ExtractConfig, manifest: dict) -> None:
     """Artifacts a user reads in the UI: the layers table, per-shard throughput, where the output is."""
     create_table_artifact(
         key="extract-layers",

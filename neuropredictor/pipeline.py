@@ -290,6 +290,8 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
         "images_per_s": round(shard.count / duration, 2) if duration > 0 else None,
         "device": _device_name(runner.device),
         "host": socket.gethostname(),
+        # which worker did it (a pod, a GPU box); set by the deployment, defaults to the host name
+        "worker": os.environ.get("NEUROPREDICTOR_WORKER_ID") or socket.gethostname(),
         "pid": os.getpid(),
         "batch_size": config.batch_size,
         "attempts": attempt,

@@ -1,0 +1,99 @@
+"""The `extract-distributed` flow: one store, many machines.
+
+The parent validates and plans the store once, splits the missing shards into groups, and launches one
+child run of an `extract` deployment per group (`run_deployment`), so each GPU worker machine takes a
+group and uses all of its GPUs. It waits for the children, re-launches failed groups up to a limit, and
+finalizes the manifest once. The store's commit records make the children independent: a child that
+dies is simply run again, and re-running the parent resumes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from flows.extract import ExtractParameters, report_artifacts, summarize, finalize_task, plan_task, validate_task
+from neuropredictor import pipeline
+from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.store import FeatureStore
+
+
+class DistributedParameters(ExtractParameters):
+    """An extraction spread over the workers of a work pool, one child flow run per group of shards."""
+
+    deployment: str = Field("extract/gpu", description="The extract deployment that runs each group "
+                            "(its work pool decides where: e.g. a Kubernetes GPU pool).")
+    shards_per_child: int = Field(16, ge=1, description="Shards per child run (one machine's share at a time).")
+    max_relaunches: int = Field(2, ge=0, description="How often a failed group is launched again.")
+    poll_seconds: float = Field(10.0, gt=0, description="How often the parent checks its children.")
+    timeout_hours: float = Field(72.0, gt=0, description="The parent gives up waiting after this long.")
+
+
+_TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@flow(name="extract-distributed", validate_parameters=True)
+def extract_distributed_flow(params: DistributedParameters) -> dict:
+    """Fan an extraction out over a work pool's workers; finalize once when every group is done."""
+    logger = get_run_logger()
+    config = params.library_config()
+    shards = validate_task(config)
+    plan_task(config, shards)
+    store = FeatureStore.open(config.out, config.storage_options)
+    todo = [s.name for s in store.shards if not store.is_committed(s.name)]
+    groups = [todo[i:i + params.shards_per_child] for i in range(0, len(todo), params.shards_per_child)]
+    logger.info("%d shards to extract in %d child runs of %s", len(todo), len(groups), params.deployment)
+    progress = create_progress_artifact(progress=0.0 if groups else 100.0, key="extract-distributed-progress",
+                                        description=f"Child runs of {params.deployment} finished")
+    child_fields = set(ExtractParameters.model_fields)
+    base = params.model_dump(mode="json", include=child_fields)
+    attempts = [0] * len(groups)
+    running: dict[int, object] = {}
+
+    def launch(i: int) -> None:
+        attempts[i] += 1
+        child = dict(base, shards=groups[i], finalize=False, devices=None)
+        run = run_deployment(
+            name=params.deployment, parameters={"params": child}, timeout=0, as_subflow=True,
+            idempotency_key=f"{flow_run.id}-group{i}-attempt{attempts[i]}",
+            flow_run_name=f"{groups[i][0]}..{groups[i][-1]}" if len(groups[i]) > 1 else groups[i][0],
+        )
+        running[i] = run.id
+
+    for i in range(len(groups)):
+        launch(i)
+    failed: dict[int, str] = {}
+    finished = 0
+    deadline = time.monotonic() + params.timeout_hours * 3600
+    with get_client(sync_client=True) as client:
+        while running and time.monotonic() < deadline:
+            time.sleep(params.poll_seconds)
+            for i, run_id in list(running.items()):
+                state = client.read_flow_run(run_id).state
+                if state is None or state.type.value not in _TERMINAL:
+                    continue
+                del running[i]
+                if state.type.value == "COMPLETED":
+                    finished += 1
+                elif attempts[i] <= params.max_relaunches:
+                    logger.warning("child run for %s ended %s (%s); launching it again", groups[i][0],
+                                   state.type.value, state.message)
+                    launch(i)
+                else:
+                    failed[i] = f"{state.type.value}: {state.message}"
+                    finished += 1
+            update_progress_artifact(progress, progress=100.0 * finished / max(len(groups), 1))
+    for i in running:
+        failed[i] = f"still running after {params.timeout_hours} h"
+    manifest = finalize_task(config)
+    report_artifacts(config, manifest)
+    if failed:
+        missing = {s["name"]: s.get("error") or "not committed" for s in manifest["shards"] if s["status"] != "committed"}
+        raise NeuroPredictorError(pipeline.failure_message(missing))
+    return summarize(manifest)

@@ -1,0 +1,169 @@
+"""End to end through a real Prefect server: `prefect server start` (SQLite) on 127.0.0.1, work pools,
+`prefect deploy --all` with deployments/prefect.yaml, two process workers for the extraction (plus one
+for the parent flow's queue), a run triggered through the REST API with httpx, the store on moto S3.
+Everything started here is stopped at the end, also on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import MODEL, check_against_reference
+from neuropredictor.corpus import make_shards
+from neuropredictor.store import FeatureStore, open_features
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Background processes in their own process groups, all stopped (TERM, then KILL) at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture
+def prefect_server(tmp_path, s3_server):
+    """A real Prefect server and its environment for CLI calls and workers."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        # workers get S3 credentials from their environment, never from flow parameters
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ENDPOINT_URL_S3": s3_server,
+    }
+    env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+    (tmp_path / "logs").mkdir()
+    procs = Processes(tmp_path / "logs")
+    try:
+        procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("prefect server did not start in 180 s\n" + procs.tail())
+        yield api, env, procs
+    finally:
+        procs.stop()
+
+
+def _cli(env: dict, *args: str, timeout: float = 180) -> str:
+    result = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _wait_run(client: httpx.Client, run_id: str, procs: Processes, timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/flow_runs/{run_id}").raise_for_status().json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(1)
+    pytest.fail(f"flow run {run_id} not finished after {timeout} s\n" + procs.tail())
+
+
+def _trigger(client: httpx.Client, deployment_id: str, params: dict) -> str:
+    response = client.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"params": params}})
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
+    api, env, procs = prefect_server
+    # the corpus on S3: 25 images in shards of 3 -> 9 shards, 5 child runs of 2 shards
+    make_shards(image_dir, "s3://test-bucket/corpus", maxcount=3, storage_options=s3)
+
+    _cli(env, "work-pool", "create", "local-process", "--type", "process")
+    _cli(env, "work-pool", "create", "gpu-k8s", "--type", "kubernetes",
+         "--base-job-template", str(REPO / "infra" / "k8s" / "base-job-template.json"))
+    out = _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    assert "extract/local" in out and "extract-distributed/distributed" in out, out
+
+    for name, queue in (("w1", "default"), ("w2", "default"), ("control", "control")):
+        procs.start(f"worker-{name}", [PREFECT, "worker", "start", "--pool", "local-process", "--work-queue", queue,
+                                       "--limit", "1", "--name", name],
+                    {**env, "NEUROPREDICTOR_WORKER_ID": name})
+
+    params = {
+        "corpus": "s3://test-bucket/corpus", "model": MODEL, "layers": ["layer2", "layer4"],
+        "reduce": "layer2=pool:2,layer4=avgpool", "out": "s3://test-bucket/runs/e2e.zarr", "pretrained": False,
+        "batch_size": 4, "num_workers": 0, "retries": 1, "retry_delay_seconds": 0,
+        "deployment": "extract/local", "shards_per_child": 2, "poll_seconds": 1, "max_relaunches": 1,
+    }
+    with httpx.Client(base_url=api, timeout=30) as client:
+        deployment = client.get("/deployments/name/extract-distributed/distributed").raise_for_status().json()
+        run = _wait_run(client, _trigger(client, deployment["id"], params), procs)
+        assert run["state"]["type"] == "COMPLETED", json.dumps(run["state"]) + procs.tail()
+
+        check_against_reference(open_features("s3://test-bucket/runs/e2e.zarr", s3), image_dir)
+        manifest = FeatureStore.open("s3://test-bucket/runs/e2e.zarr", s3, mode="r").manifest
+        assert manifest["status"] == "complete"
+        assert {s["worker"] for s in manifest["shards"]} == {"w1", "w2"}  # both extraction workers took groups
+        committed_at = {s["name"]: s["committed_at"] for s in manifest["shards"]}
+        children = client.post("/flow_runs/count", json={"flow_runs": {"parent_task_run_id": {"is_null_": False}}}).json()
+        assert children >= 5
+
+        # the same run triggered again, from the CLI this time, resumes: no child run, nothing rewritten
+        text = _cli(env, "deployment", "run", "extract-distributed/distributed", "-p", f"params={json.dumps(params)}")
+        run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", text).group(1)
+        again = _wait_run(client, run_id, procs)
+        assert again["state"]["type"] == "COMPLETED", json.dumps(again["state"])
+        manifest = FeatureStore.open("s3://test-bucket/runs/e2e.zarr", s3, mode="r").manifest
+        assert {s["name"]: s["committed_at"] for s in manifest["shards"]} == committed_at
+        assert client.post("/flow_runs/count", json={"flow_runs": {"parent_task_run_id": {"is_null_": False}}}).json() == children

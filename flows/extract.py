@@ -32,7 +32,7 @@ from neuropredictor.store import FeatureStore
 
 
 class ExtractParameters(ExtractConfig):
-    """Parameters of one extraction run (the form in the Prefect UI)."""
+    """One extraction run: which images, which model and layers, where the features go, and how to run it."""
 
     devices: list[str] | None = Field(None, description="Devices to use, one model replica and one shard task "
                                       "each (e.g. ['cuda:0', 'cuda:1']). Default: every CUDA device, else the CPU.")

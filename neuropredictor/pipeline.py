@@ -41,8 +41,8 @@ class ExtractConfig(BaseModel):
                                     "(shards/train-{000000..000099}.tar), a URL (s3://...), or a list of them.")
     model: str = Field(description="Model spec SOURCE:NAME[@TAG], e.g. timm:resnet50, torchvision:alexnet, "
                        "openclip:ViT-B-32@laion2b_s34b_b79k, clip:ViT-B-32, hf:ORG/NAME, custom:module:factory.")
-    layers: list[str] = Field(description="Layer names or globs ('*' within one dotted segment), e.g. "
-                              "['layer3', 'layer4'] or ['blocks.*']; see `neuropredictor layers SPEC`.")
+    layers: list[str] = Field(description="Layer names or globs, e.g. `layer3`, `layer4` or `blocks.*` (a `*` "
+                              "matches within one dotted segment); list them with `neuropredictor layers SPEC`.")
     out: str = Field(description="Output Zarr store URL (local path or s3://bucket/prefix).")
     reduce: str = Field("full", description="One reduction for every layer (full, flatten, avgpool, cls, "
                         "pool:K, srp:D), or per layer: 'layer3=pool:2,layer4=avgpool'.")

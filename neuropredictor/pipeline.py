@@ -196,6 +196,7 @@ class _BackgroundWriter:
         self._write = write
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self.wait_s = 0.0  # time the producer spent blocked on a full queue
         self._thread = threading.Thread(target=self._loop, name="neuropredictor-writer", daemon=True)
         self._thread.start()
 
@@ -214,12 +215,14 @@ class _BackgroundWriter:
         if any(t.is_pinned() for t in host.values()):
             event = torch.cuda.Event()
             event.record()
+        t0 = time.perf_counter()
         while True:  # bounded wait: a dead writer thread must not block the producer forever
             try:
                 self._queue.put((start, keys, valid, host, event), timeout=1.0)
-                return
+                break
             except queue.Full:
                 self._raise()
+        self.wait_s += time.perf_counter() - t0
 
     def _loop(self) -> None:
         while True:
@@ -265,9 +268,18 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     background = _BackgroundWriter(writer.write)
     bad: list[dict] = []
     n_valid = 0
+    # where the time goes: blocked on input (decode-bound), blocked on the writer (storage-bound), the rest
+    # is forward + reductions (compute-bound)
+    input_wait = 0.0
+    batches = iter(read_shard(shard, runner.model.transform, config.batch_size, config.resolved_workers(),
+                              config.storage_options, pin_memory=runner.device.type == "cuda"))
     try:
-        for batch in read_shard(shard, runner.model.transform, config.batch_size, config.resolved_workers(),
-                                config.storage_options, pin_memory=runner.device.type == "cuda"):
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            input_wait += time.perf_counter() - t_wait
+            if batch is None:
+                break
             feats = runner.extractor(batch.images)
             valid = batch.valid.numpy().copy()
             n_valid += int(valid.sum())
@@ -277,9 +289,14 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
                 on_batch(len(batch))
             _emit("batch", images=len(batch))
     finally:
+        t_flush = time.perf_counter()
         background.close()
     stats = writer.close()
+    flush = time.perf_counter() - t_flush
     duration = time.perf_counter() - t0
+    stages = {"input_wait_s": round(input_wait, 3), "writer_wait_s": round(background.wait_s, 3),
+              "flush_s": round(flush, 3),
+              "compute_s": round(duration - input_wait - background.wait_s - flush, 3)}
     record = {
         "rows": shard.count,
         "valid": n_valid,
@@ -295,6 +312,7 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
         "pid": os.getpid(),
         "batch_size": config.batch_size,
         "attempts": attempt,
+        "stages": stages,
         "stats": stats,
     }
     store.commit(shard, record)

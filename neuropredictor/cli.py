@@ -368,3 +368,49 @@ def bench(
     console.print(table)
     console.print(f"efficiency pipeline/ceiling = [bold]{result['efficiency']:.2f}[/]; bottleneck: {result['bottleneck']}; "
                   f"peak RSS {result['peak_rss_mb']:.0f} MB (+ workers {result['peak_rss_workers_mb']:.0f} MB)")
+
+
+@app.command()
+def encode(
+    features: Annotated[str, typer.Argument(help="Features store written by `neuropredictor extract`.")],
+    neural: Annotated[str, typer.Argument(help="Neural data (stimuli x targets): .npy .npz .csv .nc .zarr.")],
+    out: Annotated[str, typer.Option("--out", help="Scores store (Zarr); the plot goes to OUT.png.")],
+    keys: Annotated[Optional[str], typer.Option("--keys", help="Text file of stimulus keys (needed for .npy).")] = None,
+    key_column: Annotated[str, typer.Option("--key-column", help="Column/array/coordinate with the keys.")] = "key",
+    split: Annotated[Optional[str], typer.Option("--split", help="Split column/array in NEURAL, or a file of test keys.")] = None,
+    folds: Annotated[Optional[int], typer.Option("--folds", help="K outer folds instead of one split.")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated layers (default all).")] = None,
+    alphas: Annotated[Optional[str], typer.Option("--alphas", help="'1,10,100' or 'logspace:-2:6:17'.")] = None,
+    test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
+    inner_folds: Annotated[int, typer.Option("--inner-folds", help="Folds of the alpha search.")] = 5,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Target names: name in NEURAL or file.")] = None,
+    roi: Annotated[Optional[str], typer.Option("--roi", help="ROI per target: name in NEURAL or file.")] = None,
+    ceiling: Annotated[Optional[str], typer.Option("--ceiling", help="Noise ceiling per target (r).")] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="PNG path (default OUT.png).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Fit ridge encoding models from every layer to the neural data; print per-layer scores."""
+    from neuropredictor.encode import encode_command
+
+    try:
+        summary = encode_command(features, neural, out, keys=keys, key_column=key_column, split=split, layers=layers,
+                                 folds=folds, alphas=alphas, test_fraction=test_fraction, n_folds=inner_folds,
+                                 seed=seed, device=device, targets=targets, roi=roi, ceiling=ceiling, plot=plot,
+                                 overwrite=overwrite)
+    except NeuroPredictorError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    table = Table(title=f"encoding scores  ({summary['n_train']} train / {summary['n_test']} test stimuli)")
+    table.add_column("layer")
+    table.add_column("median r", justify="right")
+    for layer, r in summary["layers"].items():
+        table.add_row(layer + ("  *" if layer == summary["best_layer"] else ""), "-" if r is None else f"{r:.3f}")
+    console.print(table)
+    for roi_name, layer in summary["best_layer_per_roi"].items():
+        console.print(f"best layer for {roi_name}: {layer}")
+    console.print(f"scores: {summary['scores']}   plot: {summary['plot']}", highlight=False)

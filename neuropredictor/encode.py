@@ -28,9 +28,8 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -111,7 +110,6 @@ class NeuralData:
     train: np.ndarray | None = None
     ceiling: np.ndarray | None = None
     source: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         values = np.asarray(self.values)
@@ -296,7 +294,10 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
     import xarray as xr
 
     if suffix == ".zarr":
-        ds = xr.open_zarr(spath, storage_options=opts or None, chunks=None)
+        try:  # consolidated metadata is one read instead of one per array (matters on object stores)
+            ds = xr.open_zarr(spath, storage_options=opts or None, chunks=None, consolidated=True)
+        except (KeyError, ValueError, OSError):
+            ds = xr.open_zarr(spath, storage_options=opts or None, chunks=None, consolidated=False)
     elif "://" in spath and not spath.startswith("file://"):
         with _open(spath, "rb", opts) as f:
             ds = xr.open_dataset(io.BytesIO(f.read())).load()
@@ -328,7 +329,7 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
                 break
         else:
             # the first dimension's own coordinate, when it holds the keys (`stimulus: ["a", "b"]`)
-            if stim_dim in ds.coords:
+            if stim_dim in ds.coords and np.asarray(ds[stim_dim].values).dtype.kind in "UOST":
                 container.setdefault(key_column, np.asarray(ds[stim_dim].values))
         if target_dim in ds.coords and not any(n in container and ds[n].dims == (target_dim,)
                                                for n in _TARGET_NAMES if n != target_dim):
@@ -433,8 +434,9 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
         cross-validation on the training rows only (shuffled with `seed`), minimising the squared
         error. cv: a scikit-learn splitter to use instead (e.g. LeaveOneOut()).
     solver: "ridge" (himalaya RidgeCV, primal), "kernel" (himalaya KernelRidgeCV, linear kernel) or
-        "auto": kernel when the layer has more features than training stimuli, where the
-        n x n kernel is the smaller problem.
+        "auto": whichever needs fewer operations for this shape (see `_solver_flops`). Both give
+        the same fit; kernel wins when features outnumber stimuli, and also somewhat below that,
+        because himalaya's primal solver builds a features x stimuli matrix per alpha.
     device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "numpy".
     dtype: "float32" (fast, enough for these scores) or "float64".
     batch_bytes: cap on the size of the solver's largest intermediates (alphas and targets are
@@ -467,41 +469,49 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
         # Shuffled: stimuli often come sorted by category, and unshuffled folds would then
         # hold out whole categories.
         cv = KFold(n_splits=int(n_folds), shuffle=True, random_state=int(seed))
+    # Materialised: himalaya asks the splitter for get_n_splits() without X, which LeaveOneOut
+    # and other sample-count-dependent splitters cannot answer.
+    try:
+        splits = [(np.asarray(a), np.asarray(b)) for a, b in cv.split(np.zeros((Xtr.shape[0], 1)))]
+    except Exception as e:
+        raise EncodingError(f"inner cross-validation splitter {cv!r} failed on {Xtr.shape[0]} stimuli: {e}") from e
+    if not splits or any(len(a) == 0 or len(b) == 0 for a, b in splits):
+        raise EncodingError(f"inner cross-validation {cv!r} gives an empty fold for {Xtr.shape[0]} stimuli")
     if dtype not in ("float32", "float64"):
         raise EncodingError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
     np_dtype = np.dtype(dtype)
 
     # Standardise with training statistics only: test rows must not inform the model.
-    mu, sd = Xtr.mean(0, dtype=np.float64), Xtr.std(0, dtype=np.float64)
-    sd[sd == 0] = 1.0
-    Xtr = ((Xtr - mu) / sd).astype(np_dtype, copy=False)
-    Xte = ((Xte - mu) / sd).astype(np_dtype, copy=False)
+    mu, sd = _column_stats(Xtr)
+    Xtr, Xte = _standardise(Xtr, mu, sd, np_dtype), _standardise(Xte, mu, sd, np_dtype)
     ymu, ysd = Ytr.mean(0), Ytr.std(0)
     ysd[ysd == 0] = 1.0
     Ytr_z = ((Ytr - ymu) / ysd).astype(np_dtype)
 
+    n_inner_train, n_inner_test = max(len(a) for a, _ in splits), max(len(b) for _, b in splits)
     if solver == "auto":
-        solver = "kernel" if n_features > n_train else "ridge"
+        costs = {name: _solver_flops(name, n_train, n_features, n_targets, len(alphas), n_inner_train,
+                                     n_inner_test, len(splits)) for name in ("ridge", "kernel")}
+        solver = min(costs, key=costs.__getitem__)
     if solver not in ("ridge", "kernel"):
         raise EncodingError(f"solver must be 'auto', 'ridge' or 'kernel', not {solver!r}")
-    n_inner_train, n_inner_test = _inner_sizes(cv, n_train)
     width = n_features if solver == "ridge" else n_train
     solver_params = _solver_batches(width, n_inner_train, n_inner_test, n_train, n_targets, len(alphas),
                                     np_dtype.itemsize, batch_bytes)
 
     with _himalaya_backend(device) as backend:
         with warnings.catch_warnings():
-            # himalaya suggests the other solver on borderline shapes; we already chose by shape
+            # himalaya suggests the other solver by shape alone; we chose by estimated cost
             warnings.filterwarnings("ignore", message=r"Solving (linear kernel )?ridge is slower", category=UserWarning)
             if solver == "ridge":
                 from himalaya.ridge import RidgeCV
 
-                model = RidgeCV(alphas=alphas.astype(np_dtype), fit_intercept=True, cv=cv,
+                model = RidgeCV(alphas=alphas.astype(np_dtype), fit_intercept=True, cv=splits,
                                 solver_params=solver_params)
             else:
                 from himalaya.kernel_ridge import KernelRidgeCV
 
-                model = KernelRidgeCV(alphas=alphas.astype(np_dtype), kernel="linear", fit_intercept=True, cv=cv,
+                model = KernelRidgeCV(alphas=alphas.astype(np_dtype), kernel="linear", fit_intercept=True, cv=splits,
                                       solver_params=solver_params, warn=False)
             model.fit(Xtr, Ytr_z)
             pred_z = backend.to_numpy(model.predict(Xte)).astype(np.float64)
@@ -527,6 +537,26 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
     }
     if return_predictions:
         out["predictions"] = pred
+    return out
+
+
+def _column_stats(X: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std (float64), a block of columns at a time: a float64 copy of a whole
+    wide layer (10,000 stimuli x 100,000 features = 8 GB) is never made. Zero std becomes 1."""
+    mu = np.empty(X.shape[1])
+    sd = np.empty(X.shape[1])
+    for j in range(0, X.shape[1], block):
+        part = X[:, j:j + block].astype(np.float64)
+        mu[j:j + block] = part.mean(0)
+        sd[j:j + block] = part.std(0)
+    sd[sd == 0] = 1.0  # a constant feature carries nothing; centred it is 0 everywhere
+    return mu, sd
+
+
+def _standardise(X: np.ndarray, mu: np.ndarray, sd: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = X.astype(dtype, copy=True)  # one copy in the solver's dtype, then in place
+    out -= mu.astype(dtype)
+    out /= sd.astype(dtype)
     return out
 
 
@@ -568,14 +598,21 @@ def _himalaya_backend(device: str) -> Iterator[Any]:
     from himalaya.backend import get_backend, set_backend
 
     name, cuda_index = _backend_for(device)
+    # Explicit devices fail loudly; "auto"/"cpu" fall back (CUDA -> torch CPU -> numpy, which
+    # always works) so that a broken driver or torch build never stops an analysis.
+    fallbacks = {"torch_cuda": ["torch", "numpy"], "torch": ["numpy"]}.get(name, []) \
+        if str(device).strip().lower() in ("auto", "cpu") else []
     with _BACKEND_LOCK:
         previous = get_backend()
-        try:
-            backend = set_backend(name)
-        except Exception as e:  # e.g. torch missing: numpy always works
-            if device not in ("auto", "cpu"):
-                raise EncodingError(f"cannot use device {device!r} (himalaya backend {name!r}): {e}") from e
-            backend = set_backend("numpy")
+        backend = None
+        for i, candidate in enumerate([name, *fallbacks]):
+            try:
+                backend = set_backend(candidate)
+                break
+            except Exception as e:
+                if i == len(fallbacks):
+                    raise EncodingError(f"cannot use device {device!r} (himalaya backend {candidate!r}): {e}") from e
+                log.warning("himalaya backend %r unavailable (%s); trying %r", candidate, e, fallbacks[i])
         try:
             if cuda_index is not None:
                 import torch
@@ -611,14 +648,23 @@ def _backend_for(device: str) -> tuple[str, int | None]:
     raise EncodingError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or numpy")
 
 
-def _inner_sizes(cv: Any, n: int) -> tuple[int, int]:
-    """Largest inner training and validation fold sizes (for memory planning)."""
-    try:
-        splits = list(cv.split(np.zeros((n, 1))))
-    except Exception:  # an int or an odd splitter: assume 5 folds
-        k = cv if isinstance(cv, int) else 5
-        return n - n // k, math.ceil(n / k)
-    return max(len(a) for a, _ in splits), max(len(b) for _, b in splits)
+def _solver_flops(solver: str, n: int, p: int, t: int, a: int, m: int, e: int, k: int) -> float:
+    """Rough multiply-add count of himalaya's RidgeCV ("ridge") or linear KernelRidgeCV ("kernel").
+
+    n training stimuli, p features, t targets, a alphas, k inner folds of m training and e
+    validation stimuli. Per fold, primal: SVD of (m, p), one (p, m) solution matrix per alpha, its
+    product with the validation features, predictions; kernel: eigh of (m, m), one (e, m) matrix
+    per alpha, predictions. Refit on all n (all alphas assumed used): primal (p, n) matrices and
+    (p, t) weights per alpha; kernel (n, n) matrices and (n, t) dual weights per alpha.
+    """
+    if solver == "ridge":
+        r = min(m, p)
+        fold = 4 * m * p * r + a * p * r * m + a * e * p * m + a * e * m * t
+        refit = 4 * n * p * min(n, p) + a * p * min(n, p) * n + a * p * n * t
+        return float(k * fold + refit)
+    fold = 4 * m**3 + e * m * m + a * e * m * m + a * e * m * t
+    refit = n * n * p + 4 * n**3 + a * n**3 + a * n * n * t
+    return float(k * fold + refit)
 
 
 def _solver_batches(width: int, n_in_train: int, n_in_test: int, n_train: int, n_targets: int,
@@ -630,7 +676,7 @@ def _solver_batches(width: int, n_in_train: int, n_in_test: int, n_train: int, n
     where width is n_features (primal) or n_train (kernel). Unbatched, 17 alphas x 4096 features x
     8000 stimuli would be 2.2 GB at once, and predictions for 10,000 targets more again.
     """
-    per_alpha = itemsize * width * max(n_in_train, n_train)
+    per_alpha = itemsize * max(width, n_in_test) * max(n_in_train, n_train)
     n_alphas_batch = int(max(1, min(n_alphas, batch_bytes // max(1, per_alpha))))
     per_target = itemsize * n_alphas_batch * max(n_in_test, width)
     n_targets_batch = int(max(1, min(n_targets, batch_bytes // max(1, per_target))))
@@ -985,6 +1031,12 @@ def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = 
         if not overwrite:
             raise EncodingError(f"{redact_text(url)!r} already exists; pass overwrite=True (CLI --overwrite) "
                                 "or choose another path")
+    # Fixed-width numpy strings ('<U5') have no zarr v3 data type yet (zarr warns they may become
+    # unreadable); object strings are stored as the specified variable-length UTF-8.
+    ds = ds.copy()
+    for name, var in list(ds.variables.items()):
+        if var.dtype.kind == "U":
+            ds[name] = var.astype(object)
     with warnings.catch_warnings():
         # consolidated metadata is not in the zarr v3 spec yet; xarray reads it fastest and zarr warns
         warnings.filterwarnings("ignore", message=r"Consolidated metadata is currently not part")
@@ -1024,8 +1076,10 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
     ax.set_xticklabels(layers, rotation=45 if len(layers) > 4 else 0, ha="right" if len(layers) > 4 else "center")
     ax.set_xlabel("layer")
     ax.set_ylabel({"r": "held-out Pearson r", "r2": "held-out R²", "r_normalized": "r / noise ceiling"}.get(metric, metric))
-    title = f"{ds.attrs.get('features', '')}"
-    ax.set_title(title[-60:] if title else "encoding scores", fontsize=9)
+    name = str(ds.attrs.get("features", ""))
+    name = "" if name.startswith("<") else name.rstrip("/").rsplit("/", 1)[-1]
+    split = f"train {ds.attrs['n_train']}, test {ds.attrs['n_test']}" if "n_train" in ds.attrs else ""
+    ax.set_title("  ".join(x for x in (f"encoding scores {name}".strip(), split) if x), fontsize=9)
     ax.legend(fontsize=7, loc="best", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -1171,6 +1225,13 @@ def encode_command(features: str, neural: str, out: str, keys: str | None = None
                               ceiling=ceiling, array=array, storage_options=storage_options)
     scores = encode(features, neural_data, layers=layers, alphas=parse_alphas(alphas), test_fraction=test_fraction,
                     n_folds=n_folds, seed=seed, device=device, storage_options=storage_options, outer_folds=folds)
+    return save_outputs(scores, out, plot=plot, overwrite=overwrite, storage_options=storage_options)
+
+
+def save_outputs(scores: xarray.Dataset, out: str, plot: str | None = None, overwrite: bool = False,
+                 storage_options: Mapping | None = None) -> dict[str, Any]:
+    """save_scores(out) -> plot_scores(plot, default OUT + ".png") -> the JSON-able summary that
+    `encode_command` returns (also used by the `encode` flow after its per-layer tasks)."""
     save_scores(scores, out, storage_options=storage_options, overwrite=overwrite)
     png = plot or out.rstrip("/") + ".png"
     plot_scores(scores, png, storage_options=storage_options)

@@ -149,6 +149,43 @@ def test_outer_folds_and_ceiling(planted):
     np.testing.assert_allclose(s.r_normalized.values[:, 1:], s.r.values[:, 1:] / 0.8)
     assert np.isnan(s.r_normalized.values[:, 0]).all()
     assert s.r.median("target").idxmax().item() == "mid"
+    # a split that comes with the data is used as is
+    train = np.ones(N, bool)
+    train[::3] = False
+    given = NeuralData(nd.values, nd.keys, train=train)
+    s = encode(ds, given, layers="mid", device="cpu")
+    assert s.attrs["split"] == "given" and s.attrs["n_test"] == N // 3
+    with pytest.raises(EncodingError, match="not both"):
+        encode(ds, given, layers="mid", device="cpu", outer_folds=3)
+
+
+def test_devices():
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((60, 8)), rng.standard_normal((60, 3))
+    if not torch.cuda.is_available():
+        with pytest.raises(EncodingError, match="CUDA is not available"):
+            encode_layer(X[:40], Y[:40], X[40:], Y[40:], device="cuda")
+    with pytest.raises(EncodingError, match="unknown device"):
+        encode_layer(X[:40], Y[:40], X[40:], Y[40:], device="tpu")
+    from himalaya.backend import get_backend
+
+    before = get_backend().name
+    res = encode_layer(X[:40], Y[:40], X[40:], Y[40:], device="auto")
+    assert res["backend"] == ("torch_cuda" if torch.cuda.is_available() else "torch")
+    assert get_backend().name == before  # the global backend is restored
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((300, 64))
+    Y = X[:, :8] @ rng.standard_normal((8, 50)) + rng.standard_normal((300, 50))
+    a = encode_layer(X[:240], Y[:240], X[240:], Y[240:], device="cuda", dtype="float64")
+    b = encode_layer(X[:240], Y[:240], X[240:], Y[240:], device="cpu", dtype="float64")
+    assert a["backend"] == "torch_cuda"
+    np.testing.assert_allclose(a["r"], b["r"], atol=1e-6)
+    np.testing.assert_array_equal(a["alpha"], b["alpha"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +302,7 @@ def test_shape_and_duplicate_errors(tmp_path):
         load_neural(tmp_path / "y.npy", keys=tmp_path / "keys.txt")
     with pytest.raises(EncodingError, match="no stimulus keys"):
         load_neural(tmp_path / "y.npy")
-    with pytest.raises(EncodingError, match="more than once.*'img001'"):
+    with pytest.raises(EncodingError, match="more than once.*'img000'"):
         NeuralData(Y, keys[:1] + keys[:1] + keys[1:-1])
     with pytest.raises(EncodingError, match="features store has 1 keys on more than one row"):
         encode(features_dataset({"a": A}, keys[:-1] + keys[:1]), NeuralData(Y, keys), device="cpu")
@@ -273,7 +310,7 @@ def test_shape_and_duplicate_errors(tmp_path):
         encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), layers="b", device="cpu")
     with pytest.raises(EncodingError, match="ROI labels for 5 targets"):
         NeuralData(Y, keys, roi=["V1"])
-    with pytest.raises(EncodingError, match="training stimuli"):
+    with pytest.raises(EncodingError, match="split leaves 10 training and 2 test"):
         encode(features_dataset({"a": A[:12]}, keys[:12]), NeuralData(Y[:12], keys[:12]), device="cpu")
     with pytest.raises(EncodingError, match="alphas"):
         parse_alphas("1,-2")
@@ -332,8 +369,9 @@ def test_load_csv_with_key_column(tmp_path):
 def test_load_netcdf_and_zarr_with_coordinate(tmp_path, suffix):
     keys, _, Y = _small()
     da = xr.DataArray(Y, dims=("presentation", "neuroid"),
-                      coords={"stimulus_id": ("presentation", keys), "neuroid": [f"n{i}" for i in range(5)],
-                              "roi": ("neuroid", ["V4", "V4", "IT", "IT", "IT"])})
+                      coords={"stimulus_id": ("presentation", np.array(keys, dtype=object)),
+                              "neuroid": np.array([f"n{i}" for i in range(5)], dtype=object),
+                              "roi": ("neuroid", np.array(["V4", "V4", "IT", "IT", "IT"], dtype=object))})
     ds = da.to_dataset(name="rates")
     path = tmp_path / f"y{suffix}"
     if suffix == ".nc":
@@ -344,7 +382,7 @@ def test_load_netcdf_and_zarr_with_coordinate(tmp_path, suffix):
     _check(nd, keys, Y, [f"n{i}" for i in range(5)])
     assert nd.roi == ["V4", "V4", "IT", "IT", "IT"]
     # keys as the first dimension's own coordinate work too
-    ds2 = xr.DataArray(Y, dims=("stimulus", "voxel"), coords={"stimulus": keys}).to_dataset(name="y")
+    ds2 = xr.DataArray(Y, dims=("stimulus", "voxel"), coords={"stimulus": np.array(keys, dtype=object)}).to_dataset(name="y")
     path2 = tmp_path / f"z{suffix}"
     ds2.to_netcdf(path2) if suffix == ".nc" else ds2.to_zarr(path2, zarr_format=3, consolidated=False)
     _check(load_neural(path2), keys, Y)
@@ -427,16 +465,20 @@ def test_real_store_from_pipeline(tmp_path):
     keys = [str(k) for k in feats.key.values]
     l4 = feats["layer4"].values
     rng = np.random.default_rng(0)
-    l4z = (l4 - l4.mean(0)) / l4.std(0)
-    signal = l4z @ rng.standard_normal((512, 30)) / np.sqrt(512)
+    l4z = (l4 - l4.mean(0)) / (l4.std(0) + 1e-6)
+    # a known linear map of layer4: its 5 leading principal directions, mixed at random (a map
+    # that 46 training images can pin down; all 512 weights free would need far more)
+    pcs = np.linalg.svd(l4z, full_matrices=False)[2][:5]
+    signal = l4z @ pcs.T @ rng.standard_normal((5, 30))
     Y = signal + 0.5 * signal.std(0) * rng.standard_normal(signal.shape)
     # neural rows in another order, two stimuli missing, one unknown stimulus
     order = rng.permutation(len(keys))[:-2]
     nd = NeuralData(np.vstack([Y[order], np.zeros((1, 30))]), [keys[i] for i in order] + ["not-a-stimulus"])
     np.save(tmp_path / "y.npy", nd.values)
     (tmp_path / "keys.txt").write_text("\n".join(nd.keys))
-    result = encode_command(out, str(tmp_path / "y.npy"), str(tmp_path / "scores.zarr"),
-                            keys=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
+    with pytest.warns(AlignmentWarning, match="2 features only.*1 neural only.*'not-a-stimulus'"):
+        result = encode_command(out, str(tmp_path / "y.npy"), str(tmp_path / "scores.zarr"),
+                                keys=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
     assert result["best_layer"] == "layer4", result
     assert result["layers"]["layer4"] > 0.6 and result["layers"]["layer4"] > result["layers"]["layer1"]
     assert result["dropped"]["features_only"] == 2 and result["dropped"]["neural_only"] == 1

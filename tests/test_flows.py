@@ -227,3 +227,63 @@ def test_cli_extract_resume_inspect(corpus, tmp_path):
     assert data["shards"] == {"total": 3, "committed": 3} and data["layers"][0]["shape"] == [512]
     bad = CliRunner().invoke(app, args[:-1] + ["--layers", "layer9"])
     assert bad.exit_code == 2 and "layer4" in bad.output
+
+
+def _planted_neural(store_url: str, path: Path, layer: str = "layer4", targets: int = 12, seed: int = 0) -> None:
+    """Neural data made as a known linear map of one layer's features plus noise, keys in the file."""
+    ds = open_features(store_url)
+    x = ds[layer].values.reshape(ds.sizes["stimulus"], -1)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    rng = np.random.default_rng(seed)
+    y = x @ rng.normal(size=(x.shape[1], targets)) / np.sqrt(x.shape[1])
+    y += 0.3 * y.std() * rng.normal(size=y.shape)
+    np.savez(path, data=y, key=np.array(list(ds["key"].values)))
+
+
+@pytest.fixture(scope="module")
+def encoded_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    make_images(root / "imgs", 80, nested=False)
+    make_shards(root / "imgs", str(root / "shards"), maxcount=40)
+    out = root / "features.zarr"
+    extract_flow(_params(root / "shards", out, layers=["layer1", "layer4"], reduce="avgpool", batch_size=16))
+    _planted_neural(str(out), root / "neural.npz")
+    return root
+
+
+def test_encode_flow_scores_layers_with_artifacts(encoded_store):
+    from flows.encode import EncodeParameters, encode_flow
+
+    root = encoded_store
+    params = EncodeParameters(features=str(root / "features.zarr"), neural=str(root / "neural.npz"),
+                              out=str(root / "scores-flow.zarr"), alphas="logspace:-2:4:7", inner_folds=3)
+    state = encode_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["best_layer"] == "layer4"  # the planted layer wins
+    assert summary["layers"]["layer4"] > summary["layers"]["layer1"]
+    import xarray as xr
+
+    scores = xr.open_zarr(root / "scores-flow.zarr")
+    assert list(scores["layer"].values) == ["layer1", "layer4"] and scores["r"].shape == (2, 12)
+    assert Path(summary["plot"]).stat().st_size > 1000
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert {"encode-progress", "encode-scores", "encode-summary"} <= set(arts)
+    assert "data:image/png;base64," in arts["encode-summary"].data
+
+
+def test_cli_encode(encoded_store):
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    root = encoded_store
+    result = CliRunner().invoke(app, ["encode", str(root / "features.zarr"), str(root / "neural.npz"),
+                                      "--out", str(root / "scores-cli.zarr"), "--alphas", "logspace:-2:4:7",
+                                      "--inner-folds", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["best_layer"] == "layer4" and summary["n_train"] + summary["n_test"] == 80
+    bad = CliRunner().invoke(app, ["encode", str(root / "features.zarr"), str(root / "missing.npz"),
+                                   "--out", str(root / "never.zarr")])
+    assert bad.exit_code == 2 and not (root / "never.zarr").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import s3fs
 
 from conftest import MODEL, check_against_reference
 from neuropredictor.corpus import make_shards
@@ -126,8 +127,14 @@ def _trigger(client: httpx.Client, deployment_id: str, params: dict) -> str:
 
 def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
     api, env, procs = prefect_server
-    # the corpus on S3: 25 images in shards of 3 -> 9 shards, 5 child runs of 2 shards
+    # the corpus on S3: 25 images in shards of 3 -> 9 shards, 5 child runs of 2 shards. One shard is
+    # truncated at first, so its group's child run fails; it is repaired once that run has failed, and
+    # the parent's relaunch of the group must then succeed.
     make_shards(image_dir, "s3://test-bucket/corpus", maxcount=3, storage_options=s3)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    broken = "test-bucket/corpus/shard-000004.tar"
+    good = fs.cat_file(broken)
+    fs.pipe_file(broken, good[: len(good) // 2])
 
     _cli(env, "work-pool", "create", "local-process", "--type", "process")
     _cli(env, "work-pool", "create", "gpu-k8s", "--type", "kubernetes",
@@ -144,12 +151,20 @@ def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
         "corpus": "s3://test-bucket/corpus", "model": MODEL, "layers": ["layer2", "layer4"],
         "reduce": "layer2=pool:2,layer4=avgpool", "out": "s3://test-bucket/runs/e2e.zarr", "pretrained": False,
         "batch_size": 4, "num_workers": 0, "retries": 1, "retry_delay_seconds": 0,
-        "deployment": "extract/local", "shards_per_child": 2, "poll_seconds": 1, "max_relaunches": 1,
+        "deployment": "extract/local", "shards_per_child": 2, "poll_seconds": 2, "max_relaunches": 1,
     }
+    failed_filter = {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}, "name": {"like_": "shard-000004"}}}
     with httpx.Client(base_url=api, timeout=30) as client:
         deployment = client.get("/deployments/name/extract-distributed/distributed").raise_for_status().json()
-        run = _wait_run(client, _trigger(client, deployment["id"], params), procs)
+        run_id = _trigger(client, deployment["id"], params)
+        deadline = time.monotonic() + 300
+        while not client.post("/flow_runs/count", json=failed_filter).json():
+            assert time.monotonic() < deadline, "the broken group's child run never failed\n" + procs.tail()
+            time.sleep(0.25)
+        fs.pipe_file(broken, good)  # repaired: the relaunched child run reads it seconds later
+        run = _wait_run(client, run_id, procs)
         assert run["state"]["type"] == "COMPLETED", json.dumps(run["state"]) + procs.tail()
+        assert client.post("/flow_runs/count", json=failed_filter).json() == 1  # failed once, relaunched, done
 
         check_against_reference(open_features("s3://test-bucket/runs/e2e.zarr", s3), image_dir)
         manifest = FeatureStore.open("s3://test-bucket/runs/e2e.zarr", s3, mode="r").manifest

@@ -7,6 +7,7 @@ commit records, not from Prefect's caching: re-running the same parameters runs 
 
 from __future__ import annotations
 
+import json
 import queue
 from typing import Any
 
@@ -55,7 +56,7 @@ class ExtractParameters(ExtractConfig):
             from prefect.blocks.system import Secret
 
             secret = Secret.load(self.credentials_block).get()
-            options = secret if isinstance(secret, dict) else __import__("json").loads(secret)
+            options = secret if isinstance(secret, dict) else json.loads(secret)
             fields["storage_options"] = {**(self.storage_options or {}), **options}
         return ExtractConfig(**fields)
 

@@ -95,6 +95,20 @@ def test_flow_end_to_end_s3(s3, image_dir):
     assert "testing-secret" not in json.dumps(manifest)
 
 
+def test_credentials_from_a_prefect_secret_block(s3, image_dir, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
+    Secret(value=json.dumps(s3)).save("np-test-s3", overwrite=True)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var)  # only the block knows how to reach the store now
+    s3fs.S3FileSystem.clear_instance_cache()
+    params = _params("s3://test-bucket/corpus", "s3://test-bucket/runs/block.zarr", credentials_block="np-test-s3")
+    assert extract_flow(params)["status"] == "complete"
+    manifest = FeatureStore.open("s3://test-bucket/runs/block.zarr", s3, mode="r").manifest
+    assert "testing-secret" not in json.dumps(manifest) and manifest["rows"]["valid"] == 25
+
+
 class FlakyS3(s3fs.S3FileSystem):
     """S3 whose first `failures` writes of feature chunks fail, like a throttled or flaky object store."""
 

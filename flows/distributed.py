@@ -46,7 +46,8 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     shards = validate_task(config)
     plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    todo = [s.name for s in store.shards if not store.is_committed(s.name)]
+    done = store.committed()
+    todo = [s.name for s in store.shards if s.name not in done]
     groups = [todo[i:i + params.shards_per_child] for i in range(0, len(todo), params.shards_per_child)]
     logger.info("%d shards to extract in %d child runs of %s", len(todo), len(groups), params.deployment)
     progress = create_progress_artifact(progress=0.0 if groups else 100.0, key="extract-distributed-progress",

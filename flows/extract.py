@@ -132,7 +132,8 @@ def extract_flow(params: ExtractParameters) -> dict:
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    todo = [s for s in _selected(store.shards, params.shards) if not store.is_committed(s.name)]
+    done = store.committed()  # one listing, not one request per shard
+    todo = [s for s in _selected(store.shards, params.shards) if s.name not in done]
     logger.info("%d of %d shards to extract (%d rows) on %s", len(todo), planned["shards"],
                 sum(s.count for s in todo), ", ".join(devices))
     total_rows = max(store.rows, 1)

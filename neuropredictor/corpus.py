@@ -757,6 +757,15 @@ class _ShardBatches(IterableDataset):
                 yield self._build(pending)
 
 
+def _forget_parent_thread_exits(_worker_id: int) -> None:
+    """A forked worker inherits the parent's thread-exit hooks, e.g. those of Prefect's log and event
+    services once a flow has run in this process. They assume threads the fork does not have and fail
+    at the worker's exit (exit code 1, the batches lost): the worker is not the parent, so drop them."""
+    import threading
+
+    getattr(threading, "_threading_atexits", []).clear()
+
+
 def read_shard(
     shard: Shard,
     transform: Callable[[Image.Image], torch.Tensor],
@@ -797,6 +806,7 @@ def read_shard(
         num_workers=workers,
         collate_fn=_identity,
         pin_memory=pin_memory,
+        worker_init_fn=_forget_parent_thread_exits,
     )
     expected = 0
     for item in loader:

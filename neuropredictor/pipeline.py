@@ -162,7 +162,8 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
         config.out, shards, runner.layer_specs(), identity(config, runner), dtype=config.dtype,
         compression=config.compression, storage_options=config.storage_options, overwrite=config.overwrite,
     )
-    committed = [s for s in store.shards if store.is_committed(s.name)]
+    done = store.committed()  # one listing, not one request per shard
+    committed = [s for s in store.shards if s.name in done]
     _emit("planned", rows=store.rows, committed_rows=sum(s.count for s in committed), shards=len(store.shards),
           committed_shards=len(committed))
     return store

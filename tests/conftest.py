@@ -46,6 +46,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect server (SQLite) for flow runs, one for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1, for the whole session; tests reset it through its API."""
     from moto.server import ThreadedMotoServer

@@ -24,15 +24,7 @@ from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoun
 from neuropredictor.store import FeatureStore, open_features
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    """A temporary Prefect server (SQLite) for this module's flow runs; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
-
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 def _params(corpus, out, **kw) -> ExtractParameters:
     base = dict(corpus=str(corpus), model=MODEL, layers=["layer2", "layer4"], reduce="layer2=pool:2,layer4=avgpool",
@@ -301,3 +293,15 @@ def test_cli_encode(encoded_store):
     bad = CliRunner().invoke(app, ["encode", str(root / "features.zarr"), str(root / "missing.npz"),
                                    "--out", str(root / "never.zarr")])
     assert bad.exit_code == 2 and not (root / "never.zarr").exists()
+
+
+def test_decode_workers_survive_a_finished_flow_run(corpus, tmp_path):
+    """After a flow has run in a process, Prefect's services leave thread-exit hooks that broke forked
+    DataLoader workers (exit code 1): a notebook's second extraction must still decode in workers."""
+    from neuropredictor.corpus import list_shards, read_shard
+    from neuropredictor.models import load_model
+
+    extract_flow(_params(corpus, tmp_path / "first.zarr", num_workers=0))
+    shard = list_shards(str(corpus))[0]
+    batches = list(read_shard(shard, load_model(MODEL, pretrained=False).transform, 4, num_workers=2))
+    assert sum(len(b) for b in batches) == shard.count == 10

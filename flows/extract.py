@@ -79,7 +79,7 @@ def validate_task(config: ExtractConfig) -> list[Shard]:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
     store = pipeline.plan(config, shards)
-    return {"shards": len(store.shards), "rows": store.rows, "committed": len(store.committed())}
+    return {"shards": len(store.shards), "rows": store.rows}
 
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -115,14 +116,8 @@ def _progress():
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:>8} img/s"), TextColumn("shards {task.fields[shards]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
-        disable=not err_console.is_terminal and not _force_progress(),
+        disable=not err_console.is_terminal and os.environ.get("NEUROPREDICTOR_PROGRESS") != "1",
     )
-
-
-def _force_progress() -> bool:
-    import os
-
-    return os.environ.get("NEUROPREDICTOR_PROGRESS") == "1"
 
 
 def run_with_progress(params) -> dict:

@@ -259,8 +259,9 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     recorded in the commit record (the orchestrator's retry count). Returns the shard's commit record.
     """
     store = store or FeatureStore.open(config.out, config.storage_options)
-    if store.is_committed(shard.name):
-        return store.committed()[shard.name] | {"skipped": True}
+    done = store.commit_record(shard.name)  # one read of this shard's record, not a listing of all
+    if done is not None:
+        return done | {"skipped": True}
     runner = get_runner(config, device)
     out_dtype = torch.float16 if config.dtype == "float16" else torch.float32
     started = time.time()

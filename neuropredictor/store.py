@@ -502,10 +502,15 @@ class FeatureStore:
                     out.append(rec)
         return out
 
+    def commit_record(self, shard_name: str) -> dict | None:
+        """The shard's commit record, or None if it has none (its rows are not complete and trusted)."""
+        rec = _read_json_or_none(self._fs, self._status_path(shard_name))
+        ok = isinstance(rec, dict) and rec.get("kind") == _KIND_COMMIT and rec.get("shard") == shard_name
+        return rec if ok else None
+
     def is_committed(self, shard_name: str) -> bool:
         """Whether the shard's commit record exists (its rows are complete and trusted)."""
-        rec = _read_json_or_none(self._fs, self._status_path(shard_name))
-        return isinstance(rec, dict) and rec.get("kind") == _KIND_COMMIT and rec.get("shard") == shard_name
+        return self.commit_record(shard_name) is not None
 
     def committed(self) -> dict[str, dict]:
         """Shard name -> commit record, for every committed shard."""

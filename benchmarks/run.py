@@ -27,6 +27,11 @@ CASES = {
                         "--images", "1536", "--batch-size", "32", "--precision", "fp32"],
         "resnet50-layer1": ["--model", "torchvision:resnet50", "--layers", "layer1", "--reduce", "avgpool",
                             "--images", "256", "--batch-size", "32", "--early-exit"],
+        "resnet18-device-decode": ["--model", "torchvision:resnet18", "--layers", "layer4", "--reduce", "avgpool",
+                                   "--images", "768", "--batch-size", "32", "--precision", "fp32",
+                                   "--decode", "device"],
+        "resnet18-compile": ["--model", "torchvision:resnet18", "--layers", "layer4", "--reduce", "avgpool",
+                             "--images", "768", "--batch-size", "32", "--precision", "fp32", "--compile"],
     },
     "cuda": {
         "resnet50": ["--model", "timm:resnet50", "--layers", "layer4,layer3", "--reduce", "layer4=avgpool,layer3=pool:2",
@@ -39,6 +44,15 @@ CASES = {
                      "--images", "8192", "--batch-size", "256", "--precision", "bf16"],
         "resnet50-layer1": ["--model", "timm:resnet50", "--layers", "layer1", "--reduce", "avgpool",
                             "--images", "8192", "--batch-size", "256", "--precision", "bf16", "--early-exit"],
+        # the fast-path options, against the cases above: which become the defaults is decided from these
+        "resnet50-gpu-decode": ["--model", "timm:resnet50", "--layers", "layer4,layer3",
+                                "--reduce", "layer4=avgpool,layer3=pool:2", "--images", "8192", "--batch-size", "256",
+                                "--precision", "bf16", "--decode", "device"],
+        "resnet50-channels-last": ["--model", "timm:resnet50", "--layers", "layer4,layer3",
+                                   "--reduce", "layer4=avgpool,layer3=pool:2", "--images", "8192",
+                                   "--batch-size", "256", "--precision", "bf16", "--channels-last"],
+        "vit_b16-compile": ["--model", "timm:vit_base_patch16_224", "--layers", "blocks.*", "--reduce", "cls",
+                            "--images", "8192", "--batch-size", "256", "--precision", "bf16", "--compile"],
     },
 }
 
@@ -79,7 +93,6 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", help="subset of case names")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    results = []
     for name, case_args in CASES[args.device].items():
         if args.cases and name not in args.cases:
             continue
@@ -88,8 +101,9 @@ def main() -> None:
         print(f"{name}: ceiling {result['ceiling']['images_per_s']} img/s, pipeline {result['pipeline']['images_per_s']} "
               f"img/s, efficiency {result['efficiency']}, bottleneck {result['bottleneck']}, "
               f"peak RSS {result['peak_rss_mb']} MB")
-        results.append(result)
-    plot([r for r in results if not r["case"].endswith("-2x")], RESULTS / f"{args.device}-throughput.png")
+    # the plot shows every recorded case of this device, not only the ones just run
+    recorded = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{args.device}-*.json"))]
+    plot([r for r in recorded if not r["case"].endswith("-2x")], RESULTS / f"{args.device}-throughput.png")
 
 
 if __name__ == "__main__":

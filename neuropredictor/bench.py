@@ -114,14 +114,16 @@ def flow_run(config) -> dict:
 
 def bottleneck(stages: dict[str, float]) -> str:
     """The stage that took the largest share of the pipeline's time."""
-    names = {"input_wait_s": "input (read + decode + preprocess)", "compute_s": "compute (H2D + forward + reduce)",
+    names = {"input_wait_s": "input (read + decode + preprocess)",
+             "device_decode_s": "decode + preprocess on the device", "compute_s": "compute (H2D + forward + reduce)",
              "writer_wait_s": "storage (D2H + Zarr writes)", "flush_s": "storage (final flush)"}
     return names[max(stages, key=stages.get)] if stages else "?"
 
 
 def run_bench(model: str, layers: list[str], reduce: str = "avgpool", images: int = 512, batch_size: int = 64,
               precision: str = "fp32", device: str = "auto", num_workers: int | None = None, pretrained: bool = False,
-              with_flow: bool = False, workdir: str | None = None, early_exit_baseline: bool = False) -> dict:
+              with_flow: bool = False, workdir: str | None = None, early_exit_baseline: bool = False,
+              decode: str = "cpu", compile: bool = False) -> dict:
     """One benchmark case: ceiling and pipeline (and optionally the flow) side by side; returns every field."""
     from neuropredictor.pipeline import ExtractConfig, get_runner
 
@@ -131,7 +133,7 @@ def run_bench(model: str, layers: list[str], reduce: str = "avgpool", images: in
     def config(out: str, layer_list=layers, red=reduce) -> ExtractConfig:
         return ExtractConfig(corpus=corpus, model=model, layers=layer_list, reduce=red, out=str(root / out),
                              pretrained=pretrained, batch_size=batch_size, precision=precision, device=device,
-                             num_workers=num_workers)
+                             num_workers=num_workers, decode=decode, compile=compile)
 
     cfg = config("pipeline.zarr")
     dev = get_runner(cfg).device
@@ -139,7 +141,7 @@ def run_bench(model: str, layers: list[str], reduce: str = "avgpool", images: in
         torch.cuda.reset_peak_memory_stats(dev)
     result = {
         "model": model, "layers": layers, "reduce": reduce, "images": images, "batch_size": batch_size,
-        "precision": precision, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "precision": precision, "decode": decode, "compile": compile, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "num_workers": cfg.resolved_workers(), "date": dt.date.today().isoformat(),
     }
     result["ceiling"] = ceiling(cfg)

@@ -168,6 +168,11 @@ def _prewarm(params) -> None:
         pass  # the flow's validate step loads it again and reports the error properly
 
 
+Decode = Annotated[str, typer.Option("--decode", help="cpu (PIL in the decode workers) or device (nvJPEG + "
+                                     "preprocessing on the GPU, for when CPU decoding binds).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays off on long GPU runs).")]
+
+
 @app.command()
 def extract(
     corpus: Annotated[str, typer.Option("--corpus", help="Shards: directory, brace pattern (quote it!) or URL.")],
@@ -183,6 +188,8 @@ def extract(
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Decode workers (default: cores, up to 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
+    decode: Decode = "cpu",
+    compile: Compile = False,
     compression: Annotated[str, typer.Option("--compression")] = "zstd",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made with another configuration.")] = False,
     retries: Annotated[int, typer.Option("--retries", help="Retries of a failed shard.")] = 2,
@@ -203,7 +210,8 @@ def extract(
             corpus=corpus, model=model, layers=split_layers(layers), out=out, reduce=reduce,
             pretrained=not no_pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
             precision=precision, dtype=dtype, num_workers=num_workers, device=device,
-            channels_last=channels_last, compression=compression, overwrite=overwrite, retries=retries,
+            channels_last=channels_last, decode=decode, compile=compile, compression=compression,
+            overwrite=overwrite, retries=retries,
             retry_delay_seconds=retry_delay,
         )
         manifest = run_with_progress(params)
@@ -333,6 +341,8 @@ def bench(
     num_workers: Annotated[Optional[int], typer.Option("--num-workers")] = None,
     flow: Annotated[bool, typer.Option("--flow", help="Also time the Prefect flow (orchestration overhead).")] = False,
     early_exit: Annotated[bool, typer.Option("--early-exit", help="Also time a full forward: early exit's speed-up.")] = False,
+    decode: Decode = "cpu",
+    compile: Compile = False,
     as_json: AsJson = False,
 ) -> None:
     """Measure the ceiling (model alone, inputs on the device) and the pipeline side by side."""
@@ -342,13 +352,14 @@ def bench(
     try:
         result = run_bench(model, split_layers(layers), reduce, images=images, batch_size=batch_size,
                            precision=precision, device=device, num_workers=num_workers, with_flow=flow,
-                           early_exit_baseline=early_exit)
+                           early_exit_baseline=early_exit, decode=decode, compile=compile)
     except NeuroPredictorError as exc:
         _fail(exc)
     if as_json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{model} {','.join(result['layers'])} ({reduce})  batch {batch_size}  {precision}  {result['device']}")
+    table = Table(title=f"{model} {','.join(result['layers'])} ({reduce})  batch {batch_size}  {precision}  "
+                        f"decode {decode}{'  compiled' if compile else ''}  {result['device']}")
     for col in ("stage", "images/s", "notes"):
         table.add_column(col)
     c = result["ceiling"]

@@ -75,13 +75,14 @@ class Shard:
 
 @dataclass
 class Batch:
-    """Consecutive samples of one shard, decoded and transformed."""
+    """Consecutive samples of one shard, decoded and transformed (or, read with transform=None, encoded)."""
 
     index: torch.Tensor  # int64 (B,): positions of these samples within the shard (0-based, tar order)
     keys: list[str]  # the samples' __key__
-    images: torch.Tensor  # (B, C, H, W) output of `transform`; zeros for invalid samples
+    images: torch.Tensor | None  # (B, C, H, W) output of `transform`; zeros for invalid samples
     valid: torch.Tensor  # bool (B,)
     errors: dict[str, str] = field(default_factory=dict)  # key -> reason, for invalid samples
+    data: list[bytes | None] | None = None  # the encoded images, when read with transform=None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,9 +92,10 @@ class Batch:
         return Batch(
             index=self.index.pin_memory(),
             keys=self.keys,
-            images=self.images.pin_memory(),
+            images=self.images.pin_memory() if self.images is not None else None,
             valid=self.valid.pin_memory(),
             errors=self.errors,
+            data=self.data,
         )
 
 
@@ -649,7 +651,7 @@ class _ShardBatches(IterableDataset):
     def __init__(
         self,
         shard: Shard,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], torch.Tensor] | None,
         batch_size: int,
         shape: tuple[int, ...],
         dtype: torch.dtype,
@@ -664,7 +666,8 @@ class _ShardBatches(IterableDataset):
 
     def _build(self, samples: list[tuple[int, str, bytes | None, list[str]]]) -> Batch:
         n = len(samples)
-        images = torch.zeros((n, *self.shape), dtype=self.dtype)
+        encoded_only = self.transform is None  # decoding happens later, on the device
+        images = None if encoded_only else torch.zeros((n, *self.shape), dtype=self.dtype)
         valid = torch.zeros(n, dtype=torch.bool)
         errors: dict[str, str] = {}
         for j, (_i, key, data, fields) in enumerate(samples):
@@ -675,6 +678,9 @@ class _ShardBatches(IterableDataset):
                 continue
             if not data:
                 errors[key] = "cannot decode image: empty image member (0 bytes)"
+                continue
+            if encoded_only:
+                valid[j] = True
                 continue
             try:
                 img = _decode(data)
@@ -698,6 +704,7 @@ class _ShardBatches(IterableDataset):
             images=images,
             valid=valid,
             errors=errors,
+            data=[s[2] for s in samples] if encoded_only else None,
         )
 
     def __iter__(self) -> Iterator[Batch | _Failure]:
@@ -768,7 +775,7 @@ def _forget_parent_thread_exits(_worker_id: int) -> None:
 
 def read_shard(
     shard: Shard,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Callable[[Image.Image], torch.Tensor] | None,
     batch_size: int,
     num_workers: int = 0,
     storage_options: dict | None = None,
@@ -780,6 +787,9 @@ def read_shard(
     process when 0); `transform` must be picklable and give a fixed-shape tensor. A sample that cannot
     be decoded or transformed is kept with valid=False, a zero image and a reason in `errors`. An
     unreadable shard, or one whose sample count differs from `shard.count`, raises CorpusError.
+
+    With `transform=None` nothing is decoded: batches carry the encoded images in `data` (images None),
+    for :class:`neuropredictor.device_decode.DeviceDecoder`; samples without an image are invalid already.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -788,7 +798,7 @@ def read_shard(
     # The shape of invalid samples' zero images comes from one run of the transform on a plain image;
     # doing it here (not in each worker) turns a broken transform into one clear error before any I/O.
     try:
-        ref = transform(Image.new("RGB", _DUMMY_SIZE, (128, 128, 128)))
+        ref = transform(Image.new("RGB", _DUMMY_SIZE, (128, 128, 128))) if transform is not None else torch.zeros(0)
     except Exception as exc:
         raise ValueError(
             f"transform failed on a {_DUMMY_SIZE[0]}x{_DUMMY_SIZE[1]} RGB test image: {type(exc).__name__}: {exc}"

@@ -53,6 +53,7 @@ class Extractor:
         early_exit: bool = True,
         srp_seed: int = 0,
         layer_infos: Sequence[LayerInfo] | None = None,
+        compile: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise NeuroPredictorError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
@@ -82,6 +83,11 @@ class Extractor:
         self.module = model.module.to(self.device)
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
+        # torch.compile traces the hooks too (they are registered before the first call). One input shape
+        # keeps it to one compilation: smaller batches (a shard's last) are padded to the first batch's size.
+        self.compile = compile
+        self._forward = torch.compile(self.module, dynamic=False) if compile else self.module
+        self._batch: int | None = None
         self._handles: list = []
         self._lock = threading.Lock()  # hooks share per-call state: one forward pass at a time
         self._calls: dict[str, int] = {}
@@ -121,6 +127,11 @@ class Extractor:
         if not self._handles:
             raise RuntimeError("use the Extractor as a context manager: `with Extractor(...) as ex: ex(images)`")
         x = images.to(self.device, non_blocking=True)
+        n = x.shape[0]
+        if self.compile:
+            self._batch = self._batch or n
+            if n < self._batch:  # eval mode: padding rows do not touch the real ones
+                x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = PRECISIONS[self.precision]
@@ -128,12 +139,12 @@ class Extractor:
             self._calls, self._out = {}, {}
             try:
                 with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    self.module(x)
+                    self._forward(x)
             except _StopForward:
                 pass
             out, self._out = self._out, {}
-        missing = [n for n in self.plan if n not in out]
+        missing = [name for name in self.plan if name not in out]
         if missing:
             raise NeuroPredictorError(f"layers {missing} did not produce an output in this forward pass")
-        return out
+        return {name: t[:n] for name, t in out.items()} if x.shape[0] != n else out
 

@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from neuropredictor.corpus import Shard, list_shards, read_shard
+from neuropredictor.device_decode import DeviceDecoder
 from neuropredictor.errors import NeuroPredictorError, StoreError
 from neuropredictor.extractor import Extractor
 from neuropredictor.models import LoadedModel, load_model
@@ -55,6 +56,12 @@ class ExtractConfig(BaseModel):
                                     "(default: the machine's cores, up to 8).")
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'...")
     channels_last: bool = Field(False, description="Run conv nets in channels_last memory format.")
+    compile: bool = Field(False, description="torch.compile the model (one compilation per replica, worth it "
+                          "for long runs on a GPU; numbers equal eager within float rounding).")
+    decode: Literal["cpu", "device"] = Field("cpu", description="Where images are decoded and preprocessed: "
+                                             "'cpu' (PIL in the DataLoader workers) or 'device' (JPEGs decoded in "
+                                             "batches by nvJPEG on the GPU, preprocessing as tensor ops there), for "
+                                             "when CPU decoding is the bottleneck.")
     compression: str = Field("zstd", description="Zarr compression: zstd, zstd:LEVEL, blosc, gzip, none.")
     srp_seed: int = Field(0, description="Seed of the sparse random projections (srp:D).")
     storage_options: dict[str, Any] | None = Field(None, description="fsspec storage options (e.g. "
@@ -77,6 +84,7 @@ class Runner:
     model: LoadedModel
     extractor: Extractor
     device: torch.device
+    decoder: DeviceDecoder | None = None  # decode="device": decoding and preprocessing on `device`
 
     def layer_specs(self) -> list[LayerSpec]:
         return [LayerSpec(p.name, p.out_shape, str(p.reduction)) for p in self.extractor.plan.values()]
@@ -92,13 +100,14 @@ def get_runner(config: ExtractConfig, device: str | torch.device | None = None) 
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one replica
     key = (config.model, config.pretrained, config.weights, tuple(config.layers), config.reduce,
-           config.precision, config.channels_last, config.srp_seed, str(dev))
+           config.precision, config.channels_last, config.srp_seed, config.compile, config.decode, str(dev))
     with _RUNNERS_LOCK:
         if key not in _RUNNERS:
             model = load_model(config.model, pretrained=config.pretrained, weights=config.weights)
+            decoder = DeviceDecoder(model.transform, dev, model.input_size) if config.decode == "device" else None
             ex = Extractor(model, config.layers, reduce=config.reduce, device=dev, precision=config.precision,
-                           channels_last=config.channels_last, srp_seed=config.srp_seed)
-            _RUNNERS[key] = Runner(model, ex.__enter__(), dev)
+                           channels_last=config.channels_last, srp_seed=config.srp_seed, compile=config.compile)
+            _RUNNERS[key] = Runner(model, ex.__enter__(), dev, decoder)
         return _RUNNERS[key]
 
 
@@ -111,6 +120,7 @@ def identity(config: ExtractConfig, runner: Runner) -> dict:
         "reductions": {p.name: str(p.reduction) for p in runner.extractor.plan.values()},
         "input_size": list(runner.model.input_size),
         "precision": config.precision,
+        "decode": config.decode,  # nvJPEG + tensor resizing round differently from PIL
         "dtype": config.dtype,
         "srp_seed": config.srp_seed,
     }
@@ -270,11 +280,13 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     background = _BackgroundWriter(writer.write)
     bad: list[dict] = []
     n_valid = 0
-    # where the time goes: blocked on input (decode-bound), blocked on the writer (storage-bound), the rest
-    # is forward + reductions (compute-bound)
-    input_wait = 0.0
-    batches = iter(read_shard(shard, runner.model.transform, config.batch_size, config.resolved_workers(),
-                              config.storage_options, pin_memory=runner.device.type == "cuda"))
+    # where the time goes: blocked on input (decode-bound), decoding on the device, blocked on the writer
+    # (storage-bound); the rest is forward + reductions (compute-bound)
+    input_wait = device_decode = 0.0
+    decoder = runner.decoder
+    batches = iter(read_shard(shard, runner.model.transform if decoder is None else None, config.batch_size,
+                              config.resolved_workers(), config.storage_options,
+                              pin_memory=runner.device.type == "cuda" and decoder is None))
     try:
         while True:
             t_wait = time.perf_counter()
@@ -282,6 +294,10 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
             input_wait += time.perf_counter() - t_wait
             if batch is None:
                 break
+            if decoder is not None:
+                t_dec = time.perf_counter()
+                batch = decoder(batch)
+                device_decode += time.perf_counter() - t_dec
             feats = runner.extractor(batch.images)
             valid = batch.valid.numpy().copy()
             n_valid += int(valid.sum())
@@ -296,9 +312,9 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     stats = writer.close()
     flush = time.perf_counter() - t_flush
     duration = time.perf_counter() - t0
-    stages = {"input_wait_s": round(input_wait, 3), "writer_wait_s": round(background.wait_s, 3),
-              "flush_s": round(flush, 3),
-              "compute_s": round(duration - input_wait - background.wait_s - flush, 3)}
+    stages = {"input_wait_s": round(input_wait, 3), "device_decode_s": round(device_decode, 3),
+              "writer_wait_s": round(background.wait_s, 3), "flush_s": round(flush, 3),
+              "compute_s": round(duration - input_wait - device_decode - background.wait_s - flush, 3)}
     record = {
         "rows": shard.count,
         "valid": n_valid,

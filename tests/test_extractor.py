@@ -248,3 +248,41 @@ def test_cuda_matches_cpu(resnet18):
     for k in ref:
         assert torch.allclose(got[k], ref[k], atol=1e-3, rtol=1e-3)
         assert (low[k] - ref[k]).norm() / ref[k].norm() < 5e-2
+
+
+def test_compiled_forward_equals_the_network_by_hand_and_compiles_once():
+    """torch.compile (inductor, on the CPU here) with hooks and early exit: the same numbers as the eager
+    modules applied by hand; a smaller last batch is padded, so it does not compile a second graph."""
+    from torch._dynamo.utils import counters
+
+    from custom_models import cifar_cnn
+    from neuropredictor.models import LoadedModel
+    from neuropredictor.models.spec import parse_spec
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net, transform = cifar_cnn()
+    model = LoadedModel(parse_spec("custom:custom_models:cifar_cnn"), net.eval(), transform, (3, 32, 32), "random")
+    frames = counters["stats"]["unique_graphs"]
+    with Extractor(model, ["features.2", "classifier.2"], compile=True) as ex:
+        outs = [ex(_x(4, 32, seed=1)), ex(_x(3, 32, seed=2)), ex(_x(4, 32, seed=3))]
+        compiled = counters["stats"]["unique_graphs"] - frames
+    assert type(ex._forward).__name__ == "OptimizedModule"
+    assert compiled >= 1  # it really ran compiled
+    with torch.inference_mode():
+        for got, seed, n in zip(outs, (1, 2, 3), (4, 3, 4)):
+            x = _x(n, 32, seed=seed)
+            f2 = net.features[:3](x)
+            want = {"features.2": f2, "classifier.2": net.classifier[:3](net.features[3:](f2))}
+            for k in want:
+                assert got[k].shape == want[k].shape
+                torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    # once warm (the hooks' graphs settle over the first two calls), a padded batch of 3 reuses the graphs
+    torch._dynamo.reset()
+    with Extractor(model, ["features.2", "classifier.2"], compile=True) as ex:
+        ex(_x(4, 32))
+        ex(_x(4, 32))
+        warm = counters["stats"]["unique_graphs"]
+        ex(_x(3, 32))
+        ex(_x(4, 32))
+        assert counters["stats"]["unique_graphs"] == warm

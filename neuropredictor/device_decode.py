@@ -1,0 +1,222 @@
+"""Decoding and preprocessing on the extraction device: the GPU fast path for when CPU decoders bind.
+
+Data path with `decode="device"`: DataLoader workers only read the encoded bytes out of the tar
+(:func:`neuropredictor.corpus.read_shard` with ``transform=None``); :class:`DeviceDecoder` then decodes
+a whole batch of JPEGs at once with ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG) and runs
+the model's own preprocessing (resize, centre crop, scale, normalise) as tensor ops on that device.
+
+The preprocessing is translated step by step from the model's PIL transform, so both paths use the same
+sizes, interpolation and normalisation. They are not bit-identical (nvJPEG's IDCT, and torch's
+antialiased resize rounding differently from PIL's); `tests/test_device_decode.py` states the tolerance.
+A transform with a step we cannot translate fails at start-up, naming the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neuropredictor.corpus import Batch
+from neuropredictor.errors import NeuroPredictorError
+
+__all__ = ["DeviceDecoder", "tensor_steps"]
+
+_MAX_REASON = 300
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+# --------------------------------------------------------------------------------------------------
+# the model's transform, as tensor steps
+
+
+@dataclass(frozen=True)
+class _Resize:
+    size: Any  # int (shorter side) or (h, w), as torchvision's Resize takes it
+    interpolation: Any
+    max_size: int | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        # uint8 in, uint8 out (rounded), like PIL: the later scaling then sees the same kind of values
+        return F.resize(x, self.size, interpolation=self.interpolation, max_size=self.max_size, antialias=True)
+
+
+@dataclass(frozen=True)
+class _CenterCrop:
+    size: Any
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        return F.center_crop(x, self.size)
+
+
+@dataclass(frozen=True)
+class _ToFloat:
+    scale: float  # 1/255 for ToTensor-like steps; 1.0 where the transform rescales later itself
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.to(torch.float32)
+        return out * self.scale if self.scale != 1.0 else out
+
+
+@dataclass(frozen=True)
+class _Multiply:
+    factor: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+@dataclass(frozen=True)
+class _Normalize:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        return F.normalize(x, mean=list(self.mean), std=list(self.std))
+
+
+# steps that only matter for PIL images: decoding already gives RGB uint8 tensors
+_PASS_THROUGH = {"MaybeConvertMode", "ToImage", "_convert_to_rgb", "convert_rgb"}
+_TO_TENSOR = {"ToTensor", "MaybeToTensor"}  # PIL -> float in [0, 1]
+_PIL_TO_TENSOR = {"PILToTensor", "MaybePILToTensor"}  # PIL -> uint8 tensor
+
+
+def _flatten(transform: Any) -> list[Any]:
+    steps = getattr(transform, "transforms", None)
+    if isinstance(steps, (list, tuple)):  # torchvision v1/v2 Compose
+        return [s for t in steps for s in _flatten(t)]
+    return [transform]
+
+
+def tensor_steps(transform: Callable) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The model's eval transform as tensor steps (uint8 (C, H, W) in, float (C, H, W) out).
+
+    Knows torchvision's Resize, CenterCrop, ToTensor, PILToTensor, ToDtype, ConvertImageDtype, Normalize
+    and ImageClassification preset, timm's and open_clip's Maybe* wrappers and the Hugging Face rescale
+    step. Anything else raises NeuroPredictorError naming the step: use decode="cpu" for that model.
+    """
+    out: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    is_float = False
+    for step in _flatten(transform):
+        name = getattr(step, "__name__", None) or type(step).__name__
+        if name == "ImageClassification":  # torchvision's weights presets
+            out += [_Resize(list(step.resize_size), step.interpolation, None), _CenterCrop(list(step.crop_size)),
+                    _ToFloat(1 / 255), _Normalize(tuple(step.mean), tuple(step.std))]
+            is_float = True
+        elif name == "Resize" and not is_float:
+            out.append(_Resize(step.size, step.interpolation, step.max_size))
+        elif name == "CenterCrop":
+            out.append(_CenterCrop(step.size))
+        elif name in _PASS_THROUGH:
+            continue
+        elif name in _TO_TENSOR:
+            out.append(_ToFloat(1 / 255))
+            is_float = True
+        elif name in _PIL_TO_TENSOR:
+            continue  # decoded images are uint8 tensors already
+        elif name == "ToDtype" and not is_float:
+            dtype = step.dtype if isinstance(step.dtype, torch.dtype) else step.dtype.get(torch.Tensor)
+            if dtype != torch.float32:
+                raise NeuroPredictorError(f"decode='device' supports ToDtype(float32) only, not {dtype}; use decode='cpu'")
+            out.append(_ToFloat(1 / 255 if step.scale else 1.0))
+            is_float = True
+        elif name == "ConvertImageDtype" and not is_float:
+            out.append(_ToFloat(1 / 255))
+            is_float = True
+        elif name == "_Rescale" and is_float:  # neuropredictor.models.hf
+            out.append(_Multiply(float(step.factor)))
+        elif name == "Normalize" and is_float:
+            mean = tuple(float(m) for m in torch.as_tensor(step.mean).flatten())
+            std = tuple(float(s) for s in torch.as_tensor(step.std).flatten())
+            out.append(_Normalize(mean, std))
+        else:
+            raise NeuroPredictorError(
+                f"decode='device' cannot run the model's preprocessing step {step!r} as tensor ops "
+                f"(it knows Resize, CenterCrop, ToTensor, ToDtype, Normalize and torchvision's presets). "
+                "Use decode='cpu' for this model."
+            )
+    if not is_float:
+        out.append(_ToFloat(1 / 255))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding a batch
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+class DeviceDecoder:
+    """Turns a batch of encoded images (``Batch.data``) into preprocessed images on `device`.
+
+    JPEGs are decoded together in one ``decode_jpeg`` call on the device; other formats (PNG, WebP) and
+    JPEGs the device decoder rejects are decoded by torchvision on the CPU. A sample nothing can decode
+    keeps valid=False with the reason, exactly as on the CPU path.
+    """
+
+    def __init__(self, transform: Callable, device: str | torch.device, shape: Sequence[int]) -> None:
+        self.steps = tensor_steps(transform)
+        self.device = torch.device(device)
+        self.shape = tuple(shape)
+
+    def _decode_cpu(self, data: torch.Tensor) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image
+
+        return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+
+    def _decode_all(self, encoded: dict[int, torch.Tensor], errors: dict[int, str]) -> dict[int, torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpegs = [j for j, t in encoded.items() if bytes(t[:2].tolist()) == _JPEG_MAGIC]
+        images: dict[int, torch.Tensor] = {}
+        if jpegs:
+            try:  # one call for the whole batch: nvJPEG's batched decoder
+                out = decode_jpeg([encoded[j] for j in jpegs], mode=ImageReadMode.RGB, device=self.device)
+                images.update(zip(jpegs, out))
+            except RuntimeError:
+                pass  # one bad file fails the call: find it below, one by one
+        for j, data in encoded.items():
+            if j in images:
+                continue
+            try:
+                images[j] = self._decode_cpu(data)
+            except RuntimeError as exc:
+                errors[j] = _short(f"cannot decode image: {exc}")
+        return images
+
+    def __call__(self, batch: Batch) -> Batch:
+        if batch.data is None:
+            raise ValueError("DeviceDecoder needs batches of encoded images: read_shard(transform=None)")
+        n = len(batch)
+        images = torch.zeros((n, *self.shape), dtype=torch.float32, device=self.device)
+        valid = batch.valid.clone()
+        encoded = {j: torch.frombuffer(bytearray(d), dtype=torch.uint8)
+                   for j, d in enumerate(batch.data) if valid[j] and d}
+        failures: dict[int, str] = {}
+        for j, img in self._decode_all(encoded, failures).items():
+            try:
+                for step in self.steps:
+                    img = step(img)
+            except Exception as exc:
+                failures[j] = _short(f"transform failed: {type(exc).__name__}: {exc}")
+                continue
+            if tuple(img.shape) != self.shape:
+                failures[j] = _short(f"transform gave {tuple(img.shape)}, expected a tensor of shape {self.shape}")
+                continue
+            images[j] = img
+        errors = dict(batch.errors)
+        for j, reason in failures.items():
+            valid[j] = False
+            errors[batch.keys[j]] = reason
+        return Batch(index=batch.index, keys=batch.keys, images=images, valid=valid, errors=errors)

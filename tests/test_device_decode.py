@@ -1,0 +1,168 @@
+"""decode="device": encoded bytes from the shard reader, decoding and the model's preprocessing as tensor ops.
+
+On this CPU-only machine the "device" is the CPU (torchvision's libjpeg decoder, tensor resizing); the
+same code runs nvJPEG on a GPU (the `gpu` test). Reference: the PIL path the CPU decode workers run.
+
+Tolerance, stated once: decoding is bit-identical to PIL on the CPU (both libjpeg); resizing is not
+(torch's antialiased resize rounds differently from PIL's), by at most a few grey levels per pixel.
+So preprocessed pixels agree within 3 grey levels (3/255 in [0, 1] units, divided by the normalisation's
+std), and within 0.3 grey levels on average.
+"""
+
+from __future__ import annotations
+
+import io
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from conftest import MODEL, key_files, make_images
+from custom_models import cifar_cnn
+from neuropredictor.corpus import list_shards, make_shards, read_shard
+from neuropredictor.device_decode import DeviceDecoder, tensor_steps
+from neuropredictor.errors import ConfigMismatchError, NeuroPredictorError
+from neuropredictor.models import load_model
+from neuropredictor.models.hf import processor_transform
+from neuropredictor.pipeline import ExtractConfig, plan, run
+from neuropredictor.store import open_features
+
+MAX_LEVELS = 3 / 255
+MEAN_LEVELS = 0.3 / 255
+
+
+def _natural(w: int, h: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise: resizing has real work to do, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 3) % 256, (yy * 2) % 256, (xx + yy) % 256], -1)
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _hf_transform():
+    # the attributes of a ViT image processor (what processor_transform reads)
+    proc = types.SimpleNamespace(size={"height": 224, "width": 224}, resample=2, do_resize=True, do_center_crop=False,
+                                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return processor_transform(proc)
+
+
+TRANSFORMS = {
+    "timm": lambda: load_model("timm:resnet18", pretrained=False).transform,
+    "torchvision-preset": lambda: load_model("torchvision:resnet18", pretrained=False).transform,
+    "openclip": lambda: load_model("openclip:ViT-B-32", pretrained=False).transform,
+    "hf": _hf_transform,
+    "custom-v2": lambda: cifar_cnn()[1],
+}
+
+
+@pytest.mark.parametrize("source", sorted(TRANSFORMS))
+def test_tensor_preprocessing_matches_pil(source):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    transform = TRANSFORMS[source]()
+    steps = tensor_steps(transform)
+    std = min(float(s) for s in torch.as_tensor(next(t for t in steps if type(t).__name__ == "_Normalize").std))
+    for i, (w, h) in enumerate([(400, 300), (61, 47), (224, 224), (300, 500)]):
+        data = _jpeg(_natural(w, h, i))
+        pil = Image.open(io.BytesIO(data)).convert("RGB")
+        decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        assert torch.equal(decoded.permute(1, 2, 0), torch.from_numpy(np.array(pil)))
+        want = transform(pil)
+        got = decoded
+        for step in steps:
+            got = step(got)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        diff = (got - want).abs()
+        assert diff.max().item() <= MAX_LEVELS / std + 1e-6, (source, (w, h), diff.max().item())
+        assert diff.mean().item() <= MEAN_LEVELS / std, (source, (w, h), diff.mean().item())
+
+
+def test_untranslatable_step_is_refused_by_name():
+    transform = v2.Compose([v2.Resize(40), v2.Grayscale(3), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+    with pytest.raises(NeuroPredictorError, match=r"Grayscale.*decode='cpu'"):
+        tensor_steps(transform)
+
+
+def test_bad_samples_stay_invalid_and_good_ones_match_pil(tmp_path):
+    images = tmp_path / "imgs"
+    make_images(images, 9, size=(60, 50), nested=False)  # jpg, png and webp in turn
+    (images / "img0003.jpg").write_bytes((images / "img0003.jpg").read_bytes()[:200])  # truncated JPEG
+    (images / "img0006.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
+    (images / "img0004.png").write_bytes(b"")  # empty member: found by the reader already
+    make_shards(images, str(tmp_path / "shards"), maxcount=9)
+    shard = list_shards(str(tmp_path / "shards"))[0]
+    model = load_model(MODEL, pretrained=False)
+    decoder = DeviceDecoder(model.transform, "cpu", model.input_size)
+
+    raw = list(read_shard(shard, None, batch_size=4, num_workers=2))
+    assert [len(b) for b in raw] == [4, 4, 1] and all(b.images is None and b.data is not None for b in raw)
+    batches = [decoder(b) for b in raw]
+    keys = [k for b in batches for k in b.keys]
+    valid = torch.cat([b.valid for b in batches])
+    errors = {k: v for b in batches for k, v in b.errors.items()}
+    assert sorted(errors) == ["img0003", "img0004", "img0006"]
+    assert "0 bytes" in errors["img0004"] and "decode" in errors["img0003"] and "decode" in errors["img0006"]
+    assert [k for k, ok in zip(keys, valid) if not ok] == ["img0003", "img0004", "img0006"]
+    images_out = torch.cat([b.images for b in batches])
+    files = key_files(images)
+    for row, key in enumerate(keys):
+        if not valid[row]:
+            assert not images_out[row].any()  # zeros, as on the CPU path
+            continue
+        want = model.transform(Image.open(files[key]).convert("RGB"))  # png and webp go through the CPU fallback
+        assert (images_out[row] - want).abs().max().item() <= MAX_LEVELS / 0.224 + 1e-6
+
+
+def _config(corpus, out, **kw) -> ExtractConfig:
+    return ExtractConfig(corpus=str(corpus), model=MODEL, layers=["layer2", "layer4"],
+                         reduce="layer2=pool:2,layer4=avgpool", out=str(out), pretrained=False, batch_size=4,
+                         num_workers=1, **kw)
+
+
+def test_extraction_with_device_decoding_agrees_and_is_its_own_identity(tmp_path):
+    images = tmp_path / "imgs"
+    make_images(images, 12, size=(80, 64), nested=False)
+    make_shards(images, str(tmp_path / "shards"), maxcount=5)
+    run(_config(tmp_path / "shards", tmp_path / "cpu.zarr"))
+    manifest = run(_config(tmp_path / "shards", tmp_path / "device.zarr", decode="device"))
+    assert manifest["config"]["decode"] == "device" and manifest["rows"]["valid"] == 12
+    assert all("device_decode_s" in s["stages"] for s in manifest["shards"])
+    a, b = open_features(str(tmp_path / "cpu.zarr")), open_features(str(tmp_path / "device.zarr"))
+    assert list(a["key"].values) == list(b["key"].values)
+    for layer in ("layer2", "layer4"):
+        x, y = a[layer].values, b[layer].values
+        # a few grey levels of input difference, carried through a random-weight resnet18
+        assert np.linalg.norm(x - y) / np.linalg.norm(x) < 1e-2, layer
+    assert not np.array_equal(a["layer4"].values, b["layer4"].values)  # two paths indeed (PIL vs tensor resize)
+    # a store made with one decoder is not resumed with the other: the numbers would mix
+    with pytest.raises(ConfigMismatchError, match="decode"):
+        plan(_config(tmp_path / "shards", tmp_path / "device.zarr"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_batch_matches_cpu_decoding():
+    model = load_model("timm:resnet18", pretrained=False)
+    cpu = DeviceDecoder(model.transform, "cpu", model.input_size)
+    gpu = DeviceDecoder(model.transform, "cuda", model.input_size)
+    from neuropredictor.corpus import Batch
+
+    data = [_jpeg(_natural(w, h, i)) for i, (w, h) in enumerate([(400, 300), (320, 240), (500, 375), (224, 224)])]
+    data[2] = data[2][:300]  # one broken file must not cost the batch
+    batch = Batch(index=torch.arange(4), keys=[f"k{i}" for i in range(4)], images=None,
+                  valid=torch.ones(4, dtype=torch.bool), data=data)
+    a, b = cpu(batch), gpu(batch)
+    assert b.images.is_cuda and b.valid.tolist() == a.valid.tolist() == [True, True, False, True]
+    # nvJPEG's IDCT differs from libjpeg's by a grey level or two
+    diff = (b.images.cpu() - a.images).abs()
+    assert diff.mean().item() < 5e-3 and diff.max().item() < 8 / 255 / 0.224

@@ -63,6 +63,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+
+
 def phase(args: argparse.Namespace) -> dict:
     """Runs in a child process: one solver at one size; returns its measurements."""
     import torch
@@ -171,7 +177,7 @@ def main() -> None:
         load = None
     record = {
         "benchmark": "encode_layer",
-        "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores",
+        "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores" + (f"; himalaya on {gpu_name()}" if args.device != "cpu" else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "loadavg_at_end": load,
         "sizes": {"full": list(full), "compare": list(small)},

@@ -9,6 +9,9 @@ The preprocessing is translated step by step from the model's PIL transform, so 
 sizes, interpolation and normalisation. They are not bit-identical (nvJPEG's IDCT, and torch's
 antialiased resize rounding differently from PIL's); `tests/test_device_decode.py` states the tolerance.
 A transform with a step we cannot translate fails at start-up, naming the step.
+
+torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (same calls, `torchcodec.
+decoders.decode_jpeg`); they work in the pinned 0.29.1, and moving is one import once TorchCodec is pinned.
 """
 
 from __future__ import annotations
@@ -19,12 +22,11 @@ from typing import Any
 
 import torch
 
-from neuropredictor.corpus import Batch
+from neuropredictor.corpus import Batch, _short
 from neuropredictor.errors import NeuroPredictorError
 
 __all__ = ["DeviceDecoder", "tensor_steps"]
 
-_MAX_REASON = 300
 _JPEG_MAGIC = b"\xff\xd8"
 
 
@@ -152,16 +154,12 @@ def tensor_steps(transform: Callable) -> list[Callable[[torch.Tensor], torch.Ten
 # decoding a batch
 
 
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
-
-
 class DeviceDecoder:
     """Turns a batch of encoded images (``Batch.data``) into preprocessed images on `device`.
 
-    JPEGs are decoded together in one ``decode_jpeg`` call on the device; other formats (PNG, WebP) and
-    JPEGs the device decoder rejects are decoded by torchvision on the CPU. A sample nothing can decode
+    JPEGs are decoded together in one ``decode_jpeg`` call on the device (one by one if that call fails,
+    to isolate the bad file); other formats (PNG, WebP) and JPEGs the device decoder rejects are decoded
+    by torchvision on the CPU. A sample nothing can decode
     keeps valid=False with the reason, exactly as on the CPU path.
     """
 
@@ -170,29 +168,35 @@ class DeviceDecoder:
         self.device = torch.device(device)
         self.shape = tuple(shape)
 
-    def _decode_cpu(self, data: torch.Tensor) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image
+    def _decode_one(self, data: torch.Tensor, jpeg: bool) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+        if jpeg and self.device.type == "cuda":
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                pass  # e.g. a JPEG flavour nvJPEG rejects: the CPU decoder may still read it
         return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
 
-    def _decode_all(self, encoded: dict[int, torch.Tensor], errors: dict[int, str]) -> dict[int, torch.Tensor]:
+    def _decode_all(self, encoded: dict[int, bytes], errors: dict[int, str]) -> dict[int, torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        jpegs = [j for j, t in encoded.items() if bytes(t[:2].tolist()) == _JPEG_MAGIC]
+        tensors = {j: torch.frombuffer(bytearray(d), dtype=torch.uint8) for j, d in encoded.items()}
+        jpegs = [j for j, d in encoded.items() if d[:2] == _JPEG_MAGIC]
         images: dict[int, torch.Tensor] = {}
         if jpegs:
             try:  # one call for the whole batch: nvJPEG's batched decoder
-                out = decode_jpeg([encoded[j] for j in jpegs], mode=ImageReadMode.RGB, device=self.device)
+                out = decode_jpeg([tensors[j] for j in jpegs], mode=ImageReadMode.RGB, device=self.device)
                 images.update(zip(jpegs, out))
             except RuntimeError:
                 pass  # one bad file fails the call: find it below, one by one
-        for j, data in encoded.items():
+        for j, data in tensors.items():
             if j in images:
                 continue
             try:
-                images[j] = self._decode_cpu(data)
-            except RuntimeError as exc:
-                errors[j] = _short(f"cannot decode image: {exc}")
+                images[j] = self._decode_one(data, j in jpegs)
+            except Exception as exc:  # a bad image costs its sample only, never the run
+                errors[j] = _short(f"cannot decode image: {type(exc).__name__}: {exc}")
         return images
 
     def __call__(self, batch: Batch) -> Batch:
@@ -201,8 +205,7 @@ class DeviceDecoder:
         n = len(batch)
         images = torch.zeros((n, *self.shape), dtype=torch.float32, device=self.device)
         valid = batch.valid.clone()
-        encoded = {j: torch.frombuffer(bytearray(d), dtype=torch.uint8)
-                   for j, d in enumerate(batch.data) if valid[j] and d}
+        encoded = {j: d for j, d in enumerate(batch.data) if valid[j] and d}
         failures: dict[int, str] = {}
         for j, img in self._decode_all(encoded, failures).items():
             try:

@@ -104,8 +104,8 @@ def main() -> None:
     # the plot shows every recorded case of this device, not only the ones just run
     recorded = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{args.device}-*.json"))]
     recorded = [r for r in recorded if "case" in r and not r["case"].endswith("-2x")]  # not the encode bench
-    plot(sorted(recorded, key=lambda r: list(CASES[args.device]).index(r["case"]) if r["case"] in CASES[args.device]
-                else len(CASES[args.device])), RESULTS / f"{args.device}-throughput.png")
+    order = {name: i for i, name in enumerate(CASES[args.device])}
+    plot(sorted(recorded, key=lambda r: order.get(r["case"], len(order))), RESULTS / f"{args.device}-throughput.png")
 
 
 if __name__ == "__main__":

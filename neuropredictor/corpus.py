@@ -641,6 +641,14 @@ def _decode(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def transform_problem(out: Any, shape: tuple[int, ...]) -> str | None:
+    """Why a transform's output cannot be a row of the batch (None when it can)."""
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == shape:
+        return None
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    return _short(f"transform gave {got}, expected a tensor of shape {shape}")
+
+
 class _ShardBatches(IterableDataset):
     """Batches of one shard; with several DataLoader workers, worker w builds batches w, w+n, w+2n, ...
 
@@ -692,9 +700,9 @@ class _ShardBatches(IterableDataset):
             except Exception as exc:
                 errors[key] = _short(f"transform failed: {type(exc).__name__}: {exc}")
                 continue
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != self.shape:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                errors[key] = _short(f"transform gave {got}, expected a tensor of shape {self.shape}")
+            problem = transform_problem(out, self.shape)
+            if problem:
+                errors[key] = problem
                 continue
             images[j] = out
             valid[j] = True

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 
-from neuropredictor.corpus import Batch, _short
+from neuropredictor.corpus import Batch, _short, transform_problem
 from neuropredictor.errors import NeuroPredictorError
 
 __all__ = ["DeviceDecoder", "tensor_steps"]
@@ -41,8 +43,6 @@ class _Resize:
     max_size: int | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
         # uint8 in, uint8 out (rounded), like PIL: the later scaling then sees the same kind of values
         return F.resize(x, self.size, interpolation=self.interpolation, max_size=self.max_size, antialias=True)
 
@@ -52,8 +52,6 @@ class _CenterCrop:
     size: Any
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
         return F.center_crop(x, self.size)
 
 
@@ -80,8 +78,6 @@ class _Normalize:
     std: tuple[float, ...]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
         return F.normalize(x, mean=list(self.mean), std=list(self.std))
 
 
@@ -159,8 +155,8 @@ class DeviceDecoder:
 
     JPEGs are decoded together in one ``decode_jpeg`` call on the device (one by one if that call fails,
     to isolate the bad file); other formats (PNG, WebP) and JPEGs the device decoder rejects are decoded
-    by torchvision on the CPU. A sample nothing can decode
-    keeps valid=False with the reason, exactly as on the CPU path.
+    by torchvision on the CPU. A sample nothing can decode keeps valid=False with the reason, exactly as
+    on the CPU path.
     """
 
     def __init__(self, transform: Callable, device: str | torch.device, shape: Sequence[int]) -> None:
@@ -169,8 +165,6 @@ class DeviceDecoder:
         self.shape = tuple(shape)
 
     def _decode_one(self, data: torch.Tensor, jpeg: bool) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
         if jpeg and self.device.type == "cuda":
             try:
                 return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
@@ -179,8 +173,6 @@ class DeviceDecoder:
         return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
 
     def _decode_all(self, encoded: dict[int, bytes], errors: dict[int, str]) -> dict[int, torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         tensors = {j: torch.frombuffer(bytearray(d), dtype=torch.uint8) for j, d in encoded.items()}
         jpegs = [j for j, d in encoded.items() if d[:2] == _JPEG_MAGIC]
         images: dict[int, torch.Tensor] = {}
@@ -214,8 +206,9 @@ class DeviceDecoder:
             except Exception as exc:
                 failures[j] = _short(f"transform failed: {type(exc).__name__}: {exc}")
                 continue
-            if tuple(img.shape) != self.shape:
-                failures[j] = _short(f"transform gave {tuple(img.shape)}, expected a tensor of shape {self.shape}")
+            problem = transform_problem(img, self.shape)
+            if problem:
+                failures[j] = problem
                 continue
             images[j] = img
         errors = dict(batch.errors)

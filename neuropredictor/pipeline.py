@@ -18,18 +18,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from neuropredictor.corpus import Shard, list_shards, read_shard
-from neuropredictor.device_decode import DeviceDecoder
 from neuropredictor.errors import NeuroPredictorError, StoreError
 from neuropredictor.extractor import Extractor
 from neuropredictor.models import LoadedModel, load_model
 from neuropredictor.store import FeatureStore, LayerSpec
+
+if TYPE_CHECKING:  # imported when used: torchvision's decoders cost start-up time nobody else needs
+    from neuropredictor.device_decode import DeviceDecoder
 
 
 class ExtractConfig(BaseModel):
@@ -104,7 +106,11 @@ def get_runner(config: ExtractConfig, device: str | torch.device | None = None) 
     with _RUNNERS_LOCK:
         if key not in _RUNNERS:
             model = load_model(config.model, pretrained=config.pretrained, weights=config.weights)
-            decoder = DeviceDecoder(model.transform, dev, model.input_size) if config.decode == "device" else None
+            decoder = None
+            if config.decode == "device":
+                from neuropredictor.device_decode import DeviceDecoder
+
+                decoder = DeviceDecoder(model.transform, dev, model.input_size)
             ex = Extractor(model, config.layers, reduce=config.reduce, device=dev, precision=config.precision,
                            channels_last=config.channels_last, srp_seed=config.srp_seed, compile=config.compile)
             _RUNNERS[key] = Runner(model, ex.__enter__(), dev, decoder)

@@ -24,7 +24,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from neuropredictor.corpus import Batch, _short, transform_problem
+from neuropredictor.corpus.decode import ImageError, decoded, transformed
+from neuropredictor.corpus.read import Batch
 from neuropredictor.errors import NeuroPredictorError
 
 __all__ = ["DeviceDecoder", "tensor_steps"]
@@ -186,9 +187,9 @@ class DeviceDecoder:
             if j in images:
                 continue
             try:
-                images[j] = self._decode_one(data, j in jpegs)
-            except Exception as exc:  # a bad image costs its sample only, never the run
-                errors[j] = _short(f"cannot decode image: {type(exc).__name__}: {exc}")
+                images[j] = decoded(lambda d, jpeg=j in jpegs: self._decode_one(d, jpeg), data)
+            except ImageError as exc:  # a bad image costs its sample only, never the run
+                errors[j] = str(exc)
         return images
 
     def __call__(self, batch: Batch) -> Batch:
@@ -201,18 +202,16 @@ class DeviceDecoder:
         failures: dict[int, str] = {}
         for j, img in self._decode_all(encoded, failures).items():
             try:
-                for step in self.steps:
-                    img = step(img)
-            except Exception as exc:
-                failures[j] = _short(f"transform failed: {type(exc).__name__}: {exc}")
-                continue
-            problem = transform_problem(img, self.shape)
-            if problem:
-                failures[j] = problem
-                continue
-            images[j] = img
+                images[j] = transformed(self._preprocess, img, self.shape)
+            except ImageError as exc:
+                failures[j] = str(exc)
         errors = dict(batch.errors)
         for j, reason in failures.items():
             valid[j] = False
             errors[batch.keys[j]] = reason
         return Batch(index=batch.index, keys=batch.keys, images=images, valid=valid, errors=errors)
+
+    def _preprocess(self, img: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            img = step(img)
+        return img

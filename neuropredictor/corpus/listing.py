@@ -1,0 +1,246 @@
+"""Resolving a corpus to its shards, in order, with sample counts and global row offsets.
+
+    list_shards("shards/")                                  # a folder of .tar shards
+    list_shards("s3://bucket/train-{000000..000099}.tar")   # a brace pattern, on any fsspec location
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import braceexpand
+
+from neuropredictor import fs as fsx
+from neuropredictor.corpus.access import access_error, connect
+from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME
+from neuropredictor.corpus.tar import members, open_tar, tar_error
+from neuropredictor.errors import CorpusError
+from neuropredictor.shard import Shard
+
+log = logging.getLogger(__name__)
+
+def _count_samples(fs: Any, path: str, url: str) -> int:
+    """Samples in a shard, from tar headers only (consecutive members with the same key = one sample)."""
+    try:
+        with fs.open(path, "rb") as f, open_tar(f) as tf:
+            count, last = 0, None
+            for _ti, key, _field in members(tf, url):
+                if key != last:
+                    count, last = count + 1, key
+            return count
+    except CorpusError:
+        raise
+    except tarfile.TarError as exc:
+        raise CorpusError(tar_error(url, exc)) from exc
+    except Exception as exc:
+        raise access_error(url, exc, "shard") from exc
+
+
+_LIST_THRESHOLD = 16  # from this many shards named in one folder, one listing beats a request per shard
+
+
+class _Resolver:
+    """Turns corpus items into shard paths, sharing filesystems and folder listings within one call.
+
+    A corpus can name thousands of shards (a brace pattern, or a list the shell expanded): then one
+    listing per folder replaces one request per shard. For a few shards, per-file requests are used, so
+    that naming one shard in a bucket prefix with a million objects does not list them all.
+    """
+
+    def __init__(self, storage_options: dict | None) -> None:
+        self.storage_options = storage_options
+        self._fss: dict[str, Any] = {}
+        self._listings: dict[tuple[int, str], dict[str, str] | None] = {}
+        self._named: dict[tuple[int, str], int] = {}  # (fs, folder) -> how many .tar paths name it
+
+    def fs(self, url: str) -> tuple[Any, str]:
+        """Filesystem + path; one filesystem per protocol (a fresh one, so no stale cached listings)."""
+        proto = url.split("://", 1)[0] if "://" in url else ""
+        if "::" in url or proto not in self._fss:  # chained URLs carry their own options: no sharing
+            fs, path = connect(url, self.storage_options)
+            if "::" not in url:
+                self._fss[proto] = fs
+            return fs, path
+        fs = self._fss[proto]
+        return fs, fs._strip_protocol(url)
+
+    def expand(self, item: str) -> tuple[Any, list[str], bool]:
+        """(fs, paths, is_pattern): brace-expanded paths of one corpus item."""
+        try:
+            fs, pattern = self.fs(item)
+            paths = list(braceexpand.braceexpand(pattern)) if "{" in pattern else [pattern]
+        except CorpusError:
+            raise
+        except Exception as exc:  # unbalanced braces
+            raise CorpusError(f"cannot expand the brace pattern {item!r}: {exc}. Fix the braces.") from exc
+        if not paths:
+            raise CorpusError(f"the brace pattern {item!r} expands to nothing: fix the pattern.")
+        for path in paths:
+            if path.endswith(".tar") and "*" not in path:
+                key = (id(fs), fsx.parent(path))
+                self._named[key] = self._named.get(key, 0) + 1
+        return fs, paths, len(paths) > 1 or paths[0] != pattern
+
+    def _listing(self, fs: Any, parent: str) -> dict[str, str] | None:
+        """basename -> type for a folder; {} when it does not exist; None when it cannot be listed."""
+        key = (id(fs), parent)
+        if key not in self._listings:
+            try:
+                entries = fs.ls(parent, detail=True)
+                self._listings[key] = {fsx.basename(e["name"]): e.get("type", "file") for e in entries}
+            except FileNotFoundError:
+                self._listings[key] = {}
+            except PermissionError:  # e.g. GetObject allowed but not ListBucket: ask per file instead
+                self._listings[key] = None
+        return self._listings[key]
+
+    def _kind(self, fs: Any, path: str) -> str | None:
+        """"file", "directory" or None (missing)."""
+        if path.endswith(".tar") and self._named.get((id(fs), fsx.parent(path)), 0) >= _LIST_THRESHOLD:
+            listing = self._listing(fs, fsx.parent(path))
+            if listing is not None:
+                return listing.get(fsx.basename(path))
+        try:
+            return fs.info(path).get("type", "file")
+        except FileNotFoundError:
+            return None
+
+    def resolve(self, item: str, fs: Any, paths: list[str], is_pattern: bool
+                ) -> list[tuple[Any, str]]:
+        """Shard paths (fs, path) for one expanded corpus item: directories, globs or .tar files."""
+        out: list[tuple[Any, str]] = []
+        missing: list[str] = []
+        for path in paths:
+            url = fsx.full_url(fs, path) if is_pattern else item
+            try:
+                if "*" in path:
+                    matches = sorted(p for p in fs.glob(path) if p.endswith(".tar") and fs.isfile(p))
+                    if not matches:
+                        raise CorpusError(f"the pattern {url} matches no .tar files: check the pattern.")
+                    out.extend((fs, p) for p in matches)
+                    continue
+                kind = self._kind(fs, path)
+                if kind is None:
+                    if is_pattern:
+                        missing.append(url)
+                        continue
+                    raise FileNotFoundError(path)
+                if kind == "directory":
+                    entries = sorted(
+                        (e["name"] for e in fs.ls(path, detail=True)
+                         if e.get("type") == "file" and e["name"].endswith(".tar")),
+                        key=fsx.basename,
+                    )
+                    if not entries:
+                        raise CorpusError(
+                            f"no .tar shards in {url}: point the corpus at a folder of WebDataset shards "
+                            "(make them with make_shards / `neuropredictor shards make`)."
+                        )
+                    out.extend((fs, e) for e in entries)
+                elif path.endswith(".tar"):
+                    out.append((fs, path))
+                else:
+                    raise CorpusError(
+                        f"{url} is not a .tar shard: pass a directory of shards, a brace pattern "
+                        "(dir/shard-{000000..000009}.tar) or .tar URLs (compressed tars are not supported)."
+                    )
+            except CorpusError:
+                raise
+            except Exception as exc:
+                raise access_error(url, exc) from exc
+
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CorpusError(
+                f"{len(missing)} of {len(paths)} shards of the pattern {item} do not exist: {shown}. "
+                "Fix the pattern's range, or upload the missing shards."
+            )
+        return out
+
+
+def _read_index(fs: Any, parent: str) -> dict[str, int]:
+    """name -> count from `index.json` in `parent`; empty when absent or not ours (then we scan)."""
+    path = f"{parent}/{INDEX_NAME}" if parent else INDEX_NAME
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:
+        raise access_error(fsx.full_url(fs, path), exc, "corpus index") from exc
+    try:
+        data = json.loads(raw)
+        if data.get("format") != INDEX_FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}, not {INDEX_FORMAT!r}")
+        counts = {}
+        for entry in data["shards"]:
+            name, count = entry["name"], entry["count"]
+            if not isinstance(name, str) or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(f"bad entry {entry!r}")
+            counts[name] = count
+        return counts
+    except Exception as exc:  # an index we can't trust is ignored: counting from headers is always right
+        log.warning("ignoring %s (%s); counting samples from the tar headers", fsx.full_url(fs, path), exc)
+        return {}
+
+
+def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage_options: dict | None = None) -> list[Shard]:
+    """Resolve a corpus to its shards, in order, with sample counts and global row offsets.
+
+    `corpus`: a directory (its `*.tar`, sorted by name), a brace pattern (`dir/shard-{000000..000009}.tar`),
+    a `*` glob, a single `.tar`, or a list of those; local paths, `file://` or any fsspec URL. Counts come
+    from `index.json` next to the shards when it lists them, else from scanning tar headers (no decoding).
+    S3 endpoint/credentials come from the environment or from `storage_options`.
+    """
+    items = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    if not items or any(not os.fspath(item) for item in items):
+        raise CorpusError(
+            f"the corpus {corpus!r} is empty: pass a directory of shards, a brace pattern or .tar URLs."
+        )
+    resolver = _Resolver(storage_options)
+    resolved: list[tuple[Any, str]] = []
+    expanded = [(os.fspath(item), *resolver.expand(os.fspath(item))) for item in items]
+    for item, fs, paths, is_pattern in expanded:
+        resolved.extend(resolver.resolve(item, fs, paths, is_pattern))
+
+    names: dict[str, str] = {}
+    for fs, path in resolved:
+        name = fsx.basename(path)[: -len(".tar")]
+        url = fsx.full_url(fs, path)
+        if name in names:
+            raise CorpusError(
+                f"two shards are named {name!r}: {names[name]} and {url}. Shard names must be unique within a "
+                "corpus (they name the commit records): list each shard once, or rename one."
+            )
+        names[name] = url
+
+    indexes: dict[tuple[int, str], dict[str, int]] = {}
+    counts: list[int | None] = []
+    for fs, path in resolved:
+        key = (id(fs), fsx.parent(path))
+        if key not in indexes:
+            indexes[key] = _read_index(fs, fsx.parent(path))
+        counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
+
+    todo = [i for i, c in enumerate(counts) if c is None]
+    if todo:
+        # Header scans are I/O-bound (object stores especially): a few threads overlap the requests.
+        def scan(i: int) -> int:
+            fs, path = resolved[i]
+            return _count_samples(fs, path, fsx.full_url(fs, path))
+
+        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+            for i, n in zip(todo, pool.map(scan, todo)):
+                counts[i] = n
+
+    shards, offset = [], 0
+    for (fs, path), count in zip(resolved, counts):
+        assert count is not None
+        shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")], count=count, offset=offset))
+        offset += count
+    return shards

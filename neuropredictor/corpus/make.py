@@ -1,0 +1,175 @@
+"""Making shards from a folder of images: stable keys (relative paths), unmodified image bytes, an index.
+
+    make_shards("stimuli/", "shards/", maxcount=1000)   # shards/shard-000000.tar ..., shards/index.json
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from neuropredictor import fs as fsx
+from neuropredictor.corpus.access import access_error, connect
+from neuropredictor.corpus.tar import split_member
+from neuropredictor.errors import CorpusError
+from neuropredictor.shard import Shard
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Accepted image fields: files taken by :func:`make_shards`, members read by the corpus readers."""
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "neuropredictor-shards/1"
+
+
+def _image_files(root: Path) -> list[tuple[str, Path, str]]:
+    """(relative posix path, path, lowercase ext) of the images under root, in a deterministic order."""
+    found = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # Symlinked folders are followed, each real folder once: a symlink cycle must not loop forever.
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        # Hidden entries are skipped: macOS "._x.jpg" resource forks and .git internals are not stimuli.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fname in sorted(filenames):
+            if fname.startswith("."):
+                continue
+            ext = fname.rsplit(".", 1)[-1].lower() if "." in fname else ""
+            if ext in IMAGE_EXTENSIONS:
+                p = Path(dirpath) / fname
+                found.append((p.relative_to(root).as_posix(), p, ext))
+    found.sort(key=lambda t: t[0].split("/"))  # sort by path components, independent of walk order
+    return found
+
+
+def _key_for(rel: str) -> str:
+    # WebDataset splits member names at the first "." of the basename, so keys must not contain dots.
+    stem = rel.rsplit(".", 1)[0]
+    return stem.replace(".", "_")
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0  # fixed metadata: two runs over the same folder give byte-identical shards
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> None:
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for rel, path, ext in items:
+            key = _key_for(rel)
+            try:
+                data = path.read_bytes()  # bytes stored unmodified: no decoding, no re-encoding
+            except OSError as exc:
+                raise CorpusError(f"cannot read the image {path}: {exc}. Fix its permissions or remove it.") from exc
+            tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            meta = json.dumps({"path": rel}, ensure_ascii=False).encode("utf-8")
+            tf.addfile(_tarinfo(f"{key}.json", len(meta)), io.BytesIO(meta))
+
+
+def make_shards(
+    image_dir: str | Path,
+    out: str,
+    maxcount: int = 1000,
+    prefix: str = "shard",
+    storage_options: dict | None = None,
+) -> list[Shard]:
+    """Pack the images under `image_dir` into WebDataset shards `{prefix}-{i:06d}.tar` in `out`.
+
+    Each sample is the image bytes, unmodified, as `<key>.<ext>` plus `<key>.json` ({"path": relative
+    path}); key = relative path without extension, dots replaced by "_". Writes `index.json` with the
+    counts last, and removes stale `{prefix}-NNNNNN.tar` shards left in `out` by an earlier, larger run.
+    `out` is a local directory or any fsspec URL (s3://bucket/prefix). Returns the shards.
+    """
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"prefix must be a non-empty name without '/' or '.', got {prefix!r}")
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise CorpusError(f"image folder {root} does not exist or is not a directory: pass a folder of images.")
+    files = _image_files(root)
+    if not files:
+        raise CorpusError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}: check the folder, or the file extensions."
+        )
+    seen: dict[str, str] = {}
+    for rel, _path, _ext in files:
+        key = _key_for(rel)
+        if key in seen:
+            raise CorpusError(
+                f"{seen[key]} and {rel} under {root} map to the same sample key {key!r} "
+                "(keys drop the extension and replace '.' by '_'): rename one of them."
+            )
+        seen[key] = rel
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CorpusError(f"{rel!r} under {root} is not a valid UTF-8 file name: rename it.") from None
+        if split_member(f"{key}.{_ext}") != (key, _ext):
+            # e.g. a folder named "__x__": WebDataset would skip the member, so the sample would vanish.
+            raise CorpusError(
+                f"{rel} under {root} gives the sample key {key!r}, which WebDataset would skip or split "
+                "differently: rename the file or its folder."
+            )
+
+    fs, root_out = connect(str(out), storage_options)
+    local = fsx.is_local(fs)
+    try:
+        fs.makedirs(root_out, exist_ok=True)
+        groups = [files[i : i + maxcount] for i in range(0, len(files), maxcount)]
+        shards, offset = [], 0
+        for i, items in enumerate(groups):
+            name = f"{prefix}-{i:06d}"
+            path = f"{root_out.rstrip('/')}/{name}.tar"
+            if local:
+                # Write next to the target and rename: a crash never leaves a half-written .tar behind.
+                tmp = f"{path}.tmp-{os.getpid()}"
+                try:
+                    with open(tmp, "wb") as f:
+                        _write_tar(f, items)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            else:
+                # Remote: build locally, then upload in one go (an object store commits the object only
+                # when the upload completes, so readers never see a partial shard).
+                with tempfile.NamedTemporaryFile(suffix=".tar") as f:
+                    _write_tar(f, items)
+                    f.flush()
+                    fs.put_file(f.name, path)
+            shards.append(Shard(url=fsx.full_url(fs, path), name=name, count=len(items), offset=offset))
+            offset += len(items)
+
+        stale_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+        for entry in fs.ls(root_out, detail=False):
+            m = stale_re.match(entry.rstrip("/").rsplit("/", 1)[-1])
+            if m and int(m.group(1)) >= len(shards):
+                fs.rm_file(entry)
+
+        index = {
+            "format": INDEX_FORMAT,
+            "shards": [{"name": s.name, "count": s.count} for s in shards],
+            "total": offset,
+        }
+        fs.pipe_file(f"{root_out.rstrip('/')}/{INDEX_NAME}", (json.dumps(index, indent=1) + "\n").encode())
+    except CorpusError:
+        raise
+    except Exception as exc:
+        raise access_error(str(out), exc, "output") from exc
+    return shards

@@ -1,0 +1,247 @@
+"""Reading one shard as batches, in tar order, as named stages (each a small generator):
+
+    tar_samples     members grouped into samples by key; image bytes read only for this worker's samples
+    WorkerShare     which samples this DataLoader worker decodes (whole batches: w, w+n, w+2n, ...)
+    prepare         decode + preprocess one sample, or the reason it cannot be (`corpus.decode`)
+    batched         consecutive prepared samples -> Batch
+
+`read_shard` runs the stages in DataLoader workers and checks that batches arrive in order.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from neuropredictor.corpus.access import access_error, connect
+from neuropredictor.corpus.decode import ImageError, decode_pil, decoded, image_bytes, transformed
+from neuropredictor.corpus.make import IMAGE_EXTENSIONS
+from neuropredictor.corpus.tar import members, open_tar, tar_error
+from neuropredictor.errors import CorpusError
+from neuropredictor.shard import Shard
+
+_DUMMY_SIZE = (64, 64)
+
+
+@dataclass
+class Batch:
+    """Consecutive samples of one shard, decoded and transformed (or, read with transform=None, encoded)."""
+
+    index: torch.Tensor  # int64 (B,): positions of these samples within the shard (0-based, tar order)
+    keys: list[str]  # the samples' __key__
+    images: torch.Tensor | None  # (B, C, H, W) output of `transform`; zeros for invalid samples
+    valid: torch.Tensor  # bool (B,)
+    errors: dict[str, str] = field(default_factory=dict)  # key -> reason, for invalid samples
+    data: list[bytes | None] | None = None  # the encoded images, when read with transform=None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> Batch:
+        """Pinned copy of the tensors; DataLoader(pin_memory=True) calls this for custom batch types."""
+        return Batch(index=self.index.pin_memory(), keys=self.keys,
+                     images=self.images.pin_memory() if self.images is not None else None,
+                     valid=self.valid.pin_memory(), errors=self.errors, data=self.data)
+
+
+@dataclass
+class Sample:
+    """One sample of a shard: its position, key, image bytes (None if not read or absent) and fields."""
+
+    index: int
+    key: str
+    data: bytes | None = None
+    fields: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+
+def tar_samples(tf: tarfile.TarFile, shard: Shard, wanted: Callable[[int], bool]) -> Iterator[Sample]:
+    """Every sample of the shard in tar order (consecutive members with one key, as WebDataset groups
+    them). Image bytes are read only for samples `wanted(index)` accepts, so a worker skips the others'
+    data. A shard with more or fewer samples than `shard.count` raises CorpusError: its rows would
+    land in another shard's place."""
+    cur: Sample | None = None
+    n = 0
+    for ti, key, fld in members(tf, shard.url):
+        if cur is None or key != cur.key:
+            if cur is not None:
+                yield cur
+            if n >= shard.count:  # stop before anything past the shard's rows exists
+                raise CorpusError(f"shard {shard.url} has more than {shard.count} samples (the corpus index says "
+                                  f"{shard.count}): the index or the listing is stale; list the corpus again.")
+            cur = Sample(n, key)
+            n += 1
+        cur.fields.append(fld)
+        if cur.data is None and fld in IMAGE_EXTENSIONS and wanted(cur.index):
+            fobj = tf.extractfile(ti)
+            cur.data = fobj.read() if fobj is not None else b""
+    if n != shard.count:
+        raise CorpusError(f"shard {shard.url} has {n} samples but the corpus index says {shard.count}: the index or "
+                          "the listing is stale, or the shard was replaced; list the corpus again.")
+    if cur is not None:
+        yield cur
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """The samples one of n DataLoader workers handles: whole batches w, w+n, w+2n, ... The DataLoader
+    takes one batch from each worker in turn, which is global order."""
+
+    worker: int
+    workers: int
+    batch_size: int
+
+    @classmethod
+    def current(cls, batch_size: int) -> WorkerShare:
+        info = get_worker_info()
+        return cls(info.id, info.num_workers, batch_size) if info is not None else cls(0, 1, batch_size)
+
+    def owns(self, index: int) -> bool:
+        return (index // self.batch_size) % self.workers == self.worker
+
+
+def prepare(sample: Sample, transform: Callable[[Image.Image], torch.Tensor] | None,
+            shape: tuple[int, ...]) -> tuple[torch.Tensor | None, str | None]:
+    """(image tensor, None) or (None, reason). Without a transform the sample is only checked to hold an
+    image (decoding happens later, on the device)."""
+    try:
+        data = image_bytes(sample.data, sample.fields)
+        if transform is None:
+            return None, None
+        return transformed(transform, decoded(decode_pil, data), shape), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    group: list[Any] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+# --------------------------------------------------------------------------------------------------
+# the DataLoader's dataset
+
+
+@dataclass
+class _Failure:
+    """Sent from a worker instead of a batch: the main process raises it as a clean CorpusError."""
+
+    message: str
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _ShardBatches(IterableDataset):
+    """The stages for one shard, in whichever process the DataLoader runs this worker."""
+
+    def __init__(self, shard: Shard, transform: Callable[[Image.Image], torch.Tensor] | None, batch_size: int,
+                 shape: tuple[int, ...], dtype: torch.dtype, storage_options: Mapping | None) -> None:
+        self.shard, self.transform, self.batch_size = shard, transform, batch_size
+        self.shape, self.dtype, self.storage_options = shape, dtype, storage_options
+
+    def __iter__(self) -> Iterator[Batch | _Failure]:
+        try:
+            yield from self._batches(WorkerShare.current(self.batch_size))
+        except CorpusError as exc:
+            yield _Failure(str(exc))
+        except tarfile.TarError as exc:
+            yield _Failure(tar_error(self.shard.url, exc))
+        except Exception as exc:
+            yield _Failure(str(access_error(self.shard.url, exc, "shard")))
+
+    def _batches(self, share: WorkerShare) -> Iterator[Batch]:
+        # A fresh filesystem per worker: fsspec's async filesystems (s3fs) are not fork-safe.
+        fs, path = connect(self.shard.url, self.storage_options)
+        with fs.open(path, "rb") as f, open_tar(f) as tf:
+            mine = (s for s in tar_samples(tf, self.shard, share.owns) if share.owns(s.index))
+            for group in batched(mine, self.batch_size):
+                yield self._build(group)
+
+    def _build(self, samples: list[Sample]) -> Batch:
+        n = len(samples)
+        encoded_only = self.transform is None  # decoding happens later, on the device
+        images = None if encoded_only else torch.zeros((n, *self.shape), dtype=self.dtype)
+        valid = torch.zeros(n, dtype=torch.bool)
+        errors: dict[str, str] = {}
+        for j, sample in enumerate(samples):
+            image, reason = prepare(sample, self.transform, self.shape)
+            if reason is not None:
+                errors[sample.key] = reason
+                continue
+            if images is not None:
+                images[j] = image
+            valid[j] = True
+        return Batch(index=torch.tensor([s.index for s in samples], dtype=torch.int64), keys=[s.key for s in samples],
+                     images=images, valid=valid, errors=errors,
+                     data=[s.data for s in samples] if encoded_only else None)
+
+
+def _forget_parent_thread_exits(_worker_id: int) -> None:
+    """A forked worker inherits the parent's thread-exit hooks, e.g. those of Prefect's log and event
+    services once a flow has run in this process. They assume threads the fork does not have and fail
+    at the worker's exit (exit code 1, the batches lost): the worker is not the parent, so drop them."""
+    import threading
+
+    getattr(threading, "_threading_atexits", []).clear()
+
+
+def read_shard(shard: Shard, transform: Callable[[Image.Image], torch.Tensor] | None, batch_size: int,
+               num_workers: int = 0, storage_options: Mapping | None = None,
+               pin_memory: bool = False) -> Iterator[Batch]:
+    """Yield the shard's samples in tar order as Batches of `batch_size` (the last may be smaller).
+
+    Decoding (PIL, RGB) and `transform` run in `num_workers` DataLoader worker processes (in this
+    process when 0); `transform` must be picklable and give a fixed-shape tensor. A sample that cannot
+    be decoded or transformed is kept with valid=False, a zero image and a reason in `errors`. An
+    unreadable shard, or one whose sample count differs from `shard.count`, raises CorpusError.
+
+    With `transform=None` nothing is decoded: batches carry the encoded images in `data` (images None),
+    for :class:`neuropredictor.device_decode.DeviceDecoder`; samples without an image are invalid already.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    # The shape of invalid samples' zero images comes from one run of the transform on a plain image;
+    # doing it here (not in each worker) turns a broken transform into one clear error before any I/O.
+    try:
+        ref = transform(Image.new("RGB", _DUMMY_SIZE, (128, 128, 128))) if transform is not None else torch.zeros(0)
+    except Exception as exc:
+        raise ValueError(
+            f"transform failed on a {_DUMMY_SIZE[0]}x{_DUMMY_SIZE[1]} RGB test image: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(ref, torch.Tensor):
+        raise TypeError(f"transform must return a torch.Tensor, got {type(ref).__name__}")
+
+    # Workers beyond the number of batches would only re-read the tar: don't start them.
+    workers = min(num_workers, -(-shard.count // batch_size))
+    dataset = _ShardBatches(shard, transform, batch_size, tuple(ref.shape), ref.dtype, storage_options)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
+                        worker_init_fn=_forget_parent_thread_exits)  # batch_size=None: the dataset yields batches
+    expected = 0
+    for item in loader:
+        if isinstance(item, _Failure):
+            raise CorpusError(item.message)
+        # Order is what the caller's row arithmetic relies on: check it rather than assume it.
+        if len(item) == 0 or int(item.index[0]) != expected:
+            raise RuntimeError(f"internal error: batch starting at {int(item.index[0]) if len(item) else None} "
+                               f"arrived where {expected} was expected (shard {shard.url})")
+        expected += len(item)
+        yield item

@@ -1,0 +1,108 @@
+"""Tar shards as WebDataset sees them: member names split into (key, field) by WebDataset's own rules,
+and damage (a truncated file, a bad header, data after the end) detected instead of read as a short shard.
+
+Why the project reads tars itself instead of through webdataset's iterators: a shard must never be
+silently cut short (webdataset's handlers skip or stop on a bad member), every sample's position must
+be known to give it its row, and object stores need seeks instead of a stream per reader. The grouping
+rules are webdataset's, so a shard means the same here and to `webdataset.WebDataset`; the test suite
+reads our shards with webdataset itself to keep it so.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+from neuropredictor.errors import CorpusError
+
+# WebDataset's own split (webdataset.tariterators.base_plus_ext): the key is the member path up to the
+# first "." of its basename, the field is the rest. Members whose basename has no "." are skipped.
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+# WebDataset skips these members entirely (tar_file_iterator's skip_meta and meta prefix/suffix).
+_META_RE = re.compile(r"__[^/]*__($|/)")
+
+_TAR_BUFSIZE = 1 << 20  # stream-mode read size: fewer Python-level reads than tarfile's 10 KiB default
+MAX_REASON = 300  # keep per-sample reasons short: they end up in the manifest
+
+
+def short(text: str, limit: int = MAX_REASON) -> str:
+    """text on one line, at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """TarInfo that remembers why the archive ended.
+
+    tarfile treats an invalid or missing header after the first member as a normal end of archive,
+    which would silently cut a damaged shard short; the reason recorded here lets us tell a real end
+    (a zero block) from damage.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            tarfile_._np_end = exc  # type: ignore[attr-defined]
+            raise
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, field) as WebDataset splits a member name, or None for members WebDataset skips."""
+    if "/" not in name and name.startswith("__") and name.endswith("__"):
+        return None
+    if _META_RE.match(name):
+        return None
+    m = _KEY_RE.match(name)
+    if not m:
+        return None
+    return m.group(1), m.group(2).lower()
+
+
+def open_tar(f: Any) -> tarfile.TarFile:
+    """A tar reader over an open file. Seekable files (local, s3, most fsspec files) are read in
+    random-access mode, so members we don't need are skipped by seeking; streams in stream mode."""
+    seekable = bool(getattr(f, "seekable", lambda: False)())
+    if seekable:
+        return tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo)
+    return tarfile.open(fileobj=f, mode="r|", tarinfo=_CheckedTarInfo, bufsize=_TAR_BUFSIZE)
+
+
+def _check_end(tf: tarfile.TarFile, url: str) -> None:
+    """Raise unless the archive ended at a zero block followed only by zero padding."""
+    end = getattr(tf, "_np_end", None)
+    if not isinstance(end, tarfile.EOFHeaderError):
+        reason = "no end-of-archive marker (truncated)" if end is None or isinstance(
+            end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)) else f"invalid tar header ({end})"
+        raise CorpusError(f"shard {url} is truncated or corrupt near byte {tf.offset}: {reason}. "
+                          "Re-create or re-upload the shard.")
+    # A zero block mid-archive (e.g. a zero-filled hole left by a crash) also reads as the end: the rest
+    # of a healthy tar is padding only. Bounded by the file size; a healthy tail is at most one record.
+    while chunk := tf.fileobj.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            raise CorpusError(f"shard {url} is corrupt: data follows an end-of-archive block near byte "
+                              f"{tf.offset}. Re-create or re-upload the shard.")
+
+
+def members(tf: tarfile.TarFile, url: str) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, key, field) for every member WebDataset would use, then verify the archive's end."""
+    while True:
+        ti = tf.next()
+        if ti is None:
+            break
+        tf.members.clear()  # tarfile keeps every TarInfo otherwise: memory would grow with the shard
+        if not ti.isreg():
+            continue
+        split = split_member(ti.name)
+        if split is None:
+            continue
+        yield ti, split[0], split[1]
+    _check_end(tf, url)
+
+
+def tar_error(url: str, exc: tarfile.TarError) -> str:
+    return (f"shard {url} is not a readable tar file, or is truncated or corrupt ({short(str(exc))}): "
+            "re-create or re-upload it.")

@@ -18,8 +18,8 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.extract import ExtractParameters, report_artifacts, summarize, finalize_task, plan_task, validate_task
-from neuropredictor import pipeline
+from flows.extract import ExtractParameters, finalize_task, plan_task, report_artifacts, summarize, validate_task
+from neuropredictor import schedule
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.store import FeatureStore
 
@@ -46,10 +46,8 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     shards = validate_task(config)
     plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    done = store.committed()
-    todo = [s.name for s in store.shards if s.name not in done]
-    groups = [todo[i:i + params.shards_per_child] for i in range(0, len(todo), params.shards_per_child)]
-    logger.info("%d shards to extract in %d child runs of %s", len(todo), len(groups), params.deployment)
+    groups = [[s.name for s in g] for g in schedule.pending_groups(store, params.shards, params.shards_per_child)]
+    logger.info("%d shards to extract in %d child runs of %s", sum(map(len, groups)), len(groups), params.deployment)
     progress = create_progress_artifact(progress=0.0 if groups else 100.0, key="extract-distributed-progress",
                                         description=f"Child runs of {params.deployment} finished")
     child_fields = set(ExtractParameters.model_fields)
@@ -59,11 +57,11 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
 
     def launch(i: int) -> None:
         attempts[i] += 1
-        child = dict(base, shards=groups[i], finalize=False, devices=None)
+        child = dict(base, shards=groups[i], finalize=False)
         run = run_deployment(
             name=params.deployment, parameters={"params": child}, timeout=0, as_subflow=True,
             idempotency_key=f"{flow_run.id}-group{i}-attempt{attempts[i]}",
-            flow_run_name=f"{groups[i][0]}..{groups[i][-1]}" if len(groups[i]) > 1 else groups[i][0],
+            flow_run_name=groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}..{groups[i][-1]}",
         )
         running[i] = run.id
 
@@ -95,6 +93,5 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     manifest = finalize_task(config)
     report_artifacts(config, manifest)
     if failed:
-        missing = {s["name"]: s.get("error") or "not committed" for s in manifest["shards"] if s["status"] != "committed"}
-        raise NeuroPredictorError(pipeline.failure_message(missing))
+        raise NeuroPredictorError(schedule.failure_message(schedule.unfinished(manifest)))
     return summarize(manifest)

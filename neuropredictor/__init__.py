@@ -27,19 +27,23 @@ _EXPORTS = {
     "make_shards": "neuropredictor.corpus",
     "list_shards": "neuropredictor.corpus",
     "read_shard": "neuropredictor.corpus",
+    "Shard": "neuropredictor.shard",
     "FeatureStore": "neuropredictor.store",
     "open_features": "neuropredictor.store",
-    "ExtractConfig": "neuropredictor.pipeline",
+    "ExtractConfig": "neuropredictor.config",
     "plan": "neuropredictor.pipeline",
     "extract_shard": "neuropredictor.pipeline",
     "finalize": "neuropredictor.pipeline",
-    "run": "neuropredictor.pipeline",
+    "run": "neuropredictor.schedule",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuropredictor.corpus import list_shards, make_shards, read_shard
+    from neuropredictor.shard import Shard
     from neuropredictor.extractor import Extractor
-    from neuropredictor.pipeline import ExtractConfig, extract_shard, finalize, plan, run
+    from neuropredictor.config import ExtractConfig
+    from neuropredictor.pipeline import extract_shard, finalize, plan
+    from neuropredictor.schedule import run
     from neuropredictor.store import FeatureStore, open_features
     from neuropredictor.layers import describe_layers, select_layers
     from neuropredictor.models import LoadedModel, list_models, load_model, parse_spec

@@ -14,7 +14,9 @@ import datetime as dt
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,13 +105,15 @@ def pipeline_run(config) -> dict:
     return {"images_per_s": round(store.rows / seconds, 1), "seconds": round(seconds, 2), "stages": stages}
 
 
-def flow_run(config) -> dict:
-    from flows.extract import ExtractParameters, extract_flow
-
+def timed_run(run: Callable[[Any], Any], config) -> dict:
+    """Images/s of a whole run (`run(config)`, e.g. the Prefect flow) into a fresh store."""
     t0 = time.perf_counter()
-    summary = extract_flow(ExtractParameters(**config.model_dump()))
+    run(config)
     seconds = time.perf_counter() - t0
-    return {"images_per_s": round(summary["rows"]["total"] / seconds, 1), "seconds": round(seconds, 2)}
+    from neuropredictor.store import FeatureStore
+
+    rows = FeatureStore.open(config.out, config.storage_options, mode="r").rows
+    return {"images_per_s": round(rows / seconds, 1), "seconds": round(seconds, 2)}
 
 
 def bottleneck(stages: dict[str, float]) -> str:
@@ -122,10 +126,12 @@ def bottleneck(stages: dict[str, float]) -> str:
 
 def run_bench(model: str, layers: list[str], reduce: str = "avgpool", images: int = 512, batch_size: int = 64,
               precision: str = "fp32", device: str = "auto", num_workers: int | None = None, pretrained: bool = False,
-              with_flow: bool = False, workdir: str | None = None, early_exit_baseline: bool = False,
+              flow: Callable[[Any], Any] | None = None, workdir: str | None = None, early_exit_baseline: bool = False,
               decode: str = "cpu", compile: bool = False) -> dict:
-    """One benchmark case: ceiling and pipeline (and optionally the flow) side by side; returns every field."""
-    from neuropredictor.pipeline import ExtractConfig, get_runner
+    """One benchmark case: ceiling and pipeline side by side; returns every field. `flow(config)`, if given,
+    is timed too (the orchestration's overhead: the command line passes the Prefect flow)."""
+    from neuropredictor.config import ExtractConfig
+    from neuropredictor.pipeline import get_runner
 
     root = Path(workdir or tempfile.mkdtemp(prefix="np-bench-"))
     corpus = make_corpus(root, images, per_shard=min(256, max(16, images // 4)))
@@ -152,8 +158,8 @@ def run_bench(model: str, layers: list[str], reduce: str = "avgpool", images: in
         full = ceiling(config("unused.zarr", ["output"], "full"))
         result["full_forward_images_per_s"] = full["images_per_s"]
         result["early_exit_speedup"] = round(result["ceiling"]["images_per_s"] / full["images_per_s"], 2)
-    if with_flow:
-        result["flow"] = flow_run(config("flow.zarr"))
+    if flow is not None:
+        result["flow"] = timed_run(flow, config("flow.zarr"))
         result["flow_overhead"] = round(1 - result["flow"]["images_per_s"] / result["pipeline"]["images_per_s"], 3)
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import NeuroPredictorError
 
 app = typer.Typer(
@@ -25,8 +26,21 @@ console = Console()
 err_console = Console(stderr=True)
 
 NoPretrained = Annotated[bool, typer.Option("--no-pretrained", help="Random weights (no download).")]
-Weights = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint: .safetensors or a torch state dict.")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help=ExtractConfig.model_fields["weights"].description)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _help(name: str) -> str:
+    return ExtractConfig.model_fields[name].description or ""
+
+
+def _default(name: str) -> Any:
+    return ExtractConfig.model_fields[name].default
+
+
+def _option(name: str, *flags: str, help: str | None = None) -> Any:
+    """The option of ExtractConfig field `name`: its flag is the field's name, its help the field's."""
+    return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=help or _help(name))
 
 
 def _fail(exc: Exception) -> None:
@@ -120,19 +134,21 @@ def _progress():
     )
 
 
-def run_with_progress(params) -> dict:
-    """Run the `extract` Prefect flow in this process (ephemeral Prefect, or the server PREFECT_API_URL
-    names) with a rich progress bar fed by the pipeline's progress events; returns the store's manifest."""
+def run_with_progress(config, use_prefect: bool | None = None) -> dict:
+    """Run an extraction with a rich progress bar; returns the store's manifest.
+
+    With a Prefect server configured (PREFECT_API_URL) or use_prefect=True, the run is the `extract` flow,
+    run in this process and reported to that server (UI, artifacts). Otherwise the library runs the same
+    shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start."""
     import threading
     import time
 
-    from neuropredictor import pipeline
     from neuropredictor.store import FeatureStore
 
+    use_prefect = prefect_configured() if use_prefect is None else use_prefect
     # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache.
-    threading.Thread(target=_prewarm, args=(params,), daemon=True).start()
-    from flows.extract import extract_flow
-
+    if use_prefect:
+        threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
     with _progress() as progress:
         task = progress.add_task("extract", total=None, rate="-", shards="-")
         state = {"t0": None, "seen": 0, "shards": 0, "of": 0}
@@ -151,70 +167,97 @@ def run_with_progress(params) -> dict:
                 state["shards"] += 1
                 progress.update(task, shards=f"{state['shards']}/{state['of']}")
 
-        with pipeline.progress_listener(listener):
-            try:
-                extract_flow(params)
-            finally:
-                progress.refresh()
-    return FeatureStore.open(params.out, params.storage_options, mode="r").manifest
+        try:
+            if use_prefect:
+                from flows.extract import PROGRESS, ExtractParameters, extract_flow
+
+                token = PROGRESS.set(listener)
+                try:
+                    extract_flow(ExtractParameters(**config.model_dump()))
+                finally:
+                    PROGRESS.reset(token)
+            else:
+                from neuropredictor.schedule import run
+
+                run(config, on_event=listener)
+        finally:
+            progress.refresh()
+    return FeatureStore.open(config.out, config.storage_options, mode="r").manifest
 
 
-def _prewarm(params) -> None:
+def _run_flow(config) -> dict:
+    from flows.extract import ExtractParameters, extract_flow
+
+    return extract_flow(ExtractParameters(**config.model_dump()))
+
+
+def prefect_configured() -> bool:
+    """Whether a Prefect server is configured: PREFECT_API_URL in the environment or in the active profile
+    (read without importing Prefect, which costs a second of start-up)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    name = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return bool(profiles.get("profiles", {}).get(name, {}).get("PREFECT_API_URL"))
+
+
+def _prewarm(config) -> None:
     from neuropredictor import pipeline
 
     try:
-        pipeline.get_runner(params, params.resolved_devices()[0])
+        pipeline.get_runner(config)
     except Exception:
         pass  # the flow's validate step loads it again and reports the error properly
 
 
-Decode = Annotated[str, typer.Option("--decode", help="cpu (PIL in the decode workers) or device (nvJPEG + "
-                                     "preprocessing on the GPU, for when CPU decoding binds).")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model (pays off on long GPU runs).")]
-
-
 @app.command()
 def extract(
-    corpus: Annotated[str, typer.Option("--corpus", help="Shards: directory, brace pattern (quote it!) or URL.")],
-    model: Annotated[str, typer.Option("--model", help="Model spec SOURCE:NAME[@TAG].")],
-    layers: Annotated[str, typer.Option("--layers", help="Comma-separated layer names or globs.")],
-    out: Annotated[str, typer.Option("--out", help="Output Zarr store (path or s3://...).")],
-    reduce: Annotated[str, typer.Option("--reduce", help="R for every layer, or layer=R,...: full, flatten, avgpool, cls, pool:K, srp:D.")] = "full",
+    corpus: Annotated[str, _option("corpus")],
+    model: Annotated[str, _option("model")],
+    layers: Annotated[str, _option("layers", help="Comma-separated. " + _help("layers"))],
+    out: Annotated[str, _option("out")],
+    reduce: Annotated[str, _option("reduce")] = _default("reduce"),
     no_pretrained: NoPretrained = False,
     weights: Weights = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast).")] = "fp32",
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: float32 or float16.")] = "float32",
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="Decode workers (default: cores, up to 8).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
-    decode: Decode = "cpu",
-    compile: Compile = False,
-    compression: Annotated[str, typer.Option("--compression")] = "zstd",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made with another configuration.")] = False,
-    retries: Annotated[int, typer.Option("--retries", help="Retries of a failed shard.")] = 2,
-    retry_delay: Annotated[float, typer.Option("--retry-delay", help="Seconds before the first retry (then doubling).")] = 10.0,
+    batch_size: Annotated[int, _option("batch_size")] = _default("batch_size"),
+    precision: Annotated[str, _option("precision")] = _default("precision"),
+    dtype: Annotated[str, _option("dtype")] = _default("dtype"),
+    num_workers: Annotated[Optional[int], _option("num_workers")] = _default("num_workers"),
+    device: Annotated[str, _option("device")] = _default("device"),
+    channels_last: Annotated[bool, _option("channels_last")] = _default("channels_last"),
+    decode: Annotated[str, _option("decode")] = _default("decode"),
+    compile: Annotated[bool, _option("compile")] = _default("compile"),
+    compression: Annotated[str, _option("compression")] = _default("compression"),
+    overwrite: Annotated[bool, _option("overwrite")] = _default("overwrite"),
+    retries: Annotated[int, _option("retries")] = _default("retries"),
+    retry_delay: Annotated[float, _option("retry_delay_seconds", "--retry-delay")] = _default("retry_delay_seconds"),
+    prefect: Annotated[Optional[bool], typer.Option(
+        "--prefect/--no-prefect", help="Run as a Prefect flow run (UI, artifacts). Default: when a Prefect server "
+        "is configured (PREFECT_API_URL).")] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Extract layer activations of one model over a corpus into a Zarr store. Re-running resumes.
-
-    Runs the `extract` Prefect flow in this process (no server needed); with PREFECT_API_URL set, the
-    run reports to that server."""
+    """Extract layer activations of one model over a corpus into a Zarr store. Re-running resumes."""
     from pydantic import ValidationError
 
-    from flows.extract import ExtractParameters
+    from neuropredictor.config import ExtractConfig
     from neuropredictor.layers import split_layers
 
     try:
-        params = ExtractParameters(
+        config = ExtractConfig(
             corpus=corpus, model=model, layers=split_layers(layers), out=out, reduce=reduce,
             pretrained=not no_pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
             precision=precision, dtype=dtype, num_workers=num_workers, device=device,
             channels_last=channels_last, decode=decode, compile=compile, compression=compression,
-            overwrite=overwrite, retries=retries,
-            retry_delay_seconds=retry_delay,
+            overwrite=overwrite, retries=retries, retry_delay_seconds=retry_delay,
         )
-        manifest = run_with_progress(params)
+        manifest = run_with_progress(config, prefect)
     except (NeuroPredictorError, ValidationError) as exc:
         _fail(exc)
     if as_json:
@@ -276,15 +319,8 @@ def inspect(
     from neuropredictor.store import FeatureStore
 
     try:
-        store = FeatureStore.open(out, mode="r")
-        manifest = store.manifest
-        if manifest.get("status") in ("planning", "planned"):
-            # not finalized yet (running, or interrupted): statuses come from the commit records
-            from neuropredictor import manifest as mf
-
-            commits, failures = store.committed(), store.failures()
-            manifest = dict(manifest, shards=[mf.shard_entry(s, commits.get(s.name), failures.get(s.name))
-                                              for s in store.shards])
+        # not finalized yet (running, or interrupted): statuses come from the commit records
+        manifest = FeatureStore.open(out, mode="r").status_manifest()
     except NeuroPredictorError as exc:
         _fail(exc)
     summary = _summary(manifest, out)
@@ -303,7 +339,6 @@ def demo(
     import numpy as np
     from PIL import Image
 
-    from flows.extract import ExtractParameters
     from neuropredictor.corpus import make_shards
 
     image_dir = out / "images"
@@ -319,11 +354,12 @@ def demo(
     shards = make_shards(image_dir, str(out / "shards"), maxcount=16)
     console.print(f"made {len(shards)} shards of {images} generated images in {out / 'shards'}")
     store = str(out / "features.zarr")
-    params = ExtractParameters(corpus=str(out / "shards"), model="torchvision:resnet18", layers=["layer3", "layer4"],
-                               reduce="layer3=pool:2,layer4=avgpool", out=store, pretrained=False, batch_size=16)
-    console.print("extracting torchvision:resnet18 (random weights: no download) layers layer3 (pool:2), layer4 (avgpool)")
+    config = ExtractConfig(corpus=str(out / "shards"), model="torchvision:resnet18", layers=["layer3", "layer4"],
+                           reduce="layer3=pool:2,layer4=avgpool", out=store, pretrained=False, batch_size=16)
+    console.print("extracting torchvision:resnet18 (random weights: no download) layers layer3 (pool:2), layer4 (avgpool)"
+                  " as a Prefect flow run (a temporary server unless PREFECT_API_URL names one)")
     try:
-        manifest = run_with_progress(params)
+        manifest = run_with_progress(config, use_prefect=True)
     except NeuroPredictorError as exc:
         _fail(exc)
     _print_summary(_summary(manifest, store))
@@ -341,8 +377,8 @@ def bench(
     num_workers: Annotated[Optional[int], typer.Option("--num-workers")] = None,
     flow: Annotated[bool, typer.Option("--flow", help="Also time the Prefect flow (orchestration overhead).")] = False,
     early_exit: Annotated[bool, typer.Option("--early-exit", help="Also time a full forward: early exit's speed-up.")] = False,
-    decode: Decode = "cpu",
-    compile: Compile = False,
+    decode: Annotated[str, _option("decode")] = _default("decode"),
+    compile: Annotated[bool, _option("compile")] = _default("compile"),
     as_json: AsJson = False,
 ) -> None:
     """Measure the ceiling (model alone, inputs on the device) and the pipeline side by side."""
@@ -351,8 +387,9 @@ def bench(
 
     try:
         result = run_bench(model, split_layers(layers), reduce, images=images, batch_size=batch_size,
-                           precision=precision, device=device, num_workers=num_workers, with_flow=flow,
-                           early_exit_baseline=early_exit, decode=decode, compile=compile)
+                           precision=precision, device=device, num_workers=num_workers,
+                           flow=_run_flow if flow else None, early_exit_baseline=early_exit, decode=decode,
+                           compile=compile)
     except NeuroPredictorError as exc:
         _fail(exc)
     if as_json:

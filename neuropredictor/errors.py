@@ -33,3 +33,7 @@ class StoreError(NeuroPredictorError):
 
 class ConfigMismatchError(StoreError):
     """The output store exists and was made with a different configuration."""
+
+
+class Interrupted(NeuroPredictorError):
+    """The run was asked to stop (Ctrl-C): committed shards stay committed; the same call resumes."""

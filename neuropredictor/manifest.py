@@ -11,30 +11,17 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
-import re
 import socket
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from neuropredictor.fs import json_default
+from neuropredictor.redact import redact, redact_text
+from neuropredictor.status import ShardStatus
+
 FORMAT = "neuropredictor-store/1"
-
-REDACTED = "***"
-
-# Name parts that mark a value as a credential. Matching is per word of the key name (split on
-# `_`, `-`, `.`, spaces and camelCase), so `aws_secret_access_key`, `hfToken` and s3fs's bare `key`
-# are caught while harmless names such as `monkey` or `num_tokens` are left alone.
-_SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials",
-                 "apikey", "accesskey", "secretkey", "authorization"}
-# `scheme://user:password@host` and secret-looking query parameters (presigned URLs) inside strings.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]+@")
-_QUERY_SECRET = re.compile(
-    r"(?P<head>[?&][^=&#\s]*(?:signature|token|secret|password|credential|key)[^=&#\s]*=)[^&#\s]*",
-    re.IGNORECASE,
-)
 
 # Distributions reported in the manifest, under the name the manifest uses.
 _SOFTWARE = {
@@ -53,10 +40,6 @@ _SOFTWARE = {
     "neuropredictor": "neuropredictor",
 }
 
-SHARD_COMMITTED = "committed"
-SHARD_FAILED = "failed"
-SHARD_PENDING = "pending"
-
 # Commit-record fields that the manifest's shard entry takes over itself; any other field of a
 # commit record (images_per_s, stats, committed_at...) is passed through unchanged.
 _SHARD_FIELDS = ("name", "url", "count", "offset", "status", "attempts", "duration_s", "device", "host", "error")
@@ -68,60 +51,14 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _is_secret_name(name: str) -> bool:
-    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
-    parts = {p.lower() for p in re.split(r"[^A-Za-z0-9]+", words) if p}
-    return bool(parts & _SECRET_WORDS) or name.lower() in _SECRET_WORDS
-
-
-def _is_blank(value: Any) -> bool:
-    # An unset credential (None / "") is kept as is: it shows that none was given, and leaks nothing.
-    return value is None or (isinstance(value, str) and value == "")
-
-
-def redact_text(text: str) -> str:
-    """Remove passwords from URLs (`s3://user:pw@host` -> `s3://user:***@host`) and secret query values."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
-
-
-def redact(obj: Any) -> Any:
-    """A copy of obj with credential values replaced by "***".
-
-    Values of dict keys whose name contains one of key/secret/token/password/credential as a word
-    (case-insensitive, any nesting depth, inside lists too) are replaced; strings elsewhere lose
-    URL passwords and secret query parameters. Mappings become dicts and tuples become lists,
-    which is what they turn into in JSON anyway.
-    """
-    if isinstance(obj, Mapping):
-        return {str(k): (REDACTED if _is_secret_name(str(k)) and not _is_blank(v) else redact(v))
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        return redact_text(obj)
-    return obj
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy scalars/arrays and paths show up in configs and stats; write them as plain JSON values.
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=str)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return str(obj)
-
-
 def canonical(obj: Any) -> Any:
     """obj as it reads back from JSON (tuples -> lists, numpy -> Python), so stored and requested compare equal."""
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def canonical_json(obj: Any) -> str:
     """Deterministic compact JSON: sorted keys, no whitespace, UTF-8 text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
 
 
 def config_hash(config: dict) -> str:
@@ -133,7 +70,7 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical_json(redact(canonical(config))).encode("utf-8")).hexdigest()
 
 
-def _short(value: Any, limit: int = 200) -> str:
+def short(value: Any, limit: int = 200) -> str:
     text = canonical_json(value) if value is not _MISSING else "<missing>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -157,7 +94,7 @@ def diff_configs(stored: Any, requested: Any, prefix: str = "") -> list[str]:
         return out
     if stored is _MISSING and requested is _MISSING or stored == requested:
         return []
-    return [f"{prefix or '<config>'}: stored={_short(stored)} requested={_short(requested)}"]
+    return [f"{prefix or '<config>'}: stored={short(stored)} requested={short(requested)}"]
 
 
 def software_versions() -> dict[str, str]:
@@ -177,54 +114,10 @@ def software_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# JSON files on any fsspec filesystem
-
-
-def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-def read_json(fs: Any, path: str) -> Any:
-    """Parse the JSON file at path (FileNotFoundError if there is none)."""
-    return json.loads(fs.cat_file(path))
-
-
-def write_json_atomic(fs: Any, path: str, obj: Any) -> None:
-    """Write obj as JSON so that a reader sees the old file or the new one, never half of one.
-
-    Local disk: temp file in the same directory, fsync, os.replace. Object stores: one PUT
-    (`pipe_file`), which is atomic per object there.
-    """
-    data = (json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
-    write_bytes_atomic(fs, path, data)
-
-
-def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Write data to path all at once (see `write_json_atomic`); parent folders are made on local disk."""
-    if _is_local(fs):
-        path = fs._strip_protocol(path)
-        directory = os.path.dirname(path)
-        os.makedirs(directory or ".", exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    else:
-        fs.pipe_file(path, data)
-
-
-# ---------------------------------------------------------------------------------------------
 # The manifest
 
 
-def _bad_samples(record: Mapping, shard_name: str) -> list[dict]:
+def bad_samples(record: Mapping, shard_name: str) -> list[dict]:
     # Sample keys are data, not credentials: built field by field instead of going through redact
     # (which would blank every `key`). The reason text still loses URL passwords.
     out = []
@@ -245,18 +138,18 @@ def shard_entry(shard: Any, commit: Mapping | None = None, failure: Mapping | No
     failed_attempts = int(failure.get("attempts") or 0) if failure else 0
     if commit is not None:
         rec = redact(dict(commit))
-        entry.update(status=SHARD_COMMITTED, attempts=rec.get("attempts") or failed_attempts + 1,
+        entry.update(status=ShardStatus.COMMITTED, attempts=rec.get("attempts") or failed_attempts + 1,
                      duration_s=rec.get("duration_s"), device=rec.get("device"), host=rec.get("host"),
                      error=None)
         entry.update({k: v for k, v in rec.items() if k not in _SHARD_FIELDS and k not in _RECORD_INTERNAL})
     elif failure is not None:
         rec = redact(dict(failure))
-        entry.update(status=SHARD_FAILED, attempts=failed_attempts, duration_s=rec.get("duration_s"),
+        entry.update(status=ShardStatus.FAILED, attempts=failed_attempts, duration_s=rec.get("duration_s"),
                      device=rec.get("device"), host=rec.get("host"), error=rec.get("error"))
         if rec.get("failed_at"):
             entry["failed_at"] = rec["failed_at"]
     else:
-        entry.update(status=SHARD_PENDING, attempts=0, duration_s=None, device=None, host=None, error=None)
+        entry.update(status=ShardStatus.PENDING, attempts=0, duration_s=None, device=None, host=None, error=None)
     return entry
 
 
@@ -284,7 +177,7 @@ def build_manifest(
     config = redact(canonical(config))
     shards = list(shards)
     entries = [shard_entry(s, commits.get(s.name), failures.get(s.name)) for s in shards]
-    bad = [b for s in shards if s.name in commits for b in _bad_samples(commits[s.name], s.name)]
+    bad = [b for s in shards if s.name in commits for b in bad_samples(commits[s.name], s.name)]
     committed_rows = sum(int(s.count) for s in shards if s.name in commits)
     if valid_rows is None:
         valid_rows = 0

@@ -1,82 +1,38 @@
-"""The data path of one run, as three library calls (the Prefect flows are thin wrappers over them):
+"""The data path of one run, as library calls (`neuropredictor.schedule` runs them shard after shard,
+the Prefect flows as tasks):
 
     validate(config)              model loads, layers resolve, corpus reachable: before anything is written
     plan(config)                  validate, then create the Zarr store (or reopen it to resume)
     extract_shard(config, shard)  read -> decode/preprocess -> forward + reduce -> write rows -> commit
     finalize(config)              merge commit records into manifest.json, consolidate metadata
-
-`run(config)` does all three in this process, shard after shard; re-running it resumes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from neuropredictor.corpus import Shard, list_shards, read_shard
-from neuropredictor.errors import NeuroPredictorError, StoreError
+from neuropredictor import fs as fsx
+from neuropredictor.config import IDENTITY, ExtractConfig
+from neuropredictor.corpus import list_shards, read_shard
+from neuropredictor.errors import Interrupted, StoreError
+from neuropredictor.redact import redact_text
 from neuropredictor.extractor import Extractor
 from neuropredictor.models import LoadedModel, load_model
+from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, LayerSpec
 
 if TYPE_CHECKING:  # imported when used: torchvision's decoders cost start-up time nobody else needs
     from neuropredictor.device_decode import DeviceDecoder
-
-
-class ExtractConfig(BaseModel):
-    """Everything one extraction run needs. Fields that change the numbers form the store's identity
-    (see `identity`); the others (batch size, workers, device) may differ between runs that resume."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    corpus: str | list[str] = Field(description="WebDataset shards: a directory, a brace pattern "
-                                    "(shards/train-{000000..000099}.tar), a URL (s3://...), or a list of them.")
-    model: str = Field(description="Model spec SOURCE:NAME[@TAG], e.g. timm:resnet50, torchvision:alexnet, "
-                       "openclip:ViT-B-32@laion2b_s34b_b79k, clip:ViT-B-32, hf:ORG/NAME, custom:module:factory.")
-    layers: list[str] = Field(description="Layer names or globs, e.g. `layer3`, `layer4` or `blocks.*` (a `*` "
-                              "matches within one dotted segment); list them with `neuropredictor layers SPEC`.")
-    out: str = Field(description="Output Zarr store URL (local path or s3://bucket/prefix).")
-    reduce: str = Field("full", description="One reduction for every layer (full, flatten, avgpool, cls, "
-                        "pool:K, srp:D), or per layer: 'layer3=pool:2,layer4=avgpool'.")
-    pretrained: bool = Field(True, description="Use the source's pretrained weights; False gives random weights.")
-    weights: str | None = Field(None, description="Local checkpoint to load (safetensors or torch state dict).")
-    dtype: Literal["float32", "float16"] = Field("float32", description="Dtype of the stored features.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision of the forward pass.")
-    batch_size: int = Field(64, ge=1, description="Images per forward pass.")
-    num_workers: int | None = Field(None, ge=0, description="DataLoader decode workers per device "
-                                    "(default: the machine's cores, up to 8).")
-    device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'...")
-    channels_last: bool = Field(False, description="Run conv nets in channels_last memory format.")
-    compile: bool = Field(False, description="torch.compile the model (one compilation per replica, worth it "
-                          "for long runs on a GPU; numbers equal eager within float rounding).")
-    decode: Literal["cpu", "device"] = Field("cpu", description="Where images are decoded and preprocessed: "
-                                             "'cpu' (PIL in the DataLoader workers) or 'device' (JPEGs decoded in "
-                                             "batches by nvJPEG on the GPU, preprocessing as tensor ops there), for "
-                                             "when CPU decoding is the bottleneck.")
-    compression: str = Field("zstd", description="Zarr compression: zstd, zstd:LEVEL, blosc, gzip, none.")
-    srp_seed: int = Field(0, description="Seed of the sparse random projections (srp:D).")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec storage options (e.g. "
-                                                   "endpoint_url); never written to the manifest.")
-    overwrite: bool = Field(False, description="Replace an existing store made with another configuration.")
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def resolved_workers(self) -> int:
-        return self.num_workers if self.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 @dataclass
@@ -96,13 +52,17 @@ _RUNNERS: dict[tuple, Runner] = {}
 _RUNNERS_LOCK = threading.Lock()
 
 
-def get_runner(config: ExtractConfig, device: str | torch.device | None = None) -> Runner:
-    """The process's replica for this model/layers/device, loaded on first use (never per shard)."""
-    dev = torch.device(device) if device is not None else config.resolved_device()
+def _device(config: ExtractConfig, device: str | torch.device | None) -> torch.device:
+    dev = torch.device(device) if device is not None else torch.device(config.resolved_devices()[0])
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one replica
-    key = (config.model, config.pretrained, config.weights, tuple(config.layers), config.reduce,
-           config.precision, config.channels_last, config.srp_seed, config.compile, config.decode, str(dev))
+    return dev
+
+
+def get_runner(config: ExtractConfig, device: str | torch.device | None = None) -> Runner:
+    """The process's replica for this model/layers/device, loaded on first use (never per shard)."""
+    dev = _device(config, device)
+    key = (config.replica_key(), str(dev))
     with _RUNNERS_LOCK:
         if key not in _RUNNERS:
             model = load_model(config.model, pretrained=config.pretrained, weights=config.weights)
@@ -117,19 +77,27 @@ def get_runner(config: ExtractConfig, device: str | torch.device | None = None) 
         return _RUNNERS[key]
 
 
+# How each IDENTITY field of the config enters the store's identity, resolved by the loaded replica
+# (the checksum of a weights file, the layers a glob matched, each layer's reduction). pretrained and
+# weights become one entry: what was loaded.
+_RESOLVED = {
+    "pretrained": lambda config, runner: ("weights", runner.model.weights),
+    "weights": lambda config, runner: ("weights", runner.model.weights),
+    "layers": lambda config, runner: ("layers", runner.extractor.layers),
+    "reduce": lambda config, runner: ("reductions", {p.name: str(p.reduction) for p in runner.extractor.plan.values()}),
+}
+
+
 def identity(config: ExtractConfig, runner: Runner) -> dict:
-    """The fields that determine the stored numbers: a store made with other values is another run."""
-    return {
-        "model": config.model,
-        "weights": runner.model.weights,
-        "layers": runner.extractor.layers,
-        "reductions": {p.name: str(p.reduction) for p in runner.extractor.plan.values()},
-        "input_size": list(runner.model.input_size),
-        "precision": config.precision,
-        "decode": config.decode,  # nvJPEG + tensor resizing round differently from PIL
-        "dtype": config.dtype,
-        "srp_seed": config.srp_seed,
-    }
+    """The fields that determine the stored numbers (a store made with other values is another run), and
+    the model's input size they imply."""
+    out: dict = {}
+    for name in ExtractConfig.fields_with(IDENTITY):
+        key, value = _RESOLVED[name](config, runner) if name in _RESOLVED else (name, getattr(config, name))
+        out[key] = value
+        if name == "model":
+            out["input_size"] = list(runner.model.input_size)
+    return out
 
 
 def validate(config: ExtractConfig) -> list[Shard]:
@@ -144,26 +112,25 @@ def validate(config: ExtractConfig) -> list[Shard]:
 def check_output(url: str, storage_options: dict | None = None) -> None:
     """Fail early, writing nothing, when the output cannot be created: its nearest existing ancestor must
     be a directory (or, on object stores, the bucket must exist)."""
-    import fsspec
-
+    fs, path = fsx.connect(url, storage_options, error=StoreError, what="output store")
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        probe = path.rstrip("/")
+        probe = path
         for _ in range(64):  # bounded walk up to the nearest existing ancestor
             if fs.exists(probe):
                 if not fs.isdir(probe):
-                    raise StoreError(f"cannot create the output store {url!r}: {probe!r} is a file, not a folder. "
-                                     "Choose another --out.")
+                    raise StoreError(f"cannot create the output store {redact_text(url)!r}: {probe!r} is a file, "
+                                     "not a folder. Choose another `out`.")
                 return
             parent = fs._parent(probe)
             if not parent or parent == probe:
                 break
             probe = parent
-        raise StoreError(f"cannot create the output store {url!r}: its bucket {probe!r} does not exist")
+        raise StoreError(f"cannot create the output store {redact_text(url)!r}: its bucket {probe!r} does not exist")
     except StoreError:
         raise
     except Exception as exc:
-        raise StoreError(f"cannot reach the output store {url!r}: {type(exc).__name__}: {exc}") from exc
+        raise StoreError(f"cannot reach the output store {redact_text(url)!r}: {type(exc).__name__}: "
+                         f"{redact_text(str(exc))}") from exc
 
 
 def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureStore:
@@ -178,31 +145,7 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
         config.out, shards, runner.layer_specs(), identity(config, runner), dtype=config.dtype,
         compression=config.compression, storage_options=config.storage_options, overwrite=config.overwrite,
     )
-    done = store.committed()  # one listing, not one request per shard
-    committed = [s for s in store.shards if s.name in done]
-    _emit("planned", rows=store.rows, committed_rows=sum(s.count for s in committed), shards=len(store.shards),
-          committed_shards=len(committed))
     return store
-
-
-_LISTENERS: list[Callable[[str, dict], None]] = []
-
-
-@contextlib.contextmanager
-def progress_listener(fn: Callable[[str, dict], None]) -> Iterator[None]:
-    """Call fn(event, data) for the progress events of this process's runs, for progress bars that sit
-    outside the code running the shards (the CLI around the Prefect flow). Events:
-    "planned" {rows, committed_rows, shards, committed_shards}, "batch" {images}, "shard" {name, record}."""
-    _LISTENERS.append(fn)
-    try:
-        yield
-    finally:
-        _LISTENERS.remove(fn)
-
-
-def _emit(event: str, **data: Any) -> None:
-    for fn in list(_LISTENERS):
-        fn(event, data)
 
 
 class _BackgroundWriter:
@@ -268,11 +211,13 @@ class _BackgroundWriter:
 
 def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | None = None,
                   device: str | torch.device | None = None,
-                  on_batch: Callable[[int], None] | None = None, attempt: int = 1) -> dict:
+                  on_batch: Callable[[int], None] | None = None, attempt: int = 1,
+                  stop: threading.Event | None = None) -> dict:
     """Extract one shard into the store and commit it; a committed shard is skipped (returns its record).
 
-    on_batch(n) is called after each batch (progress bars), as are the progress listeners. attempt is
-    recorded in the commit record (the orchestrator's retry count). Returns the shard's commit record.
+    on_batch(n) is called after each batch (progress bars). attempt is recorded in the commit record (the
+    orchestrator's retry count). When `stop` is set, the shard ends after its current batch with
+    `Interrupted`, uncommitted. Returns the shard's commit record.
     """
     store = store or FeatureStore.open(config.out, config.storage_options)
     done = store.commit_record(shard.name)  # one read of this shard's record, not a listing of all
@@ -295,6 +240,8 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
                               pin_memory=runner.device.type == "cuda" and decoder is None))
     try:
         while True:
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"stopped during shard {shard.name}; it was not committed and runs again next time")
             t_wait = time.perf_counter()
             batch = next(batches, None)
             input_wait += time.perf_counter() - t_wait
@@ -311,8 +258,8 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
             background.put(int(batch.index[0]), list(batch.keys), valid, feats, out_dtype)
             if on_batch is not None:
                 on_batch(len(batch))
-            _emit("batch", images=len(batch))
     finally:
+        batches.close()  # stops the decode workers now, also when the shard ends in an error
         t_flush = time.perf_counter()
         background.close()
     stats = writer.close()
@@ -339,9 +286,7 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
         "stages": stages,
         "stats": stats,
     }
-    store.commit(shard, record)
-    _emit("shard", name=shard.name, record=record)
-    return record
+    return writer.commit(record)
 
 
 def _device_name(device: torch.device) -> str:
@@ -354,28 +299,3 @@ def finalize(config: ExtractConfig, store: FeatureStore | None = None) -> dict:
     """Merge commit records into manifest.json and consolidate metadata; returns the manifest."""
     store = store or FeatureStore.open(config.out, config.storage_options)
     return store.finalize()
-
-
-def run(config: ExtractConfig) -> dict:
-    """plan -> every shard in turn (committed ones skipped) -> finalize, in this process, without Prefect
-    (notebooks). A shard that fails is recorded as failed and the others still run; the error is raised at
-    the end, after finalize, naming the failed shards. Re-running resumes."""
-    store = plan(config)
-    failed: dict[str, str] = {}
-    for shard in store.shards:
-        try:
-            extract_shard(config, shard, store=store)
-        except Exception as exc:  # one bad shard must not cost the others; it is re-run next time
-            failed[shard.name] = f"{type(exc).__name__}: {exc}"
-            store.record_failure(shard, failed[shard.name], attempts=1)
-    manifest = store.finalize()
-    if failed:
-        raise NeuroPredictorError(failure_message(failed))
-    return manifest
-
-
-def failure_message(failed: dict[str, str]) -> str:
-    """What a run whose shards `failed` (name -> error) tells the user: which, why, and how to resume."""
-    return (f"{len(failed)} shard(s) failed after their retries: {', '.join(sorted(failed))}. The other shards "
-            "are stored and committed. Fix the cause and run the same command again: only these shards run.\n"
-            + "\n".join(f"  {k}: {v}" for k, v in sorted(failed.items())))

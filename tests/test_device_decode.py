@@ -27,7 +27,7 @@ from neuropredictor.device_decode import DeviceDecoder, tensor_steps
 from neuropredictor.errors import ConfigMismatchError, NeuroPredictorError
 from neuropredictor.models import load_model
 from neuropredictor.models.hf import processor_transform
-from neuropredictor.pipeline import ExtractConfig, plan, run
+from neuropredictor import ExtractConfig, plan, run
 from neuropredictor.store import open_features
 
 MAX_LEVELS = 3 / 255

@@ -452,7 +452,7 @@ def test_csv_with_roi_file_and_missing_store(planted, tmp_path):
 
 def test_real_store_from_pipeline(tmp_path):
     from neuropredictor.corpus import make_shards
-    from neuropredictor.pipeline import ExtractConfig, run
+    from neuropredictor import ExtractConfig, run
     from neuropredictor.store import open_features
 
     images = tmp_path / "imgs"

@@ -40,7 +40,7 @@ def corpus(tmp_path, image_dir):
 
 
 def _arrays(url, storage_options=None) -> dict[str, np.ndarray]:
-    group = zarr.open_group(FeatureStore.open(url, storage_options, mode="r")._zarr_store(), mode="r")
+    group = zarr.open_group(FeatureStore.open(url, storage_options, mode="r").zarr_store(), mode="r")
     out = {name: np.asarray(group[f"features/{name}"][:]) for name in ("layer2", "layer4")}
     out["keys"] = np.array([str(k) for k in group["keys"][:]], dtype=object)
     out["valid"] = np.asarray(group["valid"][:])

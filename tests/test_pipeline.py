@@ -20,7 +20,7 @@ from conftest import MODEL, check_against_reference, make_images
 from neuropredictor.corpus import list_shards, make_shards
 from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError
 from neuropredictor.models import load_model
-from neuropredictor.pipeline import ExtractConfig, extract_shard, finalize, plan, run
+from neuropredictor import ExtractConfig, extract_shard, finalize, plan, run
 from neuropredictor.store import FeatureStore, open_features
 
 def _config(corpus, out, **kw) -> ExtractConfig:
@@ -108,7 +108,7 @@ def test_unequal_shards_concurrent_equals_sequential(tmp_path):
 
 _KILL_SCRIPT = """
 import os, signal, sys
-from neuropredictor.pipeline import ExtractConfig, extract_shard
+from neuropredictor import ExtractConfig, extract_shard
 from neuropredictor.store import FeatureStore
 cfg = ExtractConfig.model_validate_json(sys.argv[1])
 store = FeatureStore.open(cfg.out)
@@ -169,7 +169,7 @@ def test_config_mismatch_is_refused_and_overwrite_replaces(corpus, tmp_path):
     manifest_before = (out / "manifest.json").read_text()
     with pytest.raises(ConfigMismatchError) as info:
         plan(_config(corpus, out, reduce="avgpool"))
-    assert "reductions" in str(info.value) and "--overwrite" in str(info.value)
+    assert "reductions" in str(info.value) and "overwrite=True" in str(info.value)
     assert (out / "manifest.json").read_text() == manifest_before  # nothing written
     # batch size and workers are not part of the identity: a resume with other values is fine
     plan(_config(corpus, out, batch_size=3, num_workers=0))

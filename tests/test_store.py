@@ -20,6 +20,7 @@ import zarr
 
 from neuropredictor import manifest as mf
 from neuropredictor.errors import ConfigMismatchError, StoreError
+from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, LayerSpec, open_features, plan_chunk_rows
 
 LAYERS = [LayerSpec("layer4.0.conv1", (3, 2), "avgpool"), LayerSpec("blocks.11", (4,), "cls")]
@@ -32,22 +33,10 @@ UNEQUAL = [7, 13, 5]
 # helpers
 
 
-def make_shards(counts: list[int]) -> list:
-    from neuropredictor.corpus import Shard  # imported here: corpus imports torch (slow for spawned children)
-
+def make_shards(counts: list[int]) -> list[Shard]:
     offsets = np.cumsum([0, *counts[:-1]]).tolist()
     return [Shard(url=f"s3://corpus/shard-{i:03d}.tar", name=f"shard-{i:03d}", count=c, offset=o)
             for i, (c, o) in enumerate(zip(counts, offsets))]
-
-
-@dataclass(frozen=True)
-class LiteShard:
-    """Duck-typed shard for spawned processes (the store only reads name/count/offset/url)."""
-
-    url: str
-    name: str
-    count: int
-    offset: int
 
 
 def expected_row(row: int) -> tuple[str, bool, dict[str, np.ndarray]]:
@@ -67,9 +56,9 @@ def expected_arrays(total: int, dtype: str = "float32") -> dict[str, np.ndarray]
     return out
 
 
-def write_shard(store: FeatureStore, shard, batch: int = 3, garbage: bool = False, stop: int | None = None,
-                commit: bool = True) -> dict | None:
-    """Write a shard's expected rows in batches (valid rows carry features; invalid rows carry junk)."""
+def write_rows(store: FeatureStore, shard, batch: int = 3, garbage: bool = False, stop: int | None = None):
+    """Write a shard's expected rows in batches (valid rows carry features; invalid rows carry junk); returns
+    the writer, neither closed nor committed."""
     w = store.writer(shard)
     end = shard.count if stop is None else stop
     for i in range(0, end, batch):
@@ -83,11 +72,17 @@ def write_shard(store: FeatureStore, shard, batch: int = 3, garbage: bool = Fals
                 # junk in invalid rows: the writer must store NaN there whatever it was given
                 feats[name].append((x if v else np.full_like(x, 7.0)) + (1000 if garbage else 0))
         w.write(i, keys, np.array(valid), {n: np.stack(x) for n, x in feats.items()})
+    return w
+
+
+def write_shard(store: FeatureStore, shard, batch: int = 3, garbage: bool = False, stop: int | None = None) -> dict | None:
+    """write_rows, then close and commit; returns the writer's stats (None for `stop`: a simulated crash,
+    never closed, never committed)."""
+    w = write_rows(store, shard, batch, garbage, stop)
     if stop is not None:
-        return None  # simulated crash: never closed, never committed
+        return None
     stats = w.close()
-    if commit:
-        store.commit(shard, {"attempts": 1, "duration_s": 0.5, "device": "cpu"})
+    w.commit({"attempts": 1, "duration_s": 0.5, "device": "cpu"})
     return stats
 
 
@@ -269,7 +264,7 @@ def test_threads_match_sequential(target: Target, tmp_path):
 
 def _child_write(url: str, so: dict | None, shard: tuple[str, int, int]) -> dict:
     store = FeatureStore.open(url, so)
-    return write_shard(store, LiteShard("unused", *shard), batch=4)
+    return write_shard(store, Shard("unused", *shard), batch=4)
 
 
 def test_processes_match_sequential(target: Target, tmp_path):
@@ -348,7 +343,7 @@ def test_writer_withdraws_commit_and_pads_short_shards(target: Target):
         w.write(2, ["c"], np.array([True]), {"blocks.11": np.ones((1, 4), np.float32)})
     stats = w.close()
     assert stats["rows"] == 2 and stats["padded_rows"] == 11
-    store.commit(s1, {})
+    w.commit({})
     store.finalize()
     raw = read_arrays(target.url, target.so)
     assert raw["keys"][7:9].tolist() == ["a", "b"] and raw["valid"][7:20].tolist() == [True] * 2 + [False] * 11
@@ -357,17 +352,14 @@ def test_writer_withdraws_commit_and_pads_short_shards(target: Target):
 
 def test_commit_comes_after_data(target: Target):
     store = create(target)
-    s0, s1, _ = make_shards(UNEQUAL)
+    _, s1, _ = make_shards(UNEQUAL)
     w = store.writer(s1)
     for i in range(0, 13, 5):
         n = min(5, 13 - i)
         w.write(i, [f"k{i + j}" for j in range(n)], np.ones(n, bool),
                 {lay.name: np.zeros((n, *lay.shape), np.float32) for lay in LAYERS})
-    with pytest.raises(StoreError, match="close its writer"):
-        store.commit(s1, {})
     assert not store.is_committed(s1.name)
-    w.close()
-    store.commit(s1, {"attempts": 2})
+    w.commit({"attempts": 2})  # closes the writer first: the last rows are written before the record
     rec = store.committed()[s1.name]
     assert rec["attempts"] == 2 and rec["stats"]["rows"] == 13 and rec["stats"]["staged_objects"] == 4
 
@@ -383,14 +375,15 @@ def test_commit_comes_after_data(target: Target):
 
     assert mtime(status) >= max(mtime(p) for p in data)
 
-    # another process's commit of a shard whose staged rows are gone is refused
-    write_shard(store, s0, commit=False)
-    fs.rm(target.objects(f"_staging/{s1.name}")[0])
+    # a commit whose staged rows are gone (deleted by another process meanwhile) is refused
     again = FeatureStore.open(target.url, target.so)
+    s2 = make_shards(UNEQUAL)[2]
+    w2 = write_rows(again, s2)
+    w2.close()
+    fs.rm(target.objects(f"_staging/{s2.name}")[0])
     with pytest.raises(StoreError, match="staged boundary"):
-        again.commit(s1, {})
-    again.commit(s0, {})
-    assert set(again.committed()) == {s0.name, s1.name}  # s1's earlier commit still stands
+        w2.commit({})
+    assert set(again.committed()) == {s1.name}  # s1's commit still stands, s2 has none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +402,7 @@ def test_config_mismatch_names_fields_and_writes_nothing(target: Target):
     assert 'config.model: stored="timm:resnet50" requested="timm:resnet18"' in msg
     assert 'config.precision: stored="bf16" requested="fp32"' in msg
     assert 'dtype: stored="float32" requested="float16"' in msg
-    assert "shards" in msg and "overwrite=True" in msg and "--out" in msg
+    assert "shards" in msg and "overwrite=True" in msg and "`out`" in msg
     assert "batch_size" not in msg
     assert {p: target.fs.cat_file(p) for p in target.objects()} == before
 
@@ -457,8 +450,7 @@ def test_manifest_has_no_secrets(target: Target):
                   hf_token="hf_tokenvalue")
     store = create(target, config=config)
     s0, s1, s2 = make_shards(UNEQUAL)
-    write_shard(store, s0, commit=False)
-    store.commit(s0, {"attempts": 1, "images_per_s": 321.5, "api_key": "zzz-key-value", "device": "cuda:0",
+    write_rows(store, s0).commit({"attempts": 1, "images_per_s": 321.5, "api_key": "zzz-key-value", "device": "cuda:0",
                       "bad_samples": [{"key": "img00003", "reason": "truncated; see https://bob:hunter2@h/x"}]})
     store.record_failure(s1, "S3 error for s3://carol:letmein@host/x.tar?X-Amz-Credential=AKIAEXAMPLE", 3)
     manifest = store.finalize()
@@ -534,6 +526,5 @@ def test_bad_options_and_torch_input(tmp_path):
     w = store.writer(shard)
     feats = {lay.name: torch.full((2, *lay.shape), 1.5, dtype=torch.bfloat16) for lay in LAYERS}
     w.write(0, ["a", "b"], np.array([True, True]), feats)
-    w.close()
-    store.commit(shard, {})
+    w.commit({})
     assert (open_features(t.url)["layer4.0.conv1"].values == 1.5).all()

@@ -1,0 +1,139 @@
+"""One way to reach files: local disk, s3:// and any fsspec URL, for the corpus and the store alike.
+
+Every part of the library opens its filesystems here, so credentials, cache rules and error messages
+are the same everywhere. JSON and binary objects are written atomically: a reader sees the old object
+or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+
+from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.redact import redact_text
+
+__all__ = ["basename", "connect", "full_url", "invalidate", "is_local", "nonempty", "parent", "read_json",
+           "read_json_or_none", "remove_tree", "write_bytes_atomic", "write_json_atomic"]
+
+
+def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = False,
+            error: type[NeuroPredictorError] = NeuroPredictorError, what: str = "location") -> tuple[Any, str]:
+    """(filesystem, path) for url; path has no trailing slash.
+
+    fresh: bypass fsspec's instance cache (and its stale listings); needed after a fork, since async
+    filesystems such as s3fs are not fork-safe. A URL whose protocol is unknown or whose backend is
+    not installed raises `error`, naming the URL (credentials redacted) and the fix.
+    """
+    opts = dict(storage_options or {})
+    if fresh:
+        opts["skip_instance_cache"] = True
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **opts)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise error(f"cannot open {what} {redact_text(str(url))!r}: {exc}. Use a local path or an fsspec URL "
+                    "(s3://bucket/prefix, file://...) and install the package for its protocol.") from exc
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def full_url(fs: Any, path: str) -> str:
+    """A URL that opens path again from any process: the absolute path on local disk, proto://... otherwise."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def parent(path: str) -> str:
+    path = path.rstrip("/")
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def invalidate(fs: Any, path: str) -> None:
+    # s3fs caches listings, while other workers (processes, machines) write under the same prefix
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+
+
+def nonempty(fs: Any, path: str) -> bool:
+    """Whether path is a file or a folder with something in it."""
+    invalidate(fs, path)
+    try:
+        return True if fs.isfile(path) else bool(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+def remove_tree(fs: Any, path: str) -> None:
+    invalidate(fs, path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+    invalidate(fs, path)
+
+
+def read_json(fs: Any, path: str) -> Any:
+    """Parse the JSON object at path (FileNotFoundError if there is none; ValueError if it is damaged)."""
+    return json.loads(fs.cat_file(path))
+
+
+def read_json_or_none(fs: Any, path: str) -> Any:
+    try:
+        return read_json(fs, path)
+    except FileNotFoundError:
+        return None
+
+
+def json_default(obj: Any) -> Any:
+    # numpy scalars/arrays, sets and paths show up in configs and stats: write them as plain JSON values
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """obj as indented UTF-8 JSON (what every JSON object of a store looks like)."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n").encode("utf-8")
+
+
+def write_json_atomic(fs: Any, path: str, obj: Any) -> None:
+    write_bytes_atomic(fs, path, json_bytes(obj))
+
+
+def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write data to path all at once; parent folders are made on local disk.
+
+    Local disk: a temporary file in the same folder, fsync, os.replace. Object stores: one PUT
+    (`pipe_file`), which is atomic per object there.
+    """
+    if is_local(fs):
+        path = fs._strip_protocol(path)
+        directory = os.path.dirname(path)
+        os.makedirs(directory or ".", exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)

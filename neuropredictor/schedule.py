@@ -1,0 +1,199 @@
+"""The shard loop, in one place: which shards are left, one group of shards in flight per device, retries,
+and what a failed shard leaves behind.
+
+    run(config)                         plan -> every pending shard on every device -> finalize, here
+    pending_groups(store, ...)          the shards without a commit record, in groups
+    extract_group(config, group, ...)   one group on one device; a failure is recorded, then raised
+    DeviceWindow                        which group starts next on which free device
+    RetryPolicy                         how often and after how long a failed group runs again
+
+`run` executes groups on threads (one per device); the Prefect flows execute the same groups as tasks
+(`flows/extract.py`), with the same window, the same retry delays and the same failure records, so a
+run with or without a Prefect server resumes the same way.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from neuropredictor.config import ExtractConfig
+from neuropredictor.errors import Interrupted, NeuroPredictorError
+from neuropredictor.pipeline import extract_shard, plan
+from neuropredictor.shard import Shard
+from neuropredictor.status import ShardStatus
+from neuropredictor.store import FeatureStore
+
+ProgressFn = Callable[[str, dict], None]
+"""on_event(event, data): "planned" {rows, committed_rows, shards, committed_shards}, "batch" {images},
+"shard" {name, record}."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of a failed group of shards: `retries` more attempts, the first after `delay_s`, each next
+    one after twice as long, every delay stretched by up to `jitter` (so many workers do not retry in step)."""
+
+    retries: int = 2
+    delay_s: float = 10.0
+    jitter: float = 0.5
+
+    @classmethod
+    def of(cls, config: ExtractConfig) -> RetryPolicy:
+        return cls(retries=config.retries, delay_s=config.retry_delay_seconds)
+
+    def delays(self) -> list[float]:
+        """The delay before each retry, without jitter (Prefect's `retry_delay_seconds`)."""
+        return [self.delay_s * 2**i for i in range(max(self.retries, 1))]
+
+    def call(self, fn: Callable[[int], Any], stop: threading.Event | None = None) -> Any:
+        """fn(attempt) for attempt 1, 2, ... until it returns or the retries are spent (then it raises)."""
+        delays = self.delays()
+        for attempt in range(1, self.retries + 2):
+            try:
+                return fn(attempt)
+            except Exception:
+                if attempt > self.retries or (stop is not None and stop.is_set()):
+                    raise
+            pause = delays[attempt - 1] * (1 + self.jitter * random.random())
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def pending_groups(store: FeatureStore, names: Sequence[str] | None = None, per_group: int = 1) -> list[list[Shard]]:
+    """The store's shards without a commit record (only `names`, if given), in order, in groups of
+    `per_group`. One listing of the commit records, not a request per shard."""
+    shards = store.shards
+    if names is not None:
+        unknown = sorted(set(names) - {s.name for s in shards})
+        if unknown:
+            raise NeuroPredictorError(f"shards {unknown[:5]} are not in the corpus of the store {store.url}")
+        wanted = set(names)
+        shards = [s for s in shards if s.name in wanted]
+    done = store.committed()
+    todo = [s for s in shards if s.name not in done]
+    return [todo[i:i + per_group] for i in range(0, len(todo), per_group)]
+
+
+def group_label(group: Sequence[Shard]) -> str:
+    return group[0].name if len(group) == 1 else f"{group[0].name}..{group[-1].name}"
+
+
+def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureStore, device: str | None = None,
+                  attempt: int = 1, on_batch: Callable[[int], None] | None = None,
+                  stop: threading.Event | None = None) -> list[dict]:
+    """Extract each shard of the group on `device` (committed ones are skipped). A shard that fails gets a
+    failure record naming the attempt, and the error is raised, so that the caller retries the group."""
+    records = []
+    for shard in group:
+        try:
+            record = extract_shard(config, shard, store=store, device=device, on_batch=on_batch, attempt=attempt,
+                                   stop=stop)
+        except Interrupted:
+            raise  # not a failure of the shard: it runs again next time
+        except Exception as exc:
+            store.record_failure(shard, f"{type(exc).__name__}: {exc}", attempts=attempt)
+            raise
+        records.append(record | {"shard": shard.name})
+    return records
+
+
+class DeviceWindow:
+    """One group of shards in flight per device: `start` pairs free devices with the next groups, `finish`
+    frees a device and keeps what a finished group leaves (its uncommitted shards, if it failed)."""
+
+    def __init__(self, groups: Iterable[Sequence[Shard]], devices: Sequence[str]) -> None:
+        self._todo = deque(list(g) for g in groups)
+        self._free = list(devices)
+        self.failed: dict[str, str] = {}  # shard name -> error
+        self.rows_done = 0
+
+    def start(self) -> list[tuple[list[Shard], str]]:
+        out = []
+        while self._free and self._todo:
+            out.append((self._todo.popleft(), self._free.pop(0)))
+        return out
+
+    def finish(self, group: Sequence[Shard], device: str, error: str | None,
+               is_committed: Callable[[str], bool]) -> None:
+        self._free.append(device)
+        if error is not None:
+            self.failed.update({s.name: error for s in group if not is_committed(s.name)})
+        self.rows_done += sum(s.count for s in group if s.name not in self.failed)
+
+
+def failure_message(failed: dict[str, str]) -> str:
+    """What a run whose shards `failed` (name -> error) tells the user: which, why, and how to resume."""
+    return (f"{len(failed)} shard(s) failed after their retries: {', '.join(sorted(failed))}. The other shards "
+            "are stored and committed. Fix the cause and run the same command again: only these shards run.\n"
+            + "\n".join(f"  {k}: {v}" for k, v in sorted(failed.items())))
+
+
+def unfinished(manifest: dict) -> dict[str, str]:
+    """Shard name -> error (or 'not committed') for every shard a finalized manifest lists as not committed."""
+    return {s["name"]: s.get("error") or "not committed" for s in manifest["shards"]
+            if s["status"] != ShardStatus.COMMITTED}
+
+
+def planned_event(store: FeatureStore) -> dict:
+    """The "planned" progress event's data: rows and shards in total and already committed."""
+    done = store.committed()
+    committed = [s for s in store.shards if s.name in done]
+    return {"rows": store.rows, "committed_rows": sum(s.count for s in committed), "shards": len(store.shards),
+            "committed_shards": len(committed)}
+
+
+def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threading.Event | None = None) -> dict:
+    """plan -> every pending shard, one group at a time on each device, with retries -> finalize, in this
+    process, without Prefect. Re-running resumes. A shard that still fails after its retries is recorded as
+    failed and the others still run; the error is raised at the end, after finalize, naming the failed
+    shards. Setting `stop` (Ctrl-C does it) ends the run between batches with `Interrupted`."""
+    store = plan(config)
+    emit = on_event or (lambda event, data: None)
+    emit("planned", planned_event(store))
+    stop = stop or threading.Event()
+    devices = config.resolved_devices()
+    window = DeviceWindow(pending_groups(store), devices)
+    policy = RetryPolicy.of(config)
+
+    def on_batch(n: int) -> None:
+        emit("batch", {"images": n})
+
+    def work(group: list[Shard], device: str) -> list[dict]:
+        return policy.call(lambda attempt: extract_group(config, group, store, device, attempt, on_batch, stop), stop)
+
+    running: dict[Future, tuple[list[Shard], str]] = {}
+    with ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
+        try:
+            while True:
+                for group, device in window.start():
+                    running[pool.submit(work, group, device)] = (group, device)
+                if not running:
+                    break
+                finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)  # wakes up for Ctrl-C
+                for future in finished:
+                    group, device = running.pop(future)
+                    error = future.exception()
+                    if isinstance(error, Interrupted) or stop.is_set():
+                        raise Interrupted("stopped")
+                    window.finish(group, device, None if error is None else f"{type(error).__name__}: {error}",
+                                  store.is_committed)
+                    for record in ([] if error is not None else future.result()):
+                        if not record.get("skipped"):
+                            emit("shard", {"name": record["shard"], "record": record})
+        except BaseException:
+            stop.set()  # the workers end after their current batch; nothing half-written is committed
+            raise
+    manifest = store.finalize()
+    if window.failed:
+        raise NeuroPredictorError(failure_message(window.failed))
+    return manifest

@@ -1,0 +1,20 @@
+"""A shard of a corpus and where its rows go: the one description shared by the corpus, the store and
+the schedulers. Plain data, no torch: planning, merging and reading a store do not load a model stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard of a corpus and its rows in the corpus-wide arrays."""
+
+    url: str  # full fsspec URL of the tar (absolute path for local files; s3://bucket/... otherwise)
+    name: str  # file name without ".tar"; unique within a corpus; names commit records
+    count: int  # samples in the shard
+    offset: int  # global row of its first sample (sum of counts of earlier shards)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.count

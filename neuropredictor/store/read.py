@@ -1,0 +1,48 @@
+"""Reading a store as an xarray Dataset, trusting only the rows of committed shards."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from neuropredictor.redact import redact_text
+from neuropredictor.status import StoreStatus
+from neuropredictor.store.feature_store import FeatureStore
+from neuropredictor.store.layout import FEATURES, KEYS, STIMULUS, VALID, quiet_zarr
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray
+
+
+def open_features(url: str, storage_options: dict | None = None, committed_only: bool = True) -> xarray.Dataset:
+    """xarray Dataset: one data variable per layer (dims stimulus, ...), `valid` variable, and `key`
+    coordinate on `stimulus` taken from `keys`.
+
+    With committed_only, rows of shards without a commit record are marked invalid (valid False):
+    their chunks may be half written. (Rows of committed shards that fall in a boundary chunk read
+    as invalid until `finalize` has merged them.) Lazy: the feature variables are read on access
+    (no dask needed); keys and valid are loaded.
+    """
+    import xarray as xr
+
+    store = FeatureStore.open(url, storage_options, mode="r")
+    zs = store.zarr_store()
+    # Consolidated metadata exists once finalize ran; before that, read each array's own metadata.
+    consolidated = StoreStatus(store.manifest.get("status")).finalized
+    with quiet_zarr():
+        feats = xr.open_zarr(zs, group=FEATURES, chunks=None, consolidated=consolidated, zarr_format=3)
+        root = xr.open_zarr(zs, chunks=None, consolidated=consolidated, zarr_format=3)
+        keys = np.asarray(root[KEYS].values, dtype=object)
+        valid = np.asarray(root[VALID].values, dtype=bool).copy()
+    if committed_only:
+        trusted = np.zeros(len(valid), dtype=bool)
+        commits = store.committed()
+        for s in store.shards:
+            if s.name in commits:
+                trusted[s.offset:s.end] = True
+        valid &= trusted
+    ds = feats.assign({VALID: ((STIMULUS,), valid)}).assign_coords(key=((STIMULUS,), keys))
+    ds.attrs.update({"store": redact_text(url), "status": store.manifest.get("status"),
+                     "config_hash": store.manifest.get("config_hash")})
+    return ds

@@ -1,0 +1,89 @@
+"""Commit and failure records: `_status/<shard>.json` says a shard's rows are complete and trusted;
+`_status/<shard>.failed.json` keeps its last error. A shard's rows count only through its commit record,
+written after all of its data, in one atomic write (a single PUT or rename): absent or complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from neuropredictor import fs as fsx
+from neuropredictor import manifest as mf
+from neuropredictor.redact import redact, redact_text
+from neuropredictor.shard import Shard
+from neuropredictor.store.layout import STATUS_DIR, safe_name
+
+KIND_COMMIT = "commit"
+KIND_FAILURE = "failure"
+_MAX_ERROR_CHARS = 4000
+
+
+class Records:
+    """The `_status/` folder of one store."""
+
+    def __init__(self, fs: Any, root: str) -> None:
+        self._fs, self._root = fs, root
+
+    @property
+    def folder(self) -> str:
+        return f"{self._root}/{STATUS_DIR}"
+
+    def path(self, shard_name: str, failed: bool = False) -> str:
+        return f"{self.folder}/{safe_name(shard_name)}{'.failed' if failed else ''}.json"
+
+    def commit_record(self, shard_name: str) -> dict | None:
+        """The shard's commit record, or None if it has none."""
+        rec = fsx.read_json_or_none(self._fs, self.path(shard_name))
+        ok = isinstance(rec, dict) and rec.get("kind") == KIND_COMMIT and rec.get("shard") == shard_name
+        return rec if ok else None
+
+    def by_kind(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(commits, failures) by shard name, from one listing of _status/ and concurrent reads."""
+        fsx.invalidate(self._fs, self.folder)
+        try:
+            names = self._fs.ls(self.folder, detail=False)
+        except FileNotFoundError:
+            return {}, {}
+        # ".x.tmp" files are atomic writes in progress on local disk
+        paths = [p for p in names if p.endswith(".json") and not fsx.basename(p).startswith(".")]
+        commits: dict[str, dict] = {}
+        failures: dict[str, dict] = {}
+        if not paths:
+            return commits, failures
+        for blob in self._fs.cat(paths, on_error="omit").values():  # concurrent GETs on object stores
+            with contextlib.suppress(ValueError):
+                rec = json.loads(blob)
+                if isinstance(rec, dict) and "shard" in rec:
+                    if rec.get("kind") == KIND_COMMIT:
+                        commits[rec["shard"]] = rec
+                    elif rec.get("kind") == KIND_FAILURE:
+                        failures[rec["shard"]] = rec
+        return commits, failures
+
+    def withdraw(self, shard_name: str) -> None:
+        """Remove a shard's commit record: its rows are about to be rewritten, so no longer trusted."""
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.rm_file(self.path(shard_name))
+
+    def write_commit(self, shard: Shard, record: Mapping, stats: Mapping | None = None) -> dict:
+        """Write the shard's commit record (credentials redacted); returns what was written.
+
+        record: whatever the caller wants kept (attempts, duration_s, device, host, images_per_s,
+        bad_samples=[{key, reason}], valid=<count>...).
+        """
+        rec: dict[str, Any] = {"kind": KIND_COMMIT, "shard": shard.name, "offset": int(shard.offset),
+                               "count": int(shard.count), "committed_at": mf.now_iso(), "host": mf.hostname()}
+        rec.update({k: v for k, v in redact(dict(record)).items() if k not in ("kind", "shard", "bad_samples")})
+        rec["bad_samples"] = mf.bad_samples(record, shard.name)
+        if stats is not None and "stats" not in rec:
+            rec["stats"] = dict(stats)
+        fsx.write_json_atomic(self._fs, self.path(shard.name), rec)
+        return rec
+
+    def write_failure(self, shard: Shard, error: str, attempts: int) -> None:
+        rec = {"kind": KIND_FAILURE, "shard": shard.name, "offset": int(shard.offset), "count": int(shard.count),
+               "error": redact_text(str(error))[:_MAX_ERROR_CHARS], "attempts": int(attempts),
+               "failed_at": mf.now_iso(), "host": mf.hostname()}
+        fsx.write_json_atomic(self._fs, self.path(shard.name, failed=True), rec)

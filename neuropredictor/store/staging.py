@@ -1,0 +1,144 @@
+"""The boundary-chunk protocol, in one place.
+
+Object stores have no locks and zarr takes none, so no two shard writers may write the same stored
+object. Chunks run along the sample axis; a writer writes directly only the chunks that lie entirely
+inside its shard's rows. Its rows of a chunk shared with a neighbouring shard (a "boundary chunk") go
+to a small staged object of its own, `_staging/<shard>/<array>/<chunk>.npy`; finalize, the single
+writer of shared chunks, merges the staged rows of committed shards into the real chunks. Chunk sizes
+are chosen so that equal-size shards share no chunk at all and stage nothing.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from neuropredictor import fs as fsx
+from neuropredictor.errors import StoreError
+from neuropredictor.shard import Shard
+from neuropredictor.store.layout import STAGING_DIR, boundary_chunks, row_nbytes, safe_name
+
+_MERGE_BATCH_BYTES = 256 * 2**20  # staged rows and chunks held in memory at once by finalize
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+class Staging:
+    """Staged rows of boundary chunks, for a store whose arrays have `chunk_rows` and `total` rows."""
+
+    def __init__(self, fs: Any, root: str, chunk_rows: dict[str, int], total: int) -> None:
+        self._fs, self._root = fs, root
+        self.chunk_rows, self.total = chunk_rows, total
+
+    def folder(self, shard_name: str | None = None) -> str:
+        base = f"{self._root}/{STAGING_DIR}"
+        return base if shard_name is None else f"{base}/{safe_name(shard_name)}"
+
+    def path(self, shard_name: str, array_path: str, chunk: int) -> str:
+        return f"{self.folder(shard_name)}/{array_path}/{chunk}.npy"
+
+    def boundary(self, shard: Shard, array_path: str) -> list[int]:
+        return boundary_chunks(int(shard.offset), int(shard.count), self.chunk_rows[array_path], self.total)
+
+    def expected(self, shard: Shard) -> list[str]:
+        """The staged objects a complete write of this shard leaves behind."""
+        return [self.path(shard.name, path, k) for path in self.chunk_rows for k in self.boundary(shard, path)]
+
+    def clear(self, shard: Shard) -> None:
+        """Drop a shard's staged rows (a new attempt writes them again)."""
+        if self.expected(shard):
+            fsx.remove_tree(self._fs, self.folder(shard.name))
+
+    def put(self, shard_name: str, array_path: str, chunk: int, block: np.ndarray) -> None:
+        fsx.write_bytes_atomic(self._fs, self.path(shard_name, array_path, chunk), _npy_bytes(block))
+
+    def check_complete(self, shard: Shard) -> None:
+        """Raise unless every staged object of the shard exists (before its commit record is written)."""
+        expected = self.expected(shard)
+        if not expected:
+            return
+        fsx.invalidate(self._fs, self.folder(shard.name))
+        try:
+            present = {self._fs._strip_protocol(p) for p in self._fs.find(self.folder(shard.name))}
+        except FileNotFoundError:
+            present = set()
+        missing = [p for p in expected if self._fs._strip_protocol(p) not in present]
+        if missing:
+            raise StoreError(f"shard {shard.name!r}: {len(missing)} staged boundary object(s) missing "
+                             f"(e.g. {missing[0]}); write the shard again before committing it")
+
+    def merge(self, shards: Sequence[Shard], committed: set[str], open_array: Callable[[str], Any]) -> list[str]:
+        """Write the staged rows of committed shards into their boundary chunks, then delete them; returns
+        the shards merged. Rows merged by an earlier call are kept (a chunk is rebuilt from its current
+        contents plus the new rows); rows of uncommitted shards stay staged."""
+        fs = self._fs
+        staging = self.folder()
+        fsx.invalidate(fs, staging)
+        try:
+            present = {fs._strip_protocol(p) for p in fs.find(staging)}
+        except FileNotFoundError:
+            present = set()
+        if not present:
+            return []
+        merged: set[str] = set()
+        for path, rows in self.chunk_rows.items():
+            # chunk -> the shards with rows in it, and the pieces still waiting there
+            owners: dict[int, list[Shard]] = {}
+            for s in shards:
+                for k in self.boundary(s, path):
+                    owners.setdefault(k, []).append(s)
+            todo = []
+            for k, members in sorted(owners.items()):
+                pieces, merged_before = [], False
+                for s in members:
+                    if s.name not in committed:
+                        continue
+                    p = fs._strip_protocol(self.path(s.name, path, k))
+                    if p in present:
+                        pieces.append((max(k * rows, s.offset), p))
+                        merged.add(s.name)
+                    else:
+                        merged_before = True  # committed, its piece merged and deleted by an earlier finalize
+                if pieces:
+                    todo.append((k, pieces, merged_before))
+            if todo:
+                self._merge_chunks(open_array(path), rows, todo)
+        for name in sorted(merged):
+            fsx.remove_tree(fs, self.folder(name))
+        if merged and fsx.is_local(fs):
+            try:  # only if empty: other shards may still have rows waiting
+                fs.rmdir(staging)
+            except OSError:
+                pass
+        return sorted(merged)
+
+    def _merge_chunks(self, arr: Any, rows: int, todo: list[tuple[int, list[tuple[int, str]], bool]]) -> None:
+        fs, total = self._fs, self.total
+        group = max(1, _MERGE_BATCH_BYTES // (rows * max(1, row_nbytes(arr))))  # bounds the memory held at once
+        for i in range(0, len(todo), group):
+            batch = todo[i:i + group]
+            blobs = {fs._strip_protocol(p): b for p, b in fs.cat([p for _, pcs, _ in batch for _, p in pcs]).items()}
+
+            def merge_one(item: tuple[int, list[tuple[int, str]], bool]) -> None:
+                k, pieces, merged_before = item
+                lo, hi = k * rows, min((k + 1) * rows, total)
+                # Start from fill unless rows merged by an earlier finalize live in this chunk; rows of
+                # uncommitted shards are fill either way (their writers never touch shared chunks).
+                # (arr.dtype: StringDType for keys, so any key length fits)
+                chunk = np.array(arr[lo:hi]) if merged_before else np.full(
+                    (hi - lo, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+                for start, p in pieces:
+                    data = np.load(io.BytesIO(blobs[p]), allow_pickle=False)
+                    chunk[start - lo:start - lo + len(data)] = data
+                arr[lo:hi] = chunk  # one whole-chunk write
+
+            with ThreadPoolExecutor(min(8, len(batch))) as pool:
+                list(pool.map(merge_one, batch))

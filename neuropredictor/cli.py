@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from neuropredictor.encode.options import EncodeOptions
 from neuropredictor.errors import NeuroPredictorError
 
 app = typer.Typer(
@@ -376,37 +377,45 @@ def bench(
                   f"peak RSS {result['peak_rss_mb']:.0f} MB (+ workers {result['peak_rss_workers_mb']:.0f} MB)")
 
 
+_ENC = EncodeOptions.model_fields  # the CLI's encode options take their defaults and help from here
+
+
+def _enc(name: str, *flags: str) -> typer.models.OptionInfo:
+    return typer.Option(*flags, help=_ENC[name].description)
+
+
 @app.command()
 def encode(
-    features: Annotated[str, typer.Argument(help="Features store written by `neuropredictor extract`.")],
-    neural: Annotated[str, typer.Argument(help="Neural data (stimuli x targets): .npy .npz .csv .nc .zarr.")],
-    out: Annotated[str, typer.Option("--out", help="Scores store (Zarr); the plot goes to OUT.png.")],
-    keys: Annotated[Optional[str], typer.Option("--keys", help="Text file of stimulus keys (needed for .npy).")] = None,
-    key_column: Annotated[str, typer.Option("--key-column", help="Column/array/coordinate with the keys.")] = "key",
-    split: Annotated[Optional[str], typer.Option("--split", help="Split column/array in NEURAL, or a file of test keys.")] = None,
-    folds: Annotated[Optional[int], typer.Option("--folds", help="K outer folds instead of one split.")] = None,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated layers (default all).")] = None,
-    alphas: Annotated[Optional[str], typer.Option("--alphas", help="'1,10,100' or 'logspace:-2:6:17'.")] = None,
-    test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
-    inner_folds: Annotated[int, typer.Option("--inner-folds", help="Folds of the alpha search.")] = 5,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Target names: name in NEURAL or file.")] = None,
-    roi: Annotated[Optional[str], typer.Option("--roi", help="ROI per target: name in NEURAL or file.")] = None,
-    ceiling: Annotated[Optional[str], typer.Option("--ceiling", help="Noise ceiling per target (r).")] = None,
-    plot: Annotated[Optional[str], typer.Option("--plot", help="PNG path (default OUT.png).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    ctx: typer.Context,
+    features: Annotated[str, typer.Argument(help=_ENC["features"].description)],
+    neural: Annotated[str, typer.Argument(help=_ENC["neural"].description)],
+    out: Annotated[str, _enc("out", "--out")],
+    keys_file: Annotated[Optional[str], _enc("keys_file", "--keys")] = _ENC["keys_file"].default,
+    key_column: Annotated[str, _enc("key_column", "--key-column")] = _ENC["key_column"].default,
+    split: Annotated[Optional[str], _enc("split", "--split")] = _ENC["split"].default,
+    folds: Annotated[Optional[int], _enc("folds", "--folds")] = _ENC["folds"].default,
+    layers: Annotated[Optional[str], _enc("layers", "--layers")] = _ENC["layers"].default,
+    alphas: Annotated[Optional[str], _enc("alphas", "--alphas")] = _ENC["alphas"].default,
+    test_fraction: Annotated[float, _enc("test_fraction", "--test-fraction")] = _ENC["test_fraction"].default,
+    inner_folds: Annotated[int, _enc("inner_folds", "--inner-folds")] = _ENC["inner_folds"].default,
+    seed: Annotated[int, _enc("seed", "--seed")] = _ENC["seed"].default,
+    device: Annotated[str, _enc("device", "--device")] = _ENC["device"].default,
+    targets: Annotated[Optional[str], _enc("targets", "--targets")] = _ENC["targets"].default,
+    roi: Annotated[Optional[str], _enc("roi", "--roi")] = _ENC["roi"].default,
+    ceiling: Annotated[Optional[str], _enc("ceiling", "--ceiling")] = _ENC["ceiling"].default,
+    array: Annotated[Optional[str], _enc("array", "--array")] = _ENC["array"].default,
+    plot: Annotated[Optional[str], _enc("plot", "--plot")] = _ENC["plot"].default,
+    overwrite: Annotated[bool, _enc("overwrite", "--overwrite")] = _ENC["overwrite"].default,
     as_json: AsJson = False,
 ) -> None:
     """Fit ridge encoding models from every layer to the neural data; print per-layer scores."""
+    from pydantic import ValidationError
+
     from neuropredictor.encode import encode_command
 
-    try:
-        summary = encode_command(features, neural, out, keys=keys, key_column=key_column, split=split, layers=layers,
-                                 folds=folds, alphas=alphas, test_fraction=test_fraction, n_folds=inner_folds,
-                                 seed=seed, device=device, targets=targets, roi=roi, ceiling=ceiling, plot=plot,
-                                 overwrite=overwrite)
-    except NeuroPredictorError as exc:
+    try:  # parameters are named as EncodeOptions' fields
+        summary = encode_command(EncodeOptions(**{k: v for k, v in ctx.params.items() if k in _ENC}))
+    except (NeuroPredictorError, ValidationError) as exc:
         _fail(exc)
     if as_json:
         print(json.dumps(summary))

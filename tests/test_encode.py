@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,7 @@ def test_outer_folds_and_ceiling(planted):
     ds, nd = planted["ds"], planted["neural"]
     ceiling = np.full(T, 0.8)
     ceiling[0] = 0.0  # unusable ceiling -> NaN, not inf
-    s = encode(ds, nd, layers="mid,late", device="cpu", outer_folds=4, ceiling=ceiling)
+    s = encode(ds, replace(nd, ceiling=ceiling), layers="mid,late", device="cpu", folds=4)
     assert s.attrs["split"] == "4-fold" and s.attrs["n_test"] == N // 4
     np.testing.assert_allclose(s.r_normalized.values[:, 1:], s.r.values[:, 1:] / 0.8)
     assert np.isnan(s.r_normalized.values[:, 0]).all()
@@ -156,7 +157,7 @@ def test_outer_folds_and_ceiling(planted):
     s = encode(ds, given, layers="mid", device="cpu")
     assert s.attrs["split"] == "given" and s.attrs["n_test"] == N // 3
     with pytest.raises(EncodingError, match="not both"):
-        encode(ds, given, layers="mid", device="cpu", outer_folds=3)
+        encode(ds, given, layers="mid", device="cpu", folds=3)
 
 
 def test_devices():
@@ -273,7 +274,7 @@ def test_unmatched_invalid_and_nan_rows_reported_and_dropped():
     nkeys = list(keys)
     nkeys[70:] = [f"extra{i}" for i in range(10)]  # in the neural data only; img070.. in features only
     with pytest.warns(AlignmentWarning, match="dropped") as rec:
-        s = encode(ds, NeuralData(Y, nkeys), device="cpu", n_folds=3)
+        s = encode(ds, NeuralData(Y, nkeys), device="cpu", inner_folds=3)
     msg = str(rec[0].message)
     assert "'extra0'" in msg and "'img003'" in msg and "'img010'" in msg
     assert s.attrs["dropped_features_only"] == 10 and s.attrs["dropped_neural_only"] == 10
@@ -439,7 +440,7 @@ def test_csv_with_roi_file_and_missing_store(planted, tmp_path):
     (tmp_path / "roi.txt").write_text("\n".join(nd.roi))
     out = str(tmp_path / "out.zarr")
     with pytest.raises(NeuroPredictorError, match="no neuropredictor store"):
-        encode_command(str(tmp_path / "missing.zarr"), str(tmp_path / "neural.csv"), out)
+        encode_command(features=str(tmp_path / "missing.zarr"), neural=str(tmp_path / "neural.csv"), out=out)
     neural = load_neural(tmp_path / "neural.csv", roi=str(tmp_path / "roi.txt"))
     assert neural.roi == nd.roi
     s = encode(ds, neural, layers="mid,late", device="cpu")
@@ -477,8 +478,8 @@ def test_real_store_from_pipeline(tmp_path):
     np.save(tmp_path / "y.npy", nd.values)
     (tmp_path / "keys.txt").write_text("\n".join(nd.keys))
     with pytest.warns(AlignmentWarning, match="2 features only.*1 neural only.*'not-a-stimulus'"):
-        result = encode_command(out, str(tmp_path / "y.npy"), str(tmp_path / "scores.zarr"),
-                                keys=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
+        result = encode_command(features=out, neural=str(tmp_path / "y.npy"), out=str(tmp_path / "scores.zarr"),
+                                keys_file=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
     assert result["best_layer"] == "layer4", result
     assert result["layers"]["layer4"] > 0.6 and result["layers"]["layer4"] > result["layers"]["layer1"]
     assert result["dropped"]["features_only"] == 2 and result["dropped"]["neural_only"] == 1

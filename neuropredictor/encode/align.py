@@ -17,7 +17,7 @@ from neuropredictor.encode.neural import NeuralData
 log = logging.getLogger(__name__)
 
 
-def _open_features(features: Any, storage_options: Mapping | None) -> tuple[Any, list[str], str]:
+def open_dataset(features: Any, storage_options: Mapping | None) -> tuple[Any, list[str], str]:
     """The Dataset, its layers in model order, and a printable name."""
     import xarray as xr
 
@@ -36,7 +36,7 @@ def _open_features(features: Any, storage_options: Mapping | None) -> tuple[Any,
     return ds, order, str(ds.attrs.get("store", url))
 
 
-def _select_layers(layers: Any, order: list[str]) -> list[str]:
+def select_layers(layers: Any, order: list[str]) -> list[str]:
     if not order:
         raise EncodingError("the features hold no layer variables")
     if layers is None:
@@ -51,7 +51,7 @@ def _select_layers(layers: Any, order: list[str]) -> list[str]:
     return [n for n in order if n in wanted]  # model order, whatever order they were asked in
 
 
-def _align(ds: Any, neural: NeuralData) -> dict[str, Any]:
+def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
     """Match neural rows to feature rows by key; report and drop what cannot be used."""
     if "key" not in ds.coords and "key" not in ds:
         raise EncodingError("the features dataset has no `key` coordinate on `stimulus`; open stores with "
@@ -128,21 +128,22 @@ def _key_hint(fkeys: list[str], nkeys: list[str]) -> str:
     return ""
 
 
-def _outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float, outer_folds: int | None,
-                  seed: int) -> dict[str, Any]:
+def outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float, folds: int | None,
+                 seed: int) -> dict[str, Any]:
     n = len(keys)
     if train is not None:
-        if outer_folds:
-            raise EncodingError("the neural data has its own train/test split; drop it or outer_folds, not both")
+        if folds:
+            raise EncodingError("the neural data has its own train/test split; drop it or folds (CLI --folds), "
+                                "not both")
         tr, te = np.flatnonzero(train), np.flatnonzero(~train)
         return {"splits": [(tr, te)], "how": "given", "n_train": len(tr), "n_test": len(te)}
     # Random, but a function of the seed and the key set only: rows in another order split the same.
     order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
     perm = order[np.random.default_rng(seed).permutation(n)]
-    if outer_folds:
-        k = int(outer_folds)
+    if folds:
+        k = int(folds)
         if k < 2 or k > n:
-            raise EncodingError(f"outer_folds must be between 2 and the number of stimuli ({n}), not {k}")
+            raise EncodingError(f"folds must be between 2 and the number of stimuli ({n}), not {k}")
         parts = np.array_split(perm, k)
         splits = [(np.sort(np.concatenate([p for j, p in enumerate(parts) if j != i])), np.sort(parts[i]))
                   for i in range(k)]
@@ -153,7 +154,7 @@ def _outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: floa
             "n_test": len(te)}
 
 
-def _layer_matrix(ds: Any, layer: str, rows: np.ndarray, keys: list[str]) -> np.ndarray:
+def layer_matrix(ds: Any, layer: str, rows: np.ndarray, keys: list[str]) -> np.ndarray:
     """(len(rows), n_features) float32 for the matched rows of one layer."""
     var = ds[layer]
     if var.dims[0] != "stimulus":

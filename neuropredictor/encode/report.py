@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
     import xarray
 
+    from neuropredictor.encode.options import EncodeOptions
+
 
 def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
     """Per-layer summary of a score Dataset, tidy: one row per (roi, layer).
@@ -147,12 +149,13 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
     return spath
 
 
-def save_outputs(scores: xarray.Dataset, out: str, plot: str | None = None, overwrite: bool = False,
+def save_outputs(scores: xarray.Dataset, options: EncodeOptions,
                  storage_options: Mapping | None = None) -> dict[str, Any]:
-    """save_scores(out) -> plot_scores(plot, default OUT + ".png") -> the JSON-able summary that
-    `encode_command` returns (also used by the `encode` flow after its per-layer tasks)."""
-    save_scores(scores, out, storage_options=storage_options, overwrite=overwrite)
-    png = plot or out.rstrip("/") + ".png"
+    """save_scores(options.out) -> plot_scores(options.plot, default OUT.png) -> the JSON-able summary
+    that `encode_command` returns (also used by the `encode` flow after its per-layer tasks)."""
+    out = options.out
+    save_scores(scores, out, storage_options=storage_options, overwrite=options.overwrite)
+    png = options.plot or out.rstrip("/") + ".png"
     plot_scores(scores, png, storage_options=storage_options)
     table = summary_table(scores)
     allr = table[table.roi == "all"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import EncodingError
-from neuropredictor.encode.align import _align, _layer_matrix, _open_features, _select_layers
+from neuropredictor.encode.align import align, layer_matrix, open_dataset, select_layers
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.ridge import pearson_r
 
@@ -47,8 +47,8 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
     import xarray as xr
     from scipy.stats import rankdata
 
-    ds, order, features_name = _open_features(features, storage_options)
-    layers = _select_layers(layers, order)
+    ds, order, features_name = open_dataset(features, storage_options)
+    layers = select_layers(layers, order)
     if neural_rdm is not None:
         if neural is not None:
             raise EncodingError("give either neural data or neural_rdm, not both")
@@ -63,7 +63,7 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
         if neural is None:
             raise EncodingError("give neural data (NeuralData or a path) or neural_rdm")
         neural_data = neural if isinstance(neural, NeuralData) else load_neural(neural, storage_options=storage_options)
-    aligned = _align(ds, neural_data)
+    aligned = align(ds, neural_data)
     fi, ni, usable = aligned["features_rows"], aligned["neural_rows"], aligned["targets"]
     if len(fi) < 3:
         raise EncodingError(f"RSA needs at least 3 matched stimuli; have {len(fi)}")
@@ -85,7 +85,7 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
                 targets[str(roi)] = ranked(rdm(Y[:, rois == roi]))
     rho = np.full((len(layers), len(targets)), np.nan)
     for li, layer in enumerate(layers):
-        lr = ranked(rdm(_layer_matrix(ds, layer, fi, keys)))
+        lr = ranked(rdm(layer_matrix(ds, layer, fi, keys)))
         for ti, nr in enumerate(targets.values()):
             ok = np.isfinite(lr) & np.isfinite(nr)
             if ok.sum() > 2:

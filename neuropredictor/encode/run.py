@@ -1,5 +1,7 @@
-"""A whole run: every layer of a features store scored against the neural data (`encode`), and the
-CLI's load -> encode -> save -> plot (`encode_command`)."""
+"""A whole run in three steps, so that a flow can score each layer in its own task on arrays prepared
+once: `prepare` (open the features, align the neural data by key, split) -> `score_layer` (one layer,
+every outer fold) -> `assemble` (the scores Dataset). `encode` runs the three in a row;
+`encode_command` adds reading the neural data and writing the scores and the plot."""
 
 from __future__ import annotations
 
@@ -7,17 +9,18 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from neuropredictor.encode._common import EncodingError
-from neuropredictor.encode.align import _align, _layer_matrix, _open_features, _outer_splits, _select_layers
+from neuropredictor.encode.align import align, layer_matrix, open_dataset, outer_splits, select_layers
 from neuropredictor.encode.neural import NeuralData, load_neural
-from neuropredictor.encode.options import parse_alphas
+from neuropredictor.encode.options import EncodeOptions, FitOptions
 from neuropredictor.encode.report import save_outputs
-from neuropredictor.encode.ridge import _DEFAULT_BATCH_BYTES, _MIN_TRAIN, _check_alphas, encode_layer
+from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray
@@ -27,161 +30,162 @@ log = logging.getLogger(__name__)
 _MIN_TEST = 3  # Pearson r on fewer held-out stimuli is meaningless
 
 
-def encode(features: str | xarray.Dataset, neural: NeuralData | str, layers: str | Sequence[str] | None = None,
-           alphas: Sequence[float] | np.ndarray | None = None, test_fraction: float = 0.2, n_folds: int = 5,
-           seed: int = 0, device: str = "auto", ceiling: Sequence[float] | np.ndarray | None = None,
-           storage_options: Mapping | None = None, *, outer_folds: int | None = None, dtype: str = "float32",
-           solver: str = "auto", batch_bytes: int = _DEFAULT_BATCH_BYTES) -> xarray.Dataset:
+@dataclass
+class Prepared:
+    """What every layer's fit shares, computed once: the matched stimuli, their responses and splits."""
+
+    ds: Any  # the features Dataset (read lazily, one layer at a time)
+    features_name: str
+    layers: list[str]  # in model order
+    neural: NeuralData
+    rows: np.ndarray  # features rows of the matched stimuli, in store order
+    keys: list[str]  # their keys
+    Y: np.ndarray  # (matched stimuli, usable targets)
+    usable: np.ndarray  # indices of the targets that are not NaN everywhere
+    splits: list[tuple[np.ndarray, np.ndarray]]  # (train, test) rows of Y, one pair per outer fold
+    report: dict[str, Any]  # alignment report and split
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class LayerScores:
+    """One layer's held-out scores over the usable targets: means over the outer folds (alpha: median)."""
+
+    layer: str
+    r: np.ndarray
+    r2: np.ndarray
+    alpha: np.ndarray
+    n_features: int
+    solver: str
+    backend: str
+    seconds: float
+
+
+def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
+            storage_options: Mapping | None = None, **fields: Any) -> Prepared:
+    """Open the features, align the neural data to them by key (an `AlignmentWarning` reports what is
+    dropped), and split the matched stimuli. Options: `FitOptions`, as an object and/or keywords."""
+    opts = FitOptions.resolve(options, fields)
+    started = time.perf_counter()
+    ds, layer_order, features_name = open_dataset(features, storage_options)
+    if not isinstance(neural, NeuralData):
+        neural = load_neural(neural, storage_options=storage_options)
+    layers = select_layers(opts.layers, layer_order)
+    aligned = align(ds, neural)
+    fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
+    keys = [neural.keys[i] for i in ni]
+    folds = outer_splits(keys, neural.train[ni] if neural.train is not None else None, opts.test_fraction,
+                         opts.folds, opts.seed)
+    need = max(_MIN_TRAIN, 2 * opts.inner_folds)
+    for tr, te in folds["splits"]:
+        if len(tr) < need or len(te) < _MIN_TEST:
+            raise EncodingError(f"after alignment the split leaves {len(tr)} training and {len(te)} test stimuli; "
+                                f"need at least {need} and {_MIN_TEST}. Check the split, or lower inner_folds "
+                                "(CLI --inner-folds) / change test_fraction")
+    report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]))
+    return Prepared(ds, features_name, layers, neural, fi, keys, neural.values[np.ix_(ni, usable)], usable,
+                    folds["splits"], report, started)
+
+
+def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, **fields: Any) -> LayerScores:
+    """Fit and score one layer on every outer fold of `prep`."""
+    opts = FitOptions.resolve(options, fields)
+    t0 = time.perf_counter()
+    X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
+    folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds, seed=opts.seed,
+                          device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes)
+             for tr, te in prep.splits]
+    r = np.mean([f["r"] for f in folds], axis=0)
+    log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
+             float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), folds[-1]["solver"],
+             folds[-1]["backend"])
+    return LayerScores(layer, r, np.mean([f["r2"] for f in folds], axis=0),
+                       np.median([f["alpha"] for f in folds], axis=0), int(X.shape[1]), folds[-1]["solver"],
+                       folds[-1]["backend"], time.perf_counter() - t0)
+
+
+def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions | None = None,
+             **fields: Any) -> xarray.Dataset:
+    """The scores Dataset of a run from its layers' scores (in the order given).
+
+    Variables: r, r2, alpha (layer x target), r_normalized and ceiling if the neural data has a noise
+    ceiling (r / ceiling, NaN where the ceiling is not positive). Coordinates: layer, target, roi (if
+    known), and per layer n_features, solver, backend, seconds. Attrs: the alignment report (stimuli
+    matched and dropped per reason with examples), the split, the options. Targets that are NaN for
+    every stimulus keep NaN scores.
+    """
+    import xarray as xr
+
+    opts = FitOptions.resolve(options, fields)
+    neural, usable = prep.neural, prep.usable
+    shape = (len(layers), neural.n_targets)
+    values = {name: np.full(shape, np.nan) for name in ("r", "r2", "alpha")}
+    for li, part in enumerate(layers):
+        for name, v in values.items():
+            v[li, usable] = getattr(part, name)
+    coords: dict[str, Any] = {"layer": ("layer", [p.layer for p in layers]),
+                              "target": ("target", list(neural.targets or []))}
+    for name in ("n_features", "solver", "backend", "seconds"):
+        coords[name] = ("layer", [getattr(p, name) for p in layers])
+    if neural.roi is not None:
+        coords["roi"] = ("target", list(neural.roi))
+    long_names = {"r": "Pearson r, held-out stimuli", "r2": "R^2, held-out stimuli",
+                  "alpha": "ridge alpha chosen by inner cross-validation"}
+    data_vars: dict[str, Any] = {k: (("layer", "target"), v, {"long_name": long_names[k]}) for k, v in values.items()}
+    ceil = neural.ceiling
+    if ceil is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rn = np.where(ceil[None, :] > 0, values["r"] / ceil[None, :], np.nan)
+        data_vars["r_normalized"] = (("layer", "target"), rn, {"long_name": "r / noise ceiling"})
+        data_vars["ceiling"] = (("target",), ceil, {"long_name": "noise ceiling (r)"})
+    out = xr.Dataset(data_vars, coords=coords)
+    report = prep.report
+    out.attrs.update({
+        "features": prep.features_name,
+        "neural": str(neural.source or ""),
+        "n_stimuli": len(prep.keys),
+        "n_train": report["n_train"],
+        "n_test": report["n_test"],
+        "split": report["split"],
+        "folds": opts.folds or 0,
+        "inner_folds": opts.inner_folds,
+        "seed": opts.seed,
+        "test_fraction": opts.test_fraction,
+        "alphas": opts.alpha_grid.tolist(),
+        "dtype": opts.dtype,
+        "seconds": round(time.perf_counter() - prep.started, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "alignment": json.dumps(report),
+        **{f"dropped_{reason}": int(e["count"]) for reason, e in report["dropped"].items()},
+    })
+    return out
+
+
+def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
+           storage_options: Mapping | None = None, **fields: Any) -> xarray.Dataset:
     """Score every layer of a features store as an encoding model of the neural data.
 
     features: a store URL (read with `open_features`) or a Dataset shaped like its result.
     neural: NeuralData, or a path given to `load_neural` (keys inside the file).
-    layers: names (list or "a,b"); default every layer, in model order.
-    alphas: ridge grid (default DEFAULT_ALPHAS); the alpha is chosen per target and layer by
-        `n_folds`-fold cross-validation on the training stimuli only.
-    Held-out stimuli: the neural data's own split if it has one; else `outer_folds` folds (every
-        stimulus is held out once; scores are averaged over folds, `alpha` is the median of the
-        folds' choices); else a random `test_fraction` of the stimuli. Random splits depend only on
-        the seed and the set of matched keys (not on row order).
-    ceiling: per-target noise ceiling in r (overrides the neural data's): adds
-        r_normalized = r / ceiling (NaN where the ceiling is not positive).
-    device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N", "numpy".
+    options: `FitOptions` (or `EncodeOptions`) and/or its fields as keywords, e.g.
+        `encode(url, neural, layers="a,b", folds=5, device="cpu")`.
+    Per layer and target, the ridge alpha is chosen by `inner_folds`-fold cross-validation on the
+    training stimuli only. Held-out stimuli: the neural data's own split if it has one; else `folds`
+    outer folds (every stimulus held out once; scores averaged over folds, alpha the median of the
+    folds' choices); else a random `test_fraction` (depends only on the seed and the matched keys).
 
-    Returns an xarray Dataset: r, r2, alpha (layer x target), r_normalized if a ceiling is known;
-    coordinates layer, target, roi (per target, if known), n_features (per layer); attrs hold the
-    alignment report (stimuli matched/dropped per reason with examples, n_train, n_test) and the
-    settings. Targets that are NaN for every stimulus keep NaN scores.
+    Returns the Dataset described in `assemble`.
     """
-    import xarray as xr
-
-    t0 = time.perf_counter()
-    ds, layer_order, features_name = _open_features(features, storage_options)
-    if not isinstance(neural, NeuralData):
-        neural = load_neural(neural, storage_options=storage_options)
-    layers = _select_layers(layers, layer_order)
-    alphas = _check_alphas(alphas)
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise EncodingError(f"test_fraction must be between 0 and 1 (exclusive), not {test_fraction}")
-
-    aligned = _align(ds, neural)
-    fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
-    Y = neural.values[np.ix_(ni, usable)]
-    keys = [neural.keys[i] for i in ni]
-    folds = _outer_splits(keys, neural.train[ni] if neural.train is not None else None, test_fraction,
-                          outer_folds, seed)
-    report["split"] = folds["how"]
-    report["n_train"], report["n_test"] = folds["n_train"], folds["n_test"]
-    for tr, te in folds["splits"]:
-        if len(tr) < max(_MIN_TRAIN, 2 * n_folds) or len(te) < _MIN_TEST:
-            raise EncodingError(f"after alignment the split leaves {len(tr)} training and {len(te)} test "
-                                f"stimuli; need at least {max(_MIN_TRAIN, 2 * n_folds)} and {_MIN_TEST}. "
-                                "Check the split, or lower n_folds / change test_fraction")
-
-    ceil = neural.ceiling if ceiling is None else np.asarray(ceiling, dtype=np.float64).reshape(-1)
-    if ceil is not None and ceil.shape != (neural.n_targets,):
-        raise EncodingError(f"{ceil.size} noise-ceiling values for {neural.n_targets} targets")
-
-    T = neural.n_targets
-    r = np.full((len(layers), T), np.nan)
-    r2 = np.full((len(layers), T), np.nan)
-    alpha = np.full((len(layers), T), np.nan)
-    n_feat, solvers = [], []
-    backend_name = None
-    for li, layer in enumerate(layers):
-        X = _layer_matrix(ds, layer, fi, keys)
-        n_feat.append(int(X.shape[1]))
-        rs, r2s, als = [], [], []
-        for tr, te in folds["splits"]:
-            res = encode_layer(X[tr], Y[tr], X[te], Y[te], alphas, n_folds, seed=seed, device=device,
-                               dtype=dtype, solver=solver, batch_bytes=batch_bytes)
-            rs.append(res["r"])
-            r2s.append(res["r2"])
-            als.append(res["alpha"])
-        solvers.append(res["solver"])
-        backend_name = res["backend"]
-        r[li, usable] = np.mean(rs, axis=0)
-        r2[li, usable] = np.mean(r2s, axis=0)
-        alpha[li, usable] = np.median(als, axis=0)
-        log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
-                 float(np.nanmedian(r[li])) if np.isfinite(r[li]).any() else float("nan"), res["solver"],
-                 backend_name)
-        del X
-
-    coords: dict[str, Any] = {"layer": ("layer", list(layers)), "target": ("target", list(neural.targets or [])),
-                              "n_features": ("layer", np.asarray(n_feat, dtype=np.int64))}
-    if neural.roi is not None:
-        coords["roi"] = ("target", list(neural.roi))
-    data_vars: dict[str, Any] = {
-        "r": (("layer", "target"), r, {"long_name": "Pearson r, held-out stimuli"}),
-        "r2": (("layer", "target"), r2, {"long_name": "R^2, held-out stimuli"}),
-        "alpha": (("layer", "target"), alpha, {"long_name": "ridge alpha chosen by inner cross-validation"}),
-    }
-    if ceil is not None:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rn = np.where(ceil[None, :] > 0, r / ceil[None, :], np.nan)
-        data_vars["r_normalized"] = (("layer", "target"), rn, {"long_name": "r / noise ceiling"})
-        data_vars["ceiling"] = (("target",), ceil, {"long_name": "noise ceiling (r)"})
-    out = xr.Dataset(data_vars, coords=coords)
-    attrs = {
-        "features": features_name,
-        "neural": str(neural.source) if neural.source else "",
-        "n_stimuli": int(len(ni)),
-        "n_train": int(folds["n_train"]),
-        "n_test": int(folds["n_test"]),
-        "split": folds["how"],
-        "outer_folds": int(outer_folds or 0),
-        "inner_folds": int(n_folds),
-        "seed": int(seed),
-        "test_fraction": float(test_fraction),
-        "alphas": [float(a) for a in alphas],
-        "solver": ",".join(sorted(set(solvers))),
-        "backend": str(backend_name),
-        "dtype": dtype,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "alignment": json.dumps(report),
-    }
-    for reason, entry in report["dropped"].items():
-        attrs[f"dropped_{reason}"] = int(entry["count"])
-    out.attrs.update(attrs)
-    return out
+    opts = FitOptions.resolve(options, fields)
+    prep = prepare(features, neural, opts, storage_options=storage_options)
+    return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 
-def encode_command(features: str, neural: str, out: str, keys: str | None = None, key_column: str = "key",
-                   split: str | None = None, layers: str | None = None, *, folds: int | None = None,
-                   alphas: str | None = None, test_fraction: float = 0.2, n_folds: int = 5, seed: int = 0,
-                   device: str = "auto", targets: str | None = None, roi: str | None = None,
-                   ceiling: str | None = None, array: str | None = None, plot: str | None = None,
-                   overwrite: bool = False, storage_options: Mapping | None = None) -> dict[str, Any]:
-    """load_neural -> encode -> save_scores(out) -> plot_scores -> a JSON-able summary.
-
-    Meant for `neuropredictor encode FEATURES NEURAL --out OUT`, with options:
-      FEATURES          features store URL (argument)
-      NEURAL            neural data file: .npy .npz .csv .nc .zarr (argument)
-      --out             where the scores go (Zarr store path/URL; required)
-      --keys            text file of stimulus keys, one per line (required for .npy)
-      --key-column      csv column / npz array / nc-zarr coordinate holding the keys (default key)
-      --split           train/test: a column/array/variable name in NEURAL, or a text file of test keys
-      --folds           K outer folds instead of one split (every stimulus held out once)
-      --layers          comma-separated layer names (default: all)
-      --alphas          ridge grid: "1,10,100" or "logspace:-2:6:17" (default logspace:-2:6:17)
-      --test-fraction   held-out fraction when no split/folds (default 0.2)
-      --inner-folds     folds of the alpha search on the training stimuli (n_folds, default 5)
-      --seed            random split and fold seed (default 0)
-      --device          auto | cpu | cuda | cuda:N | numpy (default auto)
-      --targets         target names: a name inside NEURAL or a text file
-      --roi             ROI label per target: a name inside NEURAL or a text file
-      --ceiling         noise ceiling per target (r): a name inside NEURAL, a .npy or text file
-      --array           which array/variable of NEURAL holds the data, if several
-      --plot            PNG path (default OUT + ".png")
-      --overwrite       replace an existing OUT
-    Errors are EncodingError (a NeuroPredictorError): print the message and exit non-zero.
-
-    Returns {"scores": out, "plot": png, "layers": {layer: median r}, "best_layer": layer,
-    "best_layer_per_roi": {roi: layer} (empty without ROIs), "n_train", "n_test", "dropped": {reason: count}}.
-    """
-    neural_data = load_neural(neural, keys=keys, key_column=key_column, split=split, targets=targets, roi=roi,
-                              ceiling=ceiling, array=array, storage_options=storage_options)
-    scores = encode(features, neural_data, layers=layers, alphas=parse_alphas(alphas), test_fraction=test_fraction,
-                    n_folds=n_folds, seed=seed, device=device, storage_options=storage_options, outer_folds=folds)
-    return save_outputs(scores, out, plot=plot, overwrite=overwrite, storage_options=storage_options)
+def encode_command(options: EncodeOptions | None = None, *, storage_options: Mapping | None = None,
+                   **fields: Any) -> dict[str, Any]:
+    """`neuropredictor encode`: read the neural data -> encode -> save the scores -> plot -> the
+    JSON-able summary of `save_outputs`. Options: `EncodeOptions`, as an object and/or keywords.
+    Errors a user can fix are EncodingError (a NeuroPredictorError)."""
+    opts = EncodeOptions.resolve(options, fields)
+    scores = encode(opts.features, opts.read_neural(storage_options), opts, storage_options=storage_options)
+    return save_outputs(scores, opts, storage_options=storage_options)

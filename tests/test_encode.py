@@ -432,6 +432,18 @@ def test_save_scores_round_trip_and_plot(planted, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_helpers_work_on_reopened_scores(planted, tmp_path):
+    """summary_table and plot_scores on `xr.open_zarr` of saved scores, whose strings come back as
+    numpy's StringDType (issue 12, item 7: both raised a TypeError)."""
+    s = planted["scores"]
+    url = str(tmp_path / "scores.zarr")
+    save_scores(s, url)
+    back = xr.open_zarr(url)
+    pd.testing.assert_frame_equal(summary_table(back), summary_table(s))
+    png = plot_scores(back, tmp_path / "reopened.png")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_csv_with_roi_file_and_missing_store(planted, tmp_path):
     ds, nd = planted["ds"], planted["neural"]
     df = pd.DataFrame(nd.values, columns=nd.targets)

@@ -35,7 +35,8 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
         raise EncodingError(f"no variable {metric!r} in the scores; have {', '.join(map(str, ds.data_vars))}")
     groups: list[tuple[str, np.ndarray]] = [("all", np.ones(ds.sizes["target"], bool))]
     if "roi" in ds.coords:
-        rois = np.asarray(ds["roi"].values).astype(str)
+        # element-wise: strings re-opened from Zarr are StringDType, which astype(str) refuses
+        rois = np.array([str(x) for x in ds["roi"].values.tolist()])
         groups += [(roi, rois == roi) for roi in dict.fromkeys(rois.tolist())]
     rows = []
     values = np.asarray(ds[metric].values, dtype=np.float64)

@@ -58,8 +58,9 @@ def encode_flow(params: EncodeParameters) -> dict:
         png = base64.b64encode(f.read()).decode()
     create_markdown_artifact(
         key="encode-summary",
-        markdown=(f"# Encoding scores\n\n- **Scores**: `{params.out}`\n- **Best layer**: `{summary['best_layer']}`\n"
-                  f"- **Stimuli**: {summary['n_train']} train, {summary['n_test']} test\n\n"
+        markdown=(f"# Encoding scores\n\n- **Scores**: `{params.out}`\n"
+                  f"- **Best layer**: `{summary['best_layer'] or 'none above chance'}`\n"
+                  f"- **Split**: {summary['split']}\n\n"
                   f"![layer-wise scores](data:image/png;base64,{png})\n"),
         description="Layer-wise encoding scores",
     )

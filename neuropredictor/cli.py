@@ -420,12 +420,19 @@ def encode(
     if as_json:
         print(json.dumps(summary))
         return
-    table = Table(title=f"encoding scores  ({summary['n_train']} train / {summary['n_test']} test stimuli)")
-    table.add_column("layer")
-    table.add_column("median r", justify="right")
-    for layer, r in summary["layers"].items():
-        table.add_row(layer + ("  *" if layer == summary["best_layer"] else ""), "-" if r is None else f"{r:.3f}")
+    columns = {"all": summary["layers"], **summary["rois"]}
+    best = {"all": summary["best_layer"], **summary["best_layer_per_roi"]}
+    table = Table(title=f"encoding scores: median r per layer ({summary['split']})")
+    for name in ("layer", *columns):
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    for layer in summary["layers"]:
+        table.add_row(layer, *("-" if col[layer] is None else f"{col[layer]:.3f}" + (
+            " *" if best[g] == layer else " n.s." if summary["above_chance"][g][layer] is False else "")
+            for g, col in columns.items()))
     console.print(table)
-    for roi_name, layer in summary["best_layer_per_roi"].items():
-        console.print(f"best layer for {roi_name}: {layer}")
+    if summary["permutations"]:
+        console.print(f"* best layer; n.s.: median r not above chance (the 95th percentile of its null over "
+                      f"{summary['permutations']} permutations of the held-out responses)", highlight=False)
+    for g, layer in best.items():
+        console.print(f"best layer, {g}: {layer or 'none above chance'}", highlight=False)
     console.print(f"scores: {summary['scores']}   plot: {summary['plot']}", highlight=False)

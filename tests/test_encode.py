@@ -5,6 +5,7 @@ real features store made by the pipeline."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.encode import (
     DEFAULT_ALPHAS,
     AlignmentWarning,
+    EncodeOptions,
     EncodingError,
     NeuralData,
     encode,
@@ -32,6 +34,7 @@ from neuropredictor.encode import (
     plot_scores,
     rdm,
     rsa,
+    save_outputs,
     save_scores,
     summary_table,
 )
@@ -241,6 +244,50 @@ def test_matches_sklearn_ridge_fixed_alpha_float32():
     np.testing.assert_allclose(ours["predictions"], pred, atol=1e-3)
     ref_r = np.array([np.corrcoef(Y[90:, j], pred[:, j])[0, 1] for j in range(8)])
     np.testing.assert_allclose(ours["r"], ref_r, atol=1e-4)
+
+
+def _signal_and_noise_rois(n=300, seed=3):
+    """Layer b carries ROI V1's signal; ROI IT is pure noise, unrelated to every layer."""
+    rng = np.random.default_rng(seed)
+    keys = [f"s{i:03d}" for i in range(n)]
+    feats = {name: rng.standard_normal((n, 20)) for name in ("a", "b", "c")}
+    v1 = feats["b"] @ rng.standard_normal((20, 20)) / np.sqrt(20) + rng.standard_normal((n, 20))
+    it = rng.standard_normal((n, 20))
+    return features_dataset(feats, keys), NeuralData(np.hstack([v1, it]), keys, roi=["V1"] * 20 + ["IT"] * 20)
+
+
+def test_chance_test_names_a_best_layer_only_above_chance(tmp_path):
+    """Issue 12, item 8: per-ROI scores with a permutation chance test; no best layer for an ROI at
+    chance; the test survives saving; the split is described as it was made."""
+    ds, nd = _signal_and_noise_rois()
+    s = encode(ds, nd, device="cpu", folds=5, alphas="logspace:-1:4:6")
+    assert s.attrs["permutations"] == 1000 and set(json.loads(s.attrs["chance"])) == {"all", "V1", "IT"}
+    table = summary_table(s).set_index(["roi", "layer"])
+    assert table.loc[("V1", "b"), "above_chance"] and table.loc[("V1", "b"), "best"]
+    assert table.loc[("V1", "b"), "p_value"] == pytest.approx(1 / 1001)
+    it = table.loc["IT"]
+    assert not it["above_chance"].any() and not it["best"].any() and (it["p_value"] > 0.05).all()
+    # the null's scale: a fold's r under the null has sd ~ 1/sqrt(59), the median of 20 independent
+    # targets 1.2533 x that / sqrt(20). Its 95th percentile lies between that of 5 independent folds
+    # (~0.027) and that of perfectly dependent ones (~0.060): the folds are paired by rank of median r
+    assert 0.035 < it["chance"].mean() < 0.06
+    out = str(tmp_path / "scores.zarr")
+    summary = save_outputs(s, EncodeOptions(features="unused", neural="unused", out=out))
+    pd.testing.assert_frame_equal(summary_table(xr.open_zarr(out)), summary_table(s))
+    assert summary["best_layer_per_roi"] == {"V1": "b", "IT": None}
+    assert summary["above_chance"]["IT"] == {"a": False, "b": False, "c": False}
+    assert summary["rois"]["V1"]["b"] > 0.3 and summary["split"] == "5-fold CV, 300 stimuli"
+    assert Path(summary["plot"]).stat().st_size > 5000
+
+
+def test_alignment_reported_once(caplog):
+    """Issue 12, item 8: the alignment message was printed twice (a log record and a warning)."""
+    keys, A, Y = _small(80)
+    ds = features_dataset({"a": A, "b": A[:, :5]}, keys)
+    with caplog.at_level(logging.INFO), pytest.warns(AlignmentWarning) as rec:
+        encode(ds, NeuralData(Y[:70], keys[:70]), device="cpu", inner_folds=3, permutations=0)
+    said = [str(w.message) for w in rec] + [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "10 features only" in m]) == 1, said
 
 
 # ---------------------------------------------------------------------------------------------

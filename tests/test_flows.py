@@ -325,6 +325,30 @@ def test_encode_array_option_in_cli_and_flow(encoded_store):
     assert scores["solver"].sizes == {"layer": 2} and set(scores["solver"].values.tolist()) <= {"ridge", "kernel"}
 
 
+def test_cli_encode_table_per_roi_marks_chance(encoded_store):
+    """Issue 12, item 8: the CLI table has a column per ROI, marks layers not above chance, names no best
+    layer for an ROI of pure noise, and describes K-fold splits as such."""
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    root = encoded_store
+    with np.load(root / "neural.npz") as z:
+        y, key = z["data"], z["key"]
+    noise = np.random.default_rng(1).standard_normal(y.shape)
+    np.savez(root / "rois.npz", data=np.hstack([y, noise]), key=key,
+             roi=np.array(["V1"] * y.shape[1] + ["IT"] * y.shape[1]))
+    result = CliRunner().invoke(app, ["encode", str(root / "features.zarr"), str(root / "rois.npz"), "--out",
+                                      str(root / "scores-rois.zarr"), "--alphas", "logspace:-2:4:7",
+                                      "--inner-folds", "3", "--folds", "4"])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "layer" in line and "V1" in line)
+    assert "all" in header and "IT" in header
+    assert "best layer, V1: layer4" in result.output and "best layer, IT: none above chance" in result.output
+    text = " ".join(result.output.split())  # the table's title wraps to the table's width
+    assert "n.s." in text and "4-fold CV, 80 stimuli" in text, result.output
+
+
 def test_decode_workers_survive_a_finished_flow_run(corpus, tmp_path):
     """After a flow has run in a process, Prefect's services leave thread-exit hooks that broke forked
     DataLoader workers (exit code 1): a notebook's second extraction must still decode in workers."""

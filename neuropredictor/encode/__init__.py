@@ -12,10 +12,13 @@ target by an inner cross-validation on the training stimuli, and scored on held-
 (counts and examples, in the result's attrs and as an `AlignmentWarning`) and dropped, never
 silently misaligned.
 
+Each layer is also tested against chance (a permutation null of its median r, see `chance`): a best
+layer is named only where it beats chance.
+
 Modules: `neural` (reading neural data), `align` (features store, matching by key, splits), `ridge`
-(the solver for one layer on arrays), `run` (prepare -> score_layer -> assemble), `report` (table,
-saving, plot), `rsa`, and `options` (`FitOptions` / `EncodeOptions`: every option, shared by the CLI,
-this API and the `encode` flow).
+(the solver for one layer on arrays), `chance`, `run` (prepare -> score_layer -> assemble), `report`
+(table, saving, plot), `rsa`, and `options` (`FitOptions` / `EncodeOptions`: every option, shared by
+the CLI, this API and the `encode` flow).
 """
 
 from neuropredictor.encode._common import AlignmentWarning, EncodingError
@@ -27,28 +30,8 @@ from neuropredictor.encode.rsa import rdm, rsa
 from neuropredictor.encode.run import LayerScores, Prepared, assemble, encode, encode_command, prepare, score_layer
 
 __all__ = [
-    "DEFAULT_ALPHAS",
-    "AlignmentWarning",
-    "EncodeOptions",
-    "EncodingError",
-    "FitOptions",
-    "LayerScores",
-    "NeuralData",
-    "Prepared",
-    "assemble",
-    "encode",
-    "encode_command",
-    "encode_layer",
-    "load_neural",
-    "parse_alphas",
-    "pearson_r",
-    "plot_scores",
-    "prepare",
-    "r2_score",
-    "rdm",
-    "rsa",
-    "save_outputs",
-    "save_scores",
-    "score_layer",
+    "DEFAULT_ALPHAS", "AlignmentWarning", "EncodeOptions", "EncodingError", "FitOptions", "LayerScores",
+    "NeuralData", "Prepared", "assemble", "encode", "encode_command", "encode_layer", "load_neural", "parse_alphas",
+    "pearson_r", "plot_scores", "prepare", "r2_score", "rdm", "rsa", "save_outputs", "save_scores", "score_layer",
     "summary_table",
 ]

@@ -3,7 +3,6 @@ stimuli by key (reporting what is dropped), split them into train/test, read one
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -13,8 +12,6 @@ import numpy as np
 
 from neuropredictor.encode._common import _EXAMPLES, AlignmentWarning, EncodingError, _duplicates, _fmt
 from neuropredictor.encode.neural import NeuralData
-
-log = logging.getLogger(__name__)
 
 
 def open_dataset(features: Any, storage_options: Mapping | None) -> tuple[Any, list[str], str]:
@@ -106,7 +103,6 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
     lines = [f"{v['count']} {k.replace('_', ' ')} (e.g. {_fmt(v['examples'])})" for k, v in dropped.items() if v["count"]]
     if lines:
         msg = f"matched {len(fi)} stimuli; dropped: " + "; ".join(lines)
-        log.warning(msg)
         warnings.warn(msg, AlignmentWarning, stacklevel=3)
     if len(fi) == 0:
         raise EncodingError(f"no usable stimulus left after alignment: {len(invalid)} matched rows are invalid in "

@@ -111,25 +111,10 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
                 storage_options: Mapping | None = None) -> NeuralData:
     """Read neural data (stimuli x targets) and its stimulus keys.
 
-    path: `.npy`, `.npz`, `.csv`, `.nc` or `.zarr` (local or any fsspec URL).
-    keys: the stimulus keys in row order: a list, or a text file with one key per line. Required
-        for `.npy`; for the other formats it overrides keys stored in the file.
-    key_column: where the keys are inside the file: the csv column, the `.npz` array, or the
-        coordinate on the first dimension of a `.nc`/`.zarr` variable (default "key"; if absent,
-        "keys", "stimulus", "stimuli", ... are tried, then the first dimension's own coordinate).
-    split: the train/test split, one of
-        - the name of a column (csv), array (npz) or variable/coordinate (nc/zarr) holding either
-          booleans / 0-1 (True = train, unless the name contains "test": then True = test) or the
-          strings "train"/"test";
-        - a text file listing the test keys, one per line, or a list of test keys;
-        - a bool array (True = train) or an array of "train"/"test" strings, one per row.
-    targets: target names: a list, a text file (one per line) or a name inside the file. Default:
-        csv column names, `targets` array (npz), the second dimension's coordinate (nc/zarr).
-    roi: an ROI label per target: a list, a text file, or a name inside the file (`roi` is found
-        automatically in npz/nc/zarr).
-    ceiling: per-target noise ceiling (in r): a list/array, a `.npy` or text file, or a name inside
-        the file (`ceiling`/`noise_ceiling` are found automatically in npz/nc/zarr).
-    array: the data array (npz) / variable (nc/zarr) to read, when the file holds several 2-D ones.
+    path: `.npy`, `.npz`, `.csv`, `.nc` or `.zarr` (local or any fsspec URL). The other arguments
+    mean what the `EncodeOptions` fields of the same names say (`keys` is `keys_file` there), and
+    here also take Python values: keys, targets, roi as lists; ceiling as a list or array; split as a
+    list of test keys, a bool array (True = train) or an array of "train"/"test", one per row.
     """
     spath = os.fspath(path)
     suffix = _suffix(spath)

@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode.chance import CHANCE_QUANTILE
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.ridge import _DEFAULT_BATCH_BYTES, DEFAULT_ALPHAS, _check_alphas
 
@@ -56,6 +57,9 @@ class FitOptions(BaseModel):
     dtype: Literal["float32", "float64"] = Field("float32", description="Precision of the ridge solver.")
     solver: Literal["auto", "ridge", "kernel"] = Field("auto", description="Primal ridge, linear kernel ridge, or "
                                                        "auto: whichever costs fewer operations for the shape.")
+    permutations: int = Field(1000, ge=0, description="Permutations of the chance test: each layer's held-out "
+                              "predictions are re-scored against shuffled responses; a layer is above chance when "
+                              f"its median r beats the null's {100 * CHANCE_QUANTILE:.0f}th percentile. 0 skips the test.")
     batch_bytes: int = Field(_DEFAULT_BATCH_BYTES, ge=1, description="Cap on the size of the solver's largest "
                              "intermediates (alphas and targets are batched to stay under it).")
 
@@ -95,15 +99,20 @@ class EncodeOptions(FitOptions):
     neural: str = Field(description="Neural data (stimuli x targets): .npy, .npz, .csv, .nc or .zarr.")
     out: str = Field(description="Where the scores go (a Zarr store); the plot goes next to it (OUT.png).")
     # not `keys`: a model with a `keys` attribute looks like a mapping to Prefect's parameter handling
-    keys_file: str | None = Field(None, description="Text file of stimulus keys, one per line, in row order "
-                                  "(needed for .npy).")
-    key_column: str = Field("key", description="Column / array / coordinate of NEURAL holding the stimulus keys.")
-    split: str | None = Field(None, description="Train/test split: a column, array or variable of NEURAL, or a "
-                              "text file of test keys. Default: a random held-out fraction.")
-    targets: str | None = Field(None, description="Target names: a name inside NEURAL or a text file.")
-    roi: str | None = Field(None, description="ROI label per target: a name inside NEURAL or a text file.")
-    ceiling: str | None = Field(None, description="Noise ceiling per target (in r): a name inside NEURAL, a .npy "
-                                "or a text file.")
+    keys_file: str | None = Field(None, description="Text file of stimulus keys, one per line, in row order: "
+                                  "needed for .npy, overrides the keys inside other formats.")
+    key_column: str = Field("key", description="Where the keys are in NEURAL: csv column, .npz array, or .nc/.zarr "
+                            "coordinate on the first dimension (if 'key' is absent: keys, stimulus, stimuli, ..., "
+                            "then the first dimension's own coordinate).")
+    split: str | None = Field(None, description="Train/test split: a column/array/variable of NEURAL holding "
+                              "booleans or 0/1 (True = train, unless its name contains 'test') or 'train'/'test', "
+                              "or a text file of test keys. Default: a random held-out fraction, or --folds.")
+    targets: str | None = Field(None, description="Target names: a name inside NEURAL or a text file (default: "
+                                "csv columns, a `targets` array, the second dimension's coordinate).")
+    roi: str | None = Field(None, description="ROI label per target, for per-ROI scores: a name inside NEURAL or a "
+                            "text file (an array `roi` is found without it).")
+    ceiling: str | None = Field(None, description="Noise ceiling per target (in r), adds r / ceiling: a name inside "
+                                "NEURAL, a .npy or a text file (`ceiling` / `noise_ceiling` are found without it).")
     array: str | None = Field(None, description="The array (.npz) or variable (.nc/.zarr) of NEURAL that holds "
                               "the data, when the file has several.")
     plot: str | None = Field(None, description="PNG path of the layer-wise plot (default OUT.png).")

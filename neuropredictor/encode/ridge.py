@@ -169,14 +169,17 @@ def _standardise(X: np.ndarray, mu: np.ndarray, sd: np.ndarray, dtype: np.dtype)
 
 def pearson_r(y: np.ndarray, y_hat: np.ndarray) -> np.ndarray:
     """Per-column Pearson correlation; NaN where either column is constant."""
-    y = np.asarray(y, dtype=np.float64)
-    y_hat = np.asarray(y_hat, dtype=np.float64)
-    yc, pc = y - y.mean(0), y_hat - y_hat.mean(0)
-    den = np.sqrt((yc**2).sum(0) * (pc**2).sum(0))
+    return (unit_columns(y) * unit_columns(y_hat)).sum(0)
+
+
+def unit_columns(a: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """Columns centred and scaled to unit norm, so that r is the sum of products; NaN for a constant
+    column, whose r is undefined."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a - a.mean(0)
+    norm = np.linalg.norm(a, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = (yc * pc).sum(0) / den
-    r[~(den > 0)] = np.nan
-    return r
+        return (a / np.where(norm > 0, norm, np.nan)).astype(dtype, copy=False)
 
 
 def r2_score(y: np.ndarray, y_hat: np.ndarray) -> np.ndarray:
@@ -236,12 +239,8 @@ def _backend_for(device: str) -> tuple[str, int | None]:
     device = str(device).strip().lower()
     if device == "numpy":
         return "numpy", None
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency of the project
-        if device in ("auto", "cpu"):
-            return "numpy", None
-        raise EncodingError(f"device {device!r} needs torch, which is not installed") from None
+    import torch
+
     if device == "auto":
         return ("torch_cuda" if torch.cuda.is_available() else "torch"), None
     if device == "cpu":

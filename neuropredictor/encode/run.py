@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_medians
 from neuropredictor.encode.align import align, layer_matrix, open_dataset, outer_splits, select_layers
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.options import EncodeOptions, FitOptions
-from neuropredictor.encode.report import save_outputs
+from neuropredictor.encode.report import save_outputs, target_groups
 from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,6 +61,7 @@ class LayerScores:
     solver: str
     backend: str
     seconds: float
+    null: np.ndarray | None = None  # (permutations, groups) null medians of r, see `chance`
 
 
 def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
@@ -93,15 +96,20 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     t0 = time.perf_counter()
     X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
     folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds, seed=opts.seed,
-                          device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes)
-             for tr, te in prep.splits]
+                          device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
+                          return_predictions=True) for tr, te in prep.splits]
     r = np.mean([f["r"] for f in folds], axis=0)
+    null = None
+    if opts.permutations:
+        groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
+        null = null_medians([prep.Y[te] for _, te in prep.splits], [f["predictions"] for f in folds], groups,
+                            opts.permutations, opts.seed)
     log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
              float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), folds[-1]["solver"],
              folds[-1]["backend"])
     return LayerScores(layer, r, np.mean([f["r2"] for f in folds], axis=0),
                        np.median([f["alpha"] for f in folds], axis=0), int(X.shape[1]), folds[-1]["solver"],
-                       folds[-1]["backend"], time.perf_counter() - t0)
+                       folds[-1]["backend"], time.perf_counter() - t0, null)
 
 
 def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions | None = None,
@@ -111,8 +119,9 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
     Variables: r, r2, alpha (layer x target), r_normalized and ceiling if the neural data has a noise
     ceiling (r / ceiling, NaN where the ceiling is not positive). Coordinates: layer, target, roi (if
     known), and per layer n_features, solver, backend, seconds. Attrs: the alignment report (stimuli
-    matched and dropped per reason with examples), the split, the options. Targets that are NaN for
-    every stimulus keep NaN scores.
+    matched and dropped per reason with examples), the split, the options, and the chance test (see
+    `chance`) as JSON: {group: {"chance" | "null_low" | "p_value": [one per layer]}}, group = "all"
+    then each ROI. Targets that are NaN for every stimulus keep NaN scores.
     """
     import xarray as xr
 
@@ -138,6 +147,16 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
             rn = np.where(ceil[None, :] > 0, values["r"] / ceil[None, :], np.nan)
         data_vars["r_normalized"] = (("layer", "target"), rn, {"long_name": "r / noise ceiling"})
         data_vars["ceiling"] = (("target",), ceil, {"long_name": "noise ceiling (r)"})
+    chance: dict[str, dict[str, list]] = {}
+    if layers and all(p.null is not None for p in layers):
+        groups = target_groups(neural.roi, neural.n_targets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a group without finite r has no median: NaN
+            tests = [chance_summary(np.array([np.nanmedian(values["r"][li, m]) for _, m in groups]), p.null)
+                     for li, p in enumerate(layers)]
+        # in attrs (JSON, like the alignment report): the scores keep their (layer, target) shape
+        chance = {g: {k: [None if np.isnan(t[k][gi]) else float(t[k][gi]) for t in tests] for k in tests[0]}
+                  for gi, (g, _) in enumerate(groups)}
     out = xr.Dataset(data_vars, coords=coords)
     report = prep.report
     out.attrs.update({
@@ -153,6 +172,10 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         "test_fraction": opts.test_fraction,
         "alphas": opts.alpha_grid.tolist(),
         "dtype": opts.dtype,
+        "permutations": opts.permutations,
+        "chance_test": ("held-out response rows permuted against the same predictions; chance = "
+                        f"{CHANCE_QUANTILE:.0%} of the null median r, per layer and group") if chance else "none",
+        "chance": json.dumps(chance),
         "seconds": round(time.perf_counter() - prep.started, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "alignment": json.dumps(report),

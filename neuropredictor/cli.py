@@ -399,6 +399,7 @@ def encode(
     test_fraction: Annotated[float, _enc("test_fraction", "--test-fraction")] = _ENC["test_fraction"].default,
     inner_folds: Annotated[int, _enc("inner_folds", "--inner-folds")] = _ENC["inner_folds"].default,
     seed: Annotated[int, _enc("seed", "--seed")] = _ENC["seed"].default,
+    permutations: Annotated[int, _enc("permutations", "--permutations")] = _ENC["permutations"].default,
     device: Annotated[str, _enc("device", "--device")] = _ENC["device"].default,
     targets: Annotated[Optional[str], _enc("targets", "--targets")] = _ENC["targets"].default,
     roi: Annotated[Optional[str], _enc("roi", "--roi")] = _ENC["roi"].default,
@@ -412,6 +413,7 @@ def encode(
     from pydantic import ValidationError
 
     from neuropredictor.encode import encode_command
+    from neuropredictor.encode.chance import CHANCE_QUANTILE
 
     try:  # parameters are named as EncodeOptions' fields
         summary = encode_command(EncodeOptions(**{k: v for k, v in ctx.params.items() if k in _ENC}))
@@ -430,9 +432,10 @@ def encode(
             " *" if best[g] == layer else " n.s." if summary["above_chance"][g][layer] is False else "")
             for g, col in columns.items()))
     console.print(table)
-    if summary["permutations"]:
-        console.print(f"* best layer; n.s.: median r not above chance (the 95th percentile of its null over "
-                      f"{summary['permutations']} permutations of the held-out responses)", highlight=False)
+    console.print(f"* best layer; n.s.: median r not above chance (the {100 * CHANCE_QUANTILE:.0f}th percentile "
+                  f"of its null over {summary['permutations']} permutations of the held-out responses)"
+                  if summary["permutations"] else "* best layer, not tested against chance (--permutations 0)",
+                  highlight=False)
     for g, layer in best.items():
         console.print(f"best layer, {g}: {layer or 'none above chance'}", highlight=False)
     console.print(f"scores: {summary['scores']}   plot: {summary['plot']}", highlight=False)

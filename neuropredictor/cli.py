@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from neuropredictor.config import ExtractConfig
+from neuropredictor.encode.options import EncodeOptions
 from neuropredictor.errors import NeuroPredictorError
 
 app = typer.Typer(
@@ -413,47 +414,65 @@ def bench(
                   f"peak RSS {result['peak_rss_mb']:.0f} MB (+ workers {result['peak_rss_workers_mb']:.0f} MB)")
 
 
+_ENC = EncodeOptions.model_fields  # the CLI's encode options take their defaults and help from here
+
+
+def _enc(name: str, *flags: str) -> typer.models.OptionInfo:
+    return typer.Option(*flags, help=_ENC[name].description)
+
+
 @app.command()
 def encode(
-    features: Annotated[str, typer.Argument(help="Features store written by `neuropredictor extract`.")],
-    neural: Annotated[str, typer.Argument(help="Neural data (stimuli x targets): .npy .npz .csv .nc .zarr.")],
-    out: Annotated[str, typer.Option("--out", help="Scores store (Zarr); the plot goes to OUT.png.")],
-    keys: Annotated[Optional[str], typer.Option("--keys", help="Text file of stimulus keys (needed for .npy).")] = None,
-    key_column: Annotated[str, typer.Option("--key-column", help="Column/array/coordinate with the keys.")] = "key",
-    split: Annotated[Optional[str], typer.Option("--split", help="Split column/array in NEURAL, or a file of test keys.")] = None,
-    folds: Annotated[Optional[int], typer.Option("--folds", help="K outer folds instead of one split.")] = None,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated layers (default all).")] = None,
-    alphas: Annotated[Optional[str], typer.Option("--alphas", help="'1,10,100' or 'logspace:-2:6:17'.")] = None,
-    test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
-    inner_folds: Annotated[int, typer.Option("--inner-folds", help="Folds of the alpha search.")] = 5,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Target names: name in NEURAL or file.")] = None,
-    roi: Annotated[Optional[str], typer.Option("--roi", help="ROI per target: name in NEURAL or file.")] = None,
-    ceiling: Annotated[Optional[str], typer.Option("--ceiling", help="Noise ceiling per target (r).")] = None,
-    plot: Annotated[Optional[str], typer.Option("--plot", help="PNG path (default OUT.png).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    ctx: typer.Context,
+    features: Annotated[str, typer.Argument(help=_ENC["features"].description)],
+    neural: Annotated[str, typer.Argument(help=_ENC["neural"].description)],
+    out: Annotated[str, _enc("out", "--out")],
+    keys_file: Annotated[Optional[str], _enc("keys_file", "--keys")] = _ENC["keys_file"].default,
+    key_column: Annotated[str, _enc("key_column", "--key-column")] = _ENC["key_column"].default,
+    split: Annotated[Optional[str], _enc("split", "--split")] = _ENC["split"].default,
+    folds: Annotated[Optional[int], _enc("folds", "--folds")] = _ENC["folds"].default,
+    layers: Annotated[Optional[str], _enc("layers", "--layers")] = _ENC["layers"].default,
+    alphas: Annotated[Optional[str], _enc("alphas", "--alphas")] = _ENC["alphas"].default,
+    test_fraction: Annotated[float, _enc("test_fraction", "--test-fraction")] = _ENC["test_fraction"].default,
+    inner_folds: Annotated[int, _enc("inner_folds", "--inner-folds")] = _ENC["inner_folds"].default,
+    seed: Annotated[int, _enc("seed", "--seed")] = _ENC["seed"].default,
+    permutations: Annotated[int, _enc("permutations", "--permutations")] = _ENC["permutations"].default,
+    device: Annotated[str, _enc("device", "--device")] = _ENC["device"].default,
+    targets: Annotated[Optional[str], _enc("targets", "--targets")] = _ENC["targets"].default,
+    roi: Annotated[Optional[str], _enc("roi", "--roi")] = _ENC["roi"].default,
+    ceiling: Annotated[Optional[str], _enc("ceiling", "--ceiling")] = _ENC["ceiling"].default,
+    array: Annotated[Optional[str], _enc("array", "--array")] = _ENC["array"].default,
+    plot: Annotated[Optional[str], _enc("plot", "--plot")] = _ENC["plot"].default,
+    overwrite: Annotated[bool, _enc("overwrite", "--overwrite")] = _ENC["overwrite"].default,
     as_json: AsJson = False,
 ) -> None:
     """Fit ridge encoding models from every layer to the neural data; print per-layer scores."""
-    from neuropredictor.encode import encode_command
+    from pydantic import ValidationError
 
-    try:
-        summary = encode_command(features, neural, out, keys=keys, key_column=key_column, split=split, layers=layers,
-                                 folds=folds, alphas=alphas, test_fraction=test_fraction, n_folds=inner_folds,
-                                 seed=seed, device=device, targets=targets, roi=roi, ceiling=ceiling, plot=plot,
-                                 overwrite=overwrite)
-    except NeuroPredictorError as exc:
+    from neuropredictor.encode import encode_command
+    from neuropredictor.encode.chance import CHANCE_QUANTILE
+
+    try:  # parameters are named as EncodeOptions' fields
+        summary = encode_command(EncodeOptions(**{k: v for k, v in ctx.params.items() if k in _ENC}))
+    except (NeuroPredictorError, ValidationError) as exc:
         _fail(exc)
     if as_json:
         print(json.dumps(summary))
         return
-    table = Table(title=f"encoding scores  ({summary['n_train']} train / {summary['n_test']} test stimuli)")
-    table.add_column("layer")
-    table.add_column("median r", justify="right")
-    for layer, r in summary["layers"].items():
-        table.add_row(layer + ("  *" if layer == summary["best_layer"] else ""), "-" if r is None else f"{r:.3f}")
+    columns = {"all": summary["layers"], **summary["rois"]}
+    best = {"all": summary["best_layer"], **summary["best_layer_per_roi"]}
+    table = Table(title=f"encoding scores: median r per layer ({summary['split']})")
+    for name in ("layer", *columns):
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    for layer in summary["layers"]:
+        table.add_row(layer, *("-" if col[layer] is None else f"{col[layer]:.3f}" + (
+            " *" if best[g] == layer else " n.s." if summary["above_chance"][g][layer] is False else "")
+            for g, col in columns.items()))
     console.print(table)
-    for roi_name, layer in summary["best_layer_per_roi"].items():
-        console.print(f"best layer for {roi_name}: {layer}")
+    console.print(f"* best layer; n.s.: median r not above chance (the {100 * CHANCE_QUANTILE:.0f}th percentile "
+                  f"of its null over {summary['permutations']} permutations of the held-out responses)"
+                  if summary["permutations"] else "* best layer, not tested against chance (--permutations 0)",
+                  highlight=False)
+    for g, layer in best.items():
+        console.print(f"best layer, {g}: {layer or 'none above chance'}", highlight=False)
     console.print(f"scores: {summary['scores']}   plot: {summary['plot']}", highlight=False)

@@ -5,7 +5,9 @@ real features store made by the pipeline."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.encode import (
     DEFAULT_ALPHAS,
     AlignmentWarning,
+    EncodeOptions,
     EncodingError,
     NeuralData,
     encode,
@@ -31,6 +34,7 @@ from neuropredictor.encode import (
     plot_scores,
     rdm,
     rsa,
+    save_outputs,
     save_scores,
     summary_table,
 )
@@ -144,7 +148,7 @@ def test_outer_folds_and_ceiling(planted):
     ds, nd = planted["ds"], planted["neural"]
     ceiling = np.full(T, 0.8)
     ceiling[0] = 0.0  # unusable ceiling -> NaN, not inf
-    s = encode(ds, nd, layers="mid,late", device="cpu", outer_folds=4, ceiling=ceiling)
+    s = encode(ds, replace(nd, ceiling=ceiling), layers="mid,late", device="cpu", folds=4)
     assert s.attrs["split"] == "4-fold" and s.attrs["n_test"] == N // 4
     np.testing.assert_allclose(s.r_normalized.values[:, 1:], s.r.values[:, 1:] / 0.8)
     assert np.isnan(s.r_normalized.values[:, 0]).all()
@@ -156,7 +160,7 @@ def test_outer_folds_and_ceiling(planted):
     s = encode(ds, given, layers="mid", device="cpu")
     assert s.attrs["split"] == "given" and s.attrs["n_test"] == N // 3
     with pytest.raises(EncodingError, match="not both"):
-        encode(ds, given, layers="mid", device="cpu", outer_folds=3)
+        encode(ds, given, layers="mid", device="cpu", folds=3)
 
 
 def test_devices():
@@ -242,6 +246,50 @@ def test_matches_sklearn_ridge_fixed_alpha_float32():
     np.testing.assert_allclose(ours["r"], ref_r, atol=1e-4)
 
 
+def _signal_and_noise_rois(n=300, seed=3):
+    """Layer b carries ROI V1's signal; ROI IT is pure noise, unrelated to every layer."""
+    rng = np.random.default_rng(seed)
+    keys = [f"s{i:03d}" for i in range(n)]
+    feats = {name: rng.standard_normal((n, 20)) for name in ("a", "b", "c")}
+    v1 = feats["b"] @ rng.standard_normal((20, 20)) / np.sqrt(20) + rng.standard_normal((n, 20))
+    it = rng.standard_normal((n, 20))
+    return features_dataset(feats, keys), NeuralData(np.hstack([v1, it]), keys, roi=["V1"] * 20 + ["IT"] * 20)
+
+
+def test_chance_test_names_a_best_layer_only_above_chance(tmp_path):
+    """Issue 12, item 8: per-ROI scores with a permutation chance test; no best layer for an ROI at
+    chance; the test survives saving; the split is described as it was made."""
+    ds, nd = _signal_and_noise_rois()
+    s = encode(ds, nd, device="cpu", folds=5, alphas="logspace:-1:4:6")
+    assert s.attrs["permutations"] == 1000 and set(json.loads(s.attrs["chance"])) == {"all", "V1", "IT"}
+    table = summary_table(s).set_index(["roi", "layer"])
+    assert table.loc[("V1", "b"), "above_chance"] and table.loc[("V1", "b"), "best"]
+    assert table.loc[("V1", "b"), "p_value"] == pytest.approx(1 / 1001)
+    it = table.loc["IT"]
+    assert not it["above_chance"].any() and not it["best"].any() and (it["p_value"] > 0.05).all()
+    # the null's scale: a fold's r under the null has sd ~ 1/sqrt(59), the median of 20 independent
+    # targets 1.2533 x that / sqrt(20). Its 95th percentile lies between that of 5 independent folds
+    # (~0.027) and that of perfectly dependent ones (~0.060): the folds are paired by rank of median r
+    assert 0.035 < it["chance"].mean() < 0.06
+    out = str(tmp_path / "scores.zarr")
+    summary = save_outputs(s, EncodeOptions(features="unused", neural="unused", out=out))
+    pd.testing.assert_frame_equal(summary_table(xr.open_zarr(out)), summary_table(s))
+    assert summary["best_layer_per_roi"] == {"V1": "b", "IT": None}
+    assert summary["above_chance"]["IT"] == {"a": False, "b": False, "c": False}
+    assert summary["rois"]["V1"]["b"] > 0.3 and summary["split"] == "5-fold CV, 300 stimuli"
+    assert Path(summary["plot"]).stat().st_size > 5000
+
+
+def test_alignment_reported_once(caplog):
+    """Issue 12, item 8: the alignment message was printed twice (a log record and a warning)."""
+    keys, A, Y = _small(80)
+    ds = features_dataset({"a": A, "b": A[:, :5]}, keys)
+    with caplog.at_level(logging.INFO), pytest.warns(AlignmentWarning) as rec:
+        encode(ds, NeuralData(Y[:70], keys[:70]), device="cpu", inner_folds=3, permutations=0)
+    said = [str(w.message) for w in rec] + [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "10 features only" in m]) == 1, said
+
+
 # ---------------------------------------------------------------------------------------------
 # Alignment and bad input
 
@@ -273,7 +321,7 @@ def test_unmatched_invalid_and_nan_rows_reported_and_dropped():
     nkeys = list(keys)
     nkeys[70:] = [f"extra{i}" for i in range(10)]  # in the neural data only; img070.. in features only
     with pytest.warns(AlignmentWarning, match="dropped") as rec:
-        s = encode(ds, NeuralData(Y, nkeys), device="cpu", n_folds=3)
+        s = encode(ds, NeuralData(Y, nkeys), device="cpu", inner_folds=3)
     msg = str(rec[0].message)
     assert "'extra0'" in msg and "'img003'" in msg and "'img010'" in msg
     assert s.attrs["dropped_features_only"] == 10 and s.attrs["dropped_neural_only"] == 10
@@ -431,6 +479,18 @@ def test_save_scores_round_trip_and_plot(planted, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_helpers_work_on_reopened_scores(planted, tmp_path):
+    """summary_table and plot_scores on `xr.open_zarr` of saved scores, whose strings come back as
+    numpy's StringDType (issue 12, item 7: both raised a TypeError)."""
+    s = planted["scores"]
+    url = str(tmp_path / "scores.zarr")
+    save_scores(s, url)
+    back = xr.open_zarr(url)
+    pd.testing.assert_frame_equal(summary_table(back), summary_table(s))
+    png = plot_scores(back, tmp_path / "reopened.png")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_csv_with_roi_file_and_missing_store(planted, tmp_path):
     ds, nd = planted["ds"], planted["neural"]
     df = pd.DataFrame(nd.values, columns=nd.targets)
@@ -439,7 +499,7 @@ def test_csv_with_roi_file_and_missing_store(planted, tmp_path):
     (tmp_path / "roi.txt").write_text("\n".join(nd.roi))
     out = str(tmp_path / "out.zarr")
     with pytest.raises(NeuroPredictorError, match="no neuropredictor store"):
-        encode_command(str(tmp_path / "missing.zarr"), str(tmp_path / "neural.csv"), out)
+        encode_command(features=str(tmp_path / "missing.zarr"), neural=str(tmp_path / "neural.csv"), out=out)
     neural = load_neural(tmp_path / "neural.csv", roi=str(tmp_path / "roi.txt"))
     assert neural.roi == nd.roi
     s = encode(ds, neural, layers="mid,late", device="cpu")
@@ -477,8 +537,8 @@ def test_real_store_from_pipeline(tmp_path):
     np.save(tmp_path / "y.npy", nd.values)
     (tmp_path / "keys.txt").write_text("\n".join(nd.keys))
     with pytest.warns(AlignmentWarning, match="2 features only.*1 neural only.*'not-a-stimulus'"):
-        result = encode_command(out, str(tmp_path / "y.npy"), str(tmp_path / "scores.zarr"),
-                                keys=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
+        result = encode_command(features=out, neural=str(tmp_path / "y.npy"), out=str(tmp_path / "scores.zarr"),
+                                keys_file=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
     assert result["best_layer"] == "layer4", result
     assert result["layers"]["layer4"] > 0.6 and result["layers"]["layer4"] > result["layers"]["layer1"]
     assert result["dropped"]["features_only"] == 2 and result["dropped"]["neural_only"] == 1

@@ -295,6 +295,60 @@ def test_cli_encode(encoded_store):
     assert bad.exit_code == 2 and not (root / "never.zarr").exists()
 
 
+def test_encode_array_option_in_cli_and_flow(encoded_store):
+    """An .npz with two 2-D arrays, neither called data/betas/...: the error points to --array, and the
+    CLI's --array and the flow's `array` pick the data (issue 12, item 6: the option did not exist)."""
+    import xarray as xr
+    from typer.testing import CliRunner
+
+    from flows.encode import EncodeParameters, encode_flow
+    from neuropredictor.cli import app
+
+    root = encoded_store
+    with np.load(root / "neural.npz") as z:
+        np.savez(root / "named.npz", rates=z["data"], baseline=np.zeros_like(z["data"]), key=z["key"])
+    args = ["encode", str(root / "features.zarr"), str(root / "named.npz"), "--alphas", "logspace:-2:4:7",
+            "--inner-folds", "3"]
+    bad = CliRunner().invoke(app, args + ["--out", str(root / "never.zarr")])
+    assert bad.exit_code == 2 and "--array" in bad.output and "rates" in bad.output
+    good = CliRunner().invoke(app, args + ["--out", str(root / "scores-array.zarr"), "--array", "rates", "--json"])
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.output.strip().splitlines()[-1])["best_layer"] == "layer4"
+    params = EncodeParameters(features=str(root / "features.zarr"), neural=str(root / "named.npz"), array="rates",
+                              out=str(root / "scores-array-flow.zarr"), alphas="logspace:-2:4:7", inner_folds=3)
+    state = encode_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["best_layer"] == "layer4"
+    # every layer keeps its own solver and timing in the combined result
+    scores = xr.open_zarr(root / "scores-array-flow.zarr")
+    assert scores["seconds"].dims == ("layer",) and (scores["seconds"].values > 0).all()
+    assert scores["solver"].sizes == {"layer": 2} and set(scores["solver"].values.tolist()) <= {"ridge", "kernel"}
+
+
+def test_cli_encode_table_per_roi_marks_chance(encoded_store):
+    """Issue 12, item 8: the CLI table has a column per ROI, marks layers not above chance, names no best
+    layer for an ROI of pure noise, and describes K-fold splits as such."""
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    root = encoded_store
+    with np.load(root / "neural.npz") as z:
+        y, key = z["data"], z["key"]
+    noise = np.random.default_rng(1).standard_normal(y.shape)
+    np.savez(root / "rois.npz", data=np.hstack([y, noise]), key=key,
+             roi=np.array(["V1"] * y.shape[1] + ["IT"] * y.shape[1]))
+    result = CliRunner().invoke(app, ["encode", str(root / "features.zarr"), str(root / "rois.npz"), "--out",
+                                      str(root / "scores-rois.zarr"), "--alphas", "logspace:-2:4:7",
+                                      "--inner-folds", "3", "--folds", "4"])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "layer" in line and "V1" in line)
+    assert "all" in header and "IT" in header
+    assert "best layer, V1: layer4" in result.output and "best layer, IT: none above chance" in result.output
+    text = " ".join(result.output.split())  # the table's title wraps to the table's width
+    assert "n.s." in text and "4-fold CV, 80 stimuli" in text, result.output
+
+
 def test_decode_workers_survive_a_finished_flow_run(corpus, tmp_path):
     """After a flow has run in a process, Prefect's services leave thread-exit hooks that broke forked
     DataLoader workers (exit code 1): a notebook's second extraction must still decode in workers."""

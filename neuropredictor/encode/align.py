@@ -1,0 +1,165 @@
+"""The features side and its alignment with the neural data: open a store, choose layers, match
+stimuli by key (reporting what is dropped), split them into train/test, read one layer's rows."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from neuropredictor.encode._common import _EXAMPLES, AlignmentWarning, EncodingError, _duplicates, _fmt
+from neuropredictor.encode.neural import NeuralData
+
+
+def open_dataset(features: Any, storage_options: Mapping | None) -> tuple[Any, list[str], str]:
+    """The Dataset, its layers in model order, and a printable name."""
+    import xarray as xr
+
+    if isinstance(features, xr.Dataset):
+        ds = features
+        order = [str(v) for v in ds.data_vars if v != "valid"]
+        return ds, order, str(ds.attrs.get("store", "<dataset>"))
+    from neuropredictor.store import FeatureStore, open_features
+
+    url = os.fspath(features)
+    ds = open_features(url, dict(storage_options) if storage_options else None)
+    # xarray lists a group's arrays alphabetically; the manifest keeps the model's order.
+    manifest_order = [lay.name for lay in FeatureStore.open(url, dict(storage_options or {}), mode="r").layers]
+    order = [n for n in manifest_order if n in ds.data_vars] + \
+        [str(v) for v in ds.data_vars if v != "valid" and v not in manifest_order]
+    return ds, order, str(ds.attrs.get("store", url))
+
+
+def select_layers(layers: Any, order: list[str]) -> list[str]:
+    if not order:
+        raise EncodingError("the features hold no layer variables")
+    if layers is None:
+        return list(order)
+    wanted = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else [str(s) for s in layers]
+    wanted = [w for w in wanted if w]
+    unknown = [w for w in wanted if w not in order]
+    if unknown:
+        raise EncodingError(f"layers {_fmt(unknown)} are not in the features store; it has {', '.join(order)}")
+    if not wanted:
+        raise EncodingError("no layers given")
+    return [n for n in order if n in wanted]  # model order, whatever order they were asked in
+
+
+def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
+    """Match neural rows to feature rows by key; report and drop what cannot be used."""
+    if "key" not in ds.coords and "key" not in ds:
+        raise EncodingError("the features dataset has no `key` coordinate on `stimulus`; open stores with "
+                            "neuropredictor.store.open_features")
+    fkeys = [str(k) for k in np.asarray(ds["key"].values).tolist()]
+    valid = np.asarray(ds["valid"].values, dtype=bool) if "valid" in ds else np.ones(len(fkeys), bool)
+    # Rows never written keep an empty key; they are not stimuli.
+    present = np.array([bool(k) for k in fkeys]) | valid
+    dupes = _duplicates([k for k, p in zip(fkeys, present) if p])
+    if dupes:
+        raise EncodingError(f"the features store has {len(dupes)} keys on more than one row (e.g. {_fmt(dupes)}); "
+                            "the corpus must have unique keys")
+    fpos = {k: i for i, k in enumerate(fkeys) if present[i]}
+    npos = {k: i for i, k in enumerate(neural.keys)}
+    common = [k for k in fpos if k in npos]  # feature order: reads go along the store
+    features_only = [k for k in fpos if k not in npos]
+    neural_only = [k for k in neural.keys if k not in fpos]
+    if not common:
+        raise EncodingError(
+            f"no stimulus key is in both the features ({len(fpos)} keys, e.g. {_fmt(list(fpos))}) and the neural "
+            f"data ({len(npos)} keys, e.g. {_fmt(neural.keys)})." + _key_hint(list(fpos), neural.keys)
+            + " Keys must equal the corpus keys (`neuropredictor shards` names samples by their relative path "
+            "without extension).")
+
+    values = neural.values
+    all_nan_targets = np.isnan(values).all(0)
+    if all_nan_targets.all():
+        raise EncodingError("every target of the neural data is NaN for every stimulus")
+    usable = np.flatnonzero(~all_nan_targets)
+    fi = np.array([fpos[k] for k in common], dtype=np.int64)
+    ni = np.array([npos[k] for k in common], dtype=np.int64)
+    ok_valid = valid[fi]
+    ok_nan = ~np.isnan(values[np.ix_(ni, usable)]).any(1)
+    invalid = [common[i] for i in np.flatnonzero(~ok_valid)]
+    nan_rows = [common[i] for i in np.flatnonzero(ok_valid & ~ok_nan)]
+    keep = ok_valid & ok_nan
+    fi, ni = fi[keep], ni[keep]
+
+    def entry(keys: list[str], why: str) -> dict[str, Any]:
+        return {"count": len(keys), "examples": keys[:_EXAMPLES], "why": why}
+
+    dropped = {
+        "features_only": entry(features_only, "stimulus in the features store but not in the neural data"),
+        "neural_only": entry(neural_only, "stimulus in the neural data but not in the features store"),
+        "invalid_features": entry(invalid, "features row not valid (undecodable image or uncommitted shard)"),
+        "nan_neural": entry(nan_rows, "neural row has NaN in a target that is not NaN everywhere"),
+        "nan_targets": entry([neural.targets[i] for i in np.flatnonzero(all_nan_targets)],  # type: ignore[index]
+                             "target NaN for every stimulus (scores stay NaN)"),
+    }
+    report = {"n_features_rows": len(fpos), "n_neural_rows": neural.n_stimuli, "n_matched": int(len(fi)),
+              "dropped": dropped}
+    lines = [f"{v['count']} {k.replace('_', ' ')} (e.g. {_fmt(v['examples'])})" for k, v in dropped.items() if v["count"]]
+    if lines:
+        msg = f"matched {len(fi)} stimuli; dropped: " + "; ".join(lines)
+        warnings.warn(msg, AlignmentWarning, stacklevel=3)
+    if len(fi) == 0:
+        raise EncodingError(f"no usable stimulus left after alignment: {len(invalid)} matched rows are invalid in "
+                            f"the features store and {len(nan_rows)} have NaN in the neural data")
+    return {"features_rows": fi, "neural_rows": ni, "targets": usable, "report": report}
+
+
+def _key_hint(fkeys: list[str], nkeys: list[str]) -> str:
+    """Say so when the keys would match after stripping folders / extensions."""
+    def norm(k: str) -> str:
+        base = k.replace("\\", "/").rsplit("/", 1)[-1]
+        return base.rsplit(".", 1)[0] if "." in base else base
+
+    fn = {norm(k) for k in fkeys}
+    hits = sum(norm(k) in fn for k in nkeys)
+    if hits:
+        return (f" {hits} neural keys would match after dropping folders and file extensions: write the keys "
+                "exactly as stored (e.g. 'cat0/img0001', no extension).")
+    return ""
+
+
+def outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float, folds: int | None,
+                 seed: int) -> dict[str, Any]:
+    n = len(keys)
+    if train is not None:
+        if folds:
+            raise EncodingError("the neural data has its own train/test split; drop it or folds (CLI --folds), "
+                                "not both")
+        tr, te = np.flatnonzero(train), np.flatnonzero(~train)
+        return {"splits": [(tr, te)], "how": "given", "n_train": len(tr), "n_test": len(te)}
+    # Random, but a function of the seed and the key set only: rows in another order split the same.
+    order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
+    perm = order[np.random.default_rng(seed).permutation(n)]
+    if folds:
+        k = int(folds)
+        if k < 2 or k > n:
+            raise EncodingError(f"folds must be between 2 and the number of stimuli ({n}), not {k}")
+        parts = np.array_split(perm, k)
+        splits = [(np.sort(np.concatenate([p for j, p in enumerate(parts) if j != i])), np.sort(parts[i]))
+                  for i in range(k)]
+        return {"splits": splits, "how": f"{k}-fold", "n_train": n - len(parts[0]), "n_test": len(parts[0])}
+    n_test = int(round(n * float(test_fraction)))
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    return {"splits": [(tr, te)], "how": f"random {test_fraction:g} (seed {seed})", "n_train": len(tr),
+            "n_test": len(te)}
+
+
+def layer_matrix(ds: Any, layer: str, rows: np.ndarray, keys: list[str]) -> np.ndarray:
+    """(len(rows), n_features) float32 for the matched rows of one layer."""
+    var = ds[layer]
+    if var.dims[0] != "stimulus":
+        raise EncodingError(f"layer {layer!r} has dims {var.dims}; the first must be 'stimulus'")
+    X = np.asarray(var.isel(stimulus=rows).values)
+    X = X.reshape(len(rows), -1).astype(np.float32, copy=False)
+    bad = ~np.isfinite(X).all(1)
+    if bad.any():
+        ex = [keys[i] for i in np.flatnonzero(bad)[:_EXAMPLES]]
+        raise EncodingError(f"layer {layer!r}: {int(bad.sum())} valid stimuli have NaN/inf features (e.g. {_fmt(ex)}); "
+                            "float16 stores can overflow: re-extract with dtype float32, or leave the layer out")
+    return X

@@ -1,0 +1,220 @@
+"""Reporting: a tidy per-layer summary table, saving scores to Zarr, the layer-wise plot, and the
+JSON-able summary the CLI and the flow print."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from neuropredictor.encode._common import EncodingError, _open
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas
+    import xarray
+
+    from neuropredictor.encode.options import EncodeOptions
+
+
+def target_groups(roi: Sequence[Any] | None, n_targets: int) -> list[tuple[str, np.ndarray]]:
+    """The groups scores are summarised over: "all" targets, then each ROI in order of first
+    appearance, as boolean masks over the targets."""
+    groups = [("all", np.ones(n_targets, bool))]
+    if roi is not None:
+        labels = np.array([str(x) for x in roi])  # str() each: StringDType from Zarr refuses astype(str)
+        groups += [(g, labels == g) for g in dict.fromkeys(labels.tolist())]
+    return groups
+
+
+def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
+    """Per-layer summary of a score Dataset, tidy: one row per (roi, layer).
+
+    roi is "all" for every target together, then each ROI (if the scores have `roi`). Columns:
+    roi, layer, n_targets (with a finite score), median, q25, q75, mean (of `metric`, default r),
+    median_r2; from the chance test (NaN / NA when the scores have none, see `chance`): chance (the
+    chance level of the median r), null_low, p_value, above_chance (median r > chance); best (the
+    layer with the highest median within that roi among those not below chance: an roi whose layers
+    are all at chance has none). The best layer per ROI is therefore `df[df.best]`.
+    """
+    import pandas as pd
+
+    if metric not in ds:
+        raise EncodingError(f"no variable {metric!r} in the scores; have {', '.join(map(str, ds.data_vars))}")
+    values = np.asarray(ds[metric].values, dtype=np.float64)
+    r = np.asarray(ds["r"].values, dtype=np.float64)
+    r2 = np.asarray(ds["r2"].values, dtype=np.float64) if "r2" in ds else np.full_like(r, np.nan)
+    layers = [str(x) for x in ds["layer"].values.tolist()]
+    tests = json.loads(ds.attrs.get("chance", "{}"))  # {group: {"chance": [per layer], ...}}
+    rois = ds["roi"].values.tolist() if "roi" in ds.coords else None
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups give NaN, which is the answer
+        for roi, mask in target_groups(rois, ds.sizes["target"]):
+            group_rows = []
+            for li, layer in enumerate(layers):
+                fin = values[li, mask][np.isfinite(values[li, mask])]
+                row = {"roi": roi, "layer": layer, "n_targets": int(fin.size),
+                       "median": float(np.median(fin)) if fin.size else np.nan,
+                       "q25": float(np.percentile(fin, 25)) if fin.size else np.nan,
+                       "q75": float(np.percentile(fin, 75)) if fin.size else np.nan,
+                       "mean": float(fin.mean()) if fin.size else np.nan,
+                       "median_r2": float(np.nanmedian(r2[li, mask]))}
+                for k in ("chance", "null_low", "p_value"):
+                    v = tests.get(roi, {}).get(k, [None] * len(layers))[li]
+                    row[k] = np.nan if v is None else v
+                row["above_chance"] = bool(np.nanmedian(r[li, mask]) > row["chance"]) \
+                    if np.isfinite(row["chance"]) else None
+                group_rows.append(row)
+            eligible = [i for i, g in enumerate(group_rows) if g["above_chance"] is not False and np.isfinite(g["median"])]
+            best = max(eligible, key=lambda i: group_rows[i]["median"], default=-1)
+            rows += [{**g, "best": i == best} for i, g in enumerate(group_rows)]
+    columns = ["roi", "layer", "n_targets", "median", "q25", "q75", "mean", "median_r2", "chance", "null_low",
+               "p_value", "above_chance", "best"]
+    df = pd.DataFrame(rows, columns=columns).astype({"above_chance": "boolean"})
+    df.attrs["metric"] = metric
+    return df
+
+
+def describe_split(attrs: Mapping[str, Any]) -> str:
+    """The held-out design of a run in words: "5-fold CV, 600 stimuli", "given split: 480 train / 120 test"."""
+    how = str(attrs.get("split", ""))
+    if how.endswith("-fold"):
+        return f"{how} CV, {attrs['n_stimuli']} stimuli"
+    if "n_train" not in attrs:
+        return how
+    return f"{'given' if how == 'given' else 'random'} split: {attrs['n_train']} train / {attrs['n_test']} test"
+
+
+def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = None,
+                overwrite: bool = False) -> str:
+    """Write the scores as a Zarr v3 store at url (local path or any fsspec URL); returns url.
+
+    An existing store at url is replaced only with overwrite=True, and never when it is a
+    features store (it holds a manifest.json): scores are written next to runs, not over them.
+    """
+    import fsspec
+
+    from neuropredictor.manifest import redact_text
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except (ImportError, ValueError, TypeError) as e:
+        raise EncodingError(f"cannot open {redact_text(url)!r}: {e}") from e
+    root = root.rstrip("/")
+    if fs.exists(root):
+        if fs.exists(f"{root}/manifest.json"):
+            raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "
+                                "(e.g. next to it, as RUN-scores.zarr)")
+        if not overwrite:
+            raise EncodingError(f"{redact_text(url)!r} already exists; pass overwrite=True (CLI --overwrite) "
+                                "or choose another path")
+    # Fixed-width numpy strings ('<U5') have no zarr v3 data type yet (zarr warns they may become
+    # unreadable); object strings are stored as the specified variable-length UTF-8.
+    ds = ds.copy()
+    for name, var in list(ds.variables.items()):
+        if var.dtype.kind == "U":
+            ds[name] = var.astype(object)
+    with warnings.catch_warnings():
+        # consolidated metadata is not in the zarr v3 spec yet; xarray reads it fastest and zarr warns
+        warnings.filterwarnings("ignore", message=r"Consolidated metadata is currently not part")
+        ds.to_zarr(url, mode="w", zarr_format=3, consolidated=True,
+                   storage_options=dict(storage_options) if storage_options else None)
+    return url
+
+
+def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
+                storage_options: Mapping | None = None) -> str:
+    """PNG of layer-wise scores, one panel per group (all targets, then each ROI): the median `metric`
+    per layer (model order) with its interquartile band over targets, the chance band of the
+    permutation test (5th-95th percentile of the null median r; metric r only), hollow markers for
+    layers not above chance, a star on the best layer; the title states the split. Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    table = summary_table(ds, metric)
+    layers = [str(x) for x in ds["layer"].values.tolist()]
+    x = np.arange(len(layers))
+    groups = list(dict.fromkeys(table.roi.tolist()))
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    # Figure + Agg canvas directly, not pyplot: no global backend switch in the caller's session.
+    fig = Figure(figsize=(ncols * max(4.0, 0.5 * len(layers) + 2.0), 3.4 * nrows + 0.5), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax, roi in zip(axes, groups):
+        sub = table[table.roi == roi]
+        med = sub["median"].to_numpy()
+        if metric == "r" and sub["chance"].notna().any():
+            ax.fill_between(x, sub["null_low"], sub["chance"], color="tab:red", alpha=0.15, lw=0,
+                            label="chance: null median r, 5-95 %")
+        ax.fill_between(x, sub["q25"], sub["q75"], color="0.6", alpha=0.35, lw=0, label="targets, IQR")
+        ax.plot(x, med, color="k", lw=1.5, label="median")
+        above = sub["above_chance"].fillna(True).to_numpy(bool)
+        ax.scatter(x[above], med[above], color="k", s=18, zorder=3)
+        ax.scatter(x[~above], med[~above], facecolor="white", edgecolor="k", s=18, zorder=3,
+                   label="not above chance" if (~above).any() else None)
+        best = sub["best"].to_numpy(bool)
+        ax.scatter(x[best], med[best], marker="*", s=150, color="tab:orange", zorder=4, label="best layer")
+        ax.axhline(0.0, color="0.3", lw=0.6, ls=":")
+        ax.set_title(f"{roi} ({int(sub['n_targets'].max())} targets)", fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels(layers, rotation=45 if len(layers) > 4 else 0, ha="right" if len(layers) > 4 else "center")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    axes[0].set_ylabel({"r": "held-out Pearson r", "r2": "held-out R²", "r_normalized": "r / noise ceiling"}
+                       .get(metric, metric))
+    axes[0].legend(fontsize=7, loc="best", frameon=False)
+    name = str(ds.attrs.get("features", ""))
+    name = "" if name.startswith("<") else name.rstrip("/").rsplit("/", 1)[-1]
+    fig.suptitle("  ".join(t for t in (f"encoding scores {name}".strip(), describe_split(ds.attrs)) if t), fontsize=9)
+    fig.tight_layout()
+    spath = os.fspath(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    with _open(spath, "wb", dict(storage_options or {})) as f:
+        f.write(buf.getvalue())
+    return spath
+
+
+def save_outputs(scores: xarray.Dataset, options: EncodeOptions,
+                 storage_options: Mapping | None = None) -> dict[str, Any]:
+    """save_scores(options.out) -> plot_scores(options.plot, default OUT.png) -> the JSON-able summary
+    that `encode_command` returns (also used by the `encode` flow after its per-layer tasks): median r
+    per layer for all targets ("layers") and per ROI ("rois"), the chance levels and which layers are
+    above them, the best layer overall and per ROI (None: no layer above chance), the split."""
+    import pandas as pd
+
+    out = options.out
+    save_scores(scores, out, storage_options=storage_options, overwrite=options.overwrite)
+    png = options.plot or out.rstrip("/") + ".png"
+    plot_scores(scores, png, storage_options=storage_options)
+    table = summary_table(scores)
+    groups = {roi: sub for roi, sub in table.groupby("roi", sort=False)}
+
+    def per_layer(sub: pandas.DataFrame, column: str) -> dict[str, Any]:  # JSON-able: NaN / NA -> None
+        return {row.layer: None if pd.isna(v := getattr(row, column)) else
+                (bool(v) if column == "above_chance" else round(float(v), 4)) for row in sub.itertuples()}
+
+    best = {roi: next(iter(sub.layer[sub.best]), None) for roi, sub in groups.items()}
+    return {
+        "scores": out,
+        "plot": png,
+        "split": describe_split(scores.attrs),
+        "layers": per_layer(groups["all"], "median"),
+        "rois": {roi: per_layer(sub, "median") for roi, sub in groups.items() if roi != "all"},
+        "chance": {roi: per_layer(sub, "chance") for roi, sub in groups.items()},
+        "above_chance": {roi: per_layer(sub, "above_chance") for roi, sub in groups.items()},
+        "permutations": int(scores.attrs.get("permutations", 0)),
+        "best_layer": best["all"],
+        "best_layer_per_roi": {roi: layer for roi, layer in best.items() if roi != "all"},
+        "n_train": int(scores.attrs["n_train"]),
+        "n_test": int(scores.attrs["n_test"]),
+        "dropped": {k[len("dropped_"):]: int(v) for k, v in scores.attrs.items() if k.startswith("dropped_")},
+    }

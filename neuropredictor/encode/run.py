@@ -1,0 +1,214 @@
+"""A whole run in three steps, so that a flow can score each layer in its own task on arrays prepared
+once: `prepare` (open the features, align the neural data by key, split) -> `score_layer` (one layer,
+every outer fold) -> `assemble` (the scores Dataset). `encode` runs the three in a row;
+`encode_command` adds reading the neural data and writing the scores and the plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_medians
+from neuropredictor.encode.align import align, layer_matrix, open_dataset, outer_splits, select_layers
+from neuropredictor.encode.neural import NeuralData, load_neural
+from neuropredictor.encode.options import EncodeOptions, FitOptions
+from neuropredictor.encode.report import save_outputs, target_groups
+from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray
+
+log = logging.getLogger(__name__)
+
+_MIN_TEST = 3  # Pearson r on fewer held-out stimuli is meaningless
+
+
+@dataclass
+class Prepared:
+    """What every layer's fit shares, computed once: the matched stimuli, their responses and splits."""
+
+    ds: Any  # the features Dataset (read lazily, one layer at a time)
+    features_name: str
+    layers: list[str]  # in model order
+    neural: NeuralData
+    rows: np.ndarray  # features rows of the matched stimuli, in store order
+    keys: list[str]  # their keys
+    Y: np.ndarray  # (matched stimuli, usable targets)
+    usable: np.ndarray  # indices of the targets that are not NaN everywhere
+    splits: list[tuple[np.ndarray, np.ndarray]]  # (train, test) rows of Y, one pair per outer fold
+    report: dict[str, Any]  # alignment report and split
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class LayerScores:
+    """One layer's held-out scores over the usable targets: means over the outer folds (alpha: median)."""
+
+    layer: str
+    r: np.ndarray
+    r2: np.ndarray
+    alpha: np.ndarray
+    n_features: int
+    solver: str
+    backend: str
+    seconds: float
+    null: np.ndarray | None = None  # (permutations, groups) null medians of r, see `chance`
+
+
+def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
+            storage_options: Mapping | None = None, **fields: Any) -> Prepared:
+    """Open the features, align the neural data to them by key (an `AlignmentWarning` reports what is
+    dropped), and split the matched stimuli. Options: `FitOptions`, as an object and/or keywords."""
+    opts = FitOptions.resolve(options, fields)
+    started = time.perf_counter()
+    ds, layer_order, features_name = open_dataset(features, storage_options)
+    if not isinstance(neural, NeuralData):
+        neural = load_neural(neural, storage_options=storage_options)
+    layers = select_layers(opts.layers, layer_order)
+    aligned = align(ds, neural)
+    fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
+    keys = [neural.keys[i] for i in ni]
+    folds = outer_splits(keys, neural.train[ni] if neural.train is not None else None, opts.test_fraction,
+                         opts.folds, opts.seed)
+    need = max(_MIN_TRAIN, 2 * opts.inner_folds)
+    for tr, te in folds["splits"]:
+        if len(tr) < need or len(te) < _MIN_TEST:
+            raise EncodingError(f"after alignment the split leaves {len(tr)} training and {len(te)} test stimuli; "
+                                f"need at least {need} and {_MIN_TEST}. Check the split, or lower inner_folds "
+                                "(CLI --inner-folds) / change test_fraction")
+    report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]))
+    return Prepared(ds, features_name, layers, neural, fi, keys, neural.values[np.ix_(ni, usable)], usable,
+                    folds["splits"], report, started)
+
+
+def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, **fields: Any) -> LayerScores:
+    """Fit and score one layer on every outer fold of `prep`."""
+    opts = FitOptions.resolve(options, fields)
+    t0 = time.perf_counter()
+    X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
+    folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds, seed=opts.seed,
+                          device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
+                          return_predictions=True) for tr, te in prep.splits]
+    r = np.mean([f["r"] for f in folds], axis=0)
+    null = None
+    if opts.permutations:
+        groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
+        null = null_medians([prep.Y[te] for _, te in prep.splits], [f["predictions"] for f in folds], groups,
+                            opts.permutations, opts.seed)
+    log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
+             float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), folds[-1]["solver"],
+             folds[-1]["backend"])
+    return LayerScores(layer, r, np.mean([f["r2"] for f in folds], axis=0),
+                       np.median([f["alpha"] for f in folds], axis=0), int(X.shape[1]), folds[-1]["solver"],
+                       folds[-1]["backend"], time.perf_counter() - t0, null)
+
+
+def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions | None = None,
+             **fields: Any) -> xarray.Dataset:
+    """The scores Dataset of a run from its layers' scores (in the order given).
+
+    Variables: r, r2, alpha (layer x target), r_normalized and ceiling if the neural data has a noise
+    ceiling (r / ceiling, NaN where the ceiling is not positive). Coordinates: layer, target, roi (if
+    known), and per layer n_features, solver, backend, seconds. Attrs: the alignment report (stimuli
+    matched and dropped per reason with examples), the split, the options, and the chance test (see
+    `chance`) as JSON: {group: {"chance" | "null_low" | "p_value": [one per layer]}}, group = "all"
+    then each ROI. Targets that are NaN for every stimulus keep NaN scores.
+    """
+    import xarray as xr
+
+    opts = FitOptions.resolve(options, fields)
+    neural, usable = prep.neural, prep.usable
+    shape = (len(layers), neural.n_targets)
+    values = {name: np.full(shape, np.nan) for name in ("r", "r2", "alpha")}
+    for li, part in enumerate(layers):
+        for name, v in values.items():
+            v[li, usable] = getattr(part, name)
+    coords: dict[str, Any] = {"layer": ("layer", [p.layer for p in layers]),
+                              "target": ("target", list(neural.targets or []))}
+    for name in ("n_features", "solver", "backend", "seconds"):
+        coords[name] = ("layer", [getattr(p, name) for p in layers])
+    if neural.roi is not None:
+        coords["roi"] = ("target", list(neural.roi))
+    long_names = {"r": "Pearson r, held-out stimuli", "r2": "R^2, held-out stimuli",
+                  "alpha": "ridge alpha chosen by inner cross-validation"}
+    data_vars: dict[str, Any] = {k: (("layer", "target"), v, {"long_name": long_names[k]}) for k, v in values.items()}
+    ceil = neural.ceiling
+    if ceil is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rn = np.where(ceil[None, :] > 0, values["r"] / ceil[None, :], np.nan)
+        data_vars["r_normalized"] = (("layer", "target"), rn, {"long_name": "r / noise ceiling"})
+        data_vars["ceiling"] = (("target",), ceil, {"long_name": "noise ceiling (r)"})
+    chance: dict[str, dict[str, list]] = {}
+    if layers and all(p.null is not None for p in layers):
+        groups = target_groups(neural.roi, neural.n_targets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a group without finite r has no median: NaN
+            tests = [chance_summary(np.array([np.nanmedian(values["r"][li, m]) for _, m in groups]), p.null)
+                     for li, p in enumerate(layers)]
+        # in attrs (JSON, like the alignment report): the scores keep their (layer, target) shape
+        chance = {g: {k: [None if np.isnan(t[k][gi]) else float(t[k][gi]) for t in tests] for k in tests[0]}
+                  for gi, (g, _) in enumerate(groups)}
+    out = xr.Dataset(data_vars, coords=coords)
+    report = prep.report
+    out.attrs.update({
+        "features": prep.features_name,
+        "neural": str(neural.source or ""),
+        "n_stimuli": len(prep.keys),
+        "n_train": report["n_train"],
+        "n_test": report["n_test"],
+        "split": report["split"],
+        "folds": opts.folds or 0,
+        "inner_folds": opts.inner_folds,
+        "seed": opts.seed,
+        "test_fraction": opts.test_fraction,
+        "alphas": opts.alpha_grid.tolist(),
+        "dtype": opts.dtype,
+        "permutations": opts.permutations,
+        "chance_test": ("held-out response rows permuted against the same predictions; chance = "
+                        f"{CHANCE_QUANTILE:.0%} of the null median r, per layer and group") if chance else "none",
+        "chance": json.dumps(chance),
+        "seconds": round(time.perf_counter() - prep.started, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "alignment": json.dumps(report),
+        **{f"dropped_{reason}": int(e["count"]) for reason, e in report["dropped"].items()},
+    })
+    return out
+
+
+def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
+           storage_options: Mapping | None = None, **fields: Any) -> xarray.Dataset:
+    """Score every layer of a features store as an encoding model of the neural data.
+
+    features: a store URL (read with `open_features`) or a Dataset shaped like its result.
+    neural: NeuralData, or a path given to `load_neural` (keys inside the file).
+    options: `FitOptions` (or `EncodeOptions`) and/or its fields as keywords, e.g.
+        `encode(url, neural, layers="a,b", folds=5, device="cpu")`.
+    Per layer and target, the ridge alpha is chosen by `inner_folds`-fold cross-validation on the
+    training stimuli only. Held-out stimuli: the neural data's own split if it has one; else `folds`
+    outer folds (every stimulus held out once; scores averaged over folds, alpha the median of the
+    folds' choices); else a random `test_fraction` (depends only on the seed and the matched keys).
+
+    Returns the Dataset described in `assemble`.
+    """
+    opts = FitOptions.resolve(options, fields)
+    prep = prepare(features, neural, opts, storage_options=storage_options)
+    return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
+
+
+def encode_command(options: EncodeOptions | None = None, *, storage_options: Mapping | None = None,
+                   **fields: Any) -> dict[str, Any]:
+    """`neuropredictor encode`: read the neural data -> encode -> save the scores -> plot -> the
+    JSON-able summary of `save_outputs`. Options: `EncodeOptions`, as an object and/or keywords.
+    Errors a user can fix are EncodingError (a NeuroPredictorError)."""
+    opts = EncodeOptions.resolve(options, fields)
+    scores = encode(opts.features, opts.read_neural(storage_options), opts, storage_options=storage_options)
+    return save_outputs(scores, opts, storage_options=storage_options)

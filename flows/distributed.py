@@ -18,7 +18,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.extract import ExtractParameters, finalize_task, plan_task, report_artifacts, summarize, validate_task
+from neuropredictor_flows.extract import ExtractParameters, finalize_task, plan_task, report_artifacts, summarize, validate_task
 from neuropredictor import schedule
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.store import FeatureStore

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from neuropredictor.config import ExtractConfig
@@ -44,8 +45,27 @@ def _option(name: str, *flags: str, help: str | None = None) -> Any:
     return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=help or _help(name))
 
 
+# Library messages name parameters (overwrite=True, `out`); on the command line they are flags, named by
+# the same rule as the options below (`retry_delay_seconds` and `keys_file` are the exceptions).
+_FLAG_ALIASES = {"pretrained=False": "--no-pretrained", "weights=PATH": "--weights PATH", "keys=": "--keys",
+                 "retry_delay_seconds": "--retry-delay", "keys_file": "--keys"}
+
+
+def as_flags(message: str) -> str:
+    """message with the parameters it names written as flags (`overwrite=True` -> --overwrite)."""
+    import re
+
+    for words, flag in _FLAG_ALIASES.items():
+        message = message.replace(words, flag)
+    for name in {*ExtractConfig.model_fields, *EncodeOptions.model_fields}:
+        flag = "--" + name.replace("_", "-")
+        message = re.sub(rf"\b{name}=True\b", flag, message)
+        message = re.sub(rf"`{name}`|\b{name}=(?=[\s,.;)]|$)", flag, message)
+    return message
+
+
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(as_flags(str(exc)))}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -170,7 +190,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
 
         try:
             if use_prefect:
-                from flows.extract import PROGRESS, ExtractParameters, extract_flow
+                from neuropredictor_flows.extract import PROGRESS, ExtractParameters, extract_flow
 
                 token = PROGRESS.set(listener)
                 try:
@@ -187,7 +207,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
 
 
 def _run_flow(config) -> dict:
-    from flows.extract import ExtractParameters, extract_flow
+    from neuropredictor_flows.extract import ExtractParameters, extract_flow
 
     return extract_flow(ExtractParameters(**config.model_dump()))
 

@@ -19,7 +19,7 @@ import torch
 
 from neuropredictor import reduce as R
 from neuropredictor.errors import LayerNotFoundError, NeuroPredictorError
-from neuropredictor.layers import ROOT, LayerInfo, describe_layers, named_layers, pick_tensor, select_layers
+from neuropredictor.layers import LayerInfo, describe_layers, named_layers, pick_tensor, select_layers
 from neuropredictor.models import LoadedModel
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

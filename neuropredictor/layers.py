@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from neuropredictor.errors import LayerNotFoundError
+from neuropredictor.globs import glob_regex, matches
 from neuropredictor.models import LoadedModel
 
 ROOT = "output"  # name of the whole model's output
@@ -110,15 +110,6 @@ def describe_layers(model: LoadedModel, device: str | torch.device | None = None
     return infos
 
 
-def _glob_regex(pattern: str) -> re.Pattern:
-    """`*` and `?` match within one dotted segment (`blocks.*` is blocks.0..N, not blocks.0.attn);
-    `**` matches across segments (`layer1.**` is everything inside layer1)."""
-    out = []
-    for part in re.split(r"(\*\*|\*|\?)", pattern):
-        out.append({"**": ".*", "*": "[^.]*", "?": "[^.]"}.get(part) or re.escape(part))
-    return re.compile("".join(out) + r"\Z")
-
-
 def split_layers(text: str | Sequence[str]) -> list[str]:
     """`"layer1,layer2"` or a list -> list of names/patterns."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -135,11 +126,7 @@ def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[s
         raise LayerNotFoundError("no layers given; list them with: neuropredictor layers SPEC")
     chosen: set[str] = set()
     for pattern in patterns:
-        if pattern in names:
-            chosen.add(pattern)
-            continue
-        regex = _glob_regex(pattern)
-        hits = [n for n in names if regex.match(n)] if any(c in pattern for c in "*?") else []
+        hits = matches(pattern, names)
         if not hits:
             raise LayerNotFoundError(_unknown_message(pattern, names))
         chosen.update(hits)
@@ -164,5 +151,5 @@ def filter_layers(infos: Sequence[LayerInfo], pattern: str | None) -> list[Layer
     """For `neuropredictor layers SPEC PATTERN`: the layers a glob matches (same rules as selection)."""
     if not pattern:
         return list(infos)
-    regex = _glob_regex(pattern)
+    regex = glob_regex(pattern)
     return [i for i in infos if regex.match(i.name)]

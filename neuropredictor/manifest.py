@@ -35,7 +35,6 @@ _SOFTWARE = {
     "xarray": "xarray",
     "fsspec": "fsspec",
     "s3fs": "s3fs",
-    "webdataset": "webdataset",
     "pillow": "pillow",
     "neuropredictor": "neuropredictor",
 }

@@ -15,7 +15,6 @@ torch generator, so every process and every GPU projects identically.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import math
 import warnings
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from neuropredictor.errors import ReductionError
+from neuropredictor.globs import matches
 
 NAMES = ("full", "flatten", "avgpool", "cls", "pool", "srp")
 
@@ -54,7 +54,8 @@ def parse_reduction(text: str) -> Reduction:
 def parse_reduce_option(value: str | dict[str, str] | None, layers: list[str]) -> dict[str, Reduction]:
     """`--reduce` as given by a user -> one Reduction per layer.
 
-    "avgpool" applies to every layer; "layer4=avgpool,layer3=pool:2" sets layers one by one (globs allowed);
+    "avgpool" applies to every layer; "layer4=avgpool,layer3=pool:2" sets layers one by one (globs as in
+    `neuropredictor.globs`);
     a bare entry among them is the default for the layers not named; layers not covered keep `full`.
     """
     if value is None:
@@ -69,9 +70,9 @@ def parse_reduce_option(value: str | dict[str, str] | None, layers: list[str]) -
         if key is None:
             default = red
             continue
-        matched = [name for name in layers if name == key.strip() or fnmatch.fnmatchcase(name, key.strip())]
+        matched = matches(key.strip(), layers)
         if not matched:
-            raise ReductionError(f"--reduce names layer {key!r}, which is not among the selected layers {layers}")
+            raise ReductionError(f"reduce names layer {key!r}, which is not among the selected layers {layers}")
         for name in matched:
             per_layer[name] = red
     return {name: per_layer.get(name, default) for name in layers}

@@ -182,6 +182,19 @@ def test_reduce_option_parsing():
             parse_reduction(bad)
 
 
+def test_one_glob_dialect_for_layers_and_reduce():
+    """`blocks.*` means the same in `layers` and in `reduce`: one dotted segment (not blocks.0.attn)."""
+    from neuropredictor.layers import select_layers
+
+    names = ["blocks.0", "blocks.0.attn", "blocks.1", "blocks.1.attn", "head"]
+    assert select_layers(names, "blocks.*") == ["blocks.0", "blocks.1"]
+    got = parse_reduce_option("full,blocks.*=cls", names)
+    assert {k: str(v) for k, v in got.items()} == {"blocks.0": "cls", "blocks.0.attn": "full", "blocks.1": "cls",
+                                                  "blocks.1.attn": "full", "head": "full"}
+    assert {k for k, v in parse_reduce_option("full,blocks.**=cls", names).items() if str(v) == "cls"} == {
+        "blocks.0", "blocks.0.attn", "blocks.1", "blocks.1.attn"}
+
+
 def test_srp_preserves_norms_and_depends_on_layer():
     w = srp_matrix("layer3", 5000, 512, seed=0)
     x = torch.randn(64, 5000)

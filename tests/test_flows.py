@@ -4,7 +4,6 @@ transient storage fault, a permanently failing shard, a killed run, and bad inpu
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import s3fs
 import zarr
 
 from conftest import MODEL, check_against_reference, make_images
-from flows.extract import ExtractParameters, extract_flow
+from neuropredictor_flows.extract import ExtractParameters, extract_flow
 from neuropredictor.corpus import make_shards
 from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError, StoreError
 from neuropredictor.store import FeatureStore, open_features
@@ -258,7 +257,7 @@ def encoded_store(tmp_path_factory):
 
 
 def test_encode_flow_scores_layers_with_artifacts(encoded_store):
-    from flows.encode import EncodeParameters, encode_flow
+    from neuropredictor_flows.encode import EncodeParameters, encode_flow
 
     root = encoded_store
     params = EncodeParameters(features=str(root / "features.zarr"), neural=str(root / "neural.npz"),
@@ -301,7 +300,7 @@ def test_encode_array_option_in_cli_and_flow(encoded_store):
     import xarray as xr
     from typer.testing import CliRunner
 
-    from flows.encode import EncodeParameters, encode_flow
+    from neuropredictor_flows.encode import EncodeParameters, encode_flow
     from neuropredictor.cli import app
 
     root = encoded_store

@@ -4,7 +4,6 @@ in-memory computation; concurrency, a killed process, corrupt images, config mis
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,13 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from conftest import MODEL, check_against_reference, make_images
 from neuropredictor.corpus import list_shards, make_shards
 from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError
-from neuropredictor.models import load_model
 from neuropredictor import ExtractConfig, extract_shard, finalize, plan, run
 from neuropredictor.store import FeatureStore, open_features
 

@@ -129,7 +129,7 @@ def outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float
     n = len(keys)
     if train is not None:
         if folds:
-            raise EncodingError("the neural data has its own train/test split; drop it or folds (CLI --folds), "
+            raise EncodingError("the neural data has its own train/test split; drop it or folds=, "
                                 "not both")
         tr, te = np.flatnonzero(train), np.flatnonzero(~train)
         return {"splits": [(tr, te)], "how": "given", "n_train": len(tr), "n_test": len(te)}

@@ -125,7 +125,7 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
         container: dict[str, np.ndarray] = {}
         if keys is None:
             raise EncodingError(f"{spath}: a .npy file holds no stimulus keys; pass keys= (a list or a text "
-                                "file with one key per line, CLI --keys) in row order, or use .npz/.csv/.nc")
+                                "file with one key per line) in row order, or use .npz/.csv/.nc")
     elif suffix == ".npz":
         values, container = _read_npz(spath, array, opts)
     elif suffix == ".csv":
@@ -152,8 +152,8 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
         if found is None:
             raise EncodingError(f"{spath}: no stimulus keys found (looked for {key_column!r}"
                                 f"{' and ' + ', '.join(_KEY_NAMES) if key_column == 'key' else ''}; the file has "
-                                f"{', '.join(sorted(container)) or 'nothing else'}). Pass keys= (CLI --keys) or "
-                                "key_column= (CLI --key-column)")
+                                f"{', '.join(sorted(container)) or 'nothing else'}). Pass keys= or "
+                                "key_column=")
         key_list = [str(k) for k in np.asarray(found).reshape(-1).tolist()]
     if len(key_list) != n:
         raise EncodingError(f"{spath}: {len(key_list)} keys for {n} rows of neural data (shape {values.shape}); "
@@ -183,7 +183,7 @@ def _read_npz(spath: str, array: str | None, opts: dict) -> tuple[np.ndarray, di
         name = candidates[0]
     else:
         raise EncodingError(f"{spath}: cannot tell which array holds the data ({len(candidates)} 2-D numeric "
-                            f"arrays: {', '.join(candidates) or 'none'}); pass array= (CLI --array)")
+                            f"arrays: {', '.join(candidates) or 'none'}); pass array=")
     return container.pop(name), container
 
 
@@ -199,7 +199,7 @@ def _read_csv(spath: str, key_column: str, split_column: str | None, need_keys: 
         container[key_column] = df.pop(key_column).astype(str).to_numpy()
     elif need_keys:
         raise EncodingError(f"{spath}: no key column {key_column!r}; columns are "
-                            f"{_fmt(list(df.columns), 12)}. Pass key_column= (CLI --key-column) or keys=")
+                            f"{_fmt(list(df.columns), 12)}. Pass key_column= or keys=")
     if split_column is not None and split_column in df.columns:
         container[split_column] = df.pop(split_column).to_numpy()
     bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
@@ -235,7 +235,7 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
             two_d = [str(k) for k, v in ds.data_vars.items() if v.ndim == 2]
             if len(two_d) != 1:
                 raise EncodingError(f"{spath}: cannot tell which variable holds the data ({len(two_d)} 2-D "
-                                    f"variables: {', '.join(two_d) or 'none'}); pass array= (CLI --array)")
+                                    f"variables: {', '.join(two_d) or 'none'}); pass array=")
             name = two_d[0]
         da = ds[name]
         stim_dim, target_dim = da.dims

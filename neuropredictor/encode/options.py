@@ -106,7 +106,7 @@ class EncodeOptions(FitOptions):
                             "then the first dimension's own coordinate).")
     split: str | None = Field(None, description="Train/test split: a column/array/variable of NEURAL holding "
                               "booleans or 0/1 (True = train, unless its name contains 'test') or 'train'/'test', "
-                              "or a text file of test keys. Default: a random held-out fraction, or --folds.")
+                              "or a text file of test keys. Default: a random held-out fraction, or `folds`.")
     targets: str | None = Field(None, description="Target names: a name inside NEURAL or a text file (default: "
                                 "csv columns, a `targets` array, the second dimension's coordinate).")
     roi: str | None = Field(None, description="ROI label per target, for per-ROI scores: a name inside NEURAL or a "

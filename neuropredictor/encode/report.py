@@ -112,7 +112,7 @@ def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = 
             raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "
                                 "(e.g. next to it, as RUN-scores.zarr)")
         if not overwrite:
-            raise EncodingError(f"{redact_text(url)!r} already exists; pass overwrite=True (CLI --overwrite) "
+            raise EncodingError(f"{redact_text(url)!r} already exists; pass overwrite=True "
                                 "or choose another path")
     # Fixed-width numpy strings ('<U5') have no zarr v3 data type yet (zarr warns they may become
     # unreadable); object strings are stored as the specified variable-length UTF-8.

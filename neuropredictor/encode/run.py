@@ -83,8 +83,8 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     for tr, te in folds["splits"]:
         if len(tr) < need or len(te) < _MIN_TEST:
             raise EncodingError(f"after alignment the split leaves {len(tr)} training and {len(te)} test stimuli; "
-                                f"need at least {need} and {_MIN_TEST}. Check the split, or lower inner_folds "
-                                "(CLI --inner-folds) / change test_fraction")
+                                f"need at least {need} and {_MIN_TEST}. Check the split, or lower `inner_folds` "
+                                "/ change test_fraction")
     report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]))
     return Prepared(ds, features_name, layers, neural, fi, keys, neural.values[np.ix_(ni, usable)], usable,
                     folds["splits"], report, started)

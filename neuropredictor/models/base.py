@@ -28,7 +28,7 @@ class LoadedModel:
     module: nn.Module
     transform: Transform  # PIL image -> float tensor (C, H, W); picklable, so it runs in DataLoader workers
     input_size: tuple[int, int, int]  # (C, H, W) the transform produces
-    weights: str  # "random", "pretrained:<tag>" or "sha256:<checksum of the --weights file>"
+    weights: str  # "random", "pretrained:<tag>" or "sha256:<checksum of the weights file>"
 
 
 def imagenet_transform(resize: int = 256, crop: int = 224) -> Transform:
@@ -103,8 +103,8 @@ def pretrained_download(spec: ModelSpec) -> Iterator[None]:
         raise WeightsUnavailableError(
             f"could not download the pretrained weights of {spec} (no network access, or offline mode): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
-            f"Pass a local checkpoint with --weights PATH (safetensors or a torch state dict), "
-            f"fill the cache on a machine with network access first, or use --no-pretrained for random weights."
+            f"Pass a local checkpoint as weights=PATH (safetensors or a torch state dict), "
+            f"fill the cache on a machine with network access first, or use pretrained=False for random weights."
         ) from exc
 
 

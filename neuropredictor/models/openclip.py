@@ -28,7 +28,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
         tag = spec.tag
         if pretrained and not tag:
             tags = [t for a, t in open_clip.list_pretrained() if a == spec.name]
-            raise ModelSpecError(f"openclip:{spec.name} needs a pretrained tag (@TAG), one of {tags}, or --no-pretrained")
+            raise ModelSpecError(f"openclip:{spec.name} needs a pretrained tag (@TAG), one of {tags}, or pretrained=False")
         if tag and (spec.name, tag) not in open_clip.list_pretrained():
             tags = [t for a, t in open_clip.list_pretrained() if a == spec.name]
             raise ModelSpecError(f"open_clip has no pretrained tag {tag!r} for {spec.name}; tags: {tags}")

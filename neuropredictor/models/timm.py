@@ -21,7 +21,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch[:6]}*")[:8]
-        raise ModelSpecError(f"timm has no model {arch!r}. Close names: {close}. List them: neuropredictor models --source timm")
+        raise ModelSpecError(f"timm has no model {arch!r}. Close names: {close}. List them: list_models('timm')")
     if pretrained:
         with pretrained_download(spec):
             model = timm.create_model(name, pretrained=True)

@@ -35,7 +35,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
         raise ModelSpecError(f"torchvision:{spec.name} has no weights enum, so no tag {spec.tag!r}")
     if pretrained:
         if member is None:
-            raise ModelSpecError(f"torchvision:{spec.name} has no pretrained weights; use --no-pretrained or --weights PATH")
+            raise ModelSpecError(f"torchvision:{spec.name} has no pretrained weights; use pretrained=False or weights=PATH")
         with pretrained_download(spec):
             model = tvm.get_model(spec.name, weights=member)
         weights = f"pretrained:{member}"

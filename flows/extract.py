@@ -24,11 +24,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from neuropredictor import pipeline, schedule
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.manifest import canonical
+from neuropredictor.redact import redact
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore
 
@@ -48,6 +50,17 @@ class ExtractParameters(ExtractConfig):
                                      "extract-distributed flow gives each child run its group.")
     finalize: bool = Field(True, description="Write the manifest at the end. Child runs of extract-distributed "
                            "leave it to their parent.")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict | None) -> dict | None:
+        # Flow parameters are kept in Prefect's database and shown in its UI: never a place for secrets.
+        if value and redact(value) != canonical(value):
+            raise ValueError("storage_options must not hold credentials in a flow run's parameters (Prefect stores "
+                             "and shows them): put them in a Prefect Secret block and pass credentials_block=NAME, "
+                             "or give the workers AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in their environment. "
+                             "Options without secrets (endpoint_url, ...) are fine here.")
+        return value
 
     def library_config(self) -> ExtractConfig:
         """The library's config: storage options resolved from the credentials block, if one is named."""
@@ -126,16 +139,17 @@ def extract_flow(params: ExtractParameters) -> dict:
                                                   retry_jitter_factor=policy.jitter)
     window = schedule.DeviceWindow(groups, devices)
     running: dict[Any, tuple[list[Shard], str]] = {}
-    while True:
-        for group, device in window.start():
-            running[shard_task.submit(config, group, device, schedule.group_label(group))] = (group, device)
-        if not running:
-            break
-        future = next(as_completed(list(running)))
-        group, device = running.pop(future)
-        error = None if future.state.is_completed() else _state_error(future)
-        window.finish(group, device, error, store.is_committed)
-        update_progress_artifact(progress_id, progress=100.0 * (done_before + window.rows_done) / total_rows)
+    with store.session():  # replacing the store is refused while this run extracts into it
+        while True:
+            for group, device in window.start():
+                running[shard_task.submit(config, group, device, schedule.group_label(group))] = (group, device)
+            if not running:
+                break
+            future = next(as_completed(list(running)))
+            group, device = running.pop(future)
+            error = None if future.state.is_completed() else _state_error(future)
+            window.finish(group, device, error, store.is_committed)
+            update_progress_artifact(progress_id, progress=100.0 * (done_before + window.rows_done) / total_rows)
     if not params.finalize:
         if window.failed:
             raise NeuroPredictorError(schedule.failure_message(window.failed))

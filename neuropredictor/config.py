@@ -32,7 +32,8 @@ class ExtractConfig(BaseModel):
     """Everything one extraction run needs. Fields marked IDENTITY form the store's identity; the others
     (batch size, workers, device, retries) may differ between runs that resume one store."""
 
-    model_config = ConfigDict(extra="forbid")
+    # hide_input_in_errors: a validation error must not print storage options (credentials) back
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     corpus: str | list[str] = Field(description="WebDataset shards: a directory, a brace pattern "
                                     "(shards/train-{000000..000099}.tar), a URL (s3://...), or a list of them.")
@@ -75,7 +76,11 @@ class ExtractConfig(BaseModel):
                                        "each retry, with jitter.")
     storage_options: dict[str, Any] | None = Field(None, description="fsspec storage options (e.g. "
                                                    "endpoint_url); never written to the manifest.")
-    overwrite: bool = Field(False, description="Replace an existing store made with another configuration.")
+    overwrite: bool = Field(False, description="Replace an existing store made with another configuration (only "
+                            "the store's own objects are deleted; a store another run is extracting into is "
+                            "never replaced).")
+    verify: bool = Field(False, description="Before resuming, read every committed shard back and compare it with "
+                         "the checksums written with it; damaged shards are extracted again.")
 
     @classmethod
     def fields_with(cls, role: Role) -> list[str]:

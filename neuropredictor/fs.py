@@ -19,7 +19,7 @@ import fsspec
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.redact import redact_text
 
-__all__ = ["basename", "connect", "full_url", "invalidate", "is_local", "nonempty", "parent", "read_json",
+__all__ = ["basename", "connect", "create_exclusive", "full_url", "invalidate", "is_local", "nonempty", "parent", "read_json",
            "read_json_or_none", "remove_tree", "write_bytes_atomic", "write_json_atomic"]
 
 
@@ -109,6 +109,38 @@ def json_default(obj: Any) -> Any:
 def json_bytes(obj: Any) -> bytes:
     """obj as indented UTF-8 JSON (what every JSON object of a store looks like)."""
     return (json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n").encode("utf-8")
+
+
+def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
+    """Create path with data only if it does not exist yet, atomically; False if it exists.
+
+    Local disk: a complete temporary file hard-linked into place (the link fails if the name exists).
+    Object stores: a conditional PUT (If-None-Match), which AWS S3, MinIO and moto honour through s3fs.
+    Other fsspec filesystems fall back to fsspec's check-then-write, which is not atomic.
+    """
+    if is_local(fs):
+        path = fs._strip_protocol(path)
+        directory = os.path.dirname(path)
+        os.makedirs(directory or ".", exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    invalidate(fs, path)
+    return True
 
 
 def write_json_atomic(fs: Any, path: str, obj: Any) -> None:

@@ -42,7 +42,7 @@ _SOFTWARE = {
 # Commit-record fields that the manifest's shard entry takes over itself; any other field of a
 # commit record (images_per_s, stats, committed_at...) is passed through unchanged.
 _SHARD_FIELDS = ("name", "url", "count", "offset", "status", "attempts", "duration_s", "device", "host", "error")
-_RECORD_INTERNAL = {"kind", "shard", "bad_samples"}
+_RECORD_INTERNAL = {"kind", "shard", "bad_samples", "generation", "config_hash", "checksums"}
 
 
 def now_iso() -> str:
@@ -134,6 +134,8 @@ def shard_entry(shard: Any, commit: Mapping | None = None, failure: Mapping | No
     """The manifest's entry for one shard, from its plan and its commit / failure records (if any)."""
     entry: dict[str, Any] = {"name": shard.name, "url": redact_text(str(shard.url)), "count": int(shard.count),
                              "offset": int(shard.offset)}
+    if getattr(shard, "size", None) is not None:
+        entry.update(size=shard.size, etag=shard.etag)
     failed_attempts = int(failure.get("attempts") or 0) if failure else 0
     if commit is not None:
         rec = redact(dict(commit))
@@ -164,6 +166,7 @@ def build_manifest(
     valid_rows: int | None = None,
     created: str | None = None,
     software: Mapping | None = None,
+    generation: str | None = None,
 ) -> dict:
     """The whole run record, ready for `write_json_atomic`.
 
@@ -188,6 +191,7 @@ def build_manifest(
     return {
         "format": FORMAT,
         "status": status,
+        "generation": generation,
         "created": created or stamp,
         "updated": stamp,
         "config": config,

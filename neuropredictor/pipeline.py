@@ -9,6 +9,7 @@ the Prefect flows as tasks):
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import socket
@@ -24,12 +25,15 @@ import torch
 from neuropredictor import fs as fsx
 from neuropredictor.config import IDENTITY, ExtractConfig
 from neuropredictor.corpus import list_shards, read_shard
-from neuropredictor.errors import Interrupted, StoreError
+from neuropredictor.corpus.listing import changed_since, source_of
+from neuropredictor.errors import CorpusError, Interrupted, StoreError
 from neuropredictor.redact import redact_text
 from neuropredictor.extractor import Extractor
 from neuropredictor.models import LoadedModel, load_model
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, LayerSpec
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported when used: torchvision's decoders cost start-up time nobody else needs
     from neuropredictor.device_decode import DeviceDecoder
@@ -145,6 +149,13 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
         config.out, shards, runner.layer_specs(), identity(config, runner), dtype=config.dtype,
         compression=config.compression, storage_options=config.storage_options, overwrite=config.overwrite,
     )
+    _refuse_changed_files(store, shards, config.storage_options)
+    if config.verify:
+        damaged = store.verify()
+        if damaged:
+            log.warning("%d committed shard(s) are damaged and run again: %s", len(damaged),
+                        "; ".join(f"{k}: {v}" for k, v in sorted(damaged.items())))
+            store.withdraw(damaged)
     return store
 
 
@@ -207,6 +218,19 @@ class _BackgroundWriter:
         self._queue.put(None)
         self._thread.join()
         self._raise()
+
+
+def _refuse_changed_files(store: FeatureStore, shards: list[Shard], storage_options: dict | None) -> None:
+    """A committed shard whose file changed since its rows were extracted would leave the store mixing two
+    versions of the corpus: refuse, naming the shards."""
+    commits = store.committed()
+    changed = [s.name for s in shards if s.name in commits and "source" in commits[s.name]
+               and changed_since(commits[s.name]["source"], s, storage_options)]
+    if changed:
+        raise CorpusError(f"{len(changed)} shard(s) changed since their rows were extracted into "
+                          f"{redact_text(store.url)!r}: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. "
+                          "The store would mix two versions of the corpus: restore the original files, or replace "
+                          "the store (overwrite=True).")
 
 
 def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | None = None,
@@ -285,6 +309,7 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
         "attempts": attempt,
         "stages": stages,
         "stats": stats,
+        "source": source_of(shard, config.storage_options),  # what the rows came from (see plan)
     }
     return writer.commit(record)
 

@@ -172,7 +172,7 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         return policy.call(lambda attempt: extract_group(config, group, store, device, attempt, on_batch, stop), stop)
 
     running: dict[Future, tuple[list[Shard], str]] = {}
-    with ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
+    with store.session(), ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
         try:
             while True:
                 for group, device in window.start():

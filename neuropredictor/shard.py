@@ -3,7 +3,7 @@ the schedulers. Plain data, no torch: planning, merging and reading a store do n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,10 @@ class Shard:
     name: str  # file name without ".tar"; unique within a corpus; names commit records
     count: int  # samples in the shard
     offset: int  # global row of its first sample (sum of counts of earlier shards)
+    # what the file was when the corpus was listed: its size and etag (or mtime, where there is no etag)
+    # (not part of a shard's equality: two listings of one corpus give equal shards)
+    size: int | None = field(default=None, compare=False)
+    etag: str | None = field(default=None, compare=False)
 
     @property
     def end(self) -> int:

@@ -78,7 +78,9 @@ def test_flow_end_to_end_local_with_artifacts(corpus, image_dir, tmp_path):
 
 def test_flow_end_to_end_s3(s3, image_dir):
     make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
-    params = _params("s3://test-bucket/corpus", "s3://test-bucket/runs/flow.zarr", storage_options=s3)
+    # credentials come from the environment (conftest's `s3`); only the endpoint is a parameter
+    params = _params("s3://test-bucket/corpus", "s3://test-bucket/runs/flow.zarr",
+                     storage_options={"endpoint_url": s3["endpoint_url"]})
     summary = extract_flow(params)
     assert summary["status"] == "complete"
     check_against_reference(open_features("s3://test-bucket/runs/flow.zarr", s3), image_dir)
@@ -95,9 +97,27 @@ def test_credentials_from_a_prefect_secret_block(s3, image_dir, monkeypatch):
         monkeypatch.delenv(var)  # only the block knows how to reach the store now
     s3fs.S3FileSystem.clear_instance_cache()
     params = _params("s3://test-bucket/corpus", "s3://test-bucket/runs/block.zarr", credentials_block="np-test-s3")
-    assert extract_flow(params)["status"] == "complete"
+    state = extract_flow(params, return_state=True)
+    assert state.result()["status"] == "complete"
     manifest = FeatureStore.open("s3://test-bucket/runs/block.zarr", s3, mode="r").manifest
     assert "testing-secret" not in json.dumps(manifest) and manifest["rows"]["valid"] == 25
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # what Prefect's database keeps of the run's parameters
+        stored = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert stored["params"]["credentials_block"] == "np-test-s3" and "testing-secret" not in json.dumps(stored)
+
+
+@pytest.mark.parametrize("options", [{"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"},
+                                     {"client_kwargs": {"aws_secret_access_key": "s3cr3t"}},
+                                     {"endpoint_url": "http://user:pa55@minio:9000"}])
+def test_credentials_are_never_flow_parameters(tmp_path, options):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="credentials_block") as info:
+        _params(tmp_path, tmp_path / "out.zarr", storage_options=options)
+    assert "s3cr3t" not in str(info.value) and "pa55" not in str(info.value)
+    assert _params(tmp_path, tmp_path / "out.zarr", storage_options={"endpoint_url": "http://x"}).storage_options
 
 
 class FlakyS3(s3fs.S3FileSystem):
@@ -117,7 +137,8 @@ def test_transient_storage_fault_is_retried(s3, image_dir):
     fsspec.register_implementation("flakys3", FlakyS3, clobber=True)
     make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
     FlakyS3.failures = 2  # the first shard's first two attempts each lose one chunk write
-    params = _params("s3://test-bucket/corpus", "flakys3://test-bucket/runs/flaky.zarr", storage_options=s3, retries=3)
+    params = _params("s3://test-bucket/corpus", "flakys3://test-bucket/runs/flaky.zarr",
+                     storage_options={"endpoint_url": s3["endpoint_url"]}, retries=3)
     state = extract_flow(params, return_state=True)
     assert state.is_completed(), state.message
     assert FlakyS3.failures == 0

@@ -436,8 +436,9 @@ def test_foreign_directory_is_refused(target: Target):
     with pytest.raises(StoreError, match="no neuropredictor store"):
         FeatureStore.open(target.url, target.so)
     assert target.fs.cat_file(f"{target.root}/notes.txt") == b"precious"
-    create(target, overwrite=True)
-    assert not target.fs.exists(f"{target.root}/notes.txt")
+    with pytest.raises(StoreError, match="not empty"):  # overwrite deletes stores only, never other things
+        create(target, overwrite=True)
+    assert target.fs.cat_file(f"{target.root}/notes.txt") == b"precious"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -87,45 +88,47 @@ class _Resolver:
                 self._named[key] = self._named.get(key, 0) + 1
         return fs, paths, len(paths) > 1 or paths[0] != pattern
 
-    def _listing(self, fs: Any, parent: str) -> dict[str, str] | None:
-        """basename -> type for a folder; {} when it does not exist; None when it cannot be listed."""
+    def _listing(self, fs: Any, parent: str) -> dict[str, dict] | None:
+        """basename -> info for a folder; {} when it does not exist; None when it cannot be listed."""
         key = (id(fs), parent)
         if key not in self._listings:
             try:
                 entries = fs.ls(parent, detail=True)
-                self._listings[key] = {fsx.basename(e["name"]): e.get("type", "file") for e in entries}
+                self._listings[key] = {fsx.basename(e["name"]): e for e in entries}
             except FileNotFoundError:
                 self._listings[key] = {}
             except PermissionError:  # e.g. GetObject allowed but not ListBucket: ask per file instead
                 self._listings[key] = None
         return self._listings[key]
 
-    def _kind(self, fs: Any, path: str) -> str | None:
-        """"file", "directory" or None (missing)."""
+    def _info(self, fs: Any, path: str) -> dict | None:
+        """fsspec's info of path (type, size, etag or mtime), or None if it is missing."""
         if path.endswith(".tar") and self._named.get((id(fs), fsx.parent(path)), 0) >= _LIST_THRESHOLD:
             listing = self._listing(fs, fsx.parent(path))
             if listing is not None:
                 return listing.get(fsx.basename(path))
         try:
-            return fs.info(path).get("type", "file")
+            return fs.info(path)
         except FileNotFoundError:
             return None
 
     def resolve(self, item: str, fs: Any, paths: list[str], is_pattern: bool
-                ) -> list[tuple[Any, str]]:
-        """Shard paths (fs, path) for one expanded corpus item: directories, globs or .tar files."""
-        out: list[tuple[Any, str]] = []
+                ) -> list[tuple[Any, str, dict]]:
+        """Shards (fs, path, info) of one expanded corpus item: directories, globs or .tar files."""
+        out: list[tuple[Any, str, dict]] = []
         missing: list[str] = []
         for path in paths:
             url = fsx.full_url(fs, path) if is_pattern else item
             try:
                 if "*" in path:
-                    matches = sorted(p for p in fs.glob(path) if p.endswith(".tar") and fs.isfile(p))
+                    found = fs.glob(path, detail=True)
+                    matches = sorted(p for p, i in found.items() if p.endswith(".tar") and i.get("type") == "file")
                     if not matches:
                         raise CorpusError(f"the pattern {url} matches no .tar files: check the pattern.")
-                    out.extend((fs, p) for p in matches)
+                    out.extend((fs, p, found[p]) for p in matches)
                     continue
-                kind = self._kind(fs, path)
+                info = self._info(fs, path)
+                kind = None if info is None else info.get("type", "file")
                 if kind is None:
                     if is_pattern:
                         missing.append(url)
@@ -133,18 +136,17 @@ class _Resolver:
                     raise FileNotFoundError(path)
                 if kind == "directory":
                     entries = sorted(
-                        (e["name"] for e in fs.ls(path, detail=True)
-                         if e.get("type") == "file" and e["name"].endswith(".tar")),
-                        key=fsx.basename,
+                        (e for e in fs.ls(path, detail=True) if e.get("type") == "file" and e["name"].endswith(".tar")),
+                        key=lambda e: fsx.basename(e["name"]),
                     )
                     if not entries:
                         raise CorpusError(
                             f"no .tar shards in {url}: point the corpus at a folder of WebDataset shards "
                             "(make them with make_shards / `neuropredictor shards make`)."
                         )
-                    out.extend((fs, e) for e in entries)
+                    out.extend((fs, e["name"], e) for e in entries)
                 elif path.endswith(".tar"):
-                    out.append((fs, path))
+                    out.append((fs, path, info))
                 else:
                     raise CorpusError(
                         f"{url} is not a .tar shard: pass a directory of shards, a brace pattern "
@@ -162,6 +164,50 @@ class _Resolver:
                 "Fix the pattern's range, or upload the missing shards."
             )
         return out
+
+
+def source_of(shard: Shard, storage_options: dict | None = None) -> dict:
+    """What a shard's file is now: its size and etag (object stores: a hash of the content). On local disk,
+    where the etag is only the mtime, the sha256 of the bytes too, so that a copy with new times still
+    counts as the same file."""
+    fs, path = connect(shard.url, storage_options, fresh=False)
+    try:
+        size, etag = _fingerprint(fs.info(path))
+        out: dict = {"size": size, "etag": etag}
+        if fsx.is_local(fs):
+            out["sha256"] = _sha256(fs, path)
+    except Exception as exc:
+        raise access_error(shard.url, exc, "shard") from exc
+    return out
+
+
+def changed_since(recorded: dict, shard: Shard, storage_options: dict | None = None) -> bool:
+    """Whether the shard's file (as listed now) differs from the one its rows were extracted from."""
+    if recorded.get("size") != shard.size:
+        return True
+    if recorded.get("etag") == shard.etag:
+        return False
+    if "sha256" in recorded:  # same size, new mtime: compare the bytes
+        return source_of(shard, storage_options).get("sha256") != recorded["sha256"]
+    return True
+
+
+def _sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(info: dict) -> tuple[int | None, str | None]:
+    """(size, etag) of a listed file; where the filesystem has no etag (local disk), its mtime stands in."""
+    size = info.get("size")
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if etag is None:
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+        etag = None if mtime is None else f"mtime:{mtime.isoformat() if hasattr(mtime, 'isoformat') else mtime}"
+    return (int(size) if size is not None else None), (str(etag).strip('"') if etag is not None else None)
 
 
 def _read_index(fs: Any, parent: str) -> dict[str, int]:
@@ -203,13 +249,13 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
             f"the corpus {corpus!r} is empty: pass a directory of shards, a brace pattern or .tar URLs."
         )
     resolver = _Resolver(storage_options)
-    resolved: list[tuple[Any, str]] = []
+    resolved: list[tuple[Any, str, dict]] = []
     expanded = [(os.fspath(item), *resolver.expand(os.fspath(item))) for item in items]
     for item, fs, paths, is_pattern in expanded:
         resolved.extend(resolver.resolve(item, fs, paths, is_pattern))
 
     names: dict[str, str] = {}
-    for fs, path in resolved:
+    for fs, path, _ in resolved:
         name = fsx.basename(path)[: -len(".tar")]
         url = fsx.full_url(fs, path)
         if name in names:
@@ -221,7 +267,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
 
     indexes: dict[tuple[int, str], dict[str, int]] = {}
     counts: list[int | None] = []
-    for fs, path in resolved:
+    for fs, path, _ in resolved:
         key = (id(fs), fsx.parent(path))
         if key not in indexes:
             indexes[key] = _read_index(fs, fsx.parent(path))
@@ -231,7 +277,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
     if todo:
         # Header scans are I/O-bound (object stores especially): a few threads overlap the requests.
         def scan(i: int) -> int:
-            fs, path = resolved[i]
+            fs, path, _ = resolved[i]
             return _count_samples(fs, path, fsx.full_url(fs, path))
 
         with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
@@ -239,8 +285,10 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
                 counts[i] = n
 
     shards, offset = [], 0
-    for (fs, path), count in zip(resolved, counts):
+    for (fs, path, info), count in zip(resolved, counts):
         assert count is not None
-        shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")], count=count, offset=offset))
+        size, etag = _fingerprint(info)
+        shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")], count=count,
+                            offset=offset, size=size, etag=etag))
         offset += count
     return shards

@@ -81,6 +81,18 @@ def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> None:
             tf.addfile(_tarinfo(f"{key}.json", len(meta)), io.BytesIO(meta))
 
 
+def _same_bytes(a: str, b: str) -> bool:
+    if not os.path.exists(b) or os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def make_shards(
     image_dir: str | Path,
     out: str,
@@ -142,7 +154,10 @@ def make_shards(
                 try:
                     with open(tmp, "wb") as f:
                         _write_tar(f, items)
-                    os.replace(tmp, path)
+                    # An identical shard is left as it is: stores planned on it see the same file (its
+                    # mtime is part of its fingerprint) and resume.
+                    if not _same_bytes(tmp, path):
+                        os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)

@@ -2,11 +2,17 @@
 
 A shard's rows are trusted only once its commit record exists: readers (`open_features`) mark every
 other row invalid, since its chunks may be half written or still hold an earlier attempt.
+
+Each planning of a store gets a new generation id (`_generation.json`, written once the arrays exist);
+commit records name it, so a run still writing into a store that another run replaced can never commit
+there. Planning, finalizing and replacing take leases (`store.locks`), so concurrent runs of one store
+either join it safely or are told who is using it.
 """
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,14 +25,21 @@ from neuropredictor.redact import redact_text
 from neuropredictor.errors import ConfigMismatchError, StoreError
 from neuropredictor.shard import Shard
 from neuropredictor.status import StoreStatus
+from neuropredictor.store import locks
 from neuropredictor.store.layout import (
     DEFAULT_CHUNK_BYTES,
     FEATURES,
+    GENERATION,
     KEYS,
+    LOCKS_DIR,
     MANIFEST,
+    PLAN,
+    RUNS_DIR,
     STIMULUS,
+    STORE_ENTRIES,
     VALID,
     LayerSpec,
+    RowDigest,
     check_plan,
     compressors,
     dim_names,
@@ -39,27 +52,38 @@ from neuropredictor.store.staging import Staging
 from neuropredictor.store.writer import ShardWriter
 
 
+_PLAN_WAIT_S = 600.0  # how long a planner waits for another one to finish planning the same store
+_FINALIZE_WAIT_S = 900.0
+
+
 class FeatureStore:
     """One run's Zarr store. Instances are cheap; every process (or thread) may open its own."""
 
-    def __init__(self, url: str, storage_options: Mapping | None, mode: str, fs: Any, root: str,
-                 manifest: dict) -> None:
+    def __init__(self, url: str, storage_options: Mapping | None, mode: str, fs: Any, root: str, plan: dict,
+                 manifest: dict | None, generation: str | None) -> None:
         # Use `create` or `open`; this only wires the parts together.
         self._url = url
         self._storage_options = dict(storage_options or {})
         self._mode = mode
         self._fs = fs
         self._root = root
-        self._manifest = manifest
+        self._plan = plan
+        self.generation = generation
         self._zstore: Any = None
         self._arrays: dict[str, Any] = {}
         self._shards: list[Shard] | None = None
         self._lock = threading.Lock()
-        self.records = Records(fs, root)
+        self.records = Records(fs, root, generation, plan.get("config_hash"))
+        self.repairs: list[str] = []  # what opening found damaged and rebuilt (in memory)
+        self.replaced: dict | None = None  # what `create(overwrite=True)` deleted, if it replaced a store
+        if manifest is None:
+            self.repairs.append(f"{MANIFEST} was missing or damaged: rebuilt from {PLAN} and the commit records")
+            manifest = self._build_manifest(self._fresh_status())
+        self._manifest = manifest
 
     def __repr__(self) -> str:
         return (f"FeatureStore({redact_text(self._url)!r}, status={self._manifest.get('status')!r}, "
-                f"shards={len(self._manifest.get('shards', []))}, layers={[lay.name for lay in self.layers]})")
+                f"shards={len(self._plan.get('shards', []))}, layers={[lay.name for lay in self.layers]})")
 
     # -- creating and opening -----------------------------------------------------------------
 
@@ -67,14 +91,15 @@ class FeatureStore:
     def create(cls, url: str, shards: Sequence[Shard], layers: Sequence[LayerSpec | Mapping], config: dict,
                dtype: str = "float32", compression: str = "zstd",
                storage_options: dict | None = None, overwrite: bool = False, *,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> FeatureStore:
-        """Plan step: create every array once, write manifest.json with status 'planned'.
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait_s: float = _PLAN_WAIT_S) -> FeatureStore:
+        """Plan step: create every array once, under the planning lease (one planner at a time).
 
-        If a store already exists at url: same config (config dict, shard plan, layers, dtype,
-        compression, chunk size) -> open it and return it (resume); different ->
-        ConfigMismatchError listing each differing field as `field: stored=... requested=...`, and
-        nothing is written. overwrite=True deletes whatever is at url first. A non-empty url that
-        is not one of our stores (no manifest.json) -> StoreError, never touched without overwrite.
+        If a store already exists at url: same config (config dict, shard plan and the shards' files,
+        layers, dtype, compression, chunk size) -> open it and return it (resume; also with overwrite:
+        nothing is deleted then); different -> ConfigMismatchError listing each differing field as
+        `field: stored=... requested=...`, nothing written; with overwrite=True the store's own objects
+        are deleted first (`replaced` says what), unless another run is still extracting into it
+        (StoreBusyError). A non-empty url that holds no store is never touched, overwrite or not.
 
         chunk_bytes: target uncompressed size of one chunk (see `plan_chunk_rows`).
         """
@@ -82,64 +107,97 @@ class FeatureStore:
         layers = [lay if isinstance(lay, LayerSpec) else LayerSpec(**lay) for lay in layers]
         check_plan(shards, layers, dtype, compression, chunk_bytes)
         fs, root = fsx.connect(url, storage_options, error=StoreError, what="output store")
-        total = sum(int(s.count) for s in shards)
         chunk_rows = plan_all_chunk_rows(shards, layers, dtype, chunk_bytes)
+        config = mf.redact(mf.canonical(config))
         requested = {
-            "config": mf.redact(mf.canonical(config)),
+            "format": mf.FORMAT,
+            "config": config,
+            "config_hash": mf.config_hash(config),
             "layers": [{"name": lay.name, "shape": list(lay.shape), "dtype": dtype, "reduction": lay.reduction}
                        for lay in layers],
             "storage": {"dtype": dtype, "compression": compression, "chunk_bytes": int(chunk_bytes),
-                        "chunk_rows": chunk_rows, "rows": total},
+                        "chunk_rows": chunk_rows, "rows": sum(int(s.count) for s in shards)},
+            "shards": [plan_entry(s) for s in shards],
         }
-        plan = [{"name": s.name, "count": int(s.count), "offset": int(s.offset)} for s in shards]
-        manifest_path = f"{root}/{MANIFEST}"
-        if overwrite:
-            if root in ("", "/") or (not fsx.is_local(fs) and "/" not in root):
-                raise StoreError(f"refusing to delete all of {redact_text(url)!r}: choose a sub-folder as `out`")
-            fsx.remove_tree(fs, root)
-        elif fsx.nonempty(fs, root):
-            existing = fsx.read_json_or_none(fs, manifest_path)
-            if existing is None:
-                raise StoreError(
-                    f"{redact_text(url)!r} is not empty and holds no neuropredictor store (no {MANIFEST}); "
-                    "refusing to write there. Choose another `out`, or pass overwrite=True to delete its contents.")
-            if existing.get("format") != mf.FORMAT:
-                raise StoreError(f"{redact_text(url)!r} has a {MANIFEST} of another format "
-                                 f"({existing.get('format')!r}); choose another `out` or pass overwrite=True")
-            diffs = plan_diffs(existing, requested, plan)
-            if diffs:
-                raise ConfigMismatchError(
-                    f"the store at {redact_text(url)!r} was made with a different configuration:\n  "
-                    + "\n  ".join(diffs)
-                    + "\nPass overwrite=True to replace it, or choose another `out`.")
-            if existing.get("status") != StoreStatus.PLANNING:
-                return cls(url, storage_options, "r+", fs, root, existing)  # resume
-            # else: an interrupted plan step; no shard has written yet, so make the arrays again
-        manifest = mf.build_manifest(config=config, layers=requested["layers"], shards=shards,
-                                     storage=requested["storage"], status=StoreStatus.PLANNING)
-        # The manifest goes first, so a crash half-way through leaves a store we recognise as ours.
-        fsx.write_json_atomic(fs, manifest_path, manifest)
-        store = cls(url, storage_options, "r+", fs, root, manifest)
-        store._create_arrays(layers, dtype, compression, total, chunk_rows)
-        manifest["status"] = StoreStatus.PLANNED
-        manifest["updated"] = mf.now_iso()
-        fsx.write_json_atomic(fs, manifest_path, manifest)
+        _refuse_foreign(fs, root, url)
+        if overwrite and (root in ("", "/") or (not fsx.is_local(fs) and "/" not in root)):
+            raise StoreError(f"refusing to replace all of {redact_text(url)!r}: choose a sub-folder as `out`")
+        with locks.acquire(fs, f"{root}/{LOCKS_DIR}/plan.json", "planning", wait_s):
+            found = _Found.read(fs, root, url)
+            replaced = None
+            if found.plan is not None:
+                diffs = plan_diffs(found.plan, requested)
+                if not diffs and found.generation is not None:
+                    return cls(url, storage_options, "r+", fs, root, found.plan, found.manifest, found.generation)
+                if diffs and not overwrite:
+                    raise ConfigMismatchError(
+                        f"the store at {redact_text(url)!r} was made with a different configuration:\n  "
+                        + "\n  ".join(diffs) + "\nPass overwrite=True to replace it, or choose another `out`.")
+                if diffs:  # replace it
+                    busy = locks.live(fs, f"{root}/{RUNS_DIR}")
+                    if busy:
+                        raise locks.StoreBusyError(
+                            f"not replacing the store at {redact_text(url)!r}: another run is extracting into it "
+                            f"({locks.describe(busy[0])}). Stop it first, or choose another `out`.")
+                    replaced = _delete_store(fs, root, found)
+                # else: an interrupted plan step of the same plan; no shard committed, so plan it again
+            store = cls._plan_new(url, storage_options, fs, root, requested, layers, shards)
+            store.replaced = replaced
+            return store
+
+    @classmethod
+    def _plan_new(cls, url: str, storage_options: Mapping | None, fs: Any, root: str, plan: dict,
+                  layers: list[LayerSpec], shards: list[Shard]) -> FeatureStore:
+        """Write the plan, create the arrays, then the generation: a store is usable once that exists."""
+        plan = dict(plan, created=mf.now_iso(), software=mf.software_versions())
+        fsx.write_json_atomic(fs, f"{root}/{PLAN}", plan)
+        store = cls(url, storage_options, "r+", fs, root, plan, None, None)
+        store.repairs.clear()
+        fsx.write_json_atomic(fs, f"{root}/{MANIFEST}", store._manifest)  # status planning: ours, not ready
+        storage = plan["storage"]
+        store._create_arrays(layers, storage["dtype"], storage["compression"], storage["rows"], storage["chunk_rows"])
+        generation = uuid.uuid4().hex
+        fsx.write_json_atomic(fs, f"{root}/{GENERATION}", {"generation": generation, "config_hash": plan["config_hash"]})
+        store.generation = generation
+        store.records = Records(fs, root, generation, plan["config_hash"])
+        store._manifest = store._build_manifest(StoreStatus.PLANNED)
+        fsx.write_json_atomic(fs, f"{root}/{MANIFEST}", store._manifest)
         return store
 
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+") -> FeatureStore:
-        """Open an existing store; mode "r" (read only) or "r+" (write shards, commit, finalize)."""
+        """Open an existing store; mode "r" (read only) or "r+" (write shards, commit, finalize). A damaged
+        or missing manifest.json is rebuilt in memory from the plan and the commit records (`repairs`)."""
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         fs, root = fsx.connect(url, storage_options, error=StoreError, what="store")
-        manifest = fsx.read_json_or_none(fs, f"{root}/{MANIFEST}")
-        if manifest is None:
+        found = _Found.read(fs, root, url)
+        if found.plan is None:
             raise StoreError(f"no neuropredictor store at {redact_text(url)!r} ({MANIFEST} not found); "
                              "check the path, or create it with an extraction (`out`)")
-        if manifest.get("format") != mf.FORMAT:
-            raise StoreError(f"{redact_text(url)!r}: {MANIFEST} has format {manifest.get('format')!r}, "
-                             f"expected {mf.FORMAT!r}")
-        return cls(url, storage_options, mode, fs, root, manifest)
+        return cls(url, storage_options, mode, fs, root, found.plan, found.manifest, found.generation)
+
+    def _fresh_status(self) -> StoreStatus:
+        return StoreStatus.PLANNED if self.generation is not None else StoreStatus.PLANNING
+
+    def _build_manifest(self, status: StoreStatus, valid_rows: int | None = None) -> dict:
+        commits, failures = self.records.by_kind() if self.generation is not None else ({}, {})
+        return mf.build_manifest(config=self._plan["config"], layers=self._plan["layers"], shards=self.shards,
+                                 storage=self._plan["storage"], status=status, commits=commits, failures=failures,
+                                 valid_rows=valid_rows, created=self._plan.get("created"),
+                                 software=self._plan.get("software"), generation=self.generation)
+
+    def _check_generation(self) -> None:
+        """Raise if the store was replaced since this object opened it (another run's overwrite)."""
+        try:
+            current = fsx.read_json_or_none(self._fs, f"{self._root}/{GENERATION}")
+        except ValueError:
+            current = None
+        now = current.get("generation") if isinstance(current, dict) else None
+        if now != self.generation:
+            raise StoreError(f"the store at {redact_text(self._url)!r} was replaced by another run (generation "
+                             f"{self.generation} -> {now}) while this one was writing: this run's rows are discarded "
+                             "and nothing of it is committed there.")
 
     def _create_arrays(self, layers: list[LayerSpec], dtype: str, compression: str, total: int,
                        chunk_rows: dict[str, int]) -> None:
@@ -181,7 +239,7 @@ class FeatureStore:
                 arr = self._arrays.setdefault(path, arr)
         return arr
 
-    # -- what the manifest says -----------------------------------------------------------------
+    # -- what the plan says -------------------------------------------------------------------
 
     @property
     def url(self) -> str:
@@ -198,32 +256,36 @@ class FeatureStore:
 
     @property
     def config(self) -> dict:
-        return self._manifest["config"]
+        return self._plan["config"]
+
+    @property
+    def config_hash(self) -> str:
+        return self._plan["config_hash"]
 
     @property
     def shards(self) -> list[Shard]:
-        """The plan: every shard with its count and offset (it never changes after create)."""
+        """The plan: every shard with its count, offset and file fingerprint (fixed at create)."""
         if self._shards is None:
-            self._shards = [Shard(url=e.get("url", ""), name=e["name"], count=int(e["count"]), offset=int(e["offset"]))
-                            for e in self._manifest["shards"]]
+            self._shards = [Shard(url=e.get("url", ""), name=e["name"], count=int(e["count"]), offset=int(e["offset"]),
+                                  size=e.get("size"), etag=e.get("etag")) for e in self._plan["shards"]]
         return list(self._shards)
 
     @property
     def layers(self) -> list[LayerSpec]:
-        return [LayerSpec(d["name"], tuple(d["shape"]), d["reduction"]) for d in self._manifest.get("layers", [])]
+        return [LayerSpec(d["name"], tuple(d["shape"]), d["reduction"]) for d in self._plan.get("layers", [])]
 
     @property
     def dtype(self) -> str:
-        return self._manifest["storage"]["dtype"]
+        return self._plan["storage"]["dtype"]
 
     @property
     def chunk_rows(self) -> dict[str, int]:
         """Rows per chunk of each array, by array path (`features/<layer>`, `keys`, `valid`)."""
-        return dict(self._manifest["storage"]["chunk_rows"])
+        return dict(self._plan["storage"]["chunk_rows"])
 
     @property
     def rows(self) -> int:
-        return int(self._manifest["storage"]["rows"])
+        return int(self._plan["storage"]["rows"])
 
     @property
     def staging(self) -> Staging:
@@ -234,6 +296,9 @@ class FeatureStore:
     def _require_writable(self) -> None:
         if self._mode != "r+":
             raise StoreError(f"{redact_text(self._url)!r} was opened read-only (mode='r')")
+        if self.generation is None:
+            raise StoreError(f"the store at {redact_text(self._url)!r} was never completely planned (interrupted); "
+                             "plan it again: run the same extraction")
 
     def planned(self, shard: Shard) -> Shard:
         """The store's own record of a shard the caller names (count and offset must agree)."""
@@ -264,13 +329,9 @@ class FeatureStore:
     def status_manifest(self) -> dict:
         """The manifest with every shard's current status, read from the commit and failure records: what
         a finalize would write now, without writing anything (for a running or interrupted run)."""
-        if StoreStatus(self._manifest.get("status")).finalized:
+        if StoreStatus(self._manifest.get("status")).finalized and not self.repairs:
             return self._manifest
-        commits, failures = self.records.by_kind()
-        return mf.build_manifest(config=self.config, layers=self._manifest["layers"], shards=self.shards,
-                                 storage=self._manifest["storage"], status=self._manifest["status"],
-                                 commits=commits, failures=failures, created=self._manifest.get("created"),
-                                 software=self._manifest.get("software"))
+        return self._build_manifest(StoreStatus(self._manifest.get("status", self._fresh_status())))
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -280,50 +341,175 @@ class FeatureStore:
         so they are no longer trusted) and drops its stale staged rows."""
         self._require_writable()
         shard = self.planned(shard)
+        self._check_generation()
         self.records.withdraw(shard.name)
         staging = self.staging
         staging.clear(shard)
         return ShardWriter(shard, {path: self.array(path) for path in self.chunk_rows}, self.layers, self.dtype,
-                           self.chunk_rows, self.rows, staging, self.records)
+                           self.chunk_rows, self.rows, staging, self.records, self._check_generation)
 
     def record_failure(self, shard: Shard, error: str, attempts: int) -> None:
         """Keep the shard's last error (`_status/<shard>.failed.json`); the shard stays uncommitted."""
         self._require_writable()
         self.records.write_failure(self.planned(shard), error, attempts)
 
+    def session(self, what: str = "extracting") -> locks.Lease:
+        """A lease saying that a run is extracting into this store (held until released; a context
+        manager): replacing the store is refused while one is alive."""
+        self._require_writable()
+        run_id = locks.new_run_id()
+        return locks.register(self._fs, f"{self._root}/{RUNS_DIR}/{run_id}.json", what, run_id)
+
+    # -- integrity ----------------------------------------------------------------------------
+
+    def verify(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """Read every committed shard's rows (or those named) and compare them with the checksums of its
+        commit record; returns shard name -> what is wrong, for the damaged ones."""
+        commits = self.committed()
+        staged = self.staging
+        damaged: dict[str, str] = {}
+        for shard in self.shards:
+            rec = commits.get(shard.name)
+            if rec is None or (names is not None and shard.name not in names):
+                continue
+            sums = rec.get("checksums") or {}
+            for path in self.chunk_rows:
+                if path not in sums:
+                    damaged[shard.name] = f"{path}: no checksum in its commit record (written by an older version)"
+                    break
+                try:
+                    digest = RowDigest()
+                    digest.update(staged.rows_as_stored(shard, path, self.array(path)))
+                except Exception as exc:  # an unreadable chunk is damage too
+                    damaged[shard.name] = f"{path}: cannot read its rows ({type(exc).__name__}: {exc})"
+                    break
+                if digest.hexdigest() != sums[path]:
+                    damaged[shard.name] = f"{path}: rows differ from what was written (checksum mismatch)"
+                    break
+        return damaged
+
+    def withdraw(self, damaged: Mapping[str, str]) -> None:
+        """Take back the commits of damaged shards (name -> why), so that the next run extracts them again;
+        the reason is kept as their failure record."""
+        self._require_writable()
+        for shard in self.shards:
+            if shard.name in damaged:
+                self.records.withdraw(shard.name)
+                self.records.write_failure(shard, f"damaged: {damaged[shard.name]}", attempts=0)
+
     # -- finalize -----------------------------------------------------------------------------
 
-    def finalize(self) -> dict:
+    def finalize(self, wait_s: float = _FINALIZE_WAIT_S) -> dict:
         """Merge staged boundary rows of committed shards into the real chunks, merge commit records
         (and failure records) into manifest.json (status 'complete' if every shard committed, else
-        'partial'), consolidate zarr metadata, return the manifest. Idempotent.
-
-        Run it from one process at a time (it is the only writer of shared chunks).
+        'partial'), consolidate zarr metadata, return the manifest. Idempotent; one finalize at a time
+        (the finalize lease), since it is the only writer of shared chunks.
         """
         self._require_writable()
-        commits, failures = self.records.by_kind()
-        shards = self.shards
-        self.staging.merge(shards, set(commits), self.array)
-        valid = self.array(VALID)[:]
-        valid_rows = int(sum(valid[s.offset:s.end].sum() for s in shards if s.name in commits))
-        complete = all(s.name in commits for s in shards)
-        zs = self.zarr_store()
-        with quiet_zarr():
-            zarr.consolidate_metadata(zs, path=FEATURES)
-            zarr.consolidate_metadata(zs)
-        manifest = mf.build_manifest(config=self.config, layers=self._manifest["layers"], shards=shards,
-                                     storage=self._manifest["storage"],
-                                     status=StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL,
-                                     commits=commits, failures=failures, valid_rows=valid_rows,
-                                     created=self._manifest.get("created"))
-        # Written last: 'complete' in the manifest means the data and the metadata are sealed.
-        fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
+        with locks.acquire(self._fs, f"{self._root}/{LOCKS_DIR}/finalize.json", "finalizing", wait_s):
+            self._check_generation()
+            commits = self.committed()
+            shards = self.shards
+            self.staging.merge(shards, set(commits), self.array)
+            valid = self.array(VALID)[:]
+            valid_rows = int(sum(valid[s.offset:s.end].sum() for s in shards if s.name in commits))
+            complete = all(s.name in commits for s in shards)
+            zs = self.zarr_store()
+            with quiet_zarr():
+                zarr.consolidate_metadata(zs, path=FEATURES)
+                zarr.consolidate_metadata(zs)
+            manifest = self._build_manifest(StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL, valid_rows)
+            # Written last: 'complete' in the manifest means the data and the metadata are sealed.
+            fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
         self._manifest = manifest
+        self.repairs.clear()
         return manifest
 
 
-def plan_diffs(existing: dict, requested: dict, plan: list[dict]) -> list[str]:
-    """`field: stored=... requested=...` lines between a stored manifest and a requested plan."""
+def plan_entry(shard: Shard) -> dict:
+    """A shard as the plan records it."""
+    entry = {"name": shard.name, "url": redact_text(str(shard.url)), "count": int(shard.count),
+             "offset": int(shard.offset)}
+    if shard.size is not None:
+        entry.update(size=shard.size, etag=shard.etag)
+    return entry
+
+
+class _Found:
+    """What is at a store's URL: its plan (`_plan.json`, or the manifest of a store from before plans
+    were kept apart), its manifest (None when missing or damaged) and its generation."""
+
+    def __init__(self, plan: dict | None, manifest: dict | None, generation: str | None) -> None:
+        self.plan, self.manifest, self.generation = plan, manifest, generation
+
+    @classmethod
+    def read(cls, fs: Any, root: str, url: str) -> _Found:
+        plan, plan_damaged = _read_object(fs, f"{root}/{PLAN}")
+        manifest, manifest_damaged = _read_object(fs, f"{root}/{MANIFEST}")
+        gen, _ = _read_object(fs, f"{root}/{GENERATION}")
+        for name, obj in ((PLAN, plan), (MANIFEST, manifest)):
+            if obj is not None and obj.get("format") != mf.FORMAT:
+                raise StoreError(f"{redact_text(url)!r}: {name} has format {obj.get('format')!r}, expected "
+                                 f"{mf.FORMAT!r}; it was not written by this version of neuropredictor")
+        generation = gen.get("generation") if gen else None
+        if plan is None and manifest is not None and "config_hash" in manifest:  # a store from before plans
+            plan = {k: manifest[k] for k in ("format", "config", "config_hash", "layers", "storage", "shards",
+                                             "created", "software") if k in manifest}
+            generation = manifest.get("generation")
+        if plan is None and plan_damaged:
+            raise StoreError(f"the store at {redact_text(url)!r} is damaged: its {PLAN}"
+                             + (f" and {MANIFEST} are" if manifest_damaged or manifest is None else " is")
+                             + " unreadable, so its plan is lost. Replace it (overwrite=True) or choose another `out`.")
+        return cls(plan, None if manifest_damaged else manifest, generation)
+
+
+def _read_object(fs: Any, path: str) -> tuple[dict | None, bool]:
+    """(the JSON object at path or None, whether it exists but is damaged)."""
+    try:
+        obj = fsx.read_json_or_none(fs, path)
+    except ValueError:
+        return None, True
+    if obj is not None and not isinstance(obj, dict):
+        return None, True
+    return obj, False
+
+
+def _entries(fs: Any, root: str) -> list[str]:
+    fsx.invalidate(fs, root)
+    try:
+        return sorted(fsx.basename(p) for p in fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def _refuse_foreign(fs: Any, root: str, url: str) -> None:
+    """A folder with things in it that are not a store's is never written to (nor emptied)."""
+    entries = _entries(fs, root)
+    ours = {*STORE_ENTRIES, LOCKS_DIR}
+    if entries and not ({MANIFEST, PLAN} & set(entries)) and not set(entries) <= ours:
+        shown = ", ".join(e for e in entries if e not in ours)[:200]
+        raise StoreError(f"{redact_text(url)!r} is not empty and holds no neuropredictor store ({shown}); refusing "
+                         "to write there or to delete anything. Choose another `out`, or empty it yourself.")
+
+
+def _delete_store(fs: Any, root: str, found: _Found) -> dict:
+    """Delete a store's own objects (the generation first, so that a late writer of the old store stops),
+    leave anything else in the folder alone; return what was deleted."""
+    entries = _entries(fs, root)
+    old = Records(fs, root, found.generation, found.plan.get("config_hash"))
+    commits = old.by_kind()[0] if found.generation is not None else {}
+    deleted = [e for e in (GENERATION, *STORE_ENTRIES) if e in entries]
+    for name in dict.fromkeys(deleted):
+        path = f"{root}/{name}"
+        fsx.remove_tree(fs, path)
+    return {"generation": found.generation, "config_hash": found.plan.get("config_hash"),
+            "committed_shards": len(commits), "shards": len(found.plan.get("shards", [])),
+            "rows": found.plan.get("storage", {}).get("rows"), "deleted": sorted(set(deleted)),
+            "kept": [e for e in entries if e not in (*STORE_ENTRIES, LOCKS_DIR)]}
+
+
+def plan_diffs(existing: dict, requested: dict) -> list[str]:
+    """`field: stored=... requested=...` lines between a stored plan and a requested one."""
     diffs = [f"config.{d}" if not d.startswith("<") else f"config: {d.split(': ', 1)[1]}"
              for d in mf.diff_configs(existing.get("config", {}), requested["config"])]
     stored_layers = {d["name"]: d for d in existing.get("layers", [])}
@@ -344,7 +530,7 @@ def plan_diffs(existing: dict, requested: dict, plan: list[dict]) -> list[str]:
             diffs.append(f"{field}: stored={mf.short(stored_storage.get(field))} "
                          f"requested={mf.short(requested['storage'][field])}")
     a = [{"name": e["name"], "count": e["count"], "offset": e["offset"]} for e in existing.get("shards", [])]
-    b = plan
+    b = [{"name": e["name"], "count": e["count"], "offset": e["offset"]} for e in requested["shards"]]
     if a != b:
         rows_a, rows_b = sum(p["count"] for p in a), sum(p["count"] for p in b)
         diffs.append(f"shards: stored={len(a)} shards/{rows_a} rows requested={len(b)} shards/{rows_b} rows")

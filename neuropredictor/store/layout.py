@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import statistics
 import warnings
 from collections.abc import Iterator, Sequence
@@ -33,14 +34,20 @@ from neuropredictor.shard import Shard
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # uncompressed bytes per chunk: big enough for object-store throughput
 STIMULUS = "stimulus"  # the sample axis, named the same in every array
 MANIFEST = "manifest.json"
+PLAN = "_plan.json"  # the plan, written once per generation: what a damaged manifest is rebuilt from
+GENERATION = "_generation.json"  # {generation, config_hash}: written last when a store is planned
 STATUS_DIR = "_status"
 STAGING_DIR = "_staging"
+LOCKS_DIR = "_locks"
+RUNS_DIR = "_runs"
 FEATURES = "features"
 KEYS = "keys"
 VALID = "valid"
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("zstd", "blosc", "gzip", "none")
 KEY_ROW_BYTES = 64  # a guess at one key's stored size, only used to size the keys' chunks
+# Everything a store consists of: what replacing one deletes (anything else in the folder is left alone).
+STORE_ENTRIES = ("zarr.json", FEATURES, KEYS, VALID, MANIFEST, PLAN, GENERATION, STATUS_DIR, STAGING_DIR, RUNS_DIR)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,26 @@ class LayerSpec:
     def __post_init__(self) -> None:
         # Shapes arrive as lists from JSON and as torch.Size from the extractor; store plain ints.
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+class RowDigest:
+    """A checksum of rows as the arrays hold them (numbers by their bytes, strings by their UTF-8), so rows
+    read back from zarr give the digest the writer computed, and damage (a flipped byte, a lost chunk) shows."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+
+    def update(self, rows: Any) -> None:
+        rows = np.asarray(rows)
+        if rows.dtype.kind in ("U", "T", "O", "S"):
+            for item in rows.reshape(-1).tolist():
+                data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+                self._hash.update(len(data).to_bytes(4, "little") + data)
+        else:
+            self._hash.update(np.ascontiguousarray(rows).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def feature_path(layer: str) -> str:

@@ -1,6 +1,11 @@
 """Commit and failure records: `_status/<shard>.json` says a shard's rows are complete and trusted;
 `_status/<shard>.failed.json` keeps its last error. A shard's rows count only through its commit record,
-written after all of its data, in one atomic write (a single PUT or rename): absent or complete."""
+written after all of its data, in one atomic write (a single PUT or rename): absent or complete.
+
+Every record names the store generation and config hash it was written for, and only records of the
+store's current generation count: a run still writing into a store that was replaced meanwhile can never
+commit into the new one. A damaged record (truncated, unreadable) counts as absent: its shard runs again.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +26,17 @@ _MAX_ERROR_CHARS = 4000
 
 
 class Records:
-    """The `_status/` folder of one store."""
+    """The `_status/` folder of one store generation."""
 
-    def __init__(self, fs: Any, root: str) -> None:
+    def __init__(self, fs: Any, root: str, generation: str | None, config_hash: str | None) -> None:
         self._fs, self._root = fs, root
+        self.generation, self.config_hash = generation, config_hash
+
+    def _ours(self, rec: Any, kind: str, shard_name: str | None = None) -> bool:
+        return (isinstance(rec, dict) and rec.get("kind") == kind and isinstance(rec.get("shard"), str)
+                and (shard_name is None or rec["shard"] == shard_name)
+                and rec.get("generation") == self.generation
+                and (self.generation is None or rec.get("config_hash") == self.config_hash))
 
     @property
     def folder(self) -> str:
@@ -35,9 +47,11 @@ class Records:
 
     def commit_record(self, shard_name: str) -> dict | None:
         """The shard's commit record, or None if it has none."""
-        rec = fsx.read_json_or_none(self._fs, self.path(shard_name))
-        ok = isinstance(rec, dict) and rec.get("kind") == KIND_COMMIT and rec.get("shard") == shard_name
-        return rec if ok else None
+        try:
+            rec = fsx.read_json_or_none(self._fs, self.path(shard_name))
+        except ValueError:
+            return None  # damaged: not committed
+        return rec if self._ours(rec, KIND_COMMIT, shard_name) else None
 
     def by_kind(self) -> tuple[dict[str, dict], dict[str, dict]]:
         """(commits, failures) by shard name, from one listing of _status/ and concurrent reads."""
@@ -46,20 +60,18 @@ class Records:
             names = self._fs.ls(self.folder, detail=False)
         except FileNotFoundError:
             return {}, {}
-        # ".x.tmp" files are atomic writes in progress on local disk
-        paths = [p for p in names if p.endswith(".json") and not fsx.basename(p).startswith(".")]
+        paths = [p for p in names if p.endswith(".json")]
         commits: dict[str, dict] = {}
         failures: dict[str, dict] = {}
         if not paths:
             return commits, failures
         for blob in self._fs.cat(paths, on_error="omit").values():  # concurrent GETs on object stores
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError):  # a damaged record counts as absent
                 rec = json.loads(blob)
-                if isinstance(rec, dict) and "shard" in rec:
-                    if rec.get("kind") == KIND_COMMIT:
-                        commits[rec["shard"]] = rec
-                    elif rec.get("kind") == KIND_FAILURE:
-                        failures[rec["shard"]] = rec
+                if self._ours(rec, KIND_COMMIT):
+                    commits[rec["shard"]] = rec
+                elif self._ours(rec, KIND_FAILURE):
+                    failures[rec["shard"]] = rec
         return commits, failures
 
     def withdraw(self, shard_name: str) -> None:
@@ -74,8 +86,9 @@ class Records:
         bad_samples=[{key, reason}], valid=<count>...).
         """
         rec: dict[str, Any] = {"kind": KIND_COMMIT, "shard": shard.name, "offset": int(shard.offset),
-                               "count": int(shard.count), "committed_at": mf.now_iso(), "host": mf.hostname()}
-        rec.update({k: v for k, v in redact(dict(record)).items() if k not in ("kind", "shard", "bad_samples")})
+                               "count": int(shard.count), "committed_at": mf.now_iso(), "host": mf.hostname(),
+                               "generation": self.generation, "config_hash": self.config_hash}
+        rec.update({k: v for k, v in redact(dict(record)).items() if k not in (*rec, "bad_samples")})
         rec["bad_samples"] = mf.bad_samples(record, shard.name)
         if stats is not None and "stats" not in rec:
             rec["stats"] = dict(stats)
@@ -85,5 +98,6 @@ class Records:
     def write_failure(self, shard: Shard, error: str, attempts: int) -> None:
         rec = {"kind": KIND_FAILURE, "shard": shard.name, "offset": int(shard.offset), "count": int(shard.count),
                "error": redact_text(str(error))[:_MAX_ERROR_CHARS], "attempts": int(attempts),
-               "failed_at": mf.now_iso(), "host": mf.hostname()}
+               "failed_at": mf.now_iso(), "host": mf.hostname(), "generation": self.generation,
+               "config_hash": self.config_hash}
         fsx.write_json_atomic(self._fs, self.path(shard.name, failed=True), rec)

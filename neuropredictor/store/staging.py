@@ -75,6 +75,20 @@ class Staging:
             raise StoreError(f"shard {shard.name!r}: {len(missing)} staged boundary object(s) missing "
                              f"(e.g. {missing[0]}); write the shard again before committing it")
 
+    def rows_as_stored(self, shard: Shard, array_path: str, arr: Any) -> np.ndarray:
+        """The shard's rows of one array as a reader will see them after finalize: the array's rows, with
+        the pieces of boundary chunks still waiting in staging laid over them."""
+        rows = np.array(arr[shard.offset:shard.end])
+        for k in self.boundary(shard, array_path):
+            path = self.path(shard.name, array_path, k)
+            try:
+                piece = np.load(io.BytesIO(self._fs.cat_file(path)), allow_pickle=False)
+            except FileNotFoundError:
+                continue  # merged into the chunk already
+            start = max(k * self.chunk_rows[array_path], shard.offset) - shard.offset
+            rows[start:start + len(piece)] = piece
+        return rows
+
     def merge(self, shards: Sequence[Shard], committed: set[str], open_array: Callable[[str], Any]) -> list[str]:
         """Write the staged rows of committed shards into their boundary chunks, then delete them; returns
         the shards merged. Rows merged by an earlier call are kept (a chunk is rebuilt from its current

@@ -7,16 +7,20 @@ rows never written), checks that every staged object exists and writes the commi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from neuropredictor.errors import StoreError
 from neuropredictor.shard import Shard
-from neuropredictor.store.layout import KEYS, VALID, LayerSpec, feature_path
+from neuropredictor.store.layout import KEYS, VALID, LayerSpec, RowDigest, feature_path
 from neuropredictor.store.records import Records
 from neuropredictor.store.staging import Staging
+
+
+_GENERATION_CHECK_S = 2.0  # how often a writer re-reads the store's generation (one tiny GET)
 
 
 class _ArrayBuffer:
@@ -29,6 +33,7 @@ class _ArrayBuffer:
         self.parts: list[np.ndarray] = []
         self.start = start
         self.rows = 0
+        self.digest = RowDigest()  # of every row of the shard, in order: what a later verify compares
 
     @property
     def end(self) -> int:
@@ -37,6 +42,7 @@ class _ArrayBuffer:
     def append(self, data: np.ndarray) -> None:
         self.parts.append(data)
         self.rows += len(data)
+        self.digest.update(data)
 
     def take(self, upto: int) -> np.ndarray:
         """Remove and return the buffered rows before global row `upto`."""
@@ -64,7 +70,8 @@ class ShardWriter:
     """
 
     def __init__(self, shard: Shard, arrays: Mapping[str, Any], layers: Sequence[LayerSpec], dtype: str,
-                 chunk_rows: Mapping[str, int], total: int, staging: Staging, records: Records) -> None:
+                 chunk_rows: Mapping[str, int], total: int, staging: Staging, records: Records,
+                 check_generation: Callable[[], None]) -> None:
         self._shard = shard
         self._offset, self._count = int(shard.offset), int(shard.count)
         self._end = self._offset + self._count
@@ -72,6 +79,9 @@ class ShardWriter:
         self._dtype = np.dtype(dtype)
         self._layers = list(layers)
         self._staging, self._records = staging, records
+        # raises once the store has been replaced: a stale writer stops instead of writing into the new one
+        self._check_generation = check_generation
+        self._checked_at = time.monotonic()
         self._next = 0
         self._closed = False
         self._committed: dict | None = None
@@ -159,7 +169,9 @@ class ShardWriter:
             return self._committed
         stats = self.close()
         self._staging.check_complete(self._shard)
-        self._committed = self._records.write_commit(self._shard, record or {}, stats)
+        self._check_generation()
+        checksums = {path: buf.digest.hexdigest() for path, buf in self._buffers.items()}
+        self._committed = self._records.write_commit(self._shard, dict(record or {}, checksums=checksums), stats)
         return self._committed
 
     def __enter__(self) -> ShardWriter:
@@ -176,6 +188,9 @@ class ShardWriter:
         upto = buf.end if (final or buf.end == self._end) else (buf.end // c) * c
         if upto <= buf.start:
             return
+        if time.monotonic() - self._checked_at > _GENERATION_CHECK_S:
+            self._check_generation()
+            self._checked_at = time.monotonic()
         lo = buf.start
         data = buf.take(upto)
         own_lo = own_hi = None  # run of chunks entirely inside this shard, written with one call

@@ -1,0 +1,140 @@
+"""Who is working on a store: leases that expire unless renewed.
+
+    _locks/plan.json        one planner at a time (creating, resuming or replacing the arrays)
+    _locks/finalize.json    one finalize at a time (the only writer of shared chunks)
+    _runs/<run id>.json     every run extracting into the store; replacing the store is refused while one lives
+
+A lease names its owner (host, pid, run id) and when it expires; a heartbeat thread renews it every third
+of its lifetime. The owner of a lease that stops being renewed (kill -9, a lost machine) is taken for dead
+once it has expired, and the lease can be taken over. Exclusive leases are created with an atomic
+create-if-absent (`fs.create_exclusive`). Clocks of different machines are compared, so they must agree
+to well within the lifetime (NTP does that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from neuropredictor import fs as fsx
+from neuropredictor.errors import StoreError
+
+LEASE_SECONDS = 60.0
+_POLL_SECONDS = 0.5
+
+
+
+def new_run_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class StoreBusyError(StoreError):
+    """Another run holds the store (planning, finalizing, or extracting when a replacement was asked)."""
+
+
+def describe(lease: dict) -> str:
+    age = time.time() - float(lease.get("renewed_at", 0))
+    return (f"run {lease.get('run_id')} ({lease.get('what', 'working')}) on host {lease.get('host')} pid "
+            f"{lease.get('pid')}, last seen {age:.0f} s ago")
+
+
+def _record(run_id: str, what: str, seconds: float) -> dict:
+    now = time.time()
+    return {"run_id": run_id, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
+            "renewed_at": now, "expires_at": now + seconds}
+
+
+def _read(fs: Any, path: str) -> dict | None:
+    """The lease at path; a damaged one counts as expired (its writer died half-way)."""
+    try:
+        lease = fsx.read_json(fs, path)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"expires_at": 0}
+    return lease if isinstance(lease, dict) else {"expires_at": 0}
+
+
+def expired(lease: dict) -> bool:
+    return time.time() > float(lease.get("expires_at", 0))
+
+
+class Lease:
+    """A lease held by this process; renewed on a daemon thread until released."""
+
+    def __init__(self, fs: Any, path: str, run_id: str, what: str, seconds: float) -> None:
+        self._fs, self.path, self.run_id, self.what, self.seconds = fs, path, run_id, what, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="neuropredictor-lease", daemon=True)
+
+    def start(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            with contextlib.suppress(Exception):  # a missed renewal is retried; expiry is the only harm
+                fsx.write_json_atomic(self._fs, self.path, _record(self.run_id, self.what, self.seconds))
+
+    def release(self) -> None:
+        self._stop.set()
+        current = _read(self._fs, self.path)
+        if current is not None and current.get("run_id") == self.run_id:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(self.path)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def acquire(fs: Any, path: str, what: str, wait_s: float, seconds: float | None = None) -> Lease:
+    """Take the exclusive lease at path, waiting up to wait_s for a live holder to release it; an expired
+    holder is taken over. Raises StoreBusyError naming the holder when the wait runs out."""
+    seconds = seconds or LEASE_SECONDS
+    run_id = new_run_id()
+    deadline = time.monotonic() + wait_s
+    for _ in range(1_000_000):  # bounded by the deadline in practice
+        if fsx.create_exclusive(fs, path, fsx.json_bytes(_record(run_id, what, seconds))):
+            return Lease(fs, path, run_id, what, seconds).start()
+        holder = _read(fs, path)
+        if holder is None:
+            continue  # released just now
+        if expired(holder):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+            continue
+        if time.monotonic() >= deadline:
+            raise StoreBusyError(f"the store is busy: {describe(holder)}. Wait for it to finish, or stop it; a "
+                                 f"lease not renewed for {seconds:.0f} s counts as dead.")
+        time.sleep(_POLL_SECONDS)
+    raise StoreBusyError(f"could not take the lease {path}")  # pragma: no cover
+
+
+def register(fs: Any, path: str, what: str, run_id: str, seconds: float | None = None) -> Lease:
+    """A non-exclusive lease: this run is working here (several runs may hold one each)."""
+    seconds = seconds or LEASE_SECONDS
+    fsx.write_json_atomic(fs, path, _record(run_id, what, seconds))
+    return Lease(fs, path, run_id, what, seconds).start()
+
+
+def live(fs: Any, folder: str, exclude_run_id: str | None = None) -> list[dict]:
+    """The unexpired leases in folder, other than exclude_run_id's."""
+    fsx.invalidate(fs, folder)
+    try:
+        paths = [p for p in fs.ls(folder, detail=False) if p.endswith(".json")]
+    except FileNotFoundError:
+        return []
+    out = []
+    for path in paths:
+        lease = _read(fs, path)
+        if lease is not None and not expired(lease) and lease.get("run_id") != exclude_run_id:
+            out.append(lease)
+    return out

@@ -1,0 +1,350 @@
+"""Nothing lost, nothing silently wrong: the store under concurrent runs, kills at chosen points, damage and
+a changed corpus. Each case compares with a clean run of the same configuration, array by array."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import make_images
+from neuropredictor import ExtractConfig, run
+from neuropredictor.corpus import make_shards
+from neuropredictor.errors import ConfigMismatchError, StoreError
+from neuropredictor.store import FeatureStore, locks
+from neuropredictor.store import writer as store_writer
+
+CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"
+TESTS = Path(__file__).parent
+
+
+def _config(corpus, out, **kw) -> ExtractConfig:
+    base = dict(corpus=corpus if isinstance(corpus, list) else str(corpus), model=CUSTOM, layers=["features.5"], reduce="full", out=str(out),
+                batch_size=2, num_workers=0, retries=0, retry_delay_seconds=0)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    make_images(root / "imgs", 24, nested=False)
+    make_shards(root / "imgs", str(root / "shards"), maxcount=4)  # 6 shards
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def unequal_corpus(tmp_path_factory) -> list[str]:
+    """Shards of 7, 13 and 5 samples: boundary chunks, so finalize has rows to merge."""
+    root = tmp_path_factory.mktemp("unequal")
+    make_images(root / "imgs", 25, nested=False)
+    files = sorted((root / "imgs").iterdir())
+    for name, part in (("a", files[:7]), ("b", files[7:20]), ("c", files[20:])):
+        (root / f"src_{name}").mkdir()
+        for f in part:
+            (root / f"src_{name}" / f.name).write_bytes(f.read_bytes())
+        make_shards(root / f"src_{name}", str(root / "shards" / name), maxcount=100, prefix=f"part{name}")
+    return [str(root / "shards" / n) for n in "abc"]
+
+
+def _arrays(url: str) -> dict[str, np.ndarray]:
+    g = zarr.open_group(url, mode="r")
+    out = {f"features/{n}": g[f"features/{n}"][:] for n in g["features"].array_keys()}
+    out["keys"] = np.asarray(g["keys"][:].tolist(), dtype=str)
+    out["valid"] = g["valid"][:]
+    return out
+
+
+def _assert_identical(a_url: str, b_url: str) -> None:
+    a, b = _arrays(a_url), _arrays(b_url)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def clean(corpus, tmp_path_factory) -> dict[str, str]:
+    """Clean runs to compare with: {layer: store url}."""
+    root = tmp_path_factory.mktemp("clean")
+    out = {}
+    for layer in ("features.5", "features.2"):
+        url = str(root / f"{layer}.zarr")
+        run(_config(corpus, url, layers=[layer]))
+        out[layer] = url
+    return out
+
+
+def _script(body: str, lease_s: float = 60.0) -> str:
+    """A Python program for a child process: a run of `cfg` (JSON in argv[1]) with `body` first."""
+    return textwrap.dedent(f"""
+        import json, os, signal, sys, time
+        sys.path.insert(0, {str(TESTS)!r})
+        from neuropredictor import ExtractConfig, run
+        from neuropredictor.store import locks
+        locks.LEASE_SECONDS = {lease_s}
+        cfg = ExtractConfig.model_validate_json(sys.argv[1])
+        def die(*_):
+            os.kill(os.getpid(), signal.SIGKILL)
+        """) + textwrap.dedent(body)
+
+
+def _spawn(code: str, cfg: ExtractConfig, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, cfg.model_dump_json()], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _commits(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "_status").glob("*.json") if not p.name.endswith(".failed.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# two configurations, one store
+
+
+def test_replacing_a_store_another_run_is_writing_is_refused(corpus, clean, tmp_path):
+    out = tmp_path / "out.zarr"
+    slow = _script("""
+        run(cfg, on_event=lambda e, d: time.sleep(0.3) if e == "batch" else None)
+        """, lease_s=2.0)
+    proc = _spawn(slow, _config(corpus, out), tmp_path)
+    try:
+        _wait_for(lambda: len(_commits(out)) >= 1 or proc.poll() is not None, what="the first commit")
+        assert proc.poll() is None, proc.stderr.read()
+        with pytest.raises(locks.StoreBusyError, match="another run is extracting into it"):
+            run(_config(corpus, out, layers=["features.2"], overwrite=True))
+        proc.send_signal(signal.SIGKILL)  # the first run dies without a word: its lease expires
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    # within the lease's lifetime a dead run still counts as alive; after it, the store can be replaced
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            locks.LEASE_SECONDS, old = 2.0, locks.LEASE_SECONDS
+            manifest = run(_config(corpus, out, layers=["features.2"], overwrite=True))
+            break
+        except locks.StoreBusyError:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        finally:
+            locks.LEASE_SECONDS = old
+    assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 24
+    assert sorted(zarr.open_group(str(out), mode="r")["features"].array_keys()) == ["features.2"]  # no stray array
+    _assert_identical(clean["features.2"], str(out))
+
+
+def test_a_stale_writer_can_never_commit_into_a_replaced_store(corpus, clean, tmp_path, monkeypatch):
+    out = str(tmp_path / "out.zarr")
+    from neuropredictor import plan
+
+    old = plan(_config(corpus, out))
+    stale = old.writer(old.shards[0])  # a run that paused (no live lease) while the store is replaced
+    run(_config(corpus, out, layers=["features.2"], overwrite=True))
+    monkeypatch.setattr(store_writer, "_GENERATION_CHECK_S", 0.0)
+    rows = {"features/features.5": np.zeros((4, 32, 8, 8), np.float32)}
+    with pytest.raises(StoreError, match="replaced by another run"):
+        stale.write(0, ["a", "b", "c", "d"], np.ones(4, bool), {"features.5": rows["features/features.5"]})
+    with pytest.raises(StoreError, match="replaced by another run"):
+        stale.commit({})
+    new = FeatureStore.open(out)
+    assert set(new.committed()) == {s.name for s in new.shards}
+    assert new.verify() == {}
+    _assert_identical(clean["features.2"], out)
+
+
+def test_records_of_another_generation_or_config_do_not_count(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    store = FeatureStore.open(str(out))
+    assert len(store.committed()) == 6
+    rec_path = _commits(out)[0]
+    rec = json.loads(rec_path.read_text())
+    rec_path.write_text(json.dumps(dict(rec, generation="0" * 32)))
+    other = _commits(out)[1]
+    other.write_text(json.dumps(dict(json.loads(other.read_text()), config_hash="f" * 64)))
+    assert len(store.committed()) == 4
+    manifest = run(_config(corpus, out))  # the two shards run again
+    assert manifest["status"] == "complete" and len(FeatureStore.open(str(out)).committed()) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# damage
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _chunks(out: Path, layer: str = "features.5") -> list[Path]:
+    return sorted((out / "features" / layer / "c").rglob("*"), key=lambda p: p.as_posix())
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_chunks_are_found_and_exactly_their_shards_extracted_again(corpus, clean, tmp_path, damage):
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    chunk = [p for p in _chunks(out) if p.is_file()][2]  # chunk size = shard size: chunk 2 is shard 2's
+    _flip_a_byte(chunk) if damage == "flip" else chunk.unlink()
+    store = FeatureStore.open(str(out))
+    damaged = store.verify()
+    assert list(damaged) == ["shard-000002"], damaged
+    assert FeatureStore.open(str(out), mode="r").manifest["status"] == "complete"  # verify is read-only
+    before = {p.name: p.stat().st_mtime_ns for p in _commits(out)}
+    manifest = run(_config(corpus, out, verify=True))
+    after = {p.name: p.stat().st_mtime_ns for p in _commits(out)}
+    assert [n for n in after if after[n] != before.get(n)] == ["shard-000002.json"]  # only it ran again
+    assert manifest["status"] == "complete" and FeatureStore.open(str(out)).verify() == {}
+    _assert_identical(clean["features.5"], str(out))
+
+
+def test_a_truncated_commit_record_counts_as_not_committed(corpus, clean, tmp_path):
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    rec = _commits(out)[3]
+    rec.write_bytes(rec.read_bytes()[:40])
+    store = FeatureStore.open(str(out))
+    assert len(store.committed()) == 5 and not store.is_committed(rec.stem)
+    assert run(_config(corpus, out))["status"] == "complete"
+    assert json.loads(rec.read_text())["shard"] == rec.stem
+    _assert_identical(clean["features.5"], str(out))
+
+
+def test_a_damaged_manifest_is_rebuilt_from_the_plan_and_records(corpus, clean, tmp_path):
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    (out / "manifest.json").write_text('{"format": "neuropredictor-sto')
+    store = FeatureStore.open(str(out), mode="r")
+    assert store.repairs and store.manifest["rows"]["committed"] == 24
+    assert run(_config(corpus, out))["status"] == "complete"  # resumes: nothing to extract, finalize rewrites it
+    assert json.loads((out / "manifest.json").read_text())["rows"]["valid"] == 24
+    (out / "manifest.json").write_text("")
+    (out / "_plan.json").write_text("{")
+    with pytest.raises(StoreError, match="damaged"):
+        FeatureStore.open(str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# a changed corpus, overwrite
+
+
+def test_a_changed_shard_is_refused_on_resume(tmp_path):
+    from neuropredictor import extract_shard, plan
+    from neuropredictor.errors import CorpusError
+
+    make_images(tmp_path / "imgs", 8, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    out = tmp_path / "out.zarr"
+    cfg = _config(tmp_path / "shards", out)
+    store = plan(cfg)
+    extract_shard(cfg, store.shards[0], store=store)  # interrupted after one shard
+    original = (tmp_path / "shards" / "shard-000000.tar").read_bytes()
+    # the committed shard replaced by other images of the same count
+    make_images(tmp_path / "other", 8, nested=False, seed=7)
+    make_shards(tmp_path / "other", str(tmp_path / "other-shards"), maxcount=4)
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes((tmp_path / "other-shards" / "shard-000000.tar").read_bytes())
+    with pytest.raises(CorpusError, match="changed since their rows were extracted.*shard-000000"):
+        run(cfg)
+    # the original bytes back (a new mtime, as after a copy): the same file, so the run resumes
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(original)
+    assert run(cfg)["status"] == "complete"
+    clean = str(tmp_path / "clean.zarr")
+    run(_config(tmp_path / "shards", clean))
+    _assert_identical(clean, str(out))
+
+
+def test_overwrite_deletes_only_a_store_and_says_what(corpus, tmp_path):
+    from neuropredictor import plan
+
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    (out / "notes.txt").write_text("mine")
+    same = plan(_config(corpus, out, overwrite=True))  # the same configuration: resumed, nothing deleted
+    assert same.replaced is None and len(same.committed()) == 6
+    other = plan(_config(corpus, out, layers=["features.2"], overwrite=True))
+    assert other.replaced["committed_shards"] == 6 and other.replaced["kept"] == ["notes.txt"]
+    assert "features" in other.replaced["deleted"] and "_status" in other.replaced["deleted"]
+    assert (out / "notes.txt").read_text() == "mine" and other.committed() == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrent runs of one configuration; kills at chosen points
+
+
+def test_concurrent_runs_of_one_configuration_join_safely(corpus, clean, tmp_path):
+    out = tmp_path / "out.zarr"
+    code = _script("""
+        manifest = run(cfg)
+        print(json.dumps({"status": manifest["status"]}))
+        """)
+    procs = [_spawn(code, _config(corpus, out), tmp_path) for _ in range(4)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert {r["status"] for r in results} == {"complete"}
+    assert [p.stem for p in _commits(out)] == [f"shard-{i:06d}" for i in range(6)]
+    assert not list((out / "_runs").glob("*.json")) and not list((out / "_locks").glob("*.json"))
+    _assert_identical(clean["features.5"], str(out))
+
+
+_KILLS = {
+    # after the arrays exist, before the store's generation is written: the plan is redone
+    "plan": "from neuropredictor.store.feature_store import FeatureStore as F\n"
+            "orig = F._create_arrays\n"
+            "def patched(self, *a, **k):\n    orig(self, *a, **k); die()\n"
+            "F._create_arrays = patched\n",
+    # right after the second commit record
+    "commit": "from neuropredictor.store.writer import ShardWriter as W\n"
+              "orig = W.commit\nseen = []\n"
+              "def patched(self, *a, **k):\n    r = orig(self, *a, **k); seen.append(1)\n"
+              "    if len(seen) == 2: die()\n    return r\n"
+              "W.commit = patched\n",
+    # inside finalize, after the first boundary chunk was merged
+    "finalize": "from neuropredictor.store.staging import Staging as S\n"
+                "orig = S._merge_chunks\n"
+                "def patched(self, *a, **k):\n    orig(self, *a, **k); die()\n"
+                "S._merge_chunks = patched\n",
+}
+
+
+@pytest.mark.parametrize("point", sorted(_KILLS))
+def test_killed_at_a_point_then_rerun_gives_the_identical_store(unequal_corpus, tmp_path, point):
+    clean_url = str(tmp_path / "clean.zarr")
+    run(_config(unequal_corpus, clean_url, batch_size=3))
+    out = tmp_path / "out.zarr"
+    cfg = _config(unequal_corpus, out, batch_size=3)
+    proc = _spawn(_script(_KILLS[point] + "run(cfg)\n", lease_s=1.0), cfg, tmp_path)
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    locks.LEASE_SECONDS, old = 1.0, locks.LEASE_SECONDS
+    try:
+        time.sleep(1.2)  # the dead run's leases expire
+        manifest = run(cfg)
+    finally:
+        locks.LEASE_SECONDS = old
+    assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 25
+    _assert_identical(clean_url, str(out))
+    assert FeatureStore.open(str(out)).verify() == {}
+    assert not list(out.glob("_staging/*"))

@@ -19,7 +19,7 @@ import torch
 
 from neuropredictor import reduce as R
 from neuropredictor.errors import LayerNotFoundError, NeuroPredictorError
-from neuropredictor.layers import LayerInfo, describe_layers, named_layers, pick_tensor, select_layers
+from neuropredictor.layers import LayerInfo, describe_layers, expand_presets, named_layers, pick_tensor, select_layers
 from neuropredictor.models import LoadedModel
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +63,7 @@ class Extractor:
         self.channels_last = channels_last
         self.early_exit = early_exit
         infos = {i.name: i for i in (layer_infos or describe_layers(model))}
-        names = select_layers(list(infos), layers)
+        names = select_layers(list(infos), expand_presets(model, list(infos.values()), layers))
         for name in names:
             if infos[name].calls == 0 or infos[name].shape is None:
                 why = "does not run in the model's forward pass" if infos[name].calls == 0 else "has no batch-first tensor output"

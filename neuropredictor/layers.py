@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,60 @@ def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[s
             raise LayerNotFoundError(_unknown_message(pattern, names))
         chosen.update(hits)
     return [n for n in names if n in chosen]
+
+
+PRESETS = ("auto",)
+# Trunks of numbered blocks, first match wins: timm/DeiT/open_clip/HF ViT, SigLIP/CLIP (HF), Swin, ConvNeXt...
+_BLOCK_TRUNKS = ("blocks", "encoder.layers", "encoder.layer", "transformer.resblocks", "layers", "stages")
+
+
+def preset_layers(model: LoadedModel, infos: Sequence[LayerInfo], preset: str = "auto") -> list[str]:
+    """The layers a preset names, in forward order. `auto`: a model's representative depth points, found
+    without knowing its layer names, by the first rule that applies:
+
+    1. a timm model: the modules of timm's own `feature_info` (stage outputs of conv nets, every block of
+       vision transformers);
+    2. a trunk of blocks (`blocks`, `encoder.layers`, `encoder.layer`, `transformer.resblocks`, `layers`,
+       `stages`): every block's output;
+    3. ResNet-style stages `layer1`, `layer2`, ...;
+    4. a `features` sequence (torchvision AlexNet, VGG, DenseNet, MobileNet, ...): the last module at each
+       spatial resolution, and the last one;
+    5. otherwise: the model's top-level children, in forward order.
+
+    Only modules that run and give a batch-first tensor count; the whole model's `output` is not included.
+    """
+    if preset not in PRESETS:
+        raise LayerNotFoundError(f"unknown layer preset {preset!r}; presets: {', '.join(PRESETS)}")
+    usable = {i.name: i for i in infos if i.calls > 0 and i.shape is not None and i.name != ROOT}
+
+    def ordered(names: Iterable[str]) -> list[str]:
+        return sorted(dict.fromkeys(n for n in names if n in usable), key=lambda n: usable[n].order)
+
+    feature_info = getattr(model.module, "feature_info", None)
+    if model.spec.source == "timm" and isinstance(feature_info, list):
+        found = ordered(f.get("module") for f in feature_info if isinstance(f, dict))
+        if found:
+            return found
+    for trunk in _BLOCK_TRUNKS:
+        found = ordered(n for n in usable if n.startswith(trunk + ".") and "." not in n[len(trunk) + 1:])
+        if len(found) >= 2:
+            return found
+    found = ordered(n for n in usable if re.fullmatch(r"layer\d+", n))
+    if found:
+        return found
+    features = ordered(n for n in usable if n.startswith("features.") and "." not in n[len("features."):])
+    if features:
+        spatial = [usable[n].shape[1:] for n in features]
+        return [n for i, n in enumerate(features) if i == len(features) - 1 or spatial[i] != spatial[i + 1]]
+    return ordered(n for n in usable if "." not in n)
+
+
+def expand_presets(model: LoadedModel, infos: Sequence[LayerInfo], patterns: str | Sequence[str]) -> list[str]:
+    """Layer patterns with presets (`auto`) replaced by the layers they name."""
+    out: list[str] = []
+    for pattern in split_layers(patterns):
+        out += preset_layers(model, infos, pattern) if pattern in PRESETS else [pattern]
+    return out
 
 
 def _unknown_message(pattern: str, names: Sequence[str]) -> str:

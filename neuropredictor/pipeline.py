@@ -52,7 +52,9 @@ class Runner:
         return [LayerSpec(p.name, p.out_shape, str(p.reduction)) for p in self.extractor.plan.values()]
 
 
-_RUNNERS: dict[tuple, Runner] = {}
+# One replica per device at a time: a run over many models (a sweep, a notebook loop) keeps GPU memory
+# and RAM flat, since loading the next model on a device releases the one before.
+_RUNNERS: dict[str, tuple[tuple, Runner]] = {}
 _RUNNERS_LOCK = threading.Lock()
 
 
@@ -64,21 +66,40 @@ def _device(config: ExtractConfig, device: str | torch.device | None) -> torch.d
 
 
 def get_runner(config: ExtractConfig, device: str | torch.device | None = None) -> Runner:
-    """The process's replica for this model/layers/device, loaded on first use (never per shard)."""
+    """The process's replica for this model/layers/device, loaded on first use (never per shard); it
+    replaces the device's previous replica, if that was another one."""
     dev = _device(config, device)
-    key = (config.replica_key(), str(dev))
+    key = config.replica_key()
     with _RUNNERS_LOCK:
-        if key not in _RUNNERS:
-            model = load_model(config.model, pretrained=config.pretrained, weights=config.weights)
-            decoder = None
-            if config.decode == "device":
-                from neuropredictor.device_decode import DeviceDecoder
+        cached = _RUNNERS.get(str(dev))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if cached is not None:
+            del cached
+            release_runners(str(dev))
+        model = load_model(config.model, pretrained=config.pretrained, weights=config.weights)
+        decoder = None
+        if config.decode == "device":
+            from neuropredictor.device_decode import DeviceDecoder
 
-                decoder = DeviceDecoder(model.transform, dev, model.input_size)
-            ex = Extractor(model, config.layers, reduce=config.reduce, device=dev, precision=config.precision,
-                           channels_last=config.channels_last, srp_seed=config.srp_seed, compile=config.compile)
-            _RUNNERS[key] = Runner(model, ex.__enter__(), dev, decoder)
-        return _RUNNERS[key]
+            decoder = DeviceDecoder(model.transform, dev, model.input_size)
+        ex = Extractor(model, config.layers, reduce=config.reduce, device=dev, precision=config.precision,
+                       channels_last=config.channels_last, srp_seed=config.srp_seed, compile=config.compile)
+        runner = Runner(model, ex.__enter__(), dev, decoder)
+        _RUNNERS[str(dev)] = (key, runner)
+        return runner
+
+
+def release_runners(device: str | None = None) -> None:
+    """Drop the cached replica of a device (every device by default) and give its memory back. A shard
+    still running on it keeps its own reference until it ends."""
+    import gc
+
+    for dev in [device] if device is not None else list(_RUNNERS):
+        _RUNNERS.pop(dev, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # How each IDENTITY field of the config enters the store's identity, resolved by the loaded replica

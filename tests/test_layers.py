@@ -146,3 +146,52 @@ def test_cli_unknown_layer_or_model_exits_with_message():
 
     result = CliRunner().invoke(app, ["layers", "torchvision:alexnett", "--no-pretrained"])
     assert result.exit_code == 2 and "alexnet" in result.output
+
+
+@pytest.mark.parametrize("spec,expected", [
+    # rule 1: timm's feature_info
+    ("timm:resnet18", ["act1", "layer1", "layer2", "layer3", "layer4"]),
+    ("timm:vit_tiny_patch16_224", [f"blocks.{i}" for i in range(12)]),
+    # rule 2: a trunk of blocks
+    ("torchvision:vit_b_16", [f"encoder.layers.encoder_layer_{i}" for i in range(12)]),
+    ("openclip:ViT-B-32", [f"transformer.resblocks.{i}" for i in range(12)]),
+    # rule 3: ResNet-style stages
+    ("torchvision:resnet18", ["layer1", "layer2", "layer3", "layer4"]),
+    # rule 4: the last module at each resolution of `features` (AlexNet: 55, 27, 13 pixels, then the pool to 6)
+    ("torchvision:alexnet", ["features.1", "features.4", "features.11", "features.12"]),
+])
+def test_auto_preset_picks_representative_depths(spec, expected):
+    from neuropredictor.layers import preset_layers
+
+    model = load_model(spec, pretrained=False)
+    assert preset_layers(model, describe_layers(model)) == expected
+
+
+def test_auto_preset_in_extraction_and_fallback(tmp_path):
+    from pathlib import Path
+
+    from neuropredictor.extractor import Extractor
+    from neuropredictor.layers import preset_layers
+
+    spec = f"custom:{Path(__file__).parent / 'custom_models.py'}:robust_resnet_tiny"
+    model = load_model(spec, pretrained=False)
+    assert preset_layers(model, describe_layers(model)) == ["stages.0", "stages.1"]
+    with Extractor(model, ["auto", "head"], reduce="avgpool") as ex:  # a preset mixes with names
+        assert ex.layers == ["stages.0", "stages.1", "head"]
+
+    class Plain(nn.Module):  # rule 5: no known structure: the top-level children
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.conv(x)).flatten(1))
+
+    from neuropredictor.models import LoadedModel, parse_spec
+
+    plain = LoadedModel(parse_spec("custom:x:y"), Plain(), lambda im: torch.zeros(3, 8, 8), (3, 8, 8), "random")
+    assert preset_layers(plain, describe_layers(plain)) == ["conv", "pool", "fc"]
+    with pytest.raises(LayerNotFoundError, match="presets: auto"):
+        preset_layers(plain, describe_layers(plain), "deep")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import warnings
 
-import fsspec
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -20,6 +19,7 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from neuropredictor import encode as enc
+from neuropredictor import fs as fsx
 
 
 class EncodeParameters(enc.EncodeOptions):
@@ -54,7 +54,7 @@ def encode_flow(params: EncodeParameters) -> dict:
     table = enc.summary_table(scores)
     create_table_artifact(key="encode-scores", table=table.round(4).astype(object).where(table.notna(), None)
                           .to_dict(orient="records"), description="Median r per layer (and per ROI)")
-    with fsspec.open(summary["plot"], "rb") as f:
+    with fsx.open_url(summary["plot"], "rb") as f:
         png = base64.b64encode(f.read()).decode()
     create_markdown_artifact(
         key="encode-summary",

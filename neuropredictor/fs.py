@@ -19,7 +19,7 @@ import fsspec
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.redact import redact_text
 
-__all__ = ["basename", "connect", "create_exclusive", "full_url", "invalidate", "is_local", "nonempty", "parent", "read_json",
+__all__ = ["basename", "connect", "create_exclusive", "exists", "open_url", "full_url", "invalidate", "is_local", "nonempty", "parent", "read_json",
            "read_json_or_none", "remove_tree", "write_bytes_atomic", "write_json_atomic"]
 
 
@@ -40,6 +40,25 @@ def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = F
         raise error(f"cannot open {what} {redact_text(str(url))!r}: {exc}. Use a local path or an fsspec URL "
                     "(s3://bucket/prefix, file://...) and install the package for its protocol.") from exc
     return fs, path.rstrip("/") or path
+
+
+def open_url(url: str, mode: str = "rb", storage_options: Mapping | None = None, *,
+             error: type[NeuroPredictorError] = NeuroPredictorError) -> Any:
+    """An open file at url (a context manager); a missing file raises `error` naming it."""
+    fs, path = connect(url, storage_options, error=error, what="file")
+    try:
+        return fs.open(path, mode)
+    except FileNotFoundError as exc:
+        raise error(f"file not found: {redact_text(str(url))}") from exc
+
+
+def exists(url: str, storage_options: Mapping | None = None) -> bool:
+    """Whether something is at url (False also when it cannot be reached)."""
+    try:
+        fs, path = connect(url, storage_options)
+        return bool(fs.exists(path))
+    except Exception:
+        return False
 
 
 def is_local(fs: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from neuropredictor import fs as fsx
 from neuropredictor.errors import NeuroPredictorError
 
 _EXAMPLES = 5  # keys quoted per reason in reports and messages
@@ -37,9 +38,4 @@ def _fmt(items: Sequence[Any], n: int = _EXAMPLES) -> str:
 
 
 def _open(path: str, mode: str, opts: Mapping | None) -> Any:
-    import fsspec
-
-    try:
-        return fsspec.open(path, mode, **dict(opts or {})).open()
-    except FileNotFoundError as e:
-        raise EncodingError(f"file not found: {path}") from e
+    return fsx.open_url(path, mode, opts, error=EncodingError)

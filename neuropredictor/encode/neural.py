@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from neuropredictor import fs as fsx
 from neuropredictor.encode._common import AlignmentWarning, EncodingError, _duplicates, _fmt, _open
 
 NEURAL_FORMATS = (".npy", ".npz", ".csv", ".nc", ".zarr")
@@ -297,7 +298,7 @@ def _resolve_split(split: Any, container: dict, keys: list[str], opts: dict, spa
         return _split_values(container[split], split, n, spath)
     if _is_pathlike(split):
         s = os.fspath(split)
-        if not _exists(s, opts):
+        if not fsx.exists(s, opts):
             raise EncodingError(f"split {s!r} is neither a column/array/variable of {spath} (it has "
                                 f"{_fmt(sorted(container), 12)}) nor a file listing test keys")
         return _test_keys_to_train(_read_lines(s, opts), keys, s)
@@ -353,16 +354,6 @@ def _suffix(path: str) -> str:
 
 def _is_pathlike(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike))
-
-
-def _exists(path: str, opts: Mapping | None) -> bool:
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(path, **dict(opts or {}))
-        return bool(fs.exists(root))
-    except Exception:
-        return False
 
 
 def _read_lines(spec: Any, opts: Mapping | None) -> list[str]:

@@ -98,15 +98,10 @@ def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = 
     An existing store at url is replaced only with overwrite=True, and never when it is a
     features store (it holds a manifest.json): scores are written next to runs, not over them.
     """
-    import fsspec
+    from neuropredictor import fs as fsx
+    from neuropredictor.redact import redact_text
 
-    from neuropredictor.manifest import redact_text
-
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    except (ImportError, ValueError, TypeError) as e:
-        raise EncodingError(f"cannot open {redact_text(url)!r}: {e}") from e
-    root = root.rstrip("/")
+    fs, root = fsx.connect(url, storage_options, error=EncodingError, what="scores store")
     if fs.exists(root):
         if fs.exists(f"{root}/manifest.json"):
             raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "

@@ -107,3 +107,9 @@ class ExtractConfig(BaseModel):
 
 def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def fields_of(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """Another options model's fields (their types, defaults, help and role marks), for `pydantic.create_model`:
+    a model that shares options (a sweep shares a run's) takes them from their one home instead of copying."""
+    return {name: (f.annotation, f) for name, f in model.model_fields.items() if name not in exclude}

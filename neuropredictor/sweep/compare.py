@@ -1,0 +1,124 @@
+"""Comparing a sweep's models on the brain data: one table of every model x layer x ROI, the models ranked
+per ROI by their best layer, and a plot of that ranking that stays readable with fifty models."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from neuropredictor import fs as fsx
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas
+
+COLUMNS = ["model", "roi", "layer", "median_r", "q25", "q75", "median_r_normalized", "chance", "above_chance",
+           "best"]
+
+
+def comparison_table(scores: Mapping[str, str], storage_options: Mapping | None = None) -> pandas.DataFrame:
+    """One row per model x layer x ROI ("all" = every target): the median held-out r over the targets, its
+    interquartile range, the median of r / noise ceiling where the data has a ceiling, the chance level and
+    whether the layer beats it, and `best` (the model's best layer for that ROI among those above chance).
+    scores: model spec -> its scores store."""
+    import pandas as pd
+    import xarray as xr
+
+    from neuropredictor.encode import summary_table
+
+    frames = []
+    for model, url in scores.items():
+        ds = xr.open_zarr(url, storage_options=dict(storage_options or {}) or None)
+        table = summary_table(ds).rename(columns={"median": "median_r"})
+        if "r_normalized" in ds:
+            normalized = summary_table(ds, metric="r_normalized")[["roi", "layer", "median"]]
+            table = table.merge(normalized.rename(columns={"median": "median_r_normalized"}), on=["roi", "layer"])
+        else:
+            table["median_r_normalized"] = np.nan
+        table.insert(0, "model", model)
+        frames.append(table[COLUMNS])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def ranking(table: pandas.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    """Per ROI, the models ranked by their best layer's median r: [{model, layer, median_r, above_chance}].
+    A model with no layer above chance is ranked by its highest layer and marked above_chance False."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for roi, group in table.groupby("roi", sort=False):
+        entries = []
+        for model, rows in group.groupby("model", sort=False):
+            best = rows[rows["best"]]
+            pick = best.iloc[0] if len(best) else rows.loc[rows["median_r"].idxmax()]
+            entries.append({"model": model, "layer": pick["layer"], "median_r": _num(pick["median_r"]),
+                            "median_r_normalized": _num(pick["median_r_normalized"]),
+                            "above_chance": None if _isna(pick["above_chance"]) else bool(pick["above_chance"])})
+        out[str(roi)] = sorted(entries, key=lambda e: -np.inf if e["median_r"] is None else e["median_r"],
+                               reverse=True)
+    return out
+
+
+def plot_comparison(table: pandas.DataFrame, path: str, storage_options: Mapping | None = None) -> str:
+    """Per ROI, a horizontal bar per model (its best layer's median r, the bar's whisker its interquartile
+    range over targets, a tick at that layer's chance level), ranked; hatched bars are not above chance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = ranking(table)
+    rois = list(ranked)
+    n_models = max((len(v) for v in ranked.values()), default=1)
+    fig, axes = plt.subplots(1, len(rois), figsize=(4.5 * len(rois) + 2.5, 0.28 * n_models + 1.6), squeeze=False,
+                             sharey=False)
+    for ax, roi in zip(axes[0], rois):
+        entries = ranked[roi][::-1]  # the best at the top
+        rows = [_row(table, roi, e["model"], e["layer"]) for e in entries]
+        y = np.arange(len(entries))
+        med = np.array([e["median_r"] if e["median_r"] is not None else np.nan for e in entries])
+        lo = np.array([r["q25"] for r in rows])
+        hi = np.array([r["q75"] for r in rows])
+        bars = ax.barh(y, med, color="#4c72b0", height=0.7,
+                       xerr=[np.clip(med - lo, 0, None), np.clip(hi - med, 0, None)], error_kw={"lw": 0.8})
+        for bar, e in zip(bars, entries):
+            if e["above_chance"] is False:
+                bar.set_hatch("//")
+                bar.set_facecolor("#c8c8c8")
+        chance = np.array([r["chance"] for r in rows], dtype=float)
+        ax.scatter(chance, y, marker="|", color="black", s=60, zorder=3, label="chance (95th pct. of null)")
+        ax.set_yticks(y, [f"{e['model']}  [{e['layer']}]" for e in entries], fontsize=7)
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set_xlabel("median held-out r (best layer)")
+        ax.set_title(f"{roi}")
+    axes[0][0].legend(loc="lower right", fontsize=7)
+    fig.suptitle("models ranked by their best layer; whiskers: IQR over targets; hatched: not above chance",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with fsx.open_url(path, "wb", storage_options) as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def write_csv(table: pandas.DataFrame, path: str, storage_options: Mapping | None = None) -> str:
+    with fsx.open_url(path, "wb", storage_options) as f:
+        f.write(table.to_csv(index=False).encode("utf-8"))
+    return path
+
+
+def _row(table: pandas.DataFrame, roi: str, model: str, layer: str) -> Mapping[str, Any]:
+    match = table[(table["roi"] == roi) & (table["model"] == model) & (table["layer"] == layer)]
+    return match.iloc[0]
+
+
+def _num(x: Any) -> float | None:
+    return None if _isna(x) else round(float(x), 6)
+
+
+def _isna(x: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(x))

@@ -1,0 +1,108 @@
+"""What a sweep is: many models over one stimulus set, each into its own ordinary store, optionally scored
+against neural data. `SweepConfig` takes the run options it shares with `ExtractConfig` (and the encoding
+options it shares with `EncodeOptions`) from their one home.
+
+    DIR/<slug>.zarr          each model's features: the store `extract` would write for the same options
+    DIR/<slug>-scores.zarr   its encoding scores (with `neural`)
+    DIR/comparison.csv/.png  every model x layer x ROI, and the models ranked per ROI
+    DIR/sweep.json           what ran with which options: a re-run skips what is finished
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from neuropredictor.config import ExtractConfig, fields_of
+from neuropredictor.encode.options import EncodeOptions
+
+_PER_MODEL = ("layers", "reduce", "pretrained", "weights")  # what a model may set for itself
+
+
+def slug(spec: str) -> str:
+    """A model spec as a file name: every character outside [A-Za-z0-9._-] becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", spec)
+
+
+class SweepModel(BaseModel):
+    """One model of a sweep, with what it sets for itself (None: the sweep's setting)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str = Field(description=ExtractConfig.model_fields["model"].description)
+    layers: list[str] | None = Field(None, description="This model's layers (default: the sweep's `layers`).")
+    reduce: str | None = Field(None, description="This model's reduction (default: the sweep's `reduce`).")
+    pretrained: bool | None = Field(None, description="Pretrained weights for this model (default: the sweep's).")
+    weights: str | None = Field(None, description=ExtractConfig.model_fields["weights"].description)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+# How every model is scored and the neural data read: EncodeOptions without what the sweep sets per model.
+EncodeSettings = create_model("EncodeSettings", __config__=ConfigDict(extra="forbid"),
+                              __doc__="Encoding options of a sweep: how the neural data is read and every layer scored.",
+                              **fields_of(EncodeOptions, ("features", "neural", "out", "plot", "overwrite")))
+
+_SweepFields = create_model(
+    "_SweepFields", __config__=ConfigDict(extra="forbid", hide_input_in_errors=True),
+    corpus=(str | list[str], Field(description=ExtractConfig.model_fields["corpus"].description)),
+    models=(list[SweepModel], Field(min_length=1, description="The models: specs (SOURCE:NAME[@TAG]) or "
+                                    "{spec, layers, reduce, pretrained, weights} entries.")),
+    out=(str, Field(description="Folder (or s3:// prefix) of the sweep: one store per model, DIR/<slug>.zarr.")),
+    layers=(list[str], Field(["auto"], description="Layers of every model (names, globs or the preset `auto`: a "
+                             "model's representative depths, see `neuropredictor layers SPEC --preset auto`).")),
+    reduce=(str, Field("avgpool", description=ExtractConfig.model_fields["reduce"].description)),
+    neural=(str | None, Field(None, description="Neural data (stimuli x targets) to score every model's layers "
+                              "against: .npy .npz .csv .nc .zarr. Without it, only features are extracted.")),
+    encode=(EncodeSettings, Field(default_factory=EncodeSettings, description="How the neural data is read and "
+                                  "the layers are scored (as `neuropredictor encode`).")),
+    **fields_of(ExtractConfig, ("corpus", "model", "out", "layers", "reduce")),
+)
+
+
+class SweepConfig(_SweepFields):
+    """Many models over one corpus, one store each; re-running resumes."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _specs(cls, v: Any) -> Any:
+        items = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return [{"spec": m} if isinstance(m, str) else m for m in items]
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> SweepConfig:
+        """A sweep from a YAML (or JSON) file with these fields; overrides on top."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def store_url(self, model: SweepModel) -> str:
+        return f"{self.out.rstrip('/')}/{slug(model.spec)}.zarr"
+
+    def scores_url(self, model: SweepModel) -> str:
+        return f"{self.out.rstrip('/')}/{slug(model.spec)}-scores.zarr"
+
+    def extract_config(self, model: SweepModel) -> ExtractConfig:
+        """The model's extraction: exactly what `extract` would run for the same options."""
+        shared = self.model_dump(include=set(ExtractConfig.model_fields) - {"model", "out"})
+        own = {k: getattr(model, k) for k in _PER_MODEL if getattr(model, k) is not None}
+        return ExtractConfig(**{**shared, **own, "model": model.spec, "out": self.store_url(model)})
+
+    def encode_options(self, model: SweepModel) -> EncodeOptions:
+        """The model's encoding, as `neuropredictor encode` would run it on its store."""
+        if self.neural is None:
+            raise ValueError("this sweep has no neural data")
+        return EncodeOptions(**self.encode.model_dump(), features=self.store_url(model), neural=self.neural,
+                             out=self.scores_url(model), overwrite=True)

@@ -1,0 +1,150 @@
+"""Running a sweep in this process: model after model (one replica per device at a time, released when the
+next model loads), each extracted exactly as `extract` would, then scored as `encode` would, then compared.
+
+A record of what finished with which options (`DIR/sweep.json`) lets a re-run skip finished models
+without loading them; a half-done model resumes by shards (its store's commit records); a model that
+fails is recorded with its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from neuropredictor import fs as fsx
+from neuropredictor.errors import Interrupted, NeuroPredictorError
+from neuropredictor.status import StoreStatus
+from neuropredictor.sweep import compare
+from neuropredictor.sweep.config import SweepConfig, SweepModel, slug
+
+log = logging.getLogger(__name__)
+
+RECORD = "sweep.json"
+ProgressFn = Callable[[str, dict], None]
+
+
+class SweepRecord:
+    """`DIR/sweep.json`: per model, the options its store and scores were made with, and how it ended."""
+
+    def __init__(self, sweep: SweepConfig) -> None:
+        self._fs, self._root = fsx.connect(sweep.out, sweep.storage_options, error=NeuroPredictorError,
+                                           what="sweep folder")
+        try:
+            data = fsx.read_json_or_none(self._fs, self.path)
+        except ValueError:
+            data = None  # damaged: everything is checked again (stores resume by their own records)
+        self.models: dict[str, dict] = dict((data or {}).get("models", {}))
+
+    @property
+    def path(self) -> str:
+        return f"{self._root}/{RECORD}"
+
+    def save(self) -> None:
+        fsx.write_json_atomic(self._fs, self.path, {"format": "neuropredictor-sweep/1", "models": self.models})
+
+    def done(self, spec: str, step: str, options: dict) -> bool:
+        entry = self.models.get(spec, {}).get(step)
+        return bool(entry) and entry.get("options") == options and entry.get("status") == "done"
+
+    def mark(self, spec: str, step: str, options: dict, status: str, **info: Any) -> None:
+        self.models.setdefault(spec, {})[step] = {"options": options, "status": status, **info}
+        self.save()
+
+
+def _store_complete(url: str, storage_options: dict | None) -> bool:
+    from neuropredictor.store import FeatureStore
+
+    try:
+        return FeatureStore.open(url, storage_options, mode="r").manifest.get("status") == StoreStatus.COMPLETE
+    except NeuroPredictorError:
+        return False
+
+
+def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
+                  on_event: ProgressFn | None = None) -> dict[str, Any]:
+    """Extract one model of the sweep (skipped when its store is complete with the same options)."""
+    from neuropredictor.schedule import run
+
+    config = sweep.extract_config(model)
+    options = config.model_dump(mode="json", exclude={"storage_options"})
+    if record.done(model.spec, "extract", options) and _store_complete(config.out, config.storage_options):
+        return {"status": "done", "skipped": True, **record.models[model.spec]["extract"].get("info", {})}
+    t0 = time.perf_counter()
+    try:
+        manifest = run(config, on_event=on_event)
+    except Interrupted:
+        raise
+    except Exception as exc:  # one model's failure must not cost the others
+        error = f"{type(exc).__name__}: {exc}"
+        record.mark(model.spec, "extract", options, "failed", error=error)
+        return {"status": "failed", "error": error}
+    seconds = time.perf_counter() - t0
+    info = {"rows": manifest["rows"], "layers": [lay["name"] for lay in manifest["layers"]],
+            "images_per_s": round(manifest["rows"]["committed"] / seconds, 1) if seconds > 0 else None,
+            "seconds": round(seconds, 2), "config_hash": manifest["config_hash"]}
+    record.mark(model.spec, "extract", options, "done", info=info)
+    return {"status": "done", "skipped": False, **info}
+
+
+def encode_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> dict[str, Any]:
+    """Score one model's store against the neural data (skipped when done for the same store and options)."""
+    from neuropredictor.encode import encode_command
+
+    opts = sweep.encode_options(model)
+    config_hash = record.models.get(model.spec, {}).get("extract", {}).get("info", {}).get("config_hash")
+    options = {**opts.model_dump(mode="json"), "store": config_hash}
+    if record.done(model.spec, "encode", options) and fsx.exists(opts.out, sweep.storage_options):
+        return {"status": "done", "skipped": True, **record.models[model.spec]["encode"].get("info", {})}
+    try:
+        summary = encode_command(opts, storage_options=sweep.storage_options)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        record.mark(model.spec, "encode", options, "failed", error=error)
+        return {"status": "failed", "error": error}
+    info = {"scores": opts.out, "best_layer": summary["best_layer"]}
+    record.mark(model.spec, "encode", options, "done", info=info)
+    return {"status": "done", "skipped": False, **info}
+
+
+def compare_models(sweep: SweepConfig, done: list[SweepModel]) -> dict[str, Any]:
+    """comparison.csv, comparison.png and the ranking per ROI, over the models whose scores exist."""
+    out = sweep.out.rstrip("/")
+    table = compare.comparison_table({m.spec: sweep.scores_url(m) for m in done}, sweep.storage_options)
+    csv = compare.write_csv(table, f"{out}/comparison.csv", sweep.storage_options)
+    png = compare.plot_comparison(table, f"{out}/comparison.png", sweep.storage_options)
+    return {"csv": csv, "plot": png, "ranking": compare.ranking(table)}
+
+
+def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None) -> dict[str, Any]:
+    """Every model of the sweep, one after another, then the comparison; returns a summary (per model:
+    status, store, rows, layers, images/s, error; with neural data: scores and the ranking per ROI). Failed
+    models are listed in summary["failed"] (see `failure_message`); the others finish regardless."""
+    emit = on_event or (lambda event, data: None)
+    record = SweepRecord(sweep)
+    results: list[dict[str, Any]] = []
+    for i, model in enumerate(sweep.models):
+        emit("model", {"index": i, "of": len(sweep.models), "spec": model.spec})
+        entry: dict[str, Any] = {"model": model.spec, "slug": slug(model.spec), "store": sweep.store_url(model)}
+        entry["extract"] = extract_model(sweep, model, record, on_event)
+        if sweep.neural is not None and entry["extract"]["status"] == "done":
+            entry["encode"] = encode_model(sweep, model, record)
+        entry["status"] = "failed" if any(entry.get(k, {}).get("status") == "failed" for k in ("extract", "encode")) \
+            else "done"
+        results.append(entry)
+        emit("model-done", entry)
+    summary: dict[str, Any] = {"out": sweep.out, "models": results}
+    scored = [m for m, r in zip(sweep.models, results) if r.get("encode", {}).get("status") == "done"]
+    if scored:
+        summary["comparison"] = compare_models(sweep, scored)
+    failed = [r for r in results if r["status"] == "failed"]
+    summary["failed"] = [r["model"] for r in failed]
+    return summary
+
+
+def failure_message(summary: dict[str, Any]) -> str:
+    lines = [f"  {r['model']}: {(r.get('extract', {}).get('error') or r.get('encode', {}).get('error'))}"
+             for r in summary["models"] if r["status"] == "failed"]
+    return (f"{len(lines)} of {len(summary['models'])} models failed (the others are complete); fix the cause and "
+            "run the same sweep again: finished models are skipped.\n" + "\n".join(lines))

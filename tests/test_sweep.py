@@ -1,0 +1,168 @@
+"""Model sweeps: each model's store equals a single extraction bit for bit, a killed sweep resumes to the
+same stores, and the comparison finds the model and layer that the neural data was made from."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import make_images
+from neuropredictor import ExtractConfig, open_features, run
+from neuropredictor.corpus import make_shards
+from neuropredictor.sweep import SweepConfig, run_sweep, slug
+
+CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"
+MODELS = ["torchvision:resnet18", "timm:vit_tiny_patch16_224", CUSTOM]
+PLANTED = (CUSTOM, "features.1")  # the model and layer the neural data is made from
+
+
+def _arrays(url: str) -> dict[str, np.ndarray]:
+    g = zarr.open_group(url, mode="r")
+    out = {f"features/{n}": g[f"features/{n}"][:] for n in g["features"].array_keys()}
+    out["keys"] = np.asarray(g["keys"][:].tolist(), dtype=str)
+    out["valid"] = g["valid"][:]
+    return out
+
+
+def _assert_identical(a: str, b: str) -> None:
+    x, y = _arrays(a), _arrays(b)
+    assert sorted(x) == sorted(y)
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _sweep(corpus: Path, out: Path, models=MODELS, **kw) -> SweepConfig:
+    base = dict(corpus=str(corpus), models=models, out=str(out), layers=["auto"], reduce="avgpool", pretrained=False,
+                batch_size=8, num_workers=0, retries=0)
+    return SweepConfig(**{**base, **kw})
+
+
+def _gratings(root: Path, n: int, seed: int = 0) -> None:
+    """Sinusoidal gratings of random frequency, orientation and phase per colour channel: stimuli whose
+    layers differ (random-noise images make every layer of a random network look alike)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    yy, xx = np.mgrid[0:64, 0:80]
+    for i in range(n):
+        f, ph = rng.uniform(0.02, 0.5, 3), rng.uniform(0, 6.3, 3)
+        base = np.stack([127 + 120 * np.sin(f[c] * (xx * np.cos(ph[c]) + yy * np.sin(ph[c])) + ph[c])
+                         for c in range(3)], -1)
+        Image.fromarray(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)).save(
+            root / f"s{i:03d}.png")
+
+
+def _planted_neural(store: str, layer: str, path: Path, seed: int = 0) -> None:
+    ds = open_features(store)
+    x = ds[layer].values.reshape(ds.sizes["stimulus"], -1)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    rng = np.random.default_rng(seed)
+    y = x @ rng.normal(size=(x.shape[1], 10)) / np.sqrt(x.shape[1])
+    y += 0.3 * y.std() * rng.normal(size=y.shape)
+    roi = np.array(["V1"] * 10)
+    np.savez(path, data=y, key=np.array(list(ds["key"].values)), roi=roi)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    _gratings(root / "imgs", 100)
+    make_shards(root / "imgs", str(root / "shards"), maxcount=50)
+    # the neural data comes from the planted model's layer, extracted on its own
+    alone = str(root / "alone.zarr")
+    run(ExtractConfig(corpus=str(root / "shards"), model=PLANTED[0], layers=["auto"], reduce="avgpool", out=alone,
+                      pretrained=False, batch_size=8, num_workers=0))
+    _planted_neural(alone, PLANTED[1], root / "neural.npz")
+    sweep = _sweep(root / "shards", root / "out", neural=str(root / "neural.npz"),
+                   encode={"alphas": "logspace:-2:4:7", "inner_folds": 3, "permutations": 200})
+    return root, sweep, run_sweep(sweep)
+
+
+def test_each_store_equals_a_single_extraction(swept):
+    root, sweep, summary = swept
+    assert [m["status"] for m in summary["models"]] == ["done"] * 3 and summary["failed"] == []
+    for model in sweep.models:
+        store = root / "out" / f"{slug(model.spec)}.zarr"
+        assert store.is_dir()
+        single = str(root / f"single-{slug(model.spec)}.zarr")
+        manifest = run(ExtractConfig(corpus=str(root / "shards"), model=model.spec, layers=["auto"], reduce="avgpool",
+                                     out=single, pretrained=False, batch_size=8, num_workers=0))
+        _assert_identical(single, str(store))
+        assert json.loads((store / "manifest.json").read_text())["config_hash"] == manifest["config_hash"]
+    assert slug("timm:vit_tiny_patch16_224") == "timm_vit_tiny_patch16_224"
+
+
+def test_comparison_ranks_the_planted_model_and_layer_first(swept):
+    root, sweep, summary = swept
+    table = (root / "out" / "comparison.csv").read_text().splitlines()
+    assert table[0].startswith("model,roi,layer,median_r")
+    assert len(table) - 1 == sum(2 * len(m["extract"]["layers"]) for m in summary["models"])  # all + V1 per layer
+    for roi in ("all", "V1"):
+        first = summary["comparison"]["ranking"][roi][0]
+        assert (first["model"], first["layer"]) == PLANTED and first["above_chance"] is True
+        others = [e["median_r"] for e in summary["comparison"]["ranking"][roi][1:]]
+        assert first["median_r"] > max(others) + 0.05  # the other models' best layers
+    png = (root / "out" / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_a_rerun_skips_finished_models(swept):
+    root, sweep, _ = swept
+    before = {p: p.stat().st_mtime_ns for p in (root / "out").rglob("_status/*.json")}
+    summary = run_sweep(sweep)
+    assert all(m["extract"]["skipped"] and m["encode"]["skipped"] for m in summary["models"])
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_a_sweep_killed_in_its_second_model_resumes_to_the_same_stores(tmp_path):
+    make_images(tmp_path / "imgs", 24, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    models = [CUSTOM, "torchvision:resnet18"]
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=models, batch_size=2)
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from neuropredictor.sweep import SweepConfig, run_sweep
+        sweep = SweepConfig.model_validate_json(sys.argv[1])
+        state = {"model": -1, "shards": 0}
+        def on_event(event, data):
+            if event == "model":
+                state["model"] = data["index"]
+            if event == "shard" and state["model"] == 1:
+                state["shards"] += 1
+                if state["shards"] == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        run_sweep(sweep, on_event)
+        """)
+    proc = subprocess.run([sys.executable, "-c", script, sweep.model_dump_json()], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    second = tmp_path / "out" / f"{slug(models[1])}.zarr"
+    assert len(list((second / "_status").glob("*.json"))) == 2  # half done
+    summary = run_sweep(sweep)
+    assert summary["models"][0]["extract"]["skipped"] and not summary["models"][1]["extract"]["skipped"]
+    for spec in models:
+        single = str(tmp_path / f"single-{slug(spec)}.zarr")
+        run(sweep.extract_config(sweep.models[models.index(spec)]).model_copy(update={"out": single}))
+        _assert_identical(single, str(tmp_path / "out" / f"{slug(spec)}.zarr"))
+
+
+def test_a_failing_model_is_reported_and_the_others_complete(tmp_path):
+    make_images(tmp_path / "imgs", 8, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=["torchvision:resnet19", CUSTOM])
+    summary = run_sweep(sweep)
+    assert summary["failed"] == ["torchvision:resnet19"]
+    assert "resnet18" in summary["models"][0]["extract"]["error"]  # the close names of the unknown model
+    assert summary["models"][1]["status"] == "done"
+    from neuropredictor.sweep import failure_message
+
+    assert "run the same sweep again" in failure_message(summary)

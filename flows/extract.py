@@ -39,6 +39,27 @@ from neuropredictor.store import FeatureStore
 PROGRESS: ContextVar[Callable[[str, dict], None] | None] = ContextVar("neuropredictor_progress", default=None)
 
 
+def no_credentials(cls: type, value: dict | None) -> dict | None:
+    """Validator of `storage_options` parameters: flow parameters are kept in Prefect's database and shown in
+    its UI, never a place for secrets."""
+    if value and redact(value) != canonical(value):
+        raise ValueError("storage_options must not hold credentials in a flow run's parameters (Prefect stores "
+                         "and shows them): put them in a Prefect Secret block and pass credentials_block=NAME, "
+                         "or give the workers AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in their environment. "
+                         "Options without secrets (endpoint_url, ...) are fine here.")
+    return value
+
+
+def resolve_credentials(storage_options: dict | None, block: str | None) -> dict | None:
+    """The storage options with the Secret block's (JSON) options on top, when a block is named."""
+    if not block:
+        return storage_options
+    from prefect.blocks.system import Secret
+
+    secret = Secret.load(block).get()
+    return {**(storage_options or {}), **(secret if isinstance(secret, dict) else json.loads(secret))}
+
+
 class ExtractParameters(ExtractConfig):
     """One extraction run: which images, which model and layers, where the features go, and how to run it."""
 
@@ -51,26 +72,12 @@ class ExtractParameters(ExtractConfig):
     finalize: bool = Field(True, description="Write the manifest at the end. Child runs of extract-distributed "
                            "leave it to their parent.")
 
-    @field_validator("storage_options")
-    @classmethod
-    def _no_credentials(cls, value: dict | None) -> dict | None:
-        # Flow parameters are kept in Prefect's database and shown in its UI: never a place for secrets.
-        if value and redact(value) != canonical(value):
-            raise ValueError("storage_options must not hold credentials in a flow run's parameters (Prefect stores "
-                             "and shows them): put them in a Prefect Secret block and pass credentials_block=NAME, "
-                             "or give the workers AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in their environment. "
-                             "Options without secrets (endpoint_url, ...) are fine here.")
-        return value
+    _no_credentials = field_validator("storage_options")(no_credentials)
 
     def library_config(self) -> ExtractConfig:
         """The library's config: storage options resolved from the credentials block, if one is named."""
         fields = self.model_dump(include=set(ExtractConfig.model_fields))
-        if self.credentials_block:
-            from prefect.blocks.system import Secret
-
-            secret = Secret.load(self.credentials_block).get()
-            options = secret if isinstance(secret, dict) else json.loads(secret)
-            fields["storage_options"] = {**(self.storage_options or {}), **options}
+        fields["storage_options"] = resolve_credentials(self.storage_options, self.credentials_block)
         return ExtractConfig(**fields)
 
 

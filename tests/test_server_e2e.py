@@ -182,3 +182,42 @@ def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
         manifest = FeatureStore.open("s3://test-bucket/runs/e2e.zarr", s3, mode="r").manifest
         assert {s["name"]: s["committed_at"] for s in manifest["shards"]} == committed_at
         assert client.post("/flow_runs/count", json={"flow_runs": {"parent_task_run_id": {"is_null_": False}}}).json() == children
+
+
+def test_sweep_through_a_real_server(prefect_server, tmp_path):
+    """The extract-sweep deployment, triggered through the REST API, run by a process worker: each model's
+    store, the comparison on the neural data, and the artifacts in the server."""
+    import numpy as np
+
+    from conftest import make_images
+
+    api, env, procs = prefect_server
+    make_images(tmp_path / "imgs", 40, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=20)
+    rng = np.random.default_rng(0)
+    keys = [p.stem for p in sorted((tmp_path / "imgs").iterdir())]
+    np.savez(tmp_path / "neural.npz", data=rng.normal(size=(40, 6)), key=np.array(keys))
+    custom = f"custom:{REPO / 'tests' / 'custom_models.py'}:cifar_cnn"
+    _cli(env, "work-pool", "create", "local-process", "--type", "process")
+    _cli(env, "work-pool", "create", "gpu-k8s", "--type", "kubernetes",
+         "--base-job-template", str(REPO / "infra" / "k8s" / "base-job-template.json"))
+    _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    procs.start("worker", [PREFECT, "worker", "start", "--pool", "local-process", "--limit", "1"], env)
+    params = {"corpus": str(tmp_path / "shards"), "models": [custom, MODEL], "out": str(tmp_path / "sweep"),
+              "pretrained": False, "batch_size": 8, "num_workers": 0, "neural": str(tmp_path / "neural.npz"),
+              "encode": {"alphas": "logspace:-2:4:7", "inner_folds": 3, "permutations": 100}}
+    with httpx.Client(base_url=api, timeout=30) as client:
+        deployment = client.get("/deployments/name/extract-sweep/sweep").raise_for_status().json()
+        run = _wait_run(client, _trigger(client, deployment["id"], params), procs)
+        assert run["state"]["type"] == "COMPLETED", json.dumps(run["state"]) + procs.tail()
+        artifacts = client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+        keys_found = {a["key"] for a in artifacts}
+        assert {"sweep-models", "sweep-ranking", "sweep-comparison"} <= keys_found, keys_found
+        children = client.post("/flow_runs/filter", json={"flow_runs": {"parent_task_run_id": {"is_null_": False}}}).json()
+        assert len([c for c in children if c["flow_id"] != run["flow_id"]]) == 2  # one extract run per model
+    for spec in (custom, MODEL):
+        manifest = FeatureStore.open(str(tmp_path / "sweep" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}.zarr"),
+                                     mode="r").manifest
+        assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 40
+    table = (tmp_path / "sweep" / "comparison.csv").read_text().splitlines()
+    assert len(table) > 4 and (tmp_path / "sweep" / "comparison.png").stat().st_size > 5000

@@ -52,8 +52,10 @@ EncodeSettings = create_model("EncodeSettings", __config__=ConfigDict(extra="for
 _SweepFields = create_model(
     "_SweepFields", __config__=ConfigDict(extra="forbid", hide_input_in_errors=True),
     corpus=(str | list[str], Field(description=ExtractConfig.model_fields["corpus"].description)),
-    models=(list[SweepModel], Field(min_length=1, description="The models: specs (SOURCE:NAME[@TAG]) or "
-                                    "{spec, layers, reduce, pretrained, weights} entries.")),
+    # strings are allowed by the schema (a deployment's parameters are checked against it) and become
+    # SweepModel entries when validated
+    models=(list[SweepModel | str], Field(min_length=1, description="The models: specs (SOURCE:NAME[@TAG]) or "
+                                          "{spec, layers, reduce, pretrained, weights} entries.")),
     out=(str, Field(description="Folder (or s3:// prefix) of the sweep: one store per model, DIR/<slug>.zarr.")),
     layers=(list[str], Field(["auto"], description="Layers of every model (names, globs or the preset `auto`: a "
                              "model's representative depths, see `neuropredictor layers SPEC --preset auto`).")),
@@ -72,8 +74,12 @@ class SweepConfig(_SweepFields):
     @field_validator("models", mode="before")
     @classmethod
     def _specs(cls, v: Any) -> Any:
-        items = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
-        return [{"spec": m} if isinstance(m, str) else m for m in items]
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("models")
+    @classmethod
+    def _entries(cls, v: list) -> list[SweepModel]:
+        return [SweepModel(spec=m) if isinstance(m, str) else m for m in v]
 
     @field_validator("layers", mode="before")
     @classmethod

@@ -62,30 +62,51 @@ def _store_complete(url: str, storage_options: dict | None) -> bool:
         return False
 
 
-def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
-                  on_event: ProgressFn | None = None) -> dict[str, Any]:
-    """Extract one model of the sweep (skipped when its store is complete with the same options)."""
-    from neuropredictor.schedule import run
+def extract_options(sweep: SweepConfig, model: SweepModel) -> dict:
+    """The model's extraction options as the record keeps them (never its storage options)."""
+    return sweep.extract_config(model).model_dump(mode="json", exclude={"storage_options"})
 
-    config = sweep.extract_config(model)
-    options = config.model_dump(mode="json", exclude={"storage_options"})
-    if record.done(model.spec, "extract", options) and _store_complete(config.out, config.storage_options):
-        return {"status": "done", "skipped": True, **record.models[model.spec]["extract"].get("info", {})}
-    t0 = time.perf_counter()
-    try:
-        manifest = run(config, on_event=on_event)
-    except Interrupted:
-        raise
-    except Exception as exc:  # one model's failure must not cost the others
-        error = f"{type(exc).__name__}: {exc}"
-        record.mark(model.spec, "extract", options, "failed", error=error)
-        return {"status": "failed", "error": error}
-    seconds = time.perf_counter() - t0
+
+def is_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> bool:
+    """Whether the model's store is complete and was made with the sweep's current options for it (then
+    it is skipped without loading the model)."""
+    return (record.done(model.spec, "extract", extract_options(sweep, model))
+            and _store_complete(sweep.store_url(model), sweep.storage_options))
+
+
+def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord, manifest: dict,
+                     seconds: float) -> dict[str, Any]:
     info = {"rows": manifest["rows"], "layers": [lay["name"] for lay in manifest["layers"]],
             "images_per_s": round(manifest["rows"]["committed"] / seconds, 1) if seconds > 0 else None,
             "seconds": round(seconds, 2), "config_hash": manifest["config_hash"]}
-    record.mark(model.spec, "extract", options, "done", info=info)
+    record.mark(model.spec, "extract", extract_options(sweep, model), "done", info=info)
     return {"status": "done", "skipped": False, **info}
+
+
+def record_failed(sweep: SweepConfig, model: SweepModel, record: SweepRecord, error: str) -> dict[str, Any]:
+    record.mark(model.spec, "extract", extract_options(sweep, model), "failed", error=error)
+    return {"status": "failed", "error": error}
+
+
+def skipped(record: SweepRecord, model: SweepModel) -> dict[str, Any]:
+    return {"status": "done", "skipped": True, **record.models[model.spec]["extract"].get("info", {})}
+
+
+def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
+                  on_event: ProgressFn | None = None) -> dict[str, Any]:
+    """Extract one model of the sweep in this process (skipped when `is_extracted`)."""
+    from neuropredictor.schedule import run
+
+    if is_extracted(sweep, model, record):
+        return skipped(record, model)
+    t0 = time.perf_counter()
+    try:
+        manifest = run(sweep.extract_config(model), on_event=on_event)
+    except Interrupted:
+        raise
+    except Exception as exc:  # one model's failure must not cost the others
+        return record_failed(sweep, model, record, f"{type(exc).__name__}: {exc}")
+    return record_extracted(sweep, model, record, manifest, time.perf_counter() - t0)
 
 
 def encode_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""The `extract-sweep` flow: many models over one stimulus set, then the comparison on the brain data.
+
+Thin orchestration over `neuropredictor.sweep`. On one worker, each model is an `extract` subflow run, one
+after another (one replica per device at a time). With `deployment` set (e.g. `extract/gpu`), each model is
+a child run of that deployment, all launched at once, so a cluster's GPU pool takes them in parallel; the
+parent waits for them with one request per poll. Then each model's store is scored (`encode`), and the
+comparison table and plot become artifacts. Re-running skips finished models (the sweep's record).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+from pydantic import Field, field_validator
+
+from neuropredictor import fs as fsx
+from neuropredictor.store import FeatureStore
+from neuropredictor.sweep import SweepConfig, SweepModel
+from neuropredictor.sweep import run as sweep_run
+from neuropredictor_flows.extract import ExtractParameters, extract_flow, no_credentials, resolve_credentials
+
+_TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class SweepParameters(SweepConfig):
+    """A sweep: the stimuli, the models, their layers, and the neural data to compare them on."""
+
+    deployment: str | None = Field(None, description="Run each model as a child run of this extract deployment "
+                                   "(e.g. extract/gpu: a pod per model, in parallel); default: one after another "
+                                   "in this flow run, on this worker's devices.")
+    credentials_block: str | None = Field(None, description="Prefect Secret block holding the storage options "
+                                          "(JSON: endpoint_url, key, secret) for s3:// URLs; never logged.")
+    poll_seconds: float = Field(10.0, gt=0, description="How often the parent checks its child runs (one request "
+                                "for all of them).")
+    timeout_hours: float = Field(72.0, gt=0, description="The parent gives up waiting for children after this long.")
+
+    _no_credentials = field_validator("storage_options")(no_credentials)
+
+    def library_config(self) -> SweepConfig:
+        fields = self.model_dump(include=set(SweepConfig.model_fields))
+        fields["storage_options"] = resolve_credentials(self.storage_options, self.credentials_block)
+        return SweepConfig(**fields)
+
+
+@task(name="encode-model", task_run_name="{model.spec}", cache_policy=NO_CACHE)
+def encode_task(sweep: SweepConfig, model: SweepModel) -> dict:
+    return sweep_run.encode_model(sweep, model, sweep_run.SweepRecord(sweep))
+
+
+@task(name="compare", cache_policy=NO_CACHE)
+def compare_task(sweep: SweepConfig, models: list[SweepModel]) -> dict:
+    return sweep_run.compare_models(sweep, models)
+
+
+def _extract_here(sweep: SweepConfig, record: sweep_run.SweepRecord) -> dict[str, dict]:
+    results = {}
+    for model in sweep.models:
+        if sweep_run.is_extracted(sweep, model, record):
+            results[model.spec] = sweep_run.skipped(record, model)
+            continue
+        t0 = time.perf_counter()
+        state = extract_flow(ExtractParameters(**sweep.extract_config(model).model_dump()), return_state=True)
+        if state.is_completed():
+            manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
+            results[model.spec] = sweep_run.record_extracted(sweep, model, record, manifest, time.perf_counter() - t0)
+        else:
+            results[model.spec] = sweep_run.record_failed(sweep, model, record, str(state.message))
+    return results
+
+
+def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep_run.SweepRecord) -> dict[str, dict]:
+    results, running, started = {}, {}, time.perf_counter()
+    for model in sweep.models:
+        if sweep_run.is_extracted(sweep, model, record):
+            results[model.spec] = sweep_run.skipped(record, model)
+            continue
+        # children get the parameters as the user gave them (credentials by block, never by value)
+        child = ExtractParameters(**sweep.extract_config(model).model_dump(exclude={"storage_options"}),
+                                  storage_options=params.storage_options, credentials_block=params.credentials_block)
+        run = run_deployment(name=params.deployment, parameters={"params": child.model_dump(mode="json")}, timeout=0,
+                             as_subflow=True, flow_run_name=model.spec, idempotency_key=f"{flow_run.id}-{model.spec}")
+        running[run.id] = model
+    deadline = time.monotonic() + params.timeout_hours * 3600
+    with get_client(sync_client=True) as client:
+        while running and time.monotonic() < deadline:
+            time.sleep(params.poll_seconds)
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(running))))
+            for run in runs:
+                if run.state is None or run.state.type.value not in _TERMINAL:
+                    continue
+                model = running.pop(run.id)
+                if run.state.type.value == "COMPLETED":
+                    manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
+                    results[model.spec] = sweep_run.record_extracted(sweep, model, record, manifest,
+                                                                     time.perf_counter() - started)
+                else:
+                    results[model.spec] = sweep_run.record_failed(
+                        sweep, model, record, f"{run.state.type.value}: {run.state.message}")
+    for model in running.values():
+        results[model.spec] = sweep_run.record_failed(sweep, model, record,
+                                                      f"still running after {params.timeout_hours} h")
+    return results
+
+
+@flow(name="extract-sweep", validate_parameters=True)
+def extract_sweep_flow(params: SweepParameters) -> dict:
+    """Extract every model of a sweep into its own store, score them on the neural data, compare them."""
+    logger = get_run_logger()
+    sweep = params.library_config()
+    record = sweep_run.SweepRecord(sweep)
+    extracted = _extract_children(params, sweep, record) if params.deployment else _extract_here(sweep, record)
+    summary = {"out": sweep.out, "models": []}
+    for model in sweep.models:
+        entry = {"model": model.spec, "store": sweep.store_url(model), "extract": extracted[model.spec]}
+        if sweep.neural is not None and entry["extract"]["status"] == "done":
+            entry["encode"] = encode_task(sweep, model)
+        entry["status"] = "failed" if any(entry.get(k, {}).get("status") == "failed" for k in ("extract", "encode")) \
+            else "done"
+        summary["models"].append(entry)
+    scored = [m for m, e in zip(sweep.models, summary["models"]) if e.get("encode", {}).get("status") == "done"]
+    if scored:
+        summary["comparison"] = compare_task(sweep, scored)
+    summary["failed"] = [e["model"] for e in summary["models"] if e["status"] == "failed"]
+    _artifacts(sweep, summary)
+    logger.info("%d models done, %d failed", len(summary["models"]) - len(summary["failed"]), len(summary["failed"]))
+    if summary["failed"]:
+        raise RuntimeError(sweep_run.failure_message(summary))
+    return summary
+
+
+def _artifacts(sweep: SweepConfig, summary: dict) -> None:
+    create_table_artifact(
+        key="sweep-models",
+        table=[{"model": e["model"], "status": e["status"], "layers": len(e["extract"].get("layers", [])),
+                "rows": e["extract"].get("rows", {}).get("committed"), "images/s": e["extract"].get("images_per_s"),
+                "store": e["store"], "error": e["extract"].get("error") or e.get("encode", {}).get("error")}
+               for e in summary["models"]],
+        description=f"Models of the sweep in {sweep.out}")
+    comparison = summary.get("comparison")
+    if comparison:
+        rows = [{"roi": roi, "rank": i + 1, **entry} for roi, entries in comparison["ranking"].items()
+                for i, entry in enumerate(entries)]
+        create_table_artifact(key="sweep-ranking", table=rows, description="Models ranked by their best layer, per ROI")
+        with fsx.open_url(comparison["plot"], "rb", sweep.storage_options) as f:
+            png = base64.b64encode(f.read()).decode()
+        create_markdown_artifact(key="sweep-comparison", markdown=(
+            f"# Sweep comparison\n\n- **Table**: `{comparison['csv']}`\n- **Plot**: `{comparison['plot']}`\n\n"
+            f"![comparison](data:image/png;base64,{png})\n"), description="Models compared on the neural data")

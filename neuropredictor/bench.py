@@ -30,19 +30,31 @@ PEAK_TFLOPS = {
 }
 
 
+def _write_image(args: tuple[Path, int, tuple[int, int]]) -> None:
+    path, i, (w, h) = args
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * (i % 7 + 1)) % 256, (yy * (i % 5 + 2)) % 256, ((xx + yy) + i * 13) % 256], -1)
+    arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path, quality=90)
+
+
 def make_corpus(root: Path, images: int, per_shard: int = 256, size: tuple[int, int] = (400, 300)) -> str:
-    """JPEGs with smooth structure and noise (sizes typical of stimulus sets), packed into shards."""
+    """JPEGs with smooth structure and noise (sizes typical of stimulus sets), packed into shards; a corpus
+    already made in root with as many images is reused (benchmark cases share one)."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+
     from neuropredictor.corpus import make_shards
 
+    index = root / "shards" / "index.json"
+    if index.exists() and json.loads(index.read_text()).get("total") == images:
+        return str(root / "shards")
     src = root / "images"
     src.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    for i in range(images):
-        base = np.stack([(xx * (i % 7 + 1)) % 256, (yy * (i % 5 + 2)) % 256, ((xx + yy) + i * 13) % 256], -1)
-        arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(src / f"img{i:07d}.jpg", quality=90)
+    jobs = [(src / f"img{i:07d}.jpg", i, size) for i in range(images)]
+    with ProcessPoolExecutor() as pool:  # thousands of JPEGs: every core encodes
+        list(pool.map(_write_image, jobs, chunksize=64))
     make_shards(src, str(root / "shards"), maxcount=per_shard)
     return str(root / "shards")
 
@@ -127,19 +139,21 @@ def bottleneck(stages: dict[str, float]) -> str:
 def run_bench(model: str, layers: list[str], reduce: str = "avgpool", images: int = 512, batch_size: int = 64,
               precision: str = "fp32", device: str = "auto", num_workers: int | None = None, pretrained: bool = False,
               flow: Callable[[Any], Any] | None = None, workdir: str | None = None, early_exit_baseline: bool = False,
-              decode: str = "cpu", compile: bool = False) -> dict:
+              decode: str = "cpu", compile: bool = False, channels_last: bool = False,
+              corpus: str | None = None) -> dict:
     """One benchmark case: ceiling and pipeline side by side; returns every field. `flow(config)`, if given,
-    is timed too (the orchestration's overhead: the command line passes the Prefect flow)."""
+    is timed too (the orchestration's overhead: the command line passes the Prefect flow). corpus: shards to
+    use instead of generating `images` JPEGs (cases of one benchmark share a corpus)."""
     from neuropredictor.config import ExtractConfig
     from neuropredictor.pipeline import get_runner
 
     root = Path(workdir or tempfile.mkdtemp(prefix="np-bench-"))
-    corpus = make_corpus(root, images, per_shard=min(256, max(16, images // 4)))
+    corpus = corpus or make_corpus(root, images, per_shard=min(256, max(16, images // 4)))
 
     def config(out: str, layer_list=layers, red=reduce) -> ExtractConfig:
         return ExtractConfig(corpus=corpus, model=model, layers=layer_list, reduce=red, out=str(root / out),
                              pretrained=pretrained, batch_size=batch_size, precision=precision, device=device,
-                             num_workers=num_workers, decode=decode, compile=compile)
+                             num_workers=num_workers, decode=decode, compile=compile, channels_last=channels_last)
 
     cfg = config("pipeline.zarr")
     dev = get_runner(cfg).device
@@ -147,7 +161,7 @@ def run_bench(model: str, layers: list[str], reduce: str = "avgpool", images: in
         torch.cuda.reset_peak_memory_stats(dev)
     result = {
         "model": model, "layers": layers, "reduce": reduce, "images": images, "batch_size": batch_size,
-        "precision": precision, "decode": decode, "compile": compile, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "precision": precision, "decode": decode, "compile": compile, "channels_last": channels_last, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "num_workers": cfg.resolved_workers(), "date": dt.date.today().isoformat(),
     }
     result["ceiling"] = ceiling(cfg)

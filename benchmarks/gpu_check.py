@@ -1,0 +1,203 @@
+"""The GPU check, one command on a CUDA machine: the GPU-marked tests, then the recorded GPU benchmark cases,
+a profiler summary and the encoding benchmark, every raw result written under --out.
+
+    bash benchmarks/gpu_wheels.sh                        # here, once: wheels the GPU machine lacks -> .whl
+    python3 benchmarks/gpu_check.py --out $OUT           # there (carry .whl): everything, about 10 minutes
+    python3 benchmarks/gpu_check.py --out $OUT --steps tests,cases     # or in parts, within a call's limit
+
+Files (at most eight, flat, as the device tool returns them): gpu-check.json (every result), gpu-check.log
+(every command's output), gpu-tests.xml, gpu-throughput.png, nvidia-smi.txt. Cases run one per process, so
+peak memory is each case's own. Nothing is estimated: a case that fails is recorded with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = Path("/tmp/site")
+
+R50 = {"model": "timm:resnet50", "layers": ["layer3", "layer4"], "reduce": "layer3=pool:2,layer4=avgpool",
+       "precision": "bf16"}
+VIT = {"model": "timm:vit_base_patch16_224", "layers": ["blocks.*"], "reduce": "cls", "precision": "bf16"}
+# issue 11's matrix: decode cpu vs device, eager vs compile, channels_last, batch 64/256/512, early exit
+CASES = {
+    "resnet50-b256": {**R50, "batch_size": 256},
+    "resnet50-b256-device-decode": {**R50, "batch_size": 256, "decode": "device"},
+    "resnet50-b256-channels-last": {**R50, "batch_size": 256, "channels_last": True},
+    "resnet50-b256-compile": {**R50, "batch_size": 256, "compile": True, "channels_last": True},
+    "resnet50-b64": {**R50, "batch_size": 64},
+    "resnet50-b512": {**R50, "batch_size": 512},
+    "resnet50-layer1-early-exit": {**R50, "layers": ["layer1"], "reduce": "avgpool", "batch_size": 256,
+                                   "early_exit_baseline": True},
+    "vit_b16-b256": {**VIT, "batch_size": 256},
+    "vit_b16-b256-device-decode": {**VIT, "batch_size": 256, "decode": "device"},
+    "vit_b16-b256-compile": {**VIT, "batch_size": 256, "compile": True},
+}
+
+
+def log(out: Path, text: str) -> None:
+    print(text, flush=True)
+    with open(out / "gpu-check.log", "a") as f:
+        f.write(text + "\n")
+
+
+def sh(out: Path, cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    log(out, f"$ {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:
+        log(out, f"timed out after {timeout} s\n{(exc.stdout or '')[-4000:]}")
+        return subprocess.CompletedProcess(cmd, 124, exc.stdout or "", exc.stderr or "")
+    log(out, (proc.stdout + proc.stderr)[-8000:] + f"\n(exit {proc.returncode}, {time.perf_counter() - t0:.1f} s)")
+    return proc
+
+
+def environment() -> dict:
+    """PYTHONPATH: this checkout first, then the carried wheels (installed once into /tmp/site)."""
+    wheels = sorted((ROOT / ".whl").glob("*.whl"))
+    if wheels and not SITE.exists() and sys.version_info[:2] == (3, 12):  # gpu_wheels.sh fetches for 3.12
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True)
+    paths = [str(ROOT)] + ([str(SITE)] if SITE.exists() else []) + [os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": ":".join(p for p in paths if p), "PYTHONUNBUFFERED": "1"}
+
+
+def run_tests(out: Path, env: dict) -> dict:
+    files = ["tests/test_extractor.py", "tests/test_device_decode.py", "tests/test_encode.py"]
+    proc = sh(out, [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+                    "--junitxml", str(out / "gpu-tests.xml"), *files], timeout=420, env=env)
+    return {"exit_code": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
+
+
+_CASE = """
+import json, sys
+from neuropredictor.bench import run_bench
+args = json.loads(sys.argv[1])
+print(json.dumps(run_bench(**args)))
+"""
+
+
+def run_cases(out: Path, env: dict, names: list[str], images: int, device: str) -> dict:
+    sys.path[:0] = [p for p in env["PYTHONPATH"].split(":") if p]
+    from neuropredictor.bench import make_corpus
+
+    work = Path(tempfile.mkdtemp(prefix="np-gpu-"))
+    t0 = time.perf_counter()
+    corpus = make_corpus(work, images)
+    log(out, f"corpus: {images} JPEGs 400x300 in {time.perf_counter() - t0:.1f} s")
+    results = {}
+    for name in names:
+        args = {**CASES[name], "images": images, "device": device, "corpus": corpus, "workdir": str(work / name)}
+        proc = sh(out, [sys.executable, "-c", _CASE, json.dumps(args)], timeout=300, env=env)
+        try:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            results[name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+    return results
+
+
+_PROFILE = """
+import json, sys, torch
+from torch.profiler import ProfilerActivity, profile
+from neuropredictor import ExtractConfig, plan, extract_shard
+cfg = ExtractConfig(**json.loads(sys.argv[1]))
+store = plan(cfg)
+extract_shard(cfg, store.shards[0], store=store)  # warm: workers, cudnn autotune
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    extract_shard(cfg, store.shards[1], store=store)
+print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+"""
+
+
+def run_profile(out: Path, env: dict, corpus: str, device: str) -> dict:
+    cfg = {**CASES["resnet50-b256"], "corpus": corpus, "pretrained": False,
+           "out": tempfile.mkdtemp(prefix="np-prof-") + "/p.zarr", "device": device}
+    proc = sh(out, [sys.executable, "-c", _PROFILE, json.dumps(cfg)], timeout=300, env=env)
+    return {"exit_code": proc.returncode}
+
+
+def run_encode(out: Path, env: dict, device: str) -> dict:
+    proc = sh(out, [sys.executable, "benchmarks/encode_bench.py", "--device", device, "--skip-sklearn",
+                    *(["--n-stimuli", "500", "--n-targets", "200", "--n-features", "256"] if device == "cpu" else [])],
+              timeout=540, env=env)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"error": proc.stderr[-2000:]}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {k: v for k, v in results.items() if "pipeline" in v}
+    if not ok:
+        return
+    names = list(ok)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [ok[n]["ceiling"]["images_per_s"] for n in names], 0.4, label="ceiling")
+    ax.bar([i + 0.2 for i in x], [ok[n]["pipeline"]["images_per_s"] for n in names], 0.4, label="pipeline")
+    for i, n in enumerate(names):
+        ax.text(i + 0.2, ok[n]["pipeline"]["images_per_s"], f"{ok[n]['efficiency']:.2f}", ha="center", va="bottom",
+                fontsize=7)
+    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("images / s")
+    ax.set_title(f"{next(iter(ok.values()))['device']}: ceiling vs pipeline (label: pipeline / ceiling)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or f"benchmarks/results/gpu-{dt.date.today()}")
+    parser.add_argument("--steps", default="tests,cases,profile,encode")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps.split(",")
+    env = environment()
+    record_path = out / "gpu-check.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record.update(date=dt.date.today().isoformat(), commit=subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or None)
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True)
+        (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
+    except FileNotFoundError:
+        log(out, "nvidia-smi: not found (no NVIDIA driver here)")
+    if "tests" in steps:
+        record["tests"] = run_tests(out, env)
+    if "cases" in steps:
+        record.setdefault("cases", {}).update(run_cases(out, env, args.cases.split(","), args.images, args.device))
+        plot(record["cases"], out / "gpu-throughput.png")
+    if "profile" in steps:
+        sys.path[:0] = [p for p in env["PYTHONPATH"].split(":") if p]
+        from neuropredictor.bench import make_corpus
+
+        record["profile"] = run_profile(out, env, make_corpus(Path(tempfile.mkdtemp()), 1024), args.device)
+    if "encode" in steps:
+        record["encode"] = run_encode(out, env, args.device)
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    log(out, f"wrote {record_path}")
+
+
+if __name__ == "__main__":
+    main()

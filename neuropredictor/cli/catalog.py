@@ -1,0 +1,90 @@
+"""What can be extracted: `models`, `layers`, and `shards make`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neuropredictor.cli.app import app, console, err_console, shards_app
+from neuropredictor.cli.options import AsJson, NoPretrained, Weights, fail
+from neuropredictor.errors import NeuroPredictorError
+
+
+@app.command()
+def models(
+    pattern: Annotated[Optional[str], typer.Argument(help="Glob filter, e.g. 'resnet*' or '*vit_base*'.")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", "-s", help="timm, torchvision, openclip, clip, hf, custom")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """List model specs that can be loaded (hf: only what is in the local cache)."""
+    from neuropredictor.models import GRAMMAR, list_models
+
+    try:
+        specs = list_models(source, pattern)
+    except ValueError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(specs))
+        return
+    for spec in specs:
+        print(spec)
+    if not specs:
+        err_console.print("no models match.\n" + GRAMMAR)
+
+
+@app.command()
+def layers(
+    spec: Annotated[str, typer.Argument(help="Model spec SOURCE:NAME[@TAG], e.g. torchvision:alexnet.")],
+    pattern: Annotated[Optional[str], typer.Argument(help="Glob over layer names ('*' within a segment, '**' across).")] = None,
+    no_pretrained: NoPretrained = False,
+    weights: Weights = None,
+    as_json: AsJson = False,
+) -> None:
+    """Every layer of a model: name, module type, leaf, output shape for one image, parameters."""
+    from neuropredictor.layers import describe_layers, filter_layers
+    from neuropredictor.models import load_model
+
+    try:
+        model = load_model(spec, pretrained=not no_pretrained, weights=weights)
+        infos = filter_layers(describe_layers(model), pattern)
+    except NeuroPredictorError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps({"spec": str(model.spec), "input_size": list(model.input_size),
+                          "layers": [i.as_dict() for i in infos]}))
+        return
+    table = Table(title=f"{model.spec}  input {tuple(model.input_size)}  weights {model.weights}")
+    for col in ("name", "type", "leaf", "output shape", "params"):
+        table.add_column(col, justify="right" if col == "params" else "left")
+    for i in infos:
+        shape = "x".join(map(str, i.shape)) if i.shape else ("not run" if i.calls == 0 else "?")
+        table.add_row(i.name, i.type, "yes" if i.leaf else "", shape, f"{i.params:,}")
+    Console(width=max(console.width, 110)).print(table)
+
+
+
+@shards_app.command("make")
+def shards_make(
+    image_dir: Annotated[Path, typer.Argument(help="Folder of images (jpg, png, webp; nested folders).")],
+    out: Annotated[str, typer.Argument(help="Output folder or URL (s3://bucket/prefix) for the tar shards.")],
+    maxcount: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    prefix: Annotated[str, typer.Option(help="Shard file name prefix.")] = "shard",
+    as_json: AsJson = False,
+) -> None:
+    """Pack a folder of images into WebDataset shards, with stable keys and an index of counts."""
+    from neuropredictor.corpus import make_shards
+
+    try:
+        shards = make_shards(image_dir, out, maxcount=maxcount, prefix=prefix)
+    except NeuroPredictorError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps([{"name": s.name, "url": s.url, "count": s.count} for s in shards]))
+        return
+    total = sum(s.count for s in shards)
+    console.print(f"wrote {len(shards)} shards ({total} images) to {out}")

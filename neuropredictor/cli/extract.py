@@ -1,0 +1,128 @@
+"""`extract`, `inspect` and `demo`: writing a store and reading its state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neuropredictor.cli.app import app, console
+from neuropredictor.cli.options import (
+    AsJson,
+    NoPretrained,
+    Weights,
+    default,
+    fail,
+    field_help,
+    option,
+)
+from neuropredictor.cli.progress import run_with_progress
+from neuropredictor.cli.summary import print_summary, summarize
+from neuropredictor.config import ExtractConfig
+from neuropredictor.errors import NeuroPredictorError
+
+
+@app.command()
+def extract(
+    corpus: Annotated[str, option("corpus")],
+    model: Annotated[str, option("model")],
+    layers: Annotated[str, option("layers", help="Comma-separated. " + field_help("layers"))],
+    out: Annotated[str, option("out")],
+    reduce: Annotated[str, option("reduce")] = default("reduce"),
+    no_pretrained: NoPretrained = False,
+    weights: Weights = None,
+    batch_size: Annotated[int, option("batch_size")] = default("batch_size"),
+    precision: Annotated[str, option("precision")] = default("precision"),
+    dtype: Annotated[str, option("dtype")] = default("dtype"),
+    num_workers: Annotated[Optional[int], option("num_workers")] = default("num_workers"),
+    device: Annotated[str, option("device")] = default("device"),
+    channels_last: Annotated[bool, option("channels_last")] = default("channels_last"),
+    decode: Annotated[str, option("decode")] = default("decode"),
+    compile: Annotated[bool, option("compile")] = default("compile"),
+    compression: Annotated[str, option("compression")] = default("compression"),
+    overwrite: Annotated[bool, option("overwrite")] = default("overwrite"),
+    retries: Annotated[int, option("retries")] = default("retries"),
+    retry_delay: Annotated[float, option("retry_delay_seconds", "--retry-delay")] = default("retry_delay_seconds"),
+    prefect: Annotated[Optional[bool], typer.Option(
+        "--prefect/--no-prefect", help="Run as a Prefect flow run (UI, artifacts). Default: when a Prefect server "
+        "is configured (PREFECT_API_URL).")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Extract layer activations of one model over a corpus into a Zarr store. Re-running resumes."""
+    from pydantic import ValidationError
+
+    from neuropredictor.config import ExtractConfig
+    from neuropredictor.layers import split_layers
+
+    try:
+        config = ExtractConfig(
+            corpus=corpus, model=model, layers=split_layers(layers), out=out, reduce=reduce,
+            pretrained=not no_pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
+            precision=precision, dtype=dtype, num_workers=num_workers, device=device,
+            channels_last=channels_last, decode=decode, compile=compile, compression=compression,
+            overwrite=overwrite, retries=retries, retry_delay_seconds=retry_delay,
+        )
+        manifest = run_with_progress(config, prefect)
+    except (NeuroPredictorError, ValidationError) as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(summarize(manifest, out)))
+    else:
+        print_summary(summarize(manifest, out))
+
+
+@app.command()
+def inspect(
+    out: Annotated[str, typer.Argument(help="A store written by `neuropredictor extract`.")],
+    as_json: AsJson = False,
+) -> None:
+    """Summarise a store: layers, shapes, shards done/failed/pending, bad samples, throughput."""
+    from neuropredictor.store import FeatureStore
+
+    try:
+        # not finalized yet (running, or interrupted): statuses come from the commit records
+        manifest = FeatureStore.open(out, mode="r").status_manifest()
+    except NeuroPredictorError as exc:
+        fail(exc)
+    summary = summarize(manifest, out)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's images, shards and store.")] = Path("demo-output"),
+    images: Annotated[int, typer.Option(help="How many images to generate.")] = 48,
+) -> None:
+    """Generate a small image set, shard it, and extract two layers of a small model into local Zarr."""
+    import numpy as np
+    from PIL import Image
+
+    from neuropredictor.corpus import make_shards
+
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        # smooth colour gradients plus noise: cheap, varied, and deterministic
+        h, w = 96 + (i % 4) * 16, 128 - (i % 3) * 16
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * (i + 1)) % 256, (yy * (i + 3)) % 256, ((xx + yy) * 2 + i * 10) % 256], -1)
+        arr = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(image_dir / f"stim{i:03d}.jpg", quality=90)
+    shards = make_shards(image_dir, str(out / "shards"), maxcount=16)
+    console.print(f"made {len(shards)} shards of {images} generated images in {out / 'shards'}")
+    store = str(out / "features.zarr")
+    config = ExtractConfig(corpus=str(out / "shards"), model="torchvision:resnet18", layers=["layer3", "layer4"],
+                           reduce="layer3=pool:2,layer4=avgpool", out=store, pretrained=False, batch_size=16)
+    console.print("extracting torchvision:resnet18 (random weights: no download) layers layer3 (pool:2), layer4 (avgpool)"
+                  " as a Prefect flow run (a temporary server unless PREFECT_API_URL names one)")
+    try:
+        manifest = run_with_progress(config, use_prefect=True)
+    except NeuroPredictorError as exc:
+        fail(exc)
+    print_summary(summarize(manifest, store))

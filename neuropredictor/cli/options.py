@@ -1,0 +1,61 @@
+"""Options shared by the commands: their flags, help and defaults come from the library's config models,
+and library messages that name parameters are shown with the flags."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.markup import escape
+
+from neuropredictor.cli.app import err_console
+from neuropredictor.config import ExtractConfig
+from neuropredictor.encode.options import EncodeOptions
+
+NoPretrained = Annotated[bool, typer.Option("--no-pretrained", help="Random weights (no download).")]
+Weights = Annotated[Optional[Path], typer.Option("--weights", help=ExtractConfig.model_fields["weights"].description)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def field_help(name: str) -> str:
+    return ExtractConfig.model_fields[name].description or ""
+
+
+def default(name: str) -> Any:
+    return ExtractConfig.model_fields[name].default
+
+
+def option(name: str, *flags: str, help: str | None = None) -> Any:
+    """The option of ExtractConfig field `name`: its flag is the field's name, its help the field's."""
+    return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=help or field_help(name))
+
+
+# Library messages name parameters (overwrite=True, `out`); on the command line they are flags, named by
+# the same rule as the options below (`retry_delay_seconds` and `keys_file` are the exceptions).
+_FLAG_ALIASES = {"pretrained=False": "--no-pretrained", "weights=PATH": "--weights PATH", "keys=": "--keys",
+                 "retry_delay_seconds": "--retry-delay", "keys_file": "--keys"}
+
+
+def as_flags(message: str) -> str:
+    """message with the parameters it names written as flags (`overwrite=True` -> --overwrite)."""
+    for words, flag in _FLAG_ALIASES.items():
+        message = message.replace(words, flag)
+    for name in {*ExtractConfig.model_fields, *EncodeOptions.model_fields}:
+        flag = "--" + name.replace("_", "-")
+        message = re.sub(rf"\b{name}=True\b", flag, message)
+        message = re.sub(rf"`{name}`|\b{name}=(?=[\s,.;)]|$)", flag, message)
+    return message
+
+
+def fail(exc: Exception) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {escape(as_flags(str(exc)))}", highlight=False)
+    raise typer.Exit(2)
+
+
+ENC = EncodeOptions.model_fields  # the CLI's encode options take their defaults and help from here
+
+
+def enc_option(name: str, *flags: str) -> typer.models.OptionInfo:
+    return typer.Option(*flags, help=ENC[name].description)

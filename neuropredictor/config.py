@@ -36,7 +36,8 @@ class ExtractConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     corpus: str | list[str] = Field(description="WebDataset shards: a directory, a brace pattern "
-                                    "(shards/train-{000000..000099}.tar), a URL (s3://...), or a list of them.")
+                                    "(shards/train-{000000..000099}.tar), a URL (s3://...), or a list of them; or a "
+                                    "local folder of images (shards are made of it beside the output store).")
     model: Annotated[str, IDENTITY, REPLICA] = Field(
         description="Model spec SOURCE:NAME[@TAG], e.g. timm:resnet50, torchvision:alexnet, "
         "openclip:ViT-B-32@laion2b_s34b_b79k, clip:ViT-B-32, hf:ORG/NAME, custom:module:factory.")

@@ -25,6 +25,7 @@ import torch
 from neuropredictor import fs as fsx
 from neuropredictor.config import IDENTITY, ExtractConfig
 from neuropredictor.corpus import list_shards, read_shard
+from neuropredictor.corpus.folder import is_image_folder, shards_for
 from neuropredictor.corpus.listing import changed_since, source_of
 from neuropredictor.errors import CorpusError, Interrupted, StoreError
 from neuropredictor.redact import redact_text
@@ -127,9 +128,13 @@ def identity(config: ExtractConfig, runner: Runner) -> dict:
 
 def validate(config: ExtractConfig) -> list[Shard]:
     """Everything that can be checked before a store is touched: the model loads, the layers resolve,
-    the reductions fit, the corpus is reachable and non-empty. Returns the corpus's shards."""
+    the reductions fit, the corpus is reachable and non-empty. Returns the corpus's shards (for a folder of
+    images, the shards made of it beside the store: see corpus.folder)."""
     get_runner(config)
-    shards = list_shards(config.corpus, config.storage_options)
+    corpus = config.corpus
+    if is_image_folder(corpus):
+        corpus = shards_for(corpus, config.out, config.storage_options)
+    shards = list_shards(corpus, config.storage_options)
     check_output(config.out, config.storage_options)
     return shards
 
@@ -170,7 +175,7 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
         config.out, shards, runner.layer_specs(), identity(config, runner), dtype=config.dtype,
         compression=config.compression, storage_options=config.storage_options, overwrite=config.overwrite,
     )
-    _refuse_changed_files(store, shards, config.storage_options)
+    _refuse_changed_files(store, shards, config)
     if config.verify:
         damaged = store.verify()
         if damaged:
@@ -241,17 +246,21 @@ class _BackgroundWriter:
         self._raise()
 
 
-def _refuse_changed_files(store: FeatureStore, shards: list[Shard], storage_options: dict | None) -> None:
+def _refuse_changed_files(store: FeatureStore, shards: list[Shard], config: ExtractConfig) -> None:
     """A committed shard whose file changed since its rows were extracted would leave the store mixing two
-    versions of the corpus: refuse, naming the shards."""
+    versions of the corpus: refuse, naming the shards; with overwrite=True, extract those shards again."""
     commits = store.committed()
     changed = [s.name for s in shards if s.name in commits and "source" in commits[s.name]
-               and changed_since(commits[s.name]["source"], s, storage_options)]
-    if changed:
+               and changed_since(commits[s.name]["source"], s, config.storage_options)]
+    if changed and config.overwrite:
+        log.warning("%d shard(s) changed since their rows were extracted; extracting them again: %s",
+                    len(changed), ", ".join(changed))
+        store.withdraw({name: "its shard file changed" for name in changed})
+    elif changed:
         raise CorpusError(f"{len(changed)} shard(s) changed since their rows were extracted into "
                           f"{redact_text(store.url)!r}: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. "
-                          "The store would mix two versions of the corpus: restore the original files, or replace "
-                          "the store (overwrite=True).")
+                          "The store would mix two versions of the corpus: restore the original files, or extract "
+                          "them again (overwrite=True).")
 
 
 def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | None = None,

@@ -27,7 +27,7 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "neuropredictor-shards/1"
 
 
-def _image_files(root: Path) -> list[tuple[str, Path, str]]:
+def image_files(root: Path) -> list[tuple[str, Path, str]]:
     """(relative posix path, path, lowercase ext) of the images under root, in a deterministic order."""
     found = []
     seen_dirs: set[str] = set()
@@ -114,7 +114,7 @@ def make_shards(
     root = Path(image_dir)
     if not root.is_dir():
         raise CorpusError(f"image folder {root} does not exist or is not a directory: pass a folder of images.")
-    files = _image_files(root)
+    files = image_files(root)
     if not files:
         raise CorpusError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}: check the folder, or the file extensions."

@@ -1,0 +1,73 @@
+"""A folder of images as a corpus: its shards are made once, beside the output store, and remade only when
+the folder changes.
+
+    shards_for("stimuli/", out="runs/feats.zarr")  # -> "runs/stimuli-1a2b3c4d.shards" (made or reused)
+
+The shards are exactly what `make_shards` (and `neuropredictor shards make`) gives: keys are the images'
+relative paths without extension, rows follow the sorted paths. A listing of the folder (relative path,
+size, modification time of every image) is kept with the shards; a run whose listing differs remakes them,
+and make_shards leaves byte-identical shards untouched, so a store extracted from an unchanged part of the
+folder still resumes, while changed shards are refused by the store's fingerprint check (never mixed in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from neuropredictor import fs as fsx
+from neuropredictor.corpus.make import image_files, make_shards
+from neuropredictor.errors import CorpusError
+
+log = logging.getLogger(__name__)
+
+LISTING_NAME = "folder.json"
+SHARD_SIZE = 1000  # images per shard made from a folder: enough shards to resume by, few enough to list
+
+
+def is_image_folder(corpus: object) -> bool:
+    """Whether corpus names a local folder of images rather than of shards: it holds no .tar directly and
+    images somewhere under it."""
+    if not isinstance(corpus, (str, os.PathLike)) or "://" in os.fspath(corpus):
+        return False
+    root = Path(corpus)
+    if not root.is_dir():
+        return False
+    with os.scandir(root) as entries:
+        names = [e.name for e in entries]
+    return not any(n.endswith(".tar") for n in names) and bool(image_files(root))
+
+
+def shard_folder(image_dir: str | os.PathLike, out: str) -> str:
+    """Where the shards of image_dir go for the store at out: a sibling of the store named after the image
+    folder and a hash of its absolute path (two folders of the same name never share shards)."""
+    source = Path(image_dir).resolve()
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    return f"{fsx.parent(str(out).rstrip('/')) or '.'}/{source.name}-{digest}.shards"
+
+
+def _listing(image_dir: Path) -> dict:
+    files = image_files(image_dir)
+    stats = [(rel, path.stat()) for rel, path, _ext in files]
+    return {"source": str(image_dir.resolve()), "shard_size": SHARD_SIZE,
+            "images": [[rel, st.st_size, st.st_mtime_ns] for rel, st in stats]}
+
+
+def shards_for(image_dir: str | os.PathLike, out: str, storage_options: dict | None = None) -> str:
+    """The shard folder of image_dir for the store at out, made now if missing or if the folder changed."""
+    target = shard_folder(image_dir, out)
+    listing = _listing(Path(image_dir))
+    fs, path = fsx.connect(target, storage_options, error=CorpusError, what="shard folder")
+    try:
+        recorded = fsx.read_json_or_none(fs, f"{path}/{LISTING_NAME}")
+    except ValueError:
+        recorded = None  # a damaged listing: make the shards again (identical ones are kept)
+    if recorded == listing:
+        return target
+    log.info("making shards of %s in %s", image_dir, target)
+    make_shards(image_dir, target, maxcount=SHARD_SIZE, storage_options=storage_options)
+    # written last: shards made by a run that died half-way are checked again next time
+    fsx.write_json_atomic(fs, f"{path}/{LISTING_NAME}", listing)
+    return target

@@ -1,0 +1,89 @@
+"""A folder of images as the corpus: shards made once beside the store, keys = relative paths, rows
+identical to extracting `shards make`'s shards, reused when the folder is unchanged and remade (never
+silently stale) when it changes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MODEL, make_images
+
+from neuropredictor import ExtractConfig, open_features
+from neuropredictor.corpus import make_shards
+from neuropredictor.corpus.folder import LISTING_NAME, is_image_folder, shard_folder
+from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.schedule import run
+
+
+def _config(corpus, out, **kw) -> ExtractConfig:
+    return ExtractConfig(corpus=str(corpus), model=MODEL, layers=["layer2"], reduce="avgpool", out=str(out),
+                         pretrained=False, batch_size=8, num_workers=0, **kw)
+
+
+def _features(out: Path) -> tuple[list[str], np.ndarray]:
+    ds = open_features(str(out))
+    return [str(k) for k in ds["key"].values], ds["layer2"].values
+
+
+def test_image_folder_extracts_like_its_shards(tmp_path: Path):
+    images = tmp_path / "stimuli"
+    paths = make_images(images, 14)  # nested folders, jpg/png/webp
+    assert is_image_folder(images) and not is_image_folder(tmp_path / "missing")
+
+    run(_config(images, tmp_path / "runs" / "a.zarr"))
+    make_shards(images, str(tmp_path / "manual"), maxcount=1000)
+    run(_config(tmp_path / "manual", tmp_path / "b.zarr"))
+
+    keys, rows = _features(tmp_path / "runs" / "a.zarr")
+    keys_b, rows_b = _features(tmp_path / "b.zarr")
+    expected = sorted(p.relative_to(images).with_suffix("").as_posix() for p in paths)
+    assert keys == expected == keys_b  # keys are the relative paths, in the order `shards make` gives
+    np.testing.assert_array_equal(rows, rows_b)
+    made = Path(shard_folder(images, str(tmp_path / "runs" / "a.zarr")))
+    assert made.parent == tmp_path / "runs" and made.name.startswith("stimuli-")  # beside the store
+    assert (made / LISTING_NAME).exists()
+
+
+def test_unchanged_folder_reuses_its_shards_and_a_change_is_never_mixed_in(tmp_path: Path):
+    images = tmp_path / "stimuli"
+    make_images(images, 10)
+    out = tmp_path / "f.zarr"
+    run(_config(images, out))
+    shards = Path(shard_folder(images, str(out)))
+    tars = sorted(shards.glob("*.tar"))
+    stamp = [t.stat().st_mtime_ns for t in tars]
+
+    run(_config(images, out))  # resume of a complete store: shards reused as they are
+    assert [t.stat().st_mtime_ns for t in tars] == stamp
+
+    # one image replaced by another of the same name: the shards are remade, and the store that was
+    # extracted from the old images refuses to mix the new one in
+    victim = sorted(images.rglob("*.png"))[0]
+    make_images(tmp_path / "other", 1, seed=99, nested=False)
+    os.replace(next((tmp_path / "other").iterdir()), victim.with_suffix(".png"))
+    os.utime(victim, ns=(1, 1))
+    with pytest.raises(NeuroPredictorError, match="changed"):
+        run(_config(images, out))
+    assert [t.stat().st_mtime_ns for t in tars] != stamp
+
+    run(_config(images, out, overwrite=True))  # the user's choice: extract the new folder
+    keys, rows = _features(out)
+    fresh = tmp_path / "fresh.zarr"
+    make_shards(images, str(tmp_path / "again"))
+    run(_config(tmp_path / "again", fresh))
+    np.testing.assert_array_equal(rows, _features(fresh)[1])
+
+
+def test_added_images_extend_the_corpus(tmp_path: Path):
+    images = tmp_path / "stimuli"
+    make_images(images, 6)
+    out = tmp_path / "g.zarr"
+    run(_config(images, out))
+    make_images(images / "more", 3, seed=5, nested=False)
+    with pytest.raises(NeuroPredictorError):  # a different corpus: the store says so, nothing is mixed
+        run(_config(images, out))
+    run(_config(images, out, overwrite=True))
+    assert len(_features(out)[0]) == 9

@@ -1,3 +1,3 @@
-from neuropredictor.cli import app
+from neuropredictor.cli import main
 
-app(prog_name="neuropredictor")
+main()

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from neuropredictor.cli.app import err_console
+from neuropredictor.cli.logs import prepare_prefect
 
 
 def progress_bar():
@@ -62,6 +63,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
 
         try:
             if use_prefect:
+                prepare_prefect()
                 from neuropredictor_flows.extract import (
                     PROGRESS,
                     ExtractParameters,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from neuropredictor.cli.app import console
+from neuropredictor.cli.logs import log_file
 
 
 def summarize(manifest: dict, url: str) -> dict:
@@ -47,5 +48,7 @@ def print_summary(summary: dict) -> None:
         console.print(f"  ... and {len(summary['bad_samples']) - 10} more (see manifest.json)")
     for f in summary["failed"]:
         console.print(f"  [red]failed[/] {f['name']}: {f['error']}", highlight=False)
+    if log_file():
+        console.print(f"log: {log_file()}", highlight=False)
     console.print(f"read it: [bold]neuropredictor.open_features({summary['url']!r})[/]  "
                   f"or xarray.open_zarr({summary['url']!r}, group='features')", highlight=False)

@@ -1,0 +1,111 @@
+"""Where log lines go: the terminal shows the progress bar, the summary and our own warnings; everything
+else (Prefect's lines, libraries' warnings, full tracebacks) goes to a log file named in the summary.
+With -v the log lines are shown on the terminal too."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from neuropredictor.cli.app import err_console
+
+LOG_DIR_ENV = "NEUROPREDICTOR_LOG_DIR"
+_KEEP = 20  # log files kept: the newest ones
+
+
+class _State:
+    verbose = False
+    file: Path | None = None
+    handler: logging.Handler | None = None
+    installed: tuple[logging.Handler, ...] = ()  # removed by the next setup (commands run in one process in tests)
+
+
+STATE = _State()
+
+
+def log_dir() -> Path:
+    return Path(os.environ.get(LOG_DIR_ENV) or Path.home() / ".cache" / "neuropredictor" / "logs")
+
+
+def _prune(folder: Path) -> None:
+    old = sorted(folder.glob("neuropredictor-*.log"), key=lambda p: p.stat().st_mtime)[:-_KEEP]
+    for path in old:
+        path.unlink(missing_ok=True)
+
+
+def setup(verbose: bool) -> None:
+    """Route logging for one command: INFO and up to a new log file (created on the first line); on the
+    terminal, our own warnings, or with verbose every INFO line."""
+    root = logging.getLogger()
+    for handler in STATE.installed:
+        root.removeHandler(handler)
+        handler.close()
+    STATE.verbose = verbose
+    folder = log_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _prune(folder)
+        STATE.file = folder / f"neuropredictor-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        STATE.handler = logging.FileHandler(STATE.file, delay=True, encoding="utf-8")
+        STATE.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    except OSError:  # no writable home: log lines stay on the terminal
+        STATE.file, STATE.handler, verbose = None, None, True
+    root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the Prefect API
+    terminal = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    terminal.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        terminal.addFilter(lambda record: record.name.split(".")[0] == "neuropredictor")
+    STATE.installed = (terminal,) + ((STATE.handler,) if STATE.handler else ())
+    for handler in STATE.installed:
+        root.addHandler(handler)
+    logging.captureWarnings(True)  # library warnings become log lines: in the file, not on the terminal
+    if not verbose:
+        # torchvision's own deprecation of its image decoders: nothing a user can act on
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+
+def prepare_prefect() -> None:
+    """Import Prefect for a command-line run: the temporary server we may cause sends no telemetry (offline it
+    logged an error on every run, and on a first run it raced the database migrations), and Prefect's terminal
+    handlers (set up at import) write to the log file instead, unless verbose. Prefect's loggers do not all
+    propagate, so each handler is replaced where it hangs."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import prefect  # noqa: F401  (configures Prefect's logging)
+
+    if STATE.verbose or STATE.handler is None:
+        return
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)]
+    for logger in loggers:
+        if not isinstance(logger, logging.Logger):
+            continue
+        for handler in list(logger.handlers):
+            if type(handler).__module__.startswith("prefect") and getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+                logger.removeHandler(handler)
+                if not logger.propagate and STATE.handler not in logger.handlers:
+                    logger.addHandler(STATE.handler)
+
+
+def log_file() -> Path | None:
+    """The log file of this command, if anything was written to it."""
+    return STATE.file if STATE.file is not None and STATE.file.exists() else None
+
+
+def report_crash(exc: BaseException) -> None:
+    """An error that is not one of ours: one line on the terminal, the traceback in the log file (and on the
+    terminal with -v)."""
+    text = "".join(traceback.format_exception(exc))
+    if STATE.handler is not None:
+        STATE.handler.emit(logging.LogRecord("neuropredictor.cli", logging.ERROR, __file__, 0, text, None, None))
+    if STATE.verbose or STATE.handler is None:
+        err_console.print(escape(text), highlight=False)
+    where = f"the traceback is in {log_file()}" if log_file() else "run with -v for the traceback"
+    err_console.print(f"[bold red]error:[/] {escape(f'{type(exc).__name__}: {exc}')} ({escape(where)})", highlight=False)

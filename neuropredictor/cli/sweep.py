@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from click.core import ParameterSource
 from rich.markup import escape
 from rich.table import Table
 
@@ -123,15 +122,16 @@ def sweep(
     if report["failed"]:
         from neuropredictor.sweep import failure_message
 
-        err_console.print(f"[bold red]error:[/] {escape(failure_message(summary))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(failure_message(summary))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
 def _config(ctx: typer.Context, file: Path | None) -> SweepConfig:
     """The sweep the command line names: the file's fields, with the options given on the command line
     on top (defaults are SweepConfig's, so an option left out never overrides the file)."""
+    # by the source's name: Typer ships its own copy of click, whose ParameterSource is another enum
     given = {name: value for name, value in ctx.params.items()
-             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
     fields: dict[str, Any] = {}
     encode: dict[str, Any] = {}
     for name, value in given.items():
@@ -171,7 +171,8 @@ def _run(config: SweepConfig, use_prefect: bool | None) -> dict:
         state: dict[str, Any] = {"index": 0, "of": len(config.models), "extraction": None, "task": None}
 
         def say(spec: str, what: str) -> None:
-            progress.console.print(f"[{state['index'] + 1}/{state['of']}] {escape(spec)}: {what}", highlight=False)
+            progress.console.print(f"[{state['index'] + 1}/{state['of']}] {escape(spec)}: {what}", highlight=False,
+                                   soft_wrap=True)
 
         def listener(event: str, data: dict) -> None:
             if event == "model":
@@ -241,7 +242,8 @@ def _report(summary: dict) -> dict:
 def _print_report(report: dict) -> None:
     table = Table(title=f"sweep {report['out']}")
     for col in ("model", "status", "layers", "rows", "img/s", "store"):
-        table.add_column(col, justify="right" if col in ("layers", "rows", "img/s") else "left")
+        table.add_column(col, justify="right" if col in ("layers", "rows", "img/s") else "left",
+                         overflow="fold")  # specs and URLs are read in full
     for m in report["models"]:
         status = "[red]failed[/]" if m["status"] == "failed" else "skipped" if m["skipped"] else "done"
         table.add_row(m["model"], status, str(len(m["layers"])), str(m["rows"] or "-"), str(m["images_per_s"] or "-"),
@@ -251,7 +253,8 @@ def _print_report(report: dict) -> None:
         normalized = any(e["median_r_normalized"] is not None for e in entries)
         ranked = Table(title=f"ROI {roi}: models ranked by their best layer's median r")
         for col in ("rank", "model", "best layer", "median r", *(["r / ceiling"] if normalized else []), "chance"):
-            ranked.add_column(col, justify="right" if col in ("rank", "median r", "r / ceiling") else "left")
+            ranked.add_column(col, justify="right" if col in ("rank", "median r", "r / ceiling") else "left",
+                              overflow="fold")
         for e in entries:
             chance = {True: "above", False: "[yellow]not above[/]", None: "not tested"}[e["above_chance"]]
             ranked.add_row(str(e["rank"]), e["model"], e["layer"], _r(e["median_r"]),

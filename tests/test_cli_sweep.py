@@ -122,3 +122,14 @@ def test_missing_options_name_what_to_give(tmp_path):
     assert result.exit_code == 2 and "--corpus" in result.output and "SWEEP.yaml" in result.output
     bad = _invoke(["sweep", str(tmp_path / "missing.yaml"), "--no-prefect"])
     assert bad.exit_code == 2 and "missing.yaml" in bad.output
+
+
+def test_with_prefect_the_sweep_is_the_flow_and_a_failure_still_reports(root, tmp_path, prefect_api):
+    args = ["sweep", "--corpus", str(root / "shards"), "--models", f"torchvision:resnet19,{CUSTOM}", "--out",
+            str(tmp_path / "out"), *RUN[:-1], "--prefect", "--json"]
+    result = _invoke(args)
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["failed"] == ["torchvision:resnet19"] and report["models"][1]["status"] == "done"
+    assert "[2/2]" in result.stderr and "started" in result.stderr  # the flow's events reach the progress
+    assert FeatureStore.open(str(tmp_path / "out" / f"{slug(CUSTOM)}.zarr"), mode="r").manifest["status"] == "complete"

@@ -261,7 +261,7 @@ def _print_report(report: dict) -> None:
                            *([_r(e["median_r_normalized"])] if normalized else []), chance)
         console.print(ranked)
     if report["csv"]:
-        console.print(f"comparison: {report['csv']}   plot: {report['plot']}", highlight=False)
+        console.print(f"comparison: {report['csv']}   plot: {report['plot']}", highlight=False, soft_wrap=True)
 
 
 def _r(value: float | None) -> str:

@@ -115,6 +115,11 @@ def test_a_sweep_file_with_a_per_model_override_and_a_failing_model(root, tmp_pa
     record = json.loads((tmp_path / "out" / "sweep.json").read_text())
     options = record["models"][CUSTOM]["extract"]["options"]
     assert options["batch_size"] == 4 and options["retries"] == 0  # the option given; the file's, not the default
+    # the model's options change: its store was made with others, and the message names the flag that replaces it
+    changed = _invoke(["sweep", str(spec), "--models", CUSTOM, "--reduce", "pool:2", "--no-prefect"])
+    assert changed.exit_code == 1 and "--overwrite" in changed.stderr and "overwrite=True" not in changed.stderr
+    replaced = _invoke(["sweep", str(spec), "--models", CUSTOM, "--reduce", "pool:2", "--overwrite", "--no-prefect"])
+    assert replaced.exit_code == 0, replaced.output
 
 
 def test_missing_options_name_what_to_give(tmp_path):

@@ -42,6 +42,7 @@ from neuropredictor.cli.options import (
     Targets,
     TestFraction,
     UsePrefect,
+    as_flags,
     enc_option,
     fail,
 )
@@ -122,7 +123,8 @@ def sweep(
     if report["failed"]:
         from neuropredictor.sweep import failure_message
 
-        err_console.print(f"[bold red]error:[/] {escape(failure_message(summary))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(as_flags(failure_message(summary)))}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -207,14 +209,14 @@ def _outcome(entry: dict) -> str:
     """One model's line: how its extraction (and, when the sweep has neural data, its scoring) ended."""
     ext = entry["extract"]
     if ext["status"] == "failed":
-        return f"[red]failed[/]: {escape(str(ext.get('error')))}"
+        return f"[red]failed[/]: {escape(as_flags(str(ext.get('error'))))}"
     if ext.get("skipped"):
         line = "skipped: already extracted"
     else:
         line = f"extracted ({ext.get('rows', {}).get('committed', '?')} rows, {ext.get('images_per_s') or '-'} img/s)"
     enc = entry.get("encode")
     if enc and enc["status"] == "failed":
-        line += f"; [red]scoring failed[/]: {escape(str(enc.get('error')))}"
+        line += f"; [red]scoring failed[/]: {escape(as_flags(str(enc.get('error'))))}"
     elif enc:
         line += "; scores already made" if enc.get("skipped") else "; scored"
     return line

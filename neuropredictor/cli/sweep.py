@@ -54,7 +54,6 @@ _LAYERS = ",".join(SWEEP["layers"].default)
 # CLI parameters whose config field has another name; the rest are named as SweepConfig's fields, then
 # as EncodeSettings' (so `--device` is the extraction's, `--encode-device` the encoding's)
 _RENAMED = {"retry_delay": "retry_delay_seconds"}
-_NOT_FIELDS = {"file", "prefect", "as_json", "no_pretrained", "encode_device"}
 
 
 def _option(name: str, *flags: str, help: str | None = None) -> Any:
@@ -138,7 +137,7 @@ def _config(ctx: typer.Context, file: Path | None) -> SweepConfig:
     encode: dict[str, Any] = {}
     for name, value in given.items():
         field = _RENAMED.get(name, name)
-        if field in SWEEP and name not in _NOT_FIELDS:
+        if field in SWEEP:
             fields[field] = value
         elif field in EncodeSettings.model_fields:
             encode[field] = value

@@ -12,6 +12,13 @@ from __future__ import annotations
 import base64
 import time
 
+from neuropredictor_flows.extract import (
+    PROGRESS,
+    ExtractParameters,
+    extract_flow,
+    no_credentials,
+    resolve_credentials,
+)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -25,7 +32,6 @@ from neuropredictor import fs as fsx
 from neuropredictor.store import FeatureStore
 from neuropredictor.sweep import SweepConfig, SweepModel
 from neuropredictor.sweep import run as sweep_run
-from neuropredictor_flows.extract import ExtractParameters, extract_flow, no_credentials, resolve_credentials
 
 _TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -60,20 +66,32 @@ def compare_task(sweep: SweepConfig, models: list[SweepModel]) -> dict:
     return sweep_run.compare_models(sweep, models)
 
 
+def _emit(event: str, data: dict) -> None:
+    sink = PROGRESS.get()
+    if sink is not None:
+        sink(event, data)
+
+
 def _extract_here(sweep: SweepConfig, record: sweep_run.SweepRecord) -> dict[str, dict]:
     results = {}
-    for model in sweep.models:
-        if sweep_run.is_extracted(sweep, model, record):
-            results[model.spec] = sweep_run.skipped(record, model)
-            continue
-        t0 = time.perf_counter()
-        state = extract_flow(ExtractParameters(**sweep.extract_config(model).model_dump()), return_state=True)
-        if state.is_completed():
-            manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
-            results[model.spec] = sweep_run.record_extracted(sweep, model, record, manifest, time.perf_counter() - t0)
-        else:
-            results[model.spec] = sweep_run.record_failed(sweep, model, record, str(state.message))
+    for i, model in enumerate(sweep.models):
+        # the events of the library's run_sweep, to a listener in this process (the CLI's progress)
+        _emit("model", {"index": i, "of": len(sweep.models), "spec": model.spec})
+        results[model.spec] = _extract_one(sweep, model, record)
+        _emit("model-done", {"model": model.spec, "extract": results[model.spec]})
     return results
+
+
+def _extract_one(sweep: SweepConfig, model: SweepModel, record: sweep_run.SweepRecord) -> dict:
+    if sweep_run.is_extracted(sweep, model, record):
+        return sweep_run.skipped(record, model)
+    _emit("extracting", {"spec": model.spec})
+    t0 = time.perf_counter()
+    state = extract_flow(ExtractParameters(**sweep.extract_config(model).model_dump()), return_state=True)
+    if state.is_completed():
+        manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
+        return sweep_run.record_extracted(sweep, model, record, manifest, time.perf_counter() - t0)
+    return sweep_run.record_failed(sweep, model, record, str(state.message))
 
 
 def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep_run.SweepRecord) -> dict[str, dict]:
@@ -132,7 +150,7 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     _artifacts(sweep, summary)
     logger.info("%d models done, %d failed", len(summary["models"]) - len(summary["failed"]), len(summary["failed"]))
     if summary["failed"]:
-        raise RuntimeError(sweep_run.failure_message(summary))
+        raise sweep_run.SweepFailed(summary)
     return summary
 
 

@@ -195,3 +195,17 @@ def test_auto_preset_in_extraction_and_fallback(tmp_path):
     assert preset_layers(plain, describe_layers(plain)) == ["conv", "pool", "fc"]
     with pytest.raises(LayerNotFoundError, match="presets: auto"):
         preset_layers(plain, describe_layers(plain), "deep")
+
+
+def test_cli_layers_preset_lists_what_auto_picks():
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    listed = CliRunner().invoke(app, ["layers", "torchvision:resnet18", "--no-pretrained", "--preset", "auto", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [layer["name"] for layer in json.loads(listed.stdout)["layers"]] == ["layer1", "layer2", "layer3", "layer4"]
+    table = CliRunner().invoke(app, ["layers", "torchvision:resnet18", "--no-pretrained", "--preset", "auto", "layer4"])
+    assert table.exit_code == 0 and "layer4" in table.output and "layer2" not in table.output and "conv1" not in table.output
+    bad = CliRunner().invoke(app, ["layers", "torchvision:resnet18", "--no-pretrained", "--preset", "deep"])
+    assert bad.exit_code == 2 and "presets: auto" in bad.output

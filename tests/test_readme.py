@@ -27,9 +27,15 @@ def readme_commands() -> list[list[str]]:
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
-            if line.startswith("neuropredictor "):
-                commands.append(shlex.split(line, comments=True))
+            if line.startswith("neuropredictor "):  # "[--json]": an optional flag, run with it
+                commands.append([w.strip("[]") if w.startswith("[--") else w for w in shlex.split(line, comments=True)])
     return commands
+
+
+def readme_yaml(name: str) -> str:
+    """The README's YAML block that starts with `# name`."""
+    blocks = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    return next(b for b in blocks if b.startswith(f"# {name}"))
 
 
 def _offline(words: list[str]) -> list[str]:
@@ -44,7 +50,8 @@ def _offline(words: list[str]) -> list[str]:
 
 def test_the_readme_has_an_example_of_every_command():
     used = {words[1] for words in readme_commands()}
-    assert {"models", "layers", "shards", "extract", "inspect", "encode", "bench"} <= used, used
+    assert {"models", "layers", "shards", "extract", "inspect", "encode", "sweep", "bench"} <= used, used
+    assert "models:" in readme_yaml("sweep.yaml")
 
 
 @pytest.mark.slow
@@ -54,6 +61,7 @@ def test_every_readme_command_runs(tmp_path: Path, s3):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "fmri.npz", data=rng.normal(size=(len(keys), 30)), keys=np.array(keys),
              roi=np.array(["V1"] * 15 + ["IT"] * 15))
+    (tmp_path / "sweep.yaml").write_text(readme_yaml("sweep.yaml"))
     env = {**os.environ, "NEUROPREDICTOR_LOG_DIR": str(tmp_path / "logs")}
     env = {k: v for k, v in env.items() if not k.startswith("PREFECT_API")}
     commands = readme_commands()

@@ -10,33 +10,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
-
 from conftest import make_images
-from neuropredictor import ExtractConfig, open_features, run
+from sweep_data import CUSTOM, assert_identical_stores, gratings, planted_neural
+
+from neuropredictor import ExtractConfig, run
 from neuropredictor.corpus import make_shards
 from neuropredictor.sweep import SweepConfig, run_sweep, slug
 
-CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"
 MODELS = ["torchvision:resnet18", "timm:vit_tiny_patch16_224", CUSTOM]
 PLANTED = (CUSTOM, "features.1")  # the model and layer the neural data is made from
-
-
-def _arrays(url: str) -> dict[str, np.ndarray]:
-    g = zarr.open_group(url, mode="r")
-    out = {f"features/{n}": g[f"features/{n}"][:] for n in g["features"].array_keys()}
-    out["keys"] = np.asarray(g["keys"][:].tolist(), dtype=str)
-    out["valid"] = g["valid"][:]
-    return out
-
-
-def _assert_identical(a: str, b: str) -> None:
-    x, y = _arrays(a), _arrays(b)
-    assert sorted(x) == sorted(y)
-    for k in x:
-        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _sweep(corpus: Path, out: Path, models=MODELS, **kw) -> SweepConfig:
@@ -45,43 +28,16 @@ def _sweep(corpus: Path, out: Path, models=MODELS, **kw) -> SweepConfig:
     return SweepConfig(**{**base, **kw})
 
 
-def _gratings(root: Path, n: int, seed: int = 0) -> None:
-    """Sinusoidal gratings of random frequency, orientation and phase per colour channel: stimuli whose
-    layers differ (random-noise images make every layer of a random network look alike)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    yy, xx = np.mgrid[0:64, 0:80]
-    for i in range(n):
-        f, ph = rng.uniform(0.02, 0.5, 3), rng.uniform(0, 6.3, 3)
-        base = np.stack([127 + 120 * np.sin(f[c] * (xx * np.cos(ph[c]) + yy * np.sin(ph[c])) + ph[c])
-                         for c in range(3)], -1)
-        Image.fromarray(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)).save(
-            root / f"s{i:03d}.png")
-
-
-def _planted_neural(store: str, layer: str, path: Path, seed: int = 0) -> None:
-    ds = open_features(store)
-    x = ds[layer].values.reshape(ds.sizes["stimulus"], -1)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    rng = np.random.default_rng(seed)
-    y = x @ rng.normal(size=(x.shape[1], 10)) / np.sqrt(x.shape[1])
-    y += 0.3 * y.std() * rng.normal(size=y.shape)
-    roi = np.array(["V1"] * 10)
-    np.savez(path, data=y, key=np.array(list(ds["key"].values)), roi=roi)
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    _gratings(root / "imgs", 100)
+    gratings(root / "imgs", 100)
     make_shards(root / "imgs", str(root / "shards"), maxcount=50)
     # the neural data comes from the planted model's layer, extracted on its own
     alone = str(root / "alone.zarr")
     run(ExtractConfig(corpus=str(root / "shards"), model=PLANTED[0], layers=["auto"], reduce="avgpool", out=alone,
                       pretrained=False, batch_size=8, num_workers=0))
-    _planted_neural(alone, PLANTED[1], root / "neural.npz")
+    planted_neural(alone, PLANTED[1], root / "neural.npz")
     sweep = _sweep(root / "shards", root / "out", neural=str(root / "neural.npz"),
                    encode={"alphas": "logspace:-2:4:7", "inner_folds": 3, "permutations": 200})
     return root, sweep, run_sweep(sweep)
@@ -96,7 +52,7 @@ def test_each_store_equals_a_single_extraction(swept):
         single = str(root / f"single-{slug(model.spec)}.zarr")
         manifest = run(ExtractConfig(corpus=str(root / "shards"), model=model.spec, layers=["auto"], reduce="avgpool",
                                      out=single, pretrained=False, batch_size=8, num_workers=0))
-        _assert_identical(single, str(store))
+        assert_identical_stores(single, str(store))
         assert json.loads((store / "manifest.json").read_text())["config_hash"] == manifest["config_hash"]
     assert slug("timm:vit_tiny_patch16_224") == "timm_vit_tiny_patch16_224"
 
@@ -152,7 +108,7 @@ def test_a_sweep_killed_in_its_second_model_resumes_to_the_same_stores(tmp_path)
     for spec in models:
         single = str(tmp_path / f"single-{slug(spec)}.zarr")
         run(sweep.extract_config(sweep.models[models.index(spec)]).model_copy(update={"out": single}))
-        _assert_identical(single, str(tmp_path / "out" / f"{slug(spec)}.zarr"))
+        assert_identical_stores(single, str(tmp_path / "out" / f"{slug(spec)}.zarr"))
 
 
 def test_a_failing_model_is_reported_and_the_others_complete(tmp_path):

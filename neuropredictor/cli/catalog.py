@@ -41,17 +41,23 @@ def models(
 def layers(
     spec: Annotated[str, typer.Argument(help="Model spec SOURCE:NAME[@TAG], e.g. torchvision:alexnet.")],
     pattern: Annotated[Optional[str], typer.Argument(help="Glob over layer names ('*' within a segment, '**' across).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Only the layers a preset picks (auto: the "
+                                                  "model's representative depths, as `--layers auto` extracts).")] = None,
     no_pretrained: NoPretrained = False,
     weights: Weights = None,
     as_json: AsJson = False,
 ) -> None:
     """Every layer of a model: name, module type, leaf, output shape for one image, parameters."""
-    from neuropredictor.layers import describe_layers, filter_layers
+    from neuropredictor.layers import describe_layers, filter_layers, preset_layers
     from neuropredictor.models import load_model
 
     try:
         model = load_model(spec, pretrained=not no_pretrained, weights=weights)
-        infos = filter_layers(describe_layers(model), pattern)
+        every = describe_layers(model)
+        infos = filter_layers(every, pattern)
+        if preset:  # picked among all layers (a preset's rule looks at the whole model), in forward order
+            picked = preset_layers(model, every, preset)
+            infos = sorted((i for i in infos if i.name in picked), key=lambda i: picked.index(i.name))
     except NeuroPredictorError as exc:
         fail(exc)
     if as_json:

@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from neuropredictor.cli.app import app, console
 from neuropredictor.cli.options import (
+    RUN_DEFAULTS,
     AsJson,
+    BatchSize,
+    ChannelsLast,
+    Compile,
+    Compression,
+    Decode,
+    Device,
+    DType,
     NoPretrained,
+    NumWorkers,
+    Overwrite,
+    Precision,
+    Retries,
+    RetryDelay,
+    UsePrefect,
     Weights,
-    default,
     fail,
     field_help,
     option,
@@ -30,24 +43,22 @@ def extract(
     model: Annotated[str, option("model")],
     layers: Annotated[str, option("layers", help="Comma-separated. " + field_help("layers"))],
     out: Annotated[str, option("out")],
-    reduce: Annotated[str, option("reduce")] = default("reduce"),
+    reduce: Annotated[str, option("reduce")] = RUN_DEFAULTS.reduce,
     no_pretrained: NoPretrained = False,
     weights: Weights = None,
-    batch_size: Annotated[int, option("batch_size")] = default("batch_size"),
-    precision: Annotated[str, option("precision")] = default("precision"),
-    dtype: Annotated[str, option("dtype")] = default("dtype"),
-    num_workers: Annotated[Optional[int], option("num_workers")] = default("num_workers"),
-    device: Annotated[str, option("device")] = default("device"),
-    channels_last: Annotated[bool, option("channels_last")] = default("channels_last"),
-    decode: Annotated[str, option("decode")] = default("decode"),
-    compile: Annotated[bool, option("compile")] = default("compile"),
-    compression: Annotated[str, option("compression")] = default("compression"),
-    overwrite: Annotated[bool, option("overwrite")] = default("overwrite"),
-    retries: Annotated[int, option("retries")] = default("retries"),
-    retry_delay: Annotated[float, option("retry_delay_seconds", "--retry-delay")] = default("retry_delay_seconds"),
-    prefect: Annotated[Optional[bool], typer.Option(
-        "--prefect/--no-prefect", help="Run as a Prefect flow run (UI, artifacts). Default: when a Prefect server "
-        "is configured (PREFECT_API_URL).")] = None,
+    batch_size: BatchSize = RUN_DEFAULTS.batch_size,
+    precision: Precision = RUN_DEFAULTS.precision,
+    dtype: DType = RUN_DEFAULTS.dtype,
+    num_workers: NumWorkers = RUN_DEFAULTS.num_workers,
+    device: Device = RUN_DEFAULTS.device,
+    channels_last: ChannelsLast = RUN_DEFAULTS.channels_last,
+    decode: Decode = RUN_DEFAULTS.decode,
+    compile: Compile = RUN_DEFAULTS.compile,
+    compression: Compression = RUN_DEFAULTS.compression,
+    overwrite: Overwrite = RUN_DEFAULTS.overwrite,
+    retries: Retries = RUN_DEFAULTS.retries,
+    retry_delay: RetryDelay = RUN_DEFAULTS.retry_delay_seconds,
+    prefect: UsePrefect = None,
     as_json: AsJson = False,
 ) -> None:
     """Extract layer activations of one model over a corpus into a Zarr store. Re-running resumes."""

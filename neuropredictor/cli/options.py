@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
@@ -59,3 +60,37 @@ ENC = EncodeOptions.model_fields  # the CLI's encode options take their defaults
 
 def enc_option(name: str, *flags: str) -> typer.models.OptionInfo:
     return typer.Option(*flags, help=ENC[name].description)
+
+
+# How a run goes, shared by `extract` and `sweep`; their defaults are RUN_DEFAULTS.<field>.
+RUN_DEFAULTS = SimpleNamespace(**{name: f.default for name, f in ExtractConfig.model_fields.items()})
+BatchSize = Annotated[int, option("batch_size")]
+Precision = Annotated[str, option("precision")]
+DType = Annotated[str, option("dtype")]
+NumWorkers = Annotated[int | None, option("num_workers")]
+Device = Annotated[str, option("device")]
+ChannelsLast = Annotated[bool, option("channels_last")]
+Decode = Annotated[str, option("decode")]
+Compile = Annotated[bool, option("compile")]
+Compression = Annotated[str, option("compression")]
+Overwrite = Annotated[bool, option("overwrite")]
+Retries = Annotated[int, option("retries")]
+RetryDelay = Annotated[float, option("retry_delay_seconds", "--retry-delay")]
+UsePrefect = Annotated[bool | None, typer.Option(
+    "--prefect/--no-prefect", help="Run as a Prefect flow run (UI, artifacts). Default: when a Prefect server "
+    "is configured (PREFECT_API_URL).")]
+
+# How the neural data is read and the layers scored, shared by `encode` and `sweep` (defaults: ENC[name].default).
+KeysFile = Annotated[str | None, enc_option("keys_file", "--keys")]
+KeyColumn = Annotated[str, enc_option("key_column", "--key-column")]
+Split = Annotated[str | None, enc_option("split", "--split")]
+Folds = Annotated[int | None, enc_option("folds", "--folds")]
+Alphas = Annotated[str | None, enc_option("alphas", "--alphas")]
+TestFraction = Annotated[float, enc_option("test_fraction", "--test-fraction")]
+InnerFolds = Annotated[int, enc_option("inner_folds", "--inner-folds")]
+Seed = Annotated[int, enc_option("seed", "--seed")]
+Permutations = Annotated[int, enc_option("permutations", "--permutations")]
+Targets = Annotated[str | None, enc_option("targets", "--targets")]
+Roi = Annotated[str | None, enc_option("roi", "--roi")]
+Ceiling = Annotated[str | None, enc_option("ceiling", "--ceiling")]
+Array = Annotated[str | None, enc_option("array", "--array")]

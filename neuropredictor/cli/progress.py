@@ -4,6 +4,8 @@ between the library's loop and the Prefect flow."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from neuropredictor.cli.app import err_console
@@ -35,7 +37,6 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     run in this process and reported to that server (UI, artifacts). Otherwise the library runs the same
     shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start."""
     import threading
-    import time
 
     from neuropredictor.store import FeatureStore
 
@@ -44,22 +45,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     if use_prefect:
         threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
     with progress_bar() as progress:
-        task = progress.add_task("extract", total=None, rate="-", shards="-")
-        state = {"t0": None, "seen": 0, "shards": 0, "of": 0}
-
-        def listener(event: str, data: dict) -> None:
-            if event == "planned":
-                state.update(shards=data["committed_shards"], of=data["shards"])
-                progress.update(task, total=data["rows"], completed=data["committed_rows"],
-                                shards=f"{state['shards']}/{state['of']}")
-            elif event == "batch":
-                state["t0"] = state["t0"] or time.perf_counter()
-                state["seen"] += data["images"]
-                rate = state["seen"] / max(time.perf_counter() - state["t0"], 1e-9)
-                progress.update(task, advance=data["images"], rate=f"{rate:,.0f}")
-            elif event == "shard":
-                state["shards"] += 1
-                progress.update(task, shards=f"{state['shards']}/{state['of']}")
+        listener = extraction_listener(progress, progress.add_task("extract", total=None, rate="-", shards="-"))
 
         try:
             if use_prefect:
@@ -82,6 +68,28 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
         finally:
             progress.refresh()
     return FeatureStore.open(config.out, config.storage_options, mode="r").manifest
+
+
+def extraction_listener(progress, task) -> Callable[[str, dict], None]:
+    """The listener of one extraction's events ("planned", "batch", "shard") that moves `task` of `progress`
+    (a `progress_bar()`)."""
+    state = {"t0": None, "seen": 0, "shards": 0, "of": 0}
+
+    def listener(event: str, data: dict) -> None:
+        if event == "planned":
+            state.update(shards=data["committed_shards"], of=data["shards"])
+            progress.update(task, total=data["rows"], completed=data["committed_rows"],
+                            shards=f"{state['shards']}/{state['of']}")
+        elif event == "batch":
+            state["t0"] = state["t0"] or time.perf_counter()
+            state["seen"] += data["images"]
+            rate = state["seen"] / max(time.perf_counter() - state["t0"], 1e-9)
+            progress.update(task, advance=data["images"], rate=f"{rate:,.0f}")
+        elif event == "shard":
+            state["shards"] += 1
+            progress.update(task, shards=f"{state['shards']}/{state['of']}")
+
+    return listener
 
 
 def run_flow(config) -> dict:

@@ -6,6 +6,6 @@
 """
 
 from neuropredictor.sweep.config import SweepConfig, SweepModel, slug
-from neuropredictor.sweep.run import failure_message, run_sweep
+from neuropredictor.sweep.run import SweepFailed, failure_message, run_sweep
 
-__all__ = ["SweepConfig", "SweepModel", "failure_message", "run_sweep", "slug"]
+__all__ = ["SweepConfig", "SweepFailed", "SweepModel", "failure_message", "run_sweep", "slug"]

@@ -88,11 +88,22 @@ class SweepConfig(_SweepFields):
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> SweepConfig:
-        """A sweep from a YAML (or JSON) file with these fields; overrides on top."""
+        """A sweep from a YAML (or JSON) file with these fields; overrides on top (`encode` merged key by key)."""
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+        from neuropredictor.errors import NeuroPredictorError
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise NeuroPredictorError(f"cannot read the sweep file {str(path)!r}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise NeuroPredictorError(f"the sweep file {str(path)!r} must be a mapping of fields (corpus, models, "
+                                      f"out, ...), not a {type(data).__name__}")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(data.get("encode"), dict) and isinstance(overrides.get("encode"), dict):
+            overrides["encode"] = {**data["encode"], **overrides["encode"]}
+        return cls(**{**data, **overrides})
 
     def store_url(self, model: SweepModel) -> str:
         return f"{self.out.rstrip('/')}/{slug(model.spec)}.zarr"

@@ -22,7 +22,18 @@ from neuropredictor.sweep.config import SweepConfig, SweepModel, slug
 log = logging.getLogger(__name__)
 
 RECORD = "sweep.json"
+# on_event(event, data): "model" {index, of, spec} before each model, "extracting" {spec} when its extraction
+# runs (not when it is skipped), the extraction's own events ("planned", "batch", "shard"), then "model-done"
+# with the model's entry of the summary.
 ProgressFn = Callable[[str, dict], None]
+
+
+class SweepFailed(NeuroPredictorError):
+    """Some models of a sweep failed (the others completed); `summary` is the whole sweep's summary."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__(failure_message(summary))
+        self.summary = summary
 
 
 class SweepRecord:
@@ -99,6 +110,8 @@ def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
 
     if is_extracted(sweep, model, record):
         return skipped(record, model)
+    if on_event:
+        on_event("extracting", {"spec": model.spec})
     t0 = time.perf_counter()
     try:
         manifest = run(sweep.extract_config(model), on_event=on_event)

@@ -4,6 +4,9 @@ between the library's loop and the Prefect flow."""
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from neuropredictor.cli.app import err_console
@@ -27,6 +30,38 @@ def progress_bar():
     )
 
 
+class ProgressListener:
+    """The run's events (`neuropredictor.schedule.ProgressFn`) as updates of one task of a rich Progress.
+
+    The rate is images per second of wall time over about the last `window_s` seconds, measured from the
+    "planned" event on: the first batch's images count with the time they took, not over an instant."""
+
+    def __init__(self, progress, task, clock: Callable[[], float] = time.perf_counter, window_s: float = 30.0) -> None:
+        self.progress, self.task, self.clock, self.window_s = progress, task, clock, window_s
+        self.seen = self.shards = self.of = 0
+        self.samples: deque[tuple[float, int]] = deque([(clock(), 0)])  # (time, images seen by then)
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event == "planned":
+            self.shards, self.of = data["committed_shards"], data["shards"]
+            self.samples = deque([(self.clock(), self.seen)])
+            # reset, not update: rows committed by earlier runs are not progress made now (ETA)
+            self.progress.reset(self.task, total=data["rows"], completed=data["committed_rows"],
+                                shards=f"{self.shards}/{self.of}", rate="-")
+        elif event == "batch":
+            now = self.clock()
+            self.seen += data["images"]
+            self.samples.append((now, self.seen))
+            while len(self.samples) > 2 and self.samples[1][0] <= now - self.window_s:
+                self.samples.popleft()  # keep one sample at or before the window's start
+            t0, seen0 = self.samples[0]
+            rate = (self.seen - seen0) / (now - t0) if now > t0 else None
+            self.progress.update(self.task, advance=data["images"], rate="-" if rate is None else f"{rate:,.0f}")
+        elif event == "shard":
+            self.shards += 1
+            self.progress.update(self.task, shards=f"{self.shards}/{self.of}")
+
+
 def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     """Run an extraction with a rich progress bar; returns the store's manifest.
 
@@ -34,7 +69,6 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     run in this process and reported to that server (UI, artifacts). Otherwise the library runs the same
     shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start."""
     import threading
-    import time
 
     from neuropredictor.store import FeatureStore
 
@@ -44,22 +78,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
         threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
     with progress_bar() as progress:
         task = progress.add_task("extract", total=None, rate="-", shards="-")
-        state = {"t0": None, "seen": 0, "shards": 0, "of": 0}
-
-        def listener(event: str, data: dict) -> None:
-            if event == "planned":
-                state.update(shards=data["committed_shards"], of=data["shards"])
-                progress.update(task, total=data["rows"], completed=data["committed_rows"],
-                                shards=f"{state['shards']}/{state['of']}")
-            elif event == "batch":
-                state["t0"] = state["t0"] or time.perf_counter()
-                state["seen"] += data["images"]
-                rate = state["seen"] / max(time.perf_counter() - state["t0"], 1e-9)
-                progress.update(task, advance=data["images"], rate=f"{rate:,.0f}")
-            elif event == "shard":
-                state["shards"] += 1
-                progress.update(task, shards=f"{state['shards']}/{state['of']}")
-
+        listener = ProgressListener(progress, task)
         try:
             if use_prefect:
                 from neuropredictor_flows.extract import (

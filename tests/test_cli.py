@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from rich.progress import Progress
+import json
+import threading
+from pathlib import Path
 
+import pytest
+from click.testing import Result
+from rich.progress import Progress
+from typer.testing import CliRunner
+
+from conftest import make_images
+from neuropredictor import ExtractConfig, run
+from neuropredictor.cli import app
 from neuropredictor.cli.progress import ProgressListener
+from neuropredictor.corpus import make_shards
+from neuropredictor.errors import Interrupted
+
+CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"  # small and fast, random weights
 
 
 class FakeClock:
@@ -37,3 +51,55 @@ def test_progress_rate_is_images_over_wall_time_from_the_plan_on():
         listen("shard", {"name": "s", "record": {}})
         assert progress.tasks[0].fields["shards"] == "3/10"
         assert progress.tasks[0].completed == 200 + 65 * 20
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries: `extract` and `inspect`
+
+
+def _config(corpus: Path, out: Path, **kw) -> ExtractConfig:
+    base = dict(corpus=str(corpus), model=CUSTOM, layers=["features.5"], out=str(out), batch_size=2,
+                num_workers=0, retries=0, retry_delay_seconds=0)
+    return ExtractConfig(**(base | kw))
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    make_images(root / "imgs", 16, nested=False)
+    make_shards(root / "imgs", str(root / "shards"), maxcount=4)  # 4 shards of 4
+    return root / "shards"
+
+
+def test_status_words_survive_rich_markup(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    result = _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--layers", "features.5", "--out", str(out),
+                  "--batch-size", "2", "--num-workers", "0", "--no-prefect")
+    assert result.exit_code == 0, result.output
+    assert "[complete]" in result.output
+    inspected = _cli("inspect", str(out))
+    assert inspected.exit_code == 0 and "[complete]" in inspected.output, inspected.output
+
+
+def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    stop, shards = threading.Event(), []
+
+    def stop_after_two(event: str, data: dict) -> None:
+        if event == "shard":
+            shards.append(data["name"])
+            if len(shards) == 2:
+                stop.set()
+
+    with pytest.raises(Interrupted):
+        run(_config(corpus, out), on_event=stop_after_two, stop=stop)
+    assert not (out / "manifest.json").exists() or json.loads((out / "manifest.json").read_text())["status"] == "planned"
+    summary = json.loads(_cli("inspect", str(out), "--json").output)
+    assert summary["rows"]["committed"] == 8 and summary["rows"]["total"] == 16
+    assert summary["shards"] == {"total": 4, "committed": 2, "pending": 2}
+    text = _cli("inspect", str(out)).output
+    assert "rows: 8/16 written" in text and "[planned]" in text and "resumes it" in text

@@ -103,3 +103,20 @@ def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_p
     assert summary["shards"] == {"total": 4, "committed": 2, "pending": 2}
     text = _cli("inspect", str(out)).output
     assert "rows: 8/16 written" in text and "[planned]" in text and "resumes it" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# models and layers
+
+
+def test_layers_with_a_checkpoint_that_does_not_fit_prints_one_error_line(tmp_path):
+    import open_clip
+    import torch
+
+    path = tmp_path / "small-clip.pth"
+    torch.save(open_clip.create_model("ViT-S-32", pretrained=None).state_dict(), path)  # a full CLIP of another size
+    result = _cli("layers", "openclip:ViT-B-32", "--weights", str(path))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and result.output.count("error:") == 1
+    assert "Traceback" not in result.output and len(result.output) < 1000, result.output
+    assert "full CLIP checkpoint" in result.output and "keys with other shapes" in result.output

@@ -120,3 +120,28 @@ def test_layers_with_a_checkpoint_that_does_not_fit_prints_one_error_line(tmp_pa
     assert result.output.startswith("error:") and result.output.count("error:") == 1
     assert "Traceback" not in result.output and len(result.output) < 1000, result.output
     assert "full CLIP checkpoint" in result.output and "keys with other shapes" in result.output
+
+
+def test_a_layers_pattern_matching_nothing_names_the_closest_layers():
+    result = _cli("layers", "torchvision:alexnet", "--no-pretrained", "clasifier.*")
+    assert result.exit_code == 2 and result.output.startswith("error:"), result.output
+    assert "classifier.1" in result.output and "┏" not in result.output  # a hint, not an empty table
+
+
+@pytest.mark.parametrize("source,pattern,expected,unexpected", [
+    # a wildcard pattern covers the whole name; a bare word is a substring; case is ignored
+    ("timm", "resnet18", ["resnet18", "resnet18d", "seresnet18"], []),
+    ("torchvision", "resnet1*", ["resnet18", "resnet101@IMAGENET1K_V2"], ["wide_resnet101_2"]),
+    ("timm", "resnet1*", ["resnet18", "resnet101"], ["seresnet18", "wide_resnet101_2"]),
+    ("openclip", "vit-b-32@laion2b*", ["ViT-B-32@laion2b_s34b_b79k"], ["ViT-B-32-quickgelu@metaclip_400m"]),
+    ("torchvision", "ALEXNET", ["alexnet", "alexnet@IMAGENET1K_V1"], []),
+])
+def test_models_patterns_follow_one_rule_for_every_source(source, pattern, expected, unexpected):
+    from neuropredictor.globs import match_model_names
+    from neuropredictor.models import list_models
+
+    found = [s.split(":", 1)[1] for s in list_models(source, pattern)]
+    assert set(expected) <= set(found) and not set(unexpected) & set(found), found
+    everything = [s.split(":", 1)[1] for s in list_models(source)]
+    if source != "timm":  # timm lists tagged names only for patterns with a dot
+        assert found == match_model_names(pattern, everything)

@@ -63,7 +63,8 @@ class RetryPolicy:
                     raise
             pause = delays[attempt - 1] * (1 + self.jitter * random.random())
             if stop is not None:
-                stop.wait(pause)
+                if stop.wait(pause):
+                    raise Interrupted("stopped while waiting to retry")
             else:
                 time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover

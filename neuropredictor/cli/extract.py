@@ -18,10 +18,11 @@ from neuropredictor.cli.options import (
     field_help,
     option,
 )
+from neuropredictor.cli.interrupt import interrupted
 from neuropredictor.cli.progress import run_with_progress
 from neuropredictor.cli.summary import print_summary, summarize
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.errors import Interrupted, NeuroPredictorError
 
 
 @app.command()
@@ -65,6 +66,8 @@ def extract(
             overwrite=overwrite, retries=retries, retry_delay_seconds=retry_delay,
         )
         manifest = run_with_progress(config, prefect)
+    except Interrupted:
+        interrupted()
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     if as_json:
@@ -123,6 +126,8 @@ def demo(
                   " as a Prefect flow run (a temporary server unless PREFECT_API_URL names one)")
     try:
         manifest = run_with_progress(config, use_prefect=True)
+    except Interrupted:
+        interrupted()
     except NeuroPredictorError as exc:
         fail(exc)
     print_summary(summarize(manifest, store))

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neuropredictor.cli.app import err_console
+from neuropredictor.cli.interrupt import interruptible, resume_message, start_detached_prefect_server
+from neuropredictor.errors import Interrupted
 
 
 def progress_bar():
@@ -67,7 +69,9 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
 
     With a Prefect server configured (PREFECT_API_URL) or use_prefect=True, the run is the `extract` flow,
     run in this process and reported to that server (UI, artifacts). Otherwise the library runs the same
-    shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start."""
+    shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start.
+
+    Ctrl-C raises Interrupted once the run has stopped (see `neuropredictor.cli.interrupt`)."""
     import threading
 
     from neuropredictor.store import FeatureStore
@@ -76,26 +80,39 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache.
     if use_prefect:
         threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
-    with progress_bar() as progress:
+    with interruptible() as interruption, progress_bar() as progress:
         task = progress.add_task("extract", total=None, rate="-", shards="-")
         listener = ProgressListener(progress, task)
+
+        def on_event(event: str, data: dict) -> None:
+            if event == "planned":
+                interruption.extracting = True  # from now on, Ctrl-C lets the current batches finish
+            listener(event, data)
+
         try:
             if use_prefect:
                 from neuropredictor_flows.extract import (
                     PROGRESS,
+                    STOP,
                     ExtractParameters,
                     extract_flow,
                 )
 
-                token = PROGRESS.set(listener)
+                start_detached_prefect_server()
+                tokens = PROGRESS.set(on_event), STOP.set(interruption.stop)
                 try:
                     extract_flow(ExtractParameters(**config.model_dump()))
                 finally:
-                    PROGRESS.reset(token)
+                    PROGRESS.reset(tokens[0])
+                    STOP.reset(tokens[1])
             else:
                 from neuropredictor.schedule import run
 
-                run(config, on_event=listener)
+                run(config, on_event=on_event, stop=interruption.stop)
+        except BaseException as exc:
+            if interruption.stop.is_set():  # whatever the run ended with (Interrupted, Prefect's CancelledRun)
+                raise Interrupted(resume_message()) from exc
+            raise
         finally:
             progress.refresh()
     return FeatureStore.open(config.out, config.storage_options, mode="r").manifest

@@ -103,7 +103,7 @@ def validate_task(config: ExtractConfig) -> list[Shard]:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
     store = pipeline.plan(config, shards)
-    return {"shards": len(store.shards), "rows": store.rows}
+    return {"shards": len(store.shards), "rows": store.rows, "replaced": store.replaced, "withdrawn": store.withdrawn}
 
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
@@ -143,7 +143,10 @@ def extract_flow(params: ExtractParameters) -> dict:
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    _emit("planned", schedule.planned_event(store))
+    if planned["replaced"]:
+        logger.info("overwrite: replaced the store made with another configuration; deleted %s",
+                    ", ".join(planned["replaced"]["deleted"]))
+    _emit("planned", schedule.planned_event(store, planned))
     groups = schedule.pending_groups(store, params.shards, params.shards_per_task)
     todo_rows = sum(s.count for g in groups for s in g)
     logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],

@@ -145,3 +145,44 @@ def test_models_patterns_follow_one_rule_for_every_source(source, pattern, expec
     everything = [s.split(":", 1)[1] for s in list_models(source)]
     if source != "timm":  # timm lists tagged names only for patterns with a dot
         assert found == match_model_names(pattern, everything)
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify, --overwrite
+
+
+def _extract(corpus: Path, out: Path, *extra: str) -> Result:
+    return _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--layers", "features.5", "--out", str(out),
+                "--batch-size", "2", "--num-workers", "0", "--no-prefect", *extra)
+
+
+def test_inspect_verify_names_damaged_shards_and_extract_verify_repairs_them(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _extract(corpus, out).exit_code == 0
+    clean = _cli("inspect", str(out), "--verify")
+    assert clean.exit_code == 0 and "every committed shard reads back as written" in clean.output, clean.output
+    chunks = sorted(p for p in (out / "features" / "features.5" / "c").rglob("*") if p.is_file())
+    data = bytearray(chunks[2].read_bytes())  # chunk size = shard size: chunk 2 holds shard 2's rows
+    data[len(data) // 2] ^= 0xFF
+    chunks[2].write_bytes(bytes(data))
+    found = _cli("inspect", str(out), "--verify")
+    assert found.exit_code == 1 and "1 damaged shard(s)" in found.output and "shard-000002" in found.output
+    as_json = _cli("inspect", str(out), "--verify", "--json")
+    assert as_json.exit_code == 1 and list(json.loads(as_json.output)["damaged"]) == ["shard-000002"]
+    repaired = _extract(corpus, out, "--verify")
+    assert repaired.exit_code == 0 and "damaged" in repaired.output, repaired.output
+    assert _cli("inspect", str(out), "--verify").exit_code == 0
+
+
+def test_overwrite_says_what_it_deleted(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _extract(corpus, out).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    again = _extract(corpus, out, "--overwrite")  # the same configuration: resumed, nothing deleted
+    assert again.exit_code == 0 and "replaced" not in again.output
+    other = _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--layers", "features.2", "--out", str(out),
+                 "--batch-size", "2", "--num-workers", "0", "--no-prefect", "--overwrite")
+    assert other.exit_code == 0, other.output
+    text = " ".join(other.output.split())
+    assert "--overwrite replaced a store made with another configuration (4 of 4 shards committed)" in text, text
+    assert "deleted" in text and "_status" in text and "left alone: notes.txt" in text

@@ -20,7 +20,7 @@ from neuropredictor.cli.options import (
 )
 from neuropredictor.cli.interrupt import interrupted
 from neuropredictor.cli.progress import run_with_progress
-from neuropredictor.cli.summary import print_summary, summarize
+from neuropredictor.cli.summary import print_damaged, print_summary, summarize
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
 
@@ -44,6 +44,7 @@ def extract(
     compile: Annotated[bool, option("compile")] = default("compile"),
     compression: Annotated[str, option("compression")] = default("compression"),
     overwrite: Annotated[bool, option("overwrite")] = default("overwrite"),
+    verify: Annotated[bool, option("verify")] = default("verify"),
     retries: Annotated[int, option("retries")] = default("retries"),
     retry_delay: Annotated[float, option("retry_delay_seconds", "--retry-delay")] = default("retry_delay_seconds"),
     prefect: Annotated[Optional[bool], typer.Option(
@@ -63,7 +64,7 @@ def extract(
             pretrained=not no_pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
             precision=precision, dtype=dtype, num_workers=num_workers, device=device,
             channels_last=channels_last, decode=decode, compile=compile, compression=compression,
-            overwrite=overwrite, retries=retries, retry_delay_seconds=retry_delay,
+            overwrite=overwrite, verify=verify, retries=retries, retry_delay_seconds=retry_delay,
         )
         manifest = run_with_progress(config, prefect)
     except Interrupted:
@@ -79,21 +80,29 @@ def extract(
 @app.command()
 def inspect(
     out: Annotated[str, typer.Argument(help="A store written by `neuropredictor extract`.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also read every committed shard back and compare it "
+                                         "with the checksums written with it; exit code 1 if any is damaged.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Summarise a store: layers, shapes, shards done/failed/pending, bad samples, throughput."""
     from neuropredictor.store import FeatureStore
 
     try:
+        store = FeatureStore.open(out, mode="r")
         # not finalized yet (running, or interrupted): statuses come from the commit records
-        manifest = FeatureStore.open(out, mode="r").status_manifest()
+        manifest = store.status_manifest()
+        damaged = store.verify() if verify else None
     except NeuroPredictorError as exc:
         fail(exc)
     summary = summarize(manifest, out)
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(summary if damaged is None else summary | {"damaged": damaged}))
     else:
         print_summary(summary)
+        if damaged is not None:
+            print_damaged(damaged)
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -11,8 +11,8 @@ wildcard matches names containing it (`resnet` lists every resnet).
 
 from __future__ import annotations
 
-import re
 import fnmatch
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 

@@ -34,7 +34,10 @@ def test_progress_rate_is_images_over_wall_time_from_the_plan_on():
     with Progress(disable=True) as progress:
         task = progress.add_task("extract", total=None, rate="-", shards="-")
         listen = ProgressListener(progress, task, clock=clock, window_s=30.0)
-        rate = lambda: progress.tasks[0].fields["rate"]  # noqa: E731
+
+        def rate() -> str:
+            return progress.tasks[0].fields["rate"]
+
         listen("planned", {"rows": 1000, "committed_rows": 200, "shards": 10, "committed_shards": 2})
         assert progress.tasks[0].completed == 200 and progress.tasks[0].total == 1000
         clock.now += 2.0  # the first batch took 2 s (model warm-up, first decode): 10 img/s, not millions
@@ -58,8 +61,8 @@ def test_progress_rate_is_images_over_wall_time_from_the_plan_on():
 
 
 def _config(corpus: Path, out: Path, **kw) -> ExtractConfig:
-    base = dict(corpus=str(corpus), model=CUSTOM, layers=["features.5"], out=str(out), batch_size=2,
-                num_workers=0, retries=0, retry_delay_seconds=0)
+    base = {"corpus": str(corpus), "model": CUSTOM, "layers": ["features.5"], "out": str(out), "batch_size": 2,
+            "num_workers": 0, "retries": 0, "retry_delay_seconds": 0}
     return ExtractConfig(**(base | kw))
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from neuropredictor.cli.app import app, console
+from neuropredictor.cli.interrupt import interrupted
 from neuropredictor.cli.options import (
     AsJson,
     NoPretrained,
@@ -18,7 +19,6 @@ from neuropredictor.cli.options import (
     field_help,
     option,
 )
-from neuropredictor.cli.interrupt import interrupted
 from neuropredictor.cli.progress import run_with_progress
 from neuropredictor.cli.summary import print_damaged, print_summary, summarize
 from neuropredictor.config import ExtractConfig
@@ -67,8 +67,8 @@ def extract(
             overwrite=overwrite, verify=verify, retries=retries, retry_delay_seconds=retry_delay,
         )
         manifest = run_with_progress(config, prefect)
-    except Interrupted:
-        interrupted()
+    except Interrupted as exc:
+        interrupted(exc)
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     if as_json:
@@ -135,8 +135,8 @@ def demo(
                   " as a Prefect flow run (a temporary server unless PREFECT_API_URL names one)")
     try:
         manifest = run_with_progress(config, use_prefect=True)
-    except Interrupted:
-        interrupted()
+    except Interrupted as exc:
+        interrupted(exc)
     except NeuroPredictorError as exc:
         fail(exc)
     print_summary(summarize(manifest, store))

@@ -19,8 +19,15 @@ import typer
 from rich.markup import escape
 
 from neuropredictor.cli.app import err_console
+from neuropredictor.errors import Interrupted
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+class Stopped(Interrupted):
+    """The run stopped on a signal; exit_code is what shells report for it (128 + the signal: 130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 class Interruption:
@@ -31,29 +38,38 @@ class Interruption:
         self.stop = threading.Event()
         self.extracting = False
         self.pid = os.getpid()
+        self.signum = int(signal.SIGINT)  # the last signal received
 
     def handle(self, signum: int, frame: object) -> None:
         if os.getpid() != self.pid:
             return  # a forked decode worker (it inherits the handler): this process stops it
-        if self.stop.is_set() or not self.extracting:
+        self.signum = signum
+        if signum != signal.SIGINT or self.stop.is_set() or not self.extracting:
             self.stop.set()
             raise KeyboardInterrupt
         self.stop.set()
         err_console.print("stopping after the current batch (Ctrl-C again to stop at once) ...", highlight=False)
 
 
+# SIGTERM (kill) and SIGHUP (the terminal closed) stop at once, but as an exception, not by dying: the
+# temporary server, which is outside the terminal's process group, is stopped at exit too.
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[Interruption]:
-    """SIGINT handled by an `Interruption` while the block runs (in the main thread; elsewhere as usual)."""
+    """Ctrl-C (and SIGTERM, SIGHUP) handled by an `Interruption` while the block runs (in the main thread;
+    elsewhere signals are left as they are)."""
     interruption = Interruption()
     if threading.current_thread() is not threading.main_thread():
         yield interruption
         return
-    previous = signal.signal(signal.SIGINT, interruption.handle)
+    previous = {sig: signal.signal(sig, interruption.handle) for sig in _SIGNALS}
     try:
         yield interruption
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def resume_message(command: str = "extract") -> str:
@@ -61,10 +77,11 @@ def resume_message(command: str = "extract") -> str:
             f"`neuropredictor {command}` command again to resume.")
 
 
-def interrupted() -> NoReturn:
-    """What the command does once the run stopped: one line saying so and how to resume, exit code 130."""
+def interrupted(exc: Interrupted) -> NoReturn:
+    """What the command does once the run stopped: one line saying so and how to resume, and the exit code
+    of the signal (130 for Ctrl-C)."""
     err_console.print(f"[bold yellow]{escape(resume_message())}[/]", highlight=False)
-    raise typer.Exit(EXIT_INTERRUPTED)
+    raise typer.Exit(getattr(exc, "exit_code", 128 + signal.SIGINT))
 
 
 def start_detached_prefect_server() -> None:

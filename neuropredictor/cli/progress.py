@@ -12,9 +12,8 @@ from pathlib import Path
 from rich.markup import escape
 
 from neuropredictor.cli.app import err_console
-from neuropredictor.cli.interrupt import interruptible, resume_message, start_detached_prefect_server
+from neuropredictor.cli.interrupt import Stopped, interruptible, resume_message, start_detached_prefect_server
 from neuropredictor.cli.summary import plan_messages
-from neuropredictor.errors import Interrupted
 
 
 def progress_bar():
@@ -76,7 +75,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     run in this process and reported to that server (UI, artifacts). Otherwise the library runs the same
     shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start.
 
-    Ctrl-C raises Interrupted once the run has stopped (see `neuropredictor.cli.interrupt`)."""
+    Ctrl-C raises Stopped (an Interrupted) once the run has stopped (see `neuropredictor.cli.interrupt`)."""
     import threading
 
     from neuropredictor.store import FeatureStore
@@ -116,7 +115,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
                 run(config, on_event=on_event, stop=interruption.stop)
         except BaseException as exc:
             if interruption.stop.is_set():  # whatever the run ended with (Interrupted, Prefect's CancelledRun)
-                raise Interrupted(resume_message()) from exc
+                raise Stopped(resume_message(), interruption.signum) from exc
             raise
         finally:
             progress.refresh()

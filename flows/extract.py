@@ -24,7 +24,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, field_validator
 
@@ -132,10 +132,11 @@ def finalize_task(config: ExtractConfig) -> dict:
 
 
 @flow(name="extract", task_runner=ThreadPoolTaskRunner(max_workers=64), validate_parameters=True)
-def extract_flow(params: ExtractParameters) -> dict:
+def extract_flow(params: ExtractParameters) -> dict | State:
     """Extract layer activations of one model over a WebDataset corpus into a Zarr store.
 
-    Re-running with the same parameters resumes: committed shards are skipped.
+    Re-running with the same parameters resumes: committed shards are skipped. Stopped through `STOP`
+    (the command line's Ctrl-C), the run ends Cancelled, unfinalized.
     """
     logger = get_run_logger()
     config = params.library_config()

@@ -4,6 +4,7 @@ between the library's loop and the Prefect flow."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,8 +45,13 @@ class ProgressListener:
         self.progress, self.task, self.clock, self.window_s = progress, task, clock, window_s
         self.seen = self.shards = self.of = 0
         self.samples: deque[tuple[float, int]] = deque([(clock(), 0)])  # (time, images seen by then)
+        self._lock = threading.Lock()  # events come from one thread per device
 
     def __call__(self, event: str, data: dict) -> None:
+        with self._lock:
+            self._update(event, data)
+
+    def _update(self, event: str, data: dict) -> None:
         if event == "planned":
             self.shards, self.of = data["committed_shards"], data["shards"]
             self.samples = deque([(self.clock(), self.seen)])
@@ -76,8 +82,6 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start.
 
     Ctrl-C raises Stopped (an Interrupted) once the run has stopped (see `neuropredictor.cli.interrupt`)."""
-    import threading
-
     from neuropredictor.store import FeatureStore
 
     use_prefect = prefect_configured() if use_prefect is None else use_prefect

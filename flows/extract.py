@@ -9,6 +9,7 @@ re-running the same parameters runs only missing shards.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -23,12 +24,13 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import task_run
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, field_validator
 
 from neuropredictor import pipeline, schedule
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.errors import Interrupted, NeuroPredictorError
 from neuropredictor.manifest import canonical
 from neuropredictor.redact import redact
 from neuropredictor.shard import Shard
@@ -37,6 +39,11 @@ from neuropredictor.store import FeatureStore
 # The terminal's progress bar, when the command line runs this flow in its own process; deployments run
 # without one. A context variable, so that it reaches the task threads (Prefect copies the context).
 PROGRESS: ContextVar[Callable[[str, dict], None] | None] = ContextVar("neuropredictor_progress", default=None)
+# Set by the command line's Ctrl-C: the shard tasks end after their current batch (uncommitted shards run
+# again next time), no new ones start, and the flow run ends Cancelled without finalizing.
+STOP: ContextVar[threading.Event | None] = ContextVar("neuropredictor_stop", default=None)
+
+INTERRUPTED = "interrupted: committed shards are kept; run the same command again to resume"
 
 
 def no_credentials(cls: type, value: dict | None) -> dict | None:
@@ -96,7 +103,7 @@ def validate_task(config: ExtractConfig) -> list[Shard]:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
     store = pipeline.plan(config, shards)
-    return {"shards": len(store.shards), "rows": store.rows}
+    return {"shards": len(store.shards), "rows": store.rows, "replaced": store.replaced, "withdrawn": store.withdrawn}
 
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
@@ -105,8 +112,12 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
     number) and the task fails, so Prefect retries it; committed shards are skipped on retry."""
     logger = get_run_logger()
     store = FeatureStore.open(config.out, config.storage_options)
-    records = schedule.extract_group(config, shards, store, device, attempt=task_run.run_count or 1,
-                                     on_batch=lambda n: _emit("batch", {"images": n}))
+    try:
+        records = schedule.extract_group(config, shards, store, device, attempt=task_run.run_count or 1,
+                                         on_batch=lambda n: _emit("batch", {"images": n}), stop=STOP.get())
+    except Interrupted:  # not a failure: nothing to retry, the flow ends Cancelled
+        logger.info("%s: interrupted; its uncommitted shards run again next time", label)
+        return []
     for record in records:
         if not record.get("skipped"):
             logger.info("%s: %d images in %.1f s (%.1f img/s) on %s", record["shard"], record["rows"],
@@ -121,10 +132,11 @@ def finalize_task(config: ExtractConfig) -> dict:
 
 
 @flow(name="extract", task_runner=ThreadPoolTaskRunner(max_workers=64), validate_parameters=True)
-def extract_flow(params: ExtractParameters) -> dict:
+def extract_flow(params: ExtractParameters) -> dict | State:
     """Extract layer activations of one model over a WebDataset corpus into a Zarr store.
 
-    Re-running with the same parameters resumes: committed shards are skipped.
+    Re-running with the same parameters resumes: committed shards are skipped. Stopped through `STOP`
+    (the command line's Ctrl-C), the run ends Cancelled, unfinalized.
     """
     logger = get_run_logger()
     config = params.library_config()
@@ -132,7 +144,10 @@ def extract_flow(params: ExtractParameters) -> dict:
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    _emit("planned", schedule.planned_event(store))
+    if planned["replaced"]:
+        logger.info("overwrite: replaced the store made with another configuration; deleted %s",
+                    ", ".join(planned["replaced"]["deleted"]))
+    _emit("planned", schedule.planned_event(store, planned))
     groups = schedule.pending_groups(store, params.shards, params.shards_per_task)
     todo_rows = sum(s.count for g in groups for s in g)
     logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],
@@ -146,17 +161,23 @@ def extract_flow(params: ExtractParameters) -> dict:
                                                   retry_jitter_factor=policy.jitter)
     window = schedule.DeviceWindow(groups, devices)
     running: dict[Any, tuple[list[Shard], str]] = {}
+    stop = STOP.get() or threading.Event()
     with store.session():  # replacing the store is refused while this run extracts into it
         while True:
-            for group, device in window.start():
+            for group, device in ([] if stop.is_set() else window.start()):
                 running[shard_task.submit(config, group, device, schedule.group_label(group))] = (group, device)
             if not running:
                 break
             future = next(as_completed(list(running)))
             group, device = running.pop(future)
             error = None if future.state.is_completed() else _state_error(future)
+            if stop.is_set():
+                error = error or "interrupted"  # only its uncommitted shards count as not done
             window.finish(group, device, error, store.is_committed)
             update_progress_artifact(progress_id, progress=100.0 * (done_before + window.rows_done) / total_rows)
+    if stop.is_set():
+        logger.info(INTERRUPTED)
+        return Cancelled(message=INTERRUPTED)
     if not params.finalize:
         if window.failed:
             raise NeuroPredictorError(schedule.failure_message(window.failed))

@@ -203,8 +203,12 @@ def _unknown_message(pattern: str, names: Sequence[str]) -> str:
 
 
 def filter_layers(infos: Sequence[LayerInfo], pattern: str | None) -> list[LayerInfo]:
-    """For `neuropredictor layers SPEC PATTERN`: the layers a glob matches (same rules as selection)."""
+    """For `neuropredictor layers SPEC PATTERN`: the layers a glob matches (same rules as selection).
+    A pattern that matches nothing raises LayerNotFoundError naming the closest layers."""
     if not pattern:
         return list(infos)
     regex = glob_regex(pattern)
-    return [i for i in infos if regex.match(i.name)]
+    found = [i for i in infos if regex.match(i.name)]
+    if not found:
+        raise LayerNotFoundError(_unknown_message(pattern, [i.name for i in infos]))
+    return found

@@ -31,8 +31,8 @@ from neuropredictor.status import ShardStatus
 from neuropredictor.store import FeatureStore
 
 ProgressFn = Callable[[str, dict], None]
-"""on_event(event, data): "planned" {rows, committed_rows, shards, committed_shards}, "batch" {images},
-"shard" {name, record}."""
+"""on_event(event, data): "planned" {rows, committed_rows, shards, committed_shards, replaced, withdrawn},
+"batch" {images}, "shard" {name, record}."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class RetryPolicy:
                     raise
             pause = delays[attempt - 1] * (1 + self.jitter * random.random())
             if stop is not None:
-                stop.wait(pause)
+                if stop.wait(pause):
+                    raise Interrupted("stopped while waiting to retry")
             else:
                 time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -144,12 +145,16 @@ def unfinished(manifest: dict) -> dict[str, str]:
             if s["status"] != ShardStatus.COMMITTED}
 
 
-def planned_event(store: FeatureStore) -> dict:
-    """The "planned" progress event's data: rows and shards in total and already committed."""
+def planned_event(store: FeatureStore, planned: dict | None = None) -> dict:
+    """The "planned" progress event's data: rows and shards in total and already committed; what
+    `overwrite=True` deleted (`FeatureStore.replaced`) and the damaged shards `verify=True` took back
+    (`FeatureStore.withdrawn`), from `store` or, when the plan ran elsewhere, from its `planned` dict."""
     done = store.committed()
     committed = [s for s in store.shards if s.name in done]
+    planned = planned or {}
     return {"rows": store.rows, "committed_rows": sum(s.count for s in committed), "shards": len(store.shards),
-            "committed_shards": len(committed)}
+            "committed_shards": len(committed), "replaced": planned.get("replaced") or store.replaced,
+            "withdrawn": planned.get("withdrawn") or store.withdrawn}
 
 
 def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threading.Event | None = None) -> dict:

@@ -212,6 +212,38 @@ def test_clip_weights_from_a_full_clip_checkpoint(tmp_path):
     assert torch.equal(model.module.conv1.weight, full.visual.conv1.weight)
 
 
+def test_full_openclip_vit_checkpoint_loads_into_the_image_tower(tmp_path):
+    """The text tower of a ViT CLIP has the image tower's key names (transformer.resblocks.*) with other
+    shapes: the `visual.` sub-dict is the one that fits."""
+    import open_clip
+
+    torch.manual_seed(11)
+    full = open_clip.create_model("ViT-B-32", pretrained=None)
+    path = tmp_path / "oc.pth"
+    torch.save(full.state_dict(), path)
+    model = load_model("openclip:ViT-B-32", weights=path)
+    assert model.weights.startswith("sha256:")
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, full.visual.state_dict()[k]), k
+
+
+def test_a_checkpoint_that_does_not_fit_gives_one_short_message(tmp_path):
+    wrong = tmp_path / "resnet.pth"
+    torch.save(load_model("torchvision:resnet18", pretrained=False).module.state_dict(), wrong)
+    with pytest.raises(WeightsUnavailableError) as info:  # was torch's size-mismatch listing
+        load_model("torchvision:alexnet", weights=wrong)
+    message = str(info.value)
+    assert len(message) < 800 and "keys missing" in message and "unexpected keys" in message
+    assert "Likely cause: a checkpoint of a different architecture" in message
+    # the same names with other shapes: another variant (alexnet with 10 classes)
+    import torchvision
+
+    torch.save(torchvision.models.alexnet(num_classes=10).state_dict(), other := tmp_path / "alexnet10.pth")
+    with pytest.raises(WeightsUnavailableError, match="2 keys with other shapes.*classifier.6.weight.*another size") as info:
+        load_model("torchvision:alexnet", weights=other)
+    assert len(str(info.value)) < 800
+
+
 def test_offline_download_failure_says_what_to_do(monkeypatch, tmp_path):
     import huggingface_hub.constants
 

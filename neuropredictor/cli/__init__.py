@@ -1,9 +1,9 @@
 """The `neuropredictor` command line. Heavy imports (torch, models) happen inside commands, so
 `--help` and start-up stay fast. One module per group of commands; importing them registers them on `app`."""
 
-from neuropredictor.cli import catalog, extract, encode, sweep, bench, main  # noqa: F401, I001  (registers the commands, in help order)
+from neuropredictor.cli import catalog, extract, encode, sweep, bench, entry  # noqa: F401, I001  (registers the commands, in help order)
 from neuropredictor.cli.app import app
-from neuropredictor.cli.main import main
+from neuropredictor.cli.entry import main
 from neuropredictor.cli.options import as_flags
 from neuropredictor.cli.progress import prefect_configured, run_with_progress
 

@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from neuropredictor.cli.app import app, console
@@ -44,8 +45,8 @@ def bench(
     if as_json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{model} {','.join(result['layers'])} ({reduce})  batch {batch_size}  {precision}  "
-                        f"decode {decode}{'  compiled' if compile else ''}  {result['device']}")
+    table = Table(title=escape(f"{model} {','.join(result['layers'])} ({reduce})  batch {batch_size}  {precision}  "
+                        f"decode {decode}{'  compiled' if compile else ''}  {result['device']}"))
     for col in ("stage", "images/s", "notes"):
         table.add_column(col)
     c = result["ceiling"]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from neuropredictor.cli.app import app, console, err_console, shards_app
@@ -64,12 +65,12 @@ def layers(
         print(json.dumps({"spec": str(model.spec), "input_size": list(model.input_size),
                           "layers": [i.as_dict() for i in infos]}))
         return
-    table = Table(title=f"{model.spec}  input {tuple(model.input_size)}  weights {model.weights}")
+    table = Table(title=escape(f"{model.spec}  input {tuple(model.input_size)}  weights {model.weights}"))
     for col in ("name", "type", "leaf", "output shape", "params"):
         table.add_column(col, justify="right" if col == "params" else "left")
     for i in infos:
         shape = "x".join(map(str, i.shape)) if i.shape else ("not run" if i.calls == 0 else "?")
-        table.add_row(i.name, i.type, "yes" if i.leaf else "", shape, f"{i.params:,}")
+        table.add_row(escape(i.name), escape(i.type), "yes" if i.leaf else "", shape, f"{i.params:,}")
     Console(width=max(console.width, 110)).print(table)
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from neuropredictor.cli.app import app, console
+from neuropredictor.cli.interrupt import interrupted
 from neuropredictor.cli.options import (
     RUN_DEFAULTS,
     AsJson,
@@ -32,9 +33,9 @@ from neuropredictor.cli.options import (
     option,
 )
 from neuropredictor.cli.progress import run_with_progress
-from neuropredictor.cli.summary import print_summary, summarize
+from neuropredictor.cli.summary import print_damaged, print_summary, summarize
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.errors import Interrupted, NeuroPredictorError
 
 
 @app.command()
@@ -56,6 +57,7 @@ def extract(
     compile: Compile = RUN_DEFAULTS.compile,
     compression: Compression = RUN_DEFAULTS.compression,
     overwrite: Overwrite = RUN_DEFAULTS.overwrite,
+    verify: Annotated[bool, option("verify")] = RUN_DEFAULTS.verify,
     retries: Retries = RUN_DEFAULTS.retries,
     retry_delay: RetryDelay = RUN_DEFAULTS.retry_delay_seconds,
     prefect: UsePrefect = None,
@@ -73,9 +75,11 @@ def extract(
             pretrained=not no_pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
             precision=precision, dtype=dtype, num_workers=num_workers, device=device,
             channels_last=channels_last, decode=decode, compile=compile, compression=compression,
-            overwrite=overwrite, retries=retries, retry_delay_seconds=retry_delay,
+            overwrite=overwrite, verify=verify, retries=retries, retry_delay_seconds=retry_delay,
         )
         manifest = run_with_progress(config, prefect)
+    except Interrupted as exc:
+        interrupted(exc)
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     if as_json:
@@ -87,21 +91,29 @@ def extract(
 @app.command()
 def inspect(
     out: Annotated[str, typer.Argument(help="A store written by `neuropredictor extract`.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also read every committed shard back and compare it "
+                                         "with the checksums written with it; exit code 1 if any is damaged.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Summarise a store: layers, shapes, shards done/failed/pending, bad samples, throughput."""
     from neuropredictor.store import FeatureStore
 
     try:
+        store = FeatureStore.open(out, mode="r")
         # not finalized yet (running, or interrupted): statuses come from the commit records
-        manifest = FeatureStore.open(out, mode="r").status_manifest()
+        manifest = store.status_manifest()
+        damaged = store.verify() if verify else None
     except NeuroPredictorError as exc:
         fail(exc)
     summary = summarize(manifest, out)
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(summary if damaged is None else summary | {"damaged": damaged}))
     else:
         print_summary(summary)
+        if damaged is not None:
+            print_damaged(damaged)
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -134,6 +146,8 @@ def demo(
                   " as a Prefect flow run (a temporary server unless PREFECT_API_URL names one)")
     try:
         manifest = run_with_progress(config, use_prefect=True)
+    except Interrupted as exc:
+        interrupted(exc)
     except NeuroPredictorError as exc:
         fail(exc)
     print_summary(summarize(manifest, store))

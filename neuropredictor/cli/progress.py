@@ -4,12 +4,23 @@ between the library's loop and the Prefect flow."""
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.markup import escape
+
 from neuropredictor.cli.app import err_console
+from neuropredictor.cli.interrupt import (
+    Stopped,
+    interruptible,
+    resume_message,
+    start_detached_prefect_server,
+)
 from neuropredictor.cli.logs import prepare_prefect
+from neuropredictor.cli.summary import plan_messages
 
 
 def progress_bar():
@@ -30,66 +41,96 @@ def progress_bar():
     )
 
 
+class ProgressListener:
+    """The run's events (`neuropredictor.schedule.ProgressFn`) as updates of one task of a rich Progress.
+
+    The rate is images per second of wall time over about the last `window_s` seconds, measured from the
+    "planned" event on: the first batch's images count with the time they took, not over an instant."""
+
+    def __init__(self, progress, task, clock: Callable[[], float] = time.perf_counter, window_s: float = 30.0) -> None:
+        self.progress, self.task, self.clock, self.window_s = progress, task, clock, window_s
+        self.seen = self.shards = self.of = 0
+        self.samples: deque[tuple[float, int]] = deque([(clock(), 0)])  # (time, images seen by then)
+        self._lock = threading.Lock()  # events come from one thread per device
+
+    def __call__(self, event: str, data: dict) -> None:
+        with self._lock:
+            self._update(event, data)
+
+    def _update(self, event: str, data: dict) -> None:
+        if event == "planned":
+            self.shards, self.of = data["committed_shards"], data["shards"]
+            self.samples = deque([(self.clock(), self.seen)])
+            # reset, not update: rows committed by earlier runs are not progress made now (ETA)
+            self.progress.reset(self.task, total=data["rows"], completed=data["committed_rows"],
+                                shards=f"{self.shards}/{self.of}", rate="-")
+            for line in plan_messages(data):
+                self.progress.console.print(escape(line), highlight=False)
+        elif event == "batch":
+            now = self.clock()
+            self.seen += data["images"]
+            self.samples.append((now, self.seen))
+            while len(self.samples) > 2 and self.samples[1][0] <= now - self.window_s:
+                self.samples.popleft()  # keep one sample at or before the window's start
+            t0, seen0 = self.samples[0]
+            rate = (self.seen - seen0) / (now - t0) if now > t0 else None
+            self.progress.update(self.task, advance=data["images"], rate="-" if rate is None else f"{rate:,.0f}")
+        elif event == "shard":
+            self.shards += 1
+            self.progress.update(self.task, shards=f"{self.shards}/{self.of}")
+
+
 def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     """Run an extraction with a rich progress bar; returns the store's manifest.
 
     With a Prefect server configured (PREFECT_API_URL) or use_prefect=True, the run is the `extract` flow,
     run in this process and reported to that server (UI, artifacts). Otherwise the library runs the same
-    shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start."""
-    import threading
+    shard loop directly (`neuropredictor.run`): same retries, same resume, no server to start.
 
+    Ctrl-C raises Stopped (an Interrupted) once the run has stopped (see `neuropredictor.cli.interrupt`)."""
     from neuropredictor.store import FeatureStore
 
     use_prefect = prefect_configured() if use_prefect is None else use_prefect
     # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache.
     if use_prefect:
         threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
-    with progress_bar() as progress:
-        listener = extraction_listener(progress, progress.add_task("extract", total=None, rate="-", shards="-"))
+    with interruptible() as interruption, progress_bar() as progress:
+        task = progress.add_task("extract", total=None, rate="-", shards="-")
+        listener = ProgressListener(progress, task)
+
+        def on_event(event: str, data: dict) -> None:
+            if event == "planned":
+                interruption.extracting = True  # from now on, Ctrl-C lets the current batches finish
+            listener(event, data)
 
         try:
             if use_prefect:
                 prepare_prefect()
                 from neuropredictor_flows.extract import (
                     PROGRESS,
+                    STOP,
                     ExtractParameters,
                     extract_flow,
                 )
 
-                token = PROGRESS.set(listener)
+                start_detached_prefect_server()
+                tokens = PROGRESS.set(on_event), STOP.set(interruption.stop)
                 try:
                     extract_flow(ExtractParameters(**config.model_dump()))
                 finally:
-                    PROGRESS.reset(token)
+                    PROGRESS.reset(tokens[0])
+                    STOP.reset(tokens[1])
             else:
                 from neuropredictor.schedule import run
 
-                run(config, on_event=listener)
+                run(config, on_event=on_event, stop=interruption.stop)
+        except BaseException as exc:
+            if interruption.stop.is_set():  # whatever the run ended with (Interrupted, Prefect's CancelledRun)
+                raise Stopped(resume_message(), interruption.signum) from exc
+            raise
         finally:
             progress.refresh()
     return FeatureStore.open(config.out, config.storage_options, mode="r").manifest
-
-
-def extraction_listener(progress, task) -> Callable[[str, dict], None]:
-    """The listener of one extraction's events ("planned", "batch", "shard") that moves `task` of `progress`
-    (a `progress_bar()`)."""
-    state = {"t0": None, "seen": 0, "shards": 0, "of": 0}
-
-    def listener(event: str, data: dict) -> None:
-        if event == "planned":
-            state.update(shards=data["committed_shards"], of=data["shards"])
-            progress.update(task, total=data["rows"], completed=data["committed_rows"],
-                            shards=f"{state['shards']}/{state['of']}")
-        elif event == "batch":
-            state["t0"] = state["t0"] or time.perf_counter()
-            state["seen"] += data["images"]
-            rate = state["seen"] / max(time.perf_counter() - state["t0"], 1e-9)
-            progress.update(task, advance=data["images"], rate=f"{rate:,.0f}")
-        elif event == "shard":
-            state["shards"] += 1
-            progress.update(task, shards=f"{state['shards']}/{state['of']}")
-
-    return listener
 
 
 def run_flow(config) -> dict:

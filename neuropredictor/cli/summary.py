@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from neuropredictor.cli.app import console
 from neuropredictor.cli.logs import log_file
+from neuropredictor.status import StoreStatus
 
 
 def summarize(manifest: dict, url: str) -> dict:
@@ -30,11 +32,13 @@ def summarize(manifest: dict, url: str) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    table = Table(title=f"{summary['url']}  [{summary['status']}]  {summary['model']}")
+    # dynamic text is escaped: rich would take "[complete]" (or a bracket in a path or an error) for markup
+    table = Table(title=escape(f"{summary['url']}  [{summary['status']}]  {summary['model']}"))
     for col in ("layer", "shape", "dtype", "reduction"):
         table.add_column(col)
     for layer in summary["layers"]:
-        table.add_row(layer["name"], "(N, " + ", ".join(map(str, layer["shape"])) + ")", layer["dtype"], layer["reduction"])
+        table.add_row(escape(layer["name"]), "(N, " + ", ".join(map(str, layer["shape"])) + ")", layer["dtype"],
+                      escape(layer["reduction"]))
     console.print(table)
     sh, rows = summary["shards"], summary["rows"]
     console.print(
@@ -42,13 +46,44 @@ def print_summary(summary: dict) -> None:
         f"of {sh['total']};  rows: {rows.get('committed', 0)}/{rows.get('total', 0)} written, "
         f"{rows.get('invalid', 0)} invalid;  throughput: {summary['images_per_s'] or '-'} img/s"
     )
+    if summary["status"] == StoreStatus.PLANNED:
+        console.print("not finalized: a run is extracting into it, or was interrupted (the same extract command "
+                      "resumes it)", highlight=False)
     for bad in summary["bad_samples"][:10]:
-        console.print(f"  bad sample {bad['key']} ({bad['shard']}): {bad['reason']}", highlight=False)
+        console.print(escape(f"  bad sample {bad['key']} ({bad['shard']}): {bad['reason']}"), highlight=False)
     if len(summary["bad_samples"]) > 10:
         console.print(f"  ... and {len(summary['bad_samples']) - 10} more (see manifest.json)")
     for f in summary["failed"]:
-        console.print(f"  [red]failed[/] {f['name']}: {f['error']}", highlight=False)
+        console.print(f"  [red]failed[/] {escape(f['name'])}: {escape(str(f['error']))}", highlight=False)
     if log_file():
-        console.print(f"log: {log_file()}", highlight=False)
-    console.print(f"read it: [bold]neuropredictor.open_features({summary['url']!r})[/]  "
-                  f"or xarray.open_zarr({summary['url']!r}, group='features')", highlight=False)
+        console.print(f"log: {escape(str(log_file()))}", highlight=False)
+    url = escape(repr(summary["url"]))
+    console.print(f"read it: [bold]neuropredictor.open_features({url})[/]  "
+                  f"or xarray.open_zarr({url}, group='features')", highlight=False)
+
+
+def plan_messages(planned: dict) -> list[str]:
+    """What the plan changed in the store, from the "planned" event: what `--overwrite` deleted, and the
+    damaged shards `--verify` found (they are extracted again)."""
+    out = []
+    if replaced := planned.get("replaced"):
+        kept = replaced.get("kept") or []
+        out.append(f"--overwrite replaced a store made with another configuration "
+                   f"({replaced.get('committed_shards', 0)} of {replaced.get('shards', '?')} shards committed): "
+                   f"deleted {', '.join(replaced.get('deleted', [])) or 'nothing'}"
+                   + (f"; left alone: {', '.join(kept)}" if kept else ""))
+    if withdrawn := planned.get("withdrawn"):
+        out.append(f"--verify: {len(withdrawn)} damaged shard(s) are extracted again: "
+                   + "; ".join(f"{name} ({why})" for name, why in sorted(withdrawn.items())))
+    return out
+
+
+def print_damaged(damaged: dict[str, str]) -> None:
+    """What `inspect --verify` found: nothing, or each damaged shard and what is wrong with it."""
+    if not damaged:
+        console.print("verify: every committed shard reads back as written", highlight=False)
+        return
+    console.print(f"[bold red]verify: {len(damaged)} damaged shard(s)[/] (run the same extract command with "
+                  "--verify to extract exactly them again)", highlight=False)
+    for name, why in sorted(damaged.items()):
+        console.print(escape(f"  {name}: {why}"), highlight=False)

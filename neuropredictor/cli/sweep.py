@@ -160,8 +160,9 @@ def _run(config: SweepConfig, use_prefect: bool | None) -> dict:
     """Run the sweep with a line per model and a progress bar for the running extraction. With a Prefect
     server configured (PREFECT_API_URL) or --prefect, it is the `extract-sweep` flow, run in this process;
     otherwise the library's loop (`run_sweep`): the same stores, record and comparison."""
+    from neuropredictor.cli.logs import prepare_prefect
     from neuropredictor.cli.progress import (
-        extraction_listener,
+        ProgressListener,
         prefect_configured,
         progress_bar,
     )
@@ -181,7 +182,7 @@ def _run(config: SweepConfig, use_prefect: bool | None) -> dict:
             elif event == "extracting":
                 say(data["spec"], "started")
                 state["task"] = progress.add_task(data["spec"], total=None, rate="-", shards="-")
-                state["extraction"] = extraction_listener(progress, state["task"])
+                state["extraction"] = ProgressListener(progress, state["task"])
             elif event == "model-done":
                 if state["task"] is not None:
                     progress.remove_task(state["task"])
@@ -192,6 +193,7 @@ def _run(config: SweepConfig, use_prefect: bool | None) -> dict:
 
         if not use_prefect:
             return run_sweep(config, on_event=listener)
+        prepare_prefect()
         from neuropredictor_flows.extract import PROGRESS
         from neuropredictor_flows.sweep import SweepParameters, extract_sweep_flow
 

@@ -125,7 +125,8 @@ def load_weights_file(module: nn.Module, path: str | Path) -> str:
 
     safetensors files load as they are; anything else goes through torch.load(weights_only=True), so a
     checkpoint can never run code. Common wrappers ({"state_dict": ...}) and prefixes ("module.",
-    "visual." of a full CLIP checkpoint, ...) are undone.
+    "visual." of a full CLIP checkpoint, ...) are undone: of the checkpoint and its prefixed sub-dicts, the
+    one that fits the model best is loaded. A checkpoint that does not fit raises one short message.
     """
     path = Path(path)
     if not path.is_file():
@@ -139,31 +140,72 @@ def load_weights_file(module: nn.Module, path: str | Path) -> str:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise WeightsUnavailableError(
-                f"cannot load {path} with torch.load(weights_only=True): {exc}\n"
+                f"cannot load {path} with torch.load(weights_only=True): {_first_line(exc)}\n"
                 "Save a plain state dict (torch.save(model.state_dict(), path)) or a .safetensors file."
             ) from exc
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsUnavailableError(f"{path} does not hold a state dict of tensors")
-    state = _strip_prefix(state, set(module.state_dict()))
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsUnavailableError(
-            f"{path} does not fit the model: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected keys "
-            f"(e.g. {result.unexpected_keys[:3]})"
-        )
+    wanted = module.state_dict()
+    chosen = _best_fit(state, wanted)
+    problem = _misfit(state, chosen, wanted)
+    if problem:
+        raise WeightsUnavailableError(f"{path} does not fit the model: {problem}")
+    try:
+        module.load_state_dict(chosen, strict=True)
+    except RuntimeError as exc:  # torch's message lists every key: keep its first line
+        raise WeightsUnavailableError(f"{path} does not fit the model: {_first_line(exc)}") from exc
     return file_checksum(path)
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
-    if set(state) & wanted:
-        return state
-    for prefix in _PREFIXES:
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if stripped and set(stripped) & wanted:
-            return stripped
-    return state
+def _first_line(exc: BaseException) -> str:
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= 300 else line[:300] + " ..."
+
+
+def _sub_dicts(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The checkpoint and every sub-dict under the known prefixes, nested two deep ("module.visual.")."""
+    out, frontier = [state], [state]
+    for _ in range(2):
+        frontier = [{k[len(p):]: v for k, v in d.items() if k.startswith(p)} for d in frontier for p in _PREFIXES]
+        frontier = [d for d in frontier if d]
+        out += frontier
+    return out
+
+
+def _fitting(candidate: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> int:
+    return sum(1 for k, v in candidate.items() if k in wanted and tuple(v.shape) == tuple(wanted[k].shape))
+
+
+def _best_fit(state: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sub-dict with the most keys that fit (name and shape), then the fewest left over. By fit, not by
+    names alone: a full CLIP checkpoint's text tower has the image tower's names (transformer.resblocks.*)
+    with other shapes, so only its `visual.` sub-dict fits."""
+    return max(_sub_dicts(state), key=lambda d: (_fitting(d, wanted), -len(d)))
+
+
+def _misfit(state: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> str:
+    """What keeps `chosen` from loading into a model with `wanted`'s keys, in a few lines ("" if it fits)."""
+    missing = [k for k in wanted if k not in chosen]
+    unexpected = [k for k in chosen if k not in wanted]
+    shapes = [k for k in chosen if k in wanted and tuple(chosen[k].shape) != tuple(wanted[k].shape)]
+    if not (missing or unexpected or shapes):
+        return ""
+    parts = [f"{len(missing)} of the model's {len(wanted)} keys missing (e.g. {', '.join(missing[:3])})" if missing else "",
+             f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+             f"{len(shapes)} keys with other shapes (e.g. " + ", ".join(
+                 f"{k}: {tuple(chosen[k].shape)} in the file, {tuple(wanted[k].shape)} in the model" for k in shapes[:2])
+             + ")" if shapes else ""]
+    if any(k.startswith("visual.") for k in state):
+        cause = ("a full CLIP checkpoint whose image tower (its visual.* keys) is another architecture than the "
+                 "spec's: check ARCH in openclip:ARCH")
+    elif not _fitting(chosen, wanted):
+        cause = "a checkpoint of a different architecture or library (no key fits by name and shape)"
+    elif shapes and not (missing or unexpected):
+        cause = "another size or variant of this architecture (same layer names, other shapes)"
+    else:
+        cause = "a checkpoint of a different architecture or variant, or only part of a model"
+    return "; ".join(p for p in parts if p) + f". Likely cause: {cause}."

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
+from neuropredictor.globs import match_model_names
 from neuropredictor.models.base import Transform, pretrained_download
 from neuropredictor.models.spec import ModelSpec
 
@@ -94,12 +95,10 @@ class _Rescale:
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Models already in the local Hugging Face cache (the hub itself is not searched)."""
-    import fnmatch
-
     try:
         from huggingface_hub import scan_cache_dir
 
         repos = [r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model"]
     except Exception:
         return []
-    return sorted(r for r in repos if pattern is None or fnmatch.fnmatch(r, pattern) or fnmatch.fnmatch(r, f"*{pattern}*"))
+    return match_model_names(pattern, sorted(repos))

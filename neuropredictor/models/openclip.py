@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
+from neuropredictor.globs import match_model_names
 from neuropredictor.models.base import Transform, pretrained_download
 from neuropredictor.models.spec import ModelSpec
 
@@ -46,12 +47,10 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
 
 
 def list_models(pattern: str | None = None, source: str = "openclip") -> list[str]:
-    import fnmatch
-
     import open_clip
 
     if source == "clip":
         entries = [f"{a}" for a, t in open_clip.list_pretrained() if t == "openai" and "quickgelu" not in a]
     else:
         entries = [f"{a}@{t}" for a, t in open_clip.list_pretrained()]
-    return [e for e in entries if pattern is None or fnmatch.fnmatch(e, pattern) or fnmatch.fnmatch(e, f"*{pattern}*")]
+    return match_model_names(pattern, entries)

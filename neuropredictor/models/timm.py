@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
+from neuropredictor.globs import match_model_names
 from neuropredictor.models.base import Transform, pretrained_download
 from neuropredictor.models.spec import ModelSpec
 
@@ -38,4 +39,5 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
 def list_models(pattern: str | None = None) -> list[str]:
     import timm
 
-    return sorted(timm.list_models(pattern or "*", pretrained=bool(pattern and "." in pattern)))
+    # names with a pretrained tag (resnet50.a1_in1k) when the pattern names one
+    return match_model_names(pattern, sorted(timm.list_models(pretrained=bool(pattern and "." in pattern))))

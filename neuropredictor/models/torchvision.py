@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
+from neuropredictor.globs import match_model_names
 from neuropredictor.models.base import Transform, imagenet_transform, pretrained_download
 from neuropredictor.models.spec import ModelSpec
 
@@ -48,8 +49,6 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    import fnmatch
-
     import torchvision.models as tvm
 
     out = []
@@ -58,7 +57,5 @@ def list_models(pattern: str | None = None) -> list[str]:
             tags = [m.name for m in tvm.get_model_weights(name)]
         except ValueError:
             tags = []
-        for entry in [name] + [f"{name}@{t}" for t in tags]:
-            if pattern is None or fnmatch.fnmatch(entry, pattern) or fnmatch.fnmatch(entry, f"*{pattern}*"):
-                out.append(entry)
-    return out
+        out += [name] + [f"{name}@{t}" for t in tags]
+    return match_model_names(pattern, out)

@@ -76,6 +76,7 @@ class FeatureStore:
         self.records = Records(fs, root, generation, plan.get("config_hash"))
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (in memory)
         self.replaced: dict | None = None  # what `create(overwrite=True)` deleted, if it replaced a store
+        self.withdrawn: dict[str, str] = {}  # damaged shards `withdraw` took back: name -> what was wrong
         if manifest is None:
             self.repairs.append(f"{MANIFEST} was missing or damaged: rebuilt from {PLAN} and the commit records")
             manifest = self._build_manifest(self._fresh_status())
@@ -392,6 +393,7 @@ class FeatureStore:
         """Take back the commits of damaged shards (name -> why), so that the next run extracts them again;
         the reason is kept as their failure record."""
         self._require_writable()
+        self.withdrawn.update(damaged)
         for shard in self.shards:
             if shard.name in damaged:
                 self.records.withdraw(shard.name)

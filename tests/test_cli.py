@@ -1,0 +1,191 @@
+"""The command line as a user sees it: the progress bar's numbers, summaries and `inspect`, messages."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from rich.progress import Progress
+from typer.testing import CliRunner
+
+from conftest import make_images
+from neuropredictor import ExtractConfig, run
+from neuropredictor.cli import app
+from neuropredictor.cli.progress import ProgressListener
+from neuropredictor.corpus import make_shards
+from neuropredictor.errors import Interrupted
+
+CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"  # small and fast, random weights
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_rate_is_images_over_wall_time_from_the_plan_on():
+    clock = FakeClock()
+    with Progress(disable=True) as progress:
+        task = progress.add_task("extract", total=None, rate="-", shards="-")
+        listen = ProgressListener(progress, task, clock=clock, window_s=30.0)
+
+        def rate() -> str:
+            return progress.tasks[0].fields["rate"]
+
+        listen("planned", {"rows": 1000, "committed_rows": 200, "shards": 10, "committed_shards": 2})
+        assert progress.tasks[0].completed == 200 and progress.tasks[0].total == 1000
+        clock.now += 2.0  # the first batch took 2 s (model warm-up, first decode): 10 img/s, not millions
+        listen("batch", {"images": 20})
+        assert rate() == "10"
+        for _ in range(4):  # then 20 images a second: the average since the plan, never twice too high
+            clock.now += 1.0
+            listen("batch", {"images": 20})
+        assert rate() == f"{100 / 6:,.0f}"
+        for _ in range(60):  # a sliding window: after a while, the recent rate
+            clock.now += 1.0
+            listen("batch", {"images": 20})
+        assert rate() == "20"
+        listen("shard", {"name": "s", "record": {}})
+        assert progress.tasks[0].fields["shards"] == "3/10"
+        assert progress.tasks[0].completed == 200 + 65 * 20
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries: `extract` and `inspect`
+
+
+def _config(corpus: Path, out: Path, **kw) -> ExtractConfig:
+    base = {"corpus": str(corpus), "model": CUSTOM, "layers": ["features.5"], "out": str(out), "batch_size": 2,
+            "num_workers": 0, "retries": 0, "retry_delay_seconds": 0}
+    return ExtractConfig(**(base | kw))
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    make_images(root / "imgs", 16, nested=False)
+    make_shards(root / "imgs", str(root / "shards"), maxcount=4)  # 4 shards of 4
+    return root / "shards"
+
+
+def test_status_words_survive_rich_markup(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    result = _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--layers", "features.5", "--out", str(out),
+                  "--batch-size", "2", "--num-workers", "0", "--no-prefect")
+    assert result.exit_code == 0, result.output
+    assert "[complete]" in result.output
+    inspected = _cli("inspect", str(out))
+    assert inspected.exit_code == 0 and "[complete]" in inspected.output, inspected.output
+
+
+def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    stop, shards = threading.Event(), []
+
+    def stop_after_two(event: str, data: dict) -> None:
+        if event == "shard":
+            shards.append(data["name"])
+            if len(shards) == 2:
+                stop.set()
+
+    with pytest.raises(Interrupted):
+        run(_config(corpus, out), on_event=stop_after_two, stop=stop)
+    assert not (out / "manifest.json").exists() or json.loads((out / "manifest.json").read_text())["status"] == "planned"
+    summary = json.loads(_cli("inspect", str(out), "--json").output)
+    assert summary["rows"]["committed"] == 8 and summary["rows"]["total"] == 16
+    assert summary["shards"] == {"total": 4, "committed": 2, "pending": 2}
+    text = _cli("inspect", str(out)).output
+    assert "rows: 8/16 written" in text and "[planned]" in text and "resumes it" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# models and layers
+
+
+def test_layers_with_a_checkpoint_that_does_not_fit_prints_one_error_line(tmp_path):
+    import open_clip
+    import torch
+
+    path = tmp_path / "small-clip.pth"
+    torch.save(open_clip.create_model("ViT-S-32", pretrained=None).state_dict(), path)  # a full CLIP of another size
+    result = _cli("layers", "openclip:ViT-B-32", "--weights", str(path))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and result.output.count("error:") == 1
+    assert "Traceback" not in result.output and len(result.output) < 1000, result.output
+    assert "full CLIP checkpoint" in result.output and "keys with other shapes" in result.output
+
+
+def test_a_layers_pattern_matching_nothing_names_the_closest_layers():
+    result = _cli("layers", "torchvision:alexnet", "--no-pretrained", "clasifier.*")
+    assert result.exit_code == 2 and result.output.startswith("error:"), result.output
+    assert "classifier.1" in result.output and "┏" not in result.output  # a hint, not an empty table
+
+
+@pytest.mark.parametrize("source,pattern,expected,unexpected", [
+    # a wildcard pattern covers the whole name; a bare word is a substring; case is ignored
+    ("timm", "resnet18", ["resnet18", "resnet18d", "seresnet18"], []),
+    ("torchvision", "resnet1*", ["resnet18", "resnet101@IMAGENET1K_V2"], ["wide_resnet101_2"]),
+    ("timm", "resnet1*", ["resnet18", "resnet101"], ["seresnet18", "wide_resnet101_2"]),
+    ("openclip", "vit-b-32@laion2b*", ["ViT-B-32@laion2b_s34b_b79k"], ["ViT-B-32-quickgelu@metaclip_400m"]),
+    ("torchvision", "ALEXNET", ["alexnet", "alexnet@IMAGENET1K_V1"], []),
+])
+def test_models_patterns_follow_one_rule_for_every_source(source, pattern, expected, unexpected):
+    from neuropredictor.globs import match_model_names
+    from neuropredictor.models import list_models
+
+    found = [s.split(":", 1)[1] for s in list_models(source, pattern)]
+    assert set(expected) <= set(found) and not set(unexpected) & set(found), found
+    everything = [s.split(":", 1)[1] for s in list_models(source)]
+    if source != "timm":  # timm lists tagged names only for patterns with a dot
+        assert found == match_model_names(pattern, everything)
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify, --overwrite
+
+
+def _extract(corpus: Path, out: Path, *extra: str) -> Result:
+    return _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--layers", "features.5", "--out", str(out),
+                "--batch-size", "2", "--num-workers", "0", "--no-prefect", *extra)
+
+
+def test_inspect_verify_names_damaged_shards_and_extract_verify_repairs_them(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _extract(corpus, out).exit_code == 0
+    clean = _cli("inspect", str(out), "--verify")
+    assert clean.exit_code == 0 and "every committed shard reads back as written" in clean.output, clean.output
+    chunks = sorted(p for p in (out / "features" / "features.5" / "c").rglob("*") if p.is_file())
+    data = bytearray(chunks[2].read_bytes())  # chunk size = shard size: chunk 2 holds shard 2's rows
+    data[len(data) // 2] ^= 0xFF
+    chunks[2].write_bytes(bytes(data))
+    found = _cli("inspect", str(out), "--verify")
+    assert found.exit_code == 1 and "1 damaged shard(s)" in found.output and "shard-000002" in found.output
+    as_json = _cli("inspect", str(out), "--verify", "--json")
+    assert as_json.exit_code == 1 and list(json.loads(as_json.output)["damaged"]) == ["shard-000002"]
+    repaired = _extract(corpus, out, "--verify")
+    assert repaired.exit_code == 0 and "damaged" in repaired.output, repaired.output
+    assert _cli("inspect", str(out), "--verify").exit_code == 0
+
+
+def test_overwrite_says_what_it_deleted(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _extract(corpus, out).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    again = _extract(corpus, out, "--overwrite")  # the same configuration: resumed, nothing deleted
+    assert again.exit_code == 0 and "replaced" not in again.output
+    other = _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--layers", "features.2", "--out", str(out),
+                 "--batch-size", "2", "--num-workers", "0", "--no-prefect", "--overwrite")
+    assert other.exit_code == 0, other.output
+    text = " ".join(other.output.split())
+    assert "--overwrite replaced a store made with another configuration (4 of 4 shards committed)" in text, text
+    assert "deleted" in text and "_status" in text and "left alone: notes.txt" in text

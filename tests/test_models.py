@@ -289,3 +289,23 @@ def test_random_weights_are_reproducible_and_leave_the_callers_rng_alone():
     b = load_model("timm:resnet18", pretrained=False).module.state_dict()
     assert torch.equal(after, expected_next)  # load_model did not consume the caller's random stream
     assert all(torch.equal(a[k], b[k]) for k in a)  # every process builds the same "random" model
+
+
+def test_pretrained_weights_from_an_unreachable_hub_fail_fast_with_the_fix(tmp_path, monkeypatch):
+    """Offline, the hub client used to retry for about a minute before the error; now the cache is asked at
+    once (an empty one here) and the error names the ways out."""
+    import time
+
+    from huggingface_hub import constants as hub
+
+    from neuropredictor.errors import WeightsUnavailableError
+    from neuropredictor.models import load_model
+
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t0 = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="pretrained=False") as info:
+        load_model("timm:resnet18", pretrained=True)
+    assert time.monotonic() - t0 < 15
+    assert "weights=PATH" in str(info.value) and not hub.HF_HUB_OFFLINE  # offline mode only for that call

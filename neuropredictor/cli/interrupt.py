@@ -18,6 +18,7 @@ from typing import NoReturn
 import typer
 from rich.markup import escape
 
+from neuropredictor.cli import logs
 from neuropredictor.cli.app import err_console
 from neuropredictor.errors import Interrupted
 
@@ -95,11 +96,15 @@ def start_detached_prefect_server() -> None:
     if PREFECT_API_URL.value():
         return
 
+    # the server's own output (its shutdown tracebacks, say) goes to the log file, not the terminal
+    output = {} if logs.STATE.verbose or logs.STATE.file is None else {
+        "stdout": open(logs.STATE.file, "a", encoding="utf-8"), "stderr": subprocess.STDOUT}  # noqa: SIM115
+
     class DetachedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
             module = server_module.subprocess  # Prefect's own reference to subprocess, swapped for this call
             server_module.subprocess = types.SimpleNamespace(
-                Popen=functools.partial(subprocess.Popen, start_new_session=os.name == "posix"))
+                Popen=functools.partial(subprocess.Popen, start_new_session=os.name == "posix", **output))
             try:
                 return super()._run_uvicorn_command()
             finally:

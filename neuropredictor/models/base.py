@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import socket
 import urllib.error
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +91,44 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of url accepts a TCP connection."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def pretrained_download(spec: ModelSpec) -> Iterator[None]:
-    """Turn a failed weights download into an error that says what happened and what to do instead."""
+def _hub_offline_when_unreachable() -> Iterator[None]:
+    """The Hugging Face hub client (timm, open_clip and transformers download through it) retries a host it
+    cannot reach for about a minute: when the hub cannot be reached at all, take weights from the local cache
+    only, which succeeds or fails at once."""
+    try:
+        from huggingface_hub import constants as hub
+    except ImportError:
+        yield
+        return
+    if hub.HF_HUB_OFFLINE or _reachable(hub.ENDPOINT):
+        yield
+        return
+    hub.HF_HUB_OFFLINE = True
     try:
         yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
+@contextlib.contextmanager
+def pretrained_download(spec: ModelSpec) -> Iterator[None]:
+    """Turn a failed weights download into an error that says what happened and what to do instead; fail
+    fast when the weights' host cannot be reached."""
+    try:
+        with _hub_offline_when_unreachable():
+            yield
     except WeightsUnavailableError:
         raise
     except Exception as exc:

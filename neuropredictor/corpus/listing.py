@@ -20,7 +20,7 @@ import braceexpand
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME
-from neuropredictor.corpus.tar import members, open_tar, tar_error
+from neuropredictor.corpus.tar import is_hidden, members, open_tar, tar_error
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
 
@@ -253,6 +253,15 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
     expanded = [(os.fspath(item), *resolver.expand(os.fspath(item))) for item in items]
     for item, fs, paths, is_pattern in expanded:
         resolved.extend(resolver.resolve(item, fs, paths, is_pattern))
+
+    hidden = [fsx.full_url(fs, path) for fs, path, _ in resolved if is_hidden(fsx.basename(path))]
+    if hidden:
+        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
+        raise CorpusError(
+            f"{len(hidden)} shard(s) have hidden names (starting with '.'): {shown}. Hidden files are often "
+            "not shards (macOS '._' files, partial uploads) and some tools skip them: rename real shards "
+            "without the leading '.', or remove the others."
+        )
 
     names: dict[str, str] = {}
     for fs, path, _ in resolved:

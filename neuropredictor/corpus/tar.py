@@ -50,6 +50,13 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise
 
 
+def is_hidden(name: str) -> bool:
+    """A file name starting with "." -- the one rule for shard files and image files: hidden files are
+    never taken silently (`list_shards` refuses hidden shards, `make_shards` reports hidden images as
+    skipped), since they are often not data (macOS '._' forks, partial uploads) and tools disagree on them."""
+    return name.startswith(".")
+
+
 def split_member(name: str) -> tuple[str, str] | None:
     """(key, field) as WebDataset splits a member name, or None for members WebDataset skips."""
     if "/" not in name and name.startswith("__") and name.endswith("__"):

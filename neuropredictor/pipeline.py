@@ -130,6 +130,11 @@ def validate(config: ExtractConfig) -> list[Shard]:
     the reductions fit, the corpus is reachable and non-empty. Returns the corpus's shards."""
     get_runner(config)
     shards = list_shards(config.corpus, config.storage_options)
+    if not any(s.count for s in shards):  # a store of 0 rows would report "complete" for nothing
+        raise CorpusError(
+            f"no images in the corpus {config.corpus!r}: its {len(shards)} shard(s) hold no samples. Check "
+            "the shards (`tar tf SHARD`), or make them with `neuropredictor shards make`."
+        )
     check_output(config.out, config.storage_options)
     return shards
 

@@ -1,0 +1,327 @@
+"""Bad inputs, table-driven (issue 13's probe): each case builds its input here and states the expected
+outcome, one of
+  - a clear error naming the problem (ERROR_CASES, through the library; CLI_CASES, through the CLI:
+    exit code 2, one `error:` line, no traceback),
+  - the sample kept as an invalid row with the reason (INVALID_CASES),
+  - the right pixels, computed independently with numpy (PIXEL_CASES, on the CPU and the device path).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from conftest import make_images
+from neuropredictor.corpus import INDEX_FORMAT, INDEX_NAME, list_shards, make_shards, read_shard
+from neuropredictor.device_decode import DeviceDecoder
+from neuropredictor import ExtractConfig, open_features, pipeline
+from neuropredictor import run as pipeline_run
+from neuropredictor.errors import CorpusError, NeuroPredictorError, ReductionError
+
+CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"
+
+
+# --------------------------------------------------------------------------------------------------
+# building inputs
+
+
+def write_tar(path: Path, members: list[tuple[str | bytes, bytes]]) -> Path:
+    """A tar with these (name, data) members, in order; a bytes name is written as is (any encoding)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name if isinstance(name, str) else name.decode("utf-8", "surrogateescape"))
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def rgb_image(seed: int = 0, size: tuple[int, int] = (24, 16)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+
+
+def sample_shard(tmp: Path, data: bytes, ext: str = "png") -> Path:
+    return write_tar(tmp / "shards" / "s-000000.tar", [(f"a.{ext}", data), ("a.json", b"{}")])
+
+
+# --------------------------------------------------------------------------------------------------
+# the right pixels
+
+
+def _png16() -> tuple[bytes, np.ndarray]:
+    wide = (np.arange(16 * 24, dtype=np.int64).reshape(16, 24) * 171).astype(np.uint16)  # 0 .. 65493
+    img = Image.fromarray(wide)
+    assert img.mode.startswith("I;16")
+    grey = np.round(wide / 257.0).astype(np.uint8)  # v * 255 / 65535
+    return encode(img), np.repeat(grey[..., None], 3, axis=2)
+
+
+def _exif_rotated(fmt: str) -> Callable[[], tuple[bytes, np.ndarray]]:
+    def build() -> tuple[bytes, np.ndarray]:
+        arr = rgb_image(1)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # displayed turned 90 degrees clockwise
+        data = encode(Image.fromarray(arr), fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+        stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) if fmt == "JPEG" else arr
+        return data, np.ascontiguousarray(np.rot90(stored, k=-1))
+
+    return build
+
+
+def _transparent(mode: str) -> Callable[[], tuple[bytes, np.ndarray]]:
+    def build() -> tuple[bytes, np.ndarray]:
+        rgb = rgb_image(2).astype(np.float64)
+        alpha = np.random.default_rng(3).integers(0, 256, size=rgb.shape[:2]).astype(np.float64)
+        if mode == "LA":
+            rgb = np.repeat(rgb[..., :1], 3, axis=2)
+            img = Image.fromarray(np.dstack([rgb[..., 0], alpha]).astype(np.uint8), "LA")
+        else:
+            img = Image.fromarray(np.dstack([rgb, alpha]).astype(np.uint8), "RGBA")
+        a = alpha[..., None] / 255.0
+        want = np.round(rgb * a + 128.0 * (1 - a)).astype(np.uint8)  # over mid-grey
+        return encode(img), want
+
+    return build
+
+
+@dataclass(frozen=True)
+class PixelCase:
+    id: str
+    build: Callable[[], tuple[bytes, np.ndarray]]  # (encoded image, expected uint8 (H, W, 3))
+    ext: str = "png"
+    atol: int = 0
+
+
+PIXEL_CASES = [
+    PixelCase("png-16-bit-greyscale-scaled-not-white", _png16),
+    PixelCase("png-exif-orientation", _exif_rotated("PNG")),
+    PixelCase("jpeg-exif-orientation", _exif_rotated("JPEG"), ext="jpg"),
+    PixelCase("rgba-over-mid-grey", _transparent("RGBA"), atol=1),
+    PixelCase("la-over-mid-grey", _transparent("LA"), atol=1),
+]
+
+def as_is(h: int, w: int) -> transforms.Compose:
+    """uint8 (3, h, w): the decoded pixels themselves (the crop only fixes the shape of the batch)."""
+    return transforms.Compose([transforms.CenterCrop((h, w)), transforms.PILToTensor()])
+
+
+@pytest.mark.parametrize("case", PIXEL_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_pixels(case: PixelCase, path: str, tmp_path: Path) -> None:
+    data, want = case.build()
+    url = str(sample_shard(tmp_path, data, case.ext))
+    (shard,) = list_shards(url)
+    if path == "cpu":
+        (batch,) = read_shard(shard, as_is(*want.shape[:2]), batch_size=4)
+        got = batch.images[0].permute(1, 2, 0).numpy()
+    else:
+        (raw,) = read_shard(shard, None, batch_size=4)
+        batch = DeviceDecoder(as_is(*want.shape[:2]), "cpu", (3, *want.shape[:2]))(raw)
+        got = np.round(batch.images[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    assert bool(batch.valid[0]), batch.errors
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= case.atol
+
+
+# --------------------------------------------------------------------------------------------------
+# samples kept as invalid rows, with the reason
+
+
+def _huge_png_header_only() -> bytes:
+    """A PNG that claims 10000 x 10000 pixels, cut after its first bytes of image data: decoding it would
+    fail (and a whole one would take ~300 MB as RGB); the size check reads the header only."""
+    data = encode(Image.new("1", (10000, 10000)))
+    return data[: data.index(b"IDAT") + 64]
+
+
+@dataclass(frozen=True)
+class InvalidCase:
+    id: str
+    build: Callable[[Path], Path]  # -> a shard
+    key: str
+    reason: tuple[str, ...]  # words the recorded reason contains
+
+
+def with_index(shard: Path, count: int) -> Path:
+    """An index.json that counts the shard, as another tool could write it: the plan does not scan it."""
+    index = {"format": INDEX_FORMAT, "shards": [{"name": shard.stem, "count": count}]}
+    (shard.parent / INDEX_NAME).write_text(json.dumps(index))
+    return shard
+
+
+def _png(seed: int = 0) -> bytes:
+    return encode(Image.fromarray(rgb_image(seed)))
+
+
+INVALID_CASES = [
+    InvalidCase("10000x10000-png-over-the-pixel-cap", lambda tmp: sample_shard(tmp, _huge_png_header_only()),
+                "a", ("10000x10000", "Mpx", "limit")),
+    InvalidCase("same-key-and-extension-twice-in-a-row-not-merged",
+                lambda tmp: write_tar(tmp / "s.tar", [("a.png", _png(0)), ("a.png", _png(1)), ("b.png", _png(2))]),
+                "a", ("a.png", "twice")),
+    InvalidCase("same-key-again-later-in-the-shard",
+                lambda tmp: with_index(write_tar(tmp / "s.tar", [("a.png", _png(0)), ("b.png", _png(1)), ("a.png", _png(2))]), 3),
+                "a", ("'a'", "also sample 0")),  # the second "a"; an index, else the plan refuses the shard
+    InvalidCase("member-name-not-utf8-named",
+                lambda tmp: write_tar(tmp / "s.tar", [("a.png", _png(0)), (b"b\xff\xfe.png", _png(1))]),
+                "b\\xff\\xfe", ("b\\xff\\xfe", "not valid UTF-8")),
+]
+
+
+@pytest.mark.parametrize("case", INVALID_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_invalid_sample(case: InvalidCase, path: str, tmp_path: Path) -> None:
+    shards = list_shards(str(case.build(tmp_path)))
+    batches = []
+    for shard in shards:
+        if path == "cpu":
+            batches += list(read_shard(shard, as_is(16, 24), batch_size=4))
+        else:
+            batches += [DeviceDecoder(as_is(16, 24), "cpu", (3, 16, 24))(b) for b in read_shard(shard, None, batch_size=4)]
+    errors = {k: v for b in batches for k, v in b.errors.items()}
+    assert case.key in errors, errors
+    for word in case.reason:
+        assert word in errors[case.key]
+    valid = [(k, bool(v)) for b in batches for k, v in zip(b.keys, b.valid)]
+    assert [v for k, v in valid if k == case.key][-1] is False
+    assert any(v for _, v in valid) or len(valid) == 1  # the other samples are still read
+
+
+# --------------------------------------------------------------------------------------------------
+# clear errors, through the library
+
+
+def _hidden_shard(tmp: Path) -> Callable[[], object]:
+    make_images(tmp / "imgs", 4, nested=False)
+    make_shards(tmp / "imgs", str(tmp / "shards"), maxcount=2)
+    (tmp / "shards" / "shard-000001.tar").rename(tmp / "shards" / ".hidden-000.tar")
+    return lambda: list_shards(str(tmp / "shards"))
+
+
+def _dup_across_shards(tmp: Path) -> Callable[[], object]:
+    write_tar(tmp / "c" / "x-000000.tar", [("a.png", _png(0)), ("b.png", _png(1))])
+    write_tar(tmp / "c" / "x-000001.tar", [("c.png", _png(2)), ("a.png", _png(3))])
+    return lambda: list_shards(str(tmp / "c"))
+
+
+def _dup_within_shard(tmp: Path) -> Callable[[], object]:
+    write_tar(tmp / "c" / "x-000000.tar", [("a.png", _png(0)), ("b.png", _png(1)), ("a.png", _png(2))])
+    return lambda: list_shards(str(tmp / "c"))
+
+
+def _dup_at_make(tmp: Path) -> Callable[[], object]:
+    (tmp / "imgs").mkdir()
+    (tmp / "imgs" / "cat.png").write_bytes(_png(0))
+    (tmp / "imgs" / "cat.jpg").write_bytes(encode(Image.fromarray(rgb_image(1)), "JPEG"))
+    return lambda: make_shards(tmp / "imgs", str(tmp / "shards"))
+
+
+def _config(tmp: Path, corpus: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(corpus=str(corpus), model=CUSTOM, layers=["features.5"], out=str(tmp / "out.zarr"),
+                         pretrained=False, batch_size=2, num_workers=0, retries=0, retry_delay_seconds=0, **kw)
+
+
+def _empty_tars(tmp: Path) -> Callable[[], object]:
+    write_tar(tmp / "c" / "x-000000.tar", [])
+    write_tar(tmp / "c" / "x-000001.tar", [])
+    return lambda: pipeline.plan(_config(tmp, tmp / "c"))
+
+
+def _pool_larger_than_map(tmp: Path) -> Callable[[], object]:
+    write_tar(tmp / "c" / "x-000000.tar", [("a.png", _png(0))])
+    return lambda: pipeline.plan(_config(tmp, tmp / "c", reduce="pool:9"))  # features.5 is 32 x 8 x 8
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    id: str
+    build: Callable[[Path], Callable[[], object]]  # -> the call that must fail
+    error: type[Exception]
+    words: tuple[str, ...]  # the message names these
+
+
+ERROR_CASES = [
+    ErrorCase("hidden-shard-refused-at-plan", _hidden_shard, NeuroPredictorError, (".hidden-000.tar", "hidden", "rename")),
+    ErrorCase("duplicate-key-across-shards-at-plan", _dup_across_shards, CorpusError,
+              ("'a'", "x-000000.tar", "x-000001.tar", "unique")),
+    ErrorCase("duplicate-key-within-a-shard-at-plan", _dup_within_shard, CorpusError, ("'a'", "twice in", "x-000000.tar")),
+    ErrorCase("duplicate-key-at-shards-make", _dup_at_make, CorpusError, ("cat.jpg", "cat.png", "'cat'")),
+    ErrorCase("corpus-of-empty-tars-at-plan", _empty_tars, CorpusError, ("no images", "2 shard(s)")),
+    ErrorCase("pool-larger-than-the-map-at-plan", _pool_larger_than_map, ReductionError, ("pool:9", "8x8", "K <= 8")),
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: c.id)
+def test_clear_error(case: ErrorCase, tmp_path: Path) -> None:
+    call = case.build(tmp_path)
+    with pytest.raises(case.error) as info:
+        call()
+    message = str(info.value)
+    for word in case.words:
+        assert word in message, message
+    assert not (tmp_path / "out.zarr").exists()  # refused before anything is written
+
+
+# --------------------------------------------------------------------------------------------------
+# nothing dropped or merged without a word
+
+
+def test_shards_make_takes_tif_bmp_gif_and_lists_what_it_skipped(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    imgs = tmp_path / "imgs"
+    (imgs / ".git").mkdir(parents=True)
+    arrays = {name: rgb_image(i) for i, name in enumerate(["a", "b", "c"])}
+    Image.fromarray(arrays["a"]).save(imgs / "a.tif")
+    Image.fromarray(arrays["b"]).save(imgs / "b.bmp")
+    # a GIF of two frames, few colours (so the palette keeps them exactly): its first frame is the image
+    few = (arrays["c"] // 64 * 64).astype(np.uint8)
+    frames = [Image.fromarray(few).quantize(colors=64, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE),
+              Image.fromarray(255 - few).quantize(colors=64, dither=Image.Dither.NONE)]
+    frames[0].save(imgs / "c.gif", save_all=True, append_images=frames[1:])
+    arrays["c"] = np.asarray(frames[0].convert("RGB"))
+    (imgs / "notes.txt").write_text("not an image")
+    (imgs / ".DS_Store").write_bytes(b"x")
+    (imgs / ".git" / "x.png").write_bytes(_png(5))
+
+    result = CliRunner().invoke(app, ["shards", "make", str(imgs), str(tmp_path / "shards")])
+    assert result.exit_code == 0, result.output
+    for words in (("skipped notes.txt", "not an image"), ("skipped .DS_Store", "hidden file"),
+                  ("skipped .git/", "hidden folder")):
+        assert any(all(w in line for w in words) for line in result.output.splitlines()), result.output
+
+    (shard,) = list_shards(str(tmp_path / "shards"))
+    (batch,) = read_shard(shard, as_is(16, 24), batch_size=8)
+    assert batch.keys == ["a", "b", "c"] and bool(batch.valid.all()), batch.errors
+    for j, key in enumerate(batch.keys):
+        np.testing.assert_array_equal(batch.images[j].permute(1, 2, 0).numpy(), arrays[key])
+
+
+def test_bad_member_name_costs_its_row_only(tmp_path: Path) -> None:
+    """A non-UTF-8 name in a tar: the shard commits, that row is invalid with the name in the reason."""
+    write_tar(tmp_path / "c" / "x-000000.tar", [("a.png", _png(0)), (b"b\xff.png", _png(1)), ("c.png", _png(2))])
+    manifest = pipeline_run(_config(tmp_path, tmp_path / "c"))
+    assert manifest["status"] == "complete"
+    ds = open_features(str(tmp_path / "out.zarr"))
+    assert list(ds["key"].values) == ["a", "b\\xff", "c"]
+    assert ds["valid"].values.tolist() == [True, False, True]
+    (bad,) = manifest["bad_samples"]
+    assert "not valid UTF-8" in bad["reason"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
-from neuropredictor.pipeline import extract_shard, plan
+from neuropredictor.pipeline import extract_shard, finalize, plan
 from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus
 from neuropredictor.store import FeatureStore
@@ -127,8 +127,17 @@ class DeviceWindow:
                is_committed: Callable[[str], bool]) -> None:
         self._free.append(device)
         if error is not None:
-            self.failed.update({s.name: error for s in group if not is_committed(s.name)})
+            self.failed.update({s.name: error for s in group if not _committed(is_committed, s.name)})
         self.rows_done += sum(s.count for s in group if s.name not in self.failed)
+
+
+def _committed(is_committed: Callable[[str], bool], name: str) -> bool:
+    """is_committed(name), False when the store cannot be asked (an outage must not end the loop before the
+    other shards ran: this one is reported as failed, and the next run finds its commit if it has one)."""
+    try:
+        return is_committed(name)
+    except Exception:
+        return False
 
 
 def failure_message(failed: dict[str, str]) -> str:
@@ -193,7 +202,12 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         except BaseException:
             stop.set()  # the workers end after their current batch; nothing half-written is committed
             raise
-    manifest = store.finalize()
+    try:
+        manifest = finalize(config, store, stop)
+    except NeuroPredictorError as exc:
+        if window.failed:  # say both: what failed to finish and which shards are missing
+            raise NeuroPredictorError(f"{exc}\n{failure_message(window.failed)}") from exc
+        raise
     if window.failed:
         raise NeuroPredictorError(failure_message(window.failed))
     return manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,8 +234,9 @@ def _dup_at_make(tmp: Path) -> Callable[[], object]:
 
 
 def _config(tmp: Path, corpus: Path, **kw) -> ExtractConfig:
-    return ExtractConfig(corpus=str(corpus), model=CUSTOM, layers=["features.5"], out=str(tmp / "out.zarr"),
-                         pretrained=False, batch_size=2, num_workers=0, retries=0, retry_delay_seconds=0, **kw)
+    fields = dict(corpus=str(corpus), model=CUSTOM, layers=["features.5"], out=str(tmp / "out.zarr"),
+                  pretrained=False, batch_size=2, num_workers=0, retries=0, retry_delay_seconds=0)
+    return ExtractConfig(**(fields | kw))
 
 
 def _empty_tars(tmp: Path) -> Callable[[], object]:
@@ -325,3 +327,150 @@ def test_bad_member_name_costs_its_row_only(tmp_path: Path) -> None:
     assert ds["valid"].values.tolist() == [True, False, True]
     (bad,) = manifest["bad_samples"]
     assert "not valid UTF-8" in bad["reason"]
+
+
+# --------------------------------------------------------------------------------------------------
+# one `error:` line instead of a traceback, through the command line
+
+
+def _small_corpus(tmp: Path) -> Path:
+    write_tar(tmp / "c" / "x-000000.tar", [("a.png", _png(0)), ("b.png", _png(1))])
+    return tmp / "c"
+
+
+def _extract_args(tmp: Path, *extra: str, model: str = CUSTOM, layers: str = "features.5") -> list[str]:
+    return ["extract", "--corpus", str(_small_corpus(tmp)), "--model", model, "--layers", layers,
+            "--out", str(tmp / "out.zarr"), "--batch-size", "2", "--num-workers", "0", "--retries", "0", *extra]
+
+
+def _cli_unwritable_out(tmp: Path) -> list[str]:
+    args = _extract_args(tmp, "--no-pretrained")
+    args[args.index("--out") + 1] = "/proc/neuropredictor-test/out.zarr"  # not writable, even by root
+    return args
+
+
+def _cli_garbage_safetensors(tmp: Path) -> list[str]:
+    (tmp / "w.safetensors").write_bytes(b"this is not a safetensors file at all" * 10)
+    return _extract_args(tmp, "--weights", str(tmp / "w.safetensors"))
+
+
+def _cli_hf_pickle(tmp: Path) -> list[str]:
+    import argparse
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 image_size=32, patch_size=16)
+    model_dir = tmp / "hf-model"
+    cfg.save_pretrained(model_dir)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    # an old-style checkpoint: a pickle holding more than tensors, which torch.load(weights_only=True) refuses
+    torch.save({"state_dict": transformers.ViTModel(cfg).state_dict(), "args": argparse.Namespace(lr=0.1)},
+               model_dir / "pytorch_model.bin")
+    return _extract_args(tmp, model=f"hf:{model_dir}", layers="encoder")
+
+
+@dataclass(frozen=True)
+class CliCase:
+    id: str
+    build: Callable[[Path], list[str]]  # -> the command line
+    words: tuple[str, ...]
+    skip: str | None = None
+
+
+CLI_CASES = [
+    CliCase("unwritable-output-folder", _cli_unwritable_out, ("cannot write the output store", "--out")),
+    CliCase("device-cuda-without-a-gpu", lambda tmp: _extract_args(tmp, "--no-pretrained", "--device", "cuda"),
+            ("'cuda'", "CUDA GPU", "--device cpu"), skip="a GPU is present" if torch.cuda.is_available() else None),
+    CliCase("device-tpu", lambda tmp: _extract_args(tmp, "--no-pretrained", "--device", "tpu"),
+            ("unknown device 'tpu'", "--device")),
+    CliCase("garbage-safetensors-weights", _cli_garbage_safetensors, ("w.safetensors", "safetensors", "--weights")),
+    CliCase("hf-pickle-refused", _cli_hf_pickle, ("pickle", "argparse.Namespace", "safetensors")),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.id)
+def test_cli_one_error_line(case: CliCase, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    if case.skip:
+        pytest.skip(case.skip)
+    result = CliRunner().invoke(app, case.build(tmp_path))
+    output = result.output
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert output.count("error:") == 1, output
+    flat = " ".join(output.split())  # the console wraps long lines
+    for word in case.words:
+        assert word in flat, flat
+    assert not (tmp_path / "out.zarr").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# failures at finalize, and storage outages
+
+
+def test_os_error_at_finalize_is_one_clear_error_and_a_rerun_finishes(tmp_path: Path) -> None:
+    config = _config(tmp_path, _small_corpus(tmp_path))
+    manifest = tmp_path / "out.zarr" / "manifest.json"
+
+    def block_manifest(event: str, data: dict) -> None:
+        if event == "shard":  # every shard is committed: finalize cannot replace a folder with a file
+            manifest.unlink(missing_ok=True)
+            (manifest / "in-the-way").mkdir(parents=True)
+
+    with pytest.raises(NeuroPredictorError) as info:
+        pipeline_run(config, on_event=block_manifest)
+    message = str(info.value)
+    assert "cannot finalize the output store" in message and "IsADirectoryError" in message
+    assert "run the same command again" in message
+    (manifest / "in-the-way").rmdir()
+    manifest.rmdir()
+    assert pipeline_run(config)["status"] == "complete"
+
+
+def test_s3_outage_fails_the_remaining_shards_and_finalize_cleanly(tmp_path: Path, monkeypatch) -> None:
+    """The store's S3 goes away after the first commit, for longer than the retries: the other shards
+    still get their turn and fail, finalize fails after its retries, and one error names them all."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing-secret",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem(skip_instance_cache=True, **opts).mkdir("bucket")
+    for i in range(3):
+        write_tar(tmp_path / "c" / f"x-00000{i}.tar", [(f"k{i}.png", _png(i))])
+    config = _config(tmp_path, tmp_path / "c", retries=1, storage_options=opts)
+    config = config.model_copy(update={"out": "s3://bucket/out.zarr"})
+    stopped = []
+
+    def outage(event: str, data: dict) -> None:
+        if event == "shard" and not stopped:
+            server.stop()
+            stopped.append(data["name"])
+
+    try:
+        start = time.monotonic()
+        with pytest.raises(NeuroPredictorError) as info:
+            pipeline_run(config, on_event=outage)
+        assert time.monotonic() - start < 300
+    finally:
+        if not stopped:
+            server.stop()
+    message = str(info.value)
+    assert "cannot finalize the output store" in message
+    assert "2 shard(s) failed" in message
+    for name in {"x-000000", "x-000001", "x-000002"} - set(stopped):
+        assert name in message

@@ -390,7 +390,8 @@ def finalize(config: ExtractConfig, store: FeatureStore | None = None,
         return (store or FeatureStore.open(config.out, config.storage_options)).finalize()
 
     try:
-        return RetryPolicy.of(config).call(attempt, stop)
+        # the library's own errors (a replaced store, a busy lease) are statements, not outages: no retry
+        return RetryPolicy.of(config).call(attempt, stop, fatal=(NeuroPredictorError,))
     except NeuroPredictorError:
         raise
     except Exception as exc:

@@ -52,14 +52,16 @@ class RetryPolicy:
         """The delay before each retry, without jitter (Prefect's `retry_delay_seconds`)."""
         return [self.delay_s * 2**i for i in range(max(self.retries, 1))]
 
-    def call(self, fn: Callable[[int], Any], stop: threading.Event | None = None) -> Any:
-        """fn(attempt) for attempt 1, 2, ... until it returns or the retries are spent (then it raises)."""
+    def call(self, fn: Callable[[int], Any], stop: threading.Event | None = None,
+             fatal: tuple[type[BaseException], ...] = ()) -> Any:
+        """fn(attempt) for attempt 1, 2, ... until it returns or the retries are spent (then it raises);
+        an exception of a `fatal` type is raised at once."""
         delays = self.delays()
         for attempt in range(1, self.retries + 2):
             try:
                 return fn(attempt)
-            except Exception:
-                if attempt > self.retries or (stop is not None and stop.is_set()):
+            except Exception as exc:
+                if isinstance(exc, fatal) or attempt > self.retries or (stop is not None and stop.is_set()):
                     raise
             pause = delays[attempt - 1] * (1 + self.jitter * random.random())
             if stop is not None:

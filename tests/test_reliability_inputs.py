@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -28,6 +32,7 @@ from neuropredictor.device_decode import DeviceDecoder
 from neuropredictor import ExtractConfig, open_features, pipeline
 from neuropredictor import run as pipeline_run
 from neuropredictor.errors import CorpusError, NeuroPredictorError, ReductionError
+from neuropredictor_flows.temporary_server import QUIET
 
 CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"
 
@@ -474,3 +479,74 @@ def test_s3_outage_fails_the_remaining_shards_and_finalize_cleanly(tmp_path: Pat
     assert "2 shard(s) failed" in message
     for name in {"x-000000", "x-000001", "x-000002"} - set(stopped):
         assert name in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefect's temporary server (`--prefect` without PREFECT_API_URL): it dies with us, and logs no errors
+
+
+def _children(pid: int) -> dict[int, str]:
+    """pid -> command line of the processes whose parent is pid (from /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")  # a zombie is gone
+
+
+def _prefect_cli(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    args = [sys.executable, "-m", "neuropredictor", *_extract_args(tmp, "--no-pretrained", "--prefect")]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", *QUIET)}
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    return args, env
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_killed_cli_leaves_no_temporary_prefect_server(sig: signal.Signals, tmp_path: Path) -> None:
+    args, env = _prefect_cli(tmp_path)
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        server = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            kids = _children(proc.pid)
+            servers = [pid for pid, cmd in kids.items() if "uvicorn" in cmd]
+            if servers and any("-c" in cmd.split()[:3] for cmd in kids.values()):  # server and its watcher
+                server = servers[0]
+                break
+            time.sleep(0.2)
+        assert server is not None, "the temporary server did not start: " + proc.stderr.read().decode()[-2000:]
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), f"Prefect's temporary server (pid {server}) outlived the CLI ({sig.name})"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_offline_prefect_run_logs_no_error(tmp_path: Path) -> None:
+    args, env = _prefect_cli(tmp_path)
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if "ERROR" in line] == [], proc.stderr[-3000:]

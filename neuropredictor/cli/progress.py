@@ -67,7 +67,9 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
                     ExtractParameters,
                     extract_flow,
                 )
+                from neuropredictor_flows.temporary_server import ensure_server
 
+                ensure_server()  # without PREFECT_API_URL: a temporary server that dies with us
                 token = PROGRESS.set(listener)
                 try:
                     extract_flow(ExtractParameters(**config.model_dump()))
@@ -84,7 +86,9 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
 
 def run_flow(config) -> dict:
     from neuropredictor_flows.extract import ExtractParameters, extract_flow
+    from neuropredictor_flows.temporary_server import ensure_server
 
+    ensure_server()
     return extract_flow(ExtractParameters(**config.model_dump()))
 
 

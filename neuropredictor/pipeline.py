@@ -377,25 +377,8 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-def finalize(config: ExtractConfig, store: FeatureStore | None = None,
-             stop: threading.Event | None = None) -> dict:
-    """Merge commit records into manifest.json and consolidate metadata; returns the manifest.
-
-    Retried like a shard (the run's RetryPolicy: an object store's outage, a full disk being cleared);
-    finalize is idempotent. Still failing, it raises StoreError naming the cause: the committed shards
-    stay committed and the same command finishes the store."""
-    from neuropredictor.schedule import RetryPolicy  # schedule imports this module
-
-    def attempt(_n: int) -> dict:
-        return (store or FeatureStore.open(config.out, config.storage_options)).finalize()
-
-    try:
-        # the library's own errors (a replaced store, a busy lease) are statements, not outages: no retry
-        return RetryPolicy.of(config).call(attempt, stop, fatal=(NeuroPredictorError,))
-    except NeuroPredictorError:
-        raise
-    except Exception as exc:
-        raise StoreError(f"cannot finalize the output store {redact_text(config.out)!r} after "
-                         f"{config.retries + 1} attempt(s): {type(exc).__name__}: {redact_text(str(exc))}. The "
-                         "committed shards are kept: fix the cause (free disk space, restore access to the "
-                         "storage) and run the same command again; only what is missing runs.") from exc
+def finalize(config: ExtractConfig, store: FeatureStore | None = None) -> dict:
+    """Merge commit records into manifest.json and consolidate metadata; returns the manifest. One attempt:
+    `neuropredictor.schedule.finalize` retries it and names what failed."""
+    store = store or FeatureStore.open(config.out, config.storage_options)
+    return store.finalize()

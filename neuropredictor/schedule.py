@@ -2,6 +2,7 @@
 and what a failed shard leaves behind.
 
     run(config)                         plan -> every pending shard on every device -> finalize, here
+    finalize(config, store)             finalize with the shards' retries, one clear error if it still fails
     pending_groups(store, ...)          the shards without a commit record, in groups
     extract_group(config, group, ...)   one group on one device; a failure is recorded, then raised
     DeviceWindow                        which group starts next on which free device
@@ -23,9 +24,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from neuropredictor import pipeline
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import Interrupted, NeuroPredictorError
-from neuropredictor.pipeline import extract_shard, finalize, plan
+from neuropredictor.errors import Interrupted, NeuroPredictorError, StoreError
+from neuropredictor.pipeline import extract_shard, plan
+from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus
 from neuropredictor.store import FeatureStore
@@ -131,6 +134,23 @@ class DeviceWindow:
         if error is not None:
             self.failed.update({s.name: error for s in group if not _committed(is_committed, s.name)})
         self.rows_done += sum(s.count for s in group if s.name not in self.failed)
+
+
+def finalize(config: ExtractConfig, store: FeatureStore | None = None, stop: threading.Event | None = None) -> dict:
+    """`pipeline.finalize`, retried like a shard (an object store's outage, a full disk being cleared;
+    finalize is idempotent). Still failing, StoreError names the cause: the committed shards stay committed
+    and the same command finishes the store. The library's own errors (a replaced store, a busy lease) are
+    statements, not outages: raised at once."""
+    try:
+        return RetryPolicy.of(config).call(lambda _n: pipeline.finalize(config, store), stop,
+                                           fatal=(NeuroPredictorError,))
+    except NeuroPredictorError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"cannot finalize the output store {redact_text(config.out)!r} after "
+                         f"{config.retries + 1} attempt(s): {type(exc).__name__}: {redact_text(str(exc))}. The "
+                         "committed shards are kept: fix the cause (free disk space, restore access to the "
+                         "storage) and run the same command again; only what is missing runs.") from exc
 
 
 def _committed(is_committed: Callable[[str], bool], name: str) -> bool:

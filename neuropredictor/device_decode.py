@@ -28,7 +28,14 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from neuropredictor.corpus.decode import MAX_PIXELS, ImageError, decode_pil, decoded, needs_rotation, transformed
+from neuropredictor.corpus.decode import (
+    MAX_PIXELS,
+    ImageError,
+    decode_pil,
+    decoded,
+    needs_rotation,
+    transformed,
+)
 from neuropredictor.corpus.read import Batch
 from neuropredictor.errors import NeuroPredictorError
 

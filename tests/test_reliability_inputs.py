@@ -23,16 +23,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
+from neuropredictor_flows.temporary_server import QUIET
 from PIL import Image
 from torchvision import transforms
 
-from conftest import make_images
-from neuropredictor.corpus import INDEX_FORMAT, INDEX_NAME, list_shards, make_shards, read_shard
-from neuropredictor.device_decode import DeviceDecoder
 from neuropredictor import ExtractConfig, open_features, pipeline
 from neuropredictor import run as pipeline_run
+from neuropredictor.corpus import (
+    INDEX_FORMAT,
+    INDEX_NAME,
+    list_shards,
+    make_shards,
+    read_shard,
+)
+from neuropredictor.device_decode import DeviceDecoder
 from neuropredictor.errors import CorpusError, NeuroPredictorError, ReductionError
-from neuropredictor_flows.temporary_server import QUIET
 
 CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"
 
@@ -374,6 +380,14 @@ def _cli_hf_pickle(tmp: Path) -> list[str]:
     return _extract_args(tmp, model=f"hf:{model_dir}", layers="encoder")
 
 
+def _cli_read_only_folder(tmp: Path) -> list[str]:
+    args = _extract_args(tmp, "--no-pretrained")
+    (tmp / "read-only").mkdir()
+    (tmp / "read-only").chmod(0o555)
+    args[args.index("--out") + 1] = str(tmp / "read-only" / "out.zarr")
+    return args
+
+
 @dataclass(frozen=True)
 class CliCase:
     id: str
@@ -384,6 +398,8 @@ class CliCase:
 
 CLI_CASES = [
     CliCase("unwritable-output-folder", _cli_unwritable_out, ("cannot write the output store", "--out")),
+    CliCase("read-only-output-folder", _cli_read_only_folder, ("cannot write the output store", "PermissionError"),
+            skip="root writes to read-only folders" if os.geteuid() == 0 else None),
     CliCase("device-cuda-without-a-gpu", lambda tmp: _extract_args(tmp, "--no-pretrained", "--device", "cuda"),
             ("'cuda'", "CUDA GPU", "--device cpu"), skip="a GPU is present" if torch.cuda.is_available() else None),
     CliCase("device-tpu", lambda tmp: _extract_args(tmp, "--no-pretrained", "--device", "tpu"),
@@ -547,6 +563,6 @@ def test_killed_cli_leaves_no_temporary_prefect_server(sig: signal.Signals, tmp_
 
 def test_offline_prefect_run_logs_no_error(tmp_path: Path) -> None:
     args, env = _prefect_cli(tmp_path)
-    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if "ERROR" in line] == [], proc.stderr[-3000:]

@@ -128,7 +128,7 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
 
 @task(name="finalize", cache_policy=NO_CACHE)
 def finalize_task(config: ExtractConfig) -> dict:
-    return pipeline.finalize(config)
+    return schedule.finalize(config)  # retried like shards, one clear error when it still fails
 
 
 @flow(name="extract", task_runner=ThreadPoolTaskRunner(max_workers=64), validate_parameters=True)

@@ -16,15 +16,26 @@ decoders.decode_jpeg`); they work in the pinned 0.29.1, and moving is one import
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from neuropredictor.corpus.decode import ImageError, decoded, transformed
+from neuropredictor.corpus.decode import (
+    MAX_PIXELS,
+    ImageError,
+    decode_pil,
+    decoded,
+    needs_rotation,
+    transformed,
+)
 from neuropredictor.corpus.read import Batch
 from neuropredictor.errors import NeuroPredictorError
 
@@ -155,8 +166,8 @@ class DeviceDecoder:
     """Turns a batch of encoded images (``Batch.data``) into preprocessed images on `device`.
 
     JPEGs are decoded together in one ``decode_jpeg`` call on the device (one by one if that call fails,
-    to isolate the bad file); other formats (PNG, WebP) and JPEGs the device decoder rejects are decoded
-    by torchvision on the CPU. A sample nothing can decode keeps valid=False with the reason, exactly as
+    to isolate the bad file); other formats (PNG, WebP...), JPEGs with an EXIF rotation or over the pixel
+    cap, and JPEGs the device decoder rejects are decoded as on the CPU path (`corpus.decode.decode_pil`). A sample nothing can decode keeps valid=False with the reason, exactly as
     on the CPU path.
     """
 
@@ -165,29 +176,39 @@ class DeviceDecoder:
         self.device = torch.device(device)
         self.shape = tuple(shape)
 
-    def _decode_one(self, data: torch.Tensor, jpeg: bool) -> torch.Tensor:
-        if jpeg and self.device.type == "cuda":
-            try:
-                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:
-                pass  # e.g. a JPEG flavour nvJPEG rejects: the CPU decoder may still read it
-        return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+    def _pil(self, data: bytes) -> torch.Tensor:
+        """The CPU path's decoding (`corpus.decode.decode_pil`: orientation, 16-bit, transparency), as a
+        uint8 (3, H, W) tensor on the device."""
+        rgb = np.asarray(decode_pil(data))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(self.device, non_blocking=True)
+
+    def _for_device(self, data: bytes) -> bool:
+        """Whether decode_jpeg (nvJPEG on a GPU) may decode this image as it is: a JPEG that is not too large and needs no EXIF
+        rotation (read from the header only). Anything else is decoded like on the CPU path."""
+        if data[:2] != _JPEG_MAGIC:
+            return False
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return img.width * img.height <= MAX_PIXELS and not needs_rotation(img)
+        except Exception:
+            return False  # decode_pil names the problem
 
     def _decode_all(self, encoded: dict[int, bytes], errors: dict[int, str]) -> dict[int, torch.Tensor]:
-        tensors = {j: torch.frombuffer(bytearray(d), dtype=torch.uint8) for j, d in encoded.items()}
-        jpegs = [j for j, d in encoded.items() if d[:2] == _JPEG_MAGIC]
+        jpegs = [j for j, d in encoded.items() if self._for_device(d)]
         images: dict[int, torch.Tensor] = {}
         if jpegs:
+            tensors = [torch.frombuffer(bytearray(encoded[j]), dtype=torch.uint8) for j in jpegs]
             try:  # one call for the whole batch: nvJPEG's batched decoder
-                out = decode_jpeg([tensors[j] for j in jpegs], mode=ImageReadMode.RGB, device=self.device)
-                images.update(zip(jpegs, out))
-            except RuntimeError:
-                pass  # one bad file fails the call: find it below, one by one
-        for j, data in tensors.items():
+                images.update(zip(jpegs, decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)))
+            except RuntimeError:  # one bad file fails the call: decode them one by one
+                for j, t in zip(jpegs, tensors):
+                    with contextlib.suppress(RuntimeError):  # a JPEG nvJPEG rejects: PIL may still read it
+                        images[j] = decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device)
+        for j, data in encoded.items():
             if j in images:
                 continue
             try:
-                images[j] = decoded(lambda d, jpeg=j in jpegs: self._decode_one(d, jpeg), data)
+                images[j] = decoded(self._pil, data)
             except ImageError as exc:  # a bad image costs its sample only, never the run
                 errors[j] = str(exc)
         return images

@@ -27,10 +27,15 @@ from neuropredictor.config import IDENTITY, ExtractConfig
 from neuropredictor.corpus import list_shards, read_shard
 from neuropredictor.corpus.folder import is_image_folder, shards_for
 from neuropredictor.corpus.listing import changed_since, source_of
-from neuropredictor.errors import CorpusError, Interrupted, StoreError
-from neuropredictor.redact import redact_text
+from neuropredictor.errors import (
+    CorpusError,
+    Interrupted,
+    NeuroPredictorError,
+    StoreError,
+)
 from neuropredictor.extractor import Extractor
 from neuropredictor.models import LoadedModel, load_model
+from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, LayerSpec
 
@@ -59,8 +64,32 @@ _RUNNERS: dict[str, tuple[tuple, Runner]] = {}
 _RUNNERS_LOCK = threading.Lock()
 
 
+def check_device(name: str | torch.device) -> torch.device:
+    """The torch device `name` means, or a NeuroPredictorError when this machine cannot run on it."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise NeuroPredictorError(f"unknown device {str(name)!r}: use `device` auto, cpu, cuda, cuda:N (or "
+                                  "several, comma-separated) or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise NeuroPredictorError(f"device {str(name)!r} needs a CUDA GPU, but PyTorch sees none on this machine "
+                                      "(no driver, or a CPU-only torch): use `device` cpu, or `device` auto to "
+                                      "use GPUs where there are some")
+        if dev.index is not None and dev.index >= count:
+            raise NeuroPredictorError(f"device {str(name)!r} does not exist: this machine has {count} CUDA GPU(s), "
+                                      f"cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise NeuroPredictorError(f"device {str(name)!r} is not available on this machine: use `device` cpu")
+    elif dev.type != "cpu":
+        raise NeuroPredictorError(f"device {str(name)!r} is not supported: use `device` auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def _device(config: ExtractConfig, device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device) if device is not None else torch.device(config.resolved_devices()[0])
+    dev = check_device(device if device is not None else config.resolved_devices()[0])
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one replica
     return dev
@@ -130,11 +159,18 @@ def validate(config: ExtractConfig) -> list[Shard]:
     """Everything that can be checked before a store is touched: the model loads, the layers resolve,
     the reductions fit, the corpus is reachable and non-empty. Returns the corpus's shards (for a folder of
     images, the shards made of it beside the store: see corpus.folder)."""
+    for device in config.resolved_devices():
+        check_device(device)
     get_runner(config)
     corpus = config.corpus
     if is_image_folder(corpus):
         corpus = shards_for(corpus, config.out, config.storage_options)
     shards = list_shards(corpus, config.storage_options)
+    if not any(s.count for s in shards):  # a store of 0 rows would report "complete" for nothing
+        raise CorpusError(
+            f"no images in the corpus {config.corpus!r}: its {len(shards)} shard(s) hold no samples. Check "
+            "the shards (`tar tf SHARD`), or make them with `neuropredictor shards make`."
+        )
     check_output(config.out, config.storage_options)
     return shards
 
@@ -171,10 +207,15 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
     """
     shards = shards if shards is not None else validate(config)
     runner = get_runner(config)
-    store = FeatureStore.create(
-        config.out, shards, runner.layer_specs(), identity(config, runner), dtype=config.dtype,
-        compression=config.compression, storage_options=config.storage_options, overwrite=config.overwrite,
-    )
+    try:
+        store = FeatureStore.create(
+            config.out, shards, runner.layer_specs(), identity(config, runner), dtype=config.dtype,
+            compression=config.compression, storage_options=config.storage_options, overwrite=config.overwrite,
+        )
+    except OSError as exc:  # a read-only folder, a full disk: name the store, not a line of zarr's code
+        raise StoreError(f"cannot write the output store {redact_text(config.out)!r}: {type(exc).__name__}: "
+                         f"{redact_text(str(exc))}. Choose an `out` you can write to, or fix its permissions "
+                         "or free space.") from exc
     _refuse_changed_files(store, shards, config)
     if config.verify:
         damaged = store.verify()
@@ -351,6 +392,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def finalize(config: ExtractConfig, store: FeatureStore | None = None) -> dict:
-    """Merge commit records into manifest.json and consolidate metadata; returns the manifest."""
+    """Merge commit records into manifest.json and consolidate metadata; returns the manifest. One attempt:
+    `neuropredictor.schedule.finalize` retries it and names what failed."""
     store = store or FeatureStore.open(config.out, config.storage_options)
     return store.finalize()

@@ -98,6 +98,9 @@ def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "") -> tup
     if red.name == "pool":
         if len(shape) != 3:
             raise ReductionError(f"pool:K needs a conv map (C, H, W){where}; use avgpool or cls for tokens")
+        if red.arg > min(shape[1], shape[2]):  # adaptive pooling would upsample, inventing values
+            raise ReductionError(f"pool:{red.arg} is larger than the {shape[1]}x{shape[2]} map{where}: use "
+                                 f"pool:K with K <= {min(shape[1], shape[2])}, or full")
         return (shape[0], red.arg, red.arg)
     if red.name == "srp":
         return (red.arg,)

@@ -2,6 +2,7 @@
 and what a failed shard leaves behind.
 
     run(config)                         plan -> every pending shard on every device -> finalize, here
+    finalize(config, store)             finalize with the shards' retries, one clear error if it still fails
     pending_groups(store, ...)          the shards without a commit record, in groups
     extract_group(config, group, ...)   one group on one device; a failure is recorded, then raised
     DeviceWindow                        which group starts next on which free device
@@ -23,9 +24,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from neuropredictor import pipeline
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import Interrupted, NeuroPredictorError
+from neuropredictor.errors import Interrupted, NeuroPredictorError, StoreError
 from neuropredictor.pipeline import extract_shard, plan
+from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus
 from neuropredictor.store import FeatureStore
@@ -52,14 +55,16 @@ class RetryPolicy:
         """The delay before each retry, without jitter (Prefect's `retry_delay_seconds`)."""
         return [self.delay_s * 2**i for i in range(max(self.retries, 1))]
 
-    def call(self, fn: Callable[[int], Any], stop: threading.Event | None = None) -> Any:
-        """fn(attempt) for attempt 1, 2, ... until it returns or the retries are spent (then it raises)."""
+    def call(self, fn: Callable[[int], Any], stop: threading.Event | None = None,
+             fatal: tuple[type[BaseException], ...] = ()) -> Any:
+        """fn(attempt) for attempt 1, 2, ... until it returns or the retries are spent (then it raises);
+        an exception of a `fatal` type is raised at once."""
         delays = self.delays()
         for attempt in range(1, self.retries + 2):
             try:
                 return fn(attempt)
-            except Exception:
-                if attempt > self.retries or (stop is not None and stop.is_set()):
+            except Exception as exc:
+                if isinstance(exc, fatal) or attempt > self.retries or (stop is not None and stop.is_set()):
                     raise
             pause = delays[attempt - 1] * (1 + self.jitter * random.random())
             if stop is not None:
@@ -128,8 +133,34 @@ class DeviceWindow:
                is_committed: Callable[[str], bool]) -> None:
         self._free.append(device)
         if error is not None:
-            self.failed.update({s.name: error for s in group if not is_committed(s.name)})
+            self.failed.update({s.name: error for s in group if not _committed(is_committed, s.name)})
         self.rows_done += sum(s.count for s in group if s.name not in self.failed)
+
+
+def finalize(config: ExtractConfig, store: FeatureStore | None = None, stop: threading.Event | None = None) -> dict:
+    """`pipeline.finalize`, retried like a shard (an object store's outage, a full disk being cleared;
+    finalize is idempotent). Still failing, StoreError names the cause: the committed shards stay committed
+    and the same command finishes the store. The library's own errors (a replaced store, a busy lease) are
+    statements, not outages: raised at once."""
+    try:
+        return RetryPolicy.of(config).call(lambda _n: pipeline.finalize(config, store), stop,
+                                           fatal=(NeuroPredictorError,))
+    except NeuroPredictorError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"cannot finalize the output store {redact_text(config.out)!r} after "
+                         f"{config.retries + 1} attempt(s): {type(exc).__name__}: {redact_text(str(exc))}. The "
+                         "committed shards are kept: fix the cause (free disk space, restore access to the "
+                         "storage) and run the same command again; only what is missing runs.") from exc
+
+
+def _committed(is_committed: Callable[[str], bool], name: str) -> bool:
+    """is_committed(name), False when the store cannot be asked (an outage must not end the loop before the
+    other shards ran: this one is reported as failed, and the next run finds its commit if it has one)."""
+    try:
+        return is_committed(name)
+    except Exception:
+        return False
 
 
 def failure_message(failed: dict[str, str]) -> str:
@@ -198,7 +229,12 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         except BaseException:
             stop.set()  # the workers end after their current batch; nothing half-written is committed
             raise
-    manifest = store.finalize()
+    try:
+        manifest = finalize(config, store, stop)
+    except NeuroPredictorError as exc:
+        if window.failed:  # say both: what failed to finish and which shards are missing
+            raise NeuroPredictorError(f"{exc}\n{failure_message(window.failed)}") from exc
+        raise
     if window.failed:
         raise NeuroPredictorError(failure_message(window.failed))
     return manifest

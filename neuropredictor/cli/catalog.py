@@ -77,7 +77,7 @@ def layers(
 
 @shards_app.command("make")
 def shards_make(
-    image_dir: Annotated[Path, typer.Argument(help="Folder of images (jpg, png, webp; nested folders).")],
+    image_dir: Annotated[Path, typer.Argument(help="Folder of images (jpg, png, webp, tif, bmp, gif; nested folders).")],
     out: Annotated[str, typer.Argument(help="Output folder or URL (s3://bucket/prefix) for the tar shards.")],
     maxcount: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
     prefix: Annotated[str, typer.Option(help="Shard file name prefix.")] = "shard",
@@ -86,10 +86,14 @@ def shards_make(
     """Pack a folder of images into WebDataset shards, with stable keys and an index of counts."""
     from neuropredictor.corpus import make_shards
 
+    skipped: list[tuple[str, str]] = []
     try:
-        shards = make_shards(image_dir, out, maxcount=maxcount, prefix=prefix)
+        shards = make_shards(image_dir, out, maxcount=maxcount, prefix=prefix,
+                             on_skip=lambda rel, reason: skipped.append((rel, reason)))
     except NeuroPredictorError as exc:
         fail(exc)
+    for rel, reason in skipped:  # nothing is left out without a word
+        err_console.print(f"skipped {escape(rel)}: {reason}", highlight=False)
     if as_json:
         print(json.dumps([{"name": s.name, "url": s.url, "count": s.count} for s in shards]))
         return

@@ -1,24 +1,19 @@
 """Ctrl-C during `extract`: the first one stops the run after the current batch (committed shards stay
-committed, nothing half-written is committed), a second one stops at once. Prefect's temporary server is
-started outside the terminal's process group, so that Ctrl-C reaches this process only and the flow run
-can still report its end."""
+committed, nothing half-written is committed), a second one stops at once. (Prefect's temporary server
+runs in a session of its own, so that Ctrl-C reaches this process only: neuropredictor_flows.temporary_server.)"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
-import subprocess
 import threading
-import types
 from collections.abc import Iterator
 from typing import NoReturn
 
 import typer
 from rich.markup import escape
 
-from neuropredictor.cli import logs
 from neuropredictor.cli.app import err_console
 from neuropredictor.errors import Interrupted
 
@@ -83,31 +78,3 @@ def interrupted(exc: Interrupted) -> NoReturn:
     of the signal (130 for Ctrl-C)."""
     err_console.print(f"[bold yellow]{escape(resume_message())}[/]", highlight=False)
     raise typer.Exit(getattr(exc, "exit_code", 128 + signal.SIGINT))
-
-
-def start_detached_prefect_server() -> None:
-    """Start Prefect's temporary server (when no server is configured) in its own session, so that a Ctrl-C
-    in the terminal does not kill it under the running flow (the flow would then retry its state reports
-    against a dead server for minutes). Prefect finds and reuses it; it is stopped at exit as usual."""
-    import prefect.server.api.server as server_module
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return
-
-    # the server's own output (its shutdown tracebacks, say) goes to the log file, not the terminal
-    output = {} if logs.STATE.verbose or logs.STATE.file is None else {
-        "stdout": open(logs.STATE.file, "a", encoding="utf-8"), "stderr": subprocess.STDOUT}  # noqa: SIM115
-
-    class DetachedServer(SubprocessASGIServer):
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            module = server_module.subprocess  # Prefect's own reference to subprocess, swapped for this call
-            server_module.subprocess = types.SimpleNamespace(
-                Popen=functools.partial(subprocess.Popen, start_new_session=os.name == "posix", **output))
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                server_module.subprocess = module
-
-    DetachedServer().start()  # registered as Prefect's instance for port None: get_client() reuses it

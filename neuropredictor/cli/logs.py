@@ -74,12 +74,15 @@ def setup(verbose: bool) -> None:
 
 
 def prepare_prefect() -> None:
-    """Import Prefect for a command-line run: the temporary server we may cause sends no telemetry (offline it
-    logged an error on every run, and on a first run it raced the database migrations), and Prefect's terminal
+    """Import Prefect for a command-line run and start its temporary server if no server is configured (in
+    its own session, quiet, stopped when we end: neuropredictor_flows.temporary_server). Prefect's terminal
     handlers (set up at import) write to the log file instead, unless verbose. Prefect's loggers do not all
     propagate, so each handler is replaced where it hangs."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import prefect  # noqa: F401  (configures Prefect's logging)
+    from neuropredictor_flows.temporary_server import ensure_server
+
+    quiet = not STATE.verbose and STATE.file is not None
+    ensure_server(output=open(STATE.file, "a", encoding="utf-8") if quiet else None)  # noqa: SIM115
 
     if STATE.verbose or STATE.handler is None:
         return

@@ -17,7 +17,6 @@ from neuropredictor.cli.interrupt import (
     Stopped,
     interruptible,
     resume_message,
-    start_detached_prefect_server,
 )
 from neuropredictor.cli.logs import prepare_prefect
 from neuropredictor.cli.summary import plan_messages
@@ -113,7 +112,6 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
                     extract_flow,
                 )
 
-                start_detached_prefect_server()
                 tokens = PROGRESS.set(on_event), STOP.set(interruption.stop)
                 try:
                     extract_flow(ExtractParameters(**config.model_dump()))
@@ -136,6 +134,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
 def run_flow(config) -> dict:
     from neuropredictor_flows.extract import ExtractParameters, extract_flow
 
+    prepare_prefect()
     return extract_flow(ExtractParameters(**config.model_dump()))
 
 

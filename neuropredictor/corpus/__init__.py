@@ -13,7 +13,12 @@ batches in tar order, with keys and per-sample validity).
 
 from neuropredictor.corpus.decode import transform_problem
 from neuropredictor.corpus.listing import list_shards
-from neuropredictor.corpus.make import IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_NAME, make_shards
+from neuropredictor.corpus.make import (
+           IMAGE_EXTENSIONS,
+           INDEX_FORMAT,
+           INDEX_NAME,
+           make_shards,
+)
 from neuropredictor.corpus.read import Batch, read_shard
 from neuropredictor.shard import Shard
 

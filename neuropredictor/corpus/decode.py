@@ -11,8 +11,9 @@ import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from neuropredictor.corpus.make import IMAGE_EXTENSIONS
 from neuropredictor.corpus.tar import short
@@ -32,16 +33,64 @@ def image_bytes(data: bytes | None, fields: Sequence[str]) -> bytes:
     return data
 
 
+MAX_PIXELS = 64_000_000
+"""Largest image decoded (width x height, e.g. 8000 x 8000): a larger one is an invalid sample with the
+reason, checked from the header before decoding, so a tiny file claiming 10000 x 10000 pixels never
+costs a gigabyte."""
+
+BACKGROUND = (128, 128, 128)
+"""Transparent pixels are composited over mid-grey: the same neutral value wherever an image is see-through."""
+
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # greyscale read as 16-bit values (0..65535)
+_TRANSPARENT = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def check_size(img: Image.Image) -> None:
+    """ImageError when the image (as its header states) has more than MAX_PIXELS pixels."""
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.1f} Mpx, over the limit of {MAX_PIXELS / 1e6:g} Mpx "
+                         "(neuropredictor.corpus.decode.MAX_PIXELS): downscale it")
+
+
+def needs_rotation(img: Image.Image) -> bool:
+    """Whether the image's EXIF orientation says it is displayed rotated or mirrored."""
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
+    except Exception:  # unreadable EXIF: shown as stored, like most viewers do
+        return False
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB as the image is displayed: 16-bit greyscale scaled (v * 255 / 65535, rounded) rather than
+    clipped, transparency composited over BACKGROUND."""
+    if img.mode in _SIXTEEN_BIT:
+        wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in _TRANSPARENT or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        back = Image.new("RGBA", img.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(back, img.convert("RGBA")).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def decode_pil(data: bytes) -> Image.Image:
-    """Decode fully (so a truncated file fails here, not later) and convert to RGB."""
+    """Decode fully (so a truncated file fails here, not later), turned as its EXIF orientation says, as
+    8-bit RGB (`to_rgb`); the first frame of an animation. Oversized images raise ImageError unread."""
     with Image.open(io.BytesIO(data)) as img:
+        check_size(img)
         img.load()  # LOAD_TRUNCATED_IMAGES stays False
-        return img.convert("RGB")
+        if needs_rotation(img):
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
 
 
 def decoded(decode: Callable[[Any], Any], data: Any) -> Any:
     try:
         return decode(data)
+    except ImageError:
+        raise
     except Exception as exc:
         raise ImageError(short(f"cannot decode image: {type(exc).__name__}: {exc}")) from None
 

@@ -20,21 +20,28 @@ import braceexpand
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME
-from neuropredictor.corpus.tar import members, open_tar, tar_error
+from neuropredictor.corpus.tar import (
+    is_hidden,
+    members,
+    open_tar,
+    printable_key,
+    tar_error,
+)
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
 
 log = logging.getLogger(__name__)
 
-def _count_samples(fs: Any, path: str, url: str) -> int:
-    """Samples in a shard, from tar headers only (consecutive members with the same key = one sample)."""
+def _sample_keys(fs: Any, path: str, url: str) -> list[str]:
+    """The keys of a shard's samples, from tar headers only (consecutive members with the same key = one
+    sample, as WebDataset groups them)."""
     try:
         with fs.open(path, "rb") as f, open_tar(f) as tf:
-            count, last = 0, None
+            keys: list[str] = []
             for _ti, key, _field in members(tf, url):
-                if key != last:
-                    count, last = count + 1, key
-            return count
+                if not keys or key != keys[-1]:
+                    keys.append(key)
+            return keys
     except CorpusError:
         raise
     except tarfile.TarError as exc:
@@ -166,6 +173,22 @@ class _Resolver:
         return out
 
 
+def _refuse_duplicate_keys(keys_by_shard: dict[str, list[str]]) -> None:
+    """CorpusError naming a key that two samples share (within a shard or across shards), among the shards
+    whose headers were scanned. Shards counted from `index.json` were checked by `shards make`."""
+    first: dict[str, str] = {}
+    for url, keys in keys_by_shard.items():
+        for key in keys:
+            if key in first:
+                where = f"twice in {url}" if first[key] == url else f"in {first[key]} and in {url}"
+                raise CorpusError(
+                    f"the sample key {printable_key(key)[0]!r} is used {where}: keys name the rows and must be "
+                    "unique within a corpus. Remake the shards (`neuropredictor shards make` gives every image "
+                    "its own key), or leave one of the shards out."
+                )
+            first[key] = url
+
+
 def source_of(shard: Shard, storage_options: dict | None = None) -> dict:
     """What a shard's file is now: its size and etag (object stores: a hash of the content). On local disk,
     where the etag is only the mtime, the sha256 of the bytes too, so that a copy with new times still
@@ -254,6 +277,15 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
     for item, fs, paths, is_pattern in expanded:
         resolved.extend(resolver.resolve(item, fs, paths, is_pattern))
 
+    hidden = [fsx.full_url(fs, path) for fs, path, _ in resolved if is_hidden(fsx.basename(path))]
+    if hidden:
+        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
+        raise CorpusError(
+            f"{len(hidden)} shard(s) have hidden names (starting with '.'): {shown}. Hidden files are often "
+            "not shards (macOS '._' files, partial uploads) and some tools skip them: rename real shards "
+            "without the leading '.', or remove the others."
+        )
+
     names: dict[str, str] = {}
     for fs, path, _ in resolved:
         name = fsx.basename(path)[: -len(".tar")]
@@ -276,13 +308,15 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
     todo = [i for i, c in enumerate(counts) if c is None]
     if todo:
         # Header scans are I/O-bound (object stores especially): a few threads overlap the requests.
-        def scan(i: int) -> int:
+        def scan(i: int) -> list[str]:
             fs, path, _ = resolved[i]
-            return _count_samples(fs, path, fsx.full_url(fs, path))
+            return _sample_keys(fs, path, fsx.full_url(fs, path))
 
         with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-            for i, n in zip(todo, pool.map(scan, todo)):
-                counts[i] = n
+            scanned = dict(zip(todo, pool.map(scan, todo)))
+        for i, keys in scanned.items():
+            counts[i] = len(keys)
+        _refuse_duplicate_keys({fsx.full_url(*resolved[i][:2]): keys for i, keys in scanned.items()})
 
     shards, offset = [], 0
     for (fs, path, info), count in zip(resolved, counts):

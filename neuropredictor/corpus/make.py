@@ -7,47 +7,65 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.tar import split_member
+from neuropredictor.corpus.tar import is_hidden, split_member
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-"""Accepted image fields: files taken by :func:`make_shards`, members read by the corpus readers."""
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif")
+"""Accepted image fields: files taken by :func:`make_shards`, members read by the corpus readers (a GIF's
+or multi-page TIFF's first frame)."""
+
+SkipFn = Callable[[str, str], None]
+"""on_skip(relative path, reason) for each file or folder `make_shards` leaves out."""
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "neuropredictor-shards/1"
 
 
-def image_files(root: Path) -> list[tuple[str, Path, str]]:
-    """(relative posix path, path, lowercase ext) of the images under root, in a deterministic order."""
+def image_files(root: Path, on_skip: SkipFn | None = None) -> list[tuple[str, Path, str]]:
+    """(relative posix path, path, lowercase ext) of the images under root, in a deterministic order;
+    everything else is reported to on_skip."""
     found = []
+    skipped: list[tuple[str, str]] = []
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        rel_dir = Path(dirpath).relative_to(root)
         # Symlinked folders are followed, each real folder once: a symlink cycle must not loop forever.
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
+            skipped.append((rel_dir.as_posix() + "/", "a folder already packed (symlink)"))
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        # Hidden entries are skipped: macOS "._x.jpg" resource forks and .git internals are not stimuli.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # Hidden entries are left out (macOS "._x.jpg" resource forks and .git internals are not stimuli),
+        # and said so.
+        skipped += [((rel_dir / d).as_posix() + "/", "hidden folder") for d in dirnames if is_hidden(d)]
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for fname in sorted(filenames):
-            if fname.startswith("."):
-                continue
+            rel = (rel_dir / fname).as_posix()
             ext = fname.rsplit(".", 1)[-1].lower() if "." in fname else ""
-            if ext in IMAGE_EXTENSIONS:
-                p = Path(dirpath) / fname
-                found.append((p.relative_to(root).as_posix(), p, ext))
+            if is_hidden(fname):
+                skipped.append((rel, "hidden file"))
+            elif ext in IMAGE_EXTENSIONS:
+                found.append((rel, Path(dirpath) / fname, ext))
+            else:
+                skipped.append((rel, f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"))
     found.sort(key=lambda t: t[0].split("/"))  # sort by path components, independent of walk order
+    for rel, reason in sorted(skipped):
+        on_skip(rel, reason)
     return found
 
 
@@ -99,6 +117,7 @@ def make_shards(
     maxcount: int = 1000,
     prefix: str = "shard",
     storage_options: dict | None = None,
+    on_skip: SkipFn | None = None,
 ) -> list[Shard]:
     """Pack the images under `image_dir` into WebDataset shards `{prefix}-{i:06d}.tar` in `out`.
 
@@ -106,6 +125,10 @@ def make_shards(
     path}); key = relative path without extension, dots replaced by "_". Writes `index.json` with the
     counts last, and removes stale `{prefix}-NNNNNN.tar` shards left in `out` by an earlier, larger run.
     `out` is a local directory or any fsspec URL (s3://bucket/prefix). Returns the shards.
+
+    Files that are not images (by extension) and hidden files are left out, each reported to
+    `on_skip(relative path, reason)` (by default: logged as one warning). Two files that would share a
+    sample key are refused.
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
@@ -114,7 +137,12 @@ def make_shards(
     root = Path(image_dir)
     if not root.is_dir():
         raise CorpusError(f"image folder {root} does not exist or is not a directory: pass a folder of images.")
-    files = image_files(root)
+    skipped: list[tuple[str, str]] = []
+    files = image_files(root, on_skip or (lambda rel, reason: skipped.append((rel, reason))))
+    if skipped:
+        log.warning("left out %d file(s) under %s that are not images: %s", len(skipped), root,
+                    "; ".join(f"{rel} ({reason})" for rel, reason in skipped[:10])
+                    + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
     if not files:
         raise CorpusError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}: check the folder, or the file extensions."

@@ -20,9 +20,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.decode import ImageError, decode_pil, decoded, image_bytes, transformed
+from neuropredictor.corpus.decode import (
+    ImageError,
+    decode_pil,
+    decoded,
+    image_bytes,
+    transformed,
+)
 from neuropredictor.corpus.make import IMAGE_EXTENSIONS
-from neuropredictor.corpus.tar import members, open_tar, tar_error
+from neuropredictor.corpus.tar import members, open_tar, printable_key, short, tar_error
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
 
@@ -58,6 +64,7 @@ class Sample:
     key: str
     data: bytes | None = None
     fields: list[str] = field(default_factory=list)
+    problem: str | None = None  # why the sample is invalid whatever its image (a bad name, a repeated member)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,16 +77,26 @@ def tar_samples(tf: tarfile.TarFile, shard: Shard, wanted: Callable[[int], bool]
     data. A shard with more or fewer samples than `shard.count` raises CorpusError: its rows would
     land in another shard's place."""
     cur: Sample | None = None
+    raw = None  # the current sample's key as read (grouping compares it, not the printable one)
+    first: dict[str, int] = {}  # key -> the sample that used it first
     n = 0
     for ti, key, fld in members(tf, shard.url):
-        if cur is None or key != cur.key:
+        if cur is None or key != raw:
             if cur is not None:
                 yield cur
             if n >= shard.count:  # stop before anything past the shard's rows exists
                 raise CorpusError(f"shard {shard.url} has more than {shard.count} samples (the corpus index says "
                                   f"{shard.count}): the index or the listing is stale; list the corpus again.")
-            cur = Sample(n, key)
+            shown, problem = printable_key(key)
+            if problem is None and key in first:
+                problem = f"the key {key!r} is also sample {first[key]} of this shard: keys must be unique"
+            first.setdefault(key, n)
+            cur, raw = Sample(n, shown, problem=problem), key
             n += 1
+        elif fld in cur.fields and cur.problem is None:
+            # WebDataset would keep one of the two and lose the other without a word
+            cur.problem = short(f"the member {cur.key}.{fld} appears twice in a row in the shard: two images "
+                                "under one key; give each its own key")
         cur.fields.append(fld)
         if cur.data is None and fld in IMAGE_EXTENSIONS and wanted(cur.index):
             fobj = tf.extractfile(ti)
@@ -113,6 +130,8 @@ def prepare(sample: Sample, transform: Callable[[Image.Image], torch.Tensor] | N
             shape: tuple[int, ...]) -> tuple[torch.Tensor | None, str | None]:
     """(image tensor, None) or (None, reason). Without a transform the sample is only checked to hold an
     image (decoding happens later, on the device)."""
+    if sample.problem is not None:
+        return None, sample.problem
     try:
         data = image_bytes(sample.data, sample.fields)
         if transform is None:

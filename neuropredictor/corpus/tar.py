@@ -24,6 +24,8 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE = re.compile(r"__[^/]*__($|/)")
 
 _TAR_BUFSIZE = 1 << 20  # stream-mode read size: fewer Python-level reads than tarfile's 10 KiB default
+# Member names as UTF-8 whatever the locale; bytes that are not UTF-8 survive as surrogates (printable_key)
+_NAMES = {"encoding": "utf-8", "errors": "surrogateescape"}
 MAX_REASON = 300  # keep per-sample reasons short: they end up in the manifest
 
 
@@ -50,6 +52,13 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise
 
 
+def is_hidden(name: str) -> bool:
+    """A file name starting with "." -- the one rule for shard files and image files: hidden files are
+    never taken silently (`list_shards` refuses hidden shards, `make_shards` reports hidden images as
+    skipped), since they are often not data (macOS '._' forks, partial uploads) and tools disagree on them."""
+    return name.startswith(".")
+
+
 def split_member(name: str) -> tuple[str, str] | None:
     """(key, field) as WebDataset splits a member name, or None for members WebDataset skips."""
     if "/" not in name and name.startswith("__") and name.endswith("__"):
@@ -62,13 +71,25 @@ def split_member(name: str) -> tuple[str, str] | None:
     return m.group(1), m.group(2).lower()
 
 
+def printable_key(key: str) -> tuple[str, str | None]:
+    """(key as it can be stored, None) for a UTF-8 key; for a member name that is not UTF-8 (read with
+    surrogateescape), its bytes shown with backslash escapes and the reason the sample is invalid."""
+    try:
+        key.encode("utf-8")
+        return key, None
+    except UnicodeEncodeError:
+        shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, short(f"the member name '{shown}' is not valid UTF-8: rename it in the shard "
+                            "(`neuropredictor shards make` writes UTF-8 names)")
+
+
 def open_tar(f: Any) -> tarfile.TarFile:
     """A tar reader over an open file. Seekable files (local, s3, most fsspec files) are read in
     random-access mode, so members we don't need are skipped by seeking; streams in stream mode."""
     seekable = bool(getattr(f, "seekable", lambda: False)())
     if seekable:
-        return tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo)
-    return tarfile.open(fileobj=f, mode="r|", tarinfo=_CheckedTarInfo, bufsize=_TAR_BUFSIZE)
+        return tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo, **_NAMES)
+    return tarfile.open(fileobj=f, mode="r|", tarinfo=_CheckedTarInfo, bufsize=_TAR_BUFSIZE, **_NAMES)
 
 
 def _check_end(tf: tarfile.TarFile, url: str) -> None:

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import torch
 
-from neuropredictor.models.base import LoadedModel, load_weights_file, transform_output_size
+from neuropredictor.models.base import (
+    LoadedModel,
+    load_weights_file,
+    transform_output_size,
+)
 from neuropredictor.models.spec import GRAMMAR, SOURCES, ModelSpec, parse_spec
 
 RANDOM_SEED = 0

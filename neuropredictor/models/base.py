@@ -168,7 +168,13 @@ def load_weights_file(module: nn.Module, path: str | Path) -> str:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # not a safetensors file, or a damaged one
+            raise WeightsUnavailableError(
+                f"cannot read {path} as a safetensors file ({type(exc).__name__}: {exc}): the file is damaged "
+                "or not safetensors. Download it again, or pass a torch state dict (.pt) as weights=PATH."
+            ) from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

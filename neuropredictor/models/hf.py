@@ -6,10 +6,13 @@ unwrapped as deep as it goes); layer names are relative to it (`encoder.layers.3
 
 from __future__ import annotations
 
+import pickle
+import re
+
 import torch
 from torch import nn
 
-from neuropredictor.errors import ModelSpecError
+from neuropredictor.errors import ModelSpecError, WeightsUnavailableError
 from neuropredictor.globs import match_model_names
 from neuropredictor.models.base import Transform, pretrained_download
 from neuropredictor.models.spec import ModelSpec
@@ -37,7 +40,10 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
                 raise
             raise ModelSpecError(f"hf:{spec.name}: cannot read its config / image processor: {exc}") from exc
         if pretrained:
-            model = transformers.AutoModel.from_pretrained(spec.name, **revision)
+            try:
+                model = transformers.AutoModel.from_pretrained(spec.name, **revision)
+            except pickle.UnpicklingError as exc:
+                raise WeightsUnavailableError(_pickle_refused(spec, exc)) from exc
             weights = f"pretrained:{getattr(config, '_commit_hash', None) or spec.tag or 'main'}"
         else:
             model = transformers.AutoModel.from_config(config)
@@ -46,6 +52,16 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     while isinstance(getattr(model, "vision_model", None), nn.Module):
         model = model.vision_model
     return model, processor_transform(processor), weights
+
+
+def _pickle_refused(spec: ModelSpec, exc: Exception) -> str:
+    """Why a pickled checkpoint (.bin) was not loaded, and what to do: its reason, not torch's long advice."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    reason = f"it holds {found.group(1)}, not only tensors" if found else (str(exc).splitlines() or [""])[0][:200]
+    return (f"hf:{spec.name}: its weights are a pickle (.bin) that cannot be loaded safely ({reason}). "
+            "NeuroPredictor never runs code from a checkpoint: use a revision that has model.safetensors, "
+            "convert the checkpoint to safetensors where you trust it, or pass weights=PATH to a state dict "
+            "of tensors.")
 
 
 def processor_transform(processor) -> Transform:

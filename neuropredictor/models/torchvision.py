@@ -6,7 +6,11 @@ from torch import nn
 
 from neuropredictor.errors import ModelSpecError
 from neuropredictor.globs import match_model_names
-from neuropredictor.models.base import Transform, imagenet_transform, pretrained_download
+from neuropredictor.models.base import (
+    Transform,
+    imagenet_transform,
+    pretrained_download,
+)
 from neuropredictor.models.spec import ModelSpec
 
 

@@ -83,10 +83,13 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()
-        current = _read(self._fs, self.path)
-        if current is not None and current.get("run_id") == self.run_id:
-            with contextlib.suppress(FileNotFoundError):
-                self._fs.rm_file(self.path)
+        # Storage unreachable (an outage): the lease expires by itself; failing here would hide the run's
+        # own outcome (its failed shards, or its finalize error).
+        with contextlib.suppress(Exception):
+            current = _read(self._fs, self.path)
+            if current is not None and current.get("run_id") == self.run_id:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(self.path)
 
     def __enter__(self) -> Lease:
         return self

@@ -338,13 +338,13 @@ class FeatureStore:
     def writer(self, shard: Shard) -> ShardWriter:
         """A writer for one attempt at a shard (see `ShardWriter`). Opens the arrays with mode r+ (never
         re-creates them). Withdraws an earlier commit of the shard (its rows are about to be rewritten,
-        so they are no longer trusted) and drops its stale staged rows."""
+        so they are no longer trusted). Its staged rows go to a folder of this attempt's own; finalize
+        merges the committed attempt's and deletes the others."""
         self._require_writable()
         shard = self.planned(shard)
         self._check_generation()
         self.records.withdraw(shard.name)
         staging = self.staging
-        staging.clear(shard)
         return ShardWriter(shard, {path: self.array(path) for path in self.chunk_rows}, self.layers, self.dtype,
                            self.chunk_rows, self.rows, staging, self.records, self._check_generation)
 
@@ -379,7 +379,7 @@ class FeatureStore:
                     break
                 try:
                     digest = RowDigest()
-                    digest.update(staged.rows_as_stored(shard, path, self.array(path)))
+                    digest.update(staged.rows_as_stored(shard, path, self.array(path), rec.get("staging")))
                 except Exception as exc:  # an unreadable chunk is damage too
                     damaged[shard.name] = f"{path}: cannot read its rows ({type(exc).__name__}: {exc})"
                     break
@@ -410,7 +410,7 @@ class FeatureStore:
             self._check_generation()
             commits = self.committed()
             shards = self.shards
-            self.staging.merge(shards, set(commits), self.array)
+            self.staging.merge(shards, {name: rec.get("staging") for name, rec in commits.items()}, self.array)
             valid = self.array(VALID)[:]
             valid_rows = int(sum(valid[s.offset:s.end].sum() for s in shards if s.name in commits))
             complete = all(s.name in commits for s in shards)

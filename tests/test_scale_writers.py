@@ -145,7 +145,17 @@ def test_two_instances_given_the_same_shards_at_once_leave_a_correct_store(corpu
 def test_a_second_attempt_at_a_shard_leaves_the_first_attempts_staged_rows_alone(s3):
     """The race above, step by step: the relaunch opens its writer while the first instance has staged its
     boundary rows but not committed yet; both then commit (in either order) and finalize merges one of them."""
-    from test_store import LAYERS, UNEQUAL, Target, create, expected_arrays, expected_row, make_shards, read_arrays, write_rows
+    from test_store import (
+        LAYERS,
+        UNEQUAL,
+        Target,
+        create,
+        expected_arrays,
+        expected_row,
+        make_shards,
+        read_arrays,
+        write_rows,
+    )
 
     target = Target("s3://test-bucket/race.zarr", s3)
     store = create(target)

@@ -13,14 +13,6 @@ import time
 from typing import Any
 from uuid import UUID
 
-from neuropredictor_flows.extract import (
-    ExtractParameters,
-    finalize_task,
-    plan_task,
-    report_artifacts,
-    summarize,
-    validate_task,
-)
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
@@ -30,6 +22,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from neuropredictor_flows.extract import ExtractParameters, finalize_task, plan_task, report_artifacts, summarize, validate_task
 from neuropredictor import schedule
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.store import FeatureStore

@@ -180,8 +180,11 @@ class FeatureStore:
     def _fresh_status(self) -> StoreStatus:
         return StoreStatus.PLANNED if self.generation is not None else StoreStatus.PLANNING
 
-    def _build_manifest(self, status: StoreStatus, valid_rows: int | None = None) -> dict:
-        commits, failures = self.records.by_kind() if self.generation is not None else ({}, {})
+    def _build_manifest(self, status: StoreStatus, valid_rows: int | None = None,
+                        records: tuple[dict, dict] | None = None) -> dict:
+        if records is None:
+            records = self.records.by_kind() if self.generation is not None else ({}, {})
+        commits, failures = records
         return mf.build_manifest(config=self._plan["config"], layers=self._plan["layers"], shards=self.shards,
                                  storage=self._plan["storage"], status=status, commits=commits, failures=failures,
                                  valid_rows=valid_rows, created=self._plan.get("created"),
@@ -408,22 +411,35 @@ class FeatureStore:
         self._require_writable()
         with locks.acquire(self._fs, f"{self._root}/{LOCKS_DIR}/finalize.json", "finalizing", wait_s):
             self._check_generation()
-            commits = self.committed()
+            records = self.records.by_kind()  # read once: a request per shard
+            commits = records[0]
             shards = self.shards
             self.staging.merge(shards, {name: rec.get("staging") for name, rec in commits.items()}, self.array)
-            valid = self.array(VALID)[:]
-            valid_rows = int(sum(valid[s.offset:s.end].sum() for s in shards if s.name in commits))
+            valid_rows = self._valid_rows([s for s in shards if s.name in commits], commits)
             complete = all(s.name in commits for s in shards)
             zs = self.zarr_store()
             with quiet_zarr():
                 zarr.consolidate_metadata(zs, path=FEATURES)
                 zarr.consolidate_metadata(zs)
-            manifest = self._build_manifest(StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL, valid_rows)
+            manifest = self._build_manifest(StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL, valid_rows,
+                                            records)
             # Written last: 'complete' in the manifest means the data and the metadata are sealed.
             fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
         self._manifest = manifest
         self.repairs.clear()
         return manifest
+
+
+    def _valid_rows(self, committed: list[Shard], commits: Mapping[str, dict]) -> int:
+        """Valid rows of the committed shards: as each writer counted the valid flags it stored (its commit
+        record's stats); the rows of shards whose record lacks that count (older versions) are read."""
+        counted = [commits[s.name].get("stats", {}).get("valid") for s in committed]
+        total = sum(int(c) for c in counted if isinstance(c, int))
+        unread = [s for s, c in zip(committed, counted) if not isinstance(c, int)]
+        if unread:
+            valid = self.array(VALID)[:]
+            total += int(sum(valid[s.offset:s.end].sum() for s in unread))
+        return total
 
 
 def plan_entry(shard: Shard) -> dict:

@@ -89,7 +89,8 @@ class ShardWriter:
         self._next = 0
         self._closed = False
         self._committed: dict | None = None
-        self._stats = {"rows": 0, "padded_rows": 0, "bytes": 0, "chunks": 0, "staged_objects": 0}
+        self._stats = {"rows": 0, "padded_rows": 0, "bytes": 0, "chunks": 0, "staged_objects": 0,
+                       "valid": 0}  # valid: the rows stored with valid True (what finalize counts)
         self._buffers: dict[str, _ArrayBuffer] = {}
         for lay in self._layers:
             path = feature_path(lay.name)
@@ -147,6 +148,7 @@ class ShardWriter:
             self._flush(buf, final=False)
         self._next += n
         self._stats["rows"] += n
+        self._stats["valid"] += int(valid.sum())
 
     def close(self) -> dict:
         """Write what is buffered, padding rows never written with fill (NaN, "", invalid), so a shard

@@ -234,6 +234,33 @@ def simulate(n: int, rows: int = 4, workers: int = 8, bad_every: int = 10, emit:
     return out
 
 
+def plot(lines: list[dict], path: str) -> None:
+    """Log-log plot of each stage's seconds and S3 requests against the number of shards."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in dict.fromkeys(line["stage"] for line in lines) if any("seconds" in x for x in lines
+                                                                             if x["stage"] == s)]
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for stage in stages:
+        pts = sorted((x["shards"], x["seconds"], x["requests_total"]) for x in lines if x["stage"] == stage)
+        n = [p[0] for p in pts]
+        ax_t.plot(n, [max(p[1], 1e-3) for p in pts], marker="o", label=stage)
+        ax_r.plot(n, [p[2] for p in pts], marker="o", label=stage)
+    for ax, what in ((ax_t, "wall time (s)"), (ax_r, "S3 requests")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("shards")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_r.legend(fontsize=8)
+    fig.suptitle("Scale simulation on moto S3 (benchmarks/scale_sim.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=100)
@@ -241,10 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=8, help="threads writing shards at once")
     p.add_argument("--bad-every", type=int, default=10, help="one bad sample in every k-th shard")
     p.add_argument("--children", type=int, default=600, help="child runs for the parent's polling rate")
+    p.add_argument("--plot", nargs="+", metavar=("PNG", "JSONL"),
+                   help="plot recorded runs (JSON lines files) into PNG instead of simulating")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
         _serve(args.serve)
+        return
+    if args.plot:
+        lines = [json.loads(x) for f in args.plot[1:] for x in open(f) if x.strip()]
+        plot(lines, args.plot[0])
         return
     simulate(args.shards, args.rows, args.workers, args.bad_every,
              emit=lambda line: print(json.dumps(line), flush=True), polling_children=args.children)

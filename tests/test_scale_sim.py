@@ -32,6 +32,8 @@ def test_requests_per_shard_are_constant(scale_sim):
     # the manifest grows with the shards, well inside 20 MB at 10,000 shards (linear extrapolation)
     per_shard = large["finalize"]["manifest_bytes"] / 40
     assert per_shard * 10_000 < 20e6
+    # a shard's skip check and generation checks are single GETs: no size request, no listing per shard
+    assert large["commit"]["requests"].get("LIST", 0) <= 2 and large["commit"]["requests"].get("HEAD", 0) <= 40
     # finalize reads each commit record once, and counts valid rows from them, not from the valid chunks
     assert large["finalize"]["requests"]["GET"] <= 40 + 20
     assert large["finalize"]["requests_total"] <= 40 + 70

@@ -47,7 +47,7 @@ from neuropredictor.store.layout import (
     plan_all_chunk_rows,
     quiet_zarr,
 )
-from neuropredictor.store.records import Records
+from neuropredictor.store.records import Records, read_small_json
 from neuropredictor.store.staging import Staging
 from neuropredictor.store.writer import ShardWriter
 
@@ -193,7 +193,7 @@ class FeatureStore:
     def _check_generation(self) -> None:
         """Raise if the store was replaced since this object opened it (another run's overwrite)."""
         try:
-            current = fsx.read_json_or_none(self._fs, f"{self._root}/{GENERATION}")
+            current = read_small_json(self._fs, f"{self._root}/{GENERATION}")  # every few seconds per writer
         except ValueError:
             current = None
         now = current.get("generation") if isinstance(current, dict) else None

@@ -10,6 +10,8 @@ dies is simply run again, and re-running the parent resumes.
 from __future__ import annotations
 
 import time
+from typing import Any
+from uuid import UUID
 
 from neuropredictor_flows.extract import (
     ExtractParameters,
@@ -22,6 +24,8 @@ from neuropredictor_flows.extract import (
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import State
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import Field
@@ -43,6 +47,20 @@ class DistributedParameters(ExtractParameters):
 
 
 _TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# Child runs per `read_flow_runs` request: a Prefect server answers at most its default limit (200) per
+# request. The parent's load on the server is one request per POLL_PAGE running children per poll, not
+# one per child (600 children polled every 10 s: 0.3 requests/s instead of 60).
+POLL_PAGE = 200
+
+
+def child_states(client: Any, run_ids: list[UUID]) -> dict[UUID, State | None]:
+    """The current state of each child run, read in pages of POLL_PAGE runs."""
+    out: dict[UUID, State | None] = {}
+    for i in range(0, len(run_ids), POLL_PAGE):
+        page = run_ids[i:i + POLL_PAGE]
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page))
+        out.update({run.id: run.state for run in runs})
+    return out
 
 
 @flow(name="extract-distributed", validate_parameters=True)
@@ -60,7 +78,7 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     child_fields = set(ExtractParameters.model_fields)
     base = params.model_dump(mode="json", include=child_fields)
     attempts = [0] * len(groups)
-    running: dict[int, object] = {}
+    running: dict[int, UUID] = {}
 
     def launch(i: int) -> None:
         attempts[i] += 1
@@ -80,8 +98,9 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     with get_client(sync_client=True) as client:
         while running and time.monotonic() < deadline:
             time.sleep(params.poll_seconds)
+            states = child_states(client, list(running.values()))
             for i, run_id in list(running.items()):
-                state = client.read_flow_run(run_id).state
+                state = states.get(run_id)
                 if state is None or state.type.value not in _TERMINAL:
                     continue
                 del running[i]

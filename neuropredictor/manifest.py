@@ -42,7 +42,7 @@ _SOFTWARE = {
 # Commit-record fields that the manifest's shard entry takes over itself; any other field of a
 # commit record (images_per_s, stats, committed_at...) is passed through unchanged.
 _SHARD_FIELDS = ("name", "url", "count", "offset", "status", "attempts", "duration_s", "device", "host", "error")
-_RECORD_INTERNAL = {"kind", "shard", "bad_samples", "generation", "config_hash", "checksums"}
+_RECORD_INTERNAL = {"kind", "shard", "bad_samples", "generation", "config_hash", "checksums", "staging"}
 
 
 def now_iso() -> str:

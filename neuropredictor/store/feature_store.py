@@ -47,7 +47,7 @@ from neuropredictor.store.layout import (
     plan_all_chunk_rows,
     quiet_zarr,
 )
-from neuropredictor.store.records import Records
+from neuropredictor.store.records import Records, read_small_json
 from neuropredictor.store.staging import Staging
 from neuropredictor.store.writer import ShardWriter
 
@@ -181,8 +181,11 @@ class FeatureStore:
     def _fresh_status(self) -> StoreStatus:
         return StoreStatus.PLANNED if self.generation is not None else StoreStatus.PLANNING
 
-    def _build_manifest(self, status: StoreStatus, valid_rows: int | None = None) -> dict:
-        commits, failures = self.records.by_kind() if self.generation is not None else ({}, {})
+    def _build_manifest(self, status: StoreStatus, valid_rows: int | None = None,
+                        records: tuple[dict, dict] | None = None) -> dict:
+        if records is None:
+            records = self.records.by_kind() if self.generation is not None else ({}, {})
+        commits, failures = records
         return mf.build_manifest(config=self._plan["config"], layers=self._plan["layers"], shards=self.shards,
                                  storage=self._plan["storage"], status=status, commits=commits, failures=failures,
                                  valid_rows=valid_rows, created=self._plan.get("created"),
@@ -191,7 +194,7 @@ class FeatureStore:
     def _check_generation(self) -> None:
         """Raise if the store was replaced since this object opened it (another run's overwrite)."""
         try:
-            current = fsx.read_json_or_none(self._fs, f"{self._root}/{GENERATION}")
+            current = read_small_json(self._fs, f"{self._root}/{GENERATION}")  # every few seconds per writer
         except ValueError:
             current = None
         now = current.get("generation") if isinstance(current, dict) else None
@@ -339,13 +342,13 @@ class FeatureStore:
     def writer(self, shard: Shard) -> ShardWriter:
         """A writer for one attempt at a shard (see `ShardWriter`). Opens the arrays with mode r+ (never
         re-creates them). Withdraws an earlier commit of the shard (its rows are about to be rewritten,
-        so they are no longer trusted) and drops its stale staged rows."""
+        so they are no longer trusted). Its staged rows go to a folder of this attempt's own; finalize
+        merges the committed attempt's and deletes the others."""
         self._require_writable()
         shard = self.planned(shard)
         self._check_generation()
         self.records.withdraw(shard.name)
         staging = self.staging
-        staging.clear(shard)
         return ShardWriter(shard, {path: self.array(path) for path in self.chunk_rows}, self.layers, self.dtype,
                            self.chunk_rows, self.rows, staging, self.records, self._check_generation)
 
@@ -380,7 +383,7 @@ class FeatureStore:
                     break
                 try:
                     digest = RowDigest()
-                    digest.update(staged.rows_as_stored(shard, path, self.array(path)))
+                    digest.update(staged.rows_as_stored(shard, path, self.array(path), rec.get("staging")))
                 except Exception as exc:  # an unreadable chunk is damage too
                     damaged[shard.name] = f"{path}: cannot read its rows ({type(exc).__name__}: {exc})"
                     break
@@ -410,22 +413,35 @@ class FeatureStore:
         self._require_writable()
         with locks.acquire(self._fs, f"{self._root}/{LOCKS_DIR}/finalize.json", "finalizing", wait_s):
             self._check_generation()
-            commits = self.committed()
+            records = self.records.by_kind()  # read once: a request per shard
+            commits = records[0]
             shards = self.shards
-            self.staging.merge(shards, set(commits), self.array)
-            valid = self.array(VALID)[:]
-            valid_rows = int(sum(valid[s.offset:s.end].sum() for s in shards if s.name in commits))
+            self.staging.merge(shards, {name: rec.get("staging") for name, rec in commits.items()}, self.array)
+            valid_rows = self._valid_rows([s for s in shards if s.name in commits], commits)
             complete = all(s.name in commits for s in shards)
             zs = self.zarr_store()
             with quiet_zarr():
                 zarr.consolidate_metadata(zs, path=FEATURES)
                 zarr.consolidate_metadata(zs)
-            manifest = self._build_manifest(StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL, valid_rows)
+            manifest = self._build_manifest(StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL, valid_rows,
+                                            records)
             # Written last: 'complete' in the manifest means the data and the metadata are sealed.
             fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
         self._manifest = manifest
         self.repairs.clear()
         return manifest
+
+
+    def _valid_rows(self, committed: list[Shard], commits: Mapping[str, dict]) -> int:
+        """Valid rows of the committed shards: as each writer counted the valid flags it stored (its commit
+        record's stats); the rows of shards whose record lacks that count (older versions) are read."""
+        counted = [commits[s.name].get("stats", {}).get("valid") for s in committed]
+        total = sum(int(c) for c in counted if isinstance(c, int))
+        unread = [s for s, c in zip(committed, counted) if not isinstance(c, int)]
+        if unread:
+            valid = self.array(VALID)[:]
+            total += int(sum(valid[s.offset:s.end].sum() for s in unread))
+        return total
 
 
 def plan_entry(shard: Shard) -> dict:

@@ -10,7 +10,7 @@
   manifest.json                  the run record (neuropredictor.manifest)
   _status/<shard>.json           commit record, written after the shard's data
   _status/<shard>.failed.json    last failure of a shard (does not count as committed)
-  _staging/<shard>/<array>/<chunk>.npy   a shard's rows of chunks it shares with a neighbour
+  _staging/<shard>/<attempt>/<array>/<chunk>.npy   a shard attempt's rows of chunks shared with a neighbour
 ```
 """
 

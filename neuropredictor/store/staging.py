@@ -3,15 +3,17 @@
 Object stores have no locks and zarr takes none, so no two shard writers may write the same stored
 object. Chunks run along the sample axis; a writer writes directly only the chunks that lie entirely
 inside its shard's rows. Its rows of a chunk shared with a neighbouring shard (a "boundary chunk") go
-to a small staged object of its own, `_staging/<shard>/<array>/<chunk>.npy`; finalize, the single
-writer of shared chunks, merges the staged rows of committed shards into the real chunks. Chunk sizes
-are chosen so that equal-size shards share no chunk at all and stage nothing.
+to a small staged object of its own attempt, `_staging/<shard>/<attempt>/<array>/<chunk>.npy`; the
+shard's commit record names the attempt, and finalize, the single writer of shared chunks, merges the
+staged rows of each committed attempt into the real chunks. Two instances writing one shard at once (a
+relaunched worker whose first instance still runs) thus never delete or overwrite each other's staged
+rows. Chunk sizes are chosen so that equal-size shards share no chunk at all and stage nothing.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,32 +44,30 @@ class Staging:
         base = f"{self._root}/{STAGING_DIR}"
         return base if shard_name is None else f"{base}/{safe_name(shard_name)}"
 
-    def path(self, shard_name: str, array_path: str, chunk: int) -> str:
-        return f"{self.folder(shard_name)}/{array_path}/{chunk}.npy"
+    def path(self, shard_name: str, array_path: str, chunk: int, attempt: str | None) -> str:
+        # attempt None: a store written before attempts had folders of their own
+        base = self.folder(shard_name) if attempt is None else f"{self.folder(shard_name)}/{attempt}"
+        return f"{base}/{array_path}/{chunk}.npy"
 
     def boundary(self, shard: Shard, array_path: str) -> list[int]:
         return boundary_chunks(int(shard.offset), int(shard.count), self.chunk_rows[array_path], self.total)
 
-    def expected(self, shard: Shard) -> list[str]:
-        """The staged objects a complete write of this shard leaves behind."""
-        return [self.path(shard.name, path, k) for path in self.chunk_rows for k in self.boundary(shard, path)]
+    def expected(self, shard: Shard, attempt: str | None) -> list[str]:
+        """The staged objects a complete write of this attempt at the shard leaves behind."""
+        return [self.path(shard.name, path, k, attempt) for path in self.chunk_rows for k in self.boundary(shard, path)]
 
-    def clear(self, shard: Shard) -> None:
-        """Drop a shard's staged rows (a new attempt writes them again)."""
-        if self.expected(shard):
-            fsx.remove_tree(self._fs, self.folder(shard.name))
+    def put(self, shard_name: str, array_path: str, chunk: int, attempt: str, block: np.ndarray) -> None:
+        fsx.write_bytes_atomic(self._fs, self.path(shard_name, array_path, chunk, attempt), _npy_bytes(block))
 
-    def put(self, shard_name: str, array_path: str, chunk: int, block: np.ndarray) -> None:
-        fsx.write_bytes_atomic(self._fs, self.path(shard_name, array_path, chunk), _npy_bytes(block))
-
-    def check_complete(self, shard: Shard) -> None:
-        """Raise unless every staged object of the shard exists (before its commit record is written)."""
-        expected = self.expected(shard)
+    def check_complete(self, shard: Shard, attempt: str) -> None:
+        """Raise unless every staged object of the attempt exists (before its commit record is written)."""
+        expected = self.expected(shard, attempt)
         if not expected:
             return
-        fsx.invalidate(self._fs, self.folder(shard.name))
+        folder = f"{self.folder(shard.name)}/{attempt}"
+        fsx.invalidate(self._fs, folder)
         try:
-            present = {self._fs._strip_protocol(p) for p in self._fs.find(self.folder(shard.name))}
+            present = {self._fs._strip_protocol(p) for p in self._fs.find(folder)}
         except FileNotFoundError:
             present = set()
         missing = [p for p in expected if self._fs._strip_protocol(p) not in present]
@@ -75,12 +75,12 @@ class Staging:
             raise StoreError(f"shard {shard.name!r}: {len(missing)} staged boundary object(s) missing "
                              f"(e.g. {missing[0]}); write the shard again before committing it")
 
-    def rows_as_stored(self, shard: Shard, array_path: str, arr: Any) -> np.ndarray:
+    def rows_as_stored(self, shard: Shard, array_path: str, arr: Any, attempt: str | None) -> np.ndarray:
         """The shard's rows of one array as a reader will see them after finalize: the array's rows, with
-        the pieces of boundary chunks still waiting in staging laid over them."""
+        the pieces of boundary chunks the committed attempt still has waiting in staging laid over them."""
         rows = np.array(arr[shard.offset:shard.end])
         for k in self.boundary(shard, array_path):
-            path = self.path(shard.name, array_path, k)
+            path = self.path(shard.name, array_path, k, attempt)
             try:
                 piece = np.load(io.BytesIO(self._fs.cat_file(path)), allow_pickle=False)
             except FileNotFoundError:
@@ -89,10 +89,12 @@ class Staging:
             rows[start:start + len(piece)] = piece
         return rows
 
-    def merge(self, shards: Sequence[Shard], committed: set[str], open_array: Callable[[str], Any]) -> list[str]:
-        """Write the staged rows of committed shards into their boundary chunks, then delete them; returns
-        the shards merged. Rows merged by an earlier call are kept (a chunk is rebuilt from its current
-        contents plus the new rows); rows of uncommitted shards stay staged."""
+    def merge(self, shards: Sequence[Shard], committed: Mapping[str, str | None],
+              open_array: Callable[[str], Any]) -> list[str]:
+        """Write the staged rows of committed shards (name -> committed attempt) into their boundary chunks,
+        then delete the shards' staged rows (of every attempt); returns the shards merged. Rows merged by an
+        earlier call are kept (a chunk is rebuilt from its current contents plus the new rows); rows of
+        uncommitted shards stay staged."""
         fs = self._fs
         staging = self.folder()
         fsx.invalidate(fs, staging)
@@ -115,7 +117,7 @@ class Staging:
                 for s in members:
                     if s.name not in committed:
                         continue
-                    p = fs._strip_protocol(self.path(s.name, path, k))
+                    p = fs._strip_protocol(self.path(s.name, path, k, committed[s.name]))
                     if p in present:
                         pieces.append((max(k * rows, s.offset), p))
                         merged.add(s.name)
@@ -125,7 +127,10 @@ class Staging:
                     todo.append((k, pieces, merged_before))
             if todo:
                 self._merge_chunks(open_array(path), rows, todo)
-        for name in sorted(merged):
+        # every committed shard's staged rows go: its merged attempt's, and those of attempts that lost
+        base = fs._strip_protocol(staging).rstrip("/") + "/"
+        held = {p[len(base):].split("/", 1)[0] for p in present if p.startswith(base)}
+        for name in sorted(n for n in committed if safe_name(n) in held):
             fsx.remove_tree(fs, self.folder(name))
         if merged and fsx.is_local(fs):
             try:  # only if empty: other shards may still have rows waiting

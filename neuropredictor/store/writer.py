@@ -8,6 +8,7 @@ rows never written), checks that every staged object exists and writes the commi
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -81,11 +82,15 @@ class ShardWriter:
         self._staging, self._records = staging, records
         # raises once the store has been replaced: a stale writer stops instead of writing into the new one
         self._check_generation = check_generation
+        # this attempt's own staging folder, named in its commit record: a concurrent attempt at the same
+        # shard (a relaunched worker while the first still runs) never touches it
+        self.attempt = uuid.uuid4().hex[:16]
         self._checked_at = time.monotonic()
         self._next = 0
         self._closed = False
         self._committed: dict | None = None
-        self._stats = {"rows": 0, "padded_rows": 0, "bytes": 0, "chunks": 0, "staged_objects": 0}
+        self._stats = {"rows": 0, "padded_rows": 0, "bytes": 0, "chunks": 0, "staged_objects": 0,
+                       "valid": 0}  # valid: the rows stored with valid True (what finalize counts)
         self._buffers: dict[str, _ArrayBuffer] = {}
         for lay in self._layers:
             path = feature_path(lay.name)
@@ -143,6 +148,7 @@ class ShardWriter:
             self._flush(buf, final=False)
         self._next += n
         self._stats["rows"] += n
+        self._stats["valid"] += int(valid.sum())
 
     def close(self) -> dict:
         """Write what is buffered, padding rows never written with fill (NaN, "", invalid), so a shard
@@ -168,10 +174,11 @@ class ShardWriter:
         if self._committed is not None:
             return self._committed
         stats = self.close()
-        self._staging.check_complete(self._shard)
+        self._staging.check_complete(self._shard, self.attempt)
         self._check_generation()
         checksums = {path: buf.digest.hexdigest() for path, buf in self._buffers.items()}
-        self._committed = self._records.write_commit(self._shard, dict(record or {}, checksums=checksums), stats)
+        self._committed = self._records.write_commit(
+            self._shard, dict(record or {}, checksums=checksums, staging=self.attempt), stats)
         return self._committed
 
     def __enter__(self) -> ShardWriter:
@@ -205,7 +212,7 @@ class ShardWriter:
                 self._write_own(buf, data, lo, own_lo, own_hi)
                 own_lo = own_hi = None
                 block = data[a - lo:b - lo]
-                self._staging.put(self._shard.name, buf.path, k, block)
+                self._staging.put(self._shard.name, buf.path, k, self.attempt, block)
                 self._stats["staged_objects"] += 1
                 self._stats["bytes"] += _nbytes(block)
             k += 1

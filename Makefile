@@ -10,8 +10,8 @@ OUT    ?= demo-output
 
 $(BIN)/neuropredictor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/neuropredictor

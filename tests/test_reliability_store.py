@@ -4,7 +4,6 @@ a changed corpus. Each case compares with a clean run of the same configuration,
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import zarr
 from conftest import make_images
 from neuropredictor import ExtractConfig, run
 from neuropredictor.corpus import make_shards
-from neuropredictor.errors import ConfigMismatchError, StoreError
+from neuropredictor.errors import StoreError
 from neuropredictor.store import FeatureStore, locks
 from neuropredictor.store import writer as store_writer
 

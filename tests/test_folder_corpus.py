@@ -87,3 +87,25 @@ def test_added_images_extend_the_corpus(tmp_path: Path):
         run(_config(images, out))
     run(_config(images, out, overwrite=True))
     assert len(_features(out)[0]) == 9
+
+
+def test_keys_shared_by_two_shard_folders_are_reported(tmp_path: Path):
+    """Two stimulus sets packed apart, with the same file names, in one corpus: plan cannot see it (the
+    shards are counted from their index.json), so finalize names the repeated keys and their rows."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    for name in ("set1", "set2"):
+        make_images(tmp_path / name, 3, seed=len(name), nested=False)
+        make_shards(tmp_path / name, str(tmp_path / f"{name}-shards"), prefix=name)
+    out = tmp_path / "f.zarr"
+    manifest = run(ExtractConfig(corpus=[str(tmp_path / "set1-shards"), str(tmp_path / "set2-shards")], model=MODEL,
+                                 layers=["layer2"], reduce="avgpool", out=str(out), pretrained=False, num_workers=0))
+    assert manifest["duplicate_keys"] == {"count": 3, "examples": {"img0000": [0, 3], "img0001": [1, 4],
+                                                                   "img0002": [2, 5]}}
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert "3 key(s) name more than one row" in shown.output and "'img0000' rows 0, 3" in shown.output
+    assert json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json"]).output)["duplicate_keys"]["count"] == 3

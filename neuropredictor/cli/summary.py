@@ -26,6 +26,7 @@ def summarize(manifest: dict, url: str) -> dict:
         "shards": {"total": len(shards), **by_status},
         "failed": [{"name": s["name"], "error": s.get("error")} for s in shards if s["status"] == "failed"],
         "bad_samples": manifest.get("bad_samples", []),
+        "duplicate_keys": manifest.get("duplicate_keys", {}),
         "images_per_s": round(rows / secs, 1) if secs else None,
         "config_hash": manifest.get("config_hash"),
     }
@@ -53,6 +54,11 @@ def print_summary(summary: dict) -> None:
         console.print(escape(f"  bad sample {bad['key']} ({bad['shard']}): {bad['reason']}"), highlight=False)
     if len(summary["bad_samples"]) > 10:
         console.print(f"  ... and {len(summary['bad_samples']) - 10} more (see manifest.json)")
+    if dupes := summary["duplicate_keys"]:
+        shown = "; ".join(f"{k!r} rows {', '.join(map(str, rows))}" for k, rows in list(dupes["examples"].items())[:3])
+        console.print(escape(f"warning: {dupes['count']} key(s) name more than one row ({shown}): the corpus joins "
+                             "images of the same relative path; align by row, or give them unique names"),
+                      style="yellow", highlight=False)
     for f in summary["failed"]:
         console.print(f"  [red]failed[/] {escape(f['name'])}: {escape(str(f['error']))}", highlight=False)
     if log_file():

@@ -425,12 +425,26 @@ class FeatureStore:
                 zarr.consolidate_metadata(zs)
             manifest = self._build_manifest(StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL, valid_rows,
                                             records)
+            if complete and (dupes := self._duplicate_keys()):
+                manifest["duplicate_keys"] = dupes
             # Written last: 'complete' in the manifest means the data and the metadata are sealed.
             fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
         self._manifest = manifest
         self.repairs.clear()
         return manifest
 
+
+    def _duplicate_keys(self, shown: int = 20) -> dict:
+        """Keys that more than one row carries (shards made apart from each other can share names: plan
+        checks only the shards it scans), as {"count": n, "examples": {key: [rows]}}; {} when all differ."""
+        with quiet_zarr():
+            keys = np.asarray(zarr.open_array(self.zarr_store(), path=KEYS, mode="r")[:], dtype=object)
+        values, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        repeated = values[counts > 1]
+        if not len(repeated):
+            return {}
+        examples = {str(k): [int(r) for r in np.flatnonzero(keys == k)] for k in repeated[:shown]}
+        return {"count": int(len(repeated)), "examples": examples}
 
     def _valid_rows(self, committed: list[Shard], commits: Mapping[str, dict]) -> int:
         """Valid rows of the committed shards: as each writer counted the valid flags it stored (its commit

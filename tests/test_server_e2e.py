@@ -112,7 +112,11 @@ def _cli(env: dict, *args: str, timeout: float = 180) -> str:
 def _wait_run(client: httpx.Client, run_id: str, procs: Processes, timeout: float = 420) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = client.get(f"/flow_runs/{run_id}").raise_for_status().json()
+        response = client.get(f"/flow_runs/{run_id}")
+        if response.status_code == 503:  # busy, as above: ask again at the next poll
+            time.sleep(1)
+            continue
+        run = response.raise_for_status().json()
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         time.sleep(1)
@@ -120,7 +124,12 @@ def _wait_run(client: httpx.Client, run_id: str, procs: Processes, timeout: floa
 
 
 def _trigger(client: httpx.Client, deployment_id: str, params: dict) -> str:
-    response = client.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"params": params}})
+    # a loaded SQLite server answers 503 while its database is busy: a client tries again, a few times
+    for _ in range(5):
+        response = client.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"params": params}})
+        if response.status_code != 503:
+            break
+        time.sleep(3)
     response.raise_for_status()
     return response.json()["id"]
 

@@ -425,7 +425,10 @@ class FeatureStore:
                 zarr.consolidate_metadata(zs)
             manifest = self._build_manifest(StoreStatus.COMPLETE if complete else StoreStatus.PARTIAL, valid_rows,
                                             records)
-            if complete and (dupes := self._duplicate_keys()):
+            # one folder of shards had its keys checked at plan or by the `shards make` that wrote its
+            # index.json; shards of several folders are checked here, once their keys are written
+            several_folders = len({fsx.parent(s.url) for s in shards}) > 1
+            if complete and several_folders and (dupes := self._duplicate_keys()):
                 manifest["duplicate_keys"] = dupes
             # Written last: 'complete' in the manifest means the data and the metadata are sealed.
             fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
@@ -435,8 +438,8 @@ class FeatureStore:
 
 
     def _duplicate_keys(self, shown: int = 20) -> dict:
-        """Keys that more than one row carries (shards made apart from each other can share names: plan
-        checks only the shards it scans), as {"count": n, "examples": {key: [rows]}}; {} when all differ."""
+        """Keys that more than one row carries (shards packed apart can share names: plan checks only the
+        shards it scans), as {"count": n, "examples": {key: [rows]}}; {} when all differ. Reads every key."""
         with quiet_zarr():
             keys = np.asarray(zarr.open_array(self.zarr_store(), path=KEYS, mode="r")[:], dtype=object)
         values, first, counts = np.unique(keys, return_index=True, return_counts=True)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from run import plot  # benchmarks/run.py: the same ceiling-vs-pipeline chart
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE = Path("/tmp/site")
 
@@ -137,31 +139,6 @@ def run_encode(out: Path, env: dict, device: str) -> dict:
         return {"error": proc.stderr[-2000:]}
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = {k: v for k, v in results.items() if "pipeline" in v}
-    if not ok:
-        return
-    names = list(ok)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [ok[n]["ceiling"]["images_per_s"] for n in names], 0.4, label="ceiling")
-    ax.bar([i + 0.2 for i in x], [ok[n]["pipeline"]["images_per_s"] for n in names], 0.4, label="pipeline")
-    for i, n in enumerate(names):
-        ax.text(i + 0.2, ok[n]["pipeline"]["images_per_s"], f"{ok[n]['efficiency']:.2f}", ha="center", va="bottom",
-                fontsize=7)
-    ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("images / s")
-    ax.set_title(f"{next(iter(ok.values()))['device']}: ceiling vs pipeline (label: pipeline / ceiling)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or f"benchmarks/results/gpu-{dt.date.today()}")
@@ -187,7 +164,9 @@ def main() -> None:
         record["tests"] = run_tests(out, env)
     if "cases" in steps:
         record.setdefault("cases", {}).update(run_cases(out, env, args.cases.split(","), args.images, args.device))
-        plot(record["cases"], out / "gpu-throughput.png")
+        measured = [{"case": name, **r} for name, r in record["cases"].items() if "pipeline" in r]
+        if measured:
+            plot(measured, out / "gpu-throughput.png")
     if "profile" in steps:
         sys.path[:0] = [p for p in env["PYTHONPATH"].split(":") if p]
         from neuropredictor.bench import make_corpus

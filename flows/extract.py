@@ -103,7 +103,8 @@ def validate_task(config: ExtractConfig) -> list[Shard]:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
     store = pipeline.plan(config, shards)
-    return {"shards": len(store.shards), "rows": store.rows, "replaced": store.replaced, "withdrawn": store.withdrawn}
+    return {"shards": len(store.shards), "rows": store.rows, "replaced": store.replaced, "withdrawn": store.withdrawn,
+            "committed": sorted(store.committed_at_plan or ())}
 
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
@@ -148,7 +149,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
         logger.info("overwrite: replaced the store made with another configuration; deleted %s",
                     ", ".join(planned["replaced"]["deleted"]))
     _emit("planned", schedule.planned_event(store, planned))
-    groups = schedule.pending_groups(store, params.shards, params.shards_per_task)
+    groups = schedule.pending_groups(store, params.shards, params.shards_per_task, planned)
     todo_rows = sum(s.count for g in groups for s in g)
     logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],
                 todo_rows, ", ".join(devices))

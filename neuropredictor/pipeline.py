@@ -216,13 +216,15 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
         raise StoreError(f"cannot write the output store {redact_text(config.out)!r}: {type(exc).__name__}: "
                          f"{redact_text(str(exc))}. Choose an `out` you can write to, or fix its permissions "
                          "or free space.") from exc
-    _refuse_changed_files(store, shards, config)
+    commits = store.committed()  # read once, here, for the whole plan
+    _refuse_changed_files(store, shards, config, commits)
     if config.verify:
         damaged = store.verify()
         if damaged:
             log.warning("%d committed shard(s) are damaged and run again: %s", len(damaged),
                         "; ".join(f"{k}: {v}" for k, v in sorted(damaged.items())))
             store.withdraw(damaged)
+    store.committed_at_plan = frozenset(name for name in commits if name not in store.withdrawn)
     return store
 
 
@@ -287,10 +289,10 @@ class _BackgroundWriter:
         self._raise()
 
 
-def _refuse_changed_files(store: FeatureStore, shards: list[Shard], config: ExtractConfig) -> None:
+def _refuse_changed_files(store: FeatureStore, shards: list[Shard], config: ExtractConfig,
+                          commits: dict[str, dict]) -> None:
     """A committed shard whose file changed since its rows were extracted would leave the store mixing two
     versions of the corpus: refuse, naming the shards; with overwrite=True, extract those shards again."""
-    commits = store.committed()
     changed = [s.name for s in shards if s.name in commits and "source" in commits[s.name]
                and changed_since(commits[s.name]["source"], s, config.storage_options)]
     if changed and config.overwrite:

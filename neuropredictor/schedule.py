@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -75,9 +75,20 @@ class RetryPolicy:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def pending_groups(store: FeatureStore, names: Sequence[str] | None = None, per_group: int = 1) -> list[list[Shard]]:
+def committed_names(store: FeatureStore, planned: dict | None = None) -> Collection[str]:
+    """The shards committed as the plan found them: from `planned` (what `plan` returned where it ran in
+    another task or process) or the store's own plan; read now (one listing) for a store that was opened."""
+    if planned is not None and "committed" in planned:
+        return planned["committed"]
+    if store.committed_at_plan is not None:
+        return store.committed_at_plan
+    return store.committed().keys()
+
+
+def pending_groups(store: FeatureStore, names: Sequence[str] | None = None, per_group: int = 1,
+                   planned: dict | None = None) -> list[list[Shard]]:
     """The store's shards without a commit record (only `names`, if given), in order, in groups of
-    `per_group`. One listing of the commit records, not a request per shard."""
+    `per_group`; committed as `committed_names` tells."""
     shards = store.shards
     if names is not None:
         unknown = sorted(set(names) - {s.name for s in shards})
@@ -85,7 +96,7 @@ def pending_groups(store: FeatureStore, names: Sequence[str] | None = None, per_
             raise NeuroPredictorError(f"shards {unknown[:5]} are not in the corpus of the store {store.url}")
         wanted = set(names)
         shards = [s for s in shards if s.name in wanted]
-    done = store.committed()
+    done = committed_names(store, planned)
     todo = [s for s in shards if s.name not in done]
     return [todo[i:i + per_group] for i in range(0, len(todo), per_group)]
 
@@ -180,7 +191,7 @@ def planned_event(store: FeatureStore, planned: dict | None = None) -> dict:
     """The "planned" progress event's data: rows and shards in total and already committed; what
     `overwrite=True` deleted (`FeatureStore.replaced`) and the damaged shards `verify=True` took back
     (`FeatureStore.withdrawn`), from `store` or, when the plan ran elsewhere, from its `planned` dict."""
-    done = store.committed()
+    done = committed_names(store, planned)
     committed = [s for s in store.shards if s.name in done]
     planned = planned or {}
     return {"rows": store.rows, "committed_rows": sum(s.count for s in committed), "shards": len(store.shards),

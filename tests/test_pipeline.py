@@ -199,3 +199,20 @@ def test_compiled_run_equals_eager_run(tmp_path):
     for layer in kw["layers"]:
         assert a[layer].shape[0] == 12
         np.testing.assert_allclose(b[layer].values, a[layer].values, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resume_reads_the_commit_records_once_before_finalize(corpus, tmp_path, monkeypatch):
+    # At 10,000 shards on S3 each read of the records is 10,000 GETs: plan reads them, and the progress event
+    # and the queue of shards use what it read (before: three reads, then finalize's).
+    from neuropredictor.store.records import Records
+
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    reads = []
+    original = Records.by_kind
+    monkeypatch.setattr(Records, "by_kind", lambda self: reads.append(1) or original(self))
+    events = []
+    manifest = run(_config(corpus, out), on_event=lambda event, data: events.append((event, data)))
+    assert manifest["status"] == "complete" and len(reads) == 2  # plan, finalize
+    planned = next(data for event, data in events if event == "planned")
+    assert planned["committed_shards"] == 3 and not any(event == "shard" for event, _ in events)

@@ -77,6 +77,9 @@ class FeatureStore:
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (in memory)
         self.replaced: dict | None = None  # what `create(overwrite=True)` deleted, if it replaced a store
         self.withdrawn: dict[str, str] = {}  # damaged shards `withdraw` took back: name -> what was wrong
+        # the shards committed when `pipeline.plan` checked them: the progress event and the queue of shards
+        # use it rather than reading every commit record again (a shard committed since is skipped anyway)
+        self.committed_at_plan: frozenset[str] | None = None
         if manifest is None:
             self.repairs.append(f"{MANIFEST} was missing or damaged: rebuilt from {PLAN} and the commit records")
             manifest = self._build_manifest(self._fresh_status())

@@ -46,7 +46,8 @@ COUNTS_PATH = "/__counts__"
 
 
 def _serve(port: int) -> None:
-    """moto's S3 behind a WSGI layer that counts requests by kind; GET /__counts__ returns and resets them."""
+    """moto's S3 behind a WSGI layer that counts requests by kind and the bytes of object GETs;
+    GET /__counts__ returns and resets them."""
     import logging
 
     from moto.moto_server.werkzeug_app import (
@@ -59,20 +60,32 @@ def _serve(port: int) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     moto = DomainDispatcherApplication(create_backend_app)
     counts: Counter = Counter()
+    sent = [0]  # bytes of object GET responses
     lock = threading.Lock()
+
+    def counted(body: Any) -> Any:
+        try:
+            for chunk in body:
+                with lock:
+                    sent[0] += len(chunk)
+                yield chunk
+        finally:
+            getattr(body, "close", lambda: None)()
 
     def app(environ: dict, start_response: Callable) -> Any:
         if environ.get("PATH_INFO") == COUNTS_PATH:
             with lock:
-                body = json.dumps(dict(counts)).encode()
+                body = json.dumps({"requests": dict(counts), "get_bytes": sent[0]}).encode()
                 counts.clear()
+                sent[0] = 0
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         method, query = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
         kind = "LIST" if method == "GET" and "list-type=" in query else method
         with lock:
             counts[kind] += 1
-        return moto(environ, start_response)
+        body = moto(environ, start_response)
+        return counted(body) if kind == "GET" else body
 
     make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler).serve_forever()
 
@@ -102,8 +115,9 @@ class Server:
                     raise RuntimeError("the S3 server did not start") from None
                 time.sleep(0.1)
 
-    def take(self) -> dict[str, int]:
-        """Requests answered since the last call, by kind (GET, LIST, PUT, HEAD, DELETE, POST)."""
+    def take(self) -> dict[str, Any]:
+        """Since the last call: {"requests": by kind (GET, LIST, PUT, HEAD, DELETE, POST), "get_bytes": the
+        bytes that object GETs returned}."""
         with urllib.request.urlopen(self.url + COUNTS_PATH, timeout=10) as resp:
             return json.loads(resp.read())
 
@@ -193,7 +207,7 @@ def simulate(n: int, rows: int = 4, workers: int = 8, bad_every: int = 10, emit:
             t0 = time.perf_counter()
             result = fn()
             seconds = time.perf_counter() - t0
-            counts = server.take()
+            counts = server.take()["requests"]
             total = sum(counts.values())
             line = {"stage": name, "shards": n, "seconds": round(seconds, 3), "requests": counts,
                     "requests_total": total, "requests_per_shard": round(total / n, 3), **extra}

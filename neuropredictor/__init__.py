@@ -26,6 +26,7 @@ _EXPORTS = {
     "Extractor": "neuropredictor.extractor",
     "make_shards": "neuropredictor.corpus",
     "list_shards": "neuropredictor.corpus",
+    "index_shards": "neuropredictor.corpus",
     "read_shard": "neuropredictor.corpus",
     "Shard": "neuropredictor.shard",
     "FeatureStore": "neuropredictor.store",
@@ -38,7 +39,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from neuropredictor.corpus import list_shards, make_shards, read_shard
+    from neuropredictor.corpus import index_shards, list_shards, make_shards, read_shard
     from neuropredictor.shard import Shard
     from neuropredictor.extractor import Extractor
     from neuropredictor.config import ExtractConfig

@@ -56,6 +56,19 @@ def prefect_api():
 
 
 @pytest.fixture(scope="session")
+def scale_sim():
+    """benchmarks/scale_sim.py as a module: its S3 server counts requests and bytes (a process of its own)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("scale_sim", Path(__file__).parents[1] / "benchmarks" / "scale_sim.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scale_sim"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1, for the whole session; tests reset it through its API."""
     from moto.server import ThreadedMotoServer

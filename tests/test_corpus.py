@@ -77,7 +77,8 @@ def test_make_shards_counts_index_and_members(image_dir: Path, tmp_path: Path) -
     assert [s.offset for s in shards] == [0, 10, 20]
     assert [s.name for s in shards] == ["shard-000000", "shard-000001", "shard-000002"]
     assert [s.url for s in shards] == [str(out / f"{s.name}.tar") for s in shards]
-    assert sorted(p.name for p in out.iterdir()) == ["index.json"] + [f"shard-00000{i}.tar" for i in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json"] + [
+        f"shard-00000{i}.{ext}" for i in range(3) for ext in ("offsets.json", "tar")]
 
     index = json.loads((out / "index.json").read_text())
     assert index == {
@@ -115,7 +116,8 @@ def test_make_shards_is_deterministic_and_removes_stale_shards(image_dir: Path, 
     # re-run into the same folder with bigger shards: the third shard of the old run must not linger
     c = make_shards(image_dir, str(tmp_path / "a"), maxcount=20)
     assert [s.count for s in c] == [20, 5]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["index.json", "shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["index.json"] + [  # stale sidecars go too
+        f"shard-00000{i}.{ext}" for i in range(2) for ext in ("offsets.json", "tar")]
     assert [s.count for s in list_shards(str(tmp_path / "a"))] == [20, 5]
 
 

@@ -3,23 +3,6 @@ grow linearly with the number of shards (O(1) per shard): twice the shards cost 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-import pytest
-
-SIM = Path(__file__).parents[1] / "benchmarks" / "scale_sim.py"
-
-
-@pytest.fixture(scope="module")
-def scale_sim():
-    spec = importlib.util.spec_from_file_location("scale_sim", SIM)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale_sim"] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_requests_per_shard_are_constant(scale_sim):
     small = {s["stage"]: s for s in scale_sim.simulate(20, emit=lambda line: None, polling_children=None)}

@@ -1,4 +1,4 @@
-"""What can be extracted: `models`, `layers`, and `shards make`."""
+"""What can be extracted: `models`, `layers`, `shards make` and `shards index`."""
 
 from __future__ import annotations
 
@@ -99,3 +99,22 @@ def shards_make(
         return
     total = sum(s.count for s in shards)
     console.print(f"wrote {len(shards)} shards ({total} images) to {out}")
+
+
+@shards_app.command("index")
+def shards_index(
+    folder: Annotated[str, typer.Argument(help="Folder or URL (s3://bucket/prefix) of tar shards made by another tool.")],
+    as_json: AsJson = False,
+) -> None:
+    """Index shards made by another tool (img2dataset, webdataset): one scan writes each shard's offsets and
+    the folder's index.json, so later runs count without reading the tars and read each shard's bytes once."""
+    from neuropredictor.corpus import index_shards
+
+    try:
+        shards = index_shards(folder)
+    except NeuroPredictorError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps([{"name": s.name, "url": s.url, "count": s.count} for s in shards]))
+        return
+    console.print(f"indexed {len(shards)} shards ({sum(s.count for s in shards)} images) in {folder}")

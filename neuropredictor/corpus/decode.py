@@ -8,6 +8,7 @@ whichever decoder met it. Nothing here raises past a sample: a bad image costs i
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,13 +87,19 @@ def decode_pil(data: bytes) -> Image.Image:
         return to_rgb(img)
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+
+
 def decoded(decode: Callable[[Any], Any], data: Any) -> Any:
     try:
         return decode(data)
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(short(f"cannot decode image: {type(exc).__name__}: {exc}")) from None
+        # PIL names the in-memory file it was given ("<_io.BytesIO object at 0x7f...>"): an address that
+        # differs run to run in the manifest and tells the user nothing
+        text = _OBJECT_REPR.sub("the image", str(exc))
+        raise ImageError(short(f"cannot decode image: {type(exc).__name__}: {text}")) from None
 
 
 def transform_problem(out: Any, shape: tuple[int, ...]) -> str | None:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,36 +18,13 @@ import braceexpand
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME
-from neuropredictor.corpus.tar import (
-    is_hidden,
-    members,
-    open_tar,
-    printable_key,
-    tar_error,
-)
+from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME, write_index
+from neuropredictor.corpus.offsets import offsets_path, scan_offsets, usable
+from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
 
 log = logging.getLogger(__name__)
-
-def _sample_keys(fs: Any, path: str, url: str) -> list[str]:
-    """The keys of a shard's samples, from tar headers only (consecutive members with the same key = one
-    sample, as WebDataset groups them)."""
-    try:
-        with fs.open(path, "rb") as f, open_tar(f) as tf:
-            keys: list[str] = []
-            for _ti, key, _field in members(tf, url):
-                if not keys or key != keys[-1]:
-                    keys.append(key)
-            return keys
-    except CorpusError:
-        raise
-    except tarfile.TarError as exc:
-        raise CorpusError(tar_error(url, exc)) from exc
-    except Exception as exc:
-        raise access_error(url, exc, "shard") from exc
-
 
 _LIST_THRESHOLD = 16  # from this many shards named in one folder, one listing beats a request per shard
 
@@ -173,6 +149,17 @@ class _Resolver:
         return out
 
 
+def _refuse_hidden(resolved: list[tuple[Any, str, dict]]) -> None:
+    hidden = [fsx.full_url(fs, path) for fs, path, _ in resolved if is_hidden(fsx.basename(path))]
+    if hidden:
+        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
+        raise CorpusError(
+            f"{len(hidden)} shard(s) have hidden names (starting with '.'): {shown}. Hidden files are often "
+            "not shards (macOS '._' files, partial uploads) and some tools skip them: rename real shards "
+            "without the leading '.', or remove the others."
+        )
+
+
 def _refuse_duplicate_keys(keys_by_shard: dict[str, list[str]]) -> None:
     """CorpusError naming a key that two samples share (within a shard or across shards), among the shards
     whose headers were scanned. Shards counted from `index.json` were checked by `shards make`."""
@@ -277,14 +264,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
     for item, fs, paths, is_pattern in expanded:
         resolved.extend(resolver.resolve(item, fs, paths, is_pattern))
 
-    hidden = [fsx.full_url(fs, path) for fs, path, _ in resolved if is_hidden(fsx.basename(path))]
-    if hidden:
-        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
-        raise CorpusError(
-            f"{len(hidden)} shard(s) have hidden names (starting with '.'): {shown}. Hidden files are often "
-            "not shards (macOS '._' files, partial uploads) and some tools skip them: rename real shards "
-            "without the leading '.', or remove the others."
-        )
+    _refuse_hidden(resolved)
 
     names: dict[str, str] = {}
     for fs, path, _ in resolved:
@@ -310,7 +290,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         # Header scans are I/O-bound (object stores especially): a few threads overlap the requests.
         def scan(i: int) -> list[str]:
             fs, path, _ = resolved[i]
-            return _sample_keys(fs, path, fsx.full_url(fs, path))
+            return list(scan_offsets(fs, path, fsx.full_url(fs, path)).keys)
 
         with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
             scanned = dict(zip(todo, pool.map(scan, todo)))
@@ -325,4 +305,42 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")], count=count,
                             offset=offset, size=size, etag=etag))
         offset += count
+    return shards
+
+
+def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard]:
+    """Describe a folder of shards made by another tool (img2dataset, webdataset's TarWriter) as `shards make`
+    describes its own: one scan of each shard writes its offsets sidecar, then the folder's `index.json`.
+    Later plans count without reading a tar, and extractions read each shard's bytes once whatever the
+    number of DataLoader workers. Keys that are repeated or not UTF-8 are refused, naming the shard."""
+    resolver = _Resolver(storage_options)
+    fs, root = resolver.fs(folder)
+    try:
+        is_dir = fs.isdir(root)
+    except Exception as exc:
+        raise access_error(folder, exc) from exc
+    if not is_dir:
+        raise CorpusError(f"{folder} is not a folder: pass the folder that holds the .tar shards "
+                          "(each folder of a corpus is indexed on its own).")
+    resolved = resolver.resolve(folder, fs, [root], False)
+    _refuse_hidden(resolved)
+    urls = [fsx.full_url(fs, path) for _fs, path, _info in resolved]
+    with ThreadPoolExecutor(max_workers=min(8, len(resolved))) as pool:
+        scanned = list(pool.map(lambda item: scan_offsets(fs, item[1], fsx.full_url(fs, item[1])), resolved))
+    _refuse_duplicate_keys({url: list(offsets.keys) for url, offsets in zip(urls, scanned)})
+    for url, offsets in zip(urls, scanned):
+        if (problem := usable(offsets)) is not None:
+            raise CorpusError(f"shard {url} has {problem}, so it cannot be indexed: remake it "
+                              "(`neuropredictor shards make`), or leave it out of the folder.")
+    shards, offset = [], 0
+    try:
+        for (_fs, path, info), offsets in zip(resolved, scanned):
+            fs.pipe_file(offsets_path(path), offsets.to_json())
+            size, etag = _fingerprint(info)
+            shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")],
+                                count=offsets.count, offset=offset, size=size, etag=etag))
+            offset += offsets.count
+        write_index(fs, root, shards)  # last: a plan trusts its counts
+    except Exception as exc:
+        raise access_error(folder, exc, "corpus folder") from exc
     return shards

@@ -18,6 +18,7 @@ from typing import Any
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
+from neuropredictor.corpus.offsets import OFFSETS_SUFFIX, offsets_path, scan_offsets
 from neuropredictor.corpus.tar import is_hidden, split_member
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
@@ -99,6 +100,13 @@ def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> None:
             tf.addfile(_tarinfo(f"{key}.json", len(meta)), io.BytesIO(meta))
 
 
+def write_index(fs: Any, folder: str, shards: list[Shard]) -> None:
+    """`index.json` in folder: each shard's sample count, so that plans count without reading a tar."""
+    index = {"format": INDEX_FORMAT, "shards": [{"name": s.name, "count": s.count} for s in shards],
+             "total": sum(s.count for s in shards)}
+    fs.pipe_file(f"{folder.rstrip('/')}/{INDEX_NAME}", (json.dumps(index, indent=1) + "\n").encode())
+
+
 def _same_bytes(a: str, b: str) -> bool:
     if not os.path.exists(b) or os.path.getsize(a) != os.path.getsize(b):
         return False
@@ -122,8 +130,9 @@ def make_shards(
     """Pack the images under `image_dir` into WebDataset shards `{prefix}-{i:06d}.tar` in `out`.
 
     Each sample is the image bytes, unmodified, as `<key>.<ext>` plus `<key>.json` ({"path": relative
-    path}); key = relative path without extension, dots replaced by "_". Writes `index.json` with the
-    counts last, and removes stale `{prefix}-NNNNNN.tar` shards left in `out` by an earlier, larger run.
+    path}); key = relative path without extension, dots replaced by "_". Beside each shard goes its
+    offsets sidecar (`corpus.offsets`); `index.json` with the counts is written last. Stale shards left
+    in `out` by an earlier, larger run are removed.
     `out` is a local directory or any fsspec URL (s3://bucket/prefix). Returns the shards.
 
     Files that are not images (by extension) and hidden files are left out, each reported to
@@ -189,6 +198,7 @@ def make_shards(
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
+                fsx.write_bytes_atomic(fs, offsets_path(path), scan_offsets(fs, path, path).to_json())
             else:
                 # Remote: build locally, then upload in one go (an object store commits the object only
                 # when the upload completes, so readers never see a partial shard).
@@ -196,21 +206,16 @@ def make_shards(
                     _write_tar(f, items)
                     f.flush()
                     fs.put_file(f.name, path)
+                    fs.pipe_file(offsets_path(path), scan_offsets(*fsx.connect(f.name), path).to_json())
             shards.append(Shard(url=fsx.full_url(fs, path), name=name, count=len(items), offset=offset))
             offset += len(items)
 
-        stale_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+        stale_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})(\.tar|{re.escape(OFFSETS_SUFFIX)})$")
         for entry in fs.ls(root_out, detail=False):
             m = stale_re.match(entry.rstrip("/").rsplit("/", 1)[-1])
             if m and int(m.group(1)) >= len(shards):
                 fs.rm_file(entry)
-
-        index = {
-            "format": INDEX_FORMAT,
-            "shards": [{"name": s.name, "count": s.count} for s in shards],
-            "total": offset,
-        }
-        fs.pipe_file(f"{root_out.rstrip('/')}/{INDEX_NAME}", (json.dumps(index, indent=1) + "\n").encode())
+        write_index(fs, root_out, shards)
     except CorpusError:
         raise
     except Exception as exc:

@@ -1,16 +1,25 @@
 """Reading one shard as batches, in tar order, as named stages (each a small generator):
 
-    tar_samples     members grouped into samples by key; image bytes read only for this worker's samples
     WorkerShare     which samples this DataLoader worker decodes (whole batches: w, w+n, w+2n, ...)
+    sample_range    a shard with an offsets sidecar: one ranged read of exactly this worker's batch
+    tar_samples     members grouped into samples by key; image bytes read only for this worker's samples
     prepare         decode + preprocess one sample, or the reason it cannot be (`corpus.decode`)
     batched         consecutive prepared samples -> Batch
 
-`read_shard` runs the stages in DataLoader workers and checks that batches arrive in order.
+`read_shard` runs the stages in DataLoader workers and checks that batches arrive in order. A shard's
+bytes are read once whatever the number of workers: by ranges where its sidecar gives the offsets
+(`corpus.offsets`), else by one worker, or from a local copy fetched once when several workers share a
+remote shard.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.decode import (
     ImageError,
@@ -28,11 +38,14 @@ from neuropredictor.corpus.decode import (
     transformed,
 )
 from neuropredictor.corpus.make import IMAGE_EXTENSIONS
+from neuropredictor.corpus.offsets import Offsets, offsets_path, read_offsets
 from neuropredictor.corpus.tar import members, open_tar, printable_key, short, tar_error
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
 
 _DUMMY_SIZE = (64, 64)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,27 +84,28 @@ class Sample:
 # stages
 
 
-def tar_samples(tf: tarfile.TarFile, shard: Shard, wanted: Callable[[int], bool]) -> Iterator[Sample]:
-    """Every sample of the shard in tar order (consecutive members with one key, as WebDataset groups
-    them). Image bytes are read only for samples `wanted(index)` accepts, so a worker skips the others'
-    data. A shard with more or fewer samples than `shard.count` raises CorpusError: its rows would
-    land in another shard's place."""
+def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int], bool], first: int = 0,
+                check_end: bool = True) -> Iterator[Sample]:
+    """The samples of a tar in order (consecutive members with one key, as WebDataset groups them),
+    numbered from `first` (a range of a shard starts past 0). Image bytes are read only for samples
+    `wanted(index)` accepts, so a worker skips the others' data. More or fewer samples than `count`
+    raise CorpusError: their rows would land in another shard's place."""
     cur: Sample | None = None
     raw = None  # the current sample's key as read (grouping compares it, not the printable one)
-    first: dict[str, int] = {}  # key -> the sample that used it first
+    seen: dict[str, int] = {}  # key -> the sample that used it first
     n = 0
-    for ti, key, fld in members(tf, shard.url):
+    for ti, key, fld in members(tf, url, check_end):
         if cur is None or key != raw:
             if cur is not None:
                 yield cur
-            if n >= shard.count:  # stop before anything past the shard's rows exists
-                raise CorpusError(f"shard {shard.url} has more than {shard.count} samples (the corpus index says "
-                                  f"{shard.count}): the index or the listing is stale; list the corpus again.")
+            if n >= count:  # stop before anything past the shard's rows exists
+                raise CorpusError(f"shard {url} has more than {count} samples (the corpus index says "
+                                  f"{count}): the index or the listing is stale; list the corpus again.")
             shown, problem = printable_key(key)
-            if problem is None and key in first:
-                problem = f"the key {key!r} is also sample {first[key]} of this shard: keys must be unique"
-            first.setdefault(key, n)
-            cur, raw = Sample(n, shown, problem=problem), key
+            if problem is None and key in seen:
+                problem = f"the key {key!r} is also sample {seen[key]} of this shard: keys must be unique"
+            seen.setdefault(key, first + n)
+            cur, raw = Sample(first + n, shown, problem=problem), key
             n += 1
         elif fld in cur.fields and cur.problem is None:
             # WebDataset would keep one of the two and lose the other without a word
@@ -101,8 +115,8 @@ def tar_samples(tf: tarfile.TarFile, shard: Shard, wanted: Callable[[int], bool]
         if cur.data is None and fld in IMAGE_EXTENSIONS and wanted(cur.index):
             fobj = tf.extractfile(ti)
             cur.data = fobj.read() if fobj is not None else b""
-    if n != shard.count:
-        raise CorpusError(f"shard {shard.url} has {n} samples but the corpus index says {shard.count}: the index or "
+    if n != count:
+        raise CorpusError(f"shard {url} has {n} samples but the corpus index says {count}: the index or "
                           "the listing is stale, or the shard was replaced; list the corpus again.")
     if cur is not None:
         yield cur
@@ -124,6 +138,35 @@ class WorkerShare:
 
     def owns(self, index: int) -> bool:
         return (index // self.batch_size) % self.workers == self.worker
+
+    def batches(self, count: int) -> Iterator[tuple[int, int]]:
+        """(first, last) sample of each batch this worker owns, of a shard of `count` samples."""
+        for first in range(self.worker * self.batch_size, count, self.workers * self.batch_size):
+            yield first, min(first + self.batch_size, count)
+
+
+def sample_range(fs: Any, path: str, url: str, offsets: Offsets, first: int, last: int) -> list[Sample]:
+    """Samples first..last-1 of a shard that has an offsets sidecar, from one ranged read of exactly their
+    bytes. Their keys are checked against the sidecar's, so a shard changed behind it is refused, never
+    misread; the range that ends the shard also checks the end-of-archive marker."""
+    start, end = offsets.span(first, last)
+    data = fs.cat_file(path, start=start, end=end)
+    try:
+        if len(data) != end - start:
+            raise CorpusError(f"bytes {start}..{end} read as {len(data)} bytes")
+        with open_tar(io.BytesIO(data)) as tf:
+            samples = list(tar_samples(tf, url, last - first, lambda _i: True, first, check_end=last == offsets.count))
+        keys = [s.key for s in samples]
+        if keys != list(offsets.keys[first:last]):
+            i = next(i for i, (a, b) in enumerate(zip(keys, offsets.keys[first:last])) if a != b)
+            raise CorpusError(f"sample {first + i} is {keys[i]!r} where the offsets file says {offsets.keys[first + i]!r}")
+    except (CorpusError, tarfile.TarError) as exc:
+        raise CorpusError(
+            f"shard {url} does not match its offsets file {offsets_path(url)} ({short(str(exc), 160)}): the shard "
+            "changed, or was damaged, after the offsets were written. Re-create or re-upload it, run "
+            "`neuropredictor shards index` on its folder, or delete the offsets file to read the shard whole."
+        ) from exc
+    return samples
 
 
 def prepare(sample: Sample, transform: Callable[[Image.Image], torch.Tensor] | None,
@@ -170,9 +213,11 @@ def _identity(x: Any) -> Any:
 class _ShardBatches(IterableDataset):
     """The stages for one shard, in whichever process the DataLoader runs this worker."""
 
-    def __init__(self, shard: Shard, transform: Callable[[Image.Image], torch.Tensor] | None, batch_size: int,
+    def __init__(self, shard: Shard, source: str, offsets: Offsets | None,
+                 transform: Callable[[Image.Image], torch.Tensor] | None, batch_size: int,
                  shape: tuple[int, ...], dtype: torch.dtype, storage_options: Mapping | None) -> None:
-        self.shard, self.transform, self.batch_size = shard, transform, batch_size
+        self.shard, self.source, self.offsets = shard, source, offsets  # source: the shard's URL or a local copy
+        self.transform, self.batch_size = transform, batch_size
         self.shape, self.dtype, self.storage_options = shape, dtype, storage_options
 
     def __iter__(self) -> Iterator[Batch | _Failure]:
@@ -187,9 +232,14 @@ class _ShardBatches(IterableDataset):
 
     def _batches(self, share: WorkerShare) -> Iterator[Batch]:
         # A fresh filesystem per worker: fsspec's async filesystems (s3fs) are not fork-safe.
-        fs, path = connect(self.shard.url, self.storage_options)
+        local_copy = self.source != self.shard.url
+        fs, path = connect(self.source, None if local_copy else self.storage_options)
+        if self.offsets is not None:
+            for first, last in share.batches(self.shard.count):
+                yield self._build(sample_range(fs, path, self.shard.url, self.offsets, first, last))
+            return
         with fs.open(path, "rb") as f, open_tar(f) as tf:
-            mine = (s for s in tar_samples(tf, self.shard, share.owns) if share.owns(s.index))
+            mine = (s for s in tar_samples(tf, self.shard.url, self.shard.count, share.owns) if share.owns(s.index))
             for group in batched(mine, self.batch_size):
                 yield self._build(group)
 
@@ -251,16 +301,51 @@ def read_shard(shard: Shard, transform: Callable[[Image.Image], torch.Tensor] | 
 
     # Workers beyond the number of batches would only re-read the tar: don't start them.
     workers = min(num_workers, -(-shard.count // batch_size))
-    dataset = _ShardBatches(shard, transform, batch_size, tuple(ref.shape), ref.dtype, storage_options)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
-                        worker_init_fn=_forget_parent_thread_exits)  # batch_size=None: the dataset yields batches
-    expected = 0
-    for item in loader:
-        if isinstance(item, _Failure):
-            raise CorpusError(item.message)
-        # Order is what the caller's row arithmetic relies on: check it rather than assume it.
-        if len(item) == 0 or int(item.index[0]) != expected:
-            raise RuntimeError(f"internal error: batch starting at {int(item.index[0]) if len(item) else None} "
-                               f"arrived where {expected} was expected (shard {shard.url})")
-        expected += len(item)
-        yield item
+    with _source(shard, workers, storage_options) as (source, offsets):
+        dataset = _ShardBatches(shard, source, offsets, transform, batch_size, tuple(ref.shape), ref.dtype,
+                                storage_options)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
+                            pin_memory=pin_memory,  # batch_size=None: the dataset yields batches
+                            worker_init_fn=_forget_parent_thread_exits)
+        expected = 0
+        for item in loader:
+            if isinstance(item, _Failure):
+                raise CorpusError(item.message)
+            # Order is what the caller's row arithmetic relies on: check it rather than assume it.
+            if len(item) == 0 or int(item.index[0]) != expected:
+                raise RuntimeError(f"internal error: batch starting at {int(item.index[0]) if len(item) else None} "
+                                   f"arrived where {expected} was expected (shard {shard.url})")
+            expected += len(item)
+            yield item
+
+
+_hinted: set[str] = set()  # folders already told about `shards index` (once per folder and process)
+
+
+@contextlib.contextmanager
+def _source(shard: Shard, workers: int, storage_options: Mapping | None) -> Iterator[tuple[str, Offsets | None]]:
+    """(where the workers read the shard, its offsets or None), so that its bytes are read once: by ranges
+    when its sidecar gives the offsets; else whole, by one reader, or (several workers, remote shard) from a
+    local copy fetched once here and removed afterwards."""
+    fs, path = connect(shard.url, storage_options)
+    offsets = read_offsets(fs, path, shard.size, shard.count)
+    if offsets is not None or workers <= 1 or fsx.is_local(fs):
+        yield shard.url, offsets
+        return
+    folder = fsx.parent(shard.url)
+    if folder not in _hinted:
+        _hinted.add(folder)
+        log.info("the shards in %s have no offsets sidecars: each is copied to local disk once before its "
+                 "%d workers read it; `neuropredictor shards index %s` lets workers read their own ranges instead",
+                 folder, workers, folder)
+    fd, local = tempfile.mkstemp(prefix=f"neuropredictor-{shard.name}-", suffix=".tar")
+    os.close(fd)
+    try:
+        try:
+            fs.get_file(path, local)
+        except Exception as exc:
+            raise access_error(shard.url, exc, "shard") from exc
+        yield local, None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(local)

@@ -108,8 +108,9 @@ def _check_end(tf: tarfile.TarFile, url: str) -> None:
                               f"{tf.offset}. Re-create or re-upload the shard.")
 
 
-def members(tf: tarfile.TarFile, url: str) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
-    """(member, key, field) for every member WebDataset would use, then verify the archive's end."""
+def members(tf: tarfile.TarFile, url: str, check_end: bool = True) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, key, field) for every member WebDataset would use, then verify the archive's end (unless
+    the file is only a range of samples from inside a shard)."""
     while True:
         ti = tf.next()
         if ti is None:
@@ -121,7 +122,8 @@ def members(tf: tarfile.TarFile, url: str) -> Iterator[tuple[tarfile.TarInfo, st
         if split is None:
             continue
         yield ti, split[0], split[1]
-    _check_end(tf, url)
+    if check_end:
+        _check_end(tf, url)
 
 
 def tar_error(url: str, exc: tarfile.TarError) -> str:

@@ -1,0 +1,181 @@
+"""Reads once: each shard's bytes come from object storage once per extraction whatever the number of
+DataLoader workers. Offsets sidecars (from `shards make` or `shards index`) against tarfile's own offsets,
+ranged reads against whole reads, stale sidecars, and bytes and GETs counted by the S3 server."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import MODEL, make_images
+from neuropredictor import ExtractConfig, run
+from neuropredictor.cli import app
+from neuropredictor.corpus import index_shards, list_shards, make_shards, read_shard
+from neuropredictor.errors import CorpusError
+
+
+def _transform(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB").resize((8, 8)), dtype=np.float32).copy())
+
+
+def _batches(shard, **kw) -> list:
+    return list(read_shard(shard, _transform, kw.pop("batch_size", 3), **kw))
+
+
+def _flat(batches: list) -> tuple:
+    return ([k for b in batches for k in b.keys], torch.cat([b.images for b in batches]),
+            torch.cat([b.valid for b in batches]).tolist(), {k: v for b in batches for k, v in b.errors.items()})
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    make_images(root, 14)
+    (root / "cat0" / "broken.jpg").write_bytes(b"not a jpeg at all")  # invalid, with its reason, both ways
+    return root
+
+
+def test_sidecars_give_tarfiles_own_offsets_and_keys(images, tmp_path):
+    shards = make_shards(images, str(tmp_path / "s"), maxcount=6)
+    for shard in shards:
+        tar = Path(shard.url)
+        side = json.loads(tar.with_suffix(".offsets.json").read_text())
+        with tarfile.open(tar) as tf:
+            infos = tf.getmembers()
+            end = tf.offset
+        starts, keys = [], []
+        for ti in infos:
+            key = ti.name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                starts.append(ti.offset)
+                keys.append(key)
+        assert side["keys"] == keys and side["starts"] == starts + [end]
+        assert side["size"] == tar.stat().st_size and len(keys) == shard.count
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranged_reads_equal_whole_reads(images, tmp_path, workers):
+    shards = make_shards(images, str(tmp_path / "s"), maxcount=6)
+    ranged = [_flat(_batches(s, num_workers=workers)) for s in shards]
+    for shard in shards:
+        Path(shard.url).with_suffix(".offsets.json").unlink()
+    whole = [_flat(_batches(s, num_workers=workers)) for s in shards]
+    for (k1, x1, v1, e1), (k2, x2, v2, e2) in zip(ranged, whole):
+        assert k1 == k2 and v1 == v2 and e1 == e2 and torch.equal(x1, x2)
+    assert sum(len(e) for *_, e in ranged) == 1 and "cat0/broken" in ranged[-1][3] | ranged[0][3] | ranged[1][3]
+
+
+def test_a_sidecar_of_another_size_is_ignored(images, tmp_path):
+    make_shards(images, str(tmp_path / "s"), maxcount=6)
+    other = tmp_path / "other"
+    make_images(other, 6, size=(50, 40), seed=7, nested=False)  # other keys, another size
+    make_shards(other, str(tmp_path / "o"), maxcount=6)
+    shutil.copy(tmp_path / "o" / "shard-000000.tar", tmp_path / "s" / "shard-000000.tar")  # sidecar left stale
+    (tmp_path / "s" / "index.json").unlink()
+    shard = list_shards(str(tmp_path / "s"))[0]
+    with tarfile.open(shard.url) as tf:
+        expected = list(dict.fromkeys(n.split(".", 1)[0] for n in tf.getnames()))
+    assert _flat(_batches(shard, num_workers=2))[0] == expected
+
+
+def test_a_shard_changed_behind_its_sidecar_is_refused_not_misread(tmp_path):
+    for name in ("a", "b"):  # same images, names of one length: tars of one size, other keys
+        make_images(tmp_path / name / name, 6, seed=1, nested=False)
+        make_shards(tmp_path / name, str(tmp_path / f"{name}.shards"), maxcount=6)
+    a, b = tmp_path / "a.shards" / "shard-000000.tar", tmp_path / "b.shards" / "shard-000000.tar"
+    assert a.stat().st_size == b.stat().st_size
+    shutil.copy(b, a)
+    shard = list_shards(str(tmp_path / "a.shards"))[0]
+    with pytest.raises(CorpusError, match=r"does not match its offsets file .*shard-000000\.offsets\.json"):
+        _batches(shard)
+
+
+def _foreign_shards(root: Path, images: Path, per_shard: int = 6) -> int:
+    """Shards written by webdataset's TarWriter (no index, no sidecars); returns their bytes."""
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    root.mkdir(parents=True)
+    for i in range(0, len(files), per_shard):
+        with wds.TarWriter(str(root / f"part-{i // per_shard:05d}.tar")) as sink:
+            for p in files[i: i + per_shard]:
+                sink.write({"__key__": f"{p.parent.name}/{p.stem}", p.suffix[1:]: p.read_bytes(), "cls": b"1"})
+    return sum(p.stat().st_size for p in root.glob("*.tar"))
+
+
+def test_shards_index_describes_other_tools_shards(images, tmp_path):
+    folder = tmp_path / "foreign"
+    _foreign_shards(folder, images)
+    before = [_flat(_batches(s, num_workers=2)) for s in list_shards(str(folder))]
+    result = CliRunner().invoke(app, ["shards", "index", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [s["count"] for s in json.loads(result.output)] == [6, 6, 3]
+    assert sorted(p.name for p in folder.iterdir()) == ["index.json"] + [
+        f"part-0000{i}.{ext}" for i in range(3) for ext in ("offsets.json", "tar")]
+    after = [_flat(_batches(s, num_workers=2)) for s in list_shards(str(folder))]
+    for (k1, x1, v1, e1), (k2, x2, v2, e2) in zip(before, after):
+        assert k1 == k2 and v1 == v2 and e1 == e2 and torch.equal(x1, x2)
+
+
+def test_shards_index_refuses_a_key_used_twice(images, tmp_path):
+    folder = tmp_path / "foreign"
+    _foreign_shards(folder, images)
+    shutil.copy(folder / "part-00000.tar", folder / "part-00003.tar")
+    result = CliRunner().invoke(app, ["shards", "index", str(folder)])
+    assert result.exit_code == 2 and "error:" in result.output and "part-00003.tar" in result.output.replace("\n", "")
+    assert not (folder / "index.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# bytes and requests, counted by the S3 server
+
+
+@pytest.fixture(scope="module")
+def counting_s3(scale_sim):
+    server = scale_sim.Server()
+    yield server, {"endpoint_url": server.url, "key": "testing", "secret": "testing-secret"}
+    server.stop()
+
+
+def _extract_traffic(server, opts: dict, corpus: str, out: Path, workers: int) -> dict:
+    cfg = ExtractConfig(corpus=corpus, model=MODEL, layers=["layer4"], out=str(out), pretrained=False,
+                        batch_size=2, num_workers=workers, storage_options=opts)
+    server.take()
+    manifest = run(cfg)
+    traffic = server.take()
+    assert manifest["status"] == "complete" and manifest["rows"]["invalid"] == 1
+    return {"bytes": traffic["get_bytes"], "gets": traffic["requests"]["GET"]}
+
+
+def test_s3_bytes_are_read_once_whatever_the_workers(counting_s3, images, tmp_path, monkeypatch):
+    import s3fs
+
+    server, opts = counting_s3
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    bucket = "reads"
+    fs.mkdir(bucket)
+    make_shards(images, f"s3://{bucket}/made", maxcount=6, storage_options=opts)
+    foreign = _foreign_shards(tmp_path / "foreign", images)
+    fs.put(str(tmp_path / "foreign") + "/", f"{bucket}/foreign/", recursive=True)
+    made = sum(fs.size(p) for p in fs.glob(f"{bucket}/made/*.tar"))
+
+    def check(corpus: str, size: int, times: float, tag: str) -> None:
+        one, four = (_extract_traffic(server, opts, corpus, tmp_path / f"{tag}-{n}.zarr", n) for n in (1, 4))
+        assert abs(four["bytes"] - one["bytes"]) <= 0.05 * one["bytes"], (corpus, one, four)
+        assert abs(four["gets"] - one["gets"]) <= 0.05 * one["gets"] + 1, (corpus, one, four)
+        assert times * size <= one["bytes"] <= 1.05 * times * size, (corpus, size, one)
+
+    check(f"s3://{bucket}/made", made, 1, "made")  # ranged reads of each worker's own batches
+    # not indexed: plan counts by reading each shard, extraction reads it once (4 workers: one local copy)
+    check(f"s3://{bucket}/foreign", foreign, 2, "foreign")
+    index_shards(f"s3://{bucket}/foreign", opts)
+    check(f"s3://{bucket}/foreign", foreign, 1, "indexed")  # no read at plan, ranged reads

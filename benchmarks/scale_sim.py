@@ -45,9 +45,10 @@ COUNTS_PATH = "/__counts__"
 # the S3 server, counting what it answers
 
 
-def _serve(port: int) -> None:
+def _serve(port: int, latency_s: float = 0.0) -> None:
     """moto's S3 behind a WSGI layer that counts requests by kind and the bytes of object GETs;
-    GET /__counts__ returns and resets them."""
+    GET /__counts__ returns and resets them. `latency_s` delays every answer, as a round trip to a real
+    object store would (moto on 127.0.0.1 answers in well under a millisecond)."""
     import logging
 
     from moto.moto_server.werkzeug_app import (
@@ -61,6 +62,7 @@ def _serve(port: int) -> None:
     moto = DomainDispatcherApplication(create_backend_app)
     counts: Counter = Counter()
     sent = [0]  # bytes of object GET responses
+    flight = [0, 0]  # requests being answered now, the most at once
     lock = threading.Lock()
 
     def counted(body: Any) -> Any:
@@ -75,16 +77,24 @@ def _serve(port: int) -> None:
     def app(environ: dict, start_response: Callable) -> Any:
         if environ.get("PATH_INFO") == COUNTS_PATH:
             with lock:
-                body = json.dumps({"requests": dict(counts), "get_bytes": sent[0]}).encode()
+                body = json.dumps({"requests": dict(counts), "get_bytes": sent[0], "max_in_flight": flight[1]}).encode()
                 counts.clear()
-                sent[0] = 0
+                sent[0] = flight[1] = 0
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         method, query = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
         kind = "LIST" if method == "GET" and "list-type=" in query else method
         with lock:
             counts[kind] += 1
-        body = moto(environ, start_response)
+            flight[0] += 1
+            flight[1] = max(flight[1], flight[0])
+        try:
+            if latency_s:
+                time.sleep(latency_s)
+            body = moto(environ, start_response)
+        finally:
+            with lock:
+                flight[0] -= 1
         return counted(body) if kind == "GET" else body
 
     make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler).serve_forever()
@@ -99,10 +109,11 @@ def _free_port() -> int:
 class Server:
     """The counting S3 server in a child process (its own interpreter: the timings are not the client's GIL's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency_ms: float = 0.0) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(self.port)],
+        self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(self.port),
+                                       "--latency-ms", str(latency_ms)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
@@ -117,7 +128,7 @@ class Server:
 
     def take(self) -> dict[str, Any]:
         """Since the last call: {"requests": by kind (GET, LIST, PUT, HEAD, DELETE, POST), "get_bytes": the
-        bytes that object GETs returned}."""
+        bytes that object GETs returned, "max_in_flight": the most requests answered at once}."""
         with urllib.request.urlopen(self.url + COUNTS_PATH, timeout=10) as resp:
             return json.loads(resp.read())
 
@@ -183,7 +194,7 @@ def _polling(children: int) -> dict:
 
 
 def simulate(n: int, rows: int = 4, workers: int = 8, bad_every: int = 10, emit: Callable[[dict], None] = print,
-             polling_children: int | None = 600) -> list[dict]:
+             polling_children: int | None = 600, latency_ms: float = 0.0) -> list[dict]:
     """Run every stage for n shards; returns (and emits) one dict per stage."""
     import s3fs
 
@@ -191,7 +202,7 @@ def simulate(n: int, rows: int = 4, workers: int = 8, bad_every: int = 10, emit:
     from neuropredictor.corpus import list_shards
     from neuropredictor.store import FeatureStore, LayerSpec
 
-    server = Server()
+    server = Server(latency_ms)
     out: list[dict] = []
     try:
         opts = {"endpoint_url": server.url, "key": "testing", "secret": "testing-secret"}
@@ -210,7 +221,8 @@ def simulate(n: int, rows: int = 4, workers: int = 8, bad_every: int = 10, emit:
             counts = server.take()["requests"]
             total = sum(counts.values())
             line = {"stage": name, "shards": n, "seconds": round(seconds, 3), "requests": counts,
-                    "requests_total": total, "requests_per_shard": round(total / n, 3), **extra}
+                    "requests_total": total, "requests_per_shard": round(total / n, 3),
+                    **({"latency_ms": latency_ms} if latency_ms else {}), **extra}
             out.append(line)
             emit(line)
             return result
@@ -284,17 +296,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--children", type=int, default=600, help="child runs for the parent's polling rate")
     p.add_argument("--plot", nargs="+", metavar=("PNG", "JSONL"),
                    help="plot recorded runs (JSON lines files) into PNG instead of simulating")
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="delay every S3 answer by this much (a real store's round trip; moto's is ~0)")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        _serve(args.serve)
+        _serve(args.serve, args.latency_ms / 1000)
         return
     if args.plot:
         lines = [json.loads(x) for f in args.plot[1:] for x in open(f) if x.strip()]
         plot(lines, args.plot[0])
         return
     simulate(args.shards, args.rows, args.workers, args.bad_every,
-             emit=lambda line: print(json.dumps(line), flush=True), polling_children=args.children)
+             emit=lambda line: print(json.dumps(line), flush=True), polling_children=args.children,
+             latency_ms=args.latency_ms)
 
 
 if __name__ == "__main__":

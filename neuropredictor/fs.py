@@ -23,6 +23,10 @@ __all__ = ["basename", "connect", "create_exclusive", "exists", "open_url", "ful
            "read_json_or_none", "remove_tree", "write_bytes_atomic", "write_json_atomic"]
 
 
+S3_CONNECTIONS = 64
+"""Connections each S3 filesystem keeps open (botocore's default is 10); `config_kwargs` overrides it."""
+
+
 def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = False,
             error: type[NeuroPredictorError] = NeuroPredictorError, what: str = "location") -> tuple[Any, str]:
     """(filesystem, path) for url; path has no trailing slash.
@@ -34,6 +38,10 @@ def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = F
     opts = dict(storage_options or {})
     if fresh:
         opts["skip_instance_cache"] = True
+    if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
+        # botocore keeps 10 connections by default, which caps the concurrent reads of many small objects
+        # (a store's commit records) at 10 round trips in flight; more, unless the caller chose
+        opts["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(opts.get("config_kwargs") or {})}
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **opts)
     except (ImportError, ValueError, TypeError) as exc:

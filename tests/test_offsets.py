@@ -179,3 +179,25 @@ def test_s3_bytes_are_read_once_whatever_the_workers(counting_s3, images, tmp_pa
     check(f"s3://{bucket}/foreign", foreign, 2, "foreign")
     index_shards(f"s3://{bucket}/foreign", opts)
     check(f"s3://{bucket}/foreign", foreign, 1, "indexed")  # no read at plan, ranged reads
+
+
+def test_many_small_s3_reads_are_in_flight_at_once(scale_sim, monkeypatch):
+    # botocore's default pool of 10 connections would cap a store's concurrent reads of its commit records
+    # at 10 round trips; S3 filesystems get fs.S3_CONNECTIONS unless the caller's config_kwargs says otherwise
+    from neuropredictor import fs as fsx
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = scale_sim.Server(latency_ms=100)
+    try:
+        opts = {"endpoint_url": server.url, "key": "testing", "secret": "testing-secret"}
+        fs, _ = fsx.connect("s3://flight", opts, fresh=True)
+        fs.mkdir("flight")
+        fs.pipe({f"flight/r{i:03d}.json": b"{}" for i in range(120)})
+        for pool, lowest, highest in ((None, 32, fsx.S3_CONNECTIONS), (5, 1, 5)):
+            config = {} if pool is None else {"config_kwargs": {"max_pool_connections": pool}}
+            fs, _ = fsx.connect("s3://flight", {**opts, **config}, fresh=True)
+            server.take()
+            assert len(fs.cat([f"flight/r{i:03d}.json" for i in range(120)])) == 120
+            assert lowest <= server.take()["max_in_flight"] <= highest, pool
+    finally:
+        server.stop()

@@ -155,11 +155,18 @@ def _extract_traffic(server, opts: dict, corpus: str, out: Path, workers: int) -
     return {"bytes": traffic["get_bytes"], "gets": traffic["requests"]["GET"]}
 
 
-def test_s3_bytes_are_read_once_whatever_the_workers(counting_s3, images, tmp_path, monkeypatch):
+def test_s3_bytes_are_read_once_whatever_the_workers(counting_s3, images, tmp_path, monkeypatch, caplog):
+    import logging
+    import tempfile
+
     import s3fs
 
     server, opts = counting_s3
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))  # where a shard without offsets is copied
+    caplog.set_level(logging.INFO, logger="neuropredictor.corpus.read")
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
     bucket = "reads"
     fs.mkdir(bucket)
@@ -177,6 +184,7 @@ def test_s3_bytes_are_read_once_whatever_the_workers(counting_s3, images, tmp_pa
     check(f"s3://{bucket}/made", made, 1, "made")  # ranged reads of each worker's own batches
     # not indexed: plan counts by reading each shard, extraction reads it once (4 workers: one local copy)
     check(f"s3://{bucket}/foreign", foreign, 2, "foreign")
+    assert "neuropredictor shards index" in caplog.text and not list(spool.glob("*.tar"))  # copies removed
     index_shards(f"s3://{bucket}/foreign", opts)
     check(f"s3://{bucket}/foreign", foreign, 1, "indexed")  # no read at plan, ranged reads
 

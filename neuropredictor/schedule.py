@@ -79,7 +79,7 @@ def committed_names(store: FeatureStore, planned: dict | None = None) -> Collect
     """The shards committed as the plan found them: from `planned` (what `plan` returned where it ran in
     another task or process) or the store's own plan; read now (one listing) for a store that was opened."""
     if planned is not None and "committed" in planned:
-        return planned["committed"]
+        return set(planned["committed"])  # a list, once it has passed through a task's result
     if store.committed_at_plan is not None:
         return store.committed_at_plan
     return store.committed().keys()

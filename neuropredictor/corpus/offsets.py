@@ -82,8 +82,8 @@ def scan_offsets(fs: Any, path: str, url: str) -> Offsets:
 
 
 def usable(offsets: Offsets) -> str | None:
-    """Why a scanned shard cannot have a sidecar (keys that are not UTF-8, or repeated), or None. Such a
-    shard is read whole, where its problems become invalid samples with their reasons."""
+    """Why a scanned shard cannot have a sidecar (keys that are not UTF-8, or repeated), or None: the
+    sidecar's keys check every range read, so they must name one sample each."""
     try:
         "".join(offsets.keys).encode("utf-8")
     except UnicodeEncodeError:

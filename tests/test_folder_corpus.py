@@ -109,3 +109,16 @@ def test_keys_shared_by_two_shard_folders_are_reported(tmp_path: Path):
     shown = CliRunner().invoke(app, ["inspect", str(out)])
     assert "3 key(s) name more than one row" in shown.output and "'img0000' rows 0, 3" in shown.output
     assert json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json"]).output)["duplicate_keys"]["count"] == 3
+
+
+def test_a_folder_with_other_files_is_a_corpus_of_its_images(tmp_path: Path, caplog):
+    # a Finder's .DS_Store or a notes file beside the images used to crash the check that the folder
+    # holds images (TypeError); they are left out, and said so in the log
+    images = tmp_path / "stimuli"
+    make_images(images, 6)
+    (images / ".DS_Store").write_bytes(b"\0\1")
+    (images / "cat0" / "notes.txt").write_text("session 1")
+    assert is_image_folder(images)
+    manifest = run(_config(images, tmp_path / "a.zarr"))
+    assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 6
+    assert ".DS_Store (hidden file)" in caplog.text and "cat0/notes.txt (not an image extension" in caplog.text

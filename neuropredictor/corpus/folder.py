@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from neuropredictor import fs as fsx
-from neuropredictor.corpus.make import image_files, make_shards
+from neuropredictor.corpus.make import has_images, image_files, make_shards
 from neuropredictor.errors import CorpusError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def is_image_folder(corpus: object) -> bool:
         return False
     with os.scandir(root) as entries:
         names = [e.name for e in entries]
-    return not any(n.endswith(".tar") for n in names) and bool(image_files(root))
+    return not any(n.endswith(".tar") for n in names) and has_images(root)
 
 
 def shard_folder(image_dir: str | os.PathLike, out: str) -> str:

@@ -12,7 +12,7 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,9 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "neuropredictor-shards/1"
 
 
-def image_files(root: Path, on_skip: SkipFn | None = None) -> list[tuple[str, Path, str]]:
-    """(relative posix path, path, lowercase ext) of the images under root, in a deterministic order;
-    everything else is reported to on_skip."""
-    found = []
-    skipped: list[tuple[str, str]] = []
+def _walk_images(root: Path, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Path, str]]:
+    """(relative posix path, path, lowercase ext) of the images under root, in walk order; everything
+    else is appended to `skipped` as (relative path, reason)."""
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root)
@@ -61,13 +59,25 @@ def image_files(root: Path, on_skip: SkipFn | None = None) -> list[tuple[str, Pa
             if is_hidden(fname):
                 skipped.append((rel, "hidden file"))
             elif ext in IMAGE_EXTENSIONS:
-                found.append((rel, Path(dirpath) / fname, ext))
+                yield rel, Path(dirpath) / fname, ext
             else:
                 skipped.append((rel, f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"))
-    found.sort(key=lambda t: t[0].split("/"))  # sort by path components, independent of walk order
-    for rel, reason in sorted(skipped):
-        on_skip(rel, reason)
+
+
+def image_files(root: Path, on_skip: SkipFn | None = None) -> list[tuple[str, Path, str]]:
+    """(relative posix path, path, lowercase ext) of the images under root, in a deterministic order;
+    everything else is reported to on_skip, when given."""
+    skipped: list[tuple[str, str]] = []
+    found = sorted(_walk_images(root, skipped), key=lambda t: t[0].split("/"))  # by path components
+    if on_skip is not None:
+        for rel, reason in sorted(skipped):
+            on_skip(rel, reason)
     return found
+
+
+def has_images(root: Path) -> bool:
+    """Whether there is an image under root, by the rules of `image_files`; stops at the first one."""
+    return next(_walk_images(root, []), None) is not None
 
 
 def _key_for(rel: str) -> str:

@@ -335,9 +335,9 @@ def _source(shard: Shard, workers: int, storage_options: Mapping | None) -> Iter
     folder = fsx.parent(shard.url)
     if folder not in _hinted:
         _hinted.add(folder)
-        log.info("the shards in %s have no offsets sidecars: each is copied to local disk once before its "
-                 "%d workers read it; `neuropredictor shards index %s` lets workers read their own ranges instead",
-                 folder, workers, folder)
+        log.warning("the shards in %s have no offsets files: each is copied to local disk before its %d "
+                    "workers read it, and plan read it once already; `neuropredictor shards index %s` (once) "
+                    "lets later runs read each shard once, by ranges", folder, workers, folder)
     fd, local = tempfile.mkstemp(prefix=f"neuropredictor-{shard.name}-", suffix=".tar")
     os.close(fd)
     try:

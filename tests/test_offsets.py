@@ -132,6 +132,9 @@ def test_shards_index_refuses_a_key_used_twice(images, tmp_path):
     result = CliRunner().invoke(app, ["shards", "index", str(folder)])
     assert result.exit_code == 2 and "error:" in result.output and "part-00003.tar" in result.output.replace("\n", "")
     assert not (folder / "index.json").exists()
+    for wrong, says in ((tmp_path / "missing", "does not exist"), (folder / "part-00000.tar", "is not a folder")):
+        result = CliRunner().invoke(app, ["shards", "index", str(wrong)])
+        assert result.exit_code == 2 and says in " ".join(result.output.split())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -317,6 +317,8 @@ def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard
     fs, root = resolver.fs(folder)
     try:
         is_dir = fs.isdir(root)
+        if not is_dir and not fs.exists(root):
+            raise FileNotFoundError(root)
     except Exception as exc:
         raise access_error(folder, exc) from exc
     if not is_dir:

@@ -108,7 +108,7 @@ def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
 
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
-def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str, label: str) -> list[dict]:
+def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str, label: str) -> list[dict] | State:
     """Extract a group of shards on its device. A shard that raises is recorded as failed (with the attempt
     number) and the task fails, so Prefect retries it; committed shards are skipped on retry."""
     logger = get_run_logger()
@@ -116,9 +116,9 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
     try:
         records = schedule.extract_group(config, shards, store, device, attempt=task_run.run_count or 1,
                                          on_batch=lambda n: _emit("batch", {"images": n}), stop=STOP.get())
-    except Interrupted:  # not a failure: nothing to retry, the flow ends Cancelled
+    except Interrupted:  # not a failure: nothing to retry; Cancelled, not Completed, in the UI
         logger.info("%s: interrupted; its uncommitted shards run again next time", label)
-        return []
+        return Cancelled(message=f"{label}: interrupted; its uncommitted shards run again next time")
     for record in records:
         if not record.get("skipped"):
             logger.info("%s: %d images in %.1f s (%.1f img/s) on %s", record["shard"], record["rows"],

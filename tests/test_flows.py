@@ -379,3 +379,29 @@ def test_decode_workers_survive_a_finished_flow_run(corpus, tmp_path):
     shard = list_shards(str(corpus))[0]
     batches = list(read_shard(shard, load_model(MODEL, pretrained=False).transform, 4, num_workers=2))
     assert sum(len(b) for b in batches) == shard.count == 10
+
+
+def test_an_interrupted_shard_task_ends_cancelled_in_the_ui(corpus, tmp_path):
+    # Ctrl-C (STOP) ends the running shard task after its batch: the UI must not show it Completed, since
+    # its shard was not committed (and it must not be retried, since nothing failed)
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from neuropredictor_flows.extract import PROGRESS, STOP
+
+    stop = threading.Event()
+    tokens = PROGRESS.set(lambda event, data: stop.set() if event == "batch" else None), STOP.set(stop)
+    try:
+        state = extract_flow(_params(corpus, tmp_path / "out.zarr"), return_state=True)
+    finally:
+        PROGRESS.reset(tokens[0])
+        STOP.reset(tokens[1])
+    assert state.is_cancelled()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    shard_runs = [r for r in runs if r.task_key.startswith("extract_shards")]
+    assert shard_runs and all(r.state.is_cancelled() for r in shard_runs), [(r.name, r.state.type) for r in shard_runs]
+    assert all(r.run_count == 1 for r in shard_runs)
+    assert not list((tmp_path / "out.zarr" / "_status").glob("*.json"))  # nothing committed

@@ -24,8 +24,8 @@ def access_error(url: str, exc: BaseException, what: str = "corpus") -> CorpusEr
     if isinstance(exc, FileNotFoundError):
         return CorpusError(
             f"{what} {url} does not exist: check the path, bucket and prefix "
-            "(a corpus is a directory of .tar shards, a brace pattern such as dir/shard-{000000..000009}.tar, "
-            "or .tar URLs).")
+            "(a corpus is a folder of images, a folder of .tar shards, a brace pattern such as "
+            "dir/shard-{000000..000009}.tar, or .tar URLs).")
     if isinstance(exc, PermissionError):
         return CorpusError(
             f"access to {what} {url} was denied: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "

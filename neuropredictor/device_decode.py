@@ -17,23 +17,21 @@ decoders.decode_jpeg`); they work in the pinned 0.29.1, and moving is one import
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from neuropredictor.corpus.decode import (
-    MAX_PIXELS,
     ImageError,
     decode_pil,
     decoded,
     needs_rotation,
+    open_image,
     transformed,
 )
 from neuropredictor.corpus.read import Batch
@@ -188,8 +186,8 @@ class DeviceDecoder:
         if data[:2] != _JPEG_MAGIC:
             return False
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.width * img.height <= MAX_PIXELS and not needs_rotation(img)
+            with open_image(data) as img:
+                return not needs_rotation(img)
         except Exception:
             return False  # decode_pil names the problem
 

@@ -12,10 +12,13 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import time
+import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,11 +158,14 @@ def test_pixels(case: PixelCase, path: str, tmp_path: Path) -> None:
 # samples kept as invalid rows, with the reason
 
 
-def _huge_png_header_only() -> bytes:
-    """A PNG that claims 10000 x 10000 pixels, cut after its first bytes of image data: decoding it would
-    fail (and a whole one would take ~300 MB as RGB); the size check reads the header only."""
-    data = encode(Image.new("1", (10000, 10000)))
-    return data[: data.index(b"IDAT") + 64]
+def _huge_png_header_only(width: int = 10000, height: int = 10000) -> bytes:
+    """A PNG that claims width x height pixels with almost no data: decoding it would fail (and a whole
+    one would take gigabytes as RGB); the size check reads the header only."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,20 @@ def test_invalid_sample(case: InvalidCase, path: str, tmp_path: Path) -> None:
     valid = [(k, bool(v)) for b in batches for k, v in zip(b.keys, b.valid)]
     assert [v for k, v in valid if k == case.key][-1] is False
     assert any(v for _, v in valid) or len(valid) == 1  # the other samples are still read
+
+
+@pytest.mark.parametrize("path", ["cpu", "device"])
+@pytest.mark.parametrize("width", [12000, 20000])  # 120 Mpx: PIL would warn; 200 Mpx: PIL would refuse, its way
+def test_an_image_over_the_cap_gets_one_reason_and_no_pil_warning(width: int, path: str, tmp_path: Path) -> None:
+    shard = sample_shard(tmp_path, _huge_png_header_only(width, 10000))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (raw,) = read_shard(list_shards(str(shard))[0], None if path == "device" else as_is(16, 24), batch_size=4)
+        batch = DeviceDecoder(as_is(16, 24), "cpu", (3, 16, 24))(raw) if path == "device" else raw
+    reason = batch.errors["a"]
+    assert "Mpx, over the limit of 64 Mpx" in reason and "Decompression" not in reason, reason
+    assert f"{width * 10000 / 1e6:.1f} Mpx" in reason
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,12 +48,26 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # greyscale read as 16-
 _TRANSPARENT = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-def check_size(img: Image.Image) -> None:
-    """ImageError when the image (as its header states) has more than MAX_PIXELS pixels."""
+def _too_large(size: str) -> ImageError:
+    return ImageError(f"image is {size} Mpx, over the limit of {MAX_PIXELS / 1e6:g} Mpx "
+                      "(neuropredictor.corpus.decode.MAX_PIXELS): downscale it")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's image over encoded bytes, from its header only (pixels not decoded yet); ImageError when it has
+    more than MAX_PIXELS pixels. PIL's own bomb check (a warning from 89 Mpx, an error of its own from
+    179 Mpx) gives way to this one limit and its one reason."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            pixels = _PIL_BOMB_SIZE.search(str(exc))
+            raise _too_large(f"{int(pixels.group(1)) / 1e6:.1f}" if pixels else "over 179") from None
     w, h = img.size
     if w * h > MAX_PIXELS:
-        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.1f} Mpx, over the limit of {MAX_PIXELS / 1e6:g} Mpx "
-                         "(neuropredictor.corpus.decode.MAX_PIXELS): downscale it")
+        raise _too_large(f"{w}x{h} = {w * h / 1e6:.1f}")
+    return img
 
 
 def needs_rotation(img: Image.Image) -> bool:
@@ -79,8 +94,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def decode_pil(data: bytes) -> Image.Image:
     """Decode fully (so a truncated file fails here, not later), turned as its EXIF orientation says, as
     8-bit RGB (`to_rgb`); the first frame of an animation. Oversized images raise ImageError unread."""
-    with Image.open(io.BytesIO(data)) as img:
-        check_size(img)
+    with open_image(data) as img:
         img.load()  # LOAD_TRUNCATED_IMAGES stays False
         if needs_rotation(img):
             img = ImageOps.exif_transpose(img)
@@ -88,6 +102,7 @@ def decode_pil(data: bytes) -> Image.Image:
 
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+_PIL_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 
 def decoded(decode: Callable[[Any], Any], data: Any) -> Any:

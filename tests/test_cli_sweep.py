@@ -138,3 +138,22 @@ def test_with_prefect_the_sweep_is_the_flow_and_a_failure_still_reports(root, tm
     assert report["failed"] == ["torchvision:resnet19"] and report["models"][1]["status"] == "done"
     assert "[2/2]" in result.stderr and "started" in result.stderr  # the flow's events reach the progress
     assert FeatureStore.open(str(tmp_path / "out" / f"{slug(CUSTOM)}.zarr"), mode="r").manifest["status"] == "complete"
+
+
+def test_sweep_verify_reads_every_store_back_and_repairs_a_damaged_shard(root, tmp_path):
+    args = ["sweep", "--corpus", str(root / "shards"), "--models", CUSTOM, "--out", str(tmp_path / "out"), *RUN]
+    assert _invoke(args).exit_code == 0
+    store = tmp_path / "out" / f"{slug(CUSTOM)}.zarr"
+    chunk = next(p for p in sorted((store / "features").rglob("*")) if p.is_file() and "c" in p.parts)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert _invoke(["inspect", str(store), "--verify"]).exit_code == 1
+    skipped = _invoke([*args, "--json"])  # a finished model is skipped without reading its store...
+    assert skipped.exit_code == 0 and json.loads(skipped.stdout)["models"][0]["skipped"]
+    repaired = _invoke([*args, "--verify", "--json"])  # ...unless --verify
+    assert repaired.exit_code == 0, repaired.output
+    assert not json.loads(repaired.stdout)["models"][0]["skipped"]
+    assert _invoke(["inspect", str(store), "--verify"]).exit_code == 0
+    again = _invoke([*args, "--json"])  # --verify left the record as it was: skipped again
+    assert json.loads(again.stdout)["models"][0]["skipped"]

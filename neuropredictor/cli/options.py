@@ -74,6 +74,7 @@ Decode = Annotated[str, option("decode")]
 Compile = Annotated[bool, option("compile")]
 Compression = Annotated[str, option("compression")]
 Overwrite = Annotated[bool, option("overwrite")]
+Verify = Annotated[bool, option("verify")]
 Retries = Annotated[int, option("retries")]
 RetryDelay = Annotated[float, option("retry_delay_seconds", "--retry-delay")]
 UsePrefect = Annotated[bool | None, typer.Option(

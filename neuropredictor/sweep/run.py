@@ -74,14 +74,15 @@ def _store_complete(url: str, storage_options: dict | None) -> bool:
 
 
 def extract_options(sweep: SweepConfig, model: SweepModel) -> dict:
-    """The model's extraction options as the record keeps them (never its storage options)."""
-    return sweep.extract_config(model).model_dump(mode="json", exclude={"storage_options"})
+    """The model's extraction options as the record keeps them (never its storage options; not `verify`,
+    which checks a store without changing what it holds)."""
+    return sweep.extract_config(model).model_dump(mode="json", exclude={"storage_options", "verify"})
 
 
 def is_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> bool:
     """Whether the model's store is complete and was made with the sweep's current options for it (then
-    it is skipped without loading the model)."""
-    return (record.done(model.spec, "extract", extract_options(sweep, model))
+    it is skipped without loading the model). With `verify`, nothing is skipped: every store is read back."""
+    return (not sweep.verify and record.done(model.spec, "extract", extract_options(sweep, model))
             and _store_complete(sweep.store_url(model), sweep.storage_options))
 
 

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import fsspec
@@ -146,22 +146,11 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     Other fsspec filesystems fall back to fsspec's check-then-write, which is not atomic.
     """
     if is_local(fs):
-        path = fs._strip_protocol(path)
-        directory = os.path.dirname(path)
-        os.makedirs(directory or ".", exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
+            _publish_local(fs, path, data, os.link)  # the link fails if the name exists
             return True
         except FileExistsError:
             return False
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
@@ -181,18 +170,24 @@ def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
     (`pipe_file`), which is atomic per object there.
     """
     if is_local(fs):
-        path = fs._strip_protocol(path)
-        directory = os.path.dirname(path)
-        os.makedirs(directory or ".", exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _publish_local(fs, path, data, os.replace)
     else:
         fs.pipe_file(path, data)
+
+
+def _publish_local(fs: Any, path: str, data: bytes, publish: Callable[[str, str], None]) -> None:
+    """Write data, complete and fsynced, to a temporary file beside path, then publish(tmp, path) (os.replace
+    or os.link); the temporary file never outlives the call."""
+    path = fs._strip_protocol(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory or ".", exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -94,11 +94,7 @@ def shards_make(
         fail(exc)
     for rel, reason in skipped:  # nothing is left out without a word
         err_console.print(f"skipped {escape(rel)}: {reason}", highlight=False)
-    if as_json:
-        print(json.dumps([{"name": s.name, "url": s.url, "count": s.count} for s in shards]))
-        return
-    total = sum(s.count for s in shards)
-    console.print(f"wrote {len(shards)} shards ({total} images) to {out}")
+    _print_shards(shards, as_json, "wrote", f"to {out}")
 
 
 @shards_app.command("index")
@@ -114,7 +110,12 @@ def shards_index(
         shards = index_shards(folder)
     except NeuroPredictorError as exc:
         fail(exc)
+    _print_shards(shards, as_json, "indexed", f"in {folder}")
+
+
+def _print_shards(shards: list, as_json: bool, done: str, where: str) -> None:
+    """The shards as JSON (name, url, count), or one line: what was done to how many shards and images, where."""
     if as_json:
         print(json.dumps([{"name": s.name, "url": s.url, "count": s.count} for s in shards]))
-        return
-    console.print(f"indexed {len(shards)} shards ({sum(s.count for s in shards)} images) in {folder}")
+    else:
+        console.print(f"{done} {len(shards)} shards ({sum(s.count for s in shards)} images) {where}")

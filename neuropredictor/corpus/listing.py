@@ -328,7 +328,7 @@ def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard
     _refuse_hidden(resolved)
     urls = [fsx.full_url(fs, path) for _fs, path, _info in resolved]
     with ThreadPoolExecutor(max_workers=min(8, len(resolved))) as pool:
-        scanned = list(pool.map(lambda item: scan_offsets(fs, item[1], fsx.full_url(fs, item[1])), resolved))
+        scanned = list(pool.map(lambda item, url: scan_offsets(fs, item[1], url), resolved, urls))
     _refuse_duplicate_keys({url: list(offsets.keys) for url, offsets in zip(urls, scanned)})
     for url, offsets in zip(urls, scanned):
         if (problem := usable(offsets)) is not None:
@@ -336,10 +336,10 @@ def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard
                               "(`neuropredictor shards make`), or leave it out of the folder.")
     shards, offset = [], 0
     try:
-        for (_fs, path, info), offsets in zip(resolved, scanned):
+        for (_fs, path, info), url, offsets in zip(resolved, urls, scanned):
             fs.pipe_file(offsets_path(path), offsets.to_json())
             size, etag = _fingerprint(info)
-            shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")],
+            shards.append(Shard(url=url, name=fsx.basename(path)[: -len(".tar")],
                                 count=offsets.count, offset=offset, size=size, etag=etag))
             offset += offsets.count
         write_index(fs, root, shards)  # last: a plan trusts its counts

@@ -110,8 +110,10 @@ def read_offsets(fs: Any, tar_path: str, size: int | None, count: int) -> Offset
         offsets = Offsets(size=int(data["size"]), starts=tuple(int(s) for s in data["starts"]),
                           keys=tuple(str(k) for k in data["keys"]))
         if len(offsets.starts) != offsets.count + 1 or any(b <= a for a, b in zip(offsets.starts, offsets.starts[1:])) \
-                or offsets.starts[-1] > offsets.size or len(set(offsets.keys)) != offsets.count:
-            raise ValueError("its offsets or keys are inconsistent")
+                or offsets.starts[-1] > offsets.size:
+            raise ValueError("its offsets are inconsistent")
+        if (problem := usable(offsets)) is not None:
+            raise ValueError(f"it has {problem}")
     except Exception as exc:
         log.warning("ignoring %s (%s); reading the shard whole", fsx.full_url(fs, path), exc)
         return None

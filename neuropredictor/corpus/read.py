@@ -327,7 +327,8 @@ def _source(shard: Shard, workers: int, storage_options: Mapping | None) -> Iter
     """(where the workers read the shard, its offsets or None), so that its bytes are read once: by ranges
     when its sidecar gives the offsets; else whole, by one reader, or (several workers, remote shard) from a
     local copy fetched once here and removed afterwards."""
-    fs, path = connect(shard.url, storage_options)
+    # this process's cached filesystem (the workers open fresh ones): no new client per shard
+    fs, path = connect(shard.url, storage_options, fresh=False)
     offsets = read_offsets(fs, path, shard.size, shard.count)
     if offsets is not None or workers <= 1 or fsx.is_local(fs):
         yield shard.url, offsets

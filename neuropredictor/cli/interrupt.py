@@ -68,13 +68,12 @@ def interruptible() -> Iterator[Interruption]:
             signal.signal(sig, handler)
 
 
-def resume_message(command: str = "extract") -> str:
-    return (f"interrupted: committed shards are kept (those in progress were not committed); run the same "
-            f"`neuropredictor {command}` command again to resume.")
+RESUME_MESSAGE = ("interrupted: committed shards are kept (those in progress were not committed); run the same "
+                  "`neuropredictor` command again to resume.")
 
 
 def interrupted(exc: Interrupted) -> NoReturn:
     """What the command does once the run stopped: one line saying so and how to resume, and the exit code
     of the signal (130 for Ctrl-C)."""
-    err_console.print(f"[bold yellow]{escape(resume_message())}[/]", highlight=False)
+    err_console.print(f"[bold yellow]{escape(RESUME_MESSAGE)}[/]", highlight=False)
     raise typer.Exit(getattr(exc, "exit_code", 128 + signal.SIGINT))

@@ -13,11 +13,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from neuropredictor.cli.app import err_console
-from neuropredictor.cli.interrupt import (
-    Stopped,
-    interruptible,
-    resume_message,
-)
+from neuropredictor.cli.interrupt import RESUME_MESSAGE, Stopped, interruptible
 from neuropredictor.cli.logs import prepare_prefect
 from neuropredictor.cli.summary import plan_messages
 
@@ -102,6 +98,7 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
                 interruption.extracting = True  # from now on, Ctrl-C lets the current batches finish
             listener(event, data)
 
+        manifest = None  # the library's run returns it; the flow returns a summary, so it is read then
         try:
             if use_prefect:
                 prepare_prefect()
@@ -121,14 +118,14 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
             else:
                 from neuropredictor.schedule import run
 
-                run(config, on_event=on_event, stop=interruption.stop)
+                manifest = run(config, on_event=on_event, stop=interruption.stop)
         except BaseException as exc:
             if interruption.stop.is_set():  # whatever the run ended with (Interrupted, Prefect's CancelledRun)
-                raise Stopped(resume_message(), interruption.signum) from exc
+                raise Stopped(RESUME_MESSAGE, interruption.signum) from exc
             raise
         finally:
             progress.refresh()
-    return FeatureStore.open(config.out, config.storage_options, mode="r").manifest
+    return manifest if manifest is not None else FeatureStore.open(config.out, config.storage_options, mode="r").manifest
 
 
 def run_flow(config) -> dict:

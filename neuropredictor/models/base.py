@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import socket
 import urllib.error
@@ -91,8 +92,10 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+@functools.lru_cache(maxsize=None)
 def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of url accepts a TCP connection."""
+    """Whether the host of url accepts a TCP connection; asked once per process (every model replica loads
+    through here, and behind a firewall that drops packets each probe would cost the whole timeout)."""
     parts = urllib.parse.urlsplit(url)
     try:
         socket.create_connection((parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)),
@@ -123,11 +126,11 @@ def _hub_offline_when_unreachable() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pretrained_download(spec: ModelSpec) -> Iterator[None]:
-    """Turn a failed weights download into an error that says what happened and what to do instead; fail
-    fast when the weights' host cannot be reached."""
+def pretrained_download(spec: ModelSpec, via_hub: bool = True) -> Iterator[None]:
+    """Turn a failed weights download into an error that says what happened and what to do instead; for
+    weights from the Hugging Face hub (`via_hub`), fail fast when the hub cannot be reached."""
     try:
-        with _hub_offline_when_unreachable():
+        with _hub_offline_when_unreachable() if via_hub else contextlib.nullcontext():
             yield
     except WeightsUnavailableError:
         raise

@@ -41,7 +41,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     if pretrained:
         if member is None:
             raise ModelSpecError(f"torchvision:{spec.name} has no pretrained weights; use pretrained=False or weights=PATH")
-        with pretrained_download(spec):
+        with pretrained_download(spec, via_hub=False):  # torchvision's weights come from download.pytorch.org
             model = tvm.get_model(spec.name, weights=member)
         weights = f"pretrained:{member}"
     else:

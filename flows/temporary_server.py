@@ -22,7 +22,7 @@ import sys
 import types
 from typing import IO
 
-from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.errors import NeuroPredictorError, first_line
 
 # Telemetry off for the server we cause (a user's explicit setting wins): offline it logs an ERROR per run.
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -88,9 +88,8 @@ def ensure_server(output: IO | None = None) -> str | None:
     try:
         server.start()
     except RuntimeError as exc:
-        first = (str(exc).splitlines() or [""])[0]
         raise NeuroPredictorError(
-            f"Prefect's temporary server did not start: {first[:300]} Set PREFECT_API_URL to a running "
+            f"Prefect's temporary server did not start: {first_line(exc)} Set PREFECT_API_URL to a running "
             "server (`prefect server start`), allow it more time with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, "
             "or run without `prefect`."
         ) from exc

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when empty), at most `limit` characters:
+    what a one-line error quotes of a library's multi-line message."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
 class NeuroPredictorError(Exception):
     """Base class for errors a user can act on (bad spec, missing layer, unreachable corpus...)."""
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from neuropredictor.errors import WeightsUnavailableError
+from neuropredictor.errors import WeightsUnavailableError, first_line
 from neuropredictor.models.spec import ModelSpec
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -139,7 +139,7 @@ def pretrained_download(spec: ModelSpec, via_hub: bool = True) -> Iterator[None]
             raise
         raise WeightsUnavailableError(
             f"could not download the pretrained weights of {spec} (no network access, or offline mode): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+            f"{type(exc).__name__}: {first_line(exc)}\n"
             f"Pass a local checkpoint as weights=PATH (safetensors or a torch state dict), "
             f"fill the cache on a machine with network access first, or use pretrained=False for random weights."
         ) from exc
@@ -183,7 +183,7 @@ def load_weights_file(module: nn.Module, path: str | Path) -> str:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise WeightsUnavailableError(
-                f"cannot load {path} with torch.load(weights_only=True): {_first_line(exc)}\n"
+                f"cannot load {path} with torch.load(weights_only=True): {first_line(exc)}\n"
                 "Save a plain state dict (torch.save(model.state_dict(), path)) or a .safetensors file."
             ) from exc
     for key in _WRAPPER_KEYS:
@@ -200,13 +200,8 @@ def load_weights_file(module: nn.Module, path: str | Path) -> str:
     try:
         module.load_state_dict(chosen, strict=True)
     except RuntimeError as exc:  # torch's message lists every key: keep its first line
-        raise WeightsUnavailableError(f"{path} does not fit the model: {_first_line(exc)}") from exc
+        raise WeightsUnavailableError(f"{path} does not fit the model: {first_line(exc)}") from exc
     return file_checksum(path)
-
-
-def _first_line(exc: BaseException) -> str:
-    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return line if len(line) <= 300 else line[:300] + " ..."
 
 
 def _sub_dicts(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

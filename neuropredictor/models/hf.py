@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from neuropredictor.errors import ModelSpecError, WeightsUnavailableError
+from neuropredictor.errors import ModelSpecError, WeightsUnavailableError, first_line
 from neuropredictor.globs import match_model_names
 from neuropredictor.models.base import Transform, pretrained_download
 from neuropredictor.models.spec import ModelSpec
@@ -57,7 +57,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
 def _pickle_refused(spec: ModelSpec, exc: Exception) -> str:
     """Why a pickled checkpoint (.bin) was not loaded, and what to do: its reason, not torch's long advice."""
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-    reason = f"it holds {found.group(1)}, not only tensors" if found else (str(exc).splitlines() or [""])[0][:200]
+    reason = f"it holds {found.group(1)}, not only tensors" if found else first_line(exc, 200)
     return (f"hf:{spec.name}: its weights are a pickle (.bin) that cannot be loaded safely ({reason}). "
             "NeuroPredictor never runs code from a checkpoint: use a revision that has model.safetensors, "
             "convert the checkpoint to safetensors where you trust it, or pass weights=PATH to a state dict "

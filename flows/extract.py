@@ -88,7 +88,8 @@ class ExtractParameters(ExtractConfig):
         return ExtractConfig(**fields)
 
 
-def _emit(event: str, data: dict) -> None:
+def emit(event: str, data: dict) -> None:
+    """An event to the terminal's progress, when the command line runs this flow (see PROGRESS)."""
     sink = PROGRESS.get()
     if sink is not None:
         sink(event, data)
@@ -115,7 +116,7 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
     store = FeatureStore.open(config.out, config.storage_options)
     try:
         records = schedule.extract_group(config, shards, store, device, attempt=task_run.run_count or 1,
-                                         on_batch=lambda n: _emit("batch", {"images": n}), stop=STOP.get())
+                                         on_batch=lambda n: emit("batch", {"images": n}), stop=STOP.get())
     except Interrupted:  # not a failure: nothing to retry; Cancelled, not Completed, in the UI
         logger.info("%s: interrupted; its uncommitted shards run again next time", label)
         return Cancelled(message=f"{label}: interrupted; its uncommitted shards run again next time")
@@ -123,7 +124,7 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
         if not record.get("skipped"):
             logger.info("%s: %d images in %.1f s (%.1f img/s) on %s", record["shard"], record["rows"],
                         record["duration_s"], record["images_per_s"] or 0, record["device"])
-            _emit("shard", {"name": record["shard"], "record": record})
+            emit("shard", {"name": record["shard"], "record": record})
     return records
 
 
@@ -148,7 +149,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     if planned["replaced"]:
         logger.info("overwrite: replaced the store made with another configuration; deleted %s",
                     ", ".join(planned["replaced"]["deleted"]))
-    _emit("planned", schedule.planned_event(store, planned))
+    emit("planned", schedule.planned_event(store, planned))
     groups = schedule.pending_groups(store, params.shards, params.shards_per_task, planned)
     todo_rows = sum(s.count for g in groups for s in g)
     logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],

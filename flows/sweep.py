@@ -13,8 +13,8 @@ import base64
 import time
 
 from neuropredictor_flows.extract import (
-    PROGRESS,
     ExtractParameters,
+    emit,
     extract_flow,
     no_credentials,
     resolve_credentials,
@@ -29,6 +29,8 @@ from prefect.runtime import flow_run
 from pydantic import Field, field_validator
 
 from neuropredictor import fs as fsx
+from neuropredictor.config import ExtractConfig
+from neuropredictor.errors import Interrupted
 from neuropredictor.store import FeatureStore
 from neuropredictor.sweep import SweepConfig, SweepModel
 from neuropredictor.sweep import run as sweep_run
@@ -57,8 +59,8 @@ class SweepParameters(SweepConfig):
 
 
 @task(name="encode-model", task_run_name="{model.spec}", cache_policy=NO_CACHE)
-def encode_task(sweep: SweepConfig, model: SweepModel) -> dict:
-    return sweep_run.encode_model(sweep, model, sweep_run.SweepRecord(sweep))
+def encode_task(sweep: SweepConfig, model: SweepModel, record: sweep_run.SweepRecord) -> dict:
+    return sweep_run.encode_model(sweep, model, record)
 
 
 @task(name="compare", cache_policy=NO_CACHE)
@@ -66,32 +68,24 @@ def compare_task(sweep: SweepConfig, models: list[SweepModel]) -> dict:
     return sweep_run.compare_models(sweep, models)
 
 
-def _emit(event: str, data: dict) -> None:
-    sink = PROGRESS.get()
-    if sink is not None:
-        sink(event, data)
+def _child(params: SweepParameters, config: ExtractConfig) -> ExtractParameters:
+    """One model's extract parameters as the user gave them: credentials by block, never by value (they
+    are a run's parameters, kept in Prefect's database)."""
+    return ExtractParameters(**config.model_dump(exclude={"storage_options"}), storage_options=params.storage_options,
+                             credentials_block=params.credentials_block)
 
 
-def _extract_here(sweep: SweepConfig, record: sweep_run.SweepRecord) -> dict[str, dict]:
-    results = {}
-    for i, model in enumerate(sweep.models):
-        # the events of the library's run_sweep, to a listener in this process (the CLI's progress)
-        _emit("model", {"index": i, "of": len(sweep.models), "spec": model.spec})
-        results[model.spec] = _extract_one(sweep, model, record)
-        _emit("model-done", {"model": model.spec, "extract": results[model.spec]})
-    return results
+def _extract_subflow(params: SweepParameters) -> sweep_run.Extractor:
+    """Each model as an `extract` subflow run of this flow run; its events reach the terminal's progress
+    (when there is one) through `emit`."""
+    def extract(config: ExtractConfig, on_event: sweep_run.ProgressFn | None) -> dict:
+        state = extract_flow(_child(params, config), return_state=True)
+        if state.is_cancelled():
+            raise Interrupted(str(state.message))
+        state.result()  # a failed extraction raises its error here
+        return FeatureStore.open(config.out, config.storage_options, mode="r").manifest
 
-
-def _extract_one(sweep: SweepConfig, model: SweepModel, record: sweep_run.SweepRecord) -> dict:
-    if sweep_run.is_extracted(sweep, model, record):
-        return sweep_run.skipped(record, model)
-    _emit("extracting", {"spec": model.spec})
-    t0 = time.perf_counter()
-    state = extract_flow(ExtractParameters(**sweep.extract_config(model).model_dump()), return_state=True)
-    if state.is_completed():
-        manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
-        return sweep_run.record_extracted(sweep, model, record, manifest, time.perf_counter() - t0)
-    return sweep_run.record_failed(sweep, model, record, str(state.message))
+    return extract
 
 
 def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep_run.SweepRecord) -> dict[str, dict]:
@@ -100,9 +94,7 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
         if sweep_run.is_extracted(sweep, model, record):
             results[model.spec] = sweep_run.skipped(record, model)
             continue
-        # children get the parameters as the user gave them (credentials by block, never by value)
-        child = ExtractParameters(**sweep.extract_config(model).model_dump(exclude={"storage_options"}),
-                                  storage_options=params.storage_options, credentials_block=params.credentials_block)
+        child = _child(params, sweep.extract_config(model))
         run = run_deployment(name=params.deployment, parameters={"params": child.model_dump(mode="json")}, timeout=0,
                              as_subflow=True, flow_run_name=model.spec, idempotency_key=f"{flow_run.id}-{model.spec}")
         running[run.id] = model
@@ -133,20 +125,14 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     """Extract every model of a sweep into its own store, score them on the neural data, compare them."""
     logger = get_run_logger()
     sweep = params.library_config()
-    record = sweep_run.SweepRecord(sweep)
-    extracted = _extract_children(params, sweep, record) if params.deployment else _extract_here(sweep, record)
-    summary = {"out": sweep.out, "models": []}
-    for model in sweep.models:
-        entry = {"model": model.spec, "store": sweep.store_url(model), "extract": extracted[model.spec]}
-        if sweep.neural is not None and entry["extract"]["status"] == "done":
-            entry["encode"] = encode_task(sweep, model)
-        entry["status"] = "failed" if any(entry.get(k, {}).get("status") == "failed" for k in ("extract", "encode")) \
-            else "done"
-        summary["models"].append(entry)
-    scored = [m for m, e in zip(sweep.models, summary["models"]) if e.get("encode", {}).get("status") == "done"]
-    if scored:
-        summary["comparison"] = compare_task(sweep, scored)
-    summary["failed"] = [e["model"] for e in summary["models"] if e["status"] == "failed"]
+    if params.deployment:
+        record = sweep_run.SweepRecord(sweep)
+        extracted = _extract_children(params, sweep, record)
+        summary = sweep_run.summarize(sweep, [sweep_run.model_entry(sweep, m, record, extracted[m.spec], encode_task)
+                                              for m in sweep.models], compare_task)
+    else:
+        summary = sweep_run.run_sweep(sweep, emit, extract=_extract_subflow(params), encode=encode_task,
+                                      compare=compare_task)
     _artifacts(sweep, summary)
     logger.info("%d models done, %d failed", len(summary["models"]) - len(summary["failed"]), len(summary["failed"]))
     if summary["failed"]:

@@ -131,12 +131,15 @@ def test_missing_options_name_what_to_give(tmp_path):
 
 def test_with_prefect_the_sweep_is_the_flow_and_a_failure_still_reports(root, tmp_path, prefect_api):
     args = ["sweep", "--corpus", str(root / "shards"), "--models", f"torchvision:resnet19,{CUSTOM}", "--out",
-            str(tmp_path / "out"), *RUN[:-1], "--prefect", "--json"]
+            str(tmp_path / "out"), *RUN[:-1], "--neural", str(root / "neural.npz"), *SCORE, "--prefect", "--json"]
     result = _invoke(args)
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["failed"] == ["torchvision:resnet19"] and report["models"][1]["status"] == "done"
-    assert "[2/2]" in result.stderr and "started" in result.stderr  # the flow's events reach the progress
+    assert report["models"][1]["scores"] and report["ranking"]["V1"][0]["model"] == CUSTOM
+    # the flow's events reach the progress, each model's line after its scoring, as without Prefect
+    assert "[2/2]" in result.stderr and "started" in result.stderr and "; scored" in result.stderr
+    assert "ModelSpecError" in report["models"][0]["error"]  # the subflow's own error, as the library records it
     assert FeatureStore.open(str(tmp_path / "out" / f"{slug(CUSTOM)}.zarr"), mode="r").manifest["status"] == "complete"
 
 

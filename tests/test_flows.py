@@ -108,6 +108,33 @@ def test_credentials_from_a_prefect_secret_block(s3, image_dir, monkeypatch):
     assert stored["params"]["credentials_block"] == "np-test-s3" and "testing-secret" not in json.dumps(stored)
 
 
+def test_a_sweep_with_a_credentials_block_passes_the_block_to_its_extract_subflow(s3, image_dir, monkeypatch):
+    """The sweep resolves the block for itself, but each model's extract subflow must get the block's name,
+    not the secret: its parameters are kept in Prefect's database (and refused when they hold one)."""
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from neuropredictor_flows.sweep import SweepParameters, extract_sweep_flow
+
+    make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
+    Secret(value=json.dumps(s3)).save("np-test-s3", overwrite=True)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var)
+    s3fs.S3FileSystem.clear_instance_cache()
+    params = SweepParameters(corpus="s3://test-bucket/corpus", models=[MODEL], layers=["layer4"], reduce="avgpool",
+                             out="s3://test-bucket/sweep", pretrained=False, batch_size=8, num_workers=0, retries=0,
+                             credentials_block="np-test-s3")
+    state = extract_sweep_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["models"][0]["extract"]["rows"]["valid"] == 25
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(children) == 1 and children[0].parameters["params"]["credentials_block"] == "np-test-s3"
+    assert "testing-secret" not in json.dumps(children[0].parameters)
+
+
 @pytest.mark.parametrize("options", [{"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"},
                                      {"client_kwargs": {"aws_secret_access_key": "s3cr3t"}},
                                      {"endpoint_url": "http://user:pa55@minio:9000"}])

@@ -20,6 +20,7 @@ import pytest
 import s3fs
 
 from conftest import MODEL, check_against_reference
+from sweep_data import assert_identical_stores
 from neuropredictor.corpus import make_shards
 from neuropredictor.store import FeatureStore, open_features
 
@@ -211,7 +212,8 @@ def test_sweep_through_a_real_server(prefect_server, tmp_path):
     _cli(env, "work-pool", "create", "gpu-k8s", "--type", "kubernetes",
          "--base-job-template", str(REPO / "infra" / "k8s" / "base-job-template.json"))
     _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    procs.start("worker", [PREFECT, "worker", "start", "--pool", "local-process", "--limit", "1"], env)
+    # two slots: a sweep parent with `deployment` set waits while its children run
+    procs.start("worker", [PREFECT, "worker", "start", "--pool", "local-process", "--limit", "2"], env)
     params = {"corpus": str(tmp_path / "shards"), "models": [custom, MODEL], "out": str(tmp_path / "sweep"),
               "pretrained": False, "batch_size": 8, "num_workers": 0, "neural": str(tmp_path / "neural.npz"),
               "encode": {"alphas": "logspace:-2:4:7", "inner_folds": 3, "permutations": 100}}
@@ -230,3 +232,12 @@ def test_sweep_through_a_real_server(prefect_server, tmp_path):
         assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 40
     table = (tmp_path / "sweep" / "comparison.csv").read_text().splitlines()
     assert len(table) > 4 and (tmp_path / "sweep" / "comparison.png").stat().st_size > 5000
+    # the same sweep with each model a child run of the extract deployment: the same stores and comparison
+    with httpx.Client(base_url=api, timeout=30) as client:
+        children_params = {**params, "out": str(tmp_path / "fanned"), "deployment": "extract/local", "poll_seconds": 1}
+        run = _wait_run(client, _trigger(client, deployment["id"], children_params), procs)
+        assert run["state"]["type"] == "COMPLETED", json.dumps(run["state"]) + procs.tail()
+    for spec in (custom, MODEL):
+        name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}.zarr"
+        assert_identical_stores(str(tmp_path / "sweep" / name), str(tmp_path / "fanned" / name))
+    assert (tmp_path / "fanned" / "comparison.csv").read_text().splitlines() == table

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from neuropredictor import fs as fsx
+from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
 from neuropredictor.status import StoreStatus
 from neuropredictor.sweep import compare
@@ -26,6 +27,8 @@ RECORD = "sweep.json"
 # runs (not when it is skipped), the extraction's own events ("planned", "batch", "shard"), then "model-done"
 # with the model's entry of the summary.
 ProgressFn = Callable[[str, dict], None]
+# extract(config, on_event) -> the store's manifest; raises when the extraction fails
+Extractor = Callable[[ExtractConfig, ProgressFn | None], dict]
 
 
 class SweepFailed(NeuroPredictorError):
@@ -62,6 +65,11 @@ class SweepRecord:
     def mark(self, spec: str, step: str, options: dict, status: str, **info: Any) -> None:
         self.models.setdefault(spec, {})[step] = {"options": options, "status": status, **info}
         self.save()
+
+
+# encode(sweep, model, record) -> how the model's scoring ended; compare(sweep, scored models) -> the comparison
+Scorer = Callable[[SweepConfig, SweepModel, SweepRecord], dict]
+Comparer = Callable[[SweepConfig, list[SweepModel]], dict]
 
 
 def _store_complete(url: str, storage_options: dict | None) -> bool:
@@ -104,18 +112,23 @@ def skipped(record: SweepRecord, model: SweepModel) -> dict[str, Any]:
     return {"status": "done", "skipped": True, **record.models[model.spec]["extract"].get("info", {})}
 
 
-def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
-                  on_event: ProgressFn | None = None) -> dict[str, Any]:
-    """Extract one model of the sweep in this process (skipped when `is_extracted`)."""
+def extract_here(config: ExtractConfig, on_event: ProgressFn | None) -> dict[str, Any]:
+    """The default way to extract one model: `neuropredictor.run` in this process; returns the manifest."""
     from neuropredictor.schedule import run
 
+    return run(config, on_event=on_event)
+
+
+def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord, on_event: ProgressFn | None = None,
+                  extract: Extractor = extract_here) -> dict[str, Any]:
+    """Extract one model of the sweep with `extract` (skipped when `is_extracted`); a failure is recorded."""
     if is_extracted(sweep, model, record):
         return skipped(record, model)
     if on_event:
         on_event("extracting", {"spec": model.spec})
     t0 = time.perf_counter()
     try:
-        manifest = run(sweep.extract_config(model), on_event=on_event)
+        manifest = extract(sweep.extract_config(model), on_event)
     except Interrupted:
         raise
     except Exception as exc:  # one model's failure must not cost the others
@@ -152,30 +165,45 @@ def compare_models(sweep: SweepConfig, done: list[SweepModel]) -> dict[str, Any]
     return {"csv": csv, "plot": png, "ranking": compare.ranking(table)}
 
 
-def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None) -> dict[str, Any]:
+def model_entry(sweep: SweepConfig, model: SweepModel, record: SweepRecord, extracted: dict[str, Any],
+                encode: Scorer = encode_model) -> dict[str, Any]:
+    """One model's entry of the summary: how its extraction ended and, with neural data and a store, its scores."""
+    entry: dict[str, Any] = {"model": model.spec, "slug": slug(model.spec), "store": sweep.store_url(model),
+                             "extract": extracted}
+    if sweep.neural is not None and extracted["status"] == "done":
+        entry["encode"] = encode(sweep, model, record)
+    entry["status"] = "failed" if any(entry.get(k, {}).get("status") == "failed" for k in ("extract", "encode")) \
+        else "done"
+    return entry
+
+
+def summarize(sweep: SweepConfig, entries: list[dict[str, Any]],
+              compare: Comparer = compare_models) -> dict[str, Any]:
+    """The sweep's summary from its models' entries: the comparison over the scored ones, the failed ones."""
+    summary: dict[str, Any] = {"out": sweep.out, "models": entries}
+    scored = [m for m, e in zip(sweep.models, entries) if e.get("encode", {}).get("status") == "done"]
+    if scored:
+        summary["comparison"] = compare(sweep, scored)
+    summary["failed"] = [e["model"] for e in entries if e["status"] == "failed"]
+    return summary
+
+
+def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract: Extractor = extract_here,
+              encode: Scorer = encode_model,
+              compare: Comparer = compare_models) -> dict[str, Any]:
     """Every model of the sweep, one after another, then the comparison; returns a summary (per model:
     status, store, rows, layers, images/s, error; with neural data: scores and the ranking per ROI). Failed
-    models are listed in summary["failed"] (see `failure_message`); the others finish regardless."""
+    models are listed in summary["failed"] (see `failure_message`); the others finish regardless. The steps
+    are replaceable (the Prefect flow runs each as a subflow or a task of its own)."""
     emit = on_event or (lambda event, data: None)
     record = SweepRecord(sweep)
-    results: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
     for i, model in enumerate(sweep.models):
         emit("model", {"index": i, "of": len(sweep.models), "spec": model.spec})
-        entry: dict[str, Any] = {"model": model.spec, "slug": slug(model.spec), "store": sweep.store_url(model)}
-        entry["extract"] = extract_model(sweep, model, record, on_event)
-        if sweep.neural is not None and entry["extract"]["status"] == "done":
-            entry["encode"] = encode_model(sweep, model, record)
-        entry["status"] = "failed" if any(entry.get(k, {}).get("status") == "failed" for k in ("extract", "encode")) \
-            else "done"
-        results.append(entry)
-        emit("model-done", entry)
-    summary: dict[str, Any] = {"out": sweep.out, "models": results}
-    scored = [m for m, r in zip(sweep.models, results) if r.get("encode", {}).get("status") == "done"]
-    if scored:
-        summary["comparison"] = compare_models(sweep, scored)
-    failed = [r for r in results if r["status"] == "failed"]
-    summary["failed"] = [r["model"] for r in failed]
-    return summary
+        entries.append(model_entry(sweep, model, record, extract_model(sweep, model, record, on_event, extract),
+                                   encode))
+        emit("model-done", entries[-1])
+    return summarize(sweep, entries, compare)
 
 
 def failure_message(summary: dict[str, Any]) -> str:

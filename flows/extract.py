@@ -104,8 +104,9 @@ def validate_task(config: ExtractConfig) -> list[Shard]:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
     store = pipeline.plan(config, shards)
-    return {"shards": len(store.shards), "rows": store.rows, "replaced": store.replaced, "withdrawn": store.withdrawn,
-            "committed": sorted(store.committed_at_plan or ())}
+    for line in pipeline.plan_messages(store):  # for the UI (the library's own log reaches the terminal)
+        get_run_logger().warning(line)
+    return {"shards": len(store.shards), "rows": store.rows, "committed": sorted(store.committed_at_plan or ())}
 
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
@@ -146,9 +147,6 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    if planned["replaced"]:
-        logger.info("overwrite: replaced the store made with another configuration; deleted %s",
-                    ", ".join(planned["replaced"]["deleted"]))
     emit("planned", schedule.planned_event(store, planned))
     groups = schedule.pending_groups(store, params.shards, params.shards_per_task, planned)
     todo_rows = sum(s.count for g in groups for s in g)

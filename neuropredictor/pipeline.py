@@ -219,13 +219,27 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
     commits = store.committed()  # read once, here, for the whole plan
     _refuse_changed_files(store, shards, config, commits)
     if config.verify:
-        damaged = store.verify()
-        if damaged:
-            log.warning("%d committed shard(s) are damaged and run again: %s", len(damaged),
-                        "; ".join(f"{k}: {v}" for k, v in sorted(damaged.items())))
-            store.withdraw(damaged)
+        store.withdraw(store.verify())
     store.committed_at_plan = frozenset(name for name in commits if name not in store.withdrawn)
+    for line in plan_messages(store):
+        log.warning("%s", line)
     return store
+
+
+def plan_messages(store: FeatureStore) -> list[str]:
+    """What the plan changed in the store, in words: what `overwrite=True` deleted, and the damaged shards
+    `verify=True` took back (they are extracted again)."""
+    out = []
+    if replaced := store.replaced:
+        kept = replaced.get("kept") or []
+        out.append(f"overwrite=True replaced a store made with another configuration "
+                   f"({replaced.get('committed_shards', 0)} of {replaced.get('shards', '?')} shards committed): "
+                   f"deleted {', '.join(replaced.get('deleted', [])) or 'nothing'}"
+                   + (f"; left alone: {', '.join(kept)}" if kept else ""))
+    if withdrawn := store.withdrawn:
+        out.append(f"verify=True: {len(withdrawn)} damaged shard(s) are extracted again: "
+                   + "; ".join(f"{name} ({why})" for name, why in sorted(withdrawn.items())))
+    return out
 
 
 class _BackgroundWriter:

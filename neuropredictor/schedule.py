@@ -34,7 +34,7 @@ from neuropredictor.status import ShardStatus
 from neuropredictor.store import FeatureStore
 
 ProgressFn = Callable[[str, dict], None]
-"""on_event(event, data): "planned" {rows, committed_rows, shards, committed_shards, replaced, withdrawn},
+"""on_event(event, data): "planned" {rows, committed_rows, shards, committed_shards},
 "batch" {images}, "shard" {name, record}."""
 
 
@@ -188,15 +188,12 @@ def unfinished(manifest: dict) -> dict[str, str]:
 
 
 def planned_event(store: FeatureStore, planned: dict | None = None) -> dict:
-    """The "planned" progress event's data: rows and shards in total and already committed; what
-    `overwrite=True` deleted (`FeatureStore.replaced`) and the damaged shards `verify=True` took back
-    (`FeatureStore.withdrawn`), from `store` or, when the plan ran elsewhere, from its `planned` dict."""
+    """The "planned" progress event's data: rows and shards in total and already committed (from `store`
+    or, when the plan ran elsewhere, from its `planned` dict)."""
     done = committed_names(store, planned)
     committed = [s for s in store.shards if s.name in done]
-    planned = planned or {}
     return {"rows": store.rows, "committed_rows": sum(s.count for s in committed), "shards": len(store.shards),
-            "committed_shards": len(committed), "replaced": planned.get("replaced") or store.replaced,
-            "withdrawn": planned.get("withdrawn") or store.withdrawn}
+            "committed_shards": len(committed)}
 
 
 def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threading.Event | None = None) -> dict:

@@ -257,6 +257,18 @@ def test_config_mismatch_refused_through_the_flow(corpus, tmp_path):
     with pytest.raises(ConfigMismatchError, match="reductions"):
         extract_flow(_params(corpus, out, reduce="avgpool"))
     assert (out / "manifest.json").read_text() == before
+    # with overwrite, the store is replaced, and the run's log in the UI says what was deleted
+    state = extract_flow(_params(corpus, out, reduce="avgpool", overwrite=True), return_state=True)
+    assert state.is_completed(), state.message
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # log lines reach the server in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    said = [log.message for log in logs if "replaced a store made with another configuration" in log.message]
+    assert len(said) == 1 and said[0].startswith("overwrite=True") and "manifest.json" in said[0], said
 
 
 def test_cli_extract_resume_inspect(corpus, tmp_path):

@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from neuropredictor.cli.app import err_console
+from neuropredictor.cli.options import as_flags
 
 LOG_DIR_ENV = "NEUROPREDICTOR_LOG_DIR"
 _KEEP = 20  # log files kept: the newest ones
@@ -41,6 +42,13 @@ def _prune(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class _AsFlags(logging.Formatter):
+    """On the terminal, the parameters the library's lines name read as this command line's flags."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return as_flags(super().format(record))
+
+
 def setup(verbose: bool) -> None:
     """Route logging for one command: INFO and up to a new log file (created on the first line); on the
     terminal, our own warnings, or with verbose every INFO line."""
@@ -61,6 +69,7 @@ def setup(verbose: bool) -> None:
     root.setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the Prefect API
     terminal = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    terminal.setFormatter(_AsFlags())
     terminal.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         terminal.addFilter(lambda record: record.name.split(".")[0] == "neuropredictor")

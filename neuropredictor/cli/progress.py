@@ -10,12 +10,10 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.markup import escape
 
 from neuropredictor.cli.app import err_console
 from neuropredictor.cli.interrupt import RESUME_MESSAGE, Stopped, interruptible
 from neuropredictor.cli.logs import prepare_prefect
-from neuropredictor.cli.summary import plan_messages
 
 
 def progress_bar():
@@ -59,8 +57,6 @@ class ProgressListener:
             # reset, not update: rows committed by earlier runs are not progress made now (ETA)
             self.progress.reset(self.task, total=data["rows"], completed=data["committed_rows"],
                                 shards=f"{self.shards}/{self.of}", rate="-")
-            for line in plan_messages(data):
-                self.progress.console.print(escape(line), highlight=False)
         elif event == "batch":
             now = self.clock()
             self.seen += data["images"]

@@ -68,22 +68,6 @@ def print_summary(summary: dict) -> None:
                   f"or xarray.open_zarr({url}, group='features')", highlight=False)
 
 
-def plan_messages(planned: dict) -> list[str]:
-    """What the plan changed in the store, from the "planned" event: what `--overwrite` deleted, and the
-    damaged shards `--verify` found (they are extracted again)."""
-    out = []
-    if replaced := planned.get("replaced"):
-        kept = replaced.get("kept") or []
-        out.append(f"--overwrite replaced a store made with another configuration "
-                   f"({replaced.get('committed_shards', 0)} of {replaced.get('shards', '?')} shards committed): "
-                   f"deleted {', '.join(replaced.get('deleted', [])) or 'nothing'}"
-                   + (f"; left alone: {', '.join(kept)}" if kept else ""))
-    if withdrawn := planned.get("withdrawn"):
-        out.append(f"--verify: {len(withdrawn)} damaged shard(s) are extracted again: "
-                   + "; ".join(f"{name} ({why})" for name, why in sorted(withdrawn.items())))
-    return out
-
-
 def print_damaged(damaged: dict[str, str]) -> None:
     """What `inspect --verify` found: nothing, or each damaged shard and what is wrong with it."""
     if not damaged:

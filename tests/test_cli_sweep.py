@@ -160,3 +160,24 @@ def test_sweep_verify_reads_every_store_back_and_repairs_a_damaged_shard(root, t
     assert _invoke(["inspect", str(store), "--verify"]).exit_code == 0
     again = _invoke([*args, "--json"])  # --verify left the record as it was: skipped again
     assert json.loads(again.stdout)["models"][0]["skipped"]
+
+
+def test_each_option_lands_in_its_field(monkeypatch, tmp_path):
+    """Options are SweepConfig's fields by name, the encoding's by EncodeSettings' (with `--encode-` where
+    both have one); flags that read otherwise (--retry-delay, --no-pretrained) still reach their field."""
+    import neuropredictor.cli.sweep as cli_sweep
+
+    seen = {}
+
+    def capture(config, use_prefect):
+        seen["config"] = config
+        return {"out": config.out, "models": [], "failed": []}
+
+    monkeypatch.setattr(cli_sweep, "_run", capture)
+    result = _invoke(["sweep", "--corpus", str(tmp_path), "--models", MODELS[1], "--out", str(tmp_path / "out"),
+                      "--retry-delay", "2.5", "--no-pretrained", "--device", "cpu", "--encode-device", "cuda",
+                      "--folds", "4", "--keys", "keys.txt", "--no-prefect"])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.retry_delay_seconds, config.pretrained, config.device) == (2.5, False, "cpu")
+    assert (config.encode.device, config.encode.folds, config.encode.keys_file) == ("cuda", 4, "keys.txt")

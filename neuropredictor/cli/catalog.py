@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuropredictor.cli.app import app, console, err_console, shards_app
-from neuropredictor.cli.options import AsJson, NoPretrained, Weights, fail
+from neuropredictor.cli.options import AsJson, Pretrained, Weights, fail
 from neuropredictor.errors import NeuroPredictorError
 
 
@@ -44,7 +44,7 @@ def layers(
     pattern: Annotated[Optional[str], typer.Argument(help="Glob over layer names ('*' within a segment, '**' across).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="Only the layers a preset picks (auto: the "
                                                   "model's representative depths, as `--layers auto` extracts).")] = None,
-    no_pretrained: NoPretrained = False,
+    pretrained: Pretrained = True,
     weights: Weights = None,
     as_json: AsJson = False,
 ) -> None:
@@ -53,7 +53,7 @@ def layers(
     from neuropredictor.models import load_model
 
     try:
-        model = load_model(spec, pretrained=not no_pretrained, weights=weights)
+        model = load_model(spec, pretrained=pretrained, weights=weights)
         every = describe_layers(model)
         infos = filter_layers(every, pattern)
         if preset:  # picked among all layers (a preset's rule looks at the whole model), in forward order

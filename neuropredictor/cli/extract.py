@@ -20,10 +20,10 @@ from neuropredictor.cli.options import (
     Decode,
     Device,
     DType,
-    NoPretrained,
     NumWorkers,
     Overwrite,
     Precision,
+    Pretrained,
     Retries,
     RetryDelay,
     UsePrefect,
@@ -46,7 +46,7 @@ def extract(
     layers: Annotated[str, option("layers", help="Comma-separated. " + field_help("layers"))],
     out: Annotated[str, option("out")],
     reduce: Annotated[str, option("reduce")] = RUN_DEFAULTS.reduce,
-    no_pretrained: NoPretrained = False,
+    pretrained: Pretrained = RUN_DEFAULTS.pretrained,
     weights: Weights = None,
     batch_size: BatchSize = RUN_DEFAULTS.batch_size,
     precision: Precision = RUN_DEFAULTS.precision,
@@ -60,7 +60,7 @@ def extract(
     overwrite: Overwrite = RUN_DEFAULTS.overwrite,
     verify: Verify = RUN_DEFAULTS.verify,
     retries: Retries = RUN_DEFAULTS.retries,
-    retry_delay: RetryDelay = RUN_DEFAULTS.retry_delay_seconds,
+    retry_delay_seconds: RetryDelay = RUN_DEFAULTS.retry_delay_seconds,
     prefect: UsePrefect = None,
     as_json: AsJson = False,
 ) -> None:
@@ -73,10 +73,10 @@ def extract(
     try:
         config = ExtractConfig(
             corpus=corpus, model=model, layers=split_layers(layers), out=out, reduce=reduce,
-            pretrained=not no_pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
+            pretrained=pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
             precision=precision, dtype=dtype, num_workers=num_workers, device=device,
             channels_last=channels_last, decode=decode, compile=compile, compression=compression,
-            overwrite=overwrite, verify=verify, retries=retries, retry_delay_seconds=retry_delay,
+            overwrite=overwrite, verify=verify, retries=retries, retry_delay_seconds=retry_delay_seconds,
         )
         manifest = run_with_progress(config, prefect)
     except Interrupted as exc:

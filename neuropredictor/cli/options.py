@@ -15,7 +15,6 @@ from neuropredictor.cli.app import err_console
 from neuropredictor.config import ExtractConfig
 from neuropredictor.encode.options import EncodeOptions
 
-NoPretrained = Annotated[bool, typer.Option("--no-pretrained", help="Random weights (no download).")]
 Weights = Annotated[Optional[Path], typer.Option("--weights", help=ExtractConfig.model_fields["weights"].description)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -64,6 +63,9 @@ def enc_option(name: str, *flags: str) -> typer.models.OptionInfo:
 
 # How a run goes, shared by `extract` and `sweep`; their defaults are RUN_DEFAULTS.<field>.
 RUN_DEFAULTS = SimpleNamespace(**{name: f.default for name, f in ExtractConfig.model_fields.items()})
+Pretrained = Annotated[bool, option("pretrained", "--pretrained/--no-pretrained",
+                                    help="Use the source's pretrained weights (--no-pretrained: random weights, no "
+                                    "download).")]
 BatchSize = Annotated[int, option("batch_size")]
 Precision = Annotated[str, option("precision")]
 DType = Annotated[str, option("dtype")]

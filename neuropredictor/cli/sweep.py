@@ -29,11 +29,11 @@ from neuropredictor.cli.options import (
     InnerFolds,
     KeyColumn,
     KeysFile,
-    NoPretrained,
     NumWorkers,
     Overwrite,
     Permutations,
     Precision,
+    Pretrained,
     Retries,
     RetryDelay,
     Roi,
@@ -52,9 +52,6 @@ from neuropredictor.sweep.config import EncodeSettings, SweepConfig
 
 SWEEP = SweepConfig.model_fields
 _LAYERS = ",".join(SWEEP["layers"].default)
-# CLI parameters whose config field has another name; the rest are named as SweepConfig's fields, then
-# as EncodeSettings' (so `--device` is the extraction's, `--encode-device` the encoding's)
-_RENAMED = {"retry_delay": "retry_delay_seconds"}
 
 
 def _option(name: str, *flags: str, help: str | None = None) -> Any:
@@ -75,7 +72,7 @@ def sweep(
     reduce: Annotated[str, _option("reduce")] = SWEEP["reduce"].default,
     out: Annotated[str | None, _option("out")] = None,
     neural: Annotated[str | None, _option("neural")] = None,
-    no_pretrained: NoPretrained = False,
+    pretrained: Pretrained = RUN_DEFAULTS.pretrained,
     batch_size: BatchSize = RUN_DEFAULTS.batch_size,
     precision: Precision = RUN_DEFAULTS.precision,
     dtype: DType = RUN_DEFAULTS.dtype,
@@ -88,7 +85,7 @@ def sweep(
     overwrite: Overwrite = RUN_DEFAULTS.overwrite,
     verify: Verify = RUN_DEFAULTS.verify,
     retries: Retries = RUN_DEFAULTS.retries,
-    retry_delay: RetryDelay = RUN_DEFAULTS.retry_delay_seconds,
+    retry_delay_seconds: RetryDelay = RUN_DEFAULTS.retry_delay_seconds,
     keys_file: KeysFile = ENC["keys_file"].default,
     key_column: KeyColumn = ENC["key_column"].default,
     split: Split = ENC["split"].default,
@@ -137,16 +134,13 @@ def _config(ctx: typer.Context, file: Path | None) -> SweepConfig:
              if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
     fields: dict[str, Any] = {}
     encode: dict[str, Any] = {}
+    # parameters are named as SweepConfig's fields, then as EncodeSettings' with `encode_` before a name
+    # both have (`--device` is the extraction's, `--encode-device` the encoding's)
     for name, value in given.items():
-        field = _RENAMED.get(name, name)
-        if field in SWEEP:
-            fields[field] = value
-        elif field in EncodeSettings.model_fields:
-            encode[field] = value
-    if "no_pretrained" in given:
-        fields["pretrained"] = not given["no_pretrained"]
-    if "encode_device" in given:
-        encode["device"] = given["encode_device"]
+        if name in SWEEP:
+            fields[name] = value
+        elif name.removeprefix("encode_") in EncodeSettings.model_fields:
+            encode[name.removeprefix("encode_")] = value
     if encode:
         fields["encode"] = encode
     if file is not None:

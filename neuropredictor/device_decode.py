@@ -1,9 +1,12 @@
 """Decoding and preprocessing on the extraction device: the GPU fast path for when CPU decoders bind.
 
-Data path with `decode="device"`: DataLoader workers only read the encoded bytes out of the tar
-(:func:`neuropredictor.corpus.read_shard` with ``transform=None``); :class:`DeviceDecoder` then decodes
-a whole batch of JPEGs at once with ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG) and runs
-the model's own preprocessing (resize, centre crop, scale, normalise) as tensor ops on that device.
+Data path with `decode="device"`: DataLoader workers read the encoded bytes out of the tar
+(:func:`neuropredictor.corpus.read_shard` with ``transform=None``) and look at each image's header: a JPEG
+the device may decode as stored stays bytes, anything else (PNG, WebP, a JPEG with an EXIF rotation) is
+decoded there as on the CPU path (`corpus.decode.for_device`). :class:`DeviceDecoder` then decodes the
+batch's JPEGs at once with ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG) and runs the
+model's own preprocessing (resize, centre crop, scale, normalise) as tensor ops on that device. The
+thread that feeds the device never parses an image header.
 
 The preprocessing is translated step by step from the model's PIL transform, so both paths use the same
 sizes, interpolation and normalisation. They are not bit-identical (nvJPEG's IDCT, and torch's
@@ -21,26 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from neuropredictor.corpus.decode import (
-    ImageError,
-    decode_pil,
-    decoded,
-    needs_rotation,
-    open_image,
-    transformed,
-)
+from neuropredictor.corpus.decode import ImageError, as_tensor, decode_pil, decoded, transformed
 from neuropredictor.corpus.read import Batch
 from neuropredictor.errors import NeuroPredictorError
 
 __all__ = ["DeviceDecoder", "tensor_steps"]
-
-_JPEG_MAGIC = b"\xff\xd8"
-
 
 # --------------------------------------------------------------------------------------------------
 # the model's transform, as tensor steps
@@ -161,12 +153,13 @@ def tensor_steps(transform: Callable) -> list[Callable[[torch.Tensor], torch.Ten
 
 
 class DeviceDecoder:
-    """Turns a batch of encoded images (``Batch.data``) into preprocessed images on `device`.
+    """Turns a batch read for the device (``Batch.data``: JPEG bytes, or images the workers decoded) into
+    preprocessed images on `device`.
 
-    JPEGs are decoded together in one ``decode_jpeg`` call on the device (one by one if that call fails,
-    to isolate the bad file); other formats (PNG, WebP...), JPEGs with an EXIF rotation or over the pixel
-    cap, and JPEGs the device decoder rejects are decoded as on the CPU path (`corpus.decode.decode_pil`). A sample nothing can decode keeps valid=False with the reason, exactly as
-    on the CPU path.
+    The JPEGs are decoded together in one ``decode_jpeg`` call on the device (one by one if that call
+    fails, to isolate the bad file); a JPEG the device decoder rejects is decoded as on the CPU path
+    (`corpus.decode.decode_pil`). A sample nothing can decode keeps valid=False with the reason, exactly
+    as on the CPU path.
     """
 
     def __init__(self, transform: Callable, device: str | torch.device, shape: Sequence[int]) -> None:
@@ -175,25 +168,11 @@ class DeviceDecoder:
         self.shape = tuple(shape)
 
     def _pil(self, data: bytes) -> torch.Tensor:
-        """The CPU path's decoding (`corpus.decode.decode_pil`: orientation, 16-bit, transparency), as a
-        uint8 (3, H, W) tensor on the device."""
-        rgb = np.asarray(decode_pil(data))
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(self.device, non_blocking=True)
+        return as_tensor(decode_pil(data)).to(self.device, non_blocking=True)
 
-    def _for_device(self, data: bytes) -> bool:
-        """Whether decode_jpeg (nvJPEG on a GPU) may decode this image as it is: a JPEG that is not too large and needs no EXIF
-        rotation (read from the header only). Anything else is decoded like on the CPU path."""
-        if data[:2] != _JPEG_MAGIC:
-            return False
-        try:
-            with open_image(data) as img:
-                return not needs_rotation(img)
-        except Exception:
-            return False  # decode_pil names the problem
-
-    def _decode_all(self, encoded: dict[int, bytes], errors: dict[int, str]) -> dict[int, torch.Tensor]:
-        jpegs = [j for j, d in encoded.items() if self._for_device(d)]
-        images: dict[int, torch.Tensor] = {}
+    def _decode_all(self, encoded: dict[int, bytes | torch.Tensor], errors: dict[int, str]) -> dict[int, torch.Tensor]:
+        jpegs = [j for j, d in encoded.items() if isinstance(d, bytes)]
+        images = {j: d.to(self.device, non_blocking=True) for j, d in encoded.items() if isinstance(d, torch.Tensor)}
         if jpegs:
             tensors = [torch.frombuffer(bytearray(encoded[j]), dtype=torch.uint8) for j in jpegs]
             try:  # one call for the whole batch: nvJPEG's batched decoder
@@ -202,11 +181,11 @@ class DeviceDecoder:
                 for j, t in zip(jpegs, tensors):
                     with contextlib.suppress(RuntimeError):  # a JPEG nvJPEG rejects: PIL may still read it
                         images[j] = decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device)
-        for j, data in encoded.items():
+        for j in jpegs:
             if j in images:
                 continue
             try:
-                images[j] = decoded(self._pil, data)
+                images[j] = decoded(self._pil, encoded[j])
             except ImageError as exc:  # a bad image costs its sample only, never the run
                 errors[j] = str(exc)
         return images
@@ -217,7 +196,7 @@ class DeviceDecoder:
         n = len(batch)
         images = torch.zeros((n, *self.shape), dtype=torch.float32, device=self.device)
         valid = batch.valid.clone()
-        encoded = {j: d for j, d in enumerate(batch.data) if valid[j] and d}
+        encoded = {j: d for j, d in enumerate(batch.data) if valid[j] and d is not None}
         failures: dict[int, str] = {}
         for j, img in self._decode_all(encoded, failures).items():
             try:

@@ -123,6 +123,31 @@ def test_bad_samples_stay_invalid_and_good_ones_match_pil(tmp_path):
         assert (images_out[row] - want).abs().max().item() <= MAX_LEVELS / 0.224 + 1e-6
 
 
+def test_workers_leave_the_device_only_jpegs_it_may_decode_as_stored(tmp_path):
+    """The DataLoader workers look at each header: a plain JPEG stays bytes (the device decodes it), a PNG
+    and a JPEG with an EXIF rotation arrive decoded as the CPU path decodes them, so the thread feeding the
+    device never opens an image with PIL."""
+    from neuropredictor.corpus.decode import decode_pil
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    plain, turned = Image.fromarray(_natural(40, 30, 0)), Image.fromarray(_natural(40, 30, 1))
+    plain.save(images / "a.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise
+    turned.save(images / "b.jpg", quality=90, exif=exif.tobytes())
+    plain.save(images / "c.png")
+    make_shards(images, str(tmp_path / "shards"), maxcount=3)
+    (batch,) = read_shard(list_shards(str(tmp_path / "shards"))[0], None, batch_size=3, num_workers=1)
+    assert batch.keys == ["a", "b", "c"]
+    assert batch.data[0] == (images / "a.jpg").read_bytes()
+    for j, name in ((1, "b.jpg"), (2, "c.png")):
+        want = np.asarray(decode_pil((images / name).read_bytes()))
+        assert isinstance(batch.data[j], torch.Tensor) and batch.data[j].dtype == torch.uint8
+        np.testing.assert_array_equal(batch.data[j].permute(1, 2, 0).numpy(), want)
+    assert batch.data[1].shape == (3, 40, 30)  # turned: 30 wide, 40 high as displayed
+
+
 def _config(corpus, out, **kw) -> ExtractConfig:
     return ExtractConfig(corpus=str(corpus), model=MODEL, layers=["layer2", "layer4"],
                          reduce="layer2=pool:2,layer4=avgpool", out=str(out), pretrained=False, batch_size=4,

@@ -3,7 +3,7 @@
     WorkerShare     which samples this DataLoader worker decodes (whole batches: w, w+n, w+2n, ...)
     sample_range    a shard with an offsets sidecar: one ranged read of exactly this worker's batch
     tar_samples     members grouped into samples by key; image bytes read only for this worker's samples
-    prepare         decode + preprocess one sample, or the reason it cannot be (`corpus.decode`)
+    prepare         decode + preprocess one sample (or, for the device, `for_device`), or the reason it cannot be
     batched         consecutive prepared samples -> Batch
 
 `read_shard` runs the stages in DataLoader workers and checks that batches arrive in order. A shard's
@@ -34,6 +34,7 @@ from neuropredictor.corpus.decode import (
     ImageError,
     decode_pil,
     decoded,
+    for_device,
     image_bytes,
     transformed,
 )
@@ -50,14 +51,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    """Consecutive samples of one shard, decoded and transformed (or, read with transform=None, encoded)."""
+    """Consecutive samples of one shard, decoded and transformed (or, read with transform=None, for the device)."""
 
     index: torch.Tensor  # int64 (B,): positions of these samples within the shard (0-based, tar order)
     keys: list[str]  # the samples' __key__
     images: torch.Tensor | None  # (B, C, H, W) output of `transform`; zeros for invalid samples
     valid: torch.Tensor  # bool (B,)
     errors: dict[str, str] = field(default_factory=dict)  # key -> reason, for invalid samples
-    data: list[bytes | None] | None = None  # the encoded images, when read with transform=None
+    # read with transform=None: per sample, a JPEG's bytes for the device's decoder or the image decoded
+    # already (uint8 (3, H, W)); None for invalid samples (`decode.for_device`)
+    data: list[bytes | torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -66,7 +69,9 @@ class Batch:
         """Pinned copy of the tensors; DataLoader(pin_memory=True) calls this for custom batch types."""
         return Batch(index=self.index.pin_memory(), keys=self.keys,
                      images=self.images.pin_memory() if self.images is not None else None,
-                     valid=self.valid.pin_memory(), errors=self.errors, data=self.data)
+                     valid=self.valid.pin_memory(), errors=self.errors,
+                     data=None if self.data is None else [d.pin_memory() if isinstance(d, torch.Tensor) else d
+                                                          for d in self.data])
 
 
 @dataclass
@@ -170,15 +175,15 @@ def sample_range(fs: Any, path: str, url: str, offsets: Offsets, first: int, las
 
 
 def prepare(sample: Sample, transform: Callable[[Image.Image], torch.Tensor] | None,
-            shape: tuple[int, ...]) -> tuple[torch.Tensor | None, str | None]:
-    """(image tensor, None) or (None, reason). Without a transform the sample is only checked to hold an
-    image (decoding happens later, on the device)."""
+            shape: tuple[int, ...]) -> tuple[torch.Tensor | bytes | None, str | None]:
+    """(image tensor, None) or (None, reason). Without a transform, what the device decoder takes instead
+    of the tensor (`decode.for_device`: a JPEG's bytes, or the image decoded here)."""
     if sample.problem is not None:
         return None, sample.problem
     try:
         data = image_bytes(sample.data, sample.fields)
         if transform is None:
-            return None, None
+            return for_device(data), None
         return transformed(transform, decoded(decode_pil, data), shape), None
     except ImageError as exc:
         return None, str(exc)
@@ -247,6 +252,7 @@ class _ShardBatches(IterableDataset):
         n = len(samples)
         encoded_only = self.transform is None  # decoding happens later, on the device
         images = None if encoded_only else torch.zeros((n, *self.shape), dtype=self.dtype)
+        data: list[bytes | torch.Tensor | None] = [None] * n
         valid = torch.zeros(n, dtype=torch.bool)
         errors: dict[str, str] = {}
         for j, sample in enumerate(samples):
@@ -256,10 +262,11 @@ class _ShardBatches(IterableDataset):
                 continue
             if images is not None:
                 images[j] = image
+            else:
+                data[j] = image
             valid[j] = True
         return Batch(index=torch.tensor([s.index for s in samples], dtype=torch.int64), keys=[s.key for s in samples],
-                     images=images, valid=valid, errors=errors,
-                     data=[s.data for s in samples] if encoded_only else None)
+                     images=images, valid=valid, errors=errors, data=data if encoded_only else None)
 
 
 def _forget_parent_thread_exits(_worker_id: int) -> None:
@@ -281,8 +288,10 @@ def read_shard(shard: Shard, transform: Callable[[Image.Image], torch.Tensor] | 
     be decoded or transformed is kept with valid=False, a zero image and a reason in `errors`. An
     unreadable shard, or one whose sample count differs from `shard.count`, raises CorpusError.
 
-    With `transform=None` nothing is decoded: batches carry the encoded images in `data` (images None),
-    for :class:`neuropredictor.device_decode.DeviceDecoder`; samples without an image are invalid already.
+    With `transform=None`, batches carry in `data` (images None) what
+    :class:`neuropredictor.device_decode.DeviceDecoder` decodes: the bytes of JPEGs it may decode as
+    stored, the pixels of any other image decoded in the workers (`decode.for_device`); samples that
+    cannot be decoded are invalid already.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

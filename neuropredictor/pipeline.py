@@ -165,7 +165,7 @@ def validate(config: ExtractConfig) -> list[Shard]:
     corpus = config.corpus
     if is_image_folder(corpus):
         corpus = shards_for(corpus, config.out, config.storage_options)
-    shards = list_shards(corpus, config.storage_options)
+    shards = list_shards(corpus, config.storage_options, known=lambda: planned_shards(config))
     if not any(s.count for s in shards):  # a store of 0 rows would report "complete" for nothing
         raise CorpusError(
             f"no images in the corpus {config.corpus!r}: its {len(shards)} shard(s) hold no samples. Check "
@@ -173,6 +173,16 @@ def validate(config: ExtractConfig) -> list[Shard]:
         )
     check_output(config.out, config.storage_options)
     return shards
+
+
+def planned_shards(config: ExtractConfig) -> list[Shard]:
+    """The shards the store at `out` was planned with, if there is one: a resume, or a child run of a
+    distributed extraction, counts unindexed shards that have not changed from them instead of reading
+    the whole corpus again to count its samples."""
+    try:
+        return FeatureStore.open(config.out, config.storage_options, mode="r").shards
+    except Exception:  # no store, or one we cannot read now: the shards are counted from their tars
+        return []
 
 
 def check_output(url: str, storage_options: dict | None = None) -> None:

@@ -212,3 +212,37 @@ def test_many_small_s3_reads_are_in_flight_at_once(scale_sim, monkeypatch):
             assert lowest <= server.take()["max_in_flight"] <= highest, pool
     finally:
         server.stop()
+
+
+def test_an_unindexed_corpus_is_read_to_count_it_once_per_store(counting_s3, images, tmp_path, monkeypatch):
+    """Without index.json the plan reads each shard whole to count its samples. A resume (and each child run
+    of a distributed extraction, which validates again) takes the counts from the store's plan instead,
+    for every shard whose URL, size and etag are unchanged; a replaced shard is read again."""
+    import s3fs
+
+    from neuropredictor.pipeline import planned_shards, validate
+
+    server, opts = counting_s3
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    fs.mkdir("once")
+    size = _foreign_shards(tmp_path / "foreign", images)
+    fs.put(str(tmp_path / "foreign") + "/", "once/foreign/", recursive=True)
+    cfg = ExtractConfig(corpus="s3://once/foreign", model=MODEL, layers=["layer4"], out=str(tmp_path / "once.zarr"),
+                        pretrained=False, batch_size=2, num_workers=1, storage_options=opts)
+    server.take()
+    first = validate(cfg)
+    assert size <= server.take()["get_bytes"] <= 1.05 * size  # no store yet: every shard read to count it
+    assert run(cfg)["status"] == "complete"
+    server.take()
+    assert validate(cfg) == first and server.take()["get_bytes"] < 0.05 * size  # counts from the store's plan
+    # one shard replaced by another file (5 of its samples): only that shard is read again, and counted anew
+    replaced = tmp_path / "part-00001.tar"
+    with wds.TarWriter(str(replaced)) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"new/{i}", "cls": b"1"})
+    fs.put(str(replaced), "once/foreign/part-00001.tar")
+    server.take()
+    relisted = list_shards("s3://once/foreign", opts, known=lambda: planned_shards(cfg))
+    assert [s.count for s in relisted] == [6, 5, 3]
+    assert replaced.stat().st_size <= server.take()["get_bytes"] < replaced.stat().st_size + 0.05 * size

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -245,13 +245,16 @@ def _read_index(fs: Any, parent: str) -> dict[str, int]:
         return {}
 
 
-def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage_options: dict | None = None) -> list[Shard]:
+def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage_options: dict | None = None,
+                known: Callable[[], Iterable[Shard]] | None = None) -> list[Shard]:
     """Resolve a corpus to its shards, in order, with sample counts and global row offsets.
 
     `corpus`: a directory (its `*.tar`, sorted by name), a brace pattern (`dir/shard-{000000..000009}.tar`),
     a `*` glob, a single `.tar`, or a list of those; local paths, `file://` or any fsspec URL. Counts come
-    from `index.json` next to the shards when it lists them, else from scanning tar headers (no decoding).
-    S3 endpoint/credentials come from the environment or from `storage_options`.
+    from `index.json` next to the shards when it lists them, else from the shards `known()` gives (a
+    store's plan; called only then) where one has the same URL, size and etag, else from scanning tar
+    headers (no decoding; a remote shard is read whole). S3 endpoint/credentials come from the environment
+    or from `storage_options`.
     """
     items = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
     if not items or any(not os.fspath(item) for item in items):
@@ -286,6 +289,12 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
 
     todo = [i for i, c in enumerate(counts) if c is None]
+    if todo and known is not None:  # a shard counted before, unchanged since: no scan (a whole read) again
+        counted = {(s.url, s.size, s.etag): s.count for s in known() if s.size is not None and s.etag is not None}
+        for i in todo:
+            fs, path, info = resolved[i]
+            counts[i] = counted.get((fsx.full_url(fs, path), *_fingerprint(info)))
+        todo = [i for i, c in enumerate(counts) if c is None]
     if todo:
         # Header scans are I/O-bound (object stores especially): a few threads overlap the requests.
         def scan(i: int) -> list[str]:

@@ -46,7 +46,7 @@ class DistributedParameters(ExtractParameters):
     timeout_hours: float = Field(72.0, gt=0, description="The parent gives up waiting after this long.")
 
 
-_TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # Child runs per `read_flow_runs` request: a Prefect server answers at most its default limit (200) per
 # request. The parent's load on the server is one request per POLL_PAGE running children per poll, not
 # one per child (600 children polled every 10 s: 0.3 requests/s instead of 60).
@@ -102,7 +102,7 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
             states = child_states(client, list(running.values()))
             for i, run_id in list(running.items()):
                 state = states.get(run_id)
-                if state is None or state.type.value not in _TERMINAL:
+                if state is None or state.type.value not in TERMINAL:
                     continue
                 del running[i]
                 if state.type.value == "COMPLETED":

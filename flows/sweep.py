@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import time
 
+from neuropredictor_flows.distributed import TERMINAL, child_states
 from neuropredictor_flows.extract import (
     ExtractParameters,
     emit,
@@ -23,7 +24,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import Field, field_validator
@@ -34,8 +34,6 @@ from neuropredictor.errors import Interrupted
 from neuropredictor.store import FeatureStore
 from neuropredictor.sweep import SweepConfig, SweepModel
 from neuropredictor.sweep import run as sweep_run
-
-_TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 class SweepParameters(SweepConfig):
@@ -102,18 +100,17 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
     with get_client(sync_client=True) as client:
         while running and time.monotonic() < deadline:
             time.sleep(params.poll_seconds)
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(running))))
-            for run in runs:
-                if run.state is None or run.state.type.value not in _TERMINAL:
+            for run_id, state in child_states(client, list(running)).items():
+                if state is None or state.type.value not in TERMINAL:
                     continue
-                model = running.pop(run.id)
-                if run.state.type.value == "COMPLETED":
+                model = running.pop(run_id)
+                if state.type.value == "COMPLETED":
                     manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
                     results[model.spec] = sweep_run.record_extracted(sweep, model, record, manifest,
                                                                      time.perf_counter() - started)
                 else:
                     results[model.spec] = sweep_run.record_failed(
-                        sweep, model, record, f"{run.state.type.value}: {run.state.message}")
+                        sweep, model, record, f"{state.type.value}: {state.message}")
     for model in running.values():
         results[model.spec] = sweep_run.record_failed(sweep, model, record,
                                                       f"still running after {params.timeout_hours} h")

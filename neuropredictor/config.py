@@ -110,6 +110,11 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def comma_list(cls: type, v: Any) -> Any:
+    """Validator (mode="before") of list fields: "a, b" gives ["a", "b"], as command lines and forms write lists."""
+    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
 def fields_of(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
     """Another options model's fields (their types, defaults, help and role marks), for `pydantic.create_model`:
     a model that shares options (a sweep shares a run's) takes them from their one home instead of copying."""

@@ -19,7 +19,7 @@ import fsspec
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.redact import redact_text
 
-__all__ = ["basename", "connect", "create_exclusive", "exists", "open_url", "full_url", "invalidate", "is_local", "nonempty", "parent", "read_json",
+__all__ = ["basename", "connect", "create_exclusive", "exists", "open_url", "full_url", "invalidate", "is_local", "listing", "parent", "read_json",
            "read_json_or_none", "remove_tree", "write_bytes_atomic", "write_json_atomic"]
 
 
@@ -94,13 +94,14 @@ def invalidate(fs: Any, path: str) -> None:
         fs.invalidate_cache(path)
 
 
-def nonempty(fs: Any, path: str) -> bool:
-    """Whether path is a file or a folder with something in it."""
+def listing(fs: Any, path: str, recursive: bool = False) -> list[str]:
+    """The paths in a folder (every file below it, with recursive), as they are now (not a cached listing);
+    none when the folder does not exist."""
     invalidate(fs, path)
     try:
-        return True if fs.isfile(path) else bool(fs.ls(path, detail=False))
+        return list(fs.find(path) if recursive else fs.ls(path, detail=False))
     except FileNotFoundError:
-        return False
+        return []
 
 
 def remove_tree(fs: Any, path: str) -> None:
@@ -116,9 +117,10 @@ def read_json(fs: Any, path: str) -> Any:
 
 
 def read_json_or_none(fs: Any, path: str) -> Any:
+    """The JSON object at path, or None when there is none or it is damaged (`read_json` tells them apart)."""
     try:
         return read_json(fs, path)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return None
 
 

@@ -12,13 +12,13 @@ import hashlib
 import importlib.metadata
 import json
 import platform
-import socket
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from neuropredictor.fs import json_default
 from neuropredictor.redact import redact, redact_text
+from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus
 
 FORMAT = "neuropredictor-store/1"
@@ -130,12 +130,18 @@ def bad_samples(record: Mapping, shard_name: str) -> list[dict]:
     return out
 
 
-def shard_entry(shard: Any, commit: Mapping | None = None, failure: Mapping | None = None) -> dict:
-    """The manifest's entry for one shard, from its plan and its commit / failure records (if any)."""
+def plan_entry(shard: Shard) -> dict[str, Any]:
+    """A shard as the plan records it."""
     entry: dict[str, Any] = {"name": shard.name, "url": redact_text(str(shard.url)), "count": int(shard.count),
                              "offset": int(shard.offset)}
-    if getattr(shard, "size", None) is not None:
+    if shard.size is not None:
         entry.update(size=shard.size, etag=shard.etag)
+    return entry
+
+
+def shard_entry(shard: Shard, commit: Mapping | None = None, failure: Mapping | None = None) -> dict:
+    """The manifest's entry for one shard, from its plan and its commit / failure records (if any)."""
+    entry = plan_entry(shard)
     failed_attempts = int(failure.get("attempts") or 0) if failure else 0
     if commit is not None:
         rec = redact(dict(commit))
@@ -205,7 +211,3 @@ def build_manifest(
         "software": dict(software) if software is not None else software_versions(),
     }
 
-
-def hostname() -> str:
-    """This machine's name, for commit and failure records."""
-    return socket.gethostname()

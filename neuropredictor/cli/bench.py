@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuropredictor.cli.app import app, console
-from neuropredictor.cli.options import AsJson, default, fail, option
+from neuropredictor.cli.options import RUN_DEFAULTS, AsJson, fail, option
 from neuropredictor.cli.progress import run_flow
 from neuropredictor.errors import NeuroPredictorError
 
@@ -27,8 +27,8 @@ def bench(
     num_workers: Annotated[Optional[int], typer.Option("--num-workers")] = None,
     flow: Annotated[bool, typer.Option("--flow", help="Also time the Prefect flow (orchestration overhead).")] = False,
     early_exit: Annotated[bool, typer.Option("--early-exit", help="Also time a full forward: early exit's speed-up.")] = False,
-    decode: Annotated[str, option("decode")] = default("decode"),
-    compile: Annotated[bool, option("compile")] = default("compile"),
+    decode: Annotated[str, option("decode")] = RUN_DEFAULTS.decode,
+    compile: Annotated[bool, option("compile")] = RUN_DEFAULTS.compile,
     as_json: AsJson = False,
 ) -> None:
     """Measure the ceiling (model alone, inputs on the device) and the pipeline side by side."""

@@ -41,6 +41,7 @@ from neuropredictor.errors import Interrupted, NeuroPredictorError
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     corpus: Annotated[str, option("corpus")],
     model: Annotated[str, option("model")],
     layers: Annotated[str, option("layers", help="Comma-separated. " + field_help("layers"))],
@@ -67,17 +68,12 @@ def extract(
     """Extract layer activations of one model over a corpus into a Zarr store. Re-running resumes."""
     from pydantic import ValidationError
 
-    from neuropredictor.config import ExtractConfig
     from neuropredictor.layers import split_layers
 
     try:
-        config = ExtractConfig(
-            corpus=corpus, model=model, layers=split_layers(layers), out=out, reduce=reduce,
-            pretrained=pretrained, weights=str(weights) if weights else None, batch_size=batch_size,
-            precision=precision, dtype=dtype, num_workers=num_workers, device=device,
-            channels_last=channels_last, decode=decode, compile=compile, compression=compression,
-            overwrite=overwrite, verify=verify, retries=retries, retry_delay_seconds=retry_delay_seconds,
-        )
+        # every option is named as its ExtractConfig field
+        fields = {k: v for k, v in ctx.params.items() if k in ExtractConfig.model_fields}
+        config = ExtractConfig(**fields | {"layers": split_layers(layers), "weights": str(weights) if weights else None})
         manifest = run_with_progress(config, prefect)
     except Interrupted as exc:
         interrupted(exc)

@@ -23,10 +23,6 @@ def field_help(name: str) -> str:
     return ExtractConfig.model_fields[name].description or ""
 
 
-def default(name: str) -> Any:
-    return ExtractConfig.model_fields[name].default
-
-
 def option(name: str, *flags: str, help: str | None = None) -> Any:
     """The option of ExtractConfig field `name`: its flag is the field's name, its help the field's."""
     return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=help or field_help(name))

@@ -60,11 +60,8 @@ def shards_for(image_dir: str | os.PathLike, out: str, storage_options: dict | N
     target = shard_folder(image_dir, out)
     listing = _listing(Path(image_dir))
     fs, path = fsx.connect(target, storage_options, error=CorpusError, what="shard folder")
-    try:
-        recorded = fsx.read_json_or_none(fs, f"{path}/{LISTING_NAME}")
-    except ValueError:
-        recorded = None  # a damaged listing: make the shards again (identical ones are kept)
-    if recorded == listing:
+    # a damaged listing reads as none: the shards are made again (identical ones are kept)
+    if fsx.read_json_or_none(fs, f"{path}/{LISTING_NAME}") == listing:
         return target
     log.info("making shards of %s in %s", image_dir, target)
     make_shards(image_dir, target, maxcount=SHARD_SIZE, storage_options=storage_options)

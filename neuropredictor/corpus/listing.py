@@ -185,7 +185,8 @@ def source_of(shard: Shard, storage_options: dict | None = None) -> dict:
         size, etag = _fingerprint(fs.info(path))
         out: dict = {"size": size, "etag": etag}
         if fsx.is_local(fs):
-            out["sha256"] = _sha256(fs, path)
+            with fs.open(path, "rb") as f:
+                out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     except Exception as exc:
         raise access_error(shard.url, exc, "shard") from exc
     return out
@@ -200,14 +201,6 @@ def changed_since(recorded: dict, shard: Shard, storage_options: dict | None = N
     if "sha256" in recorded:  # same size, new mtime: compare the bytes
         return source_of(shard, storage_options).get("sha256") != recorded["sha256"]
     return True
-
-
-def _sha256(fs: Any, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(info: dict) -> tuple[int | None, str | None]:

@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from neuropredictor.config import comma_list
 from neuropredictor.encode._common import EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE
 from neuropredictor.encode.neural import NeuralData, load_neural
@@ -63,10 +64,7 @@ class FitOptions(BaseModel):
     batch_bytes: int = Field(_DEFAULT_BATCH_BYTES, ge=1, description="Cap on the size of the solver's largest "
                              "intermediates (alphas and targets are batched to stay under it).")
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split_layers(cls, v: Any) -> Any:
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+    _split_layers = field_validator("layers", mode="before")(comma_list)
 
     @field_validator("alphas", mode="before")
     @classmethod

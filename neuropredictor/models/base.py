@@ -145,14 +145,6 @@ def pretrained_download(spec: ModelSpec, via_hub: bool = True) -> Iterator[None]
         ) from exc
 
 
-def file_checksum(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _PREFIXES = ("module.", "visual.", "vision_model.", "model.", "_orig_mod.")
 
@@ -201,7 +193,8 @@ def load_weights_file(module: nn.Module, path: str | Path) -> str:
         module.load_state_dict(chosen, strict=True)
     except RuntimeError as exc:  # torch's message lists every key: keep its first line
         raise WeightsUnavailableError(f"{path} does not fit the model: {first_line(exc)}") from exc
-    return file_checksum(path)
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _sub_dicts(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

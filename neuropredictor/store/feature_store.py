@@ -121,7 +121,7 @@ class FeatureStore:
                        for lay in layers],
             "storage": {"dtype": dtype, "compression": compression, "chunk_bytes": int(chunk_bytes),
                         "chunk_rows": chunk_rows, "rows": sum(int(s.count) for s in shards)},
-            "shards": [plan_entry(s) for s in shards],
+            "shards": [mf.plan_entry(s) for s in shards],
         }
         _refuse_foreign(fs, root, url)
         if overwrite and (root in ("", "/") or (not fsx.is_local(fs) and "/" not in root)):
@@ -196,10 +196,7 @@ class FeatureStore:
 
     def _check_generation(self) -> None:
         """Raise if the store was replaced since this object opened it (another run's overwrite)."""
-        try:
-            current = read_small_json(self._fs, f"{self._root}/{GENERATION}")  # every few seconds per writer
-        except ValueError:
-            current = None
+        current = read_small_json(self._fs, f"{self._root}/{GENERATION}")  # every few seconds per writer
         now = current.get("generation") if isinstance(current, dict) else None
         if now != self.generation:
             raise StoreError(f"the store at {redact_text(self._url)!r} was replaced by another run (generation "
@@ -253,10 +250,6 @@ class FeatureStore:
         return self._url
 
     @property
-    def storage_options(self) -> dict:
-        return dict(self._storage_options)
-
-    @property
     def manifest(self) -> dict:
         """The manifest as last read or written by this object (not re-read from the store)."""
         return self._manifest
@@ -264,10 +257,6 @@ class FeatureStore:
     @property
     def config(self) -> dict:
         return self._plan["config"]
-
-    @property
-    def config_hash(self) -> str:
-        return self._plan["config_hash"]
 
     @property
     def shards(self) -> list[Shard]:
@@ -328,10 +317,6 @@ class FeatureStore:
     def committed(self) -> dict[str, dict]:
         """Shard name -> commit record, for every committed shard (one listing, not a request per shard)."""
         return self.records.by_kind()[0]
-
-    def failures(self) -> dict[str, dict]:
-        """Shard name -> last failure record (shards that later committed included)."""
-        return self.records.by_kind()[1]
 
     def status_manifest(self) -> dict:
         """The manifest with every shard's current status, read from the commit and failure records: what
@@ -464,15 +449,6 @@ class FeatureStore:
         return total
 
 
-def plan_entry(shard: Shard) -> dict:
-    """A shard as the plan records it."""
-    entry = {"name": shard.name, "url": redact_text(str(shard.url)), "count": int(shard.count),
-             "offset": int(shard.offset)}
-    if shard.size is not None:
-        entry.update(size=shard.size, etag=shard.etag)
-    return entry
-
-
 class _Found:
     """What is at a store's URL: its plan (`_plan.json`, or the manifest of a store from before plans
     were kept apart), its manifest (None when missing or damaged) and its generation."""
@@ -504,7 +480,9 @@ class _Found:
 def _read_object(fs: Any, path: str) -> tuple[dict | None, bool]:
     """(the JSON object at path or None, whether it exists but is damaged)."""
     try:
-        obj = fsx.read_json_or_none(fs, path)
+        obj = fsx.read_json(fs, path)
+    except FileNotFoundError:
+        return None, False
     except ValueError:
         return None, True
     if obj is not None and not isinstance(obj, dict):
@@ -513,11 +491,7 @@ def _read_object(fs: Any, path: str) -> tuple[dict | None, bool]:
 
 
 def _entries(fs: Any, root: str) -> list[str]:
-    fsx.invalidate(fs, root)
-    try:
-        return sorted(fsx.basename(p) for p in fs.ls(root, detail=False))
-    except FileNotFoundError:
-        return []
+    return sorted(fsx.basename(p) for p in fsx.listing(fs, root))
 
 
 def _refuse_foreign(fs: Any, root: str, url: str) -> None:

@@ -130,13 +130,8 @@ def register(fs: Any, path: str, what: str, run_id: str, seconds: float | None =
 
 def live(fs: Any, folder: str, exclude_run_id: str | None = None) -> list[dict]:
     """The unexpired leases in folder, other than exclude_run_id's."""
-    fsx.invalidate(fs, folder)
-    try:
-        paths = [p for p in fs.ls(folder, detail=False) if p.endswith(".json")]
-    except FileNotFoundError:
-        return []
     out = []
-    for path in paths:
+    for path in (p for p in fsx.listing(fs, folder) if p.endswith(".json")):
         lease = _read(fs, path)
         if lease is not None and not expired(lease) and lease.get("run_id") != exclude_run_id:
             out.append(lease)

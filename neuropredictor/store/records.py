@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,13 +27,13 @@ _MAX_ERROR_CHARS = 4000
 
 
 def read_small_json(fs: Any, path: str) -> Any:
-    """The JSON object at path, or None if there is none, in one GET on S3: s3fs's `cat_file` first asks
-    for the object's size to read big objects in parallel parts (a HEAD, plus a LIST when the key is
-    missing), which made each per-shard check three requests. ValueError if damaged."""
+    """The JSON object at path, or None if there is none or it is damaged, in one GET on S3: s3fs's
+    `cat_file` first asks for the object's size to read big objects in parallel parts (a HEAD, plus a LIST
+    when the key is missing), which made each per-shard check three requests."""
     kwargs = {"max_concurrency": 1} if getattr(fs, "max_concurrency", None) is not None else {}
     try:
         return json.loads(fs.cat_file(path, **kwargs))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -58,20 +59,12 @@ class Records:
 
     def commit_record(self, shard_name: str) -> dict | None:
         """The shard's commit record, or None if it has none."""
-        try:
-            rec = read_small_json(self._fs, self.path(shard_name))
-        except ValueError:
-            return None  # damaged: not committed
+        rec = read_small_json(self._fs, self.path(shard_name))  # damaged: not committed
         return rec if self._ours(rec, KIND_COMMIT, shard_name) else None
 
     def by_kind(self) -> tuple[dict[str, dict], dict[str, dict]]:
         """(commits, failures) by shard name, from one listing of _status/ and concurrent reads."""
-        fsx.invalidate(self._fs, self.folder)
-        try:
-            names = self._fs.ls(self.folder, detail=False)
-        except FileNotFoundError:
-            return {}, {}
-        paths = [p for p in names if p.endswith(".json")]
+        paths = [p for p in fsx.listing(self._fs, self.folder) if p.endswith(".json")]
         commits: dict[str, dict] = {}
         failures: dict[str, dict] = {}
         if not paths:
@@ -97,7 +90,7 @@ class Records:
         bad_samples=[{key, reason}], valid=<count>...).
         """
         rec: dict[str, Any] = {"kind": KIND_COMMIT, "shard": shard.name, "offset": int(shard.offset),
-                               "count": int(shard.count), "committed_at": mf.now_iso(), "host": mf.hostname(),
+                               "count": int(shard.count), "committed_at": mf.now_iso(), "host": socket.gethostname(),
                                "generation": self.generation, "config_hash": self.config_hash}
         rec.update({k: v for k, v in redact(dict(record)).items() if k not in (*rec, "bad_samples")})
         rec["bad_samples"] = mf.bad_samples(record, shard.name)
@@ -109,6 +102,6 @@ class Records:
     def write_failure(self, shard: Shard, error: str, attempts: int) -> None:
         rec = {"kind": KIND_FAILURE, "shard": shard.name, "offset": int(shard.offset), "count": int(shard.count),
                "error": redact_text(str(error))[:_MAX_ERROR_CHARS], "attempts": int(attempts),
-               "failed_at": mf.now_iso(), "host": mf.hostname(), "generation": self.generation,
+               "failed_at": mf.now_iso(), "host": socket.gethostname(), "generation": self.generation,
                "config_hash": self.config_hash}
         fsx.write_json_atomic(self._fs, self.path(shard.name, failed=True), rec)

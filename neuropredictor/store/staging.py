@@ -64,12 +64,8 @@ class Staging:
         expected = self.expected(shard, attempt)
         if not expected:
             return
-        folder = f"{self.folder(shard.name)}/{attempt}"
-        fsx.invalidate(self._fs, folder)
-        try:
-            present = {self._fs._strip_protocol(p) for p in self._fs.find(folder)}
-        except FileNotFoundError:
-            present = set()
+        present = {self._fs._strip_protocol(p)
+                   for p in fsx.listing(self._fs, f"{self.folder(shard.name)}/{attempt}", recursive=True)}
         missing = [p for p in expected if self._fs._strip_protocol(p) not in present]
         if missing:
             raise StoreError(f"shard {shard.name!r}: {len(missing)} staged boundary object(s) missing "
@@ -97,11 +93,7 @@ class Staging:
         uncommitted shards stay staged."""
         fs = self._fs
         staging = self.folder()
-        fsx.invalidate(fs, staging)
-        try:
-            present = {fs._strip_protocol(p) for p in fs.find(staging)}
-        except FileNotFoundError:
-            present = set()
+        present = {fs._strip_protocol(p) for p in fsx.listing(fs, staging, recursive=True)}
         if not present:
             return []
         merged: set[str] = set()

@@ -102,10 +102,6 @@ class ShardWriter:
         self._buffers[VALID] = _ArrayBuffer(arrays[VALID], VALID, chunk_rows[VALID], False, np.dtype(bool), (),
                                             self._offset)
 
-    @property
-    def shard(self) -> Shard:
-        return self._shard
-
     def write(self, start: int, keys: Sequence[str], valid: np.ndarray, features: Mapping[str, Any]) -> None:
         """Rows [start, start+len(keys)) of this shard (start is the position within the shard).
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from neuropredictor.config import ExtractConfig, fields_of
+from neuropredictor.config import ExtractConfig, comma_list, fields_of
 from neuropredictor.encode.options import EncodeOptions
 
 _PER_MODEL = ("layers", "reduce", "pretrained", "weights")  # what a model may set for itself
@@ -38,10 +38,7 @@ class SweepModel(BaseModel):
     pretrained: bool | None = Field(None, description="Pretrained weights for this model (default: the sweep's).")
     weights: str | None = Field(None, description=ExtractConfig.model_fields["weights"].description)
 
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+    _split = field_validator("layers", mode="before")(comma_list)
 
 
 # How every model is scored and the neural data read: EncodeOptions without what the sweep sets per model.
@@ -71,20 +68,12 @@ _SweepFields = create_model(
 class SweepConfig(_SweepFields):
     """Many models over one corpus, one store each; re-running resumes."""
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _specs(cls, v: Any) -> Any:
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+    _split = field_validator("models", "layers", mode="before")(comma_list)
 
     @field_validator("models")
     @classmethod
     def _entries(cls, v: list) -> list[SweepModel]:
         return [SweepModel(spec=m) if isinstance(m, str) else m for m in v]
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> SweepConfig:

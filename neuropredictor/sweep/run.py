@@ -45,10 +45,8 @@ class SweepRecord:
     def __init__(self, sweep: SweepConfig) -> None:
         self._fs, self._root = fsx.connect(sweep.out, sweep.storage_options, error=NeuroPredictorError,
                                            what="sweep folder")
-        try:
-            data = fsx.read_json_or_none(self._fs, self.path)
-        except ValueError:
-            data = None  # damaged: everything is checked again (stores resume by their own records)
+        # damaged reads as none: everything is checked again (stores resume by their own records)
+        data = fsx.read_json_or_none(self._fs, self.path)
         self.models: dict[str, dict] = dict((data or {}).get("models", {}))
 
     @property

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -160,6 +161,25 @@ def _refuse_hidden(resolved: list[tuple[Any, str, dict]]) -> None:
         )
 
 
+# Shards counted together by one header scan, their keys checked against each other: (url, size, etag) ->
+# count, for the last few scans of this process (a sweep's models, a notebook's runs over one corpus).
+_COUNTED: deque[dict[tuple[str, int | None, str | None], int]] = deque(maxlen=8)
+
+
+def _counted_before(ids: list[tuple[str, int | None, str | None]],
+                    known: Callable[[], Iterable[Shard]] | None) -> list[int] | None:
+    """The counts of shards (url, size, etag) when all of them were counted together before, unchanged
+    since (by this process, or by the plan of `known()`'s store, whose shards were counted that way too):
+    their keys were checked against each other then. None when any of them must be scanned, and then all
+    are, so that the check of their keys covers them all."""
+    if any(size is None or etag is None for _url, size, etag in ids):
+        return None
+    groups = list(_COUNTED)
+    if known is not None and not any(all(i in g for i in ids) for g in groups):
+        groups.append({(s.url, s.size, s.etag): s.count for s in known()})
+    return next(([g[i] for i in ids] for g in groups if all(i in g for i in ids)), None)
+
+
 def _refuse_duplicate_keys(keys_by_shard: dict[str, list[str]]) -> None:
     """CorpusError naming a key that two samples share (within a shard or across shards), among the shards
     whose headers were scanned. Shards counted from `index.json` were checked by `shards make`."""
@@ -244,10 +264,10 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
 
     `corpus`: a directory (its `*.tar`, sorted by name), a brace pattern (`dir/shard-{000000..000009}.tar`),
     a `*` glob, a single `.tar`, or a list of those; local paths, `file://` or any fsspec URL. Counts come
-    from `index.json` next to the shards when it lists them, else from the shards `known()` gives (a
-    store's plan; called only then) where one has the same URL, size and etag, else from scanning tar
-    headers (no decoding; a remote shard is read whole). S3 endpoint/credentials come from the environment
-    or from `storage_options`.
+    from `index.json` next to the shards when it lists them, else from scanning tar headers (no decoding;
+    a remote shard is read whole) unless every such shard was counted before, unchanged since (same URL,
+    size and etag), by one scan of this process or in the plan of `known()` (a store's; called only
+    then). S3 endpoint/credentials come from the environment or from `storage_options`.
     """
     items = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
     if not items or any(not os.fspath(item) for item in items):
@@ -282,13 +302,11 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
 
     todo = [i for i, c in enumerate(counts) if c is None]
-    if todo and known is not None:  # a shard counted before, unchanged since: no scan (a whole read) again
-        counted = {(s.url, s.size, s.etag): s.count for s in known() if s.size is not None and s.etag is not None}
-        for i in todo:
-            fs, path, info = resolved[i]
-            counts[i] = counted.get((fsx.full_url(fs, path), *_fingerprint(info)))
-        todo = [i for i, c in enumerate(counts) if c is None]
-    if todo:
+    ids = [(fsx.full_url(fs, path), *_fingerprint(info)) for fs, path, info in (resolved[i] for i in todo)]
+    if todo and (before := _counted_before(ids, known)) is not None:
+        for i, count in zip(todo, before):
+            counts[i] = count
+    elif todo:
         # Header scans are I/O-bound (object stores especially): a few threads overlap the requests.
         def scan(i: int) -> list[str]:
             fs, path, _ = resolved[i]
@@ -299,6 +317,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         for i, keys in scanned.items():
             counts[i] = len(keys)
         _refuse_duplicate_keys({fsx.full_url(*resolved[i][:2]): keys for i, keys in scanned.items()})
+        _COUNTED.append(dict(zip(ids, (counts[i] for i in todo))))
 
     shards, offset = [], 0
     for (fs, path, info), count in zip(resolved, counts):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 
 from neuropredictor_flows.distributed import TERMINAL, child_states
 from neuropredictor_flows.extract import (
@@ -21,7 +22,12 @@ from neuropredictor_flows.extract import (
     resolve_credentials,
 )
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -86,11 +92,13 @@ def _extract_subflow(params: SweepParameters) -> sweep_run.Extractor:
     return extract
 
 
-def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep_run.SweepRecord) -> dict[str, dict]:
+def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep_run.SweepRecord,
+                      model_done: Callable[[], None]) -> dict[str, dict]:
     results, running, started = {}, {}, time.perf_counter()
     for model in sweep.models:
         if sweep_run.is_extracted(sweep, model, record):
             results[model.spec] = sweep_run.skipped(record, model)
+            model_done()
             continue
         child = _child(params, sweep.extract_config(model))
         run = run_deployment(name=params.deployment, parameters={"params": child.model_dump(mode="json")}, timeout=0,
@@ -111,6 +119,7 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
                 else:
                     results[model.spec] = sweep_run.record_failed(
                         sweep, model, record, f"{state.type.value}: {state.message}")
+                model_done()
     for model in running.values():
         results[model.spec] = sweep_run.record_failed(sweep, model, record,
                                                       f"still running after {params.timeout_hours} h")
@@ -122,13 +131,26 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     """Extract every model of a sweep into its own store, score them on the neural data, compare them."""
     logger = get_run_logger()
     sweep = params.library_config()
+    progress = create_progress_artifact(progress=0.0, key="sweep-progress", description=f"Models of the sweep in "
+                                        f"{sweep.out} done (with a deployment: extracted)")
+    done = [0]
+
+    def model_done() -> None:
+        done[0] += 1
+        update_progress_artifact(progress, progress=100.0 * done[0] / len(sweep.models))
+
+    def on_event(event: str, data: dict) -> None:
+        emit(event, data)
+        if event == "model-done":
+            model_done()
+
     if params.deployment:
         record = sweep_run.SweepRecord(sweep)
-        extracted = _extract_children(params, sweep, record)
+        extracted = _extract_children(params, sweep, record, model_done)
         summary = sweep_run.summarize(sweep, [sweep_run.model_entry(sweep, m, record, extracted[m.spec], encode_task)
                                               for m in sweep.models], compare_task)
     else:
-        summary = sweep_run.run_sweep(sweep, emit, extract=_extract_subflow(params), encode=encode_task,
+        summary = sweep_run.run_sweep(sweep, on_event, extract=_extract_subflow(params), encode=encode_task,
                                       compare=compare_task)
     _artifacts(sweep, summary)
     logger.info("%d models done, %d failed", len(summary["models"]) - len(summary["failed"]), len(summary["failed"]))

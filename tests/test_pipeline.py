@@ -52,6 +52,18 @@ def test_store_equals_independent_forward_local(corpus, image_dir, tmp_path):
     assert zarr.open_group(str(out), mode="r")["features/layer4"].shape == (25, 512)
 
 
+def test_layers_read_back_in_the_models_order(corpus, tmp_path):
+    """Zarr lists a group's arrays alphabetically (avgpool, fc, layer1); the model runs layer1, avgpool, fc:
+    the Dataset, and encode's layer order, follow the model."""
+    from neuropredictor.encode.align import open_dataset
+
+    out = str(tmp_path / "out.zarr")
+    run(_config(corpus, out, layers=["fc", "layer1", "avgpool"], reduce="layer1=avgpool"))
+    expected = ["layer1", "avgpool", "fc"]
+    assert [str(v) for v in open_features(out).data_vars] == [*expected, "valid"]
+    assert open_dataset(out, None)[1] == open_dataset(open_features(out), None)[1] == expected
+
+
 def test_store_equals_independent_forward_s3(s3, image_dir, tmp_path):
     make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
     cfg = _config("s3://test-bucket/corpus", "s3://test-bucket/runs/r1.zarr", storage_options=s3)

@@ -15,22 +15,14 @@ from neuropredictor.encode.neural import NeuralData
 
 
 def open_dataset(features: Any, storage_options: Mapping | None) -> tuple[Any, list[str], str]:
-    """The Dataset, its layers in model order, and a printable name."""
+    """The Dataset, its layers in model order (as `open_features` lists them), and a printable name."""
     import xarray as xr
 
-    if isinstance(features, xr.Dataset):
-        ds = features
-        order = [str(v) for v in ds.data_vars if v != "valid"]
-        return ds, order, str(ds.attrs.get("store", "<dataset>"))
-    from neuropredictor.store import FeatureStore, open_features
+    if not isinstance(features, xr.Dataset):
+        from neuropredictor.store import open_features
 
-    url = os.fspath(features)
-    ds = open_features(url, dict(storage_options) if storage_options else None)
-    # xarray lists a group's arrays alphabetically; the manifest keeps the model's order.
-    manifest_order = [lay.name for lay in FeatureStore.open(url, dict(storage_options or {}), mode="r").layers]
-    order = [n for n in manifest_order if n in ds.data_vars] + \
-        [str(v) for v in ds.data_vars if v != "valid" and v not in manifest_order]
-    return ds, order, str(ds.attrs.get("store", url))
+        features = open_features(os.fspath(features), dict(storage_options) if storage_options else None)
+    return features, [str(v) for v in features.data_vars if v != "valid"], str(features.attrs.get("store", "<dataset>"))
 
 
 def select_layers(layers: Any, order: list[str]) -> list[str]:

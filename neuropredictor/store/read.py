@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def open_features(url: str, storage_options: dict | None = None, committed_only: bool = True) -> xarray.Dataset:
-    """xarray Dataset: one data variable per layer (dims stimulus, ...), `valid` variable, and `key`
-    coordinate on `stimulus` taken from `keys`.
+    """xarray Dataset: one data variable per layer, in the model's order (dims stimulus, ...), `valid`
+    variable, and `key` coordinate on `stimulus` taken from `keys`.
 
     With committed_only, rows of shards without a commit record are marked invalid (valid False):
     their chunks may be half written. (Rows of committed shards that fall in a boundary chunk read
@@ -42,6 +42,8 @@ def open_features(url: str, storage_options: dict | None = None, committed_only:
             if s.name in commits:
                 trusted[s.offset:s.end] = True
         valid &= trusted
+    # the layers in the model's order (zarr lists a group's arrays alphabetically: layer10 before layer2)
+    feats = feats[[lay.name for lay in store.layers]]
     ds = feats.assign({VALID: ((STIMULUS,), valid)}).assign_coords(key=((STIMULUS,), keys))
     ds.attrs.update({"store": redact_text(url), "status": store.manifest.get("status"),
                      "config_hash": store.manifest.get("config_hash")})

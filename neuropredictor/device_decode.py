@@ -6,7 +6,7 @@ the device may decode as stored stays bytes, anything else (PNG, WebP, a JPEG wi
 decoded there as on the CPU path (`corpus.decode.for_device`). :class:`DeviceDecoder` then decodes the
 batch's JPEGs at once with ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG) and runs the
 model's own preprocessing (resize, centre crop, scale, normalise) as tensor ops on that device. The
-thread that feeds the device never parses an image header.
+thread that feeds the device parses no image header (only a JPEG nvJPEG rejects goes to PIL there).
 
 The preprocessing is translated step by step from the model's PIL transform, so both paths use the same
 sizes, interpolation and normalisation. They are not bit-identical (nvJPEG's IDCT, and torch's
@@ -24,11 +24,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from neuropredictor.corpus.decode import ImageError, as_tensor, decode_pil, decoded, transformed
+from neuropredictor.corpus.decode import ImageError, decode_pil, decoded, transformed
 from neuropredictor.corpus.read import Batch
 from neuropredictor.errors import NeuroPredictorError
 
@@ -167,12 +168,16 @@ class DeviceDecoder:
         self.device = torch.device(device)
         self.shape = tuple(shape)
 
-    def _pil(self, data: bytes) -> torch.Tensor:
-        return as_tensor(decode_pil(data)).to(self.device, non_blocking=True)
+    def _on_device(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) pixels as a (3, H, W) tensor on the device."""
+        return torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True).permute(2, 0, 1)
 
-    def _decode_all(self, encoded: dict[int, bytes | torch.Tensor], errors: dict[int, str]) -> dict[int, torch.Tensor]:
-        jpegs = [j for j, d in encoded.items() if isinstance(d, bytes)]
-        images = {j: d.to(self.device, non_blocking=True) for j, d in encoded.items() if isinstance(d, torch.Tensor)}
+    def _pil(self, data: bytes) -> torch.Tensor:
+        return self._on_device(np.asarray(decode_pil(data)))
+
+    def _decode_all(self, encoded: dict[int, bytes | np.ndarray], errors: dict[int, str]) -> dict[int, torch.Tensor]:
+        images = {j: self._on_device(d) for j, d in encoded.items() if isinstance(d, np.ndarray)}
+        jpegs = [j for j in encoded if j not in images]  # bytes (or any bytes-like value)
         if jpegs:
             tensors = [torch.frombuffer(bytearray(encoded[j]), dtype=torch.uint8) for j in jpegs]
             try:  # one call for the whole batch: nvJPEG's batched decoder
@@ -192,7 +197,7 @@ class DeviceDecoder:
 
     def __call__(self, batch: Batch) -> Batch:
         if batch.data is None:
-            raise ValueError("DeviceDecoder needs batches of encoded images: read_shard(transform=None)")
+            raise ValueError("DeviceDecoder needs batches read for the device: read_shard(transform=None)")
         n = len(batch)
         images = torch.zeros((n, *self.shape), dtype=torch.float32, device=self.device)
         valid = batch.valid.clone()

@@ -142,10 +142,32 @@ def test_workers_leave_the_device_only_jpegs_it_may_decode_as_stored(tmp_path):
     assert batch.keys == ["a", "b", "c"]
     assert batch.data[0] == (images / "a.jpg").read_bytes()
     for j, name in ((1, "b.jpg"), (2, "c.png")):
-        want = np.asarray(decode_pil((images / name).read_bytes()))
-        assert isinstance(batch.data[j], torch.Tensor) and batch.data[j].dtype == torch.uint8
-        np.testing.assert_array_equal(batch.data[j].permute(1, 2, 0).numpy(), want)
-    assert batch.data[1].shape == (3, 40, 30)  # turned: 30 wide, 40 high as displayed
+        # an array, pickled out of the worker (a tensor per image would hold a file descriptor each)
+        assert isinstance(batch.data[j], np.ndarray) and batch.data[j].dtype == np.uint8
+        np.testing.assert_array_equal(batch.data[j], np.asarray(decode_pil((images / name).read_bytes())))
+    assert batch.data[1].shape == (40, 30, 3)  # turned: 30 wide, 40 high as displayed
+
+
+def test_a_batch_of_worker_decoded_images_fits_a_low_file_limit(tmp_path):
+    """300 PNGs in one batch from a DataLoader worker, under a limit of 256 open files: the decoded images
+    leave the worker pickled, not as one shared-memory tensor (and file descriptor) each."""
+    import subprocess
+    import sys
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(300):
+        Image.fromarray(_natural(16, 12, i)).save(images / f"p{i:03d}.png")
+    make_shards(images, str(tmp_path / "shards"), maxcount=300)
+    script = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from neuropredictor.corpus import list_shards, read_shard
+(batch,) = read_shard(list_shards({str(tmp_path / "shards")!r})[0], None, batch_size=300, num_workers=1)
+print(int(batch.valid.sum()), len(batch.data))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["300", "300"], done.stderr[-2000:]
 
 
 def _config(corpus, out, **kw) -> ExtractConfig:

@@ -104,11 +104,12 @@ def decode_pil(data: bytes) -> Image.Image:
 JPEG_MAGIC = b"\xff\xd8"
 
 
-def for_device(data: bytes) -> bytes | torch.Tensor:
+def for_device(data: bytes) -> bytes | np.ndarray:
     """One image as the device path takes it, prepared in the DataLoader worker: its bytes when it is a
     JPEG a JPEG decoder (nvJPEG) may decode as stored (within MAX_PIXELS, no EXIF rotation, from the header
-    only), else its pixels decoded here as on the CPU path (`decode_pil`; uint8 (3, H, W)). ImageError when
-    it cannot be decoded."""
+    only), else its pixels decoded here as on the CPU path (`decode_pil`; uint8 (H, W, 3)). ImageError when
+    it cannot be decoded. An array, not a tensor: a tensor per image would hold a file descriptor each on
+    its way out of the worker (thousands in flight exhaust the process's limit); an array is pickled."""
     if data[:2] == JPEG_MAGIC:
         try:
             with open_image(data) as img:
@@ -116,12 +117,7 @@ def for_device(data: bytes) -> bytes | torch.Tensor:
                     return data
         except Exception:
             pass  # decode_pil names the problem
-    return as_tensor(decoded(decode_pil, data))
-
-
-def as_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as uint8 (3, H, W)."""
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return np.asarray(decoded(decode_pil, data))
 
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")

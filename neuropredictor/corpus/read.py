@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -59,8 +60,8 @@ class Batch:
     valid: torch.Tensor  # bool (B,)
     errors: dict[str, str] = field(default_factory=dict)  # key -> reason, for invalid samples
     # read with transform=None: per sample, a JPEG's bytes for the device's decoder or the image decoded
-    # already (uint8 (3, H, W)); None for invalid samples (`decode.for_device`)
-    data: list[bytes | torch.Tensor | None] | None = None
+    # already (uint8 (H, W, 3)); None for invalid samples (`decode.for_device`)
+    data: list[bytes | np.ndarray | None] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -69,9 +70,7 @@ class Batch:
         """Pinned copy of the tensors; DataLoader(pin_memory=True) calls this for custom batch types."""
         return Batch(index=self.index.pin_memory(), keys=self.keys,
                      images=self.images.pin_memory() if self.images is not None else None,
-                     valid=self.valid.pin_memory(), errors=self.errors,
-                     data=None if self.data is None else [d.pin_memory() if isinstance(d, torch.Tensor) else d
-                                                          for d in self.data])
+                     valid=self.valid.pin_memory(), errors=self.errors, data=self.data)
 
 
 @dataclass
@@ -175,7 +174,7 @@ def sample_range(fs: Any, path: str, url: str, offsets: Offsets, first: int, las
 
 
 def prepare(sample: Sample, transform: Callable[[Image.Image], torch.Tensor] | None,
-            shape: tuple[int, ...]) -> tuple[torch.Tensor | bytes | None, str | None]:
+            shape: tuple[int, ...]) -> tuple[torch.Tensor | bytes | np.ndarray | None, str | None]:
     """(image tensor, None) or (None, reason). Without a transform, what the device decoder takes instead
     of the tensor (`decode.for_device`: a JPEG's bytes, or the image decoded here)."""
     if sample.problem is not None:
@@ -250,9 +249,9 @@ class _ShardBatches(IterableDataset):
 
     def _build(self, samples: list[Sample]) -> Batch:
         n = len(samples)
-        encoded_only = self.transform is None  # decoding happens later, on the device
+        encoded_only = self.transform is None  # for the device: JPEGs decoded there (`for_device`)
         images = None if encoded_only else torch.zeros((n, *self.shape), dtype=self.dtype)
-        data: list[bytes | torch.Tensor | None] = [None] * n
+        data: list[bytes | np.ndarray | None] = [None] * n
         valid = torch.zeros(n, dtype=torch.bool)
         errors: dict[str, str] = {}
         for j, sample in enumerate(samples):

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from neuropredictor import ExtractConfig, run
     from neuropredictor.corpus import index_shards, make_shards
+    from neuropredictor.corpus.listing import forget_counts
 
     server = scale_sim.Server()
     opts = {"endpoint_url": server.url, "key": "testing", "secret": "testing-secret"}
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = ExtractConfig(corpus=corpus, model="torchvision:resnet18", layers=["layer4"],
                                         out=str(out), pretrained=False, batch_size=args.batch_size,
                                         num_workers=workers, storage_options=opts)
+                    forget_counts()  # each extraction as a process of its own would read
                     server.take()
                     run(cfg)
                     traffic = server.take()

@@ -3,7 +3,7 @@
 Thin orchestration over `neuropredictor.sweep`. On one worker, each model is an `extract` subflow run, one
 after another (one replica per device at a time). With `deployment` set (e.g. `extract/gpu`), each model is
 a child run of that deployment, all launched at once, so a cluster's GPU pool takes them in parallel; the
-parent waits for them with one request per poll. Then each model's store is scored (`encode`), and the
+parent waits for them with one request per poll for every 200 of them. Then each model's store is scored (`encode`), and the
 comparison table and plot become artifacts. Re-running skips finished models (the sweep's record).
 """
 
@@ -36,7 +36,6 @@ from pydantic import Field, field_validator
 
 from neuropredictor import fs as fsx
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import Interrupted
 from neuropredictor.store import FeatureStore
 from neuropredictor.sweep import SweepConfig, SweepModel
 from neuropredictor.sweep import run as sweep_run
@@ -51,7 +50,7 @@ class SweepParameters(SweepConfig):
     credentials_block: str | None = Field(None, description="Prefect Secret block holding the storage options "
                                           "(JSON: endpoint_url, key, secret) for s3:// URLs; never logged.")
     poll_seconds: float = Field(10.0, gt=0, description="How often the parent checks its child runs (one request "
-                                "for all of them).")
+                                "per 200 of them).")
     timeout_hours: float = Field(72.0, gt=0, description="The parent gives up waiting for children after this long.")
 
     _no_credentials = field_validator("storage_options")(no_credentials)
@@ -83,10 +82,8 @@ def _extract_subflow(params: SweepParameters) -> sweep_run.Extractor:
     """Each model as an `extract` subflow run of this flow run; its events reach the terminal's progress
     (when there is one) through `emit`."""
     def extract(config: ExtractConfig, on_event: sweep_run.ProgressFn | None) -> dict:
-        state = extract_flow(_child(params, config), return_state=True)
-        if state.is_cancelled():
-            raise Interrupted(str(state.message))
-        state.result()  # a failed extraction raises its error here
+        # a failed or cancelled extraction raises here: that model is recorded as failed, the others run
+        extract_flow(_child(params, config), return_state=True).result()
         return FeatureStore.open(config.out, config.storage_options, mode="r").manifest
 
     return extract

@@ -136,6 +136,8 @@ def plan_entry(shard: Shard) -> dict[str, Any]:
                              "offset": int(shard.offset)}
     if shard.size is not None:
         entry.update(size=shard.size, etag=shard.etag)
+    if shard.scanned:
+        entry["scanned"] = True
     return entry
 
 

@@ -18,6 +18,8 @@ class Shard:
     # (not part of a shard's equality: two listings of one corpus give equal shards)
     size: int | None = field(default=None, compare=False)
     etag: str | None = field(default=None, compare=False)
+    # its count was read from its tar headers, not taken from an index.json (a later listing may reuse it)
+    scanned: bool = field(default=False, compare=False)
 
     @property
     def end(self) -> int:

@@ -21,6 +21,7 @@ from conftest import MODEL, make_images
 from neuropredictor import ExtractConfig, run
 from neuropredictor.cli import app
 from neuropredictor.corpus import index_shards, list_shards, make_shards, read_shard
+from neuropredictor.corpus.listing import forget_counts
 from neuropredictor.errors import CorpusError
 
 
@@ -148,17 +149,8 @@ def counting_s3(scale_sim):
     server.stop()
 
 
-def _forget_counts(monkeypatch) -> None:
-    """As a new process starts: no shard counted by an earlier scan of this one."""
-    from collections import deque
-
-    from neuropredictor.corpus import listing
-
-    monkeypatch.setattr(listing, "_COUNTED", deque(maxlen=8))
-
-
-def _extract_traffic(server, opts: dict, corpus: str, out: Path, workers: int, monkeypatch) -> dict:
-    _forget_counts(monkeypatch)  # each extraction's traffic as its own process would make it
+def _extract_traffic(server, opts: dict, corpus: str, out: Path, workers: int) -> dict:
+    forget_counts()  # each extraction's traffic as its own process would make it
     cfg = ExtractConfig(corpus=corpus, model=MODEL, layers=["layer4"], out=str(out), pretrained=False,
                         batch_size=2, num_workers=workers, storage_options=opts)
     server.take()
@@ -189,8 +181,7 @@ def test_s3_bytes_are_read_once_whatever_the_workers(counting_s3, images, tmp_pa
     made = sum(fs.size(p) for p in fs.glob(f"{bucket}/made/*.tar"))
 
     def check(corpus: str, size: int, times: float, tag: str) -> None:
-        one, four = (_extract_traffic(server, opts, corpus, tmp_path / f"{tag}-{n}.zarr", n, monkeypatch)
-                     for n in (1, 4))
+        one, four = (_extract_traffic(server, opts, corpus, tmp_path / f"{tag}-{n}.zarr", n) for n in (1, 4))
         assert abs(four["bytes"] - one["bytes"]) <= 0.05 * one["bytes"], (corpus, one, four)
         assert abs(four["gets"] - one["gets"]) <= 0.05 * one["gets"] + 1, (corpus, one, four)
         assert times * size <= one["bytes"] <= 1.05 * times * size, (corpus, size, one)
@@ -243,13 +234,13 @@ def test_an_unindexed_corpus_is_read_to_count_it_once(counting_s3, images, tmp_p
     fs.put(str(tmp_path / "foreign") + "/", "once/foreign/", recursive=True)
     cfg = ExtractConfig(corpus="s3://once/foreign", model=MODEL, layers=["layer4"], out=str(tmp_path / "once.zarr"),
                         pretrained=False, batch_size=2, num_workers=1, storage_options=opts)
-    _forget_counts(monkeypatch)
+    forget_counts()
     server.take()
     first = validate(cfg)
     assert size <= server.take()["get_bytes"] <= 1.05 * size  # every shard read to count it
     assert validate(cfg) == first and server.take()["get_bytes"] < 0.05 * size  # this process counted them
     assert run(cfg)["status"] == "complete"
-    _forget_counts(monkeypatch)  # another process: a resume, or a child run
+    forget_counts()  # another process: a resume, or a child run
     server.take()
     assert validate(cfg) == first and server.take()["get_bytes"] < 0.05 * size  # counts from the store's plan
     # one shard replaced by another file (5 samples): the shards are read again, and counted anew
@@ -258,9 +249,30 @@ def test_an_unindexed_corpus_is_read_to_count_it_once(counting_s3, images, tmp_p
         for i in range(5):
             sink.write({"__key__": f"new/{i}", "cls": b"1"})
     fs.put(str(replaced), "once/foreign/part-00001.tar")
-    _forget_counts(monkeypatch)
+    forget_counts()
     server.take()
     relisted = list_shards("s3://once/foreign", opts, known=lambda: planned_shards(cfg))
     assert [s.count for s in relisted] == [6, 5, 3]
     now = sum(fs.size(p) for p in fs.glob("once/foreign/*.tar"))
     assert now <= server.take()["get_bytes"] <= 1.05 * now
+
+
+def test_counts_from_an_index_are_never_reused_once_it_is_gone(images, tmp_path):
+    """A store planned from an index.json that miscounts a shard keeps that count. Once the index is gone,
+    the shards are counted from their tars again (the right count), not taken from the store's plan: only
+    counts read from tar headers are reused."""
+    from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME
+    from neuropredictor.pipeline import plan, planned_shards
+
+    folder = tmp_path / "foreign"
+    _foreign_shards(folder, images)  # 6, 6 and 3 samples
+    (folder / INDEX_NAME).write_text(json.dumps({"format": INDEX_FORMAT, "shards": [
+        {"name": "part-00000", "count": 5}, {"name": "part-00001", "count": 6}, {"name": "part-00002", "count": 3}]}))
+    cfg = ExtractConfig(corpus=str(folder), model=MODEL, layers=["layer4"], out=str(tmp_path / "stale.zarr"),
+                        pretrained=False)
+    assert [s.count for s in plan(cfg).shards] == [5, 6, 3]  # the stale index, as given
+    (folder / INDEX_NAME).unlink()
+    forget_counts()
+    assert [s.count for s in list_shards(str(folder), known=lambda: planned_shards(cfg))] == [6, 6, 3]
+    # counted by a scan: these are counts a later listing may reuse
+    assert all(s.scanned for s in list_shards(str(folder)))

@@ -43,10 +43,12 @@ def _prune(folder: Path) -> None:
 
 
 class _AsFlags(logging.Formatter):
-    """On the terminal, the parameters the library's lines name read as this command line's flags."""
+    """On the terminal, the parameters our own lines name read as this command line's flags (other
+    libraries' lines and tracebacks are shown as they are)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        return as_flags(super().format(record))
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802  (logging's name)
+        message = super().formatMessage(record)
+        return as_flags(message) if record.name.split(".")[0] == "neuropredictor" else message
 
 
 def setup(verbose: bool) -> None:

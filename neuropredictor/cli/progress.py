@@ -10,7 +10,6 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-
 from neuropredictor.cli.app import err_console
 from neuropredictor.cli.interrupt import RESUME_MESSAGE, Stopped, interruptible
 from neuropredictor.cli.logs import prepare_prefect

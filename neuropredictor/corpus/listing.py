@@ -166,17 +166,23 @@ def _refuse_hidden(resolved: list[tuple[Any, str, dict]]) -> None:
 _COUNTED: deque[dict[tuple[str, int | None, str | None], int]] = deque(maxlen=8)
 
 
+def forget_counts() -> None:
+    """Forget the counts this process's scans read, as a new process starts (benchmarks, tests)."""
+    _COUNTED.clear()
+
+
 def _counted_before(ids: list[tuple[str, int | None, str | None]],
                     known: Callable[[], Iterable[Shard]] | None) -> list[int] | None:
     """The counts of shards (url, size, etag) when all of them were counted together before, unchanged
-    since (by this process, or by the plan of `known()`'s store, whose shards were counted that way too):
-    their keys were checked against each other then. None when any of them must be scanned, and then all
+    since: by one scan of this process, or among the scanned shards of `known()` (a store's plan, made
+    from one listing; never counts taken from an index.json, which may have been stale): their keys were
+    checked against each other then. None when any of them must be scanned, and then all
     are, so that the check of their keys covers them all."""
     if any(size is None or etag is None for _url, size, etag in ids):
         return None
     groups = list(_COUNTED)
     if known is not None and not any(all(i in g for i in ids) for g in groups):
-        groups.append({(s.url, s.size, s.etag): s.count for s in known()})
+        groups.append({(s.url, s.size, s.etag): s.count for s in known() if s.scanned})
     return next(([g[i] for i in ids] for g in groups if all(i in g for i in ids)), None)
 
 
@@ -302,6 +308,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
 
     todo = [i for i, c in enumerate(counts) if c is None]
+    todo_set = set(todo)
     ids = [(fsx.full_url(fs, path), *_fingerprint(info)) for fs, path, info in (resolved[i] for i in todo)]
     if todo and (before := _counted_before(ids, known)) is not None:
         for i, count in zip(todo, before):
@@ -320,11 +327,11 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         _COUNTED.append(dict(zip(ids, (counts[i] for i in todo))))
 
     shards, offset = [], 0
-    for (fs, path, info), count in zip(resolved, counts):
+    for i, ((fs, path, info), count) in enumerate(zip(resolved, counts)):
         assert count is not None
         size, etag = _fingerprint(info)
         shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")], count=count,
-                            offset=offset, size=size, etag=etag))
+                            offset=offset, size=size, etag=etag, scanned=i in todo_set))
         offset += count
     return shards
 

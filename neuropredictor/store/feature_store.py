@@ -263,7 +263,8 @@ class FeatureStore:
         """The plan: every shard with its count, offset and file fingerprint (fixed at create)."""
         if self._shards is None:
             self._shards = [Shard(url=e.get("url", ""), name=e["name"], count=int(e["count"]), offset=int(e["offset"]),
-                                  size=e.get("size"), etag=e.get("etag")) for e in self._plan["shards"]]
+                                  size=e.get("size"), etag=e.get("etag"), scanned=bool(e.get("scanned")))
+                            for e in self._plan["shards"]]
         return list(self._shards)
 
     @property

@@ -237,8 +237,9 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
 
 
 def plan_messages(store: FeatureStore) -> list[str]:
-    """What the plan changed in the store, in words: what `overwrite=True` deleted, and the damaged shards
-    `verify=True` took back (they are extracted again)."""
+    """What the plan changed in the store, in words: what `overwrite=True` deleted, and the committed
+    shards it took back, each with why (damaged, found by `verify=True`; or its file changed, with
+    `overwrite=True`): they are extracted again."""
     out = []
     if replaced := store.replaced:
         kept = replaced.get("kept") or []
@@ -247,7 +248,7 @@ def plan_messages(store: FeatureStore) -> list[str]:
                    f"deleted {', '.join(replaced.get('deleted', [])) or 'nothing'}"
                    + (f"; left alone: {', '.join(kept)}" if kept else ""))
     if withdrawn := store.withdrawn:
-        out.append(f"verify=True: {len(withdrawn)} damaged shard(s) are extracted again: "
+        out.append(f"{len(withdrawn)} committed shard(s) are extracted again: "
                    + "; ".join(f"{name} ({why})" for name, why in sorted(withdrawn.items())))
     return out
 
@@ -320,9 +321,7 @@ def _refuse_changed_files(store: FeatureStore, shards: list[Shard], config: Extr
     changed = [s.name for s in shards if s.name in commits and "source" in commits[s.name]
                and changed_since(commits[s.name]["source"], s, config.storage_options)]
     if changed and config.overwrite:
-        log.warning("%d shard(s) changed since their rows were extracted; extracting them again: %s",
-                    len(changed), ", ".join(changed))
-        store.withdraw({name: "its shard file changed" for name in changed})
+        store.withdraw({name: "its shard file changed since its rows were extracted" for name in changed})
     elif changed:
         raise CorpusError(f"{len(changed)} shard(s) changed since their rows were extracted into "
                           f"{redact_text(store.url)!r}: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. "

@@ -175,7 +175,7 @@ def test_inspect_verify_names_damaged_shards_and_extract_verify_repairs_them(cor
     repaired = _extract(corpus, out, "--verify")
     assert repaired.exit_code == 0, repaired.output
     said = " ".join(repaired.output.split())
-    assert said.count("--verify: 1 damaged shard(s) are extracted again: shard-000002") == 1, said  # said once
+    assert said.count("1 committed shard(s) are extracted again: shard-000002 (") == 1, said  # said once
     assert _cli("inspect", str(out), "--verify").exit_code == 0
 
 

@@ -246,7 +246,7 @@ def test_a_damaged_manifest_is_rebuilt_from_the_plan_and_records(corpus, clean, 
 # a changed corpus, overwrite
 
 
-def test_a_changed_shard_is_refused_on_resume(tmp_path):
+def test_a_changed_shard_is_refused_on_resume(tmp_path, caplog):
     from neuropredictor import extract_shard, plan
     from neuropredictor.errors import CorpusError
 
@@ -263,6 +263,11 @@ def test_a_changed_shard_is_refused_on_resume(tmp_path):
     (tmp_path / "shards" / "shard-000000.tar").write_bytes((tmp_path / "other-shards" / "shard-000000.tar").read_bytes())
     with pytest.raises(CorpusError, match="changed since their rows were extracted.*shard-000000"):
         run(cfg)
+    # with overwrite, the shard is taken back to be extracted again, and the plan says so, once, with why
+    with caplog.at_level("WARNING", logger="neuropredictor.pipeline"):
+        assert list(plan(_config(tmp_path / "shards", out, overwrite=True)).withdrawn) == ["shard-000000"]
+    assert [r.getMessage() for r in caplog.records if "shard-000000" in r.getMessage()] == [
+        "1 committed shard(s) are extracted again: shard-000000 (its shard file changed since its rows were extracted)"]
     # the original bytes back (a new mtime, as after a copy): the same file, so the run resumes
     (tmp_path / "shards" / "shard-000000.tar").write_bytes(original)
     assert run(cfg)["status"] == "complete"

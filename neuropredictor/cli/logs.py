@@ -46,7 +46,7 @@ class _AsFlags(logging.Formatter):
     """On the terminal, the parameters our own lines name read as this command line's flags (other
     libraries' lines and tracebacks are shown as they are)."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802  (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         message = super().formatMessage(record)
         return as_flags(message) if record.name.split(".")[0] == "neuropredictor" else message
 

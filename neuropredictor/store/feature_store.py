@@ -431,7 +431,7 @@ class FeatureStore:
         shards it scans), as {"count": n, "examples": {key: [rows]}}; {} when all differ. Reads every key."""
         with quiet_zarr():
             keys = np.asarray(zarr.open_array(self.zarr_store(), path=KEYS, mode="r")[:], dtype=object)
-        values, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        values, counts = np.unique(keys, return_counts=True)
         repeated = values[counts > 1]
         if not len(repeated):
             return {}

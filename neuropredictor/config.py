@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Role:
@@ -26,6 +26,11 @@ class Role:
 
 IDENTITY = Role("identity")  # changes the stored numbers: a store made with another value is another run
 REPLICA = Role("replica")  # changes the model replica: a cached replica is reused only when these agree
+
+
+def comma_list(cls: type, v: Any) -> Any:
+    """Validator (mode="before") of list fields: "a, b" gives ["a", "b"], as command lines and forms write lists."""
+    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
 
 class ExtractConfig(BaseModel):
@@ -83,6 +88,8 @@ class ExtractConfig(BaseModel):
     verify: bool = Field(False, description="Before resuming, read every committed shard back and compare it with "
                          "the checksums written with it; damaged shards are extracted again.")
 
+    _split = field_validator("layers", mode="before")(comma_list)
+
     @classmethod
     def fields_with(cls, role: Role) -> list[str]:
         """The names of the fields marked with `role`, in declaration order."""
@@ -108,11 +115,6 @@ class ExtractConfig(BaseModel):
 
 def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
-
-
-def comma_list(cls: type, v: Any) -> Any:
-    """Validator (mode="before") of list fields: "a, b" gives ["a", "b"], as command lines and forms write lists."""
-    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
 
 def fields_of(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:

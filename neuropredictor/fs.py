@@ -19,12 +19,22 @@ import fsspec
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.redact import redact_text
 
-__all__ = ["basename", "connect", "create_exclusive", "exists", "open_url", "full_url", "invalidate", "is_local", "listing", "parent", "read_json",
-           "read_json_or_none", "remove_tree", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["basename", "cat_small", "connect", "create_exclusive", "exists", "open_url", "full_url", "invalidate", "is_local", "listing", "parent", "read_json",
+           "read_json_or_none", "remove_tree", "with_defaults", "write_bytes_atomic", "write_json_atomic"]
 
 
 S3_CONNECTIONS = 64
 """Connections each S3 filesystem keeps open (botocore's default is 10); `config_kwargs` overrides it."""
+
+
+def with_defaults(url: str, storage_options: Mapping | None) -> dict:
+    """The storage options for url with ours under the caller's: every client we make of an S3 URL (ours,
+    and zarr's for the chunks) keeps S3_CONNECTIONS connections, since botocore's 10 cap the concurrent
+    reads of many small objects (a store's commit records, its chunks) at 10 round trips in flight."""
+    opts = dict(storage_options or {})
+    if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
+        opts["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(opts.get("config_kwargs") or {})}
+    return opts
 
 
 def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = False,
@@ -35,13 +45,9 @@ def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = F
     filesystems such as s3fs are not fork-safe. A URL whose protocol is unknown or whose backend is
     not installed raises `error`, naming the URL (credentials redacted) and the fix.
     """
-    opts = dict(storage_options or {})
+    opts = with_defaults(url, storage_options)
     if fresh:
         opts["skip_instance_cache"] = True
-    if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
-        # botocore keeps 10 connections by default, which caps the concurrent reads of many small objects
-        # (a store's commit records) at 10 round trips in flight; more, unless the caller chose
-        opts["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(opts.get("config_kwargs") or {})}
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **opts)
     except (ImportError, ValueError, TypeError) as exc:
@@ -109,6 +115,13 @@ def remove_tree(fs: Any, path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
     invalidate(fs, path)
+
+
+def cat_small(fs: Any, path: str) -> bytes:
+    """A small object's bytes in one GET on S3: s3fs's `cat_file` first asks for the object's size to read
+    big objects in parallel parts (a HEAD, plus a LIST when the key is missing). FileNotFoundError if none."""
+    kwargs = {"max_concurrency": 1} if getattr(fs, "max_concurrency", None) is not None else {}
+    return fs.cat_file(path, **kwargs)
 
 
 def read_json(fs: Any, path: str) -> Any:

@@ -141,6 +141,12 @@ def plan_entry(shard: Shard) -> dict[str, Any]:
     return entry
 
 
+def plan_shard(entry: Mapping) -> Shard:
+    """A shard from its plan entry (the inverse of `plan_entry`)."""
+    return Shard(url=entry.get("url", ""), name=entry["name"], count=int(entry["count"]), offset=int(entry["offset"]),
+                 size=entry.get("size"), etag=entry.get("etag"), scanned=bool(entry.get("scanned")))
+
+
 def shard_entry(shard: Shard, commit: Mapping | None = None, failure: Mapping | None = None) -> dict:
     """The manifest's entry for one shard, from its plan and its commit / failure records (if any)."""
     entry = plan_entry(shard)

@@ -38,6 +38,7 @@ from neuropredictor.models import LoadedModel, load_model
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, LayerSpec
+from neuropredictor.store.feature_store import plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,8 @@ def planned_shards(config: ExtractConfig) -> list[Shard]:
     distributed extraction, counts unindexed shards that have not changed from them instead of reading
     the whole corpus again to count its samples."""
     try:
-        return FeatureStore.open(config.out, config.storage_options, mode="r").shards
-    except Exception:  # no store, or one we cannot read now: the shards are counted from their tars
+        return plan_shards(config.out, config.storage_options)
+    except Exception:  # a store we cannot read now: the shards are counted from their tars
         return []
 
 

@@ -68,12 +68,10 @@ def extract(
     """Extract layer activations of one model over a corpus into a Zarr store. Re-running resumes."""
     from pydantic import ValidationError
 
-    from neuropredictor.layers import split_layers
-
     try:
         # every option is named as its ExtractConfig field
         fields = {k: v for k, v in ctx.params.items() if k in ExtractConfig.model_fields}
-        config = ExtractConfig(**fields | {"layers": split_layers(layers), "weights": str(weights) if weights else None})
+        config = ExtractConfig(**fields | {"weights": str(weights) if weights else None})
         manifest = run_with_progress(config, prefect)
     except Interrupted as exc:
         interrupted(exc)

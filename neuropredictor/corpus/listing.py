@@ -20,7 +20,7 @@ import braceexpand
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME, write_index
-from neuropredictor.corpus.offsets import offsets_path, scan_offsets, usable
+from neuropredictor.corpus.offsets import scan_offsets, usable, write_offsets
 from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
@@ -365,7 +365,7 @@ def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard
     shards, offset = [], 0
     try:
         for (_fs, path, info), url, offsets in zip(resolved, urls, scanned):
-            fs.pipe_file(offsets_path(path), offsets.to_json())
+            write_offsets(fs, path, offsets)
             size, etag = _fingerprint(info)
             shards.append(Shard(url=url, name=fsx.basename(path)[: -len(".tar")],
                                 count=offsets.count, offset=offset, size=size, etag=etag))

@@ -18,7 +18,7 @@ from typing import Any
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.offsets import OFFSETS_SUFFIX, offsets_path, scan_offsets
+from neuropredictor.corpus.offsets import OFFSETS_SUFFIX, scan_offsets, write_offsets
 from neuropredictor.corpus.tar import is_hidden, split_member
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
@@ -114,7 +114,7 @@ def write_index(fs: Any, folder: str, shards: list[Shard]) -> None:
     """`index.json` in folder: each shard's sample count, so that plans count without reading a tar."""
     index = {"format": INDEX_FORMAT, "shards": [{"name": s.name, "count": s.count} for s in shards],
              "total": sum(s.count for s in shards)}
-    fs.pipe_file(f"{folder.rstrip('/')}/{INDEX_NAME}", (json.dumps(index, indent=1) + "\n").encode())
+    fsx.write_bytes_atomic(fs, f"{folder.rstrip('/')}/{INDEX_NAME}", (json.dumps(index, indent=1) + "\n").encode())
 
 
 def _same_bytes(a: str, b: str) -> bool:
@@ -208,7 +208,7 @@ def make_shards(
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
-                fsx.write_bytes_atomic(fs, offsets_path(path), scan_offsets(fs, path, path).to_json())
+                write_offsets(fs, path, scan_offsets(fs, path, path))
             else:
                 # Remote: build locally, then upload in one go (an object store commits the object only
                 # when the upload completes, so readers never see a partial shard).
@@ -216,7 +216,7 @@ def make_shards(
                     _write_tar(f, items)
                     f.flush()
                     fs.put_file(f.name, path)
-                    fs.pipe_file(offsets_path(path), scan_offsets(*fsx.connect(f.name), path).to_json())
+                    write_offsets(fs, path, scan_offsets(*fsx.connect(f.name), path))
             shards.append(Shard(url=fsx.full_url(fs, path), name=name, count=len(items), offset=offset))
             offset += len(items)
 

@@ -93,12 +93,17 @@ def usable(offsets: Offsets) -> str | None:
     return None
 
 
+def write_offsets(fs: Any, tar_path: str, offsets: Offsets) -> None:
+    """The shard's sidecar, written whole (never seen half-written)."""
+    fsx.write_bytes_atomic(fs, offsets_path(tar_path), offsets.to_json())
+
+
 def read_offsets(fs: Any, tar_path: str, size: int | None, count: int) -> Offsets | None:
     """The shard's sidecar if there is one and it matches the shard (its size when known, its count);
     else None, and the shard is read whole."""
     path = offsets_path(tar_path)
     try:
-        data = json.loads(fs.cat_file(path))
+        data = json.loads(fsx.cat_small(fs, path))  # one request per shard read, found or not
     except FileNotFoundError:
         return None
     except Exception as exc:  # unreadable or not JSON: reading the shard whole is always right

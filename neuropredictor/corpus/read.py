@@ -345,7 +345,7 @@ def _source(shard: Shard, workers: int, storage_options: Mapping | None) -> Iter
     if folder not in _hinted:
         _hinted.add(folder)
         log.warning("the shards in %s have no offsets files: each is copied to local disk before its %d "
-                    "workers read it, and plan read it once already; `neuropredictor shards index %s` (once) "
+                    "workers read it, and a plan reads it to count it; `neuropredictor shards index %s` (once) "
                     "lets later runs read each shard once, by ranges", folder, workers, folder)
     fd, local = tempfile.mkstemp(prefix=f"neuropredictor-{shard.name}-", suffix=".tar")
     os.close(fd)

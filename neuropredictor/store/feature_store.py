@@ -229,7 +229,7 @@ class FeatureStore:
                 self._zstore = zarr.storage.LocalStore(self._root, read_only=read_only)
             else:
                 self._zstore = zarr.storage.FsspecStore.from_url(
-                    self._url, storage_options=self._storage_options, read_only=read_only)
+                    self._url, storage_options=fsx.with_defaults(self._url, self._storage_options), read_only=read_only)
         return self._zstore
 
     def array(self, path: str) -> Any:
@@ -262,9 +262,7 @@ class FeatureStore:
     def shards(self) -> list[Shard]:
         """The plan: every shard with its count, offset and file fingerprint (fixed at create)."""
         if self._shards is None:
-            self._shards = [Shard(url=e.get("url", ""), name=e["name"], count=int(e["count"]), offset=int(e["offset"]),
-                                  size=e.get("size"), etag=e.get("etag"), scanned=bool(e.get("scanned")))
-                            for e in self._plan["shards"]]
+            self._shards = [mf.plan_shard(e) for e in self._plan["shards"]]
         return list(self._shards)
 
     @property
@@ -476,6 +474,13 @@ class _Found:
                              + (f" and {MANIFEST} are" if manifest_damaged or manifest is None else " is")
                              + " unreadable, so its plan is lost. Replace it (overwrite=True) or choose another `out`.")
         return cls(plan, None if manifest_damaged else manifest, generation)
+
+
+def plan_shards(url: str, storage_options: dict | None = None) -> list[Shard]:
+    """The shards of the plan of the store at url, reading only its plan; none when there is none."""
+    fs, root = fsx.connect(url, storage_options, error=StoreError, what="store")
+    plan, _damaged = _read_object(fs, f"{root}/{PLAN}")
+    return [mf.plan_shard(e) for e in (plan or {}).get("shards", [])]
 
 
 def _read_object(fs: Any, path: str) -> tuple[dict | None, bool]:

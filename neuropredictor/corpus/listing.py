@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +20,7 @@ import braceexpand
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME, write_index
-from neuropredictor.corpus.offsets import scan_offsets, usable, write_offsets
+from neuropredictor.corpus.offsets import Offsets, scan_offsets, usable, write_offsets
 from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
@@ -186,7 +186,7 @@ def _counted_before(ids: list[tuple[str, int | None, str | None]],
     return next(([g[i] for i in ids] for g in groups if all(i in g for i in ids)), None)
 
 
-def _refuse_duplicate_keys(keys_by_shard: dict[str, list[str]]) -> None:
+def _refuse_duplicate_keys(keys_by_shard: dict[str, Sequence[str]]) -> None:
     """CorpusError naming a key that two samples share (within a shard or across shards), among the shards
     whose headers were scanned. Shards counted from `index.json` were checked by `shards make`."""
     first: dict[str, str] = {}
@@ -308,30 +308,35 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
 
     todo = [i for i, c in enumerate(counts) if c is None]
-    todo_set = set(todo)
     ids = [(fsx.full_url(fs, path), *_fingerprint(info)) for fs, path, info in (resolved[i] for i in todo)]
     if todo and (before := _counted_before(ids, known)) is not None:
         for i, count in zip(todo, before):
             counts[i] = count
     elif todo:
-        # Header scans are I/O-bound (object stores especially): a few threads overlap the requests.
-        def scan(i: int) -> list[str]:
-            fs, path, _ = resolved[i]
-            return list(scan_offsets(fs, path, fsx.full_url(fs, path)).keys)
-
-        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-            scanned = dict(zip(todo, pool.map(scan, todo)))
-        for i, keys in scanned.items():
-            counts[i] = len(keys)
-        _refuse_duplicate_keys({fsx.full_url(*resolved[i][:2]): keys for i, keys in scanned.items()})
+        for i, offsets in zip(todo, _scan([resolved[i] for i in todo])):
+            counts[i] = offsets.count
         _COUNTED.append(dict(zip(ids, (counts[i] for i in todo))))
+    return _as_shards(resolved, counts, scanned=set(todo))
 
+
+def _scan(resolved: list[tuple[Any, str, dict]]) -> list[Offsets]:
+    """The shards' offsets from their tar headers, refusing a key that two samples share. Header scans are
+    I/O-bound (object stores especially): a few threads overlap the requests."""
+    with ThreadPoolExecutor(max_workers=min(8, len(resolved))) as pool:
+        scanned = list(pool.map(lambda r: scan_offsets(r[0], r[1], fsx.full_url(r[0], r[1])), resolved))
+    _refuse_duplicate_keys({fsx.full_url(fs, path): o.keys for (fs, path, _), o in zip(resolved, scanned)})
+    return scanned
+
+
+def _as_shards(resolved: list[tuple[Any, str, dict]], counts: Sequence[int | None],
+               scanned: Collection[int] = ()) -> list[Shard]:
+    """Shards with their global row offsets; `scanned`: the positions whose counts were read from headers."""
     shards, offset = [], 0
     for i, ((fs, path, info), count) in enumerate(zip(resolved, counts)):
         assert count is not None
         size, etag = _fingerprint(info)
         shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")], count=count,
-                            offset=offset, size=size, etag=etag, scanned=i in todo_set))
+                            offset=offset, size=size, etag=etag, scanned=i in scanned))
         offset += count
     return shards
 
@@ -354,22 +359,15 @@ def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard
                           "(each folder of a corpus is indexed on its own).")
     resolved = resolver.resolve(folder, fs, [root], False)
     _refuse_hidden(resolved)
-    urls = [fsx.full_url(fs, path) for _fs, path, _info in resolved]
-    with ThreadPoolExecutor(max_workers=min(8, len(resolved))) as pool:
-        scanned = list(pool.map(lambda item, url: scan_offsets(fs, item[1], url), resolved, urls))
-    _refuse_duplicate_keys({url: list(offsets.keys) for url, offsets in zip(urls, scanned)})
-    for url, offsets in zip(urls, scanned):
+    scanned = _scan(resolved)
+    shards = _as_shards(resolved, [offsets.count for offsets in scanned])
+    for shard, offsets in zip(shards, scanned):
         if (problem := usable(offsets)) is not None:
-            raise CorpusError(f"shard {url} has {problem}, so it cannot be indexed: remake it "
+            raise CorpusError(f"shard {shard.url} has {problem}, so it cannot be indexed: remake it "
                               "(`neuropredictor shards make`), or leave it out of the folder.")
-    shards, offset = [], 0
     try:
-        for (_fs, path, info), url, offsets in zip(resolved, urls, scanned):
+        for (_fs, path, _info), offsets in zip(resolved, scanned):
             write_offsets(fs, path, offsets)
-            size, etag = _fingerprint(info)
-            shards.append(Shard(url=url, name=fsx.basename(path)[: -len(".tar")],
-                                count=offsets.count, offset=offset, size=size, etag=etag))
-            offset += offsets.count
         write_index(fs, root, shards)  # last: a plan trusts its counts
     except Exception as exc:
         raise access_error(folder, exc, "corpus folder") from exc

@@ -18,7 +18,7 @@ from typing import Any
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.offsets import OFFSETS_SUFFIX, scan_offsets, write_offsets
+from neuropredictor.corpus.offsets import OFFSETS_SUFFIX, Offsets, write_offsets
 from neuropredictor.corpus.tar import is_hidden, split_member
 from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
@@ -97,10 +97,14 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> None:
+def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> Offsets:
+    """The shard's tar, and where each of its samples lies (its sidecar, without reading the tar back)."""
+    starts, keys = [], []
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for rel, path, ext in items:
             key = _key_for(rel)
+            starts.append(tf.offset)  # where the sample's first header (pax, if any) begins
+            keys.append(key)
             try:
                 data = path.read_bytes()  # bytes stored unmodified: no decoding, no re-encoding
             except OSError as exc:
@@ -108,6 +112,8 @@ def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> None:
             tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
             meta = json.dumps({"path": rel}, ensure_ascii=False).encode("utf-8")
             tf.addfile(_tarinfo(f"{key}.json", len(meta)), io.BytesIO(meta))
+        starts.append(tf.offset)  # the end-of-archive marker
+    return Offsets(size=fileobj.tell(), starts=tuple(starts), keys=tuple(keys))
 
 
 def write_index(fs: Any, folder: str, shards: list[Shard]) -> None:
@@ -200,7 +206,7 @@ def make_shards(
                 tmp = f"{path}.tmp-{os.getpid()}"
                 try:
                     with open(tmp, "wb") as f:
-                        _write_tar(f, items)
+                        offsets = _write_tar(f, items)
                     # An identical shard is left as it is: stores planned on it see the same file (its
                     # mtime is part of its fingerprint) and resume.
                     if not _same_bytes(tmp, path):
@@ -208,15 +214,14 @@ def make_shards(
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
-                write_offsets(fs, path, scan_offsets(fs, path, path))
             else:
                 # Remote: build locally, then upload in one go (an object store commits the object only
                 # when the upload completes, so readers never see a partial shard).
                 with tempfile.NamedTemporaryFile(suffix=".tar") as f:
-                    _write_tar(f, items)
+                    offsets = _write_tar(f, items)
                     f.flush()
                     fs.put_file(f.name, path)
-                    write_offsets(fs, path, scan_offsets(*fsx.connect(f.name), path))
+            write_offsets(fs, path, offsets)
             shards.append(Shard(url=fsx.full_url(fs, path), name=name, count=len(items), offset=offset))
             offset += len(items)
 

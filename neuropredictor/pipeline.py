@@ -230,7 +230,7 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
     commits = store.committed()  # read once, here, for the whole plan
     _refuse_changed_files(store, shards, config, commits)
     if config.verify:
-        store.withdraw(store.verify())
+        store.withdraw(store.verify({name: r for name, r in commits.items() if name not in store.withdrawn}))
     store.committed_at_plan = frozenset(name for name in commits if name not in store.withdrawn)
     for line in plan_messages(store):
         log.warning("%s", line)

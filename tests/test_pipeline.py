@@ -213,9 +213,10 @@ def test_compiled_run_equals_eager_run(tmp_path):
         np.testing.assert_allclose(b[layer].values, a[layer].values, rtol=1e-5, atol=1e-5)
 
 
-def test_a_resume_reads_the_commit_records_once_before_finalize(corpus, tmp_path, monkeypatch):
-    # At 10,000 shards on S3 each read of the records is 10,000 GETs: plan reads them, and the progress event
-    # and the queue of shards use what it read (before: three reads, then finalize's).
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_resume_reads_the_commit_records_once_before_finalize(corpus, tmp_path, monkeypatch, verify):
+    # At 10,000 shards on S3 each read of the records is 10,000 GETs: plan reads them, and verify, the progress
+    # event and the queue of shards use what it read (before: three reads, four with verify, then finalize's).
     from neuropredictor.store.records import Records
 
     out = tmp_path / "out.zarr"
@@ -224,7 +225,7 @@ def test_a_resume_reads_the_commit_records_once_before_finalize(corpus, tmp_path
     original = Records.by_kind
     monkeypatch.setattr(Records, "by_kind", lambda self: reads.append(1) or original(self))
     events = []
-    manifest = run(_config(corpus, out), on_event=lambda event, data: events.append((event, data)))
+    manifest = run(_config(corpus, out, verify=verify), on_event=lambda event, data: events.append((event, data)))
     assert manifest["status"] == "complete" and len(reads) == 2  # plan, finalize
     planned = next(data for event, data in events if event == "planned")
     assert planned["committed_shards"] == 3 and not any(event == "shard" for event, _ in events)

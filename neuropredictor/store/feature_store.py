@@ -353,15 +353,16 @@ class FeatureStore:
 
     # -- integrity ----------------------------------------------------------------------------
 
-    def verify(self, names: Sequence[str] | None = None) -> dict[str, str]:
-        """Read every committed shard's rows (or those named) and compare them with the checksums of its
-        commit record; returns shard name -> what is wrong, for the damaged ones."""
-        commits = self.committed()
+    def verify(self, commits: Mapping[str, dict] | None = None) -> dict[str, str]:
+        """Read every committed shard's rows and compare them with the checksums of its commit record
+        (`commits`: the records to check, where the caller has read them); returns shard name -> what is
+        wrong, for the damaged ones."""
+        commits = self.committed() if commits is None else commits
         staged = self.staging
         damaged: dict[str, str] = {}
         for shard in self.shards:
             rec = commits.get(shard.name)
-            if rec is None or (names is not None and shard.name not in names):
+            if rec is None:
                 continue
             sums = rec.get("checksums") or {}
             for path in self.chunk_rows:

@@ -34,7 +34,7 @@ _EXPORTS = {
     "ExtractConfig": "neuropredictor.config",
     "plan": "neuropredictor.pipeline",
     "extract_shard": "neuropredictor.pipeline",
-    "finalize": "neuropredictor.pipeline",
+    "finalize": "neuropredictor.schedule",
     "run": "neuropredictor.schedule",
 }
 
@@ -43,8 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from neuropredictor.shard import Shard
     from neuropredictor.extractor import Extractor
     from neuropredictor.config import ExtractConfig
-    from neuropredictor.pipeline import extract_shard, finalize, plan
-    from neuropredictor.schedule import run
+    from neuropredictor.pipeline import extract_shard, plan
+    from neuropredictor.schedule import finalize, run
     from neuropredictor.store import FeatureStore, open_features
     from neuropredictor.layers import describe_layers, select_layers
     from neuropredictor.models import LoadedModel, list_models, load_model, parse_spec

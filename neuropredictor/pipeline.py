@@ -1,10 +1,9 @@
-"""The data path of one run, as library calls (`neuropredictor.schedule` runs them shard after shard,
-the Prefect flows as tasks):
+"""The data path of one run, as library calls (`neuropredictor.schedule` runs them shard after shard and
+finalizes the store, the Prefect flows as tasks):
 
     validate(config)              model loads, layers resolve, corpus reachable: before anything is written
     plan(config)                  validate, then create the Zarr store (or reopen it to resume)
     extract_shard(config, shard)  read -> decode/preprocess -> forward + reduce -> write rows -> commit
-    finalize(config)              merge commit records into manifest.json, consolidate metadata
 """
 
 from __future__ import annotations
@@ -416,9 +415,3 @@ def _device_name(device: torch.device) -> str:
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
 
-
-def finalize(config: ExtractConfig, store: FeatureStore | None = None) -> dict:
-    """Merge commit records into manifest.json and consolidate metadata; returns the manifest. One attempt:
-    `neuropredictor.schedule.finalize` retries it and names what failed."""
-    store = store or FeatureStore.open(config.out, config.storage_options)
-    return store.finalize()

@@ -2,7 +2,8 @@
 and what a failed shard leaves behind.
 
     run(config)                         plan -> every pending shard on every device -> finalize, here
-    finalize(config, store)             finalize with the shards' retries, one clear error if it still fails
+    finalize(config, store)             merge the commit records into manifest.json, with the shards'
+                                        retries; one clear error if it still fails
     pending_groups(store, ...)          the shards without a commit record, in groups
     extract_group(config, group, ...)   one group on one device; a failure is recorded, then raised
     DeviceWindow                        which group starts next on which free device
@@ -24,7 +25,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from neuropredictor import pipeline
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError, StoreError
 from neuropredictor.pipeline import extract_shard, plan
@@ -149,13 +149,15 @@ class DeviceWindow:
 
 
 def finalize(config: ExtractConfig, store: FeatureStore | None = None, stop: threading.Event | None = None) -> dict:
-    """`pipeline.finalize`, retried like a shard (an object store's outage, a full disk being cleared;
+    """Merge the commit records into manifest.json and consolidate the metadata (`FeatureStore.finalize`);
+    returns the manifest. Retried like a shard (an object store's outage, a full disk being cleared;
     finalize is idempotent). Still failing, StoreError names the cause: the committed shards stay committed
     and the same command finishes the store. The library's own errors (a replaced store, a busy lease) are
     statements, not outages: raised at once."""
     try:
-        return RetryPolicy.of(config).call(lambda _n: pipeline.finalize(config, store), stop,
-                                           fatal=(NeuroPredictorError,))
+        return RetryPolicy.of(config).call(
+            lambda _n: (store or FeatureStore.open(config.out, config.storage_options)).finalize(), stop,
+            fatal=(NeuroPredictorError,))
     except NeuroPredictorError:
         raise
     except Exception as exc:

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from neuropredictor import ExtractConfig, run
-from neuropredictor.pipeline import finalize, plan
+from neuropredictor.pipeline import plan
+from neuropredictor.schedule import finalize
 from neuropredictor.store import FeatureStore
 
 CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"

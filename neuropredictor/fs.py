@@ -19,8 +19,6 @@ import fsspec
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.redact import redact_text
 
-__all__ = ["basename", "cat_small", "connect", "create_exclusive", "exists", "open_url", "full_url", "invalidate", "is_local", "listing", "parent", "read_json",
-           "read_json_or_none", "remove_tree", "with_defaults", "write_bytes_atomic", "write_json_atomic"]
 
 
 S3_CONNECTIONS = 64
@@ -124,17 +122,16 @@ def cat_small(fs: Any, path: str) -> bytes:
     return fs.cat_file(path, **kwargs)
 
 
-def read_json(fs: Any, path: str) -> Any:
-    """Parse the JSON object at path (FileNotFoundError if there is none; ValueError if it is damaged)."""
-    return json.loads(fs.cat_file(path))
-
-
-def read_json_or_none(fs: Any, path: str) -> Any:
-    """The JSON object at path, or None when there is none or it is damaged (`read_json` tells them apart)."""
+def read_json(fs: Any, path: str) -> tuple[dict | None, bool]:
+    """(the JSON object at path or None, whether a file is there but damaged: not JSON, or not an object),
+    in one GET on S3 (`cat_small`)."""
     try:
-        return read_json(fs, path)
-    except (FileNotFoundError, ValueError):
-        return None
+        obj = json.loads(cat_small(fs, path))
+    except FileNotFoundError:
+        return None, False
+    except ValueError:
+        return None, True
+    return (obj, False) if isinstance(obj, dict) else (None, True)
 
 
 def json_default(obj: Any) -> Any:

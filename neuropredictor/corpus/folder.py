@@ -61,7 +61,7 @@ def shards_for(image_dir: str | os.PathLike, out: str, storage_options: dict | N
     listing = _listing(Path(image_dir))
     fs, path = fsx.connect(target, storage_options, error=CorpusError, what="shard folder")
     # a damaged listing reads as none: the shards are made again (identical ones are kept)
-    if fsx.read_json_or_none(fs, f"{path}/{LISTING_NAME}") == listing:
+    if fsx.read_json(fs, f"{path}/{LISTING_NAME}")[0] == listing:
         return target
     log.info("making shards of %s in %s", image_dir, target)
     make_shards(image_dir, target, maxcount=SHARD_SIZE, storage_options=storage_options)

@@ -47,7 +47,7 @@ from neuropredictor.store.layout import (
     plan_all_chunk_rows,
     quiet_zarr,
 )
-from neuropredictor.store.records import Records, read_small_json
+from neuropredictor.store.records import Records
 from neuropredictor.store.staging import Staging
 from neuropredictor.store.writer import ShardWriter
 
@@ -196,8 +196,8 @@ class FeatureStore:
 
     def _check_generation(self) -> None:
         """Raise if the store was replaced since this object opened it (another run's overwrite)."""
-        current = read_small_json(self._fs, f"{self._root}/{GENERATION}")  # every few seconds per writer
-        now = current.get("generation") if isinstance(current, dict) else None
+        current, _damaged = fsx.read_json(self._fs, f"{self._root}/{GENERATION}")  # every few seconds per writer
+        now = (current or {}).get("generation")
         if now != self.generation:
             raise StoreError(f"the store at {redact_text(self._url)!r} was replaced by another run (generation "
                              f"{self.generation} -> {now}) while this one was writing: this run's rows are discarded "
@@ -458,9 +458,9 @@ class _Found:
 
     @classmethod
     def read(cls, fs: Any, root: str, url: str) -> _Found:
-        plan, plan_damaged = _read_object(fs, f"{root}/{PLAN}")
-        manifest, manifest_damaged = _read_object(fs, f"{root}/{MANIFEST}")
-        gen, _ = _read_object(fs, f"{root}/{GENERATION}")
+        plan, plan_damaged = fsx.read_json(fs, f"{root}/{PLAN}")
+        manifest, manifest_damaged = fsx.read_json(fs, f"{root}/{MANIFEST}")
+        gen, _ = fsx.read_json(fs, f"{root}/{GENERATION}")
         for name, obj in ((PLAN, plan), (MANIFEST, manifest)):
             if obj is not None and obj.get("format") != mf.FORMAT:
                 raise StoreError(f"{redact_text(url)!r}: {name} has format {obj.get('format')!r}, expected "
@@ -480,21 +480,8 @@ class _Found:
 def plan_shards(url: str, storage_options: dict | None = None) -> list[Shard]:
     """The shards of the plan of the store at url, reading only its plan; none when there is none."""
     fs, root = fsx.connect(url, storage_options, error=StoreError, what="store")
-    plan, _damaged = _read_object(fs, f"{root}/{PLAN}")
+    plan, _damaged = fsx.read_json(fs, f"{root}/{PLAN}")
     return [mf.plan_shard(e) for e in (plan or {}).get("shards", [])]
-
-
-def _read_object(fs: Any, path: str) -> tuple[dict | None, bool]:
-    """(the JSON object at path or None, whether it exists but is damaged)."""
-    try:
-        obj = fsx.read_json(fs, path)
-    except FileNotFoundError:
-        return None, False
-    except ValueError:
-        return None, True
-    if obj is not None and not isinstance(obj, dict):
-        return None, True
-    return obj, False
 
 
 def _entries(fs: Any, root: str) -> list[str]:

@@ -51,13 +51,8 @@ def _record(run_id: str, what: str, seconds: float) -> dict:
 
 def _read(fs: Any, path: str) -> dict | None:
     """The lease at path; a damaged one counts as expired (its writer died half-way)."""
-    try:
-        lease = fsx.read_json(fs, path)
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {"expires_at": 0}
-    return lease if isinstance(lease, dict) else {"expires_at": 0}
+    lease, damaged = fsx.read_json(fs, path)
+    return {"expires_at": 0} if damaged else lease
 
 
 def expired(lease: dict) -> bool:

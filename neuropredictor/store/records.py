@@ -26,15 +26,6 @@ KIND_FAILURE = "failure"
 _MAX_ERROR_CHARS = 4000
 
 
-def read_small_json(fs: Any, path: str) -> Any:
-    """The JSON object at path, or None if there is none or it is damaged, in one GET on S3 (a per-shard
-    check would otherwise cost three requests: `fsx.cat_small`)."""
-    try:
-        return json.loads(fsx.cat_small(fs, path))
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 class Records:
     """The `_status/` folder of one store generation."""
 
@@ -57,7 +48,7 @@ class Records:
 
     def commit_record(self, shard_name: str) -> dict | None:
         """The shard's commit record, or None if it has none."""
-        rec = read_small_json(self._fs, self.path(shard_name))  # damaged: not committed
+        rec, _damaged = fsx.read_json(self._fs, self.path(shard_name))  # damaged: not committed
         return rec if self._ours(rec, KIND_COMMIT, shard_name) else None
 
     def by_kind(self) -> tuple[dict[str, dict], dict[str, dict]]:

@@ -46,7 +46,7 @@ class SweepRecord:
         self._fs, self._root = fsx.connect(sweep.out, sweep.storage_options, error=NeuroPredictorError,
                                            what="sweep folder")
         # damaged reads as none: everything is checked again (stores resume by their own records)
-        data = fsx.read_json_or_none(self._fs, self.path)
+        data, _damaged = fsx.read_json(self._fs, self.path)
         self.models: dict[str, dict] = dict((data or {}).get("models", {}))
 
     @property

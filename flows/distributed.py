@@ -71,8 +71,8 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
-    groups = [[s.name for s in g] for g in schedule.pending_groups(store, params.shards, params.shards_per_child,
-                                                                   planned)]
+    groups = [[s.name for s in g]
+              for g in schedule.pending_groups(store, shards, params.shards, params.shards_per_child, planned)]
     logger.info("%d shards to extract in %d child runs of %s", sum(map(len, groups)), len(groups), params.deployment)
     progress = create_progress_artifact(progress=0.0 if groups else 100.0, key="extract-distributed-progress",
                                         description=f"Child runs of {params.deployment} finished")

@@ -148,7 +148,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
     emit("planned", schedule.planned_event(store, planned))
-    groups = schedule.pending_groups(store, params.shards, params.shards_per_task, planned)
+    groups = schedule.pending_groups(store, shards, params.shards, params.shards_per_task, planned)
     todo_rows = sum(s.count for g in groups for s in g)
     logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],
                 todo_rows, ", ".join(devices))

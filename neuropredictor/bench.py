@@ -105,9 +105,10 @@ def pipeline_run(config) -> dict:
     """Images/s of the real path into a fresh store, with the shards' per-stage times summed."""
     from neuropredictor import pipeline
 
-    store = pipeline.plan(config)
+    shards = pipeline.validate(config)
+    store = pipeline.plan(config, shards)
     t0 = time.perf_counter()
-    records = [pipeline.extract_shard(config, shard, store=store) for shard in store.shards]
+    records = [pipeline.extract_shard(config, shard, store=store) for shard in shards]
     seconds = time.perf_counter() - t0
     store.finalize()
     stages: dict[str, float] = {}

@@ -153,6 +153,7 @@ def shard_entry(shard: Shard, commit: Mapping | None = None, failure: Mapping | 
     failed_attempts = int(failure.get("attempts") or 0) if failure else 0
     if commit is not None:
         rec = redact(dict(commit))
+        entry["url"] = (rec.get("source") or {}).get("url", entry["url"])  # where its rows were read from
         entry.update(status=ShardStatus.COMMITTED, attempts=rec.get("attempts") or failed_attempts + 1,
                      duration_s=rec.get("duration_s"), device=rec.get("device"), host=rec.get("host"),
                      error=None)

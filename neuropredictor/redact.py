@@ -14,6 +14,9 @@ REDACTED = "***"
 # are caught while harmless names such as `monkey` or `num_tokens` are left alone.
 _SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials",
                  "apikey", "accesskey", "secretkey", "authorization"}
+# Fields whose mappings are keyed by layer or array names, not option names: a layer named `key` (attention's
+# key projection) or `token_mixer` holds no credential, and its checksum or reduction must survive.
+_KEYED_BY_DATA = frozenset({"checksums", "reductions"})
 # `scheme://user:password@host` and secret-looking query parameters (presigned URLs) inside strings.
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]+@")
 _QUERY_SECRET = re.compile(
@@ -39,17 +42,18 @@ def redact_text(text: str) -> str:
     return _QUERY_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
 
 
-def redact(obj: Any) -> Any:
+def redact(obj: Any, names_are_data: bool = False) -> Any:
     """A copy of obj with credential values replaced by "***".
 
     Values of dict keys whose name contains one of key/secret/token/password/credential as a word
-    (case-insensitive, any nesting depth, inside lists too) are replaced; strings elsewhere lose
-    URL passwords and secret query parameters. Mappings become dicts and tuples become lists,
-    which is what they turn into in JSON anyway.
+    (case-insensitive, any nesting depth, inside lists too) are replaced, except in mappings keyed by
+    layer or array names (`names_are_data`: the fields in `_KEYED_BY_DATA`); strings everywhere lose URL
+    passwords and secret query parameters. Mappings become dicts and tuples become lists, which is what
+    they turn into in JSON anyway.
     """
     if isinstance(obj, Mapping):
-        return {str(k): (REDACTED if is_secret_name(str(k)) and not _is_blank(v) else redact(v))
-                for k, v in obj.items()}
+        return {str(k): (REDACTED if not names_are_data and is_secret_name(str(k)) and not _is_blank(v)
+                         else redact(v, str(k) in _KEYED_BY_DATA)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     if isinstance(obj, str):

@@ -4,7 +4,7 @@ and what a failed shard leaves behind.
     run(config)                         plan -> every pending shard on every device -> finalize, here
     finalize(config, store)             merge the commit records into manifest.json, with the shards'
                                         retries; one clear error if it still fails
-    pending_groups(store, ...)          the shards without a commit record, in groups
+    pending_groups(store, shards, ...)  the shards without a commit record, in groups
     extract_group(config, group, ...)   one group on one device; a failure is recorded, then raised
     DeviceWindow                        which group starts next on which free device
     RetryPolicy                         how often and after how long a failed group runs again
@@ -27,7 +27,7 @@ from typing import Any
 
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError, StoreError
-from neuropredictor.pipeline import extract_shard, plan
+from neuropredictor.pipeline import extract_shard, plan, validate
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus
@@ -85,11 +85,12 @@ def committed_names(store: FeatureStore, planned: dict | None = None) -> Collect
     return store.committed().keys()
 
 
-def pending_groups(store: FeatureStore, names: Sequence[str] | None = None, per_group: int = 1,
-                   planned: dict | None = None) -> list[list[Shard]]:
-    """The store's shards without a commit record (only `names`, if given), in order, in groups of
-    `per_group`; committed as `committed_names` tells."""
-    shards = store.shards
+def pending_groups(store: FeatureStore, shards: Sequence[Shard], names: Sequence[str] | None = None,
+                   per_group: int = 1, planned: dict | None = None) -> list[list[Shard]]:
+    """The corpus's `shards` (as `validate` listed them now, matching the plan) without a commit record
+    (only `names`, if given), in order, in groups of `per_group`; committed as `committed_names` tells.
+    The shards are read where the corpus is now: the plan's URLs are a record (with credentials redacted,
+    and from where the corpus was then), never read from."""
     if names is not None:
         unknown = sorted(set(names) - {s.name for s in shards})
         if unknown:
@@ -203,12 +204,13 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
     process, without Prefect. Re-running resumes. A shard that still fails after its retries is recorded as
     failed and the others still run; the error is raised at the end, after finalize, naming the failed
     shards. Setting `stop` (Ctrl-C does it) ends the run between batches with `Interrupted`."""
-    store = plan(config)
+    shards = validate(config)
+    store = plan(config, shards)
     emit = on_event or (lambda event, data: None)
     emit("planned", planned_event(store))
     stop = stop or threading.Event()
     devices = config.resolved_devices()
-    window = DeviceWindow(pending_groups(store), devices)
+    window = DeviceWindow(pending_groups(store, shards), devices)
     policy = RetryPolicy.of(config)
 
     def on_batch(n: int) -> None:

@@ -1,5 +1,6 @@
 """Models of the kind users bring (`custom:` specs): a small CIFAR CNN with its own transform (seed 004),
-and a tiny Robust-ResNet-style network (seed 002: patchify stem, large depth-wise kernels, few norms)."""
+a tiny Robust-ResNet-style network (seed 002: patchify stem, large depth-wise kernels, few norms), and
+layers named like credentials (`key`, `token_mixer`)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,20 @@ def robust_resnet_tiny(pretrained: bool = False) -> nn.Module:
         raise ValueError("no pretrained weights for this test model")
     torch.manual_seed(0)
     return TinyRobustResNet()
+
+
+class _NamedLikeCredentials(nn.Module):
+    """Layers named as attention and MetaFormer blocks name theirs: `key`, `token_mixer`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = nn.Conv2d(3, 4, 3, stride=4)
+        self.token_mixer = nn.AdaptiveAvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.token_mixer(self.key(x))
+
+
+def named_like_credentials():
+    torch.manual_seed(0)
+    return _NamedLikeCredentials(), v2.Compose([v2.ToImage(), v2.Resize((32, 32)), v2.ToDtype(torch.float32, scale=True)])

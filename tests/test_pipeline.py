@@ -229,3 +229,31 @@ def test_a_resume_reads_the_commit_records_once_before_finalize(corpus, tmp_path
     assert manifest["status"] == "complete" and len(reads) == 2  # plan, finalize
     planned = next(data for event, data in events if event == "planned")
     assert planned["committed_shards"] == 3 and not any(event == "shard" for event, _ in events)
+
+
+def test_a_resume_reads_the_corpus_named_now_not_the_plans_urls(corpus, tmp_path):
+    # The plan records where the corpus was (URLs redacted, maybe since moved); a resume must read the corpus
+    # the user names now. Before, it read the plan's URLs: here, the other images' features, marked complete.
+    out = tmp_path / "out.zarr"
+    plan(_config(corpus, out))  # planned, then stopped before a shard committed
+    other_images = tmp_path / "other_images"
+    make_images(other_images, 25, seed=7)  # same names and counts, other pixels
+    make_shards(other_images, str(tmp_path / "moved"), maxcount=10)
+    manifest = run(_config(tmp_path / "moved", out))
+    assert manifest["status"] == "complete"
+    _check_against_reference(str(out), other_images)
+    assert all(Path(s["url"]).parent == tmp_path / "moved" for s in manifest["shards"])  # where rows came from
+
+
+def test_layers_named_like_credentials_keep_their_checksums_and_reductions(corpus, tmp_path):
+    # `key` (attention's key projection) and `token_mixer` are layer names, not credentials: redacting their
+    # checksums made every verify=True run take the shards back, and their reductions read '***'.
+    spec = f"custom:{Path(__file__).parent / 'custom_models.py'}:named_like_credentials"
+    config = _config(corpus, tmp_path / "out.zarr", model=spec, layers=["key", "token_mixer"],
+                     reduce="key=flatten,token_mixer=avgpool")
+    manifest = run(config)
+    assert manifest["config"]["reductions"] == {"key": "flatten", "token_mixer": "avgpool"}
+    assert FeatureStore.open(config.out).verify() == {}
+    events = []
+    run(config.model_copy(update={"verify": True}), on_event=lambda event, data: events.append(event))
+    assert "shard" not in events  # nothing taken back, nothing extracted again

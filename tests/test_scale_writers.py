@@ -57,10 +57,11 @@ def _config(corpus: list[str], out: str, opts: dict) -> ExtractConfig:
 _CHILD = textwrap.dedent("""
     import json, sys
     from neuropredictor import ExtractConfig, schedule
+    from neuropredictor.pipeline import validate
     from neuropredictor.store import FeatureStore
     cfg = ExtractConfig.model_validate_json(sys.argv[1])
     store = FeatureStore.open(cfg.out, cfg.storage_options)
-    for group in schedule.pending_groups(store, json.loads(sys.argv[2]), per_group=100):
+    for group in schedule.pending_groups(store, validate(cfg), json.loads(sys.argv[2]), per_group=100):
         records = schedule.extract_group(cfg, group, store)
     print(json.dumps({"done": True}))
     """)

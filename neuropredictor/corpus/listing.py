@@ -23,6 +23,7 @@ from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME, write_index
 from neuropredictor.corpus.offsets import Offsets, scan_offsets, usable, write_offsets
 from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
+from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -203,13 +204,13 @@ def _refuse_duplicate_keys(keys_by_shard: dict[str, Sequence[str]]) -> None:
 
 
 def source_of(shard: Shard, storage_options: dict | None = None) -> dict:
-    """What a shard's file is now: its size and etag (object stores: a hash of the content). On local disk,
-    where the etag is only the mtime, the sha256 of the bytes too, so that a copy with new times still
-    counts as the same file."""
+    """What a shard's file is now: where (its URL, credentials redacted), its size and etag (object stores:
+    a hash of the content). On local disk, where the etag is only the mtime, the sha256 of the bytes too,
+    so that a copy with new times still counts as the same file."""
     fs, path = connect(shard.url, storage_options, fresh=False)
     try:
         size, etag = _fingerprint(fs.info(path))
-        out: dict = {"size": size, "etag": etag}
+        out: dict = {"url": redact_text(shard.url), "size": size, "etag": etag}
         if fsx.is_local(fs):
             with fs.open(path, "rb") as f:
                 out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()

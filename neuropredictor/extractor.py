@@ -37,6 +37,7 @@ class LayerPlan:
     in_shape: tuple[int, ...]  # per-sample output shape of the module
     out_shape: tuple[int, ...]  # per-sample shape after the reduction
     calls: int  # times the module runs per forward pass; the last call is recorded
+    channels_last: bool = False  # a map laid out (H, W, C): pooled over H and W all the same
 
 
 class Extractor:
@@ -70,7 +71,9 @@ class Extractor:
                 raise LayerNotFoundError(f"layer {name!r} {why}; pick another from: neuropredictor layers {model.spec}")
         reductions = R.parse_reduce_option(reduce, names)
         self.plan = {
-            n: LayerPlan(n, reductions[n], infos[n].shape, R.output_shape(reductions[n], infos[n].shape, n), infos[n].calls)
+            n: LayerPlan(n, reductions[n], infos[n].shape,
+                         R.output_shape(reductions[n], infos[n].shape, n, infos[n].channels_last), infos[n].calls,
+                         infos[n].channels_last)
             for n in names
         }
         # the layer whose output comes last in the forward pass ends it
@@ -115,7 +118,8 @@ class Extractor:
             if self._calls[name] < plan.calls:
                 return  # a shared module: record its last call only
             with torch.autocast(self.device.type, enabled=False):
-                self._out[name] = R.apply(plan.reduction, pick_tensor(output), self._srp.get(name))
+                self._out[name] = R.apply(plan.reduction, pick_tensor(output), self._srp.get(name),
+                                          plan.channels_last)
             if self.early_exit and name == self._last and len(self._out) == len(self.plan):
                 raise _StopForward
 

@@ -6,6 +6,13 @@ value; a tuple or list gives its first element that holds a tensor (attention bl
 `(hidden, weights)` record `hidden`); a dataclass is read like a dict of its fields. The rule applies
 recursively. A module that runs several times in one forward pass (torchvision ResNet's shared `relu`)
 records its last call. The whole model's output is the pseudo-layer `output`.
+
+Where the channels are: a map with three dimensions per image is (C, H, W) in most networks, but (H, W, C)
+in Swin, MambaOut or ConvNeXt's inner blocks, which permute to run Linear and LayerNorm over channels.
+PyTorch's own layer types say which: convolutions, batch and group norms and poolings are channels first,
+Linear and LayerNorm channels last, a permutation (torchvision's `Permute`) says where it moves them; any
+other module (a block, a stage, an activation) is laid out like the last of those that gave an output of
+its shape before it in the forward pass, or, when none did, as its shape reads: (H, H, C) channels last.
 """
 
 from __future__ import annotations
@@ -57,9 +64,23 @@ class LayerInfo:
     params: int
     calls: int  # times the module ran in one forward pass
     order: int  # position of its (last) call in the forward pass; -1 if it did not run
+    channels_last: bool = False  # a map laid out (H, W, C), not (C, H, W) (see the module's docstring)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                   nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                   nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def _says_channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool | None:
+    """Whether a module's type fixes its map's layout: True for (H, W, C), False for (C, H, W), None if not."""
+    if isinstance(module, _CHANNELS_FIRST):
+        return False
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+                                         and module.normalized_shape[0] == shape[-1]):
+        return True
+    dims = getattr(module, "dims", None)  # a permuting module
+    return {(0, 2, 3, 1): True, (0, 3, 1, 2): False}.get(tuple(dims)) if isinstance(dims, (list, tuple)) else None
 
 
 def named_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -77,15 +98,22 @@ def describe_layers(model: LoadedModel, device: str | torch.device | None = None
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
     order: dict[str, int] = {}
+    channels_last: dict[str, bool] = {}
+    last_layout: dict[tuple[int, ...], bool] = {}  # map shape -> layout of the last module whose type fixed it
     counter = iter(range(1 << 30))
 
     def hook_for(name: str):
-        def hook(_mod, _inp, out):
+        def hook(mod, _inp, out):
             calls[name] = calls.get(name, 0) + 1
             order[name] = next(counter)
             t = pick_tensor(out)
             # batch of 2, so a layout without the batch first (T, B, D) is recognisable
-            shapes[name] = tuple(t.shape[1:]) if t is not None and t.ndim >= 1 and t.shape[0] == 2 else None
+            shape = shapes[name] = tuple(t.shape[1:]) if t is not None and t.ndim >= 1 and t.shape[0] == 2 else None
+            if shape is not None and len(shape) == 3:
+                says = _says_channels_last(mod, shape)
+                if says is not None:
+                    last_layout[shape] = says
+                channels_last[name] = last_layout.get(shape, shape[0] == shape[1] != shape[2])
 
         return hook
 
@@ -106,6 +134,7 @@ def describe_layers(model: LoadedModel, device: str | torch.device | None = None
                 params=sum(p.numel() for p in mod.parameters()),
                 calls=calls.get(name, 0),
                 order=order.get(name, -1),
+                channels_last=channels_last.get(name, False),
             )
         )
     return infos

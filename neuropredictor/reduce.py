@@ -1,6 +1,8 @@
 """Reductions applied to a layer's output on the device, before anything is copied to the host.
 
-Shapes are per batch: conv maps are (B, C, H, W), token sequences (B, T, D), vectors (B, D).
+Shapes are per batch: conv maps are (B, C, H, W), token sequences (B, T, D), vectors (B, D). A map laid
+out (B, H, W, C) (`channels_last`, see `neuropredictor.layers`) is pooled over H and W as well, to (B, C)
+or (B, C, K, K).
 
     full        keep the tensor as it is
     flatten     (B, prod(rest))
@@ -78,9 +80,17 @@ def parse_reduce_option(value: str | dict[str, str] | None, layers: list[str]) -
     return {name: per_layer.get(name, default) for name in layers}
 
 
-def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "") -> tuple[int, ...]:
+def _pooled(red: Reduction, channels_last: bool, ndim: int) -> bool:
+    """Whether a map must move its channels first for the reduction (a pooling of an (H, W, C) map)."""
+    return channels_last and ndim == 3 and red.name in ("avgpool", "pool")
+
+
+def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "", channels_last: bool = False
+                 ) -> tuple[int, ...]:
     """Per-sample shape after the reduction, given the per-sample output shape; errors if it does not fit."""
     where = f" for layer {layer!r} with output shape {tuple(shape)}" if layer else ""
+    if _pooled(red, channels_last, len(shape)):
+        shape = (shape[2], shape[0], shape[1])
     if red.name == "full":
         return tuple(shape)
     if red.name == "flatten":
@@ -137,10 +147,13 @@ def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return uniq, first
 
 
-def apply(red: Reduction, x: torch.Tensor, srp: torch.Tensor | None = None) -> torch.Tensor:
+def apply(red: Reduction, x: torch.Tensor, srp: torch.Tensor | None = None, channels_last: bool = False
+          ) -> torch.Tensor:
     """Reduce a batch (B, ...) in float32. The result never shares memory with x (in-place ops after a
     hook, like ReLU(inplace=True), must not change what was recorded)."""
     x = x.float()
+    if _pooled(red, channels_last, x.ndim - 1):
+        x = x.permute(0, 3, 1, 2)
     if red.name == "full":
         return x.clone()
     if red.name == "flatten":

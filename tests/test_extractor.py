@@ -155,6 +155,32 @@ def test_reductions_equal_independent_formulas(resnet18):
         assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5), red
 
 
+def test_channels_last_maps_are_pooled_over_height_and_width():
+    # Swin's stages and ConvNeXt's inner blocks give (B, H, W, C) maps: pooling the trailing two dims of
+    # those averaged over W and C and stored an (H,)-vector per image. Reference: the network by hand.
+    torch.manual_seed(0)
+    swin = load_model("torchvision:swin_t", pretrained=False)
+    x = _x(2)
+    with torch.inference_mode():
+        stage = swin.module.features[:4](x)  # (B, 28, 28, 192)
+    k = stage.shape[1] // 2
+    infos = {i.name: i for i in describe_layers(swin)}
+    assert infos["features.3"].channels_last and not infos["features.0.0"].channels_last  # a Conv2d
+    with Extractor(swin, ["features.3"], reduce="avgpool") as ex:
+        assert torch.allclose(ex(x)["features.3"], stage.mean(dim=(1, 2)), atol=1e-5)
+    with Extractor(swin, ["features.3"], reduce="pool:2") as ex:
+        got = ex(x)["features.3"]
+    ref = torch.stack([torch.stack([stage[:, i * k:(i + 1) * k, j * k:(j + 1) * k].mean(dim=(1, 2))
+                                    for j in range(2)], -1) for i in range(2)], -2)
+    assert got.shape == (2, 192, 2, 2) and torch.allclose(got, ref, atol=1e-5)
+    with Extractor(swin, ["features.3"], reduce="full") as ex:
+        assert torch.equal(ex(x)["features.3"], stage)  # stored as the model gives it
+
+    convnext = load_model("torchvision:convnext_tiny", pretrained=False)
+    infos = {i.name: i for i in describe_layers(convnext)}
+    assert infos["features.1.0.block.3"].channels_last and not infos["features.1.0"].channels_last
+
+
 def test_token_reductions():
     torch.manual_seed(0)
     model = load_model("timm:vit_tiny_patch16_224", pretrained=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -63,13 +64,14 @@ def layers(
         fail(exc)
     if as_json:
         print(json.dumps({"spec": str(model.spec), "input_size": list(model.input_size),
-                          "layers": [i.as_dict() for i in infos]}))
+                          "layers": [dataclasses.asdict(i) for i in infos]}))
         return
     table = Table(title=escape(f"{model.spec}  input {tuple(model.input_size)}  weights {model.weights}"))
     for col in ("name", "type", "leaf", "output shape", "params"):
         table.add_column(col, justify="right" if col == "params" else "left")
     for i in infos:
         shape = "x".join(map(str, i.shape)) if i.shape else ("not run" if i.calls == 0 else "?")
+        shape += " (H,W,C)" if i.channels_last else ""
         table.add_row(escape(i.name), escape(i.type), "yes" if i.leaf else "", shape, f"{i.params:,}")
     Console(width=max(console.width, 110)).print(table)
 

@@ -460,6 +460,23 @@ def test_rsa_recovers_the_source_layer(planted):
     assert abs(direct.rho.sel(layer="late")) < 0.1
 
 
+def test_rsa_leaves_out_the_pairs_of_a_constant_pattern(planted):
+    # One stimulus whose features are constant (a blank image, an all-zero ReLU row) has no correlation
+    # distance to the others: its pairs are left out, not the whole layer turned NaN.
+    from scipy.stats import spearmanr
+
+    ds = planted["ds"].copy(deep=True)
+    ds["mid"][3] = 0.0
+    keys = list(ds.key.values)
+    nd = NeuralData(planted["mid"] + 0.05 * np.random.default_rng(0).standard_normal(planted["mid"].shape), keys)
+    got = float(rsa(ds, nd, layers=["mid"]).rho.sel(layer="mid"))
+    iu = np.triu_indices(N, k=1)
+    model_rdm, neural_rdm = rdm(ds["mid"].values)[iu], rdm(nd.values)[iu]
+    kept = (iu[0] != 3) & (iu[1] != 3)
+    assert np.isnan(model_rdm[~kept]).all() and np.isfinite(model_rdm[kept]).all()
+    assert got == pytest.approx(spearmanr(model_rdm[kept], neural_rdm[kept]).statistic, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs
 

@@ -71,7 +71,13 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
     iu = np.triu_indices(len(fi), k=1)
 
     def ranked(d: np.ndarray) -> np.ndarray:
-        return rankdata(d[iu])
+        """Ranks of the upper triangle; pairs with a constant pattern (NaN) stay NaN: ranked with them,
+        every rank would be NaN."""
+        values = d[iu]
+        ok = np.isfinite(values)
+        out = np.full(values.shape, np.nan)
+        out[ok] = rankdata(values[ok])
+        return out
 
     targets: dict[str, np.ndarray] = {}
     if neural_rdm is not None:

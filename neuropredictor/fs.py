@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -185,6 +186,16 @@ def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
         _publish_local(fs, path, data, os.replace)
     else:
         fs.pipe_file(path, data)
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")  # `_publish_local`'s, below
+
+
+def published_name(name: str) -> str:
+    """The name a temporary file of `write_bytes_atomic` is being published as (other names as they are):
+    a folder where another process writes `_plan.json` now holds `._plan.json.<hex>.tmp` for a moment."""
+    m = _TEMPORARY.match(name)
+    return m["name"] if m else name
 
 
 def _publish_local(fs: Any, path: str, data: bytes, publish: Callable[[str, str], None]) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -167,6 +168,34 @@ def test_a_stale_writer_can_never_commit_into_a_replaced_store(corpus, clean, tm
     assert set(new.committed()) == {s.name for s in new.shards}
     assert new.verify() == {}
     _assert_identical(clean["features.2"], out)
+
+
+def test_a_replacement_waits_for_a_finalize_of_the_old_store(corpus, tmp_path, monkeypatch):
+    # A finalize writes the manifest last: a replacement that deleted the store meanwhile had its new plan under
+    # the old run's manifest ('complete', the old layers) until a finalize of its own.
+    from neuropredictor import extract_shard, plan
+    from neuropredictor.store import staging
+
+    out = str(tmp_path / "out.zarr")
+    old = plan(_config(corpus, out))
+    for shard in old.shards:
+        extract_shard(_config(corpus, out), shard, store=old)
+    merged, original = threading.Event(), staging.Staging.merge
+
+    def slow_merge(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        merged.set()
+        time.sleep(2)  # the manifest is written after this
+        return result
+
+    monkeypatch.setattr(staging.Staging, "merge", slow_merge)
+    finalizing = threading.Thread(target=old.finalize)
+    finalizing.start()
+    assert merged.wait(60)
+    new = plan(_config(corpus, out, layers=["features.2"], overwrite=True))
+    finalizing.join(60)
+    on_disk = json.loads((Path(out) / "manifest.json").read_text())
+    assert on_disk["config_hash"] == new.manifest["config_hash"] and on_disk["status"] != "complete"
 
 
 def test_records_of_another_generation_or_config_do_not_count(corpus, tmp_path):

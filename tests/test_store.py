@@ -427,6 +427,21 @@ def test_overwrite_replaces(target: Target):
     assert not target.objects("_status")
 
 
+def test_a_store_being_planned_elsewhere_is_not_taken_for_foreign_data(tmp_path):
+    # A process writing _plan.json on local disk leaves `._plan.json.<hex>.tmp` for a moment: a second first
+    # run seeing only that must plan (under the plan lease), not refuse the folder as someone else's.
+    url = tmp_path / "run"
+    url.mkdir()
+    (url / f"._plan.json.{'a' * 32}.tmp").write_bytes(b"{")
+    store = FeatureStore.create(str(url), make_shards(UNEQUAL), LAYERS, CONFIG)
+    assert store.manifest["config_hash"] == mf.config_hash(CONFIG)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f".notes.{'a' * 32}.tmp").write_bytes(b"precious")  # not one of a store's files: a foreign folder
+    with pytest.raises(StoreError, match="no neuropredictor store"):
+        FeatureStore.create(str(other), make_shards(UNEQUAL), LAYERS, CONFIG)
+
+
 def test_foreign_directory_is_refused(target: Target):
     fs = target.fs
     fs.makedirs(target.root, exist_ok=True)

@@ -11,6 +11,7 @@ either join it safely or are told who is using it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,7 @@ from neuropredictor.store.writer import ShardWriter
 
 _PLAN_WAIT_S = 600.0  # how long a planner waits for another one to finish planning the same store
 _FINALIZE_WAIT_S = 900.0
+_FINALIZE_LOCK = "finalize.json"  # in LOCKS_DIR: held by a finalize, and by a replacement of the store
 
 
 class FeatureStore:
@@ -128,7 +130,7 @@ class FeatureStore:
             raise StoreError(f"refusing to replace all of {redact_text(url)!r}: choose a sub-folder as `out`")
         with locks.acquire(fs, f"{root}/{LOCKS_DIR}/plan.json", "planning", wait_s):
             found = _Found.read(fs, root, url)
-            replaced = None
+            replaced, diffs = None, []
             if found.plan is not None:
                 diffs = plan_diffs(found.plan, requested)
                 if not diffs and found.generation is not None:
@@ -137,15 +139,19 @@ class FeatureStore:
                     raise ConfigMismatchError(
                         f"the store at {redact_text(url)!r} was made with a different configuration:\n  "
                         + "\n  ".join(diffs) + "\nPass overwrite=True to replace it, or choose another `out`.")
-                if diffs:  # replace it
+                # else, without diffs: an interrupted plan step of the same plan; no shard committed, plan it again
+            # A replacement holds the finalize lease too: a finalize of the old store running now ends first, and
+            # one that starts later finds the new generation and stops, instead of writing the old manifest over.
+            with locks.acquire(fs, f"{root}/{LOCKS_DIR}/{_FINALIZE_LOCK}", "replacing", wait_s) if diffs \
+                    else contextlib.nullcontext():
+                if diffs:
                     busy = locks.live(fs, f"{root}/{RUNS_DIR}")
                     if busy:
                         raise locks.StoreBusyError(
                             f"not replacing the store at {redact_text(url)!r}: another run is extracting into it "
                             f"({locks.describe(busy[0])}). Stop it first, or choose another `out`.")
                     replaced = _delete_store(fs, root, found)
-                # else: an interrupted plan step of the same plan; no shard committed, so plan it again
-            store = cls._plan_new(url, storage_options, fs, root, requested, layers, shards)
+                store = cls._plan_new(url, storage_options, fs, root, requested, layers, shards)
             store.replaced = replaced
             return store
 
@@ -399,7 +405,7 @@ class FeatureStore:
         (the finalize lease), since it is the only writer of shared chunks.
         """
         self._require_writable()
-        with locks.acquire(self._fs, f"{self._root}/{LOCKS_DIR}/finalize.json", "finalizing", wait_s):
+        with locks.acquire(self._fs, f"{self._root}/{LOCKS_DIR}/{_FINALIZE_LOCK}", "finalizing", wait_s):
             self._check_generation()
             records = self.records.by_kind()  # read once: a request per shard
             commits = records[0]
@@ -490,7 +496,7 @@ def _entries(fs: Any, root: str) -> list[str]:
 
 def _refuse_foreign(fs: Any, root: str, url: str) -> None:
     """A folder with things in it that are not a store's is never written to (nor emptied)."""
-    entries = _entries(fs, root)
+    entries = [fsx.published_name(e) for e in _entries(fs, root)]
     ours = {*STORE_ENTRIES, LOCKS_DIR}
     if entries and not ({MANIFEST, PLAN} & set(entries)) and not set(entries) <= ours:
         shown = ", ".join(e for e in entries if e not in ours)[:200]

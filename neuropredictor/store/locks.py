@@ -1,7 +1,7 @@
 """Who is working on a store: leases that expire unless renewed.
 
     _locks/plan.json        one planner at a time (creating, resuming or replacing the arrays)
-    _locks/finalize.json    one finalize at a time (the only writer of shared chunks)
+    _locks/finalize.json    one finalize at a time (the only writer of shared chunks), or a replacement
     _runs/<run id>.json     every run extracting into the store; replacing the store is refused while one lives
 
 A lease names its owner (host, pid, run id) and when it expires; a heartbeat thread renews it every third
@@ -78,6 +78,8 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()
+        # a renewal being written now would put the lease back after its removal: let it end first
+        self._thread.join(timeout=self.seconds / 3)
         # Storage unreachable (an outage): the lease expires by itself; failing here would hide the run's
         # own outcome (its failed shards, or its finalize error).
         with contextlib.suppress(Exception):
@@ -106,8 +108,9 @@ def acquire(fs: Any, path: str, what: str, wait_s: float, seconds: float | None 
         if holder is None:
             continue  # released just now
         if expired(holder):
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm_file(path)
+            if _read(fs, path) == holder:  # not taken over by another process since it was read
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(path)
             continue
         if time.monotonic() >= deadline:
             raise StoreBusyError(f"the store is busy: {describe(holder)}. Wait for it to finish, or stop it; a "

@@ -442,6 +442,19 @@ def test_a_store_being_planned_elsewhere_is_not_taken_for_foreign_data(tmp_path)
         FeatureStore.create(str(other), make_shards(UNEQUAL), LAYERS, CONFIG)
 
 
+def test_a_shard_named_like_a_failure_record_keeps_its_commit(tmp_path):
+    # Shard x's failure record is `_status/x.failed.json`: a shard named `x.failed` had its commit there too,
+    # so x failing took back x.failed's rows.
+    plain, suffixed = [Shard(url=f"/corpus/{n}.tar", name=n, count=4, offset=o) for n, o in (("x", 0), ("x.failed", 4))]
+    store = FeatureStore.create(str(tmp_path / "run"), [plain, suffixed], LAYERS, CONFIG)
+    write_shard(store, suffixed)
+    store.record_failure(plain, "RuntimeError: boom", attempts=3)
+    assert set(store.committed()) == {"x.failed"}
+    entries = {e["name"]: e for e in store.finalize()["shards"]}
+    assert entries["x"]["status"] == "failed" and entries["x"]["error"] == "RuntimeError: boom"
+    assert entries["x.failed"]["status"] == "committed"
+
+
 def test_foreign_directory_is_refused(target: Target):
     fs = target.fs
     fs.makedirs(target.root, exist_ok=True)

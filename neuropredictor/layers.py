@@ -89,11 +89,11 @@ def named_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.inference_mode()
-def describe_layers(model: LoadedModel, device: str | torch.device | None = None) -> list[LayerInfo]:
+def describe_layers(model: LoadedModel) -> list[LayerInfo]:
     """Every layer with its output shape for one image, found by one real forward pass with hooks on a
     dummy batch of the model's input size."""
     module = model.module
-    device = torch.device(device) if device else next(module.parameters(), torch.empty(0)).device
+    device = next(module.parameters(), torch.empty(0)).device
     layers = named_layers(module)
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
@@ -123,21 +123,10 @@ def describe_layers(model: LoadedModel, device: str | torch.device | None = None
     finally:
         for h in handles:
             h.remove()
-    infos = []
-    for name, mod in layers:
-        infos.append(
-            LayerInfo(
-                name=name,
-                type=type(mod).__name__,
-                leaf=not any(True for _ in mod.children()),
-                shape=shapes.get(name),
-                params=sum(p.numel() for p in mod.parameters()),
-                calls=calls.get(name, 0),
-                order=order.get(name, -1),
-                channels_last=channels_last.get(name, False),
-            )
-        )
-    return infos
+    return [LayerInfo(name=name, type=type(mod).__name__, leaf=next(mod.children(), None) is None,
+                      shape=shapes.get(name), params=sum(p.numel() for p in mod.parameters()),
+                      calls=calls.get(name, 0), order=order.get(name, -1),
+                      channels_last=channels_last.get(name, False)) for name, mod in layers]
 
 
 def split_layers(text: str | Sequence[str]) -> list[str]:

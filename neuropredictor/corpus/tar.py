@@ -61,14 +61,8 @@ def is_hidden(name: str) -> bool:
 
 def split_member(name: str) -> tuple[str, str] | None:
     """(key, field) as WebDataset splits a member name, or None for members WebDataset skips."""
-    if "/" not in name and name.startswith("__") and name.endswith("__"):
-        return None
-    if _META_RE.match(name):
-        return None
-    m = _KEY_RE.match(name)
-    if not m:
-        return None
-    return m.group(1), m.group(2).lower()
+    m = None if _META_RE.match(name) else _KEY_RE.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
 
 
 def printable_key(key: str) -> tuple[str, str | None]:
@@ -111,17 +105,10 @@ def _check_end(tf: tarfile.TarFile, url: str) -> None:
 def members(tf: tarfile.TarFile, url: str, check_end: bool = True) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
     """(member, key, field) for every member WebDataset would use, then verify the archive's end (unless
     the file is only a range of samples from inside a shard)."""
-    while True:
-        ti = tf.next()
-        if ti is None:
-            break
+    while (ti := tf.next()) is not None:
         tf.members.clear()  # tarfile keeps every TarInfo otherwise: memory would grow with the shard
-        if not ti.isreg():
-            continue
-        split = split_member(ti.name)
-        if split is None:
-            continue
-        yield ti, split[0], split[1]
+        if ti.isreg() and (split := split_member(ti.name)) is not None:
+            yield ti, *split
     if check_end:
         _check_end(tf, url)
 

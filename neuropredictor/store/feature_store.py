@@ -12,6 +12,7 @@ either join it safely or are told who is using it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -510,13 +511,12 @@ def _delete_store(fs: Any, root: str, found: _Found) -> dict:
     entries = _entries(fs, root)
     old = Records(fs, root, found.generation, found.plan.get("config_hash"))
     commits = old.by_kind()[0] if found.generation is not None else {}
-    deleted = [e for e in (GENERATION, *STORE_ENTRIES) if e in entries]
-    for name in dict.fromkeys(deleted):
-        path = f"{root}/{name}"
-        fsx.remove_tree(fs, path)
+    deleted = [e for e in dict.fromkeys((GENERATION, *STORE_ENTRIES)) if e in entries]
+    for name in deleted:
+        fsx.remove_tree(fs, f"{root}/{name}")
     return {"generation": found.generation, "config_hash": found.plan.get("config_hash"),
             "committed_shards": len(commits), "shards": len(found.plan.get("shards", [])),
-            "rows": found.plan.get("storage", {}).get("rows"), "deleted": sorted(set(deleted)),
+            "rows": found.plan.get("storage", {}).get("rows"), "deleted": sorted(deleted),
             "kept": [e for e in entries if e not in (*STORE_ENTRIES, LOCKS_DIR)]}
 
 
@@ -526,31 +526,26 @@ def plan_diffs(existing: dict, requested: dict) -> list[str]:
              for d in mf.diff_configs(existing.get("config", {}), requested["config"])]
     stored_layers = {d["name"]: d for d in existing.get("layers", [])}
     req_layers = {d["name"]: d for d in requested["layers"]}
-    layer_diffs = []
-    for name in sorted(set(stored_layers) | set(req_layers)):
-        a, b = stored_layers.get(name), req_layers.get(name)
-        if a != b:
-            layer_diffs.append(f"layers.{name}: stored={mf.short(a) if a else '<missing>'} "
-                               f"requested={mf.short(b) if b else '<missing>'}")
-    stored_order, req_order = list(stored_layers), list(req_layers)
-    if not layer_diffs and stored_order != req_order:
-        layer_diffs.append(f"layers: stored={mf.short(stored_order)} requested={mf.short(req_order)} (order)")
+    layer_diffs = [f"layers.{name}: stored={_shown(stored_layers.get(name))} requested={_shown(req_layers.get(name))}"
+                   for name in sorted(set(stored_layers) | set(req_layers))
+                   if stored_layers.get(name) != req_layers.get(name)]
+    if not layer_diffs and list(stored_layers) != list(req_layers):
+        layer_diffs.append(f"layers: stored={mf.short(list(stored_layers))} requested={mf.short(list(req_layers))} "
+                           "(order)")
     diffs += layer_diffs
     stored_storage = existing.get("storage", {})
-    for field in ("dtype", "compression", "chunk_bytes"):
-        if stored_storage.get(field) != requested["storage"][field]:
-            diffs.append(f"{field}: stored={mf.short(stored_storage.get(field))} "
-                         f"requested={mf.short(requested['storage'][field])}")
+    diffs += [f"{field}: stored={mf.short(stored_storage.get(field))} requested={mf.short(requested['storage'][field])}"
+              for field in ("dtype", "compression", "chunk_bytes")
+              if stored_storage.get(field) != requested["storage"][field]]
     a = [{"name": e["name"], "count": e["count"], "offset": e["offset"]} for e in existing.get("shards", [])]
     b = [{"name": e["name"], "count": e["count"], "offset": e["offset"]} for e in requested["shards"]]
     if a != b:
-        rows_a, rows_b = sum(p["count"] for p in a), sum(p["count"] for p in b)
-        diffs.append(f"shards: stored={len(a)} shards/{rows_a} rows requested={len(b)} shards/{rows_b} rows")
-        shown = 0
-        for i in range(max(len(a), len(b))):
-            pa, pb = (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
-            if pa != pb and shown < 5:
-                diffs.append(f"shards[{i}]: stored={mf.short(pa) if pa else '<missing>'} "
-                             f"requested={mf.short(pb) if pb else '<missing>'}")
-                shown += 1
+        diffs.append(f"shards: stored={len(a)} shards/{sum(p['count'] for p in a)} rows "
+                     f"requested={len(b)} shards/{sum(p['count'] for p in b)} rows")
+        diffs += [f"shards[{i}]: stored={_shown(pa)} requested={_shown(pb)}"
+                  for i, (pa, pb) in enumerate(itertools.zip_longest(a, b)) if pa != pb][:5]
     return diffs
+
+
+def _shown(value: Any) -> str:
+    return mf.short(value) if value else "<missing>"

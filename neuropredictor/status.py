@@ -1,5 +1,5 @@
-"""The status words of a store and of its shards, in one place (they are written to manifest.json and
-shown by the CLI and the Prefect artifacts as they are)."""
+"""The status words of a store, of its shards and of a sweep's steps, in one place (they are written to
+manifest.json and sweep.json and shown by the CLI and the Prefect artifacts as they are)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,10 @@ class ShardStatus(StrEnum):
     COMMITTED = "committed"  # its commit record exists: its rows are complete and trusted
     FAILED = "failed"  # its last attempt failed (a failure record); re-run to retry it
     PENDING = "pending"  # not extracted yet
+
+
+class StepStatus(StrEnum):
+    """How a sweep's step (a model's extraction or scoring) ended, in sweep.json and its summary."""
+
+    DONE = "done"
+    FAILED = "failed"

@@ -5,6 +5,5 @@ from neuropredictor.cli import catalog, extract, encode, sweep, bench, entry  # 
 from neuropredictor.cli.app import app
 from neuropredictor.cli.entry import main
 from neuropredictor.cli.options import as_flags
-from neuropredictor.cli.progress import prefect_configured, run_with_progress
 
-__all__ = ["app", "main", "as_flags", "prefect_configured", "run_with_progress"]
+__all__ = ["app", "main", "as_flags"]

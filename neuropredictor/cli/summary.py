@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from rich.markup import escape
 from rich.table import Table
 
 from neuropredictor.cli.app import console
 from neuropredictor.cli.logs import log_file
-from neuropredictor.status import StoreStatus
+from neuropredictor.status import ShardStatus, StoreStatus
 
 
 def summarize(manifest: dict, url: str) -> dict:
     shards = manifest.get("shards", [])
-    by_status: dict[str, int] = {}
-    for s in shards:
-        by_status[s["status"]] = by_status.get(s["status"], 0) + 1
-    rows = sum(s.get("count", 0) for s in shards if s.get("status") == "committed")
-    secs = sum(s.get("duration_s") or 0 for s in shards if s.get("status") == "committed")
+    by_status = Counter(s["status"] for s in shards)
+    rows = sum(s.get("count", 0) for s in shards if s.get("status") == ShardStatus.COMMITTED)
+    secs = sum(s.get("duration_s") or 0 for s in shards if s.get("status") == ShardStatus.COMMITTED)
     return {
         "url": url,
         "status": manifest.get("status"),
@@ -24,7 +24,7 @@ def summarize(manifest: dict, url: str) -> dict:
         "layers": manifest.get("layers", []),
         "rows": manifest.get("rows", {}),
         "shards": {"total": len(shards), **by_status},
-        "failed": [{"name": s["name"], "error": s.get("error")} for s in shards if s["status"] == "failed"],
+        "failed": [{"name": s["name"], "error": s.get("error")} for s in shards if s["status"] == ShardStatus.FAILED],
         "bad_samples": manifest.get("bad_samples", []),
         "duplicate_keys": manifest.get("duplicate_keys", {}),
         "images_per_s": round(rows / secs, 1) if secs else None,

@@ -48,6 +48,7 @@ from neuropredictor.cli.options import (
     fail,
 )
 from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.status import StepStatus
 from neuropredictor.sweep.config import EncodeSettings, SweepConfig
 
 SWEEP = SweepConfig.model_fields
@@ -205,14 +206,14 @@ def _run(config: SweepConfig, use_prefect: bool | None) -> dict:
 def _outcome(entry: dict) -> str:
     """One model's line: how its extraction (and, when the sweep has neural data, its scoring) ended."""
     ext = entry["extract"]
-    if ext["status"] == "failed":
+    if ext["status"] == StepStatus.FAILED:
         return f"[red]failed[/]: {escape(as_flags(str(ext.get('error'))))}"
     if ext.get("skipped"):
         line = "skipped: already extracted"
     else:
         line = f"extracted ({ext.get('rows', {}).get('committed', '?')} rows, {ext.get('images_per_s') or '-'} img/s)"
     enc = entry.get("encode")
-    if enc and enc["status"] == "failed":
+    if enc and enc["status"] == StepStatus.FAILED:
         line += f"; [red]scoring failed[/]: {escape(as_flags(str(enc.get('error'))))}"
     elif enc:
         line += "; scores already made" if enc.get("skipped") else "; scored"
@@ -244,7 +245,7 @@ def _print_report(report: dict) -> None:
         table.add_column(col, justify="right" if col in ("layers", "rows", "img/s") else "left",
                          overflow="fold")  # specs and URLs are read in full
     for m in report["models"]:
-        status = "[red]failed[/]" if m["status"] == "failed" else "skipped" if m["skipped"] else "done"
+        status = "[red]failed[/]" if m["status"] == StepStatus.FAILED else "skipped" if m["skipped"] else "done"
         table.add_row(m["model"], status, str(len(m["layers"])), str(m["rows"] or "-"), str(m["images_per_s"] or "-"),
                       m["store"])
     console.print(table)

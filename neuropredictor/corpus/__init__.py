@@ -12,7 +12,6 @@ batches in tar order, with keys and per-sample validity).
     read.py      read_shard: the read path as stages, in DataLoader workers
 """
 
-from neuropredictor.corpus.decode import transform_problem
 from neuropredictor.corpus.listing import index_shards, list_shards
 from neuropredictor.corpus.make import (
            IMAGE_EXTENSIONS,
@@ -24,4 +23,4 @@ from neuropredictor.corpus.read import Batch, read_shard
 from neuropredictor.shard import Shard
 
 __all__ = ["IMAGE_EXTENSIONS", "INDEX_FORMAT", "INDEX_NAME", "Batch", "Shard", "index_shards", "list_shards", "make_shards",
-           "read_shard", "transform_problem"]
+           "read_shard"]

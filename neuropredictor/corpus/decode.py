@@ -136,20 +136,13 @@ def decoded(decode: Callable[[Any], Any], data: Any) -> Any:
         raise ImageError(short(f"cannot decode image: {type(exc).__name__}: {text}")) from None
 
 
-def transform_problem(out: Any, shape: tuple[int, ...]) -> str | None:
-    """Why a transform's output cannot be a row of the batch (None when it can)."""
-    if isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape):
-        return None
-    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    return short(f"transform gave {got}, expected a tensor of shape {tuple(shape)}")
-
-
 def transformed(transform: Callable[[Any], Any], image: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """The transform's output, if it can be a row of the batch (a tensor of `shape`); else ImageError."""
     try:
         out = transform(image)
     except Exception as exc:
         raise ImageError(short(f"transform failed: {type(exc).__name__}: {exc}")) from None
-    problem = transform_problem(out, shape)
-    if problem:
-        raise ImageError(problem)
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ImageError(short(f"transform gave {got}, expected a tensor of shape {tuple(shape)}"))
     return out

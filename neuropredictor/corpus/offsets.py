@@ -49,14 +49,10 @@ class Offsets:
         the file, so that its reader also checks the end-of-archive marker."""
         return self.starts[first], (self.size if last == self.count else self.starts[last])
 
-    def to_json(self) -> bytes:
-        body = {"format": OFFSETS_FORMAT, "size": self.size, "starts": list(self.starts), "keys": list(self.keys)}
-        return (json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-
 
 def offsets_path(tar_path: str) -> str:
     """The sidecar's path for a shard's path (or URL)."""
-    return tar_path[: -len(".tar")] + OFFSETS_SUFFIX if tar_path.endswith(".tar") else tar_path + OFFSETS_SUFFIX
+    return tar_path.removesuffix(".tar") + OFFSETS_SUFFIX
 
 
 def scan_offsets(fs: Any, path: str, url: str) -> Offsets:
@@ -95,7 +91,9 @@ def usable(offsets: Offsets) -> str | None:
 
 def write_offsets(fs: Any, tar_path: str, offsets: Offsets) -> None:
     """The shard's sidecar, written whole (never seen half-written)."""
-    fsx.write_bytes_atomic(fs, offsets_path(tar_path), offsets.to_json())
+    body = {"format": OFFSETS_FORMAT, "size": offsets.size, "starts": list(offsets.starts), "keys": list(offsets.keys)}
+    fsx.write_bytes_atomic(fs, offsets_path(tar_path),
+                           (json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8"))
 
 
 def read_offsets(fs: Any, tar_path: str, size: int | None, count: int) -> Offsets | None:
@@ -104,12 +102,6 @@ def read_offsets(fs: Any, tar_path: str, size: int | None, count: int) -> Offset
     path = offsets_path(tar_path)
     try:
         data = json.loads(fsx.cat_small(fs, path))  # one request per shard read, found or not
-    except FileNotFoundError:
-        return None
-    except Exception as exc:  # unreadable or not JSON: reading the shard whole is always right
-        log.warning("ignoring %s (%s); reading the shard whole", fsx.full_url(fs, path), exc)
-        return None
-    try:
         if data.get("format") != OFFSETS_FORMAT:
             raise ValueError(f"format is {data.get('format')!r}, not {OFFSETS_FORMAT!r}")
         offsets = Offsets(size=int(data["size"]), starts=tuple(int(s) for s in data["starts"]),
@@ -119,7 +111,9 @@ def read_offsets(fs: Any, tar_path: str, size: int | None, count: int) -> Offset
             raise ValueError("its offsets are inconsistent")
         if (problem := usable(offsets)) is not None:
             raise ValueError(f"it has {problem}")
-    except Exception as exc:
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # unreadable, not JSON, or inconsistent: reading the shard whole is always right
         log.warning("ignoring %s (%s); reading the shard whole", fsx.full_url(fs, path), exc)
         return None
     if offsets.count != count or (size is not None and offsets.size != size):

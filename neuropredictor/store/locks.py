@@ -95,10 +95,10 @@ class Lease:
         self.release()
 
 
-def acquire(fs: Any, path: str, what: str, wait_s: float, seconds: float | None = None) -> Lease:
+def acquire(fs: Any, path: str, what: str, wait_s: float) -> Lease:
     """Take the exclusive lease at path, waiting up to wait_s for a live holder to release it; an expired
     holder is taken over. Raises StoreBusyError naming the holder when the wait runs out."""
-    seconds = seconds or LEASE_SECONDS
+    seconds = LEASE_SECONDS  # read now: tests shorten it
     run_id = new_run_id()
     deadline = time.monotonic() + wait_s
     for _ in range(1_000_000):  # bounded by the deadline in practice
@@ -119,18 +119,13 @@ def acquire(fs: Any, path: str, what: str, wait_s: float, seconds: float | None 
     raise StoreBusyError(f"could not take the lease {path}")  # pragma: no cover
 
 
-def register(fs: Any, path: str, what: str, run_id: str, seconds: float | None = None) -> Lease:
+def register(fs: Any, path: str, what: str, run_id: str) -> Lease:
     """A non-exclusive lease: this run is working here (several runs may hold one each)."""
-    seconds = seconds or LEASE_SECONDS
-    fsx.write_json_atomic(fs, path, _record(run_id, what, seconds))
-    return Lease(fs, path, run_id, what, seconds).start()
+    fsx.write_json_atomic(fs, path, _record(run_id, what, LEASE_SECONDS))
+    return Lease(fs, path, run_id, what, LEASE_SECONDS).start()
 
 
-def live(fs: Any, folder: str, exclude_run_id: str | None = None) -> list[dict]:
-    """The unexpired leases in folder, other than exclude_run_id's."""
-    out = []
-    for path in (p for p in fsx.listing(fs, folder) if p.endswith(".json")):
-        lease = _read(fs, path)
-        if lease is not None and not expired(lease) and lease.get("run_id") != exclude_run_id:
-            out.append(lease)
-    return out
+def live(fs: Any, folder: str) -> list[dict]:
+    """The unexpired leases in folder."""
+    leases = (_read(fs, path) for path in fsx.listing(fs, folder) if path.endswith(".json"))
+    return [lease for lease in leases if lease is not None and not expired(lease)]

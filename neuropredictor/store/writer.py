@@ -177,13 +177,6 @@ class ShardWriter:
             self._shard, dict(record or {}, checksums=checksums, staging=self.attempt), stats)
         return self._committed
 
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None:
-            self.close()
-
     def _flush(self, buf: _ArrayBuffer, final: bool) -> None:
         c = buf.chunk_rows
         # Emit up to the last chunk boundary reached (or the shard's end): each chunk's part of this

@@ -16,7 +16,7 @@ from typing import Any
 from neuropredictor import fs as fsx
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
-from neuropredictor.status import StoreStatus
+from neuropredictor.status import StepStatus, StoreStatus
 from neuropredictor.sweep import compare
 from neuropredictor.sweep.config import SweepConfig, SweepModel, slug
 
@@ -58,7 +58,7 @@ class SweepRecord:
 
     def done(self, spec: str, step: str, options: dict) -> bool:
         entry = self.models.get(spec, {}).get(step)
-        return bool(entry) and entry.get("options") == options and entry.get("status") == "done"
+        return bool(entry) and entry.get("options") == options and entry.get("status") == StepStatus.DONE
 
     def mark(self, spec: str, step: str, options: dict, status: str, **info: Any) -> None:
         self.models.setdefault(spec, {})[step] = {"options": options, "status": status, **info}
@@ -97,17 +97,17 @@ def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
     info = {"rows": manifest["rows"], "layers": [lay["name"] for lay in manifest["layers"]],
             "images_per_s": round(manifest["rows"]["committed"] / seconds, 1) if seconds > 0 else None,
             "seconds": round(seconds, 2), "config_hash": manifest["config_hash"]}
-    record.mark(model.spec, "extract", extract_options(sweep, model), "done", info=info)
-    return {"status": "done", "skipped": False, **info}
+    record.mark(model.spec, "extract", extract_options(sweep, model), StepStatus.DONE, info=info)
+    return {"status": StepStatus.DONE, "skipped": False, **info}
 
 
 def record_failed(sweep: SweepConfig, model: SweepModel, record: SweepRecord, error: str) -> dict[str, Any]:
-    record.mark(model.spec, "extract", extract_options(sweep, model), "failed", error=error)
-    return {"status": "failed", "error": error}
+    record.mark(model.spec, "extract", extract_options(sweep, model), StepStatus.FAILED, error=error)
+    return {"status": StepStatus.FAILED, "error": error}
 
 
 def skipped(record: SweepRecord, model: SweepModel) -> dict[str, Any]:
-    return {"status": "done", "skipped": True, **record.models[model.spec]["extract"].get("info", {})}
+    return {"status": StepStatus.DONE, "skipped": True, **record.models[model.spec]["extract"].get("info", {})}
 
 
 def extract_here(config: ExtractConfig, on_event: ProgressFn | None) -> dict[str, Any]:
@@ -142,16 +142,16 @@ def encode_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> 
     config_hash = record.models.get(model.spec, {}).get("extract", {}).get("info", {}).get("config_hash")
     options = {**opts.model_dump(mode="json"), "store": config_hash}
     if record.done(model.spec, "encode", options) and fsx.exists(opts.out, sweep.storage_options):
-        return {"status": "done", "skipped": True, **record.models[model.spec]["encode"].get("info", {})}
+        return {"status": StepStatus.DONE, "skipped": True, **record.models[model.spec]["encode"].get("info", {})}
     try:
         summary = encode_command(opts, storage_options=sweep.storage_options)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        record.mark(model.spec, "encode", options, "failed", error=error)
-        return {"status": "failed", "error": error}
+        record.mark(model.spec, "encode", options, StepStatus.FAILED, error=error)
+        return {"status": StepStatus.FAILED, "error": error}
     info = {"scores": opts.out, "best_layer": summary["best_layer"]}
-    record.mark(model.spec, "encode", options, "done", info=info)
-    return {"status": "done", "skipped": False, **info}
+    record.mark(model.spec, "encode", options, StepStatus.DONE, info=info)
+    return {"status": StepStatus.DONE, "skipped": False, **info}
 
 
 def compare_models(sweep: SweepConfig, done: list[SweepModel]) -> dict[str, Any]:
@@ -168,10 +168,10 @@ def model_entry(sweep: SweepConfig, model: SweepModel, record: SweepRecord, extr
     """One model's entry of the summary: how its extraction ended and, with neural data and a store, its scores."""
     entry: dict[str, Any] = {"model": model.spec, "slug": slug(model.spec), "store": sweep.store_url(model),
                              "extract": extracted}
-    if sweep.neural is not None and extracted["status"] == "done":
+    if sweep.neural is not None and extracted["status"] == StepStatus.DONE:
         entry["encode"] = encode(sweep, model, record)
-    entry["status"] = "failed" if any(entry.get(k, {}).get("status") == "failed" for k in ("extract", "encode")) \
-        else "done"
+    failed = any(entry.get(step, {}).get("status") == StepStatus.FAILED for step in ("extract", "encode"))
+    entry["status"] = StepStatus.FAILED if failed else StepStatus.DONE
     return entry
 
 
@@ -179,10 +179,10 @@ def summarize(sweep: SweepConfig, entries: list[dict[str, Any]],
               compare: Comparer = compare_models) -> dict[str, Any]:
     """The sweep's summary from its models' entries: the comparison over the scored ones, the failed ones."""
     summary: dict[str, Any] = {"out": sweep.out, "models": entries}
-    scored = [m for m, e in zip(sweep.models, entries) if e.get("encode", {}).get("status") == "done"]
+    scored = [m for m, e in zip(sweep.models, entries) if e.get("encode", {}).get("status") == StepStatus.DONE]
     if scored:
         summary["comparison"] = compare(sweep, scored)
-    summary["failed"] = [e["model"] for e in entries if e["status"] == "failed"]
+    summary["failed"] = [e["model"] for e in entries if e["status"] == StepStatus.FAILED]
     return summary
 
 
@@ -206,6 +206,6 @@ def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract
 
 def failure_message(summary: dict[str, Any]) -> str:
     lines = [f"  {r['model']}: {(r.get('extract', {}).get('error') or r.get('encode', {}).get('error'))}"
-             for r in summary["models"] if r["status"] == "failed"]
+             for r in summary["models"] if r["status"] == StepStatus.FAILED]
     return (f"{len(lines)} of {len(summary['models'])} models failed (the others are complete); fix the cause and "
             "run the same sweep again: finished models are skipped.\n" + "\n".join(lines))

@@ -105,10 +105,9 @@ def pipeline_run(config) -> dict:
     """Images/s of the real path into a fresh store, with the shards' per-stage times summed."""
     from neuropredictor import pipeline
 
-    shards = pipeline.validate(config)
-    store = pipeline.plan(config, shards)
+    store = pipeline.plan(config)
     t0 = time.perf_counter()
-    records = [pipeline.extract_shard(config, shard, store=store) for shard in shards]
+    records = [pipeline.extract_shard(config, shard, store=store) for shard in store.shards]
     seconds = time.perf_counter() - t0
     store.finalize()
     stages: dict[str, float] = {}

@@ -257,3 +257,17 @@ def test_layers_named_like_credentials_keep_their_checksums_and_reductions(corpu
     events = []
     run(config.model_copy(update={"verify": True}), on_event=lambda event, data: events.append(event))
     assert "shard" not in events  # nothing taken back, nothing extracted again
+
+
+def test_the_library_path_reads_the_corpus_named_now(corpus, tmp_path):
+    # plan -> extract_shard for each of store.shards -> finalize, as the README shows it, on a resume after the
+    # corpus moved: the planned store's shards are where the corpus is now.
+    out = tmp_path / "out.zarr"
+    plan(_config(corpus, out))
+    moved = tmp_path / "moved"
+    corpus.rename(moved)
+    store = plan(_config(moved, out))
+    assert all(Path(s.url).parent == moved for s in store.shards)
+    for shard in store.shards:
+        extract_shard(_config(moved, out), shard, store=store)
+    assert finalize(_config(moved, out))["status"] == "complete"

@@ -135,7 +135,9 @@ class FeatureStore:
             if found.plan is not None:
                 diffs = plan_diffs(found.plan, requested)
                 if not diffs and found.generation is not None:
-                    return cls(url, storage_options, "r+", fs, root, found.plan, found.manifest, found.generation)
+                    store = cls(url, storage_options, "r+", fs, root, found.plan, found.manifest, found.generation)
+                    store._shards = list(shards)  # where they are now (see `shards`)
+                    return store
                 if diffs and not overwrite:
                     raise ConfigMismatchError(
                         f"the store at {redact_text(url)!r} was made with a different configuration:\n  "
@@ -163,6 +165,7 @@ class FeatureStore:
         plan = dict(plan, created=mf.now_iso(), software=mf.software_versions())
         fsx.write_json_atomic(fs, f"{root}/{PLAN}", plan)
         store = cls(url, storage_options, "r+", fs, root, plan, None, None)
+        store._shards = list(shards)  # where they are now (see `shards`)
         store.repairs.clear()
         fsx.write_json_atomic(fs, f"{root}/{MANIFEST}", store._manifest)  # status planning: ours, not ready
         storage = plan["storage"]
@@ -267,7 +270,9 @@ class FeatureStore:
 
     @property
     def shards(self) -> list[Shard]:
-        """The plan: every shard with its count, offset and file fingerprint (fixed at create)."""
+        """The plan: every shard with its count and offset. From `create`: the shards it was given, where the
+        corpus is now (they match the plan by name, count and offset); from `open`: as the plan recorded them
+        (URLs with credentials redacted, where the corpus was then: read shards from `list_shards` instead)."""
         if self._shards is None:
             self._shards = [mf.plan_shard(e) for e in self._plan["shards"]]
         return list(self._shards)

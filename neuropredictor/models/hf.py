@@ -51,7 +51,9 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     # CLIPModel -> CLIPVisionModel -> CLIPVisionTransformer: names relative to the innermost image tower
     while isinstance(getattr(model, "vision_model", None), nn.Module):
         model = model.vision_model
-    return model, processor_transform(processor), weights
+    # transformers 5 builds a model in its checkpoint's dtype (bf16 for many): the forward pass runs in the
+    # precision asked for (autocast), from float32 weights, as with every other source
+    return model.float(), processor_transform(processor), weights
 
 
 def _pickle_refused(spec: ModelSpec, exc: Exception) -> str:

@@ -241,7 +241,7 @@ def simulate(n: int, rows: int = 4, workers: int = 8, bad_every: int = 10, emit:
                 list(pool.map(lambda s: _write_shard(store, s, bad_every), store.shards))
 
         stage("commit", commit, workers=workers)
-        stage("resume-skip-check", lambda: schedule.pending_groups(FeatureStore.open(url, opts)))
+        stage("resume-skip-check", lambda: schedule.pending_groups(FeatureStore.open(url, opts), store.shards))
         stage("inspect-running", lambda: FeatureStore.open(url, opts, mode="r").status_manifest())
         manifest = stage("finalize", lambda: FeatureStore.open(url, opts).finalize())
         assert manifest["status"] == "complete", manifest["status"]

@@ -13,6 +13,7 @@ rows. Chunk sizes are chosen so that equal-size shards share no chunk at all and
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +32,16 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+# np.load reads the .npy header with ast.literal_eval, which CPython 3.11 does not make thread-safe
+# ("SystemError: AST constructor recursion depth mismatch" when finalize's threads parse at once)
+_NPY_LOCK = threading.Lock()
+
+
+def _npy_array(data: bytes) -> np.ndarray:
+    with _NPY_LOCK:
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class Staging:
@@ -78,7 +89,7 @@ class Staging:
         for k in self.boundary(shard, array_path):
             path = self.path(shard.name, array_path, k, attempt)
             try:
-                piece = np.load(io.BytesIO(self._fs.cat_file(path)), allow_pickle=False)
+                piece = _npy_array(self._fs.cat_file(path))
             except FileNotFoundError:
                 continue  # merged into the chunk already
             start = max(k * self.chunk_rows[array_path], shard.offset) - shard.offset
@@ -147,7 +158,7 @@ class Staging:
                 chunk = np.array(arr[lo:hi]) if merged_before else np.full(
                     (hi - lo, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
                 for start, p in pieces:
-                    data = np.load(io.BytesIO(blobs[p]), allow_pickle=False)
+                    data = _npy_array(blobs[p])
                     chunk[start - lo:start - lo + len(data)] = data
                 arr[lo:hi] = chunk  # one whole-chunk write
 

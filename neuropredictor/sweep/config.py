@@ -73,7 +73,15 @@ class SweepConfig(_SweepFields):
     @field_validator("models")
     @classmethod
     def _entries(cls, v: list) -> list[SweepModel]:
-        return [SweepModel(spec=m) if isinstance(m, str) else m for m in v]
+        models = [SweepModel(spec=m) if isinstance(m, str) else m for m in v]
+        seen: dict[str, str] = {}  # a model's store, scores and record are named by its spec's slug
+        for m in models:
+            if (name := slug(m.spec)) in seen:
+                raise ValueError(f"the models {seen[name]!r} and {m.spec!r} would share one store ({name}.zarr): a "
+                                 "sweep runs each spec once. To compare two checkpoints of one architecture, run one "
+                                 "sweep per checkpoint (each with its own `out`)")
+            seen[name] = m.spec
+        return models
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> SweepConfig:

@@ -91,7 +91,7 @@ def _extract_subflow(params: SweepParameters) -> sweep_run.Extractor:
 
 def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep_run.SweepRecord,
                       model_done: Callable[[], None]) -> dict[str, dict]:
-    results, running, started = {}, {}, time.perf_counter()
+    results, running = {}, {}
     for model in sweep.models:
         if sweep_run.is_extracted(sweep, model, record):
             results[model.spec] = sweep_run.skipped(record, model)
@@ -111,8 +111,8 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
                 model = running.pop(run_id)
                 if state.type.value == "COMPLETED":
                     manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
-                    results[model.spec] = sweep_run.record_extracted(sweep, model, record, manifest,
-                                                                     time.perf_counter() - started)
+                    seconds = client.read_flow_run(run_id).total_run_time.total_seconds()  # its own, not the sweep's
+                    results[model.spec] = sweep_run.record_extracted(sweep, model, record, manifest, seconds)
                 else:
                     results[model.spec] = sweep_run.record_failed(
                         sweep, model, record, f"{state.type.value}: {state.message}")

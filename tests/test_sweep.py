@@ -122,3 +122,44 @@ def test_a_failing_model_is_reported_and_the_others_complete(tmp_path):
     from neuropredictor.sweep import failure_message
 
     assert "run the same sweep again" in failure_message(summary)
+
+
+def test_a_rerun_redoes_what_changed_since(tmp_path):
+    # Skipping compared options only: a corpus changed behind a store kept its old features, and a replaced
+    # neural data file kept the old scores.
+    gratings(tmp_path / "imgs", 24)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=12)
+    alone = str(tmp_path / "alone.zarr")
+    run(ExtractConfig(corpus=str(tmp_path / "shards"), model=CUSTOM, layers=["auto"], reduce="avgpool", out=alone,
+                      pretrained=False, batch_size=8, num_workers=0))
+    planted_neural(alone, PLANTED[1], tmp_path / "neural.npz")
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=[CUSTOM], neural=str(tmp_path / "neural.npz"),
+                   encode={"alphas": "logspace:-2:4:7", "inner_folds": 3, "permutations": 20})
+    first = run_sweep(sweep)["models"][0]
+    assert first["status"] == "done" and not first["encode"]["skipped"]
+    unchanged = run_sweep(sweep)["models"][0]
+    assert unchanged["extract"]["skipped"] and unchanged["encode"]["skipped"]
+
+    planted_neural(alone, PLANTED[1], tmp_path / "neural.npz", seed=1)  # new neural data, same path
+    rescored = run_sweep(sweep)["models"][0]
+    assert rescored["extract"]["skipped"] and not rescored["encode"]["skipped"]
+
+    gratings(tmp_path / "other", 24, seed=5)  # other images, same shard names and counts
+    make_shards(tmp_path / "other", str(tmp_path / "shards"), maxcount=12)
+    changed = run_sweep(sweep)["models"][0]
+    assert changed["status"] == "failed" and "changed since their rows were extracted" in changed["extract"]["error"]
+
+
+def test_the_sweep_record_holds_no_credentials(tmp_path):
+    # sweep.json sits next to the data, like the manifest: URLs lose their passwords and signed query values
+    from neuropredictor.sweep.run import SweepRecord
+
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=[CUSTOM],
+                   neural="https://alice:s3cr3t@example.org/neural.npz?X-Amz-Signature=abc123",
+                   encode={"key_column": "stimulus"})
+    record = SweepRecord(sweep)
+    options = {"neural": sweep.neural, "key_column": "stimulus"}
+    record.mark(CUSTOM, "encode", options, "done", error="GET https://alice:s3cr3t@example.org failed")
+    text = (tmp_path / "out" / "sweep.json").read_text()
+    assert "s3cr3t" not in text and "abc123" not in text and '"key_column": "stimulus"' in text
+    assert record.done(CUSTOM, "encode", options)

@@ -209,7 +209,7 @@ def source_of(shard: Shard, storage_options: dict | None = None) -> dict:
     so that a copy with new times still counts as the same file."""
     fs, path = connect(shard.url, storage_options, fresh=False)
     try:
-        size, etag = _fingerprint(fs.info(path))
+        size, etag = fingerprint(fs.info(path))
         out: dict = {"url": redact_text(shard.url), "size": size, "etag": etag}
         if fsx.is_local(fs):
             with fs.open(path, "rb") as f:
@@ -230,7 +230,7 @@ def changed_since(recorded: dict, shard: Shard, storage_options: dict | None = N
     return True
 
 
-def _fingerprint(info: dict) -> tuple[int | None, str | None]:
+def fingerprint(info: dict) -> tuple[int | None, str | None]:
     """(size, etag) of a listed file; where the filesystem has no etag (local disk), its mtime stands in."""
     size = info.get("size")
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
@@ -309,7 +309,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
 
     todo = [i for i, c in enumerate(counts) if c is None]
-    ids = [(fsx.full_url(fs, path), *_fingerprint(info)) for fs, path, info in (resolved[i] for i in todo)]
+    ids = [(fsx.full_url(fs, path), *fingerprint(info)) for fs, path, info in (resolved[i] for i in todo)]
     if todo and (before := _counted_before(ids, known)) is not None:
         for i, count in zip(todo, before):
             counts[i] = count
@@ -335,7 +335,7 @@ def _as_shards(resolved: list[tuple[Any, str, dict]], counts: Sequence[int | Non
     shards, offset = [], 0
     for i, ((fs, path, info), count) in enumerate(zip(resolved, counts)):
         assert count is not None
-        size, etag = _fingerprint(info)
+        size, etag = fingerprint(info)
         shards.append(Shard(url=fsx.full_url(fs, path), name=fsx.basename(path)[: -len(".tar")], count=count,
                             offset=offset, size=size, etag=etag, scanned=i in scanned))
         offset += count

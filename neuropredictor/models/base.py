@@ -193,6 +193,11 @@ def load_weights_file(module: nn.Module, path: str | Path) -> str:
         module.load_state_dict(chosen, strict=True)
     except RuntimeError as exc:  # torch's message lists every key: keep its first line
         raise WeightsUnavailableError(f"{path} does not fit the model: {first_line(exc)}") from exc
+    return weights_digest(path)
+
+
+def weights_digest(path: str | Path) -> str:
+    """A weights file's identity, as stores record it."""
     with open(path, "rb") as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -16,6 +16,7 @@ from typing import Any
 from neuropredictor import fs as fsx
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
+from neuropredictor.redact import redact
 from neuropredictor.status import StepStatus, StoreStatus
 from neuropredictor.sweep import compare
 from neuropredictor.sweep.config import SweepConfig, SweepModel, slug
@@ -58,11 +59,17 @@ class SweepRecord:
 
     def done(self, spec: str, step: str, options: dict) -> bool:
         entry = self.models.get(spec, {}).get(step)
-        return bool(entry) and entry.get("options") == options and entry.get("status") == StepStatus.DONE
+        return bool(entry) and entry.get("options") == _written(options) and entry.get("status") == StepStatus.DONE
 
     def mark(self, spec: str, step: str, options: dict, status: str, **info: Any) -> None:
-        self.models.setdefault(spec, {})[step] = {"options": options, "status": status, **info}
+        self.models.setdefault(spec, {})[step] = {"options": _written(options), "status": status, **_written(info)}
         self.save()
+
+
+def _written(options: dict) -> dict:
+    """Options as the record keeps them: URLs without passwords or signed query values (option names such as
+    `key_column` are not credentials: their values stay)."""
+    return redact(options, names_are_data=True)
 
 
 # encode(sweep, model, record) -> how the model's scoring ended; compare(sweep, scored models) -> the comparison
@@ -70,13 +77,44 @@ Scorer = Callable[[SweepConfig, SweepModel, SweepRecord], dict]
 Comparer = Callable[[SweepConfig, list[SweepModel]], dict]
 
 
-def _store_complete(url: str, storage_options: dict | None) -> bool:
+def _unchanged(config: ExtractConfig) -> bool:
+    """Whether the model's store is complete and holds what extracting it now would give, as far as that can
+    be told without loading the model: its plan's shards are the corpus's as listed now (names, counts,
+    sizes and etags; no shard is read) and its weights file has the checksum it was made with. When not,
+    the model is extracted, which resumes, or refuses a changed corpus, exactly as `extract` would."""
+    from neuropredictor.corpus import list_shards
+    from neuropredictor.corpus.folder import is_image_folder, shards_for
+    from neuropredictor.models.base import weights_digest
     from neuropredictor.store import FeatureStore
 
     try:
-        return FeatureStore.open(url, storage_options, mode="r").manifest.get("status") == StoreStatus.COMPLETE
-    except NeuroPredictorError:
+        store = FeatureStore.open(config.out, config.storage_options, mode="r")
+        if store.manifest.get("status") != StoreStatus.COMPLETE:
+            return False
+        corpus = config.corpus
+        if is_image_folder(corpus):
+            corpus = shards_for(corpus, config.out, config.storage_options)
+        listed = list_shards(corpus, config.storage_options, known=lambda: store.shards)
+        if [(s.name, s.count, s.size, s.etag) for s in listed] != [(s.name, s.count, s.size, s.etag)
+                                                                   for s in store.shards]:
+            return False
+        return not config.weights or store.config.get("weights") == weights_digest(config.weights)
+    except Exception:  # whatever keeps us from telling: extracting tells, and says why if it cannot
         return False
+
+
+def _scoring_inputs(sweep: SweepConfig, model: SweepModel) -> dict[str, Any]:
+    """What a model's scores were made from beyond their options: the store's generation (a new one when
+    the store was replaced) and the neural data file as it is now (size and etag, or mtime)."""
+    from neuropredictor.corpus.listing import fingerprint
+    from neuropredictor.store import FeatureStore
+
+    try:
+        generation = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").generation
+        fs, path = fsx.connect(sweep.neural, sweep.storage_options)
+        return {"store": generation, "neural_file": list(fingerprint(fs.info(path)))}
+    except Exception:  # unreadable: never taken for unchanged; scoring reports the problem
+        return {"store": None}
 
 
 def extract_options(sweep: SweepConfig, model: SweepModel) -> dict:
@@ -89,7 +127,7 @@ def is_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> 
     """Whether the model's store is complete and was made with the sweep's current options for it (then
     it is skipped without loading the model). With `verify`, nothing is skipped: every store is read back."""
     return (not sweep.verify and record.done(model.spec, "extract", extract_options(sweep, model))
-            and _store_complete(sweep.store_url(model), sweep.storage_options))
+            and _unchanged(sweep.extract_config(model)))
 
 
 def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord, manifest: dict,
@@ -135,13 +173,14 @@ def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord, on
 
 
 def encode_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> dict[str, Any]:
-    """Score one model's store against the neural data (skipped when done for the same store and options)."""
+    """Score one model's store against the neural data (skipped when done with the same options, for the same
+    store and neural data file)."""
     from neuropredictor.encode import encode_command
 
     opts = sweep.encode_options(model)
-    config_hash = record.models.get(model.spec, {}).get("extract", {}).get("info", {}).get("config_hash")
-    options = {**opts.model_dump(mode="json"), "store": config_hash}
-    if record.done(model.spec, "encode", options) and fsx.exists(opts.out, sweep.storage_options):
+    options = {**opts.model_dump(mode="json"), **_scoring_inputs(sweep, model)}
+    if options["store"] is not None and record.done(model.spec, "encode", options) \
+            and fsx.exists(opts.out, sweep.storage_options):
         return {"status": StepStatus.DONE, "skipped": True, **record.models[model.spec]["encode"].get("info", {})}
     try:
         summary = encode_command(opts, storage_options=sweep.storage_options)

@@ -491,6 +491,16 @@ def test_save_scores_round_trip_and_plot(planted, tmp_path):
     with pytest.raises(EncodingError, match="already exists"):
         save_scores(s, url)
     save_scores(s, url, overwrite=True)
+    # overwrite replaces scores only: writing deletes the folder whole, and a folder of other things survived
+    # only as long as nobody asked to overwrite it
+    other = tmp_path / "notes"
+    (other / "sub").mkdir(parents=True)
+    (other / "sub" / "data.csv").write_text("precious")
+    with pytest.raises(EncodingError, match="something other than scores"):
+        save_scores(s, str(other), overwrite=True)
+    assert (other / "sub" / "data.csv").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    save_scores(s, str(tmp_path / "empty"))  # an empty folder is fine
     png = plot_scores(s, tmp_path / "scores.png")
     data = Path(png).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

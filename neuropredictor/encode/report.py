@@ -95,17 +95,21 @@ def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = 
                 overwrite: bool = False) -> str:
     """Write the scores as a Zarr v3 store at url (local path or any fsspec URL); returns url.
 
-    An existing store at url is replaced only with overwrite=True, and never when it is a
-    features store (it holds a manifest.json): scores are written next to runs, not over them.
+    An existing store at url is replaced only with overwrite=True, and only when it holds scores (a
+    features store, or a folder with anything else in it, is never deleted: writing replaces a folder whole).
     """
     from neuropredictor import fs as fsx
     from neuropredictor.redact import redact_text
 
     fs, root = fsx.connect(url, storage_options, error=EncodingError, what="scores store")
-    if fs.exists(root):
+    if fs.exists(root) and fs.ls(root, detail=False):
         if fs.exists(f"{root}/manifest.json"):
             raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "
                                 "(e.g. next to it, as RUN-scores.zarr)")
+        group, _damaged = fsx.read_json(fs, f"{root}/zarr.json")
+        if "alignment" not in ((group or {}).get("attributes") or {}):  # what every scores store carries
+            raise EncodingError(f"{redact_text(url)!r} holds something other than scores, which writing them "
+                                "would delete: choose another path, or empty it yourself")
         if not overwrite:
             raise EncodingError(f"{redact_text(url)!r} already exists; pass overwrite=True "
                                 "or choose another path")

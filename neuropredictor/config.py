@@ -96,8 +96,13 @@ class ExtractConfig(BaseModel):
         return [name for name, f in cls.model_fields.items() if any(m is role for m in f.metadata)]
 
     def replica_key(self) -> tuple:
-        """What a model replica depends on (the device aside)."""
-        return tuple((name, _hashable(getattr(self, name))) for name in self.fields_with(REPLICA))
+        """What a model replica depends on (the device aside); a weights file also by its size and mtime, so
+        that a checkpoint replaced at the same path is loaded again."""
+        key = tuple((name, _hashable(getattr(self, name))) for name in self.fields_with(REPLICA))
+        if self.weights and os.path.isfile(self.weights):
+            stat = os.stat(self.weights)
+            key += (("weights_file", stat.st_size, stat.st_mtime_ns),)
+        return key
 
     def resolved_devices(self) -> list[str]:
         """The devices a run uses ('auto': every CUDA device, else the CPU)."""

@@ -18,6 +18,7 @@ from conftest import MODEL, check_against_reference, make_images
 from neuropredictor.corpus import list_shards, make_shards
 from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError
 from neuropredictor import ExtractConfig, extract_shard, finalize, plan, run
+from neuropredictor.models import load_model
 from neuropredictor.store import FeatureStore, open_features
 
 def _config(corpus, out, **kw) -> ExtractConfig:
@@ -271,3 +272,19 @@ def test_the_library_path_reads_the_corpus_named_now(corpus, tmp_path):
     for shard in store.shards:
         extract_shard(_config(moved, out), shard, store=store)
     assert finalize(_config(moved, out))["status"] == "complete"
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_loaded_again(corpus, tmp_path):
+    # The process keeps a replica per device, keyed by the options: the same `weights` path with another
+    # file behind it reused the old replica (old numbers, old checksum in the new store).
+    import torch
+
+    path = tmp_path / "ckpt.pt"
+    manifests = []
+    state = load_model(MODEL, pretrained=False).module.state_dict()
+    for seed in (1, 2):
+        torch.save({k: v * (1 + 0.5 * seed) if v.is_floating_point() else v for k, v in state.items()}, path)
+        manifests.append(run(_config(corpus, tmp_path / f"out{seed}.zarr", weights=str(path))))
+    assert manifests[0]["config"]["weights"] != manifests[1]["config"]["weights"]
+    a, b = (open_features(str(tmp_path / f"out{seed}.zarr"))["layer4"].values for seed in (1, 2))
+    assert not np.allclose(a, b)

@@ -87,6 +87,23 @@ def test_source_torchvision_transform_without_weights():
     _check_forward(model, "layer4")
 
 
+def test_torchvision_without_downloads_builds_the_network_its_tag_names(monkeypatch):
+    # Built without its weights (random, or a checkpoint of them), a tag's network is what torchvision builds
+    # for the weights: inception and googlenet renormalise their input, SWAG ViTs take 384 px; and no
+    # backbone's weights are fetched for a segmentation model.
+    import torch.hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    assert load_model("torchvision:googlenet", pretrained=False).module.transform_input
+    swag = load_model("torchvision:vit_b_16@IMAGENET1K_SWAG_E2E_V1", pretrained=False)
+    assert swag.input_size == (3, 384, 384) and swag.module.image_size == 384
+    _check_forward(swag, "encoder.layers.encoder_layer_0", "cls")
+    assert load_model("torchvision:deeplabv3_mobilenet_v3_large", pretrained=False).module is not None
+
+
 def test_source_clip_is_the_image_tower():
     model = load_model("clip:ViT-B-32", pretrained=False)
     assert type(model.module).__name__ == "VisionTransformer"

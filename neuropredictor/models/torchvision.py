@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
@@ -45,11 +48,30 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
             model = tvm.get_model(spec.name, weights=member)
         weights = f"pretrained:{member}"
     else:
-        model = tvm.get_model(spec.name, weights=None)
+        model = tvm.get_model(spec.name, weights=None, **_implied(spec.name, member))
         weights = "random"
     # the weights' own eval transform is known without downloading anything
     transform = member.transforms() if member is not None else imagenet_transform()
     return model, transform, weights
+
+
+def _implied(name: str, member: Any) -> dict[str, Any]:
+    """What torchvision's builders set when given the weights `member`, for the same network built without
+    downloading them (random weights, or a checkpoint of them: `weights=PATH`); and never a backbone's
+    pretrained weights then."""
+    import torchvision.models as tvm
+
+    kwargs: dict[str, Any] = {}
+    if "weights_backbone" in inspect.signature(tvm.get_model_builder(name)).parameters:
+        kwargs["weights_backbone"] = None
+    if member is not None:
+        if "categories" in member.meta:
+            kwargs["num_classes"] = len(member.meta["categories"])
+        if name in ("inception_v3", "googlenet"):  # their weights expect inputs renormalised inside
+            kwargs["transform_input"] = True
+        if name.startswith("vit_"):  # SWAG weights are for 384 and 518 px
+            kwargs["image_size"] = member.meta["min_size"][0]
+    return kwargs
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -104,6 +104,15 @@ def test_torchvision_without_downloads_builds_the_network_its_tag_names(monkeypa
     assert load_model("torchvision:deeplabv3_mobilenet_v3_large", pretrained=False).module is not None
 
 
+def test_openclip_tag_preprocessing_without_its_weights():
+    # Built without downloading (random weights, or weights=PATH), a tag's preprocessing was OpenAI's
+    # (mean/std, shortest-side resize and crop): PE, SigLIP and DFN tags squash to the square and use their own.
+    model = load_model("openclip:PE-Core-T-16-384@meta", pretrained=False)
+    steps = {type(t).__name__: t for t in model.transform.transforms}
+    assert tuple(steps["Normalize"].mean) == (0.5, 0.5, 0.5) and "CenterCrop" not in steps
+    assert tuple(steps["Resize"].size) == (384, 384) and model.input_size == (3, 384, 384)
+
+
 def test_source_clip_is_the_image_tower():
     model = load_model("clip:ViT-B-32", pretrained=False)
     assert type(model.module).__name__ == "VisionTransformer"

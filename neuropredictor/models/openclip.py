@@ -15,6 +15,7 @@ from neuropredictor.models.spec import ModelSpec
 
 def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
 
     if spec.name not in open_clip.list_models():
         import difflib
@@ -41,6 +42,9 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
             model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=tag, **kwargs)
         weights = f"pretrained:{tag}"
     else:
+        # a tag's preprocessing (SigLIP's, PE's, DFN's mean, std and resize) without downloading its weights
+        cfg = get_pretrained_cfg(spec.name, tag) if tag else {}
+        kwargs.update({f"image_{k}": cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k)})
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=None, **kwargs)
         weights = "random"
     return model.visual, preprocess, weights

@@ -351,3 +351,22 @@ def test_pretrained_weights_from_an_unreachable_hub_fail_fast_with_the_fix(tmp_p
         load_model("timm:resnet18", pretrained=True)
     assert time.monotonic() - t0 < 15
     assert "weights=PATH" in str(info.value) and not hub.HF_HUB_OFFLINE  # offline mode only for that call
+
+
+def test_the_hub_counts_as_reachable_through_the_environments_proxy(monkeypatch):
+    # Compute nodes of a cluster often reach the internet only through HTTPS_PROXY: probing the hub's own
+    # host found it unreachable and forced offline mode, so pretrained downloads failed although they work.
+    import socket
+
+    from neuropredictor.models.base import _reachable
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    hub = "https://127.0.0.1:9"  # nothing listens on port 9
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        _reachable.cache_clear()
+        assert not _reachable(hub)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        _reachable.cache_clear()
+        assert _reachable(hub)
+    _reachable.cache_clear()

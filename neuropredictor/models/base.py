@@ -8,6 +8,7 @@ import hashlib
 import socket
 import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +95,13 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
 
 @functools.lru_cache(maxsize=None)
 def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether the host of url accepts a TCP connection; asked once per process (every model replica loads
-    through here, and behind a firewall that drops packets each probe would cost the whole timeout)."""
+    """Whether the host of url accepts a TCP connection, or the proxy the environment names for it
+    (HTTPS_PROXY on a cluster's compute nodes); asked once per process (every model replica loads through
+    here, and behind a firewall that drops packets each probe would cost the whole timeout)."""
     parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     try:
         socket.create_connection((parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)),
                                  timeout=timeout).close()

@@ -399,6 +399,19 @@ def test_load_npz_with_keys_roi_ceiling_split(tmp_path):
     np.testing.assert_array_equal(nd.train, ~is_test)  # a column named *test*: True = test
 
 
+def test_load_npz_with_bytes_or_object_keys(tmp_path):
+    # Keys from h5py or MATLAB are bytes: they read as "b'img1'" and matched nothing. Keys from a pandas
+    # column are objects: np.load refused them with numpy's words only.
+    keys, _, Y = _small()
+    np.savez(tmp_path / "bytes.npz", betas=Y, keys=np.array(keys, dtype="S"), roi=np.array([b"V1"] * 5))
+    nd = load_neural(tmp_path / "bytes.npz")
+    _check(nd, keys, Y)
+    assert nd.roi == ["V1"] * 5
+    np.savez(tmp_path / "objects.npz", betas=Y, keys=np.array(keys, dtype=object))
+    with pytest.raises(EncodingError, match="'keys' holds Python objects.*dtype=str"):
+        load_neural(tmp_path / "objects.npz")
+
+
 def test_load_csv_with_key_column(tmp_path):
     keys, _, Y = _small()
     keys = [f"{i:03d}" for i in range(60)]  # digit keys must stay strings ("001", not 1)

@@ -167,11 +167,22 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
     return NeuralData(values, key_list, target_list, roi_list, train, ceiling_arr, source=spath)
 
 
+def _npz_array(z: Any, name: str, spath: str) -> np.ndarray:
+    """One array of an .npz; bytes (from h5py or MATLAB) as text, so that keys and ROI names match."""
+    try:
+        arr = z[name]
+    except ValueError as exc:  # an object array: loading it would unpickle, which is never done
+        raise EncodingError(f"{spath}: the array {name!r} holds Python objects (e.g. a pandas column of "
+                            "strings), which are not read without unpickling: save it as text, "
+                            f"np.savez(..., {name}=np.asarray(values, dtype=str))") from exc
+    return np.char.decode(arr, "utf-8") if arr.dtype.kind == "S" else arr
+
+
 def _read_npz(spath: str, array: str | None, opts: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     with _open(spath, "rb", opts) as f:
         # Object arrays need pickle; key arrays saved from Python lists of str are '<U', no pickle.
         with np.load(f, allow_pickle=False) as z:
-            container = {name: z[name] for name in z.files}
+            container = {name: _npz_array(z, name, spath) for name in z.files}
     if array is not None:
         if array not in container:
             raise EncodingError(f"{spath}: no array {array!r}; it has {', '.join(sorted(container))}")

@@ -173,6 +173,21 @@ def test_source_hf_bf16_checkpoint_runs_in_float32(tmp_path):
         assert torch.equal(ex(x)["output"], reference(pixel_values=x).last_hidden_state)
 
 
+@pytest.mark.parametrize("name", ["ConvNextImageProcessor", "MobileViTImageProcessor", "LevitImageProcessor",
+                                  "CLIPImageProcessor"])
+def test_hf_processor_families_match_their_processor_on_a_non_square_image(name):
+    # ConvNeXt warps to the square from 384 px (a short-side resize made every non-square image an invalid
+    # row), MobileViT takes BGR, LeViT resizes to 256/224 of its crop before cropping.
+    transformers = pytest.importorskip("transformers")
+    from neuropredictor.models.hf import processor_transform
+
+    processor = getattr(transformers, name)()
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    ref = torch.as_tensor(np.asarray(processor(images=img, return_tensors="np")["pixel_values"][0]))
+    got = processor_transform(processor)(img)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=3e-2)
+
+
 def test_source_hf_dual_tower_gives_vision_model(tmp_path):
     path = _tiny_hf_dir(tmp_path, dual=True)
     model = load_model(f"hf:{path}", pretrained=False)

@@ -79,16 +79,20 @@ def processor_transform(processor) -> Transform:
     interp_name = _PIL_TO_V2.get(int(resample), "BICUBIC") if not hasattr(resample, "name") else resample.name
     interp = getattr(v2.InterpolationMode, interp_name, v2.InterpolationMode.BICUBIC)
     steps: list = []
+    family = type(processor).__name__
     if getattr(processor, "do_resize", True) and size:
         if "height" in size and "width" in size:
             steps.append(v2.Resize((size["height"], size["width"]), interpolation=interp, antialias=True))
         elif "shortest_edge" in size:
             edge = size["shortest_edge"]
             crop_pct = getattr(processor, "crop_pct", None)
-            if crop_pct and edge < 384:  # ConvNeXt-style: resize up by 1/crop_pct, then crop to `edge`
+            if family.startswith("ConvNext") and edge >= 384:  # ConvNeXt warps to the square from 384 px
+                steps.append(v2.Resize((edge, edge), interpolation=interp, antialias=True))
+            elif crop_pct and edge < 384:  # ConvNeXt-style: resize up by 1/crop_pct, then crop to `edge`
                 steps += [v2.Resize(int(edge / crop_pct), interpolation=interp, antialias=True), v2.CenterCrop(edge)]
-            else:
-                steps.append(v2.Resize(edge, interpolation=interp, antialias=True))
+            else:  # LeViT resizes by 256/224 of the edge before its crop
+                scale = 256 / 224 if family.startswith("Levit") else 1
+                steps.append(v2.Resize(int(scale * edge), interpolation=interp, antialias=True))
     crop = dict(getattr(processor, "crop_size", None) or {})
     if getattr(processor, "do_center_crop", False) and crop:
         steps.append(v2.CenterCrop((crop["height"], crop["width"])))
@@ -98,7 +102,16 @@ def processor_transform(processor) -> Transform:
         steps.append(_Rescale(float(getattr(processor, "rescale_factor", 1 / 255))))
     if getattr(processor, "do_normalize", True):
         steps.append(v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)))
+    if getattr(processor, "do_flip_channel_order", False):  # MobileViT's weights take BGR
+        steps.append(_FlipChannels())
     return v2.Compose(steps)
+
+
+class _FlipChannels:
+    """RGB -> BGR (a class, not a lambda, so it pickles)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(-3)
 
 
 class _Rescale:

@@ -188,6 +188,20 @@ def test_hf_processor_families_match_their_processor_on_a_non_square_image(name)
     assert got.shape == ref.shape and torch.allclose(got, ref, atol=3e-2)
 
 
+def test_hf_local_folder_weights_are_named_by_their_content(tmp_path):
+    # A local folder has no commit hash: fine-tuned weights saved into it again read as the same weights
+    # ("pretrained:main"), and a resume took the old store for the new model's.
+    transformers = pytest.importorskip("transformers")
+    path = _tiny_hf_dir(tmp_path, dual=False)
+    torch.manual_seed(0)
+    transformers.ViTModel(transformers.AutoConfig.from_pretrained(path)).save_pretrained(path)
+    first = load_model(f"hf:{path}").weights
+    assert first.startswith("sha256:") and load_model(f"hf:{path}").weights == first
+    torch.manual_seed(1)
+    transformers.ViTModel(transformers.AutoConfig.from_pretrained(path)).save_pretrained(path)
+    assert load_model(f"hf:{path}").weights != first
+
+
 def test_source_hf_dual_tower_gives_vision_model(tmp_path):
     path = _tiny_hf_dir(tmp_path, dual=True)
     model = load_model(f"hf:{path}", pretrained=False)

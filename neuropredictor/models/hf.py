@@ -6,8 +6,10 @@ unwrapped as deep as it goes); layer names are relative to it (`encoder.layers.3
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
                 model = transformers.AutoModel.from_pretrained(spec.name, **revision)
             except pickle.UnpicklingError as exc:
                 raise WeightsUnavailableError(_pickle_refused(spec, exc)) from exc
-            weights = f"pretrained:{getattr(config, '_commit_hash', None) or spec.tag or 'main'}"
+            weights = _local_weights(spec.name) or f"pretrained:{getattr(config, '_commit_hash', None) or spec.tag or 'main'}"
         else:
             model = transformers.AutoModel.from_config(config)
             weights = "random"
@@ -54,6 +56,20 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     # transformers 5 builds a model in its checkpoint's dtype (bf16 for many): the forward pass runs in the
     # precision asked for (autocast), from float32 weights, as with every other source
     return model.float(), processor_transform(processor), weights
+
+
+def _local_weights(name: str) -> str | None:
+    """A local model folder's weights by their content (a folder has no commit hash: weights saved into it
+    again are other weights), or None for a hub repository."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return "sha256:" + digest.hexdigest()
 
 
 def _pickle_refused(spec: ModelSpec, exc: Exception) -> str:

@@ -4,7 +4,6 @@ ranged reads against whole reads, stale sidecars, and bytes and GETs counted by 
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile

@@ -399,6 +399,14 @@ def test_load_npz_with_keys_roi_ceiling_split(tmp_path):
     np.testing.assert_array_equal(nd.train, ~is_test)  # a column named *test*: True = test
 
 
+def test_an_roi_named_like_the_group_of_all_targets_is_refused():
+    # Scores are summarised over "all" targets, then each ROI: an ROI labelled "all" took that group's name,
+    # and the all-targets rows got the ROI's chance level (above_chance decided against the wrong null).
+    keys, _, Y = _small()
+    with pytest.raises(EncodingError, match="ROI is labelled 'all'.*rename"):
+        NeuralData(Y, keys, roi=["V1", "V1", "all", "all", "all"])
+
+
 def test_load_npz_with_bytes_or_object_keys(tmp_path):
     # Keys from h5py or MATLAB are bytes: they read as "b'img1'" and matched nothing. Keys from a pandas
     # column are objects: np.load refused them with numpy's words only.

@@ -163,3 +163,21 @@ def test_the_sweep_record_holds_no_credentials(tmp_path):
     text = (tmp_path / "out" / "sweep.json").read_text()
     assert "s3cr3t" not in text and "abc123" not in text and '"key_column": "stimulus"' in text
     assert record.done(CUSTOM, "encode", options)
+
+
+def test_the_ranking_keeps_an_roi_without_a_finite_score():
+    # An ROI whose targets are all NaN (not covered by a subject's scan) has no finite median r for any layer:
+    # the ranking fell back to idxmax over NaN and the sweep ended in a bare pandas error, without its plot.
+    import numpy as np
+    import pandas as pd
+
+    from neuropredictor.sweep.compare import COLUMNS, ranking
+
+    rows = [[m, roi, layer, r, r, r, np.nan, 0.1, r is not np.nan and r > 0.1, False]
+            for m, scores in (("a", (0.3, 0.5)), ("b", (0.2, 0.05)))
+            for roi in ("V1", "bad") for layer, r in zip(("l1", "l2"), scores if roi == "V1" else (np.nan,) * 2)]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.loc[(table.model == "a") & (table.layer == "l2") & (table.roi == "V1"), "best"] = True
+    ranked = ranking(table)
+    assert [(e["model"], e["layer"], e["median_r"]) for e in ranked["V1"]] == [("a", "l2", 0.5), ("b", "l1", 0.2)]
+    assert [e["median_r"] for e in ranked["bad"]] == [None, None]

@@ -9,6 +9,7 @@ from neuropredictor import fs as fsx
 from neuropredictor.errors import NeuroPredictorError
 
 _EXAMPLES = 5  # keys quoted per reason in reports and messages
+ALL_TARGETS = "all"  # the group of every target, summarised before each ROI: no ROI may take its name
 
 
 class EncodingError(NeuroPredictorError):

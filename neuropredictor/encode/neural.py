@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from neuropredictor import fs as fsx
-from neuropredictor.encode._common import AlignmentWarning, EncodingError, _duplicates, _fmt, _open
+from neuropredictor.encode._common import ALL_TARGETS, AlignmentWarning, EncodingError, _duplicates, _fmt, _open
 
 NEURAL_FORMATS = (".npy", ".npz", ".csv", ".nc", ".zarr")
 
@@ -81,6 +81,9 @@ class NeuralData:
             self.roi = [str(x) for x in self.roi]
             if len(self.roi) != t:
                 raise EncodingError(f"{len(self.roi)} ROI labels for {t} targets: give one label per target")
+            if ALL_TARGETS in self.roi:
+                raise EncodingError(f"an ROI is labelled {ALL_TARGETS!r}, the name of the group of every target that "
+                                    "scores are summarised over first: rename that ROI")
         if self.train is not None:
             self.train = _as_bool(self.train, "train mask")
             if self.train.shape != (n,):

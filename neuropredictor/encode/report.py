@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neuropredictor.encode._common import EncodingError, _open
+from neuropredictor.encode._common import ALL_TARGETS, EncodingError, _open
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def target_groups(roi: Sequence[Any] | None, n_targets: int) -> list[tuple[str, np.ndarray]]:
     """The groups scores are summarised over: "all" targets, then each ROI in order of first
     appearance, as boolean masks over the targets."""
-    groups = [("all", np.ones(n_targets, bool))]
+    groups = [(ALL_TARGETS, np.ones(n_targets, bool))]
     if roi is not None:
         labels = np.array([str(x) for x in roi])  # str() each: StringDType from Zarr refuses astype(str)
         groups += [(g, labels == g) for g in dict.fromkeys(labels.tolist())]
@@ -206,13 +206,13 @@ def save_outputs(scores: xarray.Dataset, options: EncodeOptions,
         "scores": out,
         "plot": png,
         "split": describe_split(scores.attrs),
-        "layers": per_layer(groups["all"], "median"),
-        "rois": {roi: per_layer(sub, "median") for roi, sub in groups.items() if roi != "all"},
+        "layers": per_layer(groups[ALL_TARGETS], "median"),
+        "rois": {roi: per_layer(sub, "median") for roi, sub in groups.items() if roi != ALL_TARGETS},
         "chance": {roi: per_layer(sub, "chance") for roi, sub in groups.items()},
         "above_chance": {roi: per_layer(sub, "above_chance") for roi, sub in groups.items()},
         "permutations": int(scores.attrs.get("permutations", 0)),
-        "best_layer": best["all"],
-        "best_layer_per_roi": {roi: layer for roi, layer in best.items() if roi != "all"},
+        "best_layer": best[ALL_TARGETS],
+        "best_layer_per_roi": {roi: layer for roi, layer in best.items() if roi != ALL_TARGETS},
         "n_train": int(scores.attrs["n_train"]),
         "n_test": int(scores.attrs["n_test"]),
         "dropped": {k[len("dropped_"):]: int(v) for k, v in scores.attrs.items() if k.startswith("dropped_")},

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode._common import ALL_TARGETS, EncodingError
 from neuropredictor.encode.align import align, layer_matrix, open_dataset, select_layers
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.ridge import pearson_r
@@ -81,10 +81,10 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
 
     targets: dict[str, np.ndarray] = {}
     if neural_rdm is not None:
-        targets["all"] = ranked(np.asarray(neural_rdm, dtype=np.float64)[np.ix_(ni, ni)])
+        targets[ALL_TARGETS] = ranked(np.asarray(neural_rdm, dtype=np.float64)[np.ix_(ni, ni)])
     else:
         Y = neural_data.values[np.ix_(ni, usable)]
-        targets["all"] = ranked(rdm(Y))
+        targets[ALL_TARGETS] = ranked(rdm(Y))
         if by_roi and neural_data.roi is not None:
             rois = np.asarray(neural_data.roi)[usable]
             for roi in dict.fromkeys(rois.tolist()):

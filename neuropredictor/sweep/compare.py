@@ -49,8 +49,9 @@ def ranking(table: pandas.DataFrame) -> dict[str, list[dict[str, Any]]]:
     for roi, group in table.groupby("roi", sort=False):
         entries = []
         for model, rows in group.groupby("model", sort=False):
-            best = rows[rows["best"]]
-            pick = best.iloc[0] if len(best) else rows.loc[rows["median_r"].idxmax()]
+            best, scored = rows[rows["best"]], rows[rows["median_r"].notna()]
+            # no layer above chance: its highest one; no finite r at all (an ROI without signal): ranked last
+            pick = best.iloc[0] if len(best) else scored.loc[scored["median_r"].idxmax()] if len(scored) else rows.iloc[0]
             entries.append({"model": model, "layer": pick["layer"], "median_r": _num(pick["median_r"]),
                             "median_r_normalized": _num(pick["median_r_normalized"]),
                             "above_chance": None if _isna(pick["above_chance"]) else bool(pick["above_chance"])})

@@ -181,3 +181,12 @@ def test_the_ranking_keeps_an_roi_without_a_finite_score():
     ranked = ranking(table)
     assert [(e["model"], e["layer"], e["median_r"]) for e in ranked["V1"]] == [("a", "l2", 0.5), ("b", "l1", 0.2)]
     assert [e["median_r"] for e in ranked["bad"]] == [None, None]
+
+
+def test_two_models_that_would_share_a_store_are_refused(tmp_path):
+    # A model's store, scores and record are named by its slug: two entries of one spec (two checkpoints of an
+    # architecture) or specs that slug alike overwrote each other's store and shared one record.
+    with pytest.raises(ValueError, match="would share one store"):
+        _sweep(tmp_path, tmp_path / "out", models=[{"spec": CUSTOM, "weights": "a.pt"}, {"spec": CUSTOM, "weights": "b.pt"}])
+    with pytest.raises(ValueError, match="'custom:a/b.py:f' and 'custom:a_b.py:f'"):
+        _sweep(tmp_path, tmp_path / "out", models=["custom:a/b.py:f", "custom:a_b.py:f"])

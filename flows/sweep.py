@@ -61,7 +61,7 @@ class SweepParameters(SweepConfig):
         return SweepConfig(**fields)
 
 
-@task(name="encode-model", task_run_name="{model.spec}", cache_policy=NO_CACHE)
+@task(name="encode-model", task_run_name="{model.label}", cache_policy=NO_CACHE)
 def encode_task(sweep: SweepConfig, model: SweepModel, record: sweep_run.SweepRecord) -> dict:
     return sweep_run.encode_model(sweep, model, record)
 
@@ -94,12 +94,12 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
     results, running = {}, {}
     for model in sweep.models:
         if sweep_run.is_extracted(sweep, model, record):
-            results[model.spec] = sweep_run.skipped(record, model)
+            results[model.label] = sweep_run.skipped(record, model)
             model_done()
             continue
         child = _child(params, sweep.extract_config(model))
         run = run_deployment(name=params.deployment, parameters={"params": child.model_dump(mode="json")}, timeout=0,
-                             as_subflow=True, flow_run_name=model.spec, idempotency_key=f"{flow_run.id}-{model.spec}")
+                             as_subflow=True, flow_run_name=model.label, idempotency_key=f"{flow_run.id}-{model.label}")
         running[run.id] = model
     deadline = time.monotonic() + params.timeout_hours * 3600
     with get_client(sync_client=True) as client:
@@ -112,13 +112,13 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
                 if state.type.value == "COMPLETED":
                     manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
                     seconds = client.read_flow_run(run_id).total_run_time.total_seconds()  # its own, not the sweep's
-                    results[model.spec] = sweep_run.record_extracted(sweep, model, record, manifest, seconds)
+                    results[model.label] = sweep_run.record_extracted(sweep, model, record, manifest, seconds)
                 else:
-                    results[model.spec] = sweep_run.record_failed(
+                    results[model.label] = sweep_run.record_failed(
                         sweep, model, record, f"{state.type.value}: {state.message}")
                 model_done()
     for model in running.values():
-        results[model.spec] = sweep_run.record_failed(sweep, model, record,
+        results[model.label] = sweep_run.record_failed(sweep, model, record,
                                                       f"still running after {params.timeout_hours} h")
     return results
 
@@ -144,7 +144,7 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     if params.deployment:
         record = sweep_run.SweepRecord(sweep)
         extracted = _extract_children(params, sweep, record, model_done)
-        summary = sweep_run.summarize(sweep, [sweep_run.model_entry(sweep, m, record, extracted[m.spec], encode_task)
+        summary = sweep_run.summarize(sweep, [sweep_run.model_entry(sweep, m, record, extracted[m.label], encode_task)
                                               for m in sweep.models], compare_task)
     else:
         summary = sweep_run.run_sweep(sweep, on_event, extract=_extract_subflow(params), encode=encode_task,

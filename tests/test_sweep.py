@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_images
 from sweep_data import CUSTOM, assert_identical_stores, gratings, planted_neural
@@ -168,7 +169,6 @@ def test_the_sweep_record_holds_no_credentials(tmp_path):
 def test_the_ranking_keeps_an_roi_without_a_finite_score():
     # An ROI whose targets are all NaN (not covered by a subject's scan) has no finite median r for any layer:
     # the ranking fell back to idxmax over NaN and the sweep ended in a bare pandas error, without its plot.
-    import numpy as np
     import pandas as pd
 
     from neuropredictor.sweep.compare import COLUMNS, ranking
@@ -183,10 +183,30 @@ def test_the_ranking_keeps_an_roi_without_a_finite_score():
     assert [e["median_r"] for e in ranked["bad"]] == [None, None]
 
 
-def test_two_models_that_would_share_a_store_are_refused(tmp_path):
+def test_two_checkpoints_of_one_architecture_run_under_their_names(tmp_path):
     # A model's store, scores and record are named by its slug: two entries of one spec (two checkpoints of an
-    # architecture) or specs that slug alike overwrote each other's store and shared one record.
-    with pytest.raises(ValueError, match="would share one store"):
+    # architecture) or specs that slug alike overwrote each other's store and shared one record. They are
+    # refused now, and run side by side once each has a name.
+    import torch
+
+    from neuropredictor import open_features
+    from neuropredictor.models import load_model
+
+    with pytest.raises(ValueError, match="would share one store.*own `name`"):
         _sweep(tmp_path, tmp_path / "out", models=[{"spec": CUSTOM, "weights": "a.pt"}, {"spec": CUSTOM, "weights": "b.pt"}])
     with pytest.raises(ValueError, match="'custom:a/b.py:f' and 'custom:a_b.py:f'"):
         _sweep(tmp_path, tmp_path / "out", models=["custom:a/b.py:f", "custom:a_b.py:f"])
+
+    make_images(tmp_path / "imgs", 8, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    state = load_model(CUSTOM, pretrained=False).module.state_dict()
+    for scale in (1, 3):
+        torch.save({k: v * scale if v.is_floating_point() else v for k, v in state.items()}, tmp_path / f"ep{scale}.pt")
+    models = [{"spec": CUSTOM, "weights": str(tmp_path / f"ep{scale}.pt"), "name": f"net-ep{scale}"} for scale in (1, 3)]
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=models, layers=["features.5"])
+    summary = run_sweep(sweep)
+    assert [m["model"] for m in summary["models"]] == ["net-ep1", "net-ep3"] and not summary["failed"]
+    a, b = (open_features(str(tmp_path / "out" / f"net-ep{scale}.zarr"))["features.5"].values for scale in (1, 3))
+    assert not np.allclose(a, b)
+    assert set(json.loads((tmp_path / "out" / "sweep.json").read_text())["models"]) == {"net-ep1", "net-ep3"}
+    assert all(m["extract"]["skipped"] for m in run_sweep(sweep)["models"])

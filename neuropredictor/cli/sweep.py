@@ -65,7 +65,7 @@ def sweep(
     file: Annotated[Path | None, typer.Argument(
         help="A sweep file (YAML) with the same fields as the options (corpus, models, layers, reduce, out, "
         "neural, encode: {...}, ...); each entry of `models` is a spec or {spec, layers, reduce, weights, "
-        "pretrained}. Options given with it override the file.")] = None,
+        "pretrained, name}. Options given with it override the file.")] = None,
     corpus: Annotated[str | None, _option("corpus")] = None,
     models: Annotated[str | None, _option("models", help="Comma-separated model specs, e.g. "
                                           "timm:resnet50,torchvision:alexnet (see `neuropredictor models`).")] = None,

@@ -22,9 +22,9 @@ from neuropredictor.encode.options import EncodeOptions
 _PER_MODEL = ("layers", "reduce", "pretrained", "weights")  # what a model may set for itself
 
 
-def slug(spec: str) -> str:
-    """A model spec as a file name: every character outside [A-Za-z0-9._-] becomes `_`."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", spec)
+def slug(label: str) -> str:
+    """A model's label (its spec, or its name) as a file name: every character outside [A-Za-z0-9._-] becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", label)
 
 
 class SweepModel(BaseModel):
@@ -33,12 +33,20 @@ class SweepModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spec: str = Field(description=ExtractConfig.model_fields["model"].description)
+    name: str | None = Field(None, min_length=1, description="The model's name in the sweep: its store's and "
+                             "scores' file names, its record and its row in the comparison (default: the spec). "
+                             "Name each entry to run one architecture more than once, e.g. two checkpoints.")
     layers: list[str] | None = Field(None, description="This model's layers (default: the sweep's `layers`).")
     reduce: str | None = Field(None, description="This model's reduction (default: the sweep's `reduce`).")
     pretrained: bool | None = Field(None, description="Pretrained weights for this model (default: the sweep's).")
     weights: str | None = Field(None, description=ExtractConfig.model_fields["weights"].description)
 
     _split = field_validator("layers", mode="before")(comma_list)
+
+    @property
+    def label(self) -> str:
+        """What names the model in the sweep: `name`, else its spec."""
+        return self.name or self.spec
 
 
 # How every model is scored and the neural data read: EncodeOptions without what the sweep sets per model.
@@ -52,7 +60,7 @@ _SweepFields = create_model(
     # strings are allowed by the schema (a deployment's parameters are checked against it) and become
     # SweepModel entries when validated
     models=(list[SweepModel | str], Field(min_length=1, description="The models: specs (SOURCE:NAME[@TAG]) or "
-                                          "{spec, layers, reduce, pretrained, weights} entries.")),
+                                          "{spec, layers, reduce, pretrained, weights, name} entries.")),
     out=(str, Field(description="Folder (or s3:// prefix) of the sweep: one store per model, DIR/<slug>.zarr.")),
     layers=(list[str], Field(["auto"], description="Layers of every model (names, globs or the preset `auto`: a "
                              "model's representative depths, see `neuropredictor layers SPEC --preset auto`).")),
@@ -74,13 +82,12 @@ class SweepConfig(_SweepFields):
     @classmethod
     def _entries(cls, v: list) -> list[SweepModel]:
         models = [SweepModel(spec=m) if isinstance(m, str) else m for m in v]
-        seen: dict[str, str] = {}  # a model's store, scores and record are named by its spec's slug
+        seen: dict[str, str] = {}  # a model's store, scores and record are named by its label's slug
         for m in models:
-            if (name := slug(m.spec)) in seen:
-                raise ValueError(f"the models {seen[name]!r} and {m.spec!r} would share one store ({name}.zarr): a "
-                                 "sweep runs each spec once. To compare two checkpoints of one architecture, run one "
-                                 "sweep per checkpoint (each with its own `out`)")
-            seen[name] = m.spec
+            if (name := slug(m.label)) in seen:
+                raise ValueError(f"the models {seen[name]!r} and {m.label!r} would share one store ({name}.zarr): "
+                                 "give each entry its own `name` (e.g. {spec: ..., weights: ep1.pt, name: ep1})")
+            seen[name] = m.label
         return models
 
     @classmethod
@@ -103,10 +110,10 @@ class SweepConfig(_SweepFields):
         return cls(**{**data, **overrides})
 
     def store_url(self, model: SweepModel) -> str:
-        return f"{self.out.rstrip('/')}/{slug(model.spec)}.zarr"
+        return f"{self.out.rstrip('/')}/{slug(model.label)}.zarr"
 
     def scores_url(self, model: SweepModel) -> str:
-        return f"{self.out.rstrip('/')}/{slug(model.spec)}-scores.zarr"
+        return f"{self.out.rstrip('/')}/{slug(model.label)}-scores.zarr"
 
     def extract_config(self, model: SweepModel) -> ExtractConfig:
         """The model's extraction: exactly what `extract` would run for the same options."""

@@ -126,7 +126,7 @@ def extract_options(sweep: SweepConfig, model: SweepModel) -> dict:
 def is_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> bool:
     """Whether the model's store is complete and was made with the sweep's current options for it (then
     it is skipped without loading the model). With `verify`, nothing is skipped: every store is read back."""
-    return (not sweep.verify and record.done(model.spec, "extract", extract_options(sweep, model))
+    return (not sweep.verify and record.done(model.label, "extract", extract_options(sweep, model))
             and _unchanged(sweep.extract_config(model)))
 
 
@@ -135,17 +135,17 @@ def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
     info = {"rows": manifest["rows"], "layers": [lay["name"] for lay in manifest["layers"]],
             "images_per_s": round(manifest["rows"]["committed"] / seconds, 1) if seconds > 0 else None,
             "seconds": round(seconds, 2), "config_hash": manifest["config_hash"]}
-    record.mark(model.spec, "extract", extract_options(sweep, model), StepStatus.DONE, info=info)
+    record.mark(model.label, "extract", extract_options(sweep, model), StepStatus.DONE, info=info)
     return {"status": StepStatus.DONE, "skipped": False, **info}
 
 
 def record_failed(sweep: SweepConfig, model: SweepModel, record: SweepRecord, error: str) -> dict[str, Any]:
-    record.mark(model.spec, "extract", extract_options(sweep, model), StepStatus.FAILED, error=error)
+    record.mark(model.label, "extract", extract_options(sweep, model), StepStatus.FAILED, error=error)
     return {"status": StepStatus.FAILED, "error": error}
 
 
 def skipped(record: SweepRecord, model: SweepModel) -> dict[str, Any]:
-    return {"status": StepStatus.DONE, "skipped": True, **record.models[model.spec]["extract"].get("info", {})}
+    return {"status": StepStatus.DONE, "skipped": True, **record.models[model.label]["extract"].get("info", {})}
 
 
 def extract_here(config: ExtractConfig, on_event: ProgressFn | None) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord, on
     if is_extracted(sweep, model, record):
         return skipped(record, model)
     if on_event:
-        on_event("extracting", {"spec": model.spec})
+        on_event("extracting", {"spec": model.label})
     t0 = time.perf_counter()
     try:
         manifest = extract(sweep.extract_config(model), on_event)
@@ -179,24 +179,24 @@ def encode_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> 
 
     opts = sweep.encode_options(model)
     options = {**opts.model_dump(mode="json"), **_scoring_inputs(sweep, model)}
-    if options["store"] is not None and record.done(model.spec, "encode", options) \
+    if options["store"] is not None and record.done(model.label, "encode", options) \
             and fsx.exists(opts.out, sweep.storage_options):
-        return {"status": StepStatus.DONE, "skipped": True, **record.models[model.spec]["encode"].get("info", {})}
+        return {"status": StepStatus.DONE, "skipped": True, **record.models[model.label]["encode"].get("info", {})}
     try:
         summary = encode_command(opts, storage_options=sweep.storage_options)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        record.mark(model.spec, "encode", options, StepStatus.FAILED, error=error)
+        record.mark(model.label, "encode", options, StepStatus.FAILED, error=error)
         return {"status": StepStatus.FAILED, "error": error}
     info = {"scores": opts.out, "best_layer": summary["best_layer"]}
-    record.mark(model.spec, "encode", options, StepStatus.DONE, info=info)
+    record.mark(model.label, "encode", options, StepStatus.DONE, info=info)
     return {"status": StepStatus.DONE, "skipped": False, **info}
 
 
 def compare_models(sweep: SweepConfig, done: list[SweepModel]) -> dict[str, Any]:
     """comparison.csv, comparison.png and the ranking per ROI, over the models whose scores exist."""
     out = sweep.out.rstrip("/")
-    table = compare.comparison_table({m.spec: sweep.scores_url(m) for m in done}, sweep.storage_options)
+    table = compare.comparison_table({m.label: sweep.scores_url(m) for m in done}, sweep.storage_options)
     csv = compare.write_csv(table, f"{out}/comparison.csv", sweep.storage_options)
     png = compare.plot_comparison(table, f"{out}/comparison.png", sweep.storage_options)
     return {"csv": csv, "plot": png, "ranking": compare.ranking(table)}
@@ -205,7 +205,7 @@ def compare_models(sweep: SweepConfig, done: list[SweepModel]) -> dict[str, Any]
 def model_entry(sweep: SweepConfig, model: SweepModel, record: SweepRecord, extracted: dict[str, Any],
                 encode: Scorer = encode_model) -> dict[str, Any]:
     """One model's entry of the summary: how its extraction ended and, with neural data and a store, its scores."""
-    entry: dict[str, Any] = {"model": model.spec, "slug": slug(model.spec), "store": sweep.store_url(model),
+    entry: dict[str, Any] = {"model": model.label, "slug": slug(model.label), "store": sweep.store_url(model),
                              "extract": extracted}
     if sweep.neural is not None and extracted["status"] == StepStatus.DONE:
         entry["encode"] = encode(sweep, model, record)
@@ -236,7 +236,7 @@ def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract
     record = SweepRecord(sweep)
     entries: list[dict[str, Any]] = []
     for i, model in enumerate(sweep.models):
-        emit("model", {"index": i, "of": len(sweep.models), "spec": model.spec})
+        emit("model", {"index": i, "of": len(sweep.models), "spec": model.label})
         entries.append(model_entry(sweep, model, record, extract_model(sweep, model, record, on_event, extract),
                                    encode))
         emit("model-done", entries[-1])

@@ -119,7 +119,7 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
                 model_done()
     for model in running.values():
         results[model.label] = sweep_run.record_failed(sweep, model, record,
-                                                      f"still running after {params.timeout_hours} h")
+                                                       f"still running after {params.timeout_hours} h")
     return results
 
 

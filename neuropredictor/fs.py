@@ -20,8 +20,6 @@ import fsspec
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.redact import redact_text
 
-
-
 S3_CONNECTIONS = 64
 """Connections each S3 filesystem keeps open (botocore's default is 10); `config_kwargs` overrides it."""
 

@@ -181,10 +181,14 @@ def _counted_before(ids: list[tuple[str, int | None, str | None]],
     are, so that the check of their keys covers them all."""
     if any(size is None or etag is None for _url, size, etag in ids):
         return None
-    groups = list(_COUNTED)
-    if known is not None and not any(all(i in g for i in ids) for g in groups):
-        groups.append({(s.url, s.size, s.etag): s.count for s in known() if s.scanned})
-    return next(([g[i] for i in ids] for g in groups if all(i in g for i in ids)), None)
+    for group in _COUNTED:
+        if all(i in group for i in ids):
+            return [group[i] for i in ids]
+    if known is not None:
+        planned = {(s.url, s.size, s.etag): s.count for s in known() if s.scanned}
+        if all(i in planned for i in ids):
+            return [planned[i] for i in ids]
+    return None
 
 
 def _refuse_duplicate_keys(keys_by_shard: dict[str, Sequence[str]]) -> None:

@@ -102,7 +102,7 @@ def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = 
     from neuropredictor.redact import redact_text
 
     fs, root = fsx.connect(url, storage_options, error=EncodingError, what="scores store")
-    if fs.exists(root) and fs.ls(root, detail=False):
+    if fsx.listing(fs, root):
         if fs.exists(f"{root}/manifest.json"):
             raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "
                                 "(e.g. next to it, as RUN-scores.zarr)")

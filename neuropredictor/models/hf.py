@@ -16,7 +16,7 @@ from torch import nn
 
 from neuropredictor.errors import ModelSpecError, WeightsUnavailableError, first_line
 from neuropredictor.globs import match_model_names
-from neuropredictor.models.base import Transform, pretrained_download
+from neuropredictor.models.base import Transform, pretrained_download, weights_digest
 from neuropredictor.models.spec import ModelSpec
 
 _PIL_TO_V2 = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
@@ -66,9 +66,7 @@ def _local_weights(name: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{weights_digest(path)}\n".encode())
     return "sha256:" + digest.hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 from neuropredictor import fs as fsx
 from neuropredictor.config import IDENTITY, ExtractConfig
@@ -49,10 +50,7 @@ def validate(config: ExtractConfig) -> list[Shard]:
     for device in config.resolved_devices():
         check_device(device)
     get_runner(config)
-    corpus = config.corpus
-    if is_image_folder(corpus):
-        corpus = shards_for(corpus, config.out, config.storage_options)
-    shards = list_shards(corpus, config.storage_options, known=lambda: planned_shards(config))
+    shards = corpus_shards(config, known=lambda: planned_shards(config))
     if not any(s.count for s in shards):  # a store of 0 rows would report "complete" for nothing
         raise CorpusError(
             f"no images in the corpus {config.corpus!r}: its {len(shards)} shard(s) hold no samples. Check "
@@ -60,6 +58,15 @@ def validate(config: ExtractConfig) -> list[Shard]:
         )
     check_output(config.out, config.storage_options)
     return shards
+
+
+def corpus_shards(config: ExtractConfig, known: Callable[[], Iterable[Shard]]) -> list[Shard]:
+    """The shards of the run's corpus, as listed now (for a folder of images, the shards made of it beside
+    the store); unindexed shards counted before are counted from `known()` (see `list_shards`)."""
+    corpus = config.corpus
+    if is_image_folder(corpus):
+        corpus = shards_for(corpus, config.out, config.storage_options)
+    return list_shards(corpus, config.storage_options, known=known)
 
 
 def planned_shards(config: ExtractConfig) -> list[Shard]:

@@ -63,7 +63,7 @@ class FeatureStore:
     """One run's Zarr store. Instances are cheap; every process (or thread) may open its own."""
 
     def __init__(self, url: str, storage_options: Mapping | None, mode: str, fs: Any, root: str, plan: dict,
-                 manifest: dict | None, generation: str | None) -> None:
+                 manifest: dict | None, generation: str | None, shards: Sequence[Shard] | None = None) -> None:
         # Use `create` or `open`; this only wires the parts together.
         self._url = url
         self._storage_options = dict(storage_options or {})
@@ -74,7 +74,7 @@ class FeatureStore:
         self.generation = generation
         self._zstore: Any = None
         self._arrays: dict[str, Any] = {}
-        self._shards: list[Shard] | None = None
+        self._shards = None if shards is None else list(shards)  # from create: where they are now (see `shards`)
         self._lock = threading.Lock()
         self.records = Records(fs, root, generation, plan.get("config_hash"))
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (in memory)
@@ -135,9 +135,8 @@ class FeatureStore:
             if found.plan is not None:
                 diffs = plan_diffs(found.plan, requested)
                 if not diffs and found.generation is not None:
-                    store = cls(url, storage_options, "r+", fs, root, found.plan, found.manifest, found.generation)
-                    store._shards = list(shards)  # where they are now (see `shards`)
-                    return store
+                    return cls(url, storage_options, "r+", fs, root, found.plan, found.manifest, found.generation,
+                               shards)
                 if diffs and not overwrite:
                     raise ConfigMismatchError(
                         f"the store at {redact_text(url)!r} was made with a different configuration:\n  "
@@ -164,8 +163,7 @@ class FeatureStore:
         """Write the plan, create the arrays, then the generation: a store is usable once that exists."""
         plan = dict(plan, created=mf.now_iso(), software=mf.software_versions())
         fsx.write_json_atomic(fs, f"{root}/{PLAN}", plan)
-        store = cls(url, storage_options, "r+", fs, root, plan, None, None)
-        store._shards = list(shards)  # where they are now (see `shards`)
+        store = cls(url, storage_options, "r+", fs, root, plan, None, None, shards)
         store.repairs.clear()
         fsx.write_json_atomic(fs, f"{root}/{MANIFEST}", store._manifest)  # status planning: ours, not ready
         storage = plan["storage"]

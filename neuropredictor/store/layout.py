@@ -95,8 +95,7 @@ def dim_names(layer: LayerSpec) -> tuple[str, ...]:
 def safe_name(name: str) -> str:
     """A shard name as one path segment (it names objects under _status/ and _staging/)."""
     safe = quote(name, safe="-_.=+@,")
-    # `<x>.failed.json` is shard x's failure record: a shard named `x.failed` must not take its name
-    return safe.replace(".", "%2E") if safe in (".", "..") or safe.endswith(".failed") else safe
+    return safe.replace(".", "%2E") if safe in (".", "..") else safe
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,10 @@ class Records:
         return f"{self._root}/{STATUS_DIR}"
 
     def path(self, shard_name: str, failed: bool = False) -> str:
-        return f"{self.folder}/{safe_name(shard_name)}{'.failed' if failed else ''}.json"
+        name = safe_name(shard_name)
+        if name.endswith(".failed"):  # `<x>.failed.json` is shard x's failure record: not this shard's commit
+            name = name[: -len(".failed")] + "%2Efailed"
+        return f"{self.folder}/{name}{'.failed' if failed else ''}.json"
 
     def commit_record(self, shard_name: str) -> dict | None:
         """The shard's commit record, or None if it has none."""

@@ -82,19 +82,15 @@ def _unchanged(config: ExtractConfig) -> bool:
     be told without loading the model: its plan's shards are the corpus's as listed now (names, counts,
     sizes and etags; no shard is read) and its weights file has the checksum it was made with. When not,
     the model is extracted, which resumes, or refuses a changed corpus, exactly as `extract` would."""
-    from neuropredictor.corpus import list_shards
-    from neuropredictor.corpus.folder import is_image_folder, shards_for
     from neuropredictor.models.base import weights_digest
+    from neuropredictor.pipeline.planning import corpus_shards
     from neuropredictor.store import FeatureStore
 
     try:
         store = FeatureStore.open(config.out, config.storage_options, mode="r")
         if store.manifest.get("status") != StoreStatus.COMPLETE:
             return False
-        corpus = config.corpus
-        if is_image_folder(corpus):
-            corpus = shards_for(corpus, config.out, config.storage_options)
-        listed = list_shards(corpus, config.storage_options, known=lambda: store.shards)
+        listed = corpus_shards(config, known=lambda: store.shards)
         if [(s.name, s.count, s.size, s.etag) for s in listed] != [(s.name, s.count, s.size, s.etag)
                                                                    for s in store.shards]:
             return False

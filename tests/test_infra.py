@@ -271,6 +271,24 @@ def test_dockerfile_installs_the_project_and_starts_a_worker():
     assert "prefect worker start" in cmd and "$PREFECT_WORK_POOL" in cmd
 
 
+def test_dockerfile_dependency_layer_builds_from_pyproject_alone(tmp_path):
+    """The first layer's stand-in packages let setuptools build the metadata: every package in
+    pyproject's list must exist (a package added to the project once broke the image build)."""
+    import os
+    import sys
+
+    step = next(args for kw, args in _dockerfile_instructions() if kw == "RUN" and "pip uninstall" in args)
+    standins = step[:step.index('pip install "/app[hf]"')]  # what runs before the dependencies install
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", standins], cwd=tmp_path, env=env, check=True, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "--no-index", "-w", str(tmp_path / "wheel"), str(tmp_path)],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert list((tmp_path / "wheel").glob("neuropredictor-*.whl"))
+
+
 # --------------------------------------------------------------------------- Kubernetes work pool
 
 def test_base_job_template_shape():

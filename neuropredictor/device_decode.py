@@ -68,20 +68,25 @@ class _ToFloat:
 
 
 @dataclass(frozen=True)
-class _Multiply:
-    factor: float
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
-
-
-@dataclass(frozen=True)
 class _Normalize:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, mean=list(self.mean), std=list(self.std))
+
+
+def _tensor_interpolation(mode: Any) -> Any:
+    """The tensor resize mode that does what PIL's resampling `mode` does: torch's NEAREST is not PIL's
+    (NEAREST_EXACT is), and tensors have no BOX or HAMMING (refused here, not on every image)."""
+    from torchvision.transforms import InterpolationMode
+
+    if mode == InterpolationMode.NEAREST:
+        return InterpolationMode.NEAREST_EXACT
+    if mode in (InterpolationMode.BOX, InterpolationMode.HAMMING):
+        raise NeuroPredictorError(f"decode='device' cannot resize with {mode.value} interpolation as tensor ops; "
+                                  "use decode='cpu' for this model")
+    return mode
 
 
 # steps that only matter for PIL images: decoding already gives RGB uint8 tensors
@@ -101,19 +106,20 @@ def tensor_steps(transform: Callable) -> list[Callable[[torch.Tensor], torch.Ten
     """The model's eval transform as tensor steps (uint8 (C, H, W) in, float (C, H, W) out).
 
     Knows torchvision's Resize, CenterCrop, ToTensor, PILToTensor, ToDtype, ConvertImageDtype, Normalize
-    and ImageClassification preset, timm's and open_clip's Maybe* wrappers and the Hugging Face rescale
-    step. Anything else raises NeuroPredictorError naming the step: use decode="cpu" for that model.
+    and ImageClassification preset, timm's and open_clip's Maybe* wrappers and neuropredictor.models.hf's
+    own steps. Anything else raises NeuroPredictorError naming the step: use decode="cpu" for that model.
     """
     out: list[Callable[[torch.Tensor], torch.Tensor]] = []
     is_float = False
     for step in _flatten(transform):
         name = getattr(step, "__name__", None) or type(step).__name__
         if name == "ImageClassification":  # torchvision's weights presets
-            out += [_Resize(list(step.resize_size), step.interpolation, None), _CenterCrop(list(step.crop_size)),
+            out += [_Resize(list(step.resize_size), _tensor_interpolation(step.interpolation), None),
+                    _CenterCrop(list(step.crop_size)),
                     _ToFloat(1 / 255), _Normalize(tuple(step.mean), tuple(step.std))]
             is_float = True
         elif name == "Resize" and not is_float:
-            out.append(_Resize(step.size, step.interpolation, step.max_size))
+            out.append(_Resize(step.size, _tensor_interpolation(step.interpolation), step.max_size))
         elif name == "CenterCrop":
             out.append(_CenterCrop(step.size))
         elif name in _PASS_THROUGH:
@@ -132,8 +138,8 @@ def tensor_steps(transform: Callable) -> list[Callable[[torch.Tensor], torch.Ten
         elif name == "ConvertImageDtype" and not is_float:
             out.append(_ToFloat(1 / 255))
             is_float = True
-        elif name == "_Rescale" and is_float:  # neuropredictor.models.hf
-            out.append(_Multiply(float(step.factor)))
+        elif getattr(step, "tensor_ready", False):  # neuropredictor.models.hf's own steps
+            out.append(step)
         elif name == "Normalize" and is_float:
             mean = tuple(float(m) for m in torch.as_tensor(step.mean).flatten())
             std = tuple(float(s) for s in torch.as_tensor(step.std).flatten())

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from conftest import MODEL, key_files, make_images
@@ -48,11 +49,12 @@ def _jpeg(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _hf_transform():
+def _hf_transform(**attrs):
     # the attributes of a ViT image processor (what processor_transform reads)
-    proc = types.SimpleNamespace(size={"height": 224, "width": 224}, resample=2, do_resize=True, do_center_crop=False,
-                                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc = types.SimpleNamespace(**{"size": {"height": 224, "width": 224}, "resample": 2, "do_resize": True,
+                                    "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
+                                    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                                    **attrs})
     return processor_transform(proc)
 
 
@@ -61,7 +63,14 @@ TRANSFORMS = {
     "torchvision-preset": lambda: load_model("torchvision:resnet18", pretrained=False).transform,
     "openclip": lambda: load_model("openclip:ViT-B-32", pretrained=False).transform,
     "hf": _hf_transform,
+    # CLIP's and EfficientNet's: HF's own centre crop, offset to [-1, 1], the std twice, BGR
+    "hf-crop": lambda: _hf_transform(size={"shortest_edge": 160}, do_center_crop=True,
+                                     crop_size={"height": 128, "width": 128}, rescale_offset=True,
+                                     include_top=True, do_flip_channel_order=True),
     "custom-v2": lambda: cifar_cnn()[1],
+    # PIL's nearest is torch's NEAREST_EXACT, not its NEAREST
+    "nearest": lambda: T.Compose([T.Resize(160, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(128),
+                                  T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)]),
 }
 
 
@@ -91,6 +100,9 @@ def test_untranslatable_step_is_refused_by_name():
     transform = v2.Compose([v2.Resize(40), v2.Grayscale(3), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
     with pytest.raises(NeuroPredictorError, match=r"Grayscale.*decode='cpu'"):
         tensor_steps(transform)
+    # resampling tensors cannot do: refused at start, not as an invalid row per image
+    with pytest.raises(NeuroPredictorError, match=r"box.*decode='cpu'"):
+        tensor_steps(T.Compose([T.Resize(40, interpolation=T.InterpolationMode.BOX), T.ToTensor()]))
 
 
 def test_bad_samples_stay_invalid_and_good_ones_match_pil(tmp_path):

@@ -266,11 +266,11 @@ def test_layer_that_never_runs_is_refused():
     from neuropredictor.errors import LayerNotFoundError
 
     torch.manual_seed(0)
-    model = load_model("torchvision:googlenet", pretrained=False)  # aux classifiers run only in training
+    model = load_model("torchvision:inception_v3", pretrained=False)  # its aux classifier runs only in training
     infos = {i.name: i for i in describe_layers(model)}
-    assert infos["aux1"].calls == 0
+    assert infos["AuxLogits"].calls == 0
     with pytest.raises(LayerNotFoundError, match="does not run"):
-        Extractor(model, ["aux1"], layer_infos=list(infos.values()))
+        Extractor(model, ["AuxLogits"], layer_infos=list(infos.values()))
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -103,39 +104,70 @@ def processor_transform(processor) -> Transform:
             if family.startswith("ConvNext") and edge >= 384:  # ConvNeXt warps to the square from 384 px
                 steps.append(v2.Resize((edge, edge), interpolation=interp, antialias=True))
             elif crop_pct and edge < 384:  # ConvNeXt-style: resize up by 1/crop_pct, then crop to `edge`
-                steps += [v2.Resize(int(edge / crop_pct), interpolation=interp, antialias=True), v2.CenterCrop(edge)]
+                steps += [v2.Resize(int(edge / crop_pct), interpolation=interp, antialias=True),
+                          _CenterCrop((edge, edge))]
             else:  # LeViT resizes by 256/224 of the edge before its crop
                 scale = 256 / 224 if family.startswith("Levit") else 1
                 steps.append(v2.Resize(int(scale * edge), interpolation=interp, antialias=True))
     crop = dict(getattr(processor, "crop_size", None) or {})
     if getattr(processor, "do_center_crop", False) and crop:
-        steps.append(v2.CenterCrop((crop["height"], crop["width"])))
+        steps.append(_CenterCrop((crop["height"], crop["width"])))
     steps.append(v2.PILToTensor())
     steps.append(v2.ToDtype(torch.float32, scale=False))
-    if getattr(processor, "do_rescale", True):
-        steps.append(_Rescale(float(getattr(processor, "rescale_factor", 1 / 255))))
+    if getattr(processor, "do_rescale", True):  # EfficientNet's rescale_offset: to [-1, 1]
+        steps.append(_Rescale(float(getattr(processor, "rescale_factor", 1 / 255)),
+                               -1.0 if getattr(processor, "rescale_offset", False) else 0.0))
     if getattr(processor, "do_normalize", True):
         steps.append(v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)))
+    if getattr(processor, "include_top", False):  # EfficientNet divides by the std a second time
+        steps.append(v2.Normalize(mean=[0.0] * len(processor.image_std), std=list(processor.image_std)))
     if getattr(processor, "do_flip_channel_order", False):  # MobileViT's weights take BGR
         steps.append(_FlipChannels())
     return v2.Compose(steps)
 
 
+# The steps below are classes, not lambdas, so they pickle (DataLoader workers). They work on tensors as
+# they are, so decode="device" runs them unchanged (`tensor_ready`).
+
+
+class _CenterCrop:
+    """Hugging Face's centre crop: its offset is rounded down (torchvision's CenterCrop rounds to the
+    nearest, one pixel off where the margin is odd), an image smaller than the crop is padded with black."""
+
+    tensor_ready = True
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, img: Any) -> Any:
+        (ch, cw), (h, w) = self.size, (img.shape[-2:] if isinstance(img, torch.Tensor) else img.size[::-1])
+        top, left = int((h - ch) / 2), int((w - cw) / 2)  # towards zero: HF's padding puts the odd pixel last
+        if isinstance(img, torch.Tensor):
+            from torchvision.transforms.v2 import functional as F
+
+            return F.crop(img, top, left, ch, cw)
+        return img.crop((left, top, left + cw, top + ch))
+
+
 class _FlipChannels:
-    """RGB -> BGR (a class, not a lambda, so it pickles)."""
+    """RGB -> BGR."""
+
+    tensor_ready = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.flip(-3)
 
 
 class _Rescale:
-    """Multiply by the processor's rescale factor (a class, not a lambda, so it pickles)."""
+    """Multiply by the processor's rescale factor, then add its offset."""
 
-    def __init__(self, factor: float) -> None:
-        self.factor = factor
+    tensor_ready = True
+
+    def __init__(self, factor: float, offset: float = 0.0) -> None:
+        self.factor, self.offset = factor, offset
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
+        return x * self.factor + self.offset if self.offset else x * self.factor
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -35,15 +35,17 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
             tags = [t for a, t in open_clip.list_pretrained() if a == spec.name]
             raise ModelSpecError(f"open_clip has no pretrained tag {tag!r} for {spec.name}; tags: {tags}")
     kwargs = {}
-    if spec.source == "clip":
-        kwargs["force_quick_gelu"] = True  # OpenAI's architecture, also with random weights
+    cfg = get_pretrained_cfg(spec.name, tag) if tag else {}
+    if spec.source == "clip" or cfg.get("quick_gelu"):
+        # the activation the weights were trained with (OpenAI's, and tags like laion400m_e32): open_clip
+        # itself builds GELU for them and only warns
+        kwargs["force_quick_gelu"] = True
     if pretrained:
         with pretrained_download(spec):
             model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=tag, **kwargs)
         weights = f"pretrained:{tag}"
     else:
         # a tag's preprocessing (SigLIP's, PE's, DFN's mean, std and resize) without downloading its weights
-        cfg = get_pretrained_cfg(spec.name, tag) if tag else {}
         kwargs.update({f"image_{k}": cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k)})
         model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=None, **kwargs)
         weights = "random"

@@ -69,6 +69,8 @@ def _implied(name: str, member: Any) -> dict[str, Any]:
             kwargs["num_classes"] = len(member.meta["categories"])
         if name in ("inception_v3", "googlenet"):  # their weights expect inputs renormalised inside
             kwargs["transform_input"] = True
+        if name == "googlenet":  # its builder drops the auxiliary heads after loading the weights
+            kwargs["aux_logits"] = False
         if name.startswith("vit_"):  # SWAG weights are for 384 and 518 px
             kwargs["image_size"] = member.meta["min_size"][0]
     return kwargs

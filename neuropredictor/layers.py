@@ -13,6 +13,8 @@ PyTorch's own layer types say which: convolutions, batch and group norms and poo
 Linear and LayerNorm channels last, a permutation (torchvision's `Permute`) says where it moves them; any
 other module (a block, a stage, an activation) is laid out like the last of those that gave an output of
 its shape before it in the forward pass, or, when none did, as its shape reads: (H, H, C) channels last.
+Where a map has C == H == W, shapes cannot tell (a block's inner Linear has its output's shape): a second
+pass with a taller input finds which dimension grows, for models that take other sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +76,10 @@ _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.
 
 def _says_channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool | None:
     """Whether a module's type fixes its map's layout: True for (H, W, C), False for (C, H, W), None if not."""
-    if isinstance(module, _CHANNELS_FIRST):
+    # a LayerNorm over the channels of an NCHW map (timm's LayerNorm2d, HF's channels_first ConvNeXt norm)
+    if isinstance(module, _CHANNELS_FIRST) or (isinstance(module, nn.LayerNorm) and (
+            type(module).__name__.startswith("LayerNorm2d")
+            or getattr(module, "data_format", None) == "channels_first")):
         return False
     if isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
                                          and module.normalized_shape[0] == shape[-1]):
@@ -102,31 +107,56 @@ def describe_layers(model: LoadedModel) -> list[LayerInfo]:
     last_layout: dict[tuple[int, ...], bool] = {}  # map shape -> layout of the last module whose type fixed it
     counter = iter(range(1 << 30))
 
+    def record(name: str, mod: nn.Module, shape: tuple[int, ...] | None) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        order[name] = next(counter)
+        shapes[name] = shape
+        if shape is not None and len(shape) == 3:
+            says = _says_channels_last(mod, shape)
+            if says is not None:
+                last_layout[shape] = says
+            channels_last[name] = last_layout.get(shape, shape[0] == shape[1] != shape[2])
+
+    _trace(module, layers, torch.randn(2, *model.input_size, device=device), record)
+    # A map with C == H == W (ConvNeXt's 96 channels at 96 x 96) cannot say its layout by its shape or
+    # its neighbours'; a taller input can: the dimension that grows is H.
+    if any(s is not None and len(s) == 3 and s[0] == s[1] == s[2] for s in shapes.values()):
+        taller: dict[str, tuple[int, ...] | None] = {}
+        c, h, w = model.input_size
+        try:
+            _trace(module, layers, torch.randn(2, c, h + 64, w, device=device),
+                   lambda name, _mod, shape: taller.__setitem__(name, shape))
+        except Exception:  # a model that takes one input size only: the type rules stand
+            taller = {}
+        for name, shape in shapes.items():
+            other = taller.get(name)
+            if shape is not None and len(shape) == 3 and other is not None and len(other) == 3:
+                grew = [i for i in range(3) if other[i] != shape[i]]
+                if grew in ([0], [1]):
+                    channels_last[name] = grew == [0]
+    return [LayerInfo(name=name, type=type(mod).__name__, leaf=next(mod.children(), None) is None,
+                      shape=shapes.get(name), params=sum(p.numel() for p in mod.parameters()),
+                      calls=calls.get(name, 0), order=order.get(name, -1),
+                      channels_last=channels_last.get(name, False)) for name, mod in layers]
+
+
+def _trace(module: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor,
+           record: Callable[[str, nn.Module, tuple[int, ...] | None], None]) -> None:
+    """One forward pass of `x` (a batch of 2) with `record(name, module, per-image shape)` on every output."""
     def hook_for(name: str):
         def hook(mod, _inp, out):
-            calls[name] = calls.get(name, 0) + 1
-            order[name] = next(counter)
             t = pick_tensor(out)
             # batch of 2, so a layout without the batch first (T, B, D) is recognisable
-            shape = shapes[name] = tuple(t.shape[1:]) if t is not None and t.ndim >= 1 and t.shape[0] == 2 else None
-            if shape is not None and len(shape) == 3:
-                says = _says_channels_last(mod, shape)
-                if says is not None:
-                    last_layout[shape] = says
-                channels_last[name] = last_layout.get(shape, shape[0] == shape[1] != shape[2])
+            record(name, mod, tuple(t.shape[1:]) if t is not None and t.ndim >= 1 and t.shape[0] == 2 else None)
 
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
     try:
-        module(torch.randn(2, *model.input_size, device=device))
+        module(x)
     finally:
         for h in handles:
             h.remove()
-    return [LayerInfo(name=name, type=type(mod).__name__, leaf=next(mod.children(), None) is None,
-                      shape=shapes.get(name), params=sum(p.numel() for p in mod.parameters()),
-                      calls=calls.get(name, 0), order=order.get(name, -1),
-                      channels_last=channels_last.get(name, False)) for name, mod in layers]
 
 
 def split_layers(text: str | Sequence[str]) -> list[str]:

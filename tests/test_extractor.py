@@ -181,6 +181,21 @@ def test_channels_last_maps_are_pooled_over_height_and_width():
     assert infos["features.1.0.block.3"].channels_last and not infos["features.1.0"].channels_last
 
 
+def test_layout_of_a_map_with_as_many_channels_as_pixels_a_side():
+    # ConvNeXt-T at 384 px: stage 0 is (96, 96, 96). Its blocks' inner Linear is (H, W, C) of the same shape,
+    # and the blocks (channels first) took its layout: avgpool averaged over C and H.
+    torch.manual_seed(0)
+    model = load_model("timm:convnext_tiny.fb_in22k_ft_in1k_384", pretrained=False)
+    x = torch.randn(2, *model.input_size)
+    with torch.inference_mode():
+        stage = model.module.stages[0](model.module.stem(x))  # (B, 96, 96, 96), channels first
+    infos = {i.name: i for i in describe_layers(model)}
+    assert infos["stages.0.blocks.0.mlp.fc2"].channels_last
+    assert not any(infos[n].channels_last for n in ("stem", "stem.1", "stages.0", "stages.0.blocks.2"))
+    with Extractor(model, ["stages.0"], reduce="avgpool") as ex:
+        assert torch.allclose(ex(x)["stages.0"], stage.mean(dim=(2, 3)), atol=1e-5)
+
+
 def test_token_reductions():
     torch.manual_seed(0)
     model = load_model("timm:vit_tiny_patch16_224", pretrained=False)

@@ -122,3 +122,14 @@ def test_a_folder_with_other_files_is_a_corpus_of_its_images(tmp_path: Path, cap
     manifest = run(_config(images, tmp_path / "a.zarr"))
     assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 6
     assert ".DS_Store (hidden file)" in caplog.text and "cat0/notes.txt (not an image extension" in caplog.text
+
+
+def test_a_folder_of_images_with_a_tar_in_it_is_refused(tmp_path: Path):
+    # stimuli unpacked beside their archive: read as a folder of shards, its images were silently left out
+    images = tmp_path / "stimuli"
+    make_images(images, 6)
+    make_shards(images / "cat0", str(tmp_path / "packed"), maxcount=10)
+    (tmp_path / "packed" / "shard-000000.tar").rename(images / "backup.tar")
+    with pytest.raises(NeuroPredictorError, match=r"both \.tar files \(backup\.tar\) and images"):
+        run(_config(images, tmp_path / "a.zarr"))
+    assert not (tmp_path / "a.zarr").exists()

@@ -28,16 +28,22 @@ SHARD_SIZE = 1000  # images per shard made from a folder: enough shards to resum
 
 
 def is_image_folder(corpus: object) -> bool:
-    """Whether corpus names a local folder of images rather than of shards: it holds no .tar directly and
-    images somewhere under it."""
+    """Whether corpus names a local folder of images rather than of shards: it holds images somewhere
+    under it and no .tar directly. A folder with both is refused: either reading drops part of it."""
     if not isinstance(corpus, (str, os.PathLike)) or "://" in os.fspath(corpus):
         return False
     root = Path(corpus)
-    if not root.is_dir():
+    if not root.is_dir() or not has_images(root):
         return False
     with os.scandir(root) as entries:
-        names = [e.name for e in entries]
-    return not any(n.endswith(".tar") for n in names) and has_images(root)
+        tars = sorted(e.name for e in entries if e.name.endswith(".tar"))
+    if tars:
+        raise CorpusError(
+            f"the corpus {os.fspath(corpus)!r} holds both .tar files ({', '.join(tars[:3])}"
+            f"{' ...' if len(tars) > 3 else ''}) and images: read as shards its images would be left out, read "
+            "as images its .tar files would. Move the .tar files out of the folder of images, or the images "
+            "out of the folder of shards.")
+    return True
 
 
 def shard_folder(image_dir: str | os.PathLike, out: str) -> str:

@@ -53,6 +53,12 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 POLL_PAGE = 200
 
 
+def child_key(name: str) -> str:
+    """The idempotency key of a child run: one child per name and run of this flow. A retried flow run
+    keeps its id, so the key holds its run count: otherwise the server hands back the old children."""
+    return f"{flow_run.id}-run{flow_run.run_count}-{name}"
+
+
 def child_states(client: Any, run_ids: list[UUID]) -> dict[UUID, State | None]:
     """The current state of each child run, read in pages of POLL_PAGE runs."""
     out: dict[UUID, State | None] = {}
@@ -67,7 +73,8 @@ def child_states(client: Any, run_ids: list[UUID]) -> dict[UUID, State | None]:
 def extract_distributed_flow(params: DistributedParameters) -> dict:
     """Fan an extraction out over a work pool's workers; finalize once when every group is done."""
     logger = get_run_logger()
-    config = params.library_config()
+    # the parent plans and finalizes on its control worker, which need not have the children's GPUs
+    config = params.library_config().model_copy(update={"device": "cpu"})
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options)
@@ -83,10 +90,11 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
 
     def launch(i: int) -> None:
         attempts[i] += 1
-        child = dict(base, shards=groups[i], finalize=False)
+        # the parent's plan already verified and replaced: children only extract their shards
+        child = dict(base, shards=groups[i], finalize=False, verify=False, overwrite=False)
         run = run_deployment(
             name=params.deployment, parameters={"params": child}, timeout=0, as_subflow=True,
-            idempotency_key=f"{flow_run.id}-group{i}-attempt{attempts[i]}",
+            idempotency_key=child_key(f"group{i}-attempt{attempts[i]}"),
             flow_run_name=groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}..{groups[i][-1]}",
         )
         running[i] = run.id
@@ -117,8 +125,16 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
             update_progress_artifact(progress, progress=100.0 * finished / max(len(groups), 1))
     for i in running:
         failed[i] = f"still running after {params.timeout_hours} h"
+    if not params.finalize:
+        if failed:
+            raise NeuroPredictorError(schedule.failure_message({groups[i][0]: why for i, why in failed.items()}))
+        return {"status": "shards-done", "shards": {name: "committed" for g in groups for name in g}}
     manifest = finalize_task(config)
     report_artifacts(config, manifest)
-    if failed:
-        raise NeuroPredictorError(schedule.failure_message(schedule.unfinished(manifest)))
+    # judged by what the store holds, not by the children's states: a child that ended Completed
+    # without committing its shards leaves them unfinished
+    scope = set(params.shards) if params.shards else None
+    missing = {k: v for k, v in schedule.unfinished(manifest).items() if scope is None or k in scope}
+    if missing:
+        raise NeuroPredictorError(schedule.failure_message(missing))
     return summarize(manifest)

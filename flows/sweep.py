@@ -13,7 +13,7 @@ import base64
 import time
 from collections.abc import Callable
 
-from neuropredictor_flows.distributed import TERMINAL, child_states
+from neuropredictor_flows.distributed import TERMINAL, child_key, child_states
 from neuropredictor_flows.extract import (
     ExtractParameters,
     emit,
@@ -31,7 +31,6 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.runtime import flow_run
 from pydantic import Field, field_validator
 
 from neuropredictor import fs as fsx
@@ -99,7 +98,7 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
             continue
         child = _child(params, sweep.extract_config(model))
         run = run_deployment(name=params.deployment, parameters={"params": child.model_dump(mode="json")}, timeout=0,
-                             as_subflow=True, flow_run_name=model.label, idempotency_key=f"{flow_run.id}-{model.label}")
+                             as_subflow=True, flow_run_name=model.label, idempotency_key=child_key(model.label))
         running[run.id] = model
     deadline = time.monotonic() + params.timeout_hours * 3600
     with get_client(sync_client=True) as client:

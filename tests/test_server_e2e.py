@@ -124,6 +124,16 @@ def _wait_run(client: httpx.Client, run_id: str, procs: Processes, timeout: floa
     pytest.fail(f"flow run {run_id} not finished after {timeout} s\n" + procs.tail())
 
 
+def _wait_idle(worker: subprocess.Popen, procs: Processes, timeout: float = 60) -> None:
+    """Wait until a worker has no flow run process left (Linux: its children, from /proc)."""
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
+    deadline = time.monotonic() + timeout
+    while children.read_text().strip():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the worker still runs a flow after {timeout} s\n" + procs.tail())
+        time.sleep(0.5)
+
+
 def _trigger(client: httpx.Client, deployment_id: str, params: dict) -> str:
     # a loaded SQLite server answers 503 while its database is busy: a client tries again, a few times
     for _ in range(5):
@@ -151,9 +161,10 @@ def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
          "--base-job-template", str(REPO / "infra" / "k8s" / "base-job-template.json"))
     out = _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     assert "extract/local" in out and "extract-distributed/distributed" in out, out
+    workers: dict[str, subprocess.Popen] = {}
 
     for name, queue in (("w1", "default"), ("w2", "default"), ("control", "control")):
-        procs.start(f"worker-{name}", [PREFECT, "worker", "start", "--pool", "local-process", "--work-queue", queue,
+        workers[name] = procs.start(f"worker-{name}", [PREFECT, "worker", "start", "--pool", "local-process", "--work-queue", queue,
                                        "--limit", "1", "--name", name],
                     {**env, "NEUROPREDICTOR_WORKER_ID": name})
 
@@ -192,6 +203,22 @@ def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
         manifest = FeatureStore.open("s3://test-bucket/runs/e2e.zarr", s3, mode="r").manifest
         assert {s["name"]: s["committed_at"] for s in manifest["shards"]} == committed_at
         assert client.post("/flow_runs/count", json={"flow_runs": {"parent_task_run_id": {"is_null_": False}}}).json() == children
+
+        # a parent that failed (no relaunches left), retried as a whole (`prefect flow-run retry`, the UI's
+        # Retry): the retried run keeps its id, and must launch new children for what is not committed
+        fs.pipe_file(broken, good[: len(good) // 2])
+        retry_params = {**params, "out": "s3://test-bucket/runs/retried.zarr", "max_relaunches": 0}
+        run_id = _trigger(client, deployment["id"], retry_params)
+        failed = _wait_run(client, run_id, procs)
+        assert failed["state"]["type"] == "FAILED", json.dumps(failed["state"])
+        _wait_idle(workers["control"], procs)  # else its worker may still judge the old process's exit
+        fs.pipe_file(broken, good)
+        _cli(env, "flow-run", "retry", run_id)
+        retried = _wait_run(client, run_id, procs)
+        assert retried["state"]["type"] == "COMPLETED", json.dumps(retried["state"]) + procs.tail()
+        assert retried["run_count"] == 2
+        assert FeatureStore.open("s3://test-bucket/runs/retried.zarr", s3, mode="r").manifest["status"] == "complete"
+        check_against_reference(open_features("s3://test-bucket/runs/retried.zarr", s3), image_dir)
 
 
 def test_sweep_through_a_real_server(prefect_server, tmp_path):

@@ -88,6 +88,16 @@ def test_status_words_survive_rich_markup(corpus, tmp_path):
     assert inspected.exit_code == 0 and "[complete]" in inspected.output, inspected.output
 
 
+def test_brackets_in_help_and_paths_are_shown_as_written(tmp_path):
+    # rich markup took [@TAG] in the model spec's help, and [v2] in an output folder's name, for tags
+    for command in (["extract", "--help"], ["layers", "--help"]):
+        result = CliRunner(env={"COLUMNS": "200"}).invoke(app, command)
+        assert "SOURCE:NAME[@TAG]" in result.output, result.output
+    make_images(tmp_path / "imgs", 3, nested=False)
+    result = _cli("shards", "make", str(tmp_path / "imgs"), str(tmp_path / "sh[v2]"))
+    assert result.exit_code == 0 and f"{tmp_path / 'sh[v2]'}" in result.output.replace("\n", ""), result.output
+
+
 def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_path):
     out = tmp_path / "out.zarr"
     stop, shards = threading.Event(), []

@@ -36,12 +36,12 @@ def models(
     for spec in specs:
         print(spec)
     if not specs:
-        err_console.print("no models match.\n" + GRAMMAR)
+        err_console.print("no models match.\n" + escape(GRAMMAR))
 
 
 @app.command()
 def layers(
-    spec: Annotated[str, typer.Argument(help="Model spec SOURCE:NAME[@TAG], e.g. torchvision:alexnet.")],
+    spec: Annotated[str, typer.Argument(help=escape("Model spec SOURCE:NAME[@TAG], e.g. torchvision:alexnet."))],
     pattern: Annotated[Optional[str], typer.Argument(help="Glob over layer names ('*' within a segment, '**' across).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="Only the layers a preset picks (auto: the "
                                                   "model's representative depths, as `--layers auto` extracts).")] = None,
@@ -120,4 +120,4 @@ def _print_shards(shards: list, as_json: bool, done: str, where: str) -> None:
     if as_json:
         print(json.dumps([{"name": s.name, "url": s.url, "count": s.count} for s in shards]))
     else:
-        console.print(f"{done} {len(shards)} shards ({sum(s.count for s in shards)} images) {where}")
+        console.print(f"{done} {len(shards)} shards ({sum(s.count for s in shards)} images) {where}", markup=False)

@@ -24,8 +24,9 @@ def field_help(name: str) -> str:
 
 
 def option(name: str, *flags: str, help: str | None = None) -> Any:
-    """The option of ExtractConfig field `name`: its flag is the field's name, its help the field's."""
-    return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=help or field_help(name))
+    """The option of ExtractConfig field `name`: its flag is the field's name, its help the field's (plain
+    text: SOURCE:NAME[@TAG] is not markup)."""
+    return typer.Option(*(flags or ("--" + name.replace("_", "-"),)), help=escape(help or field_help(name)))
 
 
 # Library messages name parameters (overwrite=True, `out`); on the command line they are flags, named by

@@ -13,7 +13,7 @@ REDACTED = "***"
 # `_`, `-`, `.`, spaces and camelCase), so `aws_secret_access_key`, `hfToken` and s3fs's bare `key`
 # are caught while harmless names such as `monkey` or `num_tokens` are left alone.
 _SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials",
-                 "apikey", "accesskey", "secretkey", "authorization"}
+                 "apikey", "accesskey", "secretkey", "authorization", "connection_string", "connectionstring"}
 # Fields whose mappings are keyed by layer or array names, not option names: a layer named `key` (attention's
 # key projection) or `token_mixer` holds no credential, and its checksum or reduction must survive.
 _KEYED_BY_DATA = frozenset({"checksums", "reductions"})
@@ -23,6 +23,11 @@ _QUERY_SECRET = re.compile(
     r"(?P<head>[?&][^=&#\s]*(?:signature|token|secret|password|credential|key)[^=&#\s]*=)[^&#\s]*",
     re.IGNORECASE,
 )
+
+
+# keys inside an Azure connection string (`...;AccountKey=...;`), or a SAS signature written out
+_CONNECTION_SECRET = re.compile(r"(?P<head>\b(?:AccountKey|SharedAccessKey|SharedAccessSignature)=)[^;\s]*",
+                                re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
@@ -39,6 +44,7 @@ def _is_blank(value: Any) -> bool:
 def redact_text(text: str) -> str:
     """Remove passwords from URLs (`s3://user:pw@host` -> `s3://user:***@host`) and secret query values."""
     text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
+    text = _CONNECTION_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
     return _QUERY_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
 
 

@@ -137,7 +137,8 @@ def test_a_sweep_with_a_credentials_block_passes_the_block_to_its_extract_subflo
 
 @pytest.mark.parametrize("options", [{"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"},
                                      {"client_kwargs": {"aws_secret_access_key": "s3cr3t"}},
-                                     {"endpoint_url": "http://user:pa55@minio:9000"}])
+                                     {"endpoint_url": "http://user:pa55@minio:9000"},
+                                     {"connection_string": "AccountName=a;AccountKey=s3cr3t;EndpointSuffix=x"}])
 def test_credentials_are_never_flow_parameters(tmp_path, options):
     from pydantic import ValidationError
 

@@ -98,6 +98,14 @@ def test_brackets_in_help_and_paths_are_shown_as_written(tmp_path):
     assert result.exit_code == 0 and f"{tmp_path / 'sh[v2]'}" in result.output.replace("\n", ""), result.output
 
 
+@pytest.mark.parametrize("option,words", [(["--maxcount", "0"], "maxcount must be at least 1"),
+                                          (["--prefix", "my.set"], "prefix must be a non-empty name")])
+def test_shards_make_bad_options_are_one_error_line(tmp_path, option, words):
+    make_images(tmp_path / "imgs", 2, nested=False)
+    result = _cli("shards", "make", str(tmp_path / "imgs"), str(tmp_path / "sh"), *option)
+    assert result.exit_code == 2 and words in result.output and "traceback" not in result.output, result.output
+
+
 def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_path):
     out = tmp_path / "out.zarr"
     stop, shards = threading.Event(), []

@@ -156,9 +156,10 @@ def make_shards(
     sample key are refused.
     """
     if maxcount < 1:
-        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+        raise CorpusError(f"maxcount must be at least 1 (images per shard), got {maxcount}")
     if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"prefix must be a non-empty name without '/' or '.', got {prefix!r}")
+        raise CorpusError(f"prefix must be a non-empty name without '/' or '.' (shards are PREFIX-000000.tar), "
+                          f"got {prefix!r}")
     root = Path(image_dir)
     if not root.is_dir():
         raise CorpusError(f"image folder {root} does not exist or is not a directory: pass a folder of images.")

@@ -154,8 +154,9 @@ def test_compose_gpu_worker_environment():
     for key in ("PREFECT_API_URL", "PREFECT_WORK_POOL", "NEUROPREDICTOR_WORKER_ID", "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
         assert key in env, key
-    assert env["PREFECT_API_URL"] in ("http://prefect-server:4200/api", "${PREFECT_API_URL:-http://prefect-server:4200/api}")
-    assert env["AWS_ENDPOINT_URL"] in ("http://minio:9000", "${AWS_ENDPOINT_URL:-http://minio:9000}")
+    assert env["PREFECT_API_URL"] in ("http://prefect-server:4200/api",
+                                      "${WORKER_PREFECT_API_URL:-http://prefect-server:4200/api}")
+    assert env["AWS_ENDPOINT_URL"] in ("http://minio:9000", "${WORKER_AWS_ENDPOINT_URL:-http://minio:9000}")
     # the worker's S3 credentials are MinIO's root credentials
     minio = services["minio"]["environment"]
     for aws, root in (("AWS_ACCESS_KEY_ID", "MINIO_ROOT_USER"), ("AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD")):
@@ -202,6 +203,28 @@ def test_compose_variables_have_defaults_or_are_in_env_example():
     for name, modifier in used:
         has_default = modifier.startswith(("-", ":-"))
         assert has_default or name in documented, f"${{{name}}} has no default and is not in infra/.env.example"
+
+
+def test_compose_reads_no_variable_the_readme_exports_for_the_host():
+    # compose takes the shell's variables before infra/.env: after the README's `export PREFECT_API_URL=
+    # http://localhost:4200/api` (for the host's CLI), the worker pointed at its own localhost
+    exported = set(re.findall(r"^\s*export ([A-Z_][A-Z0-9_]*)=", (REPO / "README.md").read_text(), re.MULTILINE))
+    assert "PREFECT_API_URL" in exported
+    used = {name for text in _strings(_compose()) for name, _ in _interpolations(text)}
+    assert not used & exported
+
+
+def test_parents_that_wait_on_child_runs_go_to_the_control_queue():
+    # a parent with `deployment` set only waits on its children: on a cluster only the control worker
+    # serves its queue (infra/k8s/control-worker.yaml); elsewhere it would stay Scheduled
+    control = yaml.safe_load((INFRA / "k8s" / "control-worker.yaml").read_text())
+    args = control["spec"]["template"]["spec"]["containers"][0]["args"]
+    queue = args[args.index("--work-queue") + 1]
+    parents = [d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+               if "deployment" in (d.get("parameters") or {}).get("params", {})]
+    assert {d["name"] for d in parents} >= {"distributed", "sweep-gpu"}
+    for d in parents:
+        assert d["work_pool"].get("work_queue_name") == queue, d["name"]
 
 
 def test_env_example_holds_no_real_secrets():

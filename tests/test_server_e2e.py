@@ -177,6 +177,7 @@ def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
     failed_filter = {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}, "name": {"like_": "shard-000004"}}}
     with httpx.Client(base_url=api, timeout=30) as client:
         deployment = client.get("/deployments/name/extract-distributed/distributed").raise_for_status().json()
+        assert not deployment["pull_steps"]  # not the deploying shell's folder: workers run elsewhere
         run_id = _trigger(client, deployment["id"], params)
         deadline = time.monotonic() + 300
         while not client.post("/flow_runs/count", json=failed_filter).json():

@@ -184,7 +184,8 @@ def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[s
 
 PRESETS = ("auto",)
 # Trunks of numbered blocks, first match wins: timm/DeiT/open_clip/HF ViT, SigLIP/CLIP (HF), Swin, ConvNeXt...
-_BLOCK_TRUNKS = ("blocks", "encoder.layers", "encoder.layer", "transformer.resblocks", "layers", "stages")
+_BLOCK_TRUNKS = ("blocks", "encoder.layers", "encoder.layer", "encoder.stages", "transformer.resblocks", "layers",
+                 "stages")
 
 
 def preset_layers(model: LoadedModel, infos: Sequence[LayerInfo], preset: str = "auto") -> list[str]:

@@ -167,6 +167,17 @@ def test_auto_preset_picks_representative_depths(spec, expected):
     assert preset_layers(model, describe_layers(model)) == expected
 
 
+def test_auto_preset_picks_the_stages_of_hugging_face_conv_nets(tmp_path):
+    # HF ResNet, ConvNeXt, RegNet keep their stages under encoder.stages: auto gave embedder, encoder, pooler
+    transformers = pytest.importorskip("transformers")
+    from neuropredictor.layers import preset_layers
+
+    transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1]).save_pretrained(tmp_path)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 64}).save_pretrained(tmp_path)
+    model = load_model(f"hf:{tmp_path}", pretrained=False)
+    assert preset_layers(model, describe_layers(model)) == [f"encoder.stages.{i}" for i in range(4)]
+
+
 def test_auto_preset_in_extraction_and_fallback(tmp_path):
     from pathlib import Path
 

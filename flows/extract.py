@@ -152,8 +152,10 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     todo_rows = sum(s.count for g in groups for s in g)
     logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],
                 todo_rows, ", ".join(devices))
-    total_rows = max(store.rows, 1)
-    done_before = store.rows - todo_rows
+    # the rows of this run's shards (a child of extract-distributed has a group of them), not the store's
+    scope_rows = sum(s.count for s in store.shards if not params.shards or s.name in set(params.shards))
+    total_rows = max(scope_rows, 1)
+    done_before = scope_rows - todo_rows
     progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows, key="extract-progress",
                                            description=f"Rows of {config.out} committed")
     policy = schedule.RetryPolicy.of(config)

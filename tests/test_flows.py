@@ -76,6 +76,17 @@ def test_flow_end_to_end_local_with_artifacts(corpus, image_dir, tmp_path):
     assert str(out) in arts["extract-summary"].data and "open_features" in arts["extract-summary"].data
 
 
+def test_progress_counts_only_the_runs_own_shards(corpus, tmp_path):
+    # a child run of extract-distributed extracts a group of shards: the rest of the store is not its
+    # progress (its bar started at 60% here, and stayed there when its one shard failed)
+    shard = corpus / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:4000])
+    state = extract_flow(_params(corpus, tmp_path / "out.zarr", shards=["shard-000000"], finalize=False, retries=0),
+                         return_state=True)
+    assert state.is_failed()
+    assert float(_artifacts(state.state_details.flow_run_id)["extract-progress"].data) == 0.0
+
+
 def test_flow_end_to_end_s3(s3, image_dir):
     make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10, storage_options=s3)
     # credentials come from the environment (conftest's `s3`); only the endpoint is a parameter

@@ -110,8 +110,9 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
                 model = running.pop(run_id)
                 if state.type.value == "COMPLETED":
                     manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
-                    seconds = client.read_flow_run(run_id).total_run_time.total_seconds()  # its own, not the sweep's
-                    results[model.label] = sweep_run.record_extracted(sweep, model, record, manifest, seconds)
+                    child = client.read_flow_run(run_id)  # its own time, not the sweep's
+                    results[model.label] = sweep_run.record_extracted(
+                        sweep, model, record, manifest, child.total_run_time.total_seconds(), child.start_time)
                 else:
                     results[model.label] = sweep_run.record_failed(
                         sweep, model, record, f"{state.type.value}: {state.message}")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,22 @@ def test_two_checkpoints_of_one_architecture_run_under_their_names(tmp_path):
     assert not np.allclose(a, b)
     assert set(json.loads((tmp_path / "out" / "sweep.json").read_text())["models"]) == {"net-ep1", "net-ep3"}
     assert all(m["extract"]["skipped"] for m in run_sweep(sweep)["models"])
+
+
+def test_a_resumed_model_reports_the_rate_of_the_rows_it_extracted(tmp_path):
+    # a store half done by an earlier run: its rate is this run's rows over this run's time (it counted every
+    # committed row, the earlier run's too)
+    from neuropredictor import extract_shard, plan
+
+    make_images(tmp_path / "imgs", 40, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=10)
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=[CUSTOM])
+    config = sweep.extract_config(sweep.models[0])
+    store = plan(config)
+    for shard in store.shards[:3]:
+        extract_shard(config, shard, store)
+    time.sleep(1.1)  # commit times have second precision
+    info = run_sweep(sweep)["models"][0]["extract"]
+    assert info["rows"]["committed"] == 40 and not info["skipped"]
+    # 10 rows, not 40 (seconds are rounded to 10 ms, of a run this short)
+    assert info["images_per_s"] * info["seconds"] == pytest.approx(10, rel=0.3)

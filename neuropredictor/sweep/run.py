@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Any
 
@@ -127,9 +128,14 @@ def is_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> 
 
 
 def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord, manifest: dict,
-                     seconds: float) -> dict[str, Any]:
+                     seconds: float, since: datetime) -> dict[str, Any]:
+    """A model extracted in `seconds` from `since` (UTC): its rate counts the rows committed in that time,
+    not those a resumed store already held."""
+    start = since.replace(microsecond=0)  # commit times have second precision
+    rows_now = sum(int(s["count"]) for s in manifest["shards"]
+                   if s.get("committed_at") and datetime.fromisoformat(s["committed_at"]) >= start)
     info = {"rows": manifest["rows"], "layers": [lay["name"] for lay in manifest["layers"]],
-            "images_per_s": round(manifest["rows"]["committed"] / seconds, 1) if seconds > 0 else None,
+            "images_per_s": round(rows_now / seconds, 1) if seconds > 0 else None,
             "seconds": round(seconds, 2), "config_hash": manifest["config_hash"]}
     record.mark(model.label, "extract", extract_options(sweep, model), StepStatus.DONE, info=info)
     return {"status": StepStatus.DONE, "skipped": False, **info}
@@ -158,14 +164,14 @@ def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord, on
         return skipped(record, model)
     if on_event:
         on_event("extracting", {"spec": model.label})
-    t0 = time.perf_counter()
+    t0, since = time.perf_counter(), datetime.now(timezone.utc)
     try:
         manifest = extract(sweep.extract_config(model), on_event)
     except Interrupted:
         raise
     except Exception as exc:  # one model's failure must not cost the others
         return record_failed(sweep, model, record, f"{type(exc).__name__}: {exc}")
-    return record_extracted(sweep, model, record, manifest, time.perf_counter() - t0)
+    return record_extracted(sweep, model, record, manifest, time.perf_counter() - t0, since)
 
 
 def encode_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> dict[str, Any]:

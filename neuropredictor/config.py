@@ -29,8 +29,12 @@ REPLICA = Role("replica")  # changes the model replica: a cached replica is reus
 
 
 def comma_list(cls: type, v: Any) -> Any:
-    """Validator (mode="before") of list fields: "a, b" gives ["a", "b"], as command lines and forms write lists."""
-    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+    """Validator (mode="before") of list fields: "a, b" gives ["a", "b"], as command lines and forms write lists;
+    so does ["a", "b"] or ["a,b"] (an option given several times)."""
+    items = [v] if isinstance(v, str) else v
+    if isinstance(items, (list, tuple)) and all(isinstance(i, str) for i in items):
+        return [s.strip() for i in items for s in i.split(",") if s.strip()]
+    return v
 
 
 class ExtractConfig(BaseModel):

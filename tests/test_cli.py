@@ -17,6 +17,7 @@ from neuropredictor.cli import app
 from neuropredictor.cli.progress import ProgressListener
 from neuropredictor.corpus import make_shards
 from neuropredictor.errors import Interrupted
+from neuropredictor.store import FeatureStore
 
 CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"  # small and fast, random weights
 
@@ -104,6 +105,17 @@ def test_shards_make_bad_options_are_one_error_line(tmp_path, option, words):
     make_images(tmp_path / "imgs", 2, nested=False)
     result = _cli("shards", "make", str(tmp_path / "imgs"), str(tmp_path / "sh"), *option)
     assert result.exit_code == 2 and words in result.output and "traceback" not in result.output, result.output
+
+
+def test_repeated_corpus_and_layers_options_are_lists(corpus, tmp_path):
+    # repeated, each option kept only its last value: one shard of two read, one layer of two stored
+    out = tmp_path / "out.zarr"
+    result = _cli("extract", "--corpus", str(corpus / "shard-000000.tar"), "--corpus", str(corpus / "shard-000001.tar"),
+                  "--model", CUSTOM, "--layers", "features.2", "--layers", "features.5", "--out", str(out),
+                  "--batch-size", "2", "--num-workers", "0", "--no-prefect", "--json")
+    assert result.exit_code == 0, result.output
+    manifest = FeatureStore.open(str(out), mode="r").manifest
+    assert manifest["rows"]["total"] == 8 and [lay["name"] for lay in manifest["layers"]] == ["features.2", "features.5"]
 
 
 def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_path):

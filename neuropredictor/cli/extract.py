@@ -42,9 +42,9 @@ from neuropredictor.errors import Interrupted, NeuroPredictorError
 @app.command()
 def extract(
     ctx: typer.Context,
-    corpus: Annotated[str, option("corpus")],
+    corpus: Annotated[list[str], option("corpus", help=field_help("corpus") + " Repeat the option for a list.")],
     model: Annotated[str, option("model")],
-    layers: Annotated[str, option("layers", help="Comma-separated. " + field_help("layers"))],
+    layers: Annotated[list[str], option("layers", help="Comma-separated or repeated. " + field_help("layers"))],
     out: Annotated[str, option("out")],
     reduce: Annotated[str, option("reduce")] = RUN_DEFAULTS.reduce,
     pretrained: Pretrained = RUN_DEFAULTS.pretrained,
@@ -71,7 +71,8 @@ def extract(
     try:
         # every option is named as its ExtractConfig field
         fields = {k: v for k, v in ctx.params.items() if k in ExtractConfig.model_fields}
-        config = ExtractConfig(**fields | {"weights": str(weights) if weights else None})
+        config = ExtractConfig(**fields | {"weights": str(weights) if weights else None,
+                                           "corpus": corpus[0] if len(corpus) == 1 else corpus})
         manifest = run_with_progress(config, prefect)
     except Interrupted as exc:
         interrupted(exc)

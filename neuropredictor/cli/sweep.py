@@ -66,10 +66,12 @@ def sweep(
         help="A sweep file (YAML) with the same fields as the options (corpus, models, layers, reduce, out, "
         "neural, encode: {...}, ...); each entry of `models` is a spec or {spec, layers, reduce, weights, "
         "pretrained, name}. Options given with it override the file.")] = None,
-    corpus: Annotated[str | None, _option("corpus")] = None,
+    corpus: Annotated[list[str] | None, _option("corpus", help=SWEEP["corpus"].description
+                                                + " Repeat the option for a list.")] = None,
     models: Annotated[str | None, _option("models", help="Comma-separated model specs, e.g. "
                                           "timm:resnet50,torchvision:alexnet (see `neuropredictor models`).")] = None,
-    layers: Annotated[str, _option("layers", help="Comma-separated. " + (SWEEP["layers"].description or ""))] = _LAYERS,
+    layers: Annotated[list[str], _option("layers", help="Comma-separated or repeated. "
+                                         + (SWEEP["layers"].description or ""))] = [_LAYERS],
     reduce: Annotated[str, _option("reduce")] = SWEEP["reduce"].default,
     out: Annotated[str | None, _option("out")] = None,
     neural: Annotated[str | None, _option("neural")] = None,
@@ -138,7 +140,9 @@ def _config(ctx: typer.Context, file: Path | None) -> SweepConfig:
     # parameters are named as SweepConfig's fields, then as EncodeSettings' with `encode_` before a name
     # both have (`--device` is the extraction's, `--encode-device` the encoding's)
     for name, value in given.items():
-        if name in SWEEP:
+        if name == "corpus" and len(value) == 1:
+            fields[name] = value[0]
+        elif name in SWEEP:
             fields[name] = value
         elif name.removeprefix("encode_") in EncodeSettings.model_fields:
             encode[name.removeprefix("encode_")] = value

@@ -439,7 +439,9 @@ def test_bad_images_are_marked_invalid(tmp_path: Path) -> None:
 
 def test_count_mismatch_is_an_error(shard_dir: Path) -> None:
     shard = list_shards(str(shard_dir))[0]  # 10 samples
-    with pytest.raises(CorpusError, match="has 10 samples but the corpus index says 11"):
+    # the fix is named: index the folder again, then overwrite the store planned with the old count
+    with pytest.raises(CorpusError, match=r"has 10 samples but the corpus index says 11: .*shards index FOLDER.*"
+                                          r"overwrite=True"):
         read_all(dataclasses.replace(shard, count=11), num_workers=2)
 
     # too few expected: nothing past the expected rows is ever yielded (they belong to the next shard)

@@ -46,6 +46,10 @@ from neuropredictor.errors import CorpusError
 from neuropredictor.shard import Shard
 
 _DUMMY_SIZE = (64, 64)
+# what to do when a shard no longer holds the samples its folder's index.json counted
+_STALE = ("the shard was replaced after its folder was indexed. Index the folder again (`neuropredictor shards "
+          "index FOLDER`, or index_shards), then extract with overwrite=True: the store was planned with the old "
+          "count.")
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +107,8 @@ def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int
             if cur is not None:
                 yield cur
             if n >= count:  # stop before anything past the shard's rows exists
-                raise CorpusError(f"shard {url} has more than {count} samples (the corpus index says "
-                                  f"{count}): the index or the listing is stale; list the corpus again.")
+                raise CorpusError(f"shard {url} has more than {count} samples but the corpus index says "
+                                  f"{count}: {_STALE}")
             shown, problem = printable_key(key)
             if problem is None and key in seen:
                 problem = f"the key {key!r} is also sample {seen[key]} of this shard: keys must be unique"
@@ -120,8 +124,7 @@ def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int
             fobj = tf.extractfile(ti)
             cur.data = fobj.read() if fobj is not None else b""
     if n != count:
-        raise CorpusError(f"shard {url} has {n} samples but the corpus index says {count}: the index or "
-                          "the listing is stale, or the shard was replaced; list the corpus again.")
+        raise CorpusError(f"shard {url} has {n} samples but the corpus index says {count}: {_STALE}")
     if cur is not None:
         yield cur
 

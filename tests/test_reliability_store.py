@@ -381,3 +381,38 @@ def test_killed_at_a_point_then_rerun_gives_the_identical_store(unequal_corpus, 
     _assert_identical(clean_url, str(out))
     assert FeatureStore.open(str(out)).verify() == {}
     assert not list(out.glob("_staging/*"))
+
+
+def test_a_lease_taken_over_after_it_expired_is_never_written_back(tmp_path, monkeypatch):
+    # its holder's renewals failed for a whole lifetime, another run took it over: the holder's next
+    # renewal rewrote it, and both ran as its only holder
+    import fsspec
+
+    fs, path = fsspec.filesystem("file"), str(tmp_path / "plan.json")
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 0.6)
+    lease = locks.acquire(fs, path, "planning", wait_s=0)
+    taker = locks._record("other-run", "planning", 60)
+    fs.pipe_file(path, json.dumps(taker).encode())  # what a takeover leaves
+    time.sleep(0.5)  # a renewal or two
+    assert json.loads(fs.cat_file(path))["run_id"] == "other-run" and lease.lost
+    with pytest.raises(locks.StoreBusyError, match="lost the lease .* now held by run other-run"):
+        lease.check()
+    lease.release()
+    assert json.loads(fs.cat_file(path))["run_id"] == "other-run"  # not its lease to remove
+
+
+def test_of_two_takers_of_an_expired_lease_one_holds_it(tmp_path):
+    # B found the lease expired; A then took it over and holds a new one; B's takeover must not remove A's
+    import fsspec
+
+    fs, path = fsspec.filesystem("file"), str(tmp_path / "plan.json")
+    fs.pipe_file(path, json.dumps({**locks._record("dead-run", "planning", 60), "expires_at": 0}).encode())
+    raw, seen_by_b = locks._read_raw(fs, path)
+    assert locks.expired(seen_by_b)
+    a = locks.acquire(fs, path, "planning", wait_s=0)
+    locks._take_over(fs, path, raw, 60)  # B, a moment late
+    assert json.loads(fs.cat_file(path))["run_id"] == a.run_id
+    with pytest.raises(locks.StoreBusyError, match="the store is busy"):
+        locks.acquire(fs, path, "planning", wait_s=0)
+    a.release()
+    assert not fs.exists(path)

@@ -129,7 +129,7 @@ class FeatureStore:
         _refuse_foreign(fs, root, url)
         if overwrite and (root in ("", "/") or (not fsx.is_local(fs) and "/" not in root)):
             raise StoreError(f"refusing to replace all of {redact_text(url)!r}: choose a sub-folder as `out`")
-        with locks.acquire(fs, f"{root}/{LOCKS_DIR}/plan.json", "planning", wait_s):
+        with locks.acquire(fs, f"{root}/{LOCKS_DIR}/plan.json", "planning", wait_s) as lease:
             found = _Found.read(fs, root, url)
             replaced, diffs = None, []
             if found.plan is not None:
@@ -153,6 +153,7 @@ class FeatureStore:
                             f"not replacing the store at {redact_text(url)!r}: another run is extracting into it "
                             f"({locks.describe(busy[0])}). Stop it first, or choose another `out`.")
                     replaced = _delete_store(fs, root, found)
+                lease.check()
                 store = cls._plan_new(url, storage_options, fs, root, requested, layers, shards)
             store.replaced = replaced
             return store
@@ -409,7 +410,7 @@ class FeatureStore:
         (the finalize lease), since it is the only writer of shared chunks.
         """
         self._require_writable()
-        with locks.acquire(self._fs, f"{self._root}/{LOCKS_DIR}/{_FINALIZE_LOCK}", "finalizing", wait_s):
+        with locks.acquire(self._fs, f"{self._root}/{LOCKS_DIR}/{_FINALIZE_LOCK}", "finalizing", wait_s) as lease:
             self._check_generation()
             records = self.records.by_kind()  # read once: a request per shard
             commits = records[0]
@@ -429,6 +430,7 @@ class FeatureStore:
             if complete and several_folders and (dupes := self._duplicate_keys()):
                 manifest["duplicate_keys"] = dupes
             # Written last: 'complete' in the manifest means the data and the metadata are sealed.
+            lease.check()
             fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
         self._manifest = manifest
         self.repairs.clear()

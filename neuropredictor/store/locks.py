@@ -7,13 +7,18 @@
 A lease names its owner (host, pid, run id) and when it expires; a heartbeat thread renews it every third
 of its lifetime. The owner of a lease that stops being renewed (kill -9, a lost machine) is taken for dead
 once it has expired, and the lease can be taken over. Exclusive leases are created with an atomic
-create-if-absent (`fs.create_exclusive`). Clocks of different machines are compared, so they must agree
-to well within the lifetime (NTP does that).
+create-if-absent (`fs.create_exclusive`); object stores have no conditional delete, so of the processes that
+find a lease expired, only the one that first creates its marker (`<lease>.taken-<digest of its bytes>`)
+removes it. A holder whose lease was taken over anyway (its renewals failed for a whole lifetime) stops
+renewing it and `check()` says so, instead of writing it back. Clocks of different machines are compared,
+so they must agree to well within the lifetime (NTP does that).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
 import threading
@@ -55,15 +60,30 @@ def _read(fs: Any, path: str) -> dict | None:
     return {"expires_at": 0} if damaged else lease
 
 
+def _read_raw(fs: Any, path: str) -> tuple[bytes, dict] | None:
+    """The lease at path as stored and as read (a damaged one counts as expired), or None if there is none."""
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        lease = json.loads(raw)
+    except ValueError:
+        lease = None
+    return raw, lease if isinstance(lease, dict) else {"expires_at": 0}
+
+
 def expired(lease: dict) -> bool:
     return time.time() > float(lease.get("expires_at", 0))
 
 
 class Lease:
-    """A lease held by this process; renewed on a daemon thread until released."""
+    """A lease held by this process; renewed on a daemon thread until released. An exclusive lease found
+    in other hands at a renewal is lost: it is not written back, and `check()` raises."""
 
-    def __init__(self, fs: Any, path: str, run_id: str, what: str, seconds: float) -> None:
+    def __init__(self, fs: Any, path: str, run_id: str, what: str, seconds: float, exclusive: bool) -> None:
         self._fs, self.path, self.run_id, self.what, self.seconds = fs, path, run_id, what, seconds
+        self.exclusive, self.lost = exclusive, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="neuropredictor-lease", daemon=True)
 
@@ -74,7 +94,21 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             with contextlib.suppress(Exception):  # a missed renewal is retried; expiry is the only harm
+                if self.exclusive:
+                    current = _read(self._fs, self.path)
+                    if current is None or current.get("run_id") != self.run_id:
+                        self.lost = True  # taken over once expired: writing it back would make two holders
+                        return
                 fsx.write_json_atomic(self._fs, self.path, _record(self.run_id, self.what, self.seconds))
+
+    def check(self) -> None:
+        """Raise StoreBusyError if the lease was taken over (before a write only its holder may make)."""
+        if self.lost:
+            holder = _read(self._fs, self.path)
+            raise StoreBusyError(f"lost the lease {self.path} while {self.what} (it was not renewed for "
+                                 f"{self.seconds:.0f} s: storage unreachable?)"
+                                 + (f"; now held by {describe(holder)}" if holder else "")
+                                 + ". Nothing more was written; run again.")
 
     def release(self) -> None:
         self._stop.set()
@@ -103,14 +137,13 @@ def acquire(fs: Any, path: str, what: str, wait_s: float) -> Lease:
     deadline = time.monotonic() + wait_s
     for _ in range(1_000_000):  # bounded by the deadline in practice
         if fsx.create_exclusive(fs, path, fsx.json_bytes(_record(run_id, what, seconds))):
-            return Lease(fs, path, run_id, what, seconds).start()
-        holder = _read(fs, path)
-        if holder is None:
+            return Lease(fs, path, run_id, what, seconds, exclusive=True).start()
+        found = _read_raw(fs, path)
+        if found is None:
             continue  # released just now
+        raw, holder = found
         if expired(holder):
-            if _read(fs, path) == holder:  # not taken over by another process since it was read
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm_file(path)
+            _take_over(fs, path, raw, seconds)
             continue
         if time.monotonic() >= deadline:
             raise StoreBusyError(f"the store is busy: {describe(holder)}. Wait for it to finish, or stop it; a "
@@ -119,10 +152,25 @@ def acquire(fs: Any, path: str, what: str, wait_s: float) -> Lease:
     raise StoreBusyError(f"could not take the lease {path}")  # pragma: no cover
 
 
+def _take_over(fs: Any, path: str, raw: bytes, seconds: float) -> None:
+    """Remove the expired lease `raw` at path, if this process is the one to: the first to create its marker.
+    Reading it twice and deleting let a slower taker delete the lease a faster one had just created."""
+    marker = f"{path}.taken-{hashlib.sha256(raw).hexdigest()[:16]}"
+    if fsx.create_exclusive(fs, marker, b""):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+        return
+    # the same bytes again, long after (a damaged lease torn the same way): that marker is spent
+    with contextlib.suppress(Exception):
+        if time.time() - fs.modified(marker).timestamp() > seconds:
+            fs.rm_file(marker)
+    time.sleep(_POLL_SECONDS / 10)
+
+
 def register(fs: Any, path: str, what: str, run_id: str) -> Lease:
     """A non-exclusive lease: this run is working here (several runs may hold one each)."""
     fsx.write_json_atomic(fs, path, _record(run_id, what, LEASE_SECONDS))
-    return Lease(fs, path, run_id, what, LEASE_SECONDS).start()
+    return Lease(fs, path, run_id, what, LEASE_SECONDS, exclusive=False).start()
 
 
 def live(fs: Any, folder: str) -> list[dict]:

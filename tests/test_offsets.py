@@ -139,6 +139,18 @@ def test_shards_index_refuses_a_key_used_twice(images, tmp_path):
         assert result.exit_code == 2 and says in " ".join(result.output.split())
 
 
+def test_keys_repeated_between_indexed_and_unindexed_shards_of_a_folder_are_refused(images, tmp_path, caplog):
+    # the same images packed twice into one folder with two prefixes: index.json lists the second only, the
+    # first is scanned at plan, and each kind alone has unique keys; the store held every image twice
+    folder = tmp_path / "shards"
+    make_shards(images, str(folder), maxcount=6, prefix="a")
+    make_shards(images, str(folder), maxcount=6, prefix="b")
+    assert "also holds 3 shard(s) this run did not make (a-000000.tar" in caplog.text
+    forget_counts()
+    with pytest.raises(CorpusError, match=r"the sample key 'cat0/\w+' is used in .*b-00000\d\.tar and in .*a-"):
+        list_shards(str(folder))
+
+
 # --------------------------------------------------------------------------------------------------
 # bytes and requests, counted by the S3 server
 

@@ -20,7 +20,7 @@ import braceexpand
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME, write_index
-from neuropredictor.corpus.offsets import Offsets, scan_offsets, usable, write_offsets
+from neuropredictor.corpus.offsets import Offsets, read_offsets, scan_offsets, usable, write_offsets
 from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
 from neuropredictor.redact import redact_text
@@ -193,7 +193,8 @@ def _counted_before(ids: list[tuple[str, int | None, str | None]],
 
 def _refuse_duplicate_keys(keys_by_shard: dict[str, Sequence[str]]) -> None:
     """CorpusError naming a key that two samples share (within a shard or across shards), among the shards
-    whose headers were scanned. Shards counted from `index.json` were checked by `shards make`."""
+    whose headers were scanned and the indexed shards beside them. Shards counted from `index.json` alone
+    were checked by `shards make` or `shards index`."""
     first: dict[str, str] = {}
     for url, keys in keys_by_shard.items():
         for key in keys:
@@ -318,19 +319,38 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
         for i, count in zip(todo, before):
             counts[i] = count
     elif todo:
-        for i, offsets in zip(todo, _scan([resolved[i] for i in todo])):
+        for i, offsets in zip(todo, _scan([resolved[i] for i in todo], _indexed_beside(resolved, counts, todo))):
             counts[i] = offsets.count
         _COUNTED.append(dict(zip(ids, (counts[i] for i in todo))))
     return _as_shards(resolved, counts, scanned=set(todo))
 
 
-def _scan(resolved: list[tuple[Any, str, dict]]) -> list[Offsets]:
-    """The shards' offsets from their tar headers, refusing a key that two samples share. Header scans are
-    I/O-bound (object stores especially): a few threads overlap the requests."""
+def _scan(resolved: list[tuple[Any, str, dict]], beside: dict[str, Sequence[str]] | None = None) -> list[Offsets]:
+    """The shards' offsets from their tar headers, refusing a key that two samples share, among them and
+    with the keys of `beside` (url -> keys). Header scans are I/O-bound (object stores especially): a few
+    threads overlap the requests."""
     with ThreadPoolExecutor(max_workers=min(8, len(resolved))) as pool:
         scanned = list(pool.map(lambda r: scan_offsets(r[0], r[1], fsx.full_url(r[0], r[1])), resolved))
-    _refuse_duplicate_keys({fsx.full_url(fs, path): o.keys for (fs, path, _), o in zip(resolved, scanned)})
+    _refuse_duplicate_keys({**(beside or {}),
+                            **{fsx.full_url(fs, path): o.keys for (fs, path, _), o in zip(resolved, scanned)}})
     return scanned
+
+
+def _indexed_beside(resolved: list[tuple[Any, str, dict]], counts: Sequence[int | None],
+                    todo: Sequence[int]) -> dict[str, Sequence[str]]:
+    """The keys of the indexed shards in the folders of the shards to scan (url -> keys): a folder whose
+    index.json lists only some of its shards (`shards make` of another prefix into it) may repeat keys
+    between the two kinds, which neither its index nor the scan alone would see. One sidecar read each."""
+    todo = set(todo)
+    folders = {(id(resolved[i][0]), fsx.parent(resolved[i][1])) for i in todo}
+    found: dict[str, Sequence[str]] = {}
+    for i, ((fs, path, info), count) in enumerate(zip(resolved, counts)):
+        if i in todo or (id(fs), fsx.parent(path)) not in folders:
+            continue
+        url = fsx.full_url(fs, path)
+        offsets = read_offsets(fs, path, fingerprint(info)[0], count) or scan_offsets(fs, path, url)
+        found[url] = offsets.keys
+    return found
 
 
 def _as_shards(resolved: list[tuple[Any, str, dict]], counts: Sequence[int | None],

@@ -227,10 +227,18 @@ def make_shards(
             offset += len(items)
 
         stale_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})(\.tar|{re.escape(OFFSETS_SUFFIX)})$")
+        others = []
         for entry in fs.ls(root_out, detail=False):
-            m = stale_re.match(entry.rstrip("/").rsplit("/", 1)[-1])
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            m = stale_re.match(name)
             if m and int(m.group(1)) >= len(shards):
                 fs.rm_file(entry)
+            elif not m and name.endswith(".tar"):
+                others.append(name)
+        if others:
+            log.warning("%s also holds %d shard(s) this run did not make (%s%s): a folder of shards is one corpus, "
+                        "so extractions read them too (index.json lists only this run's)", out, len(others),
+                        ", ".join(sorted(others)[:3]), " ..." if len(others) > 3 else "")
         write_index(fs, root_out, shards)
     except CorpusError:
         raise

@@ -35,7 +35,7 @@ from neuropredictor.store import FeatureStore
 
 ProgressFn = Callable[[str, dict], None]
 """on_event(event, data): "planned" {rows, committed_rows, shards, committed_shards},
-"batch" {images}, "shard" {name, record}."""
+"batch" {images} (negative: a failed attempt's images taken back, as they run again), "shard" {name, record}."""
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,25 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
                   attempt: int = 1, on_batch: Callable[[int], None] | None = None,
                   stop: threading.Event | None = None) -> list[dict]:
     """Extract each shard of the group on `device` (committed ones are skipped). A shard that fails gets a
-    failure record naming the attempt, and the error is raised, so that the caller retries the group."""
+    failure record naming the attempt, and the error is raised, so that the caller retries the group; the
+    images it reported to on_batch are taken back (on_batch(-n)): they are extracted again."""
     records = []
     for shard in group:
+        counted = [0]
+
+        def count(n: int) -> None:
+            counted[0] += n
+            if on_batch is not None:
+                on_batch(n)
+
         try:
-            record = extract_shard(config, shard, store=store, device=device, on_batch=on_batch, attempt=attempt,
+            record = extract_shard(config, shard, store=store, device=device, on_batch=count, attempt=attempt,
                                    stop=stop)
         except Interrupted:
             raise  # not a failure of the shard: it runs again next time
         except Exception as exc:
+            if on_batch is not None and counted[0]:
+                on_batch(-counted[0])
             store.record_failure(shard, f"{type(exc).__name__}: {exc}", attempts=attempt)
             raise
         records.append(record | {"shard": shard.name})

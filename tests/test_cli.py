@@ -118,6 +118,46 @@ def test_repeated_corpus_and_layers_options_are_lists(corpus, tmp_path):
     assert manifest["rows"]["total"] == 8 and [lay["name"] for lay in manifest["layers"]] == ["features.2", "features.5"]
 
 
+_FLAKY = """
+import torch
+from torch import nn
+
+calls = [0]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        calls[0] += 1
+        if calls[0] == 5:  # once, at the second batch of a shard (the first call traces the layers)
+            raise RuntimeError("flaky device")
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def make(pretrained=False):
+    return Net()
+"""
+
+
+def test_progress_takes_back_the_images_of_a_failed_attempt(corpus, tmp_path):
+    # a shard that failed half-way and then succeeded counted its first images twice: 310/300 at the end
+    (tmp_path / "flaky.py").write_text(_FLAKY)
+    events: list[tuple[str, dict]] = []
+    run(_config(corpus, tmp_path / "out.zarr", model=f"custom:{tmp_path / 'flaky.py'}:make", layers=["conv"],
+                retries=1), on_event=lambda event, data: events.append((event, data)))
+    images = [d["images"] for e, d in events if e == "batch"]
+    assert min(images) < 0 and sum(images) == 16
+    with Progress(disable=True) as progress:
+        task = progress.add_task("extract", total=None, rate="-", shards="-")
+        listener = ProgressListener(progress, task)
+        for event, data in events:
+            listener(event, data)
+        assert progress.tasks[0].completed == 16
+
+
 def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_path):
     out = tmp_path / "out.zarr"
     stop, shards = threading.Event(), []

@@ -56,6 +56,8 @@ class ProgressListener:
             # reset, not update: rows committed by earlier runs are not progress made now (ETA)
             self.progress.reset(self.task, total=data["rows"], completed=data["committed_rows"],
                                 shards=f"{self.shards}/{self.of}", rate="-")
+        elif event == "batch" and data["images"] < 0:  # a failed attempt's images, extracted again
+            self.progress.update(self.task, advance=data["images"])
         elif event == "batch":
             now = self.clock()
             self.seen += data["images"]

@@ -159,8 +159,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows, key="extract-progress",
                                            description=f"Rows of {config.out} committed")
     policy = schedule.RetryPolicy.of(config)
-    shard_task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays(),
-                                                  retry_jitter_factor=policy.jitter)
+    shard_task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays())
     window = schedule.DeviceWindow(groups, devices)
     running: dict[Any, tuple[list[Shard], str]] = {}
     stop = STOP.get() or threading.Event()

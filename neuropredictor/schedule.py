@@ -52,8 +52,9 @@ class RetryPolicy:
         return cls(retries=config.retries, delay_s=config.retry_delay_seconds)
 
     def delays(self) -> list[float]:
-        """The delay before each retry, without jitter (Prefect's `retry_delay_seconds`)."""
-        return [self.delay_s * 2**i for i in range(max(self.retries, 1))]
+        """The delay before each retry, each stretched by a share of up to `jitter` drawn now (also for
+        Prefect's `retry_delay_seconds`: its task engine leaves its own retry_jitter_factor unused)."""
+        return [self.delay_s * 2**i * (1 + self.jitter * random.random()) for i in range(max(self.retries, 1))]
 
     def call(self, fn: Callable[[int], Any], stop: threading.Event | None = None,
              fatal: tuple[type[BaseException], ...] = ()) -> Any:
@@ -66,7 +67,7 @@ class RetryPolicy:
             except Exception as exc:
                 if isinstance(exc, fatal) or attempt > self.retries or (stop is not None and stop.is_set()):
                     raise
-            pause = delays[attempt - 1] * (1 + self.jitter * random.random())
+            pause = delays[attempt - 1]
             if stop is not None:
                 if stop.wait(pause):
                     raise Interrupted("stopped while waiting to retry")

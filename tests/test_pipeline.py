@@ -288,3 +288,15 @@ def test_a_checkpoint_replaced_at_the_same_path_is_loaded_again(corpus, tmp_path
     assert manifests[0]["config"]["weights"] != manifests[1]["config"]["weights"]
     a, b = (open_features(str(tmp_path / f"out{seed}.zarr"))["layer4"].values for seed in (1, 2))
     assert not np.allclose(a, b)
+
+
+def test_retry_delays_are_drawn_apart_for_each_run():
+    # Prefect 3.8's task engine leaves retry_jitter_factor unused: without jitter drawn here, every pod
+    # of a cluster retried in step after a storage outage
+    from neuropredictor.schedule import RetryPolicy
+
+    policy = RetryPolicy(retries=3, delay_s=10.0, jitter=0.5)
+    draws = [policy.delays() for _ in range(5)]
+    for delays in draws:
+        assert all(10.0 * 2**i <= d <= 15.0 * 2**i for i, d in enumerate(delays)) and len(delays) == 3
+    assert len({tuple(d) for d in draws}) == 5

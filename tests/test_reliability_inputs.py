@@ -87,6 +87,16 @@ def _png16() -> tuple[bytes, np.ndarray]:
     return encode(img), np.repeat(grey[..., None], 3, axis=2)
 
 
+def _float_tiff(top: float) -> Callable[[], tuple[bytes, np.ndarray]]:
+    def build() -> tuple[bytes, np.ndarray]:
+        values = np.linspace(0, top, 16 * 24, dtype=np.float32).reshape(16, 24)
+        img = Image.fromarray(values, "F")
+        grey = np.rint(values.astype(np.float64) * (255 if top <= 1 else 1)).clip(0, 255).astype(np.uint8)
+        return encode(img, "TIFF"), np.repeat(grey[..., None], 3, axis=2)
+
+    return build
+
+
 def _exif_rotated(fmt: str) -> Callable[[], tuple[bytes, np.ndarray]]:
     def build() -> tuple[bytes, np.ndarray]:
         arr = rgb_image(1)
@@ -125,6 +135,8 @@ class PixelCase:
 
 PIXEL_CASES = [
     PixelCase("png-16-bit-greyscale-scaled-not-white", _png16),
+    PixelCase("float-tiff-in-0-1-scaled-not-black", _float_tiff(1.0), ext="tif"),
+    PixelCase("float-tiff-in-0-255", _float_tiff(300.0), ext="tif"),
     PixelCase("png-exif-orientation", _exif_rotated("PNG")),
     PixelCase("jpeg-exif-orientation", _exif_rotated("JPEG"), ext="jpg"),
     PixelCase("rgba-over-mid-grey", _transparent("RGBA"), atol=1),

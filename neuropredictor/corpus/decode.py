@@ -80,7 +80,12 @@ def needs_rotation(img: Image.Image) -> bool:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB as the image is displayed: 16-bit greyscale scaled (v * 255 / 65535, rounded) rather than
-    clipped, transparency composited over BACKGROUND."""
+    clipped; floating-point greyscale (TIFF "F") in [0, 1] scaled by 255, other floats clipped to [0, 255];
+    transparency composited over BACKGROUND."""
+    if img.mode == "F":  # PIL's own conversion clips: a [0, 1] stimulus became black
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scale = 255.0 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
+        return Image.fromarray(np.rint(values * scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode in _SIXTEEN_BIT:
         wide = np.asarray(img).astype(np.int64).clip(0, 65535)
         grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)

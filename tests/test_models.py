@@ -213,6 +213,25 @@ def test_hf_processor_families_match_their_processor_on_a_non_square_image(name,
     assert got.shape == ref.shape and torch.allclose(got, ref, atol=atol)
 
 
+@pytest.mark.parametrize("name,fast", [("CLIPImageProcessor", True), ("PerceiverImageProcessor", False),
+                                       ("BridgeTowerImageProcessor", False)])
+def test_hf_processors_not_read_as_tensor_ops_run_themselves(name, fast):
+    # Perceiver crops before it resizes (224 became 256), BridgeTower's size has no height (KeyError): a
+    # family whose steps differ from those read is checked on a probe image and runs its own processor
+    import pickle
+
+    transformers = pytest.importorskip("transformers")
+    from neuropredictor.models.hf import checked_transform
+
+    processor = getattr(transformers, name)()
+    transform = pickle.loads(pickle.dumps(checked_transform(processor)))  # DataLoader workers get a copy
+    assert (type(transform).__name__ == "Compose") == fast
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    ref = torch.as_tensor(np.asarray(processor(images=img, return_tensors="np")["pixel_values"][0]))
+    got = transform(img)
+    assert got.shape == ref.shape and (got - ref).abs().mean() < 0.02
+
+
 def test_hf_local_folder_weights_are_named_by_their_content(tmp_path):
     # A local folder has no commit hash: fine-tuned weights saved into it again read as the same weights
     # ("pretrained:main"), and a resume took the old store for the new model's.

@@ -7,11 +7,13 @@ unwrapped as deep as it goes); layer names are relative to it (`encoder.layers.3
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import re
 from typing import Any
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,8 @@ from neuropredictor.errors import ModelSpecError, WeightsUnavailableError, first
 from neuropredictor.globs import match_model_names
 from neuropredictor.models.base import Transform, pretrained_download, weights_digest
 from neuropredictor.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _PIL_TO_V2 = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 
@@ -56,7 +60,46 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
         model = model.vision_model
     # transformers 5 builds a model in its checkpoint's dtype (bf16 for many): the forward pass runs in the
     # precision asked for (autocast), from float32 weights, as with every other source
-    return model.float(), processor_transform(processor), weights
+    return model.float(), checked_transform(processor), weights
+
+
+def checked_transform(processor: Any) -> Transform:
+    """processor_transform(processor) where it gives what the processor itself gives on a probe image
+    (non-square noise: a crop one pixel off or a missed step shows); else the processor, called per image
+    (slower, and not for decode="device"), for families whose steps are not those read here."""
+    from PIL import Image
+
+    probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (301, 419, 3), dtype=np.uint8))
+    fast = None
+    try:
+        fast = processor_transform(processor)
+        got, want = fast(probe), _ProcessorCall(processor)(probe)
+        agree = got.shape == want.shape and (got - want).abs().mean().item() <= 0.02 / _min_std(processor)
+    except Exception as exc:
+        agree, why = False, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "its output differs on a probe image"
+    if agree:
+        return fast
+    log.info("%s: its steps are not read as tensor ops (%s); the processor itself runs on each image",
+             type(processor).__name__, why)
+    return _ProcessorCall(processor)
+
+
+def _min_std(processor: Any) -> float:
+    std = getattr(processor, "image_std", None) if getattr(processor, "do_normalize", True) else None
+    return min(float(v) for v in np.atleast_1d(std)) if std is not None else 1.0
+
+
+class _ProcessorCall:
+    """The image processor itself on one PIL image: (C, H, W) float32."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        out = self.processor(images=img, return_tensors="np")["pixel_values"][0]
+        return torch.as_tensor(np.asarray(out, dtype=np.float32))
 
 
 def _local_weights(name: str) -> str | None:

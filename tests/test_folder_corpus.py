@@ -133,3 +133,13 @@ def test_a_folder_of_images_with_a_tar_in_it_is_refused(tmp_path: Path):
     with pytest.raises(NeuroPredictorError, match=r"both \.tar files \(backup\.tar\) and images"):
         run(_config(images, tmp_path / "a.zarr"))
     assert not (tmp_path / "a.zarr").exists()
+
+
+def test_a_folder_of_unreadable_image_types_names_the_extensions_read(tmp_path: Path):
+    # .heic and .jfif only: the error spoke of shards alone
+    folder = tmp_path / "stimuli"
+    folder.mkdir()
+    (folder / "a.heic").write_bytes(b"\0" * 10)
+    (folder / "b.jfif").write_bytes(b"\0" * 10)
+    with pytest.raises(NeuroPredictorError, match=r"no images that can be read \(extensions jpg, jpeg, png"):
+        run(_config(folder, tmp_path / "a.zarr"))

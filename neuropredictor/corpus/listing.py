@@ -19,7 +19,7 @@ import braceexpand
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.make import INDEX_FORMAT, INDEX_NAME, write_index
+from neuropredictor.corpus.make import IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_NAME, write_index
 from neuropredictor.corpus.offsets import Offsets, read_offsets, scan_offsets, usable, write_offsets
 from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
@@ -126,8 +126,10 @@ class _Resolver:
                     )
                     if not entries:
                         raise CorpusError(
-                            f"no .tar shards in {url}: point the corpus at a folder of WebDataset shards "
-                            "(make them with make_shards / `neuropredictor shards make`)."
+                            f"no .tar shards in {url}, and no images that can be read (extensions "
+                            f"{', '.join(IMAGE_EXTENSIONS)}, in the folder or below): point the corpus at a folder "
+                            "of images or of WebDataset shards (make them with make_shards / `neuropredictor "
+                            "shards make`)."
                         )
                     out.extend((fs, e["name"], e) for e in entries)
                 elif path.endswith(".tar"):

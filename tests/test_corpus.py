@@ -171,6 +171,17 @@ def test_make_shards_errors(tmp_path: Path) -> None:
     (cyc / "sub" / "loop").symlink_to(cyc)  # a symlink cycle: walked once, not forever
     assert make_shards(cyc, str(tmp_path / "cyc-out"))[0].count == 1
 
+    # a symlink to a folder of the tree that sorts before it: the images keep their real paths as keys
+    linked = tmp_path / "linked"
+    (linked / "real").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(linked / "real" / "a.jpg")
+    (linked / "alias").symlink_to(linked / "real")
+    skipped: list = []
+    (shard,) = make_shards(linked, str(tmp_path / "linked-out"), on_skip=lambda rel, why: skipped.append((rel, why)))
+    with tarfile.open(shard.url) as tf:
+        assert [n for n in tf.getnames() if n.endswith(".jpg")] == ["real/a.jpg"]
+    assert skipped == [("alias/", "a symlink to real/, packed there")]
+
     dots = tmp_path / "dots"
     dots.mkdir()
     Image.new("RGB", (8, 8)).save(dots / "a.b.jpg")

@@ -39,9 +39,9 @@ INDEX_FORMAT = "neuropredictor-shards/1"
 def _walk_images(root: Path, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Path, str]]:
     """(relative posix path, path, lowercase ext) of the images under root, in walk order; everything
     else is appended to `skipped` as (relative path, reason)."""
-    # the tree's own folders: a symlink to one of them is left out (its images keep their real paths as
-    # keys); symlinks to folders outside are followed
-    own = {os.path.realpath(d): Path(d).relative_to(root).as_posix() for d, _, _ in os.walk(root)}
+    # the tree's own folders, listed at the first symlinked folder: a symlink to one of them is left out (its
+    # images keep their real paths as keys); symlinks to folders outside are followed
+    own: dict[str, str] = {}
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root)
@@ -55,8 +55,10 @@ def _walk_images(root: Path, skipped: list[tuple[str, str]]) -> Iterator[tuple[s
         # Hidden entries are left out (macOS "._x.jpg" resource forks and .git internals are not stimuli),
         # and said so.
         skipped += [((rel_dir / d).as_posix() + "/", "hidden folder") for d in dirnames if is_hidden(d)]
-        links = {d: own[t] for d in dirnames if os.path.islink(os.path.join(dirpath, d))
-                 and (t := os.path.realpath(os.path.join(dirpath, d))) in own}
+        linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        if linked and not own:
+            own.update({os.path.realpath(d): Path(d).relative_to(root).as_posix() for d, _, _ in os.walk(root)})
+        links = {d: own[t] for d in linked if (t := os.path.realpath(os.path.join(dirpath, d))) in own}
         skipped += [((rel_dir / d).as_posix() + "/", f"a symlink to {target}/, packed there") for d, target in
                     links.items() if not is_hidden(d)]
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and d not in links)

@@ -10,8 +10,8 @@ import hashlib
 import logging
 import pickle
 import re
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,17 +70,14 @@ def checked_transform(processor: Any) -> Transform:
     from PIL import Image
 
     probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (301, 419, 3), dtype=np.uint8))
-    fast = None
     try:
         fast = processor_transform(processor)
         got, want = fast(probe), _ProcessorCall(processor)(probe)
-        agree = got.shape == want.shape and (got - want).abs().mean().item() <= 0.02 / _min_std(processor)
-    except Exception as exc:
-        agree, why = False, f"{type(exc).__name__}: {exc}"
-    else:
+        if got.shape == want.shape and (got - want).abs().mean().item() <= 0.02 / _min_std(processor):
+            return fast
         why = "its output differs on a probe image"
-    if agree:
-        return fast
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
     log.info("%s: its steps are not read as tensor ops (%s); the processor itself runs on each image",
              type(processor).__name__, why)
     return _ProcessorCall(processor)

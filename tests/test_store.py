@@ -233,6 +233,19 @@ def test_float16(target: Target):
     assert_same(got, expected_arrays(8, "float16"))
 
 
+def test_float16_overflow_is_refused_naming_the_layer(target: Target):
+    # values over 65504 became inf in valid rows of a float16 store, and nothing said so
+    store = create(target, [4], dtype="float16")
+    (shard,) = make_shards([4])
+    w = store.writer(shard)
+    feats = {lay.name: np.ones((2, *lay.shape), np.float32) for lay in LAYERS}
+    feats[LAYERS[0].name][1].flat[0] = 3e5
+    feats[LAYERS[0].name][0].flat[0] = 1e9  # an invalid row: not checked
+    with pytest.raises(StoreError, match=rf"layer {LAYERS[0].name!r}: 1 feature value\(s\) up to 3e\+05 do not fit "
+                                         r"float16.*dtype='float32'"):
+        w.write(0, ["a", "b"], [False, True], feats)
+
+
 # ---------------------------------------------------------------------------------------------
 # concurrency: no shared objects, same result as one writer
 

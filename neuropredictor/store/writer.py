@@ -130,9 +130,12 @@ class ShardWriter:
             x = features[lay.name]
             if hasattr(x, "detach"):  # a torch tensor slipped through (maybe bfloat16, which numpy lacks)
                 x = x.detach().float().cpu().numpy()
+            source = x
             x = np.array(x, dtype=self._dtype, copy=True)  # a copy: the caller may reuse its buffer
             if x.shape != (n, *lay.shape):
                 raise StoreError(f"shard {name!r}, layer {lay.name!r}: got shape {x.shape}, expected {(n, *lay.shape)}")
+            if x.dtype == np.float16:
+                _refuse_overflow(name, lay.name, np.asarray(source)[valid], x[valid])
             if not valid.all():
                 x[~valid] = np.nan  # an undecodable sample has no features
             prepared[feature_path(lay.name)] = x
@@ -215,3 +218,13 @@ class ShardWriter:
         c = buf.chunk_rows
         self._stats["chunks"] += (b - 1) // c - a // c + 1
         self._stats["bytes"] += _nbytes(block)
+
+
+def _refuse_overflow(shard: str, layer: str, source: np.ndarray, stored: np.ndarray) -> None:
+    """StoreError if finite features became inf in float16 (its largest value is 65504): the store would hold
+    inf in valid rows, with nothing to say so."""
+    lost = np.isfinite(source) & ~np.isfinite(stored)
+    if lost.any():
+        raise StoreError(f"shard {shard!r}, layer {layer!r}: {int(lost.sum())} feature value(s) up to "
+                         f"{float(np.abs(source[lost]).max()):.4g} do not fit float16 (largest 65504). Store "
+                         "float32 (dtype='float32'), or pick a reduction or layer with smaller values.")

@@ -391,14 +391,31 @@ def test_a_lease_taken_over_after_it_expired_is_never_written_back(tmp_path, mon
     fs, path = fsspec.filesystem("file"), str(tmp_path / "plan.json")
     monkeypatch.setattr(locks, "LEASE_SECONDS", 0.6)
     lease = locks.acquire(fs, path, "planning", wait_s=0)
+    lease.check()  # its own, fresh
     taker = locks._record("other-run", "planning", 60)
     fs.pipe_file(path, json.dumps(taker).encode())  # what a takeover leaves
+    with pytest.raises(locks.StoreBusyError, match="lost the lease"):
+        lease.check()  # read now, not at the next renewal
     time.sleep(0.5)  # a renewal or two
     assert json.loads(fs.cat_file(path))["run_id"] == "other-run" and lease.lost
     with pytest.raises(locks.StoreBusyError, match="lost the lease .* now held by run other-run"):
         lease.check()
     lease.release()
     assert json.loads(fs.cat_file(path))["run_id"] == "other-run"  # not its lease to remove
+
+
+def test_a_holder_that_finds_its_own_lease_expired_does_not_renew_it(tmp_path, monkeypatch):
+    # a renewal read before a takeover and written after it would land on the taker's lease: a holder whose
+    # lease is (nearly) expired counts it as lost instead
+    import fsspec
+
+    fs, path = fsspec.filesystem("file"), str(tmp_path / "plan.json")
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 0.6)
+    lease = locks.acquire(fs, path, "planning", wait_s=0)
+    fs.pipe_file(path, json.dumps({**locks._record(lease.run_id, "planning", 0.6), "expires_at": time.time()}).encode())
+    time.sleep(0.5)
+    assert lease.lost and locks.expired(json.loads(fs.cat_file(path)))
+    lease.release()
 
 
 def test_of_two_takers_of_an_expired_lease_one_holds_it(tmp_path):

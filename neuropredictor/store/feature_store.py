@@ -145,13 +145,15 @@ class FeatureStore:
             # A replacement holds the finalize lease too: a finalize of the old store running now ends first, and
             # one that starts later finds the new generation and stops, instead of writing the old manifest over.
             with locks.acquire(fs, f"{root}/{LOCKS_DIR}/{_FINALIZE_LOCK}", "replacing", wait_s) if diffs \
-                    else contextlib.nullcontext():
+                    else contextlib.nullcontext() as replacing:
                 if diffs:
                     busy = locks.live(fs, f"{root}/{RUNS_DIR}")
                     if busy:
                         raise locks.StoreBusyError(
                             f"not replacing the store at {redact_text(url)!r}: another run is extracting into it "
                             f"({locks.describe(busy[0])}). Stop it first, or choose another `out`.")
+                    lease.check()
+                    replacing.check()
                     replaced = _delete_store(fs, root, found)
                 lease.check()
                 store = cls._plan_new(url, storage_options, fs, root, requested, layers, shards)
@@ -415,6 +417,7 @@ class FeatureStore:
             records = self.records.by_kind()  # read once: a request per shard
             commits = records[0]
             shards = self.shards
+            lease.check()  # the shared chunks are written next
             self.staging.merge(shards, {name: rec.get("staging") for name, rec in commits.items()}, self.array)
             valid_rows = self._valid_rows([s for s in shards if s.name in commits], commits)
             complete = all(s.name in commits for s in shards)

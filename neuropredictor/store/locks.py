@@ -91,19 +91,27 @@ class Lease:
         self._thread.start()
         return self
 
+    def _held(self) -> bool:
+        """Whether the lease at path is still this run's, with a sixth of its lifetime left (one missed
+        renewal leaves a third): a taker takes it only once expired, so a renewal written now cannot land
+        on a taker's lease."""
+        current = _read(self._fs, self.path)
+        return (current is not None and current.get("run_id") == self.run_id
+                and float(current.get("expires_at", 0)) - time.time() > self.seconds / 6)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             with contextlib.suppress(Exception):  # a missed renewal is retried; expiry is the only harm
-                if self.exclusive:
-                    current = _read(self._fs, self.path)
-                    if current is None or current.get("run_id") != self.run_id:
-                        self.lost = True  # taken over once expired: writing it back would make two holders
-                        return
+                if self.exclusive and not self._held():
+                    self.lost = True  # taken over, or about to be: writing it back would make two holders
+                    return
                 fsx.write_json_atomic(self._fs, self.path, _record(self.run_id, self.what, self.seconds))
 
     def check(self) -> None:
-        """Raise StoreBusyError if the lease was taken over (before a write only its holder may make)."""
-        if self.lost:
+        """Raise StoreBusyError unless the lease is still this run's (read now): before a write only its
+        holder may make."""
+        if self.lost or not self._held():
+            self.lost = True
             holder = _read(self._fs, self.path)
             raise StoreBusyError(f"lost the lease {self.path} while {self.what} (it was not renewed for "
                                  f"{self.seconds:.0f} s: storage unreachable?)"

@@ -9,6 +9,7 @@ reused (`REPLICA`), and the rest, which only change where and how fast a run goe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,12 +29,16 @@ IDENTITY = Role("identity")  # changes the stored numbers: a store made with ano
 REPLICA = Role("replica")  # changes the model replica: a cached replica is reused only when these agree
 
 
+def split_commas(items: str | Sequence[str]) -> list[str]:
+    """"a, b", ["a", "b"] and ["a,b"] (an option given several times) all give ["a", "b"]: lists as command
+    lines and forms write them."""
+    return [s.strip() for i in ([items] if isinstance(items, str) else items) for s in i.split(",") if s.strip()]
+
+
 def comma_list(cls: type, v: Any) -> Any:
-    """Validator (mode="before") of list fields: "a, b" gives ["a", "b"], as command lines and forms write lists;
-    so does ["a", "b"] or ["a,b"] (an option given several times)."""
-    items = [v] if isinstance(v, str) else v
-    if isinstance(items, (list, tuple)) and all(isinstance(i, str) for i in items):
-        return [s.strip() for i in items for s in i.split(",") if s.strip()]
+    """Validator (mode="before") of list fields: split_commas for a string or a list of strings."""
+    if isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v)):
+        return split_commas(v)
     return v
 
 

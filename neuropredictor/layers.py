@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuropredictor.config import split_commas
 from neuropredictor.errors import LayerNotFoundError
 from neuropredictor.globs import glob_regex, matches
 from neuropredictor.models import LoadedModel
@@ -159,18 +160,12 @@ def _trace(module: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tens
             h.remove()
 
 
-def split_layers(text: str | Sequence[str]) -> list[str]:
-    """`"layer1,layer2"` or a list -> list of names/patterns."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    return [s.strip() for s in items if s and s.strip()]
-
-
 def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[str]:
     """Resolve exact names and globs against the model's layer names, in model order.
 
     Raises LayerNotFoundError naming the closest real layers for every pattern that matches nothing.
     """
-    patterns = split_layers(patterns)
+    patterns = split_commas(patterns)
     if not patterns:
         raise LayerNotFoundError("no layers given; list them with: neuropredictor layers SPEC")
     chosen: set[str] = set()
@@ -232,7 +227,7 @@ def preset_layers(model: LoadedModel, infos: Sequence[LayerInfo], preset: str = 
 def expand_presets(model: LoadedModel, infos: Sequence[LayerInfo], patterns: str | Sequence[str]) -> list[str]:
     """Layer patterns with presets (`auto`) replaced by the layers they name."""
     out: list[str] = []
-    for pattern in split_layers(patterns):
+    for pattern in split_commas(patterns):
         out += preset_layers(model, infos, pattern) if pattern in PRESETS else [pattern]
     return out
 

@@ -158,6 +158,29 @@ def test_progress_takes_back_the_images_of_a_failed_attempt(corpus, tmp_path):
         assert progress.tasks[0].completed == 16
 
 
+def test_every_list_option_of_every_command_may_be_repeated(tmp_path):
+    # each repeated option kept its last value only: sweep --models, encode --layers, bench --layers
+    import typer.main
+
+    from neuropredictor.cli.sweep import _config
+    from neuropredictor.config import split_commas
+    from neuropredictor.encode.options import EncodeOptions
+
+    commands = typer.main.get_command(app).commands
+    sweep = commands["sweep"].make_context("sweep", [
+        "--corpus", "a", "--corpus", "b", "--models", "timm:resnet18", "--models", "torchvision:alexnet,clip:RN50",
+        "--layers", "auto", "--out", str(tmp_path)])
+    config = _config(sweep, None)
+    assert [m.spec for m in config.models] == ["timm:resnet18", "torchvision:alexnet", "clip:RN50"]
+    assert config.corpus == ["a", "b"]
+    encode = commands["encode"].make_context("encode", ["f.zarr", "n.npz", "--out", "s.zarr", "--layers", "layer3",
+                                                        "--layers", "layer4,fc"])
+    assert EncodeOptions(**{k: v for k, v in encode.params.items() if k in EncodeOptions.model_fields}).layers == [
+        "layer3", "layer4", "fc"]
+    bench = commands["bench"].make_context("bench", ["--layers", "layer3", "--layers", "layer4"])
+    assert split_commas(bench.params["layers"]) == ["layer3", "layer4"]
+
+
 def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_path):
     out = tmp_path / "out.zarr"
     stop, shards = threading.Event(), []

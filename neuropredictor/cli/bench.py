@@ -18,7 +18,7 @@ from neuropredictor.errors import NeuroPredictorError
 @app.command()
 def bench(
     model: Annotated[str, typer.Option("--model", help="Model spec.")] = "torchvision:resnet18",
-    layers: Annotated[str, typer.Option("--layers", help="Comma-separated layers.")] = "layer4",
+    layers: Annotated[list[str], typer.Option("--layers", help="Comma-separated or repeated layers.")] = ["layer4"],
     reduce: Annotated[str, typer.Option("--reduce")] = "avgpool",
     images: Annotated[int, typer.Option("--images", help="Generated JPEGs in the corpus.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
@@ -33,10 +33,10 @@ def bench(
 ) -> None:
     """Measure the ceiling (model alone, inputs on the device) and the pipeline side by side."""
     from neuropredictor.bench import run_bench
-    from neuropredictor.layers import split_layers
+    from neuropredictor.config import split_commas
 
     try:
-        result = run_bench(model, split_layers(layers), reduce, images=images, batch_size=batch_size,
+        result = run_bench(model, split_commas(layers), reduce, images=images, batch_size=batch_size,
                            precision=precision, device=device, num_workers=num_workers,
                            flow=run_flow if flow else None, early_exit_baseline=early_exit, decode=decode,
                            compile=compile)

@@ -42,7 +42,7 @@ def encode(
     key_column: KeyColumn = ENC["key_column"].default,
     split: Split = ENC["split"].default,
     folds: Folds = ENC["folds"].default,
-    layers: Annotated[Optional[str], enc_option("layers", "--layers")] = ENC["layers"].default,
+    layers: Annotated[Optional[list[str]], enc_option("layers", "--layers")] = ENC["layers"].default,
     alphas: Alphas = ENC["alphas"].default,
     test_fraction: TestFraction = ENC["test_fraction"].default,
     inner_folds: InnerFolds = ENC["inner_folds"].default,

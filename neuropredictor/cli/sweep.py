@@ -68,8 +68,8 @@ def sweep(
         "pretrained, name}. Options given with it override the file.")] = None,
     corpus: Annotated[list[str] | None, _option("corpus", help=SWEEP["corpus"].description
                                                 + " Repeat the option for a list.")] = None,
-    models: Annotated[str | None, _option("models", help="Comma-separated model specs, e.g. "
-                                          "timm:resnet50,torchvision:alexnet (see `neuropredictor models`).")] = None,
+    models: Annotated[list[str] | None, _option("models", help="Comma-separated or repeated model specs, e.g. "
+                                                "timm:resnet50,torchvision:alexnet (see `neuropredictor models`).")] = None,
     layers: Annotated[list[str], _option("layers", help="Comma-separated or repeated. "
                                          + (SWEEP["layers"].description or ""))] = [_LAYERS],
     reduce: Annotated[str, _option("reduce")] = SWEEP["reduce"].default,

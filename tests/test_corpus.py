@@ -181,6 +181,14 @@ def test_make_shards_errors(tmp_path: Path) -> None:
     with tarfile.open(shard.url) as tf:
         assert [n for n in tf.getnames() if n.endswith(".jpg")] == ["real/a.jpg"]
     assert skipped == [("alias/", "a symlink to real/, packed there")]
+    # a link into a hidden folder of the tree is followed: the hidden folder itself is not packed
+    (linked / ".data").mkdir()
+    (linked / "real" / "a.jpg").rename(linked / ".data" / "a.jpg")
+    (linked / "alias").unlink()
+    (linked / "alias").symlink_to(linked / ".data")
+    (shard,) = make_shards(linked, str(tmp_path / "hidden-out"))
+    with tarfile.open(shard.url) as tf:
+        assert [n for n in tf.getnames() if n.endswith(".jpg")] == ["alias/a.jpg"]
 
     dots = tmp_path / "dots"
     dots.mkdir()

@@ -36,6 +36,15 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "neuropredictor-shards/1"
 
 
+def _packed_folders(root: Path) -> dict[str, str]:
+    """Real path -> relative path of the folders of the tree that are packed (not hidden; links not followed)."""
+    out = {}
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        out[os.path.realpath(dirpath)] = Path(dirpath).relative_to(root).as_posix()
+    return out
+
+
 def _walk_images(root: Path, skipped: list[tuple[str, str]]) -> Iterator[tuple[str, Path, str]]:
     """(relative posix path, path, lowercase ext) of the images under root, in walk order; everything
     else is appended to `skipped` as (relative path, reason)."""
@@ -57,7 +66,7 @@ def _walk_images(root: Path, skipped: list[tuple[str, str]]) -> Iterator[tuple[s
         skipped += [((rel_dir / d).as_posix() + "/", "hidden folder") for d in dirnames if is_hidden(d)]
         linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         if linked and not own:
-            own.update({os.path.realpath(d): Path(d).relative_to(root).as_posix() for d, _, _ in os.walk(root)})
+            own.update(_packed_folders(root))
         links = {d: own[t] for d in linked if (t := os.path.realpath(os.path.join(dirpath, d))) in own}
         skipped += [((rel_dir / d).as_posix() + "/", f"a symlink to {target}/, packed there") for d, target in
                     links.items() if not is_hidden(d)]

@@ -149,6 +149,12 @@ def test_keys_repeated_between_indexed_and_unindexed_shards_of_a_folder_are_refu
     forget_counts()
     with pytest.raises(CorpusError, match=r"the sample key 'cat0/\w+' is used in .*b-00000\d\.tar and in .*a-"):
         list_shards(str(folder))
+    # indexed shards without their sidecars are not read whole to check: said so instead
+    for sidecar in folder.glob("b-*.offsets.json"):
+        sidecar.unlink()
+    forget_counts()
+    assert len(list_shards(str(folder))) == 6
+    assert "3 indexed shard(s) beside unindexed ones have no offsets sidecar" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------

@@ -342,17 +342,22 @@ def _indexed_beside(resolved: list[tuple[Any, str, dict]], counts: Sequence[int 
                     todo: Sequence[int]) -> dict[str, Sequence[str]]:
     """The keys of the indexed shards in the folders of the shards to scan (url -> keys): a folder whose
     index.json lists only some of its shards (`shards make` of another prefix into it) may repeat keys
-    between the two kinds, which neither its index nor the scan alone would see. One sidecar read each."""
+    between the two kinds, which neither its index nor the scan alone would see. One sidecar read each,
+    overlapped; an indexed shard without its sidecar is left unchecked (and said so), not read whole."""
     todo = set(todo)
     folders = {(id(resolved[i][0]), fsx.parent(resolved[i][1])) for i in todo}
-    found: dict[str, Sequence[str]] = {}
-    for i, ((fs, path, info), count) in enumerate(zip(resolved, counts)):
-        if i in todo or (id(fs), fsx.parent(path)) not in folders:
-            continue
-        url = fsx.full_url(fs, path)
-        offsets = read_offsets(fs, path, fingerprint(info)[0], count) or scan_offsets(fs, path, url)
-        found[url] = offsets.keys
-    return found
+    beside = [(fs, path, info, count) for i, ((fs, path, info), count) in enumerate(zip(resolved, counts))
+              if i not in todo and (id(fs), fsx.parent(path)) in folders]
+    if not beside:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(beside))) as pool:
+        found = list(pool.map(lambda b: read_offsets(b[0], b[1], fingerprint(b[2])[0], b[3]), beside))
+    unchecked = [fsx.full_url(fs, path) for (fs, path, _, _), offsets in zip(beside, found) if offsets is None]
+    if unchecked:
+        log.warning("%d indexed shard(s) beside unindexed ones have no offsets sidecar, so their keys are not "
+                    "compared with the others' (e.g. %s): `neuropredictor shards index` the folder", len(unchecked),
+                    unchecked[0])
+    return {fsx.full_url(fs, path): offsets.keys for (fs, path, _, _), offsets in zip(beside, found) if offsets}
 
 
 def _as_shards(resolved: list[tuple[Any, str, dict]], counts: Sequence[int | None],

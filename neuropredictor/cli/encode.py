@@ -63,8 +63,10 @@ def encode(
     from neuropredictor.encode import encode_command
     from neuropredictor.encode.chance import CHANCE_QUANTILE
 
+    params = {k: v for k, v in ctx.params.items() if k in ENC}
+    params["layers"] = params["layers"] or None  # not given: Typer's empty list; every layer then
     try:  # parameters are named as EncodeOptions' fields
-        summary = encode_command(EncodeOptions(**{k: v for k, v in ctx.params.items() if k in ENC}))
+        summary = encode_command(EncodeOptions(**params))
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     if as_json:

@@ -125,9 +125,11 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
             update_progress_artifact(progress, progress=100.0 * finished / max(len(groups), 1))
     for i in running:
         failed[i] = f"still running after {params.timeout_hours} h"
-    if not params.finalize:
-        if failed:
-            raise NeuroPredictorError(schedule.failure_message({groups[i][0]: why for i, why in failed.items()}))
+    if not params.finalize:  # judged by the store's commit records too
+        missing = {name: failed.get(i, "not committed") for i, g in enumerate(groups) for name in g
+                   if not store.is_committed(name)}
+        if missing:
+            raise NeuroPredictorError(schedule.failure_message(missing))
         return {"status": "shards-done", "shards": {name: "committed" for g in groups for name in g}}
     manifest = finalize_task(config)
     report_artifacts(config, manifest)

@@ -153,20 +153,22 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],
                 todo_rows, ", ".join(devices))
     # the rows of this run's shards (a child of extract-distributed has a group of them), not the store's
-    scope_rows = sum(s.count for s in store.shards if not params.shards or s.name in set(params.shards))
+    scope = set(params.shards or ())
+    scope_rows = sum(s.count for s in store.shards if not scope or s.name in scope)
     total_rows = max(scope_rows, 1)
     done_before = scope_rows - todo_rows
     progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows, key="extract-progress",
                                            description=f"Rows of {config.out} committed")
     policy = schedule.RetryPolicy.of(config)
-    shard_task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays())
     window = schedule.DeviceWindow(groups, devices)
     running: dict[Any, tuple[list[Shard], str]] = {}
     stop = STOP.get() or threading.Event()
     with store.session():  # replacing the store is refused while this run extracts into it
         while True:
             for group, device in ([] if stop.is_set() else window.start()):
-                running[shard_task.submit(config, group, device, schedule.group_label(group))] = (group, device)
+                # delays drawn per task: the groups of one run (one per GPU) do not retry in step either
+                task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays())
+                running[task.submit(config, group, device, schedule.group_label(group))] = (group, device)
             if not running:
                 break
             future = next(as_completed(list(running)))

@@ -19,8 +19,8 @@ _SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "pwd", "credent
 _KEYED_BY_DATA = frozenset({"checksums", "reductions"})
 # `scheme://user:password@host` and secret-looking query parameters (presigned URLs) inside strings.
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*):[^/@\s]+@")
-_QUERY_SECRET = re.compile(
-    r"(?P<head>[?&][^=&#\s]*(?:signature|token|secret|password|credential|key)[^=&#\s]*=)[^&#\s]*",
+_QUERY_SECRET = re.compile(  # `sig`: an Azure SAS URL's signature
+    r"(?P<head>[?&](?:[^=&#\s]*(?:signature|token|secret|password|credential|key)[^=&#\s]*|sig)=)[^&#\s]*",
     re.IGNORECASE,
 )
 

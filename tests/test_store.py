@@ -495,12 +495,13 @@ def test_manifest_has_no_secrets(target: Target):
     write_rows(store, s0).commit({"attempts": 1, "images_per_s": 321.5, "api_key": "zzz-key-value", "device": "cuda:0",
                       "bad_samples": [{"key": "img00003", "reason": "truncated; see https://bob:hunter2@h/x"}]})
     store.record_failure(s1, "S3 error for s3://carol:letmein@host/x.tar?X-Amz-Credential=AKIAEXAMPLE; via "
-                         "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=azUr3key==;EndpointSuffix=x", 3)
+                         "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=azUr3key==;EndpointSuffix=x; "
+                         "https://a.blob.core.windows.net/c/x.tar?sv=2020-08-04&sig=sAsS1gnature", 3)
     manifest = store.finalize()
 
     texts = [target.fs.cat_file(p).decode() for p in target.objects() if p.endswith(".json")]
     for secret in ("AKIAEXAMPLE", "s3cr3t-value", "hf_tokenvalue", "pa55word", "zzz-key-value", "hunter2",
-                   "letmein", "azUr3key"):
+                   "letmein", "azUr3key", "sAsS1gnature"):
         assert not any(secret in t for t in texts), secret
     assert manifest["config"]["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
     e0, e1, e2 = manifest["shards"]

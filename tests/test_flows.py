@@ -364,6 +364,14 @@ def test_cli_encode(encoded_store):
     bad = CliRunner().invoke(app, ["encode", str(root / "features.zarr"), str(root / "missing.npz"),
                                    "--out", str(root / "never.zarr")])
     assert bad.exit_code == 2 and not (root / "never.zarr").exists()
+    # stimuli left out of the fit are said on the terminal, not only in the log file
+    with np.load(root / "neural.npz") as z:
+        np.savez(root / "half.npz", data=z["data"][:40], key=np.array([f"other/{k}" for k in z["key"][:20]]
+                                                                        + list(z["key"][20:40])))
+    half = CliRunner().invoke(app, ["encode", str(root / "features.zarr"), str(root / "half.npz"),
+                                    "--out", str(root / "scores-half.zarr"), "--alphas", "logspace:-2:4:7",
+                                    "--inner-folds", "3", "--permutations", "0"])
+    assert half.exit_code == 0 and "matched 20 stimuli" in " ".join(half.output.split()), half.output
 
 
 def test_encode_array_option_in_cli_and_flow(encoded_store):

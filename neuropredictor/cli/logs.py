@@ -11,6 +11,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -23,6 +24,7 @@ _KEEP = 20  # log files kept: the newest ones
 
 
 class _State:
+    captured: Any = None  # logging's own warnings hook, for warnings that are not ours
     verbose = False
     file: Path | None = None
     handler: logging.Handler | None = None
@@ -30,6 +32,16 @@ class _State:
 
 
 STATE = _State()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """Our own warnings (AlignmentWarning: stimuli left out of a fit) reach the terminal as our log lines;
+    other libraries' go to the log file only."""
+    if category.__module__.split(".")[0] == "neuropredictor":
+        logging.getLogger(category.__module__).warning("%s", message)
+    else:
+        STATE.captured(message, category, filename, lineno, file, line)
 
 
 def log_dir() -> Path:
@@ -79,6 +91,8 @@ def setup(verbose: bool) -> None:
     for handler in STATE.installed:
         root.addHandler(handler)
     logging.captureWarnings(True)  # library warnings become log lines: in the file, not on the terminal
+    if warnings.showwarning is not _show_warning:
+        STATE.captured, warnings.showwarning = warnings.showwarning, _show_warning
     if not verbose:
         # torchvision's own deprecation of its image decoders: nothing a user can act on
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")

@@ -332,6 +332,15 @@ def test_unmatched_invalid_and_nan_rows_reported_and_dropped():
     assert report["dropped"]["invalid_features"]["examples"] == ["img003", "img004"]
     assert np.isnan(s.r.values[0, 4]) and np.isfinite(s.r.values[0, :4]).all()
     assert (s.r.values[0, :4] > 0.5).all()  # still the right rows: alignment by key worked
+    assert s.attrs["dropped_not_extracted"] == 0
+
+    # a store still being extracted: rows without data have no key; their stimuli are said to be why
+    keys_partial = [k if i < 60 else "" for i, k in enumerate(keys)]
+    valid_partial = valid & (np.arange(80) < 60)
+    with pytest.warns(AlignmentWarning, match=r"20 not extracted \(features rows without data yet") as rec:
+        s = encode(features_dataset({"a": A}, keys_partial, valid_partial), NeuralData(Y, nkeys), device="cpu",
+                   inner_folds=3)
+    assert s.attrs["dropped_not_extracted"] == 20
 
 
 def test_all_nan_is_an_error():

@@ -85,14 +85,20 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
     dropped = {
         "features_only": entry(features_only, "stimulus in the features store but not in the neural data"),
         "neural_only": entry(neural_only, "stimulus in the neural data but not in the features store"),
-        "invalid_features": entry(invalid, "features row not valid (undecodable image or uncommitted shard)"),
+        "invalid_features": entry(invalid, "features row not valid (an undecodable image)"),
+        # a store still being extracted: its rows without data have no key yet, so their stimuli also count
+        # as neural only above; this says why
+        "not_extracted": {"count": int((~present).sum()), "examples": [],
+                          "why": "features rows without data yet (shards not extracted, or the store not "
+                                 "finalized): finish the extraction, then encode"},
         "nan_neural": entry(nan_rows, "neural row has NaN in a target that is not NaN everywhere"),
         "nan_targets": entry([neural.targets[i] for i in np.flatnonzero(all_nan_targets)],  # type: ignore[index]
                              "target NaN for every stimulus (scores stay NaN)"),
     }
     report = {"n_features_rows": len(fpos), "n_neural_rows": neural.n_stimuli, "n_matched": int(len(fi)),
               "dropped": dropped}
-    lines = [f"{v['count']} {k.replace('_', ' ')} (e.g. {_fmt(v['examples'])})" for k, v in dropped.items() if v["count"]]
+    lines = [f"{v['count']} {k.replace('_', ' ')}" + (f" (e.g. {_fmt(v['examples'])})" if v["examples"] else
+                                                      f" ({v['why']})") for k, v in dropped.items() if v["count"]]
     if lines:
         msg = f"matched {len(fi)} stimuli; dropped: " + "; ".join(lines)
         warnings.warn(msg, AlignmentWarning, stacklevel=3)

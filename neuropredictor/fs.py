@@ -97,6 +97,12 @@ def invalidate(fs: Any, path: str) -> None:
         fs.invalidate_cache(path)
 
 
+def modified(info: dict) -> float | None:
+    """A listed file's modification time (POSIX seconds): local disk's mtime, an object store's LastModified."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return value.timestamp() if hasattr(value, "timestamp") else (float(value) if value is not None else None)
+
+
 def listing(fs: Any, path: str, recursive: bool = False) -> list[str]:
     """The paths in a folder (every file below it, with recursive), as they are now (not a cached listing);
     none when the folder does not exist."""

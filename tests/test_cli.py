@@ -201,6 +201,25 @@ def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_p
     assert "rows: 8/16 written" in text and "[planned]" in text and "resumes it" in text
 
 
+def test_inspect_and_the_reader_see_commits_made_after_the_finalize(corpus, tmp_path):
+    # a finalized store whose commit records changed since (a shard withdrawn as damaged, then a resume
+    # interrupted before its finalize): inspect showed the old manifest, "[complete] 4 done"
+    from neuropredictor import extract_shard, open_features
+
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    store = FeatureStore.open(str(out))
+    store.withdraw({"shard-000001": "checksum differs"})
+    summary = json.loads(_cli("inspect", str(out), "--json").output)
+    assert summary["status"] == "planned" and summary["shards"]["committed"] == 3 and summary["rows"]["committed"] == 12
+    assert open_features(str(out)).attrs["status"] == "planned"
+    extract_shard(_config(corpus, out), store.shards[1], FeatureStore.open(str(out)))
+    summary = json.loads(_cli("inspect", str(out), "--json").output)
+    assert summary["shards"]["committed"] == 4 and summary["status"] == "planned"  # until the next finalize
+    run(_config(corpus, out))
+    assert json.loads(_cli("inspect", str(out), "--json").output)["status"] == "complete"
+
+
 # ---------------------------------------------------------------------------------------------
 # models and layers
 

@@ -26,7 +26,7 @@ from neuropredictor import manifest as mf
 from neuropredictor.redact import redact_text
 from neuropredictor.errors import ConfigMismatchError, StoreError
 from neuropredictor.shard import Shard
-from neuropredictor.status import StoreStatus
+from neuropredictor.status import ShardStatus, StoreStatus
 from neuropredictor.store import locks
 from neuropredictor.store.layout import (
     DEFAULT_CHUNK_BYTES,
@@ -332,10 +332,29 @@ class FeatureStore:
 
     def status_manifest(self) -> dict:
         """The manifest with every shard's current status, read from the commit and failure records: what
-        a finalize would write now, without writing anything (for a running or interrupted run)."""
-        if StoreStatus(self._manifest.get("status")).finalized and not self.repairs:
-            return self._manifest
-        return self._build_manifest(StoreStatus(self._manifest.get("status", self._fresh_status())))
+        a finalize would write now, without writing anything (for a running or interrupted run). A finalized
+        manifest stands while the commit records are those it sealed (one listing); once a resume or a
+        withdrawal changed them, the store is 'planned' again until the next finalize."""
+        status = StoreStatus(self._manifest.get("status", self._fresh_status()))
+        if status.finalized and not self.repairs:
+            if self._commits_sealed():
+                return self._manifest
+            status = StoreStatus.PLANNED
+        return self._build_manifest(status)
+
+    def _commits_sealed(self) -> bool:
+        """Whether the records are those the finalized manifest sealed: the same commit records, none
+        written after the manifest (one listing, one info)."""
+        fsx.invalidate(self._fs, self.records.folder)
+        try:
+            infos = [i for i in self._fs.ls(self.records.folder, detail=True) if i["name"].endswith(".json")]
+            sealed_at = fsx.modified(self._fs.info(f"{self._root}/{MANIFEST}"))
+        except FileNotFoundError:
+            return False
+        listed = {fsx.basename(i["name"]) for i in infos if not i["name"].endswith(".failed.json")}
+        sealed = {fsx.basename(self.records.path(s["name"])) for s in self._manifest.get("shards", [])
+                  if s.get("status") == ShardStatus.COMMITTED}
+        return listed == sealed and all((fsx.modified(i) or 0.0) <= (sealed_at or 0.0) for i in infos)
 
     # -- writing ------------------------------------------------------------------------------
 

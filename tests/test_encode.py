@@ -271,6 +271,12 @@ def test_chance_test_names_a_best_layer_only_above_chance(tmp_path):
     # targets 1.2533 x that / sqrt(20). Its 95th percentile lies between that of 5 independent folds
     # (~0.027) and that of perfectly dependent ones (~0.060): the folds are paired by rank of median r
     assert 0.035 < it["chance"].mean() < 0.06
+    # above chance means p <= 0.05, also at the edge where the interpolated 95th percentile says otherwise
+    edge = json.loads(s.attrs["chance"])
+    edge["V1"]["chance"][1], edge["V1"]["p_value"][1] = table.loc[("V1", "b"), "median"] - 0.01, 0.06
+    at_edge = summary_table(s.assign_attrs(chance=json.dumps(edge))).set_index(["roi", "layer"])
+    assert not at_edge.loc[("V1", "b"), "above_chance"]
+    assert (at_edge["above_chance"] == (at_edge["p_value"] <= 0.05)).all()
     out = str(tmp_path / "scores.zarr")
     summary = save_outputs(s, EncodeOptions(features="unused", neural="unused", out=out))
     pd.testing.assert_frame_equal(summary_table(xr.open_zarr(out)), summary_table(s))

@@ -82,8 +82,8 @@ def encode(
             " *" if best[g] == layer else " n.s." if summary["above_chance"][g][layer] is False else "")
             for g, col in columns.items()))
     console.print(table)
-    console.print(f"* best layer; n.s.: median r not above chance (the {100 * CHANCE_QUANTILE:.0f}th percentile "
-                  f"of its null over {summary['permutations']} permutations of the held-out responses)"
+    console.print(f"* best layer; n.s.: median r not above chance (p > {1 - CHANCE_QUANTILE:.2f} against its null "
+                  f"over {summary['permutations']} permutations of the held-out responses)"
                   if summary["permutations"] else "* best layer, not tested against chance (--permutations 0)",
                   highlight=False)
     for g, layer in best.items():

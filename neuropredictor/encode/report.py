@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import ALL_TARGETS, EncodingError, _open
+from neuropredictor.encode.chance import CHANCE_QUANTILE
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -68,8 +69,10 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
                 for k in ("chance", "null_low", "p_value"):
                     v = tests.get(roi, {}).get(k, [None] * len(layers))[li]
                     row[k] = np.nan if v is None else v
-                row["above_chance"] = bool(np.nanmedian(r[li, mask]) > row["chance"]) \
-                    if np.isfinite(row["chance"]) else None
+                # by the p-value (the chance level is the null's 95th percentile, interpolated: the two
+                # disagreed at the edge)
+                row["above_chance"] = bool(row["p_value"] <= 1 - CHANCE_QUANTILE) \
+                    if np.isfinite(row["p_value"]) else None
                 group_rows.append(row)
             eligible = [i for i, g in enumerate(group_rows) if g["above_chance"] is not False and np.isfinite(g["median"])]
             best = max(eligible, key=lambda i: group_rows[i]["median"], default=-1)

@@ -126,8 +126,9 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     for i in running:
         failed[i] = f"still running after {params.timeout_hours} h"
     if not params.finalize:  # judged by the store's commit records too
+        committed = store.committed()  # one listing, concurrent reads
         missing = {name: failed.get(i, "not committed") for i, g in enumerate(groups) for name in g
-                   if not store.is_committed(name)}
+                   if name not in committed}
         if missing:
             raise NeuroPredictorError(schedule.failure_message(missing))
         return {"status": "shards-done", "shards": {name: "committed" for g in groups for name in g}}

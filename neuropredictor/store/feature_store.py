@@ -330,16 +330,20 @@ class FeatureStore:
         """Shard name -> commit record, for every committed shard (one listing, not a request per shard)."""
         return self.records.by_kind()[0]
 
+    def current_status(self) -> StoreStatus:
+        """The store's status now: a finalized manifest stands while the commit records are those it sealed
+        (one listing); once a resume or a withdrawal changed them, the store is 'planned' again until the
+        next finalize."""
+        status = StoreStatus(self._manifest.get("status", self._fresh_status()))
+        return StoreStatus.PLANNED if status.finalized and not self._commits_sealed() else status
+
     def status_manifest(self) -> dict:
         """The manifest with every shard's current status, read from the commit and failure records: what
-        a finalize would write now, without writing anything (for a running or interrupted run). A finalized
-        manifest stands while the commit records are those it sealed (one listing); once a resume or a
-        withdrawal changed them, the store is 'planned' again until the next finalize."""
-        status = StoreStatus(self._manifest.get("status", self._fresh_status()))
+        a finalize would write now, without writing anything (for a running or interrupted run, or a store
+        changed since its finalize: see current_status)."""
+        status = self.current_status()
         if status.finalized and not self.repairs:
-            if self._commits_sealed():
-                return self._manifest
-            status = StoreStatus.PLANNED
+            return self._manifest
         return self._build_manifest(status)
 
     def _commits_sealed(self) -> bool:

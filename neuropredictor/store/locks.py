@@ -54,16 +54,11 @@ def _record(run_id: str, what: str, seconds: float) -> dict:
             "renewed_at": now, "expires_at": now + seconds}
 
 
-def _read(fs: Any, path: str) -> dict | None:
-    """The lease at path; a damaged one counts as expired (its writer died half-way)."""
-    lease, damaged = fsx.read_json(fs, path)
-    return {"expires_at": 0} if damaged else lease
-
-
 def _read_raw(fs: Any, path: str) -> tuple[bytes, dict] | None:
-    """The lease at path as stored and as read (a damaged one counts as expired), or None if there is none."""
+    """The lease at path as stored and as read, or None if there is none; a damaged one counts as expired
+    (its writer died half-way). One GET on S3."""
     try:
-        raw = fs.cat_file(path)
+        raw = fsx.cat_small(fs, path)
     except FileNotFoundError:
         return None
     try:
@@ -71,6 +66,12 @@ def _read_raw(fs: Any, path: str) -> tuple[bytes, dict] | None:
     except ValueError:
         lease = None
     return raw, lease if isinstance(lease, dict) else {"expires_at": 0}
+
+
+def _read(fs: Any, path: str) -> dict | None:
+    """The lease at path (see _read_raw)."""
+    found = _read_raw(fs, path)
+    return None if found is None else found[1]
 
 
 def expired(lease: dict) -> bool:
@@ -170,7 +171,7 @@ def _take_over(fs: Any, path: str, raw: bytes, seconds: float) -> None:
         return
     # the same bytes again, long after (a damaged lease torn the same way): that marker is spent
     with contextlib.suppress(Exception):
-        if time.time() - fs.modified(marker).timestamp() > seconds:
+        if time.time() - (fsx.modified(fs.info(marker)) or time.time()) > seconds:
             fs.rm_file(marker)
     time.sleep(_POLL_SECONDS / 10)
 

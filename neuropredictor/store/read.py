@@ -45,6 +45,6 @@ def open_features(url: str, storage_options: dict | None = None, committed_only:
     # the layers in the model's order (zarr lists a group's arrays alphabetically: layer10 before layer2)
     feats = feats[[lay.name for lay in store.layers]]
     ds = feats.assign({VALID: ((STIMULUS,), valid)}).assign_coords(key=((STIMULUS,), keys))
-    ds.attrs.update({"store": redact_text(url), "status": store.status_manifest().get("status"),
+    ds.attrs.update({"store": redact_text(url), "status": str(store.current_status()),
                      "config_hash": store.manifest.get("config_hash")})
     return ds

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from neuropredictor import fs as fsx

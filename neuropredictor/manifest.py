@@ -100,10 +100,8 @@ def software_versions() -> dict[str, str]:
     """Python and the versions of the installed packages that shape the output (metadata only, no imports)."""
     out = {"python": platform.python_version()}
     for name, dist in _SOFTWARE.items():
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     if "neuropredictor" not in out:  # running from a source checkout that was never pip-installed
         with contextlib.suppress(Exception):
             import neuropredictor  # light: the package imports its parts lazily
@@ -197,11 +195,8 @@ def build_manifest(
     bad = [b for s in shards if s.name in commits for b in bad_samples(commits[s.name], s.name)]
     committed_rows = sum(int(s.count) for s in shards if s.name in commits)
     if valid_rows is None:
-        valid_rows = 0
-        for s in shards:
-            if s.name in commits:
-                rec = commits[s.name]
-                valid_rows += int(rec.get("valid", int(s.count) - len(rec.get("bad_samples") or [])))
+        valid_rows = sum(int(rec.get("valid", int(s.count) - len(rec.get("bad_samples") or [])))
+                         for s in shards if (rec := commits.get(s.name)) is not None)
     stamp = now_iso()
     return {
         "format": FORMAT,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -60,19 +59,15 @@ class RetryPolicy:
              fatal: tuple[type[BaseException], ...] = ()) -> Any:
         """fn(attempt) for attempt 1, 2, ... until it returns or the retries are spent (then it raises);
         an exception of a `fatal` type is raised at once."""
-        delays = self.delays()
+        delays, stop = self.delays(), stop or threading.Event()  # an event never set: its wait is a sleep
         for attempt in range(1, self.retries + 2):
             try:
                 return fn(attempt)
             except Exception as exc:
-                if isinstance(exc, fatal) or attempt > self.retries or (stop is not None and stop.is_set()):
+                if isinstance(exc, fatal) or attempt > self.retries or stop.is_set():
                     raise
-            pause = delays[attempt - 1]
-            if stop is not None:
-                if stop.wait(pause):
-                    raise Interrupted("stopped while waiting to retry")
-            else:
-                time.sleep(pause)
+            if stop.wait(delays[attempt - 1]):
+                raise Interrupted("stopped while waiting to retry")
         raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -39,13 +39,8 @@ class _BackgroundWriter:
         self._raise()
         host, event = {}, None
         for name, t in features.items():
-            t = t.to(dtype)
-            if t.is_cuda:  # async D2H into pinned memory; the writer waits on the event, not the stream
-                buf = torch.empty(t.shape, dtype=dtype, pin_memory=True)
-                buf.copy_(t, non_blocking=True)
-                host[name] = buf
-            else:
-                host[name] = t
+            t = t.to(dtype)  # on the GPU: async D2H into pinned memory; the writer waits on the event
+            host[name] = torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
         if any(t.is_pinned() for t in host.values()):
             event = torch.cuda.Event()
             event.record()

@@ -225,12 +225,10 @@ class FeatureStore:
                               dtype=dtype, fill_value=np.nan, compressors=compressors(compression, True),
                               dimension_names=dim_names(lay), overwrite=True, zarr_format=3,
                               attributes={"layer": lay.name, "reduction": lay.reduction})
-        zarr.create_array(zs, name=KEYS, shape=(total,), chunks=(chunk_rows[KEYS],), dtype=str, fill_value="",
-                          compressors=compressors(compression, False), dimension_names=(STIMULUS,),
-                          overwrite=True, zarr_format=3)
-        zarr.create_array(zs, name=VALID, shape=(total,), chunks=(chunk_rows[VALID],), dtype=bool,
-                          fill_value=False, compressors=compressors(compression, False),
-                          dimension_names=(STIMULUS,), overwrite=True, zarr_format=3)
+        for name, kind, fill in ((KEYS, str, ""), (VALID, bool, False)):
+            zarr.create_array(zs, name=name, shape=(total,), chunks=(chunk_rows[name],), dtype=kind, fill_value=fill,
+                              compressors=compressors(compression, False), dimension_names=(STIMULUS,),
+                              overwrite=True, zarr_format=3)
 
     def zarr_store(self) -> Any:
         """The zarr store object under this run's folder (read-only when opened with mode 'r')."""

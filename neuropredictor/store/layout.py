@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import statistics
 import warnings
 from collections.abc import Iterator, Sequence
@@ -103,14 +104,7 @@ def safe_name(name: str) -> str:
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
-    best, i = 1, 1
-    while i * i <= n:
-        if n % i == 0:
-            for d in (i, n // i):
-                if best < d <= limit:
-                    best = d
-        i += 1
-    return best
+    return max(d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i) if d <= limit)
 
 
 def plan_chunk_rows(counts: Sequence[int], row_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -152,12 +146,8 @@ def boundary_chunks(offset: int, count: int, chunk_rows: int, total: int) -> lis
     if count <= 0:
         return []
     end = offset + count
-    out = []
-    for k in sorted({offset // chunk_rows, (end - 1) // chunk_rows}):
-        lo, hi = k * chunk_rows, min((k + 1) * chunk_rows, total)
-        if lo < offset or hi > end:
-            out.append(k)
-    return out
+    return [k for k in sorted({offset // chunk_rows, (end - 1) // chunk_rows})
+            if k * chunk_rows < offset or min((k + 1) * chunk_rows, total) > end]
 
 
 def row_nbytes(arr: Any) -> int:

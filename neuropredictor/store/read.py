@@ -35,13 +35,11 @@ def open_features(url: str, storage_options: dict | None = None, committed_only:
         root = xr.open_zarr(zs, chunks=None, consolidated=consolidated, zarr_format=3)
         keys = np.asarray(root[KEYS].values, dtype=object)
         valid = np.asarray(root[VALID].values, dtype=bool).copy()
-    if committed_only:
-        trusted = np.zeros(len(valid), dtype=bool)
+    if committed_only:  # the plan's shards tile the rows, so this leaves out every row not committed
         commits = store.committed()
         for s in store.shards:
-            if s.name in commits:
-                trusted[s.offset:s.end] = True
-        valid &= trusted
+            if s.name not in commits:
+                valid[s.offset:s.end] = False
     # the layers in the model's order (zarr lists a group's arrays alphabetically: layer10 before layer2)
     feats = feats[[lay.name for lay in store.layers]]
     ds = feats.assign({VALID: ((STIMULUS,), valid)}).assign_coords(key=((STIMULUS,), keys))

@@ -1,8 +1,9 @@
 """Writing one shard: rows buffered into whole chunks, boundary chunks staged, then the commit record.
 
 The writer owns the whole protocol of a shard's attempt: `FeatureStore.writer` withdraws an earlier
-commit and stale staged rows, `write` takes rows in order, `commit` flushes what is buffered (padding
-rows never written), checks that every staged object exists and writes the commit record last.
+commit (each attempt stages into its own folder; finalize removes the others'), `write` takes rows in
+order, `commit` flushes what is buffered (padding rows never written), checks that every staged object
+exists and writes the commit record last.
 """
 
 from __future__ import annotations
@@ -91,16 +92,11 @@ class ShardWriter:
         self._committed: dict | None = None
         self._stats = {"rows": 0, "padded_rows": 0, "bytes": 0, "chunks": 0, "staged_objects": 0,
                        "valid": 0}  # valid: the rows stored with valid True (what finalize counts)
-        self._buffers: dict[str, _ArrayBuffer] = {}
-        for lay in self._layers:
-            path = feature_path(lay.name)
-            self._buffers[path] = _ArrayBuffer(arrays[path], path, chunk_rows[path], np.nan, self._dtype, lay.shape,
-                                               self._offset)
         # '<U' (fixed width) in memory: it saves to .npy without pickle; zarr stores it as vlen utf-8.
-        self._buffers[KEYS] = _ArrayBuffer(arrays[KEYS], KEYS, chunk_rows[KEYS], "", np.dtype("<U1"), (),
-                                           self._offset)
-        self._buffers[VALID] = _ArrayBuffer(arrays[VALID], VALID, chunk_rows[VALID], False, np.dtype(bool), (),
-                                            self._offset)
+        kinds = {**{feature_path(lay.name): (np.nan, self._dtype, lay.shape) for lay in self._layers},
+                 KEYS: ("", np.dtype("<U1"), ()), VALID: (False, np.dtype(bool), ())}
+        self._buffers = {path: _ArrayBuffer(arrays[path], path, chunk_rows[path], *kind, self._offset)
+                         for path, kind in kinds.items()}
 
     def write(self, start: int, keys: Sequence[str], valid: np.ndarray, features: Mapping[str, Any]) -> None:
         """Rows [start, start+len(keys)) of this shard (start is the position within the shard).

@@ -90,9 +90,8 @@ def _tensor_interpolation(mode: Any) -> Any:
 
 
 # steps that only matter for PIL images: decoding already gives RGB uint8 tensors
-_PASS_THROUGH = {"MaybeConvertMode", "ToImage", "_convert_to_rgb", "convert_rgb"}
+_PASS_THROUGH = {"MaybeConvertMode", "ToImage", "_convert_to_rgb", "convert_rgb", "PILToTensor", "MaybePILToTensor"}
 _TO_TENSOR = {"ToTensor", "MaybeToTensor"}  # PIL -> float in [0, 1]
-_PIL_TO_TENSOR = {"PILToTensor", "MaybePILToTensor"}  # PIL -> uint8 tensor
 
 
 def _flatten(transform: Any) -> list[Any]:
@@ -124,19 +123,14 @@ def tensor_steps(transform: Callable) -> list[Callable[[torch.Tensor], torch.Ten
             out.append(_CenterCrop(step.size))
         elif name in _PASS_THROUGH:
             continue
-        elif name in _TO_TENSOR:
+        elif name in _TO_TENSOR or (name == "ConvertImageDtype" and not is_float):
             out.append(_ToFloat(1 / 255))
             is_float = True
-        elif name in _PIL_TO_TENSOR:
-            continue  # decoded images are uint8 tensors already
         elif name == "ToDtype" and not is_float:
             dtype = step.dtype if isinstance(step.dtype, torch.dtype) else step.dtype.get(torch.Tensor)
             if dtype != torch.float32:
                 raise NeuroPredictorError(f"decode='device' supports ToDtype(float32) only, not {dtype}; use decode='cpu'")
             out.append(_ToFloat(1 / 255 if step.scale else 1.0))
-            is_float = True
-        elif name == "ConvertImageDtype" and not is_float:
-            out.append(_ToFloat(1 / 255))
             is_float = True
         elif getattr(step, "tensor_ready", False):  # neuropredictor.models.hf's own steps
             out.append(step)
@@ -192,9 +186,7 @@ class DeviceDecoder:
                 for j, t in zip(jpegs, tensors):
                     with contextlib.suppress(RuntimeError):  # a JPEG nvJPEG rejects: PIL may still read it
                         images[j] = decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device)
-        for j in jpegs:
-            if j in images:
-                continue
+        for j in [j for j in jpegs if j not in images]:
             try:
                 images[j] = decoded(self._pil, encoded[j])
             except ImageError as exc:  # a bad image costs its sample only, never the run

@@ -163,8 +163,8 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
         raise EncodingError(f"{spath}: {len(key_list)} keys for {n} rows of neural data (shape {values.shape}); "
                             "the key list must have one key per row, in row order")
 
-    target_list = _resolve_per_target(targets, container, _TARGET_NAMES, "targets", opts)
-    roi_list = _resolve_per_target(roi, container, _ROI_NAMES, "roi", opts)
+    target_list = _resolve_per_target(targets, container, _TARGET_NAMES, opts)
+    roi_list = _resolve_per_target(roi, container, _ROI_NAMES, opts)
     ceiling_arr = _resolve_ceiling(ceiling, container, opts)
     train = _resolve_split(split, container, key_list, opts, spath)
     return NeuralData(values, key_list, target_list, roi_list, train, ceiling_arr, source=spath)
@@ -240,8 +240,6 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
     else:
         ds = xr.open_dataset(spath).load()
     with contextlib.closing(ds):
-        if isinstance(ds, xr.DataArray):  # pragma: no cover - open_dataset returns a Dataset
-            ds = ds.to_dataset()
         if array is not None:
             if array not in ds.data_vars:
                 raise EncodingError(f"{spath}: no variable {array!r}; it has {', '.join(map(str, ds.data_vars))}")
@@ -254,12 +252,9 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
             name = two_d[0]
         da = ds[name]
         stim_dim, target_dim = da.dims
-        container: dict[str, np.ndarray] = {}
         # coordinates and 1-D variables along either dimension become findable by name
-        for k, v in list(ds.coords.items()) + list(ds.data_vars.items()):
-            if k == name or v.ndim != 1:
-                continue
-            container[str(k)] = np.asarray(v.values)
+        container = {str(k): np.asarray(v.values) for k, v in [*ds.coords.items(), *ds.data_vars.items()]
+                     if k != name and v.ndim == 1}
         for cand in ((key_column,) + (_KEY_NAMES if key_column == "key" else ())):
             if cand in container and ds[cand].dims == (stim_dim,):
                 break
@@ -274,8 +269,7 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
     return values, container
 
 
-def _resolve_per_target(spec: Any, container: dict, defaults: Sequence[str], what: str,
-                        opts: dict) -> list[str] | None:
+def _resolve_per_target(spec: Any, container: dict, defaults: Sequence[str], opts: dict) -> list[str] | None:
     if spec is None:
         found = _pick(container, None, defaults)
         return None if found is None else [str(x) for x in np.asarray(found).reshape(-1).tolist()]

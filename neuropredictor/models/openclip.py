@@ -27,12 +27,10 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
             raise ModelSpecError(f"clip: specs use OpenAI's weights only; for other tags write openclip:{spec.name}@{spec.tag}")
         tag = "openai"
     else:
-        tag = spec.tag
+        tag, tags = spec.tag, [t for a, t in open_clip.list_pretrained() if a == spec.name]
         if pretrained and not tag:
-            tags = [t for a, t in open_clip.list_pretrained() if a == spec.name]
             raise ModelSpecError(f"openclip:{spec.name} needs a pretrained tag (@TAG), one of {tags}, or pretrained=False")
-        if tag and (spec.name, tag) not in open_clip.list_pretrained():
-            tags = [t for a, t in open_clip.list_pretrained() if a == spec.name]
+        if tag and tag not in tags:
             raise ModelSpecError(f"open_clip has no pretrained tag {tag!r} for {spec.name}; tags: {tags}")
     kwargs = {}
     cfg = get_pretrained_cfg(spec.name, tag) if tag else {}

@@ -10,15 +10,11 @@ from neuropredictor.models.base import Transform, pretrained_download
 from neuropredictor.models.spec import ModelSpec
 
 
-def _name(spec: ModelSpec) -> str:
-    return f"{spec.name}.{spec.tag}" if spec.tag else spec.name
-
-
 def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
-    name = _name(spec)
+    name = f"{spec.name}.{spec.tag}" if spec.tag else spec.name
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch[:6]}*")[:8]

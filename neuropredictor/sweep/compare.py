@@ -75,7 +75,8 @@ def plot_comparison(table: pandas.DataFrame, path: str, storage_options: Mapping
                              sharey=False)
     for ax, roi in zip(axes[0], rois):
         entries = ranked[roi][::-1]  # the best at the top
-        rows = [_row(table, roi, e["model"], e["layer"]) for e in entries]
+        rows = [table[(table["roi"] == roi) & (table["model"] == e["model"]) & (table["layer"] == e["layer"])].iloc[0]
+                for e in entries]
         y = np.arange(len(entries))
         med = np.array([e["median_r"] if e["median_r"] is not None else np.nan for e in entries])
         lo = np.array([r["q25"] for r in rows])
@@ -108,11 +109,6 @@ def write_csv(table: pandas.DataFrame, path: str, storage_options: Mapping | Non
     with fsx.open_url(path, "wb", storage_options) as f:
         f.write(table.to_csv(index=False).encode("utf-8"))
     return path
-
-
-def _row(table: pandas.DataFrame, roi: str, model: str, layer: str) -> Mapping[str, Any]:
-    match = table[(table["roi"] == roi) & (table["model"] == model) & (table["layer"] == layer)]
-    return match.iloc[0]
 
 
 def _num(x: Any) -> float | None:

@@ -16,7 +16,7 @@ import zarr
 
 from conftest import MODEL, check_against_reference, make_images
 from neuropredictor.corpus import list_shards, make_shards
-from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError
+from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError, StoreError
 from neuropredictor import ExtractConfig, extract_shard, finalize, plan, run
 from neuropredictor.models import load_model
 from neuropredictor.store import FeatureStore, open_features
@@ -300,3 +300,22 @@ def test_retry_delays_are_drawn_apart_for_each_run():
     for delays in draws:
         assert all(10.0 * 2**i <= d <= 15.0 * 2**i for i, d in enumerate(delays)) and len(delays) == 3
     assert len({tuple(d) for d in draws}) == 5
+
+
+def test_a_float16_store_refuses_features_beyond_its_range(corpus, tmp_path):
+    # the features reached the writer already cast to float16 (inf), so its range check never fired:
+    # valid rows held inf and the run ended complete
+    factory = tmp_path / "loud.py"
+    factory.write_text(
+        "import torch\nfrom torch import nn\nfrom torchvision.transforms import v2\n"
+        "class Loud(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.scale = nn.Identity()\n"
+        "    def forward(self, x):\n        return self.scale(x.mean((2, 3)) * 0 + 1e5)\n"
+        "def loud():\n"
+        "    return Loud(), v2.Compose([v2.Resize((8, 8)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])\n")
+    cfg = _config(corpus, tmp_path / "out.zarr", model=f"custom:{factory}:loud", layers=["scale"], reduce="",
+                  dtype="float16")
+    store = plan(cfg)
+    with pytest.raises(StoreError, match=r"layer 'scale': 12 feature value\(s\) up to 1e\+05 do not fit float16"):
+        extract_shard(cfg, store.shards[0], store)
+    assert not store.is_committed(store.shards[0].name)

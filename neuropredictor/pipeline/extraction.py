@@ -34,13 +34,15 @@ class _BackgroundWriter:
         self._thread = threading.Thread(target=self._loop, name="neuropredictor-writer", daemon=True)
         self._thread.start()
 
-    def put(self, start: int, keys: list[str], valid: np.ndarray, features: dict[str, torch.Tensor],
-            dtype: torch.dtype) -> None:
+    def put(self, start: int, keys: list[str], valid: np.ndarray, features: dict[str, torch.Tensor]) -> None:
         self._raise()
         host, event = {}, None
         for name, t in features.items():
-            t = t.to(dtype)  # on the GPU: async D2H into pinned memory; the writer waits on the event
-            host[name] = torch.empty(t.shape, dtype=dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
+            # float32 also for a float16 store: the writer casts, and refuses values float16 cannot hold
+            # (cast here, they would reach it as inf). On the GPU: async D2H into pinned memory, and the
+            # writer waits on the event.
+            t = t.float()
+            host[name] = torch.empty(t.shape, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
         if any(t.is_pinned() for t in host.values()):
             event = torch.cuda.Event()
             event.record()
@@ -93,7 +95,6 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     if done is not None:
         return done | {"skipped": True}
     runner = get_runner(config, device)
-    out_dtype = torch.float16 if config.dtype == "float16" else torch.float32
     started = time.time()
     t0 = time.perf_counter()
     writer = store.writer(shard)
@@ -124,7 +125,7 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
             valid = batch.valid.numpy().copy()
             n_valid += int(valid.sum())
             bad += [{"key": k, "reason": r} for k, r in batch.errors.items()]
-            background.put(int(batch.index[0]), list(batch.keys), valid, feats, out_dtype)
+            background.put(int(batch.index[0]), list(batch.keys), valid, feats)
             if on_batch is not None:
                 on_batch(len(batch))
     finally:

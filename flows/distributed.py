@@ -51,6 +51,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # request. The parent's load on the server is one request per POLL_PAGE running children per poll, not
 # one per child (600 children polled every 10 s: 0.3 requests/s instead of 60).
 POLL_PAGE = 200
+PARENT_LEASE = "waiting for its child runs"  # what the parent's lease on the store says it does
 
 
 def child_key(name: str) -> str:
@@ -77,7 +78,7 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     config = params.library_config().model_copy(update={"device": "cpu"})
     shards = validate_task(config)
     planned = plan_task(config, shards)
-    store = FeatureStore.open(config.out, config.storage_options)
+    store = FeatureStore.open(config.out, config.storage_options, generation=planned["generation"])
     groups = [[s.name for s in g]
               for g in schedule.pending_groups(store, shards, params.shards, params.shards_per_child, planned)]
     logger.info("%d shards to extract in %d child runs of %s", sum(map(len, groups)), len(groups), params.deployment)
@@ -99,12 +100,14 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
         )
         running[i] = run.id
 
-    for i in range(len(groups)):
-        launch(i)
     failed: dict[int, str] = {}
     finished = 0
     deadline = time.monotonic() + params.timeout_hours * 3600
-    with get_client(sync_client=True) as client:
+    # the parent's own lease on the store while children are queued, run and are relaunched (between
+    # them no child holds one): replacing the store is refused meanwhile
+    with store.session(PARENT_LEASE), get_client(sync_client=True) as client:
+        for i in range(len(groups)):
+            launch(i)
         while running and time.monotonic() < deadline:
             time.sleep(params.poll_seconds)
             states = child_states(client, list(running.values()))
@@ -132,7 +135,7 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
         if missing:
             raise NeuroPredictorError(schedule.failure_message(missing))
         return {"status": "shards-done", "shards": {name: "committed" for g in groups for name in g}}
-    manifest = finalize_task(config)
+    manifest = finalize_task(config, planned["generation"])
     report_artifacts(config, manifest)
     # judged by what the store holds, not by the children's states: a child that ended Completed
     # without committing its shards leaves them unfinished

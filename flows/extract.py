@@ -106,15 +106,18 @@ def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
     store = pipeline.plan(config, shards)
     for line in pipeline.plan_messages(store):  # for the UI (the library's own log reaches the terminal)
         get_run_logger().warning(line)
-    return {"shards": len(store.shards), "rows": store.rows, "committed": sorted(store.committed_at_plan or ())}
+    return {"shards": len(store.shards), "rows": store.rows, "committed": sorted(store.committed_at_plan or ()),
+            "generation": store.generation}  # the store this run writes: tasks refuse a replacement of it
 
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
-def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str, label: str) -> list[dict] | State:
-    """Extract a group of shards on its device. A shard that raises is recorded as failed (with the attempt
-    number) and the task fails, so Prefect retries it; committed shards are skipped on retry."""
+def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str, label: str,
+                        generation: str) -> list[dict] | State:
+    """Extract a group of shards on its device into the store of `generation` (as planned). A shard that
+    raises is recorded as failed (with the attempt number) and the task fails, so Prefect retries it;
+    committed shards are skipped on retry."""
     logger = get_run_logger()
-    store = FeatureStore.open(config.out, config.storage_options)
+    store = FeatureStore.open(config.out, config.storage_options, generation=generation)
     try:
         records = schedule.extract_group(config, shards, store, device, attempt=task_run.run_count or 1,
                                          on_batch=lambda n: emit("batch", {"images": n}), stop=STOP.get())
@@ -130,8 +133,8 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize_task(config: ExtractConfig) -> dict:
-    return schedule.finalize(config)  # retried like shards, one clear error when it still fails
+def finalize_task(config: ExtractConfig, generation: str) -> dict:
+    return schedule.finalize(config, generation=generation)  # retried like shards, one clear error when it still fails
 
 
 @flow(name="extract", task_runner=ThreadPoolTaskRunner(max_workers=64), validate_parameters=True)
@@ -146,7 +149,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     devices = config.resolved_devices()
     shards = validate_task(config)
     planned = plan_task(config, shards)
-    store = FeatureStore.open(config.out, config.storage_options)
+    store = FeatureStore.open(config.out, config.storage_options, generation=planned["generation"])
     emit("planned", schedule.planned_event(store, planned))
     groups = schedule.pending_groups(store, shards, params.shards, params.shards_per_task, planned)
     todo_rows = sum(s.count for g in groups for s in g)
@@ -168,7 +171,8 @@ def extract_flow(params: ExtractParameters) -> dict | State:
             for group, device in ([] if stop.is_set() else window.start()):
                 # delays drawn per task: the groups of one run (one per GPU) do not retry in step either
                 task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays())
-                running[task.submit(config, group, device, schedule.group_label(group))] = (group, device)
+                running[task.submit(config, group, device, schedule.group_label(group),
+                                    planned["generation"])] = (group, device)
             if not running:
                 break
             future = next(as_completed(list(running)))
@@ -185,7 +189,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
         if window.failed:
             raise NeuroPredictorError(schedule.failure_message(window.failed))
         return {"status": "shards-done", "shards": {s.name: "committed" for g in groups for s in g}}
-    manifest = finalize_task(config)
+    manifest = finalize_task(config, planned["generation"])
     report_artifacts(config, manifest)
     if window.failed:
         raise NeuroPredictorError(schedule.failure_message(window.failed))

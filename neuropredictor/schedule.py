@@ -155,15 +155,18 @@ class DeviceWindow:
         self.rows_done += sum(s.count for s in group if s.name not in self.failed)
 
 
-def finalize(config: ExtractConfig, store: FeatureStore | None = None, stop: threading.Event | None = None) -> dict:
+def finalize(config: ExtractConfig, store: FeatureStore | None = None, stop: threading.Event | None = None,
+             generation: str | None = None) -> dict:
     """Merge the commit records into manifest.json and consolidate the metadata (`FeatureStore.finalize`);
     returns the manifest. Retried like a shard (an object store's outage, a full disk being cleared;
     finalize is idempotent). Still failing, StoreError names the cause: the committed shards stay committed
     and the same command finishes the store. The library's own errors (a replaced store, a busy lease) are
-    statements, not outages: raised at once."""
+    statements, not outages: raised at once. `generation`: the store's as the caller planned it
+    (`FeatureStore.open`)."""
     try:
         return RetryPolicy.of(config).call(
-            lambda _n: (store or FeatureStore.open(config.out, config.storage_options)).finalize(), stop,
+            lambda _n: (store or FeatureStore.open(config.out, config.storage_options, generation=generation)).finalize(),
+            stop,
             fatal=(NeuroPredictorError,))
     except NeuroPredictorError:
         raise

@@ -283,6 +283,34 @@ def test_config_mismatch_refused_through_the_flow(corpus, tmp_path):
     assert len(said) == 1 and said[0].startswith("overwrite=True") and "manifest.json" in said[0], said
 
 
+def test_tasks_never_write_into_a_store_replaced_since_the_plan(corpus, tmp_path, monkeypatch):
+    # a run whose lease lapsed (a laptop asleep, storage unreachable for a minute) lets another run replace
+    # the store; this run's later tasks opened the replacement afresh and committed their rows into it,
+    # under the other configuration's manifest
+    from neuropredictor import ExtractConfig, plan, schedule
+
+    out = tmp_path / "out.zarr"
+    # the other configuration has arrays of the same shapes: only the generation tells the stores apart
+    other = ExtractConfig(**_params(corpus, out, dtype="float16", overwrite=True).library_config().model_dump())
+    extract_group, calls = schedule.extract_group, []
+
+    def replaced_after_the_first(config, group, *args, **kwargs):
+        calls.append(group[0].name)
+        if len(calls) == 2:
+            for lease in (out / "_runs").glob("*.json"):  # this run's lease, as after a minute without renewal
+                lease.write_text(json.dumps(dict(json.loads(lease.read_text()), expires_at=0)))
+            plan(other)
+        return extract_group(config, group, *args, **kwargs)
+
+    monkeypatch.setattr(schedule, "extract_group", replaced_after_the_first)
+    state = extract_flow(_params(corpus, out, retries=0), return_state=True)
+    store = FeatureStore.open(str(out))
+    assert store.committed() == {} and store.manifest["config"]["dtype"] == "float16"
+    assert state.is_failed() and len(calls) == 2  # the third task refused the replacement before extracting
+    with pytest.raises(Exception, match="replaced by another run"):
+        state.result()
+
+
 def test_cli_extract_resume_inspect(corpus, tmp_path):
     from typer.testing import CliRunner
 

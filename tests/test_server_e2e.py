@@ -22,7 +22,8 @@ import s3fs
 from conftest import MODEL, check_against_reference
 from sweep_data import assert_identical_stores
 from neuropredictor.corpus import make_shards
-from neuropredictor.store import FeatureStore, open_features
+from neuropredictor.store import FeatureStore, locks, open_features
+from neuropredictor_flows.distributed import PARENT_LEASE
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -183,6 +184,9 @@ def test_two_workers_through_a_real_server(prefect_server, s3, image_dir):
         while not client.post("/flow_runs/count", json=failed_filter).json():
             assert time.monotonic() < deadline, "the broken group's child run never failed\n" + procs.tail()
             time.sleep(0.25)
+        # the parent holds a lease on the store while its children are queued and relaunched (none may
+        # hold one then): another configuration's overwrite is refused meanwhile
+        assert PARENT_LEASE in [lease["what"] for lease in locks.live(fs, "test-bucket/runs/e2e.zarr/_runs")]
         fs.pipe_file(broken, good)  # repaired: the relaunched child run reads it seconds later
         run = _wait_run(client, run_id, procs)
         assert run["state"]["type"] == "COMPLETED", json.dumps(run["state"]) + procs.tail()

@@ -180,9 +180,14 @@ class FeatureStore:
         return store
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+") -> FeatureStore:
+    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r+",
+             generation: str | None = None) -> FeatureStore:
         """Open an existing store; mode "r" (read only) or "r+" (write shards, commit, finalize). A damaged
-        or missing manifest.json is rebuilt in memory from the plan and the commit records (`repairs`)."""
+        or missing manifest.json is rebuilt in memory from the plan and the commit records (`repairs`).
+
+        `generation`: the one the caller planned (`FeatureStore.generation`). A store replaced since by another
+        run raises StoreError, so a task that opens the store again (an orchestrator's retry) never writes
+        its rows into the replacement."""
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         fs, root = fsx.connect(url, storage_options, error=StoreError, what="store")
@@ -190,7 +195,10 @@ class FeatureStore:
         if found.plan is None:
             raise StoreError(f"no neuropredictor store at {redact_text(url)!r} ({MANIFEST} not found); "
                              "check the path, or create it with an extraction (`out`)")
-        return cls(url, storage_options, mode, fs, root, found.plan, found.manifest, found.generation)
+        store = cls(url, storage_options, mode, fs, root, found.plan, found.manifest, found.generation)
+        if generation is not None and found.generation != generation:
+            raise store._replaced(generation, found.generation)
+        return store
 
     def _fresh_status(self) -> StoreStatus:
         return StoreStatus.PLANNED if self.generation is not None else StoreStatus.PLANNING
@@ -210,9 +218,12 @@ class FeatureStore:
         current, _damaged = fsx.read_json(self._fs, f"{self._root}/{GENERATION}")  # every few seconds per writer
         now = (current or {}).get("generation")
         if now != self.generation:
-            raise StoreError(f"the store at {redact_text(self._url)!r} was replaced by another run (generation "
-                             f"{self.generation} -> {now}) while this one was writing: this run's rows are discarded "
-                             "and nothing of it is committed there.")
+            raise self._replaced(self.generation, now)
+
+    def _replaced(self, ours: str | None, now: str | None) -> StoreError:
+        return StoreError(f"the store at {redact_text(self._url)!r} was replaced by another run (generation {ours} "
+                          f"-> {now}) while this one was writing: this run's rows are discarded and nothing of it "
+                          "is committed there.")
 
     def _create_arrays(self, layers: list[LayerSpec], dtype: str, compression: str, total: int,
                        chunk_rows: dict[str, int]) -> None:

@@ -7,7 +7,7 @@ or (B, C, K, K).
     full        keep the tensor as it is
     flatten     (B, prod(rest))
     avgpool     spatial mean of a conv map -> (B, C); token mean of a sequence -> (B, D)
-    cls         first token of a sequence -> (B, D)
+    cls         first token of a sequence (the class token) -> (B, D); refused where there is none
     pool:K      adaptive average pooling of a conv map to K x K -> (B, C, K, K)
     srp:D       sparse random projection of the flattened output to D dims -> (B, D)
 
@@ -104,6 +104,12 @@ def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "", channe
     if red.name == "cls":
         if len(shape) != 2:
             raise ReductionError(f"cls needs a token sequence (T, D){where}; use avgpool or pool:K for conv maps")
+        side = math.isqrt(shape[0])
+        if shape[0] > 1 and side * side == shape[0]:
+            # a class token (plus registers or a distillation token) on a square grid never makes a square
+            # count, so this sequence is patches alone (SigLIP, Swin, Mixer, a ViT's patch embedding)
+            raise ReductionError(f"cls needs a sequence that starts with a class token{where}: its {shape[0]} "
+                                 f"tokens are a {side}x{side} grid of patches, and the first is a patch; use avgpool")
         return (shape[1],)
     if red.name == "pool":
         if len(shape) != 3:

@@ -209,6 +209,14 @@ def test_token_reductions():
         assert torch.allclose(got["blocks.4"], ex(x)["blocks.4"].mean(dim=1), atol=1e-6)
     with pytest.raises(ReductionError, match="pool:K needs a conv map"):
         Extractor(model, ["blocks.3"], reduce="pool:2")
+    # a sequence of patches alone (the patch embedding here; SigLIP's and Swin's blocks) has no class token:
+    # cls took the top-left patch, silently
+    with Extractor(model, ["patch_embed"], reduce="full") as ex:
+        assert ex(x)["patch_embed"].shape == (2, 196, 192)
+    with pytest.raises(ReductionError, match=r"196 tokens are a 14x14 grid of patches.*use avgpool"):
+        Extractor(model, ["patch_embed"], reduce="cls")
+    registers = load_model("timm:vit_small_patch14_reg4_dinov2", pretrained=False)  # 1 + 4 + 16 x 16 tokens
+    assert Extractor(registers, ["blocks.0"], reduce="cls").plan["blocks.0"].out_shape == (384,)
 
 
 def test_reduce_option_parsing():

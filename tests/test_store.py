@@ -246,6 +246,21 @@ def test_float16_overflow_is_refused_naming_the_layer(target: Target):
         w.write(0, ["a", "b"], [False, True], feats)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_in_valid_rows_are_refused(target: Target, bad):
+    # fp16 autocast overflows in some networks (NaN/inf); stored in a valid row, nothing would tell it apart
+    store = create(target, [4])
+    (shard,) = make_shards([4])
+    w = store.writer(shard)
+    feats = {lay.name: np.ones((2, *lay.shape), np.float32) for lay in LAYERS}
+    feats[LAYERS[1].name][0, 1] = bad
+    w.write(0, ["a", "b"], [False, True], feats)  # an invalid row is stored as NaN anyway
+    feats[LAYERS[1].name][0, 1], feats[LAYERS[1].name][1, 1] = 1.0, bad
+    with pytest.raises(StoreError, match=rf"layer {LAYERS[1].name!r}: 1 feature value\(s\) in valid rows are NaN "
+                                         r"or inf as the model computed them: with precision='fp16'"):
+        w.write(2, ["c", "d"], [True, True], feats)
+
+
 # ---------------------------------------------------------------------------------------------
 # concurrency: no shared objects, same result as one writer
 

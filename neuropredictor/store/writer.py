@@ -130,8 +130,7 @@ class ShardWriter:
             x = np.array(x, dtype=self._dtype, copy=True)  # a copy: the caller may reuse its buffer
             if x.shape != (n, *lay.shape):
                 raise StoreError(f"shard {name!r}, layer {lay.name!r}: got shape {x.shape}, expected {(n, *lay.shape)}")
-            if x.dtype == np.float16:
-                _refuse_overflow(name, lay.name, np.asarray(source)[valid], x[valid])
+            _refuse_non_finite(name, lay.name, np.asarray(source)[valid], x[valid])
             if not valid.all():
                 x[~valid] = np.nan  # an undecodable sample has no features
             prepared[feature_path(lay.name)] = x
@@ -216,11 +215,18 @@ class ShardWriter:
         self._stats["bytes"] += _nbytes(block)
 
 
-def _refuse_overflow(shard: str, layer: str, source: np.ndarray, stored: np.ndarray) -> None:
-    """StoreError if finite features became inf in float16 (its largest value is 65504): the store would hold
-    inf in valid rows, with nothing to say so."""
-    lost = np.isfinite(source) & ~np.isfinite(stored)
+def _refuse_non_finite(shard: str, layer: str, source: np.ndarray, stored: np.ndarray) -> None:
+    """StoreError if valid rows would hold NaN or inf, with nothing to say so (NaN marks invalid rows only):
+    finite features beyond float16's range (65504) in a float16 store, or non-finite ones from the forward
+    pass itself (fp16 autocast overflows in some networks)."""
+    bad = ~np.isfinite(stored)
+    if not bad.any():
+        return
+    where = f"shard {shard!r}, layer {layer!r}: {int(bad.sum())} feature value(s)"
+    lost = np.isfinite(source) & bad
     if lost.any():
-        raise StoreError(f"shard {shard!r}, layer {layer!r}: {int(lost.sum())} feature value(s) up to "
-                         f"{float(np.abs(source[lost]).max()):.4g} do not fit float16 (largest 65504). Store "
-                         "float32 (dtype='float32'), or pick a reduction or layer with smaller values.")
+        raise StoreError(f"{where} up to {float(np.abs(source[lost]).max()):.4g} do not fit float16 (largest 65504). "
+                         "Store float32 (dtype='float32'), or pick a reduction or layer with smaller values.")
+    raise StoreError(f"{where} in valid rows are NaN or inf as the model computed them: with precision='fp16' "
+                     "activations beyond 65504 overflow (use precision='bf16' or 'fp32'); otherwise the "
+                     "network or its weights give them.")

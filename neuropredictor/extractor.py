@@ -69,6 +69,14 @@ class Extractor:
             if infos[name].calls == 0 or infos[name].shape is None:
                 why = "does not run in the model's forward pass" if infos[name].calls == 0 else "has no batch-first tensor output"
                 raise LayerNotFoundError(f"layer {name!r} {why}; pick another from: neuropredictor layers {model.spec}")
+            # a module without pretrained weights, and whatever contains it or runs after it (its output may
+            # flow there), would be stored under the pretrained weights' name
+            random = [m for m in model.untrained if name == m or name.startswith(m + ".") or m.startswith(name + ".")
+                      or (m in infos and 0 <= infos[m].order <= infos[name].order)]
+            if random:
+                raise LayerNotFoundError(f"layer {name!r} depends on {', '.join(random)}, which the checkpoint of "
+                                         f"{model.spec} has no weights for (initialised at random, not pretrained); "
+                                         f"pick a layer that runs before it: neuropredictor layers {model.spec}")
         reductions = R.parse_reduce_option(reduce, names)
         self.plan = {
             n: LayerPlan(n, reductions[n], infos[n].shape,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neuropredictor.errors import ModelSpecError, WeightsUnavailableError
+from neuropredictor.errors import LayerNotFoundError, ModelSpecError, WeightsUnavailableError
 from neuropredictor.extractor import Extractor
 from neuropredictor.models import list_models, load_model, parse_spec
 
@@ -174,6 +174,28 @@ def test_source_hf_vit_and_processor_settings(tmp_path):
     img = _image(3)
     ref = torch.as_tensor(np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0]))
     assert torch.allclose(model.transform(img), ref, atol=3e-2)
+
+
+def test_source_hf_layers_the_checkpoint_lacks_are_refused(tmp_path):
+    # a ViT saved as ViTForImageClassification (as google/vit-base-patch16-224 is) has no pooler: AutoModel
+    # builds one at random, and its output was stored under the pretrained weights' name
+    transformers = pytest.importorskip("transformers")
+    path = _tiny_hf_dir(tmp_path, dual=False)
+    torch.manual_seed(0)
+    classifier = transformers.ViTForImageClassification(transformers.AutoConfig.from_pretrained(path)).eval()
+    classifier.save_pretrained(path)
+    model = load_model(f"hf:{path}", pretrained=True)
+    assert model.untrained == ("pooler.dense",)
+    for layer in ("pooler", "pooler.dense", "pooler.activation"):
+        with pytest.raises(LayerNotFoundError, match=r"depends on pooler.dense, which the checkpoint .* has no weights"):
+            Extractor(model, [layer])
+    # the encoder is the checkpoint's, exactly
+    x = torch.randn(2, 3, 48, 48)
+    with Extractor(model, ["layers.2"]) as ex:
+        got = ex(x)["layers.2"]
+    want = classifier.vit(pixel_values=x, output_hidden_states=True).hidden_states[3]
+    assert torch.equal(got, want)
+    assert load_model(f"hf:{path}", pretrained=False).untrained == ()
 
 
 def test_source_hf_bf16_checkpoint_runs_in_float32(tmp_path):

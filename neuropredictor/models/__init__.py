@@ -7,11 +7,7 @@ from pathlib import Path
 
 import torch
 
-from neuropredictor.models.base import (
-    LoadedModel,
-    load_weights_file,
-    transform_output_size,
-)
+from neuropredictor.models.base import UNTRAINED, LoadedModel, load_weights_file, transform_output_size
 from neuropredictor.models.spec import GRAMMAR, SOURCES, ModelSpec, parse_spec
 
 RANDOM_SEED = 0
@@ -49,8 +45,8 @@ def load_model(spec: str | ModelSpec, pretrained: bool = True, weights: str | Pa
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    return LoadedModel(spec=spec, module=module, transform=transform,
-                       input_size=transform_output_size(transform), weights=weights_id)
+    return LoadedModel(spec=spec, module=module, transform=transform, input_size=transform_output_size(transform),
+                       weights=weights_id, untrained=() if weights is not None else getattr(module, UNTRAINED, ()))
 
 
 def list_models(source: str | None = None, pattern: str | None = None) -> list[str]:

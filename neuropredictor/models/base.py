@@ -32,6 +32,12 @@ class LoadedModel:
     transform: Transform  # PIL image -> float tensor (C, H, W); picklable, so it runs in DataLoader workers
     input_size: tuple[int, int, int]  # (C, H, W) the transform produces
     weights: str  # "random", "pretrained:<tag>" or "sha256:<checksum of the weights file>"
+    # modules the pretrained checkpoint has no weights for (initialised at random by the source library,
+    # e.g. the pooler of a ViT saved as ViTForImageClassification): their outputs are not the checkpoint's
+    untrained: tuple[str, ...] = ()
+
+
+UNTRAINED = "neuropredictor_untrained"  # a loader's module attribute that LoadedModel.untrained comes from
 
 
 def imagenet_transform(resize: int = 256, crop: int = 224) -> Transform:

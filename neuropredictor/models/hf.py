@@ -19,7 +19,7 @@ from torch import nn
 
 from neuropredictor.errors import ModelSpecError, WeightsUnavailableError, first_line
 from neuropredictor.globs import match_model_names
-from neuropredictor.models.base import Transform, pretrained_download, weights_digest
+from neuropredictor.models.base import UNTRAINED, Transform, pretrained_download, weights_digest
 from neuropredictor.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,11 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
             if type(exc).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "offline" in str(exc).lower():
                 raise
             raise ModelSpecError(f"hf:{spec.name}: cannot read its config / image processor: {exc}") from exc
+        missing: list[str] = []
         if pretrained:
             try:
-                model = transformers.AutoModel.from_pretrained(spec.name, **revision)
+                model, info = transformers.AutoModel.from_pretrained(spec.name, output_loading_info=True, **revision)
+                missing = sorted(info.get("missing_keys") or ())
             except pickle.UnpicklingError as exc:
                 raise WeightsUnavailableError(_pickle_refused(spec, exc)) from exc
             weights = _local_weights(spec.name) or f"pretrained:{getattr(config, '_commit_hash', None) or spec.tag or 'main'}"
@@ -58,6 +60,12 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     # CLIPModel -> CLIPVisionModel -> CLIPVisionTransformer: names relative to the innermost image tower
     while isinstance(getattr(model, "vision_model", None), nn.Module):
         model = model.vision_model
+        missing = [k.removeprefix("vision_model.") for k in missing if k.startswith("vision_model.")]
+    untrained = sorted({k.rpartition(".")[0] for k in missing} - {""})
+    if untrained:
+        log.warning("hf:%s: the checkpoint has no weights for %s (initialised at random): their outputs are not "
+                    "extracted", spec.name, ", ".join(untrained))
+    setattr(model, UNTRAINED, tuple(untrained))
     # transformers 5 builds a model in its checkpoint's dtype (bf16 for many): the forward pass runs in the
     # precision asked for (autocast), from float32 weights, as with every other source
     return model.float(), checked_transform(processor), weights

@@ -179,18 +179,19 @@ def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[s
 
 PRESETS = ("auto",)
 # Trunks of numbered blocks, first match wins: timm/DeiT/open_clip/HF ViT, SigLIP/CLIP (HF), Swin, ConvNeXt...
-_BLOCK_TRUNKS = ("blocks", "encoder.layers", "encoder.layer", "encoder.stages", "transformer.resblocks", "layers",
-                 "stages")
+_BLOCK_TRUNKS = ("blocks", "encoder.layers", "encoder.layer", "encoder.stages", "encoder.blocks", "transformer.resblocks",
+                 "layers", "stages", "layer")
 
 
 def preset_layers(model: LoadedModel, infos: Sequence[LayerInfo], preset: str = "auto") -> list[str]:
     """The layers a preset names, in forward order. `auto`: a model's representative depth points, found
     without knowing its layer names, by the first rule that applies:
 
-    1. a timm model: the modules of timm's own `feature_info` (stage outputs of conv nets, every block of
-       vision transformers);
-    2. a trunk of blocks (`blocks`, `encoder.layers`, `encoder.layer`, `transformer.resblocks`, `layers`,
-       `stages`): every block's output;
+    1. a timm model, or one inside (open_clip's `trunk`): the modules of timm's own `feature_info` (stage
+       outputs of conv nets, every block of vision transformers);
+    2. a trunk of blocks (`blocks`, `encoder.layers`, `encoder.layer`, `encoder.stages`, `encoder.blocks`,
+       `transformer.resblocks`, `layers`, `stages`, `layer`): every block's output (a stage that ends by
+       merging patches, as in HF Swin: its last block's, at the stage's own resolution);
     3. ResNet-style stages `layer1`, `layer2`, ...;
     4. a `features` sequence (torchvision AlexNet, VGG, DenseNet, MobileNet, ...): the last module at each
        spatial resolution, and the last one;
@@ -205,15 +206,22 @@ def preset_layers(model: LoadedModel, infos: Sequence[LayerInfo], preset: str = 
     def ordered(names: Iterable[str]) -> list[str]:
         return sorted(dict.fromkeys(n for n in names if n in usable), key=lambda n: usable[n].order)
 
-    feature_info = getattr(model.module, "feature_info", None)
-    if model.spec.source == "timm" and isinstance(feature_info, list):
-        found = ordered(f.get("module") for f in feature_info if isinstance(f, dict))
-        if found:
-            return found
+    for prefix, mod in [("", model.module), *((n + ".", m) for n, m in model.module.named_children())]:
+        feature_info = getattr(mod, "feature_info", None)
+        if type(mod).__module__.startswith("timm.") and isinstance(feature_info, list):
+            found = ordered(prefix + str(f.get("module")) for f in feature_info if isinstance(f, dict))
+            if found:
+                return found
+    def children(name: str) -> list[str]:
+        return ordered(n for n in usable if n.startswith(name + ".") and "." not in n[len(name) + 1:])
+
     for trunk in _BLOCK_TRUNKS:
-        found = ordered(n for n in usable if n.startswith(trunk + ".") and "." not in n[len(trunk) + 1:])
+        found = children(trunk)
         if len(found) >= 2:
-            return found
+            # a stage that ends by merging patches (HF Swin, FocalNet) gives the merged, next-resolution map:
+            # its last block gives the stage's own, as timm's stages do
+            return [next((blocks[-1] for inner in ("blocks", "layers") if (blocks := children(f"{n}.{inner}"))), n)
+                    if f"{n}.downsample" in usable else n for n in found]
     found = ordered(n for n in usable if re.fullmatch(r"layer\d+", n))
     if found:
         return found

@@ -152,6 +152,7 @@ def test_cli_unknown_layer_or_model_exits_with_message():
     # rule 1: timm's feature_info
     ("timm:resnet18", ["act1", "layer1", "layer2", "layer3", "layer4"]),
     ("timm:vit_tiny_patch16_224", [f"blocks.{i}" for i in range(12)]),
+    ("openclip:convnext_tiny", [f"trunk.stages.{i}" for i in range(4)]),  # a timm trunk inside: its feature_info
     # rule 2: a trunk of blocks
     ("torchvision:vit_b_16", [f"encoder.layers.encoder_layer_{i}" for i in range(12)]),
     ("openclip:ViT-B-32", [f"transformer.resblocks.{i}" for i in range(12)]),
@@ -176,6 +177,26 @@ def test_auto_preset_picks_the_stages_of_hugging_face_conv_nets(tmp_path):
     transformers.ConvNextImageProcessor(size={"shortest_edge": 64}).save_pretrained(tmp_path)
     model = load_model(f"hf:{tmp_path}", pretrained=False)
     assert preset_layers(model, describe_layers(model)) == [f"encoder.stages.{i}" for i in range(4)]
+
+
+def test_auto_preset_on_hugging_face_swin_and_mobilenet(tmp_path):
+    # HF Swin stages end by merging patches: the stage module gave the next resolution's map (the last two
+    # at 7 x 7, no 56 x 56); HF MobileNetV2 keeps its blocks under `layer` (auto gave stem, head, pooler)
+    transformers = pytest.importorskip("transformers")
+    from neuropredictor.layers import preset_layers
+
+    transformers.SwinConfig(embed_dim=8, depths=[1, 2, 1, 1], num_heads=[1, 1, 1, 1]).save_pretrained(tmp_path / "swin")
+    transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(tmp_path / "swin")
+    swin = load_model(f"hf:{tmp_path / 'swin'}", pretrained=False)
+    infos = {i.name: i for i in describe_layers(swin)}
+    picked = preset_layers(swin, list(infos.values()))
+    assert picked == ["encoder.layers.0.blocks.0", "encoder.layers.1.blocks.1", "encoder.layers.2.blocks.0",
+                      "encoder.layers.3"]
+    assert [infos[n].shape for n in picked] == [(56 * 56, 8), (28 * 28, 16), (14 * 14, 32), (7 * 7, 64)]
+    transformers.MobileNetV2Config(depth_multiplier=0.35).save_pretrained(tmp_path / "mobilenet")
+    transformers.ViTImageProcessor(size={"height": 96, "width": 96}).save_pretrained(tmp_path / "mobilenet")
+    mobilenet = load_model(f"hf:{tmp_path / 'mobilenet'}", pretrained=False)
+    assert preset_layers(mobilenet, describe_layers(mobilenet)) == [f"layer.{i}" for i in range(16)]
 
 
 def test_auto_preset_in_extraction_and_fallback(tmp_path):

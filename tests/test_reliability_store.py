@@ -213,6 +213,25 @@ def test_records_of_another_generation_or_config_do_not_count(corpus, tmp_path):
     assert manifest["status"] == "complete" and len(FeatureStore.open(str(out)).committed()) == 6
 
 
+@pytest.mark.parametrize("manifest", ["kept", "damaged"])
+@pytest.mark.parametrize("generation", ["lost", "damaged"])
+def test_a_lost_generation_file_is_restored_and_the_commits_kept(corpus, tmp_path, generation, manifest):
+    # a store whose _generation.json was lost or damaged was planned again from scratch: every committed
+    # shard extracted again, its records rewritten, without a word
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    records = {p.name: p.read_bytes() for p in _commits(out)}
+    gen_file = out / "_generation.json"
+    original = json.loads(gen_file.read_text())["generation"]
+    gen_file.unlink() if generation == "lost" else gen_file.write_text('{"generat')
+    if manifest == "damaged":
+        (out / "manifest.json").write_text("{")
+    again = run(_config(corpus, out))
+    assert again["status"] == "complete" and again["generation"] == original
+    assert {p.name: p.read_bytes() for p in _commits(out)} == records  # nothing ran again
+    assert json.loads(gen_file.read_text())["generation"] == original
+
+
 # ---------------------------------------------------------------------------------------------
 # damage
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,8 @@ from neuropredictor.store.layout import (
 from neuropredictor.store.records import Records
 from neuropredictor.store.staging import Staging
 from neuropredictor.store.writer import ShardWriter
+
+log = logging.getLogger(__name__)
 
 
 _PLAN_WAIT_S = 600.0  # how long a planner waits for another one to finish planning the same store
@@ -134,6 +137,8 @@ class FeatureStore:
             replaced, diffs = None, []
             if found.plan is not None:
                 diffs = plan_diffs(found.plan, requested)
+                if not diffs and found.generation is None:
+                    found.generation = _restore_generation(fs, root, url, found, lease)
                 if not diffs and found.generation is not None:
                     return cls(url, storage_options, "r+", fs, root, found.plan, found.manifest, found.generation,
                                shards)
@@ -494,6 +499,25 @@ class FeatureStore:
             valid = self.array(VALID)[:]
             total += int(sum(valid[s.offset:s.end].sum() for s in unread))
         return total
+
+
+def _restore_generation(fs: Any, root: str, url: str, found: _Found, lease: locks.Lease) -> str | None:
+    """The generation of a store whose `_generation.json` is lost or damaged, written back: the one its
+    manifest or its commit records name for this plan; None where neither names one (a plan step that was
+    interrupted before it: no shard can have committed)."""
+    config_hash = found.plan.get("config_hash")
+    named = [found.manifest] if found.manifest and found.manifest.get("config_hash") == config_hash else []
+    if not named:
+        records = Records(fs, root, None, None)
+        paths = [p for p in fsx.listing(fs, records.folder) if p.endswith(".json")]
+        named = [rec for p in paths[:16] if (rec := fsx.read_json(fs, p)[0]) and rec.get("config_hash") == config_hash]
+    generation = next((obj["generation"] for obj in named if obj.get("generation")), None)
+    if generation is not None:
+        lease.check()
+        fsx.write_json_atomic(fs, f"{root}/{GENERATION}", {"generation": generation, "config_hash": config_hash})
+        log.warning("the store at %s had lost its %s: restored from its %s (its commits are kept)",
+                    redact_text(url), GENERATION, "manifest" if found.manifest in named else "commit records")
+    return generation
 
 
 class _Found:

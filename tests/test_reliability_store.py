@@ -232,6 +232,33 @@ def test_a_lost_generation_file_is_restored_and_the_commits_kept(corpus, tmp_pat
     assert json.loads(gen_file.read_text())["generation"] == original
 
 
+def test_verify_during_a_finalize_finds_no_damage(unequal_corpus, tmp_path):
+    # verify read a shard's rows, then its staged boundary piece: a finalize that merged and deleted the
+    # piece in between made a healthy shard read as damaged (and `run(verify=True)` withdrew it)
+    from neuropredictor import extract_shard, plan
+
+    out = str(tmp_path / "out.zarr")
+    config = _config(unequal_corpus, out, batch_size=3)
+    store = plan(config)
+    for shard in store.shards:
+        extract_shard(config, shard, store)  # committed; their boundary rows wait in staging
+    verifier = FeatureStore.open(out)
+    fs, cat_file, finalized = verifier._fs, verifier._fs.cat_file, []
+
+    def another_run_finalizes_first(path, *args, **kwargs):  # at verify's first read of a staged piece
+        if "_staging" in str(path) and not finalized:
+            finalized.append("started")  # the finalize reads staged pieces too: once only
+            finalized[0] = FeatureStore.open(out).finalize()["status"]
+        return cat_file(path, *args, **kwargs)
+
+    fs.cat_file = another_run_finalizes_first
+    try:
+        assert verifier.verify() == {}
+    finally:
+        fs.cat_file = cat_file
+    assert finalized == ["complete"] and FeatureStore.open(out).verify() == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # damage
 

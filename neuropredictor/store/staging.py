@@ -12,6 +12,7 @@ rows. Chunk sizes are chosen so that equal-size shards share no chunk at all and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -84,14 +85,14 @@ class Staging:
 
     def rows_as_stored(self, shard: Shard, array_path: str, arr: Any, attempt: str | None) -> np.ndarray:
         """The shard's rows of one array as a reader will see them after finalize: the array's rows, with
-        the pieces of boundary chunks the committed attempt still has waiting in staging laid over them."""
-        rows = np.array(arr[shard.offset:shard.end])
+        the pieces of boundary chunks the committed attempt still has waiting in staging laid over them.
+        The pieces are read first: one a finalize merges and deletes meanwhile is in the array read after."""
+        pieces = {}
         for k in self.boundary(shard, array_path):
-            path = self.path(shard.name, array_path, k, attempt)
-            try:
-                piece = _npy_array(self._fs.cat_file(path))
-            except FileNotFoundError:
-                continue  # merged into the chunk already
+            with contextlib.suppress(FileNotFoundError):  # merged into the chunk already
+                pieces[k] = _npy_array(self._fs.cat_file(self.path(shard.name, array_path, k, attempt)))
+        rows = np.array(arr[shard.offset:shard.end])
+        for k, piece in pieces.items():
             start = max(k * self.chunk_rows[array_path], shard.offset) - shard.offset
             rows[start:start + len(piece)] = piece
         return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+from concurrent.futures import ThreadPoolExecutor
 import socket
 import threading
 import time
@@ -98,6 +99,11 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     started = time.time()
     t0 = time.perf_counter()
     writer = store.writer(shard)
+    # what the shard's file is, taken while it is extracted: on local disk its sha256 reads the whole file
+    # (about 0.5 s per GB), which after the shard would idle the device for as long
+    fingerprint = ThreadPoolExecutor(1, thread_name_prefix="neuropredictor-source")
+    source = fingerprint.submit(source_of, shard, config.storage_options)
+    fingerprint.shutdown(wait=False)
     background = _BackgroundWriter(writer.write)
     bad: list[dict] = []
     n_valid = 0
@@ -155,7 +161,7 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
         "attempts": attempt,
         "stages": stages,
         "stats": stats,
-        "source": source_of(shard, config.storage_options),  # what the rows came from (see plan)
+        "source": source.result(),  # what the rows came from (see plan)
     }
     return writer.commit(record)
 

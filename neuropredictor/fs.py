@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -159,8 +161,10 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     """Create path with data only if it does not exist yet, atomically; False if it exists.
 
     Local disk: a complete temporary file hard-linked into place (the link fails if the name exists).
-    Object stores: a conditional PUT (If-None-Match), which AWS S3, MinIO and moto honour through s3fs.
-    Other fsspec filesystems fall back to fsspec's check-then-write, which is not atomic.
+    Object stores: a conditional PUT (If-None-Match), which AWS S3, MinIO and moto honour through s3fs. Two
+    such PUTs at once may get 409 ConditionalRequestConflict on AWS instead of one 412; that one is asked
+    again, as AWS says to. Other fsspec filesystems fall back to fsspec's check-then-write, which is not
+    atomic.
     """
     if is_local(fs):
         try:
@@ -168,12 +172,27 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
             return True
         except FileExistsError:
             return False
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        return False
+    for attempt in range(_CONFLICT_TRIES):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            break
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if attempt + 1 == _CONFLICT_TRIES or _error_code(exc) != "ConditionalRequestConflict":
+                raise
+            time.sleep(0.05 * 2**attempt * (1 + random.random()))
     invalidate(fs, path)
     return True
+
+
+_CONFLICT_TRIES = 6
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception s3fs translated (botocore's ClientError is its cause)."""
+    response = getattr(exc.__cause__, "response", None)
+    return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 def write_json_atomic(fs: Any, path: str, obj: Any) -> None:

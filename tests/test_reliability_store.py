@@ -479,3 +479,34 @@ def test_of_two_takers_of_an_expired_lease_one_holds_it(tmp_path):
         locks.acquire(fs, path, "planning", wait_s=0)
     a.release()
     assert not fs.exists(path)
+
+
+def test_a_conditional_put_that_conflicts_is_asked_again():
+    # AWS answers one of two concurrent If-None-Match PUTs of a key with 409 ConditionalRequestConflict (to be
+    # retried), not 412: s3fs raises it as a plain OSError, and a lease taken by many pods at once crashed
+    from botocore.exceptions import ClientError
+    from fsspec.implementations.memory import MemoryFileSystem
+    from s3fs.errors import translate_boto_error
+
+    from neuropredictor import fs as fsx
+
+    class Conflicting(MemoryFileSystem):  # an object store whose first answers are the given S3 errors
+        answers: list[str] = []
+
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            if self.answers:
+                code = self.answers.pop(0)
+                raise translate_boto_error(ClientError({"Error": {"Code": code, "Message": code}}, "PutObject"))
+            return super().pipe_file(path, value, mode=mode, **kwargs)
+
+    fs = Conflicting(skip_instance_cache=True)
+    fs.store.clear()
+    Conflicting.answers = ["ConditionalRequestConflict", "ConditionalRequestConflict"]
+    assert fsx.create_exclusive(fs, "/bucket/lease.json", b"a") and fs.cat_file("/bucket/lease.json") == b"a"
+    assert not fsx.create_exclusive(fs, "/bucket/lease.json", b"b")  # it exists: 412, as before
+    Conflicting.answers = ["AccessDenied"]
+    with pytest.raises(PermissionError):
+        fsx.create_exclusive(fs, "/bucket/other.json", b"c")
+    Conflicting.answers = ["ConditionalRequestConflict"] * 6  # a conflict that does not clear is raised
+    with pytest.raises(OSError, match="ConditionalRequestConflict"):
+        fsx.create_exclusive(fs, "/bucket/other.json", b"c")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +108,7 @@ class _Resolver:
             try:
                 if "*" in path:
                     found = fs.glob(path, detail=True)
+                    _refuse_unread_tars(url, [p for p, i in found.items() if i.get("type") == "file"])
                     matches = sorted(p for p, i in found.items() if p.endswith(".tar") and i.get("type") == "file")
                     if not matches:
                         raise CorpusError(f"the pattern {url} matches no .tar files: check the pattern.")
@@ -120,10 +122,9 @@ class _Resolver:
                         continue
                     raise FileNotFoundError(path)
                 if kind == "directory":
-                    entries = sorted(
-                        (e for e in fs.ls(path, detail=True) if e.get("type") == "file" and e["name"].endswith(".tar")),
-                        key=lambda e: fsx.basename(e["name"]),
-                    )
+                    files = [e for e in fs.ls(path, detail=True) if e.get("type") == "file"]
+                    _refuse_unread_tars(url, [e["name"] for e in files])
+                    entries = sorted((e for e in files if e["name"].endswith(".tar")), key=lambda e: fsx.basename(e["name"]))
                     if not entries:
                         raise CorpusError(
                             f"no .tar shards in {url}, and no images that can be read (extensions "
@@ -151,6 +152,19 @@ class _Resolver:
                 "Fix the pattern's range, or upload the missing shards."
             )
         return out
+
+
+_TAR_LIKE = re.compile(r"\.(tar(\.(gz|bz2|xz|zst|lz4))?|tgz|tbz2?|txz)$", re.IGNORECASE)
+
+
+def _refuse_unread_tars(url: str, paths: list[str]) -> None:
+    """CorpusError naming files beside the shards that look like shards but would not be read (compressed
+    tars, '.TAR'): the corpus would be short of their samples, silently."""
+    unread = sorted(fsx.basename(p) for p in paths if _TAR_LIKE.search(p) and not p.endswith(".tar"))
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise CorpusError(f"{url} holds shards that would not be read: {shown}. Shards are plain '.tar' files: "
+                          "decompress compressed ones (compressed tars are not supported), rename '.TAR' to '.tar'.")
 
 
 def _refuse_hidden(resolved: list[tuple[Any, str, dict]]) -> None:

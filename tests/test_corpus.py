@@ -456,6 +456,46 @@ def test_bad_images_are_marked_invalid(tmp_path: Path) -> None:
         assert torch.equal(images[0], expected_tensor(src / "img0000.jpg"))
 
 
+def test_links_and_two_images_under_one_key_are_invalid_rows_that_say_why(tmp_path: Path) -> None:
+    # GNU tar stores a hard-linked or symlinked image as a link member without data: its sample vanished
+    # (no row, no reason); of two images under one key the first was used and the other lost, unreported
+    make_images(tmp_path / "src", 3, nested=False)
+    jpg, png = (tmp_path / "src" / "img0000.jpg").read_bytes(), (tmp_path / "src" / "img0001.png").read_bytes()
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "gnu-000000.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in (("a.jpg", jpg), ("c.jpg", jpg), ("e.jpg", jpg), ("e.png", png), ("f.png", png)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+            if name in ("a.jpg", "c.jpg"):  # a hard link b.jpg to a.jpg, a symlink d.jpg to c.jpg
+                link = tarfile.TarInfo("b.jpg" if name == "a.jpg" else "d.jpg")
+                link.type, link.linkname = (tarfile.LNKTYPE if name == "a.jpg" else tarfile.SYMTYPE), name
+                tf.addfile(link)
+    (shard,) = list_shards(str(tmp_path / "shards"))
+    assert shard.count == 6
+    for workers in (0, 2):
+        batches = read_all(shard, batch_size=2, num_workers=workers)
+        keys = [k for b in batches for k in b.keys]
+        valid = dict(zip(keys, torch.cat([b.valid for b in batches]).tolist()))
+        assert valid == {"a": True, "b": False, "c": True, "d": False, "e": False, "f": True}
+        errors = {k: v for b in batches for k, v in b.errors.items()}
+        assert "b.jpg is a link in the shard (to a.jpg)" in errors["b"] and "(to c.jpg)" in errors["d"]
+        assert errors["e"].startswith("two images under the key e (jpg, png)")
+
+
+def test_compressed_or_upper_case_tars_beside_the_shards_are_named(shard_dir: Path, tmp_path: Path) -> None:
+    # a folder of shards read only its '.tar' files: a '.tar.gz' or '.TAR' beside them was left out, silently
+    for extra in ("shard-000009.tar.gz", "SHARD-000009.TAR"):
+        folder = tmp_path / extra
+        folder.mkdir()
+        for tar in shard_dir.glob("*.tar"):
+            (folder / tar.name).write_bytes(tar.read_bytes())
+        (folder / extra).write_bytes(b"x")
+        for corpus in (str(folder), str(folder / "*")):
+            with pytest.raises(CorpusError, match=rf"holds shards that would not be read: {extra}\. Shards are plain"):
+                list_shards(corpus)
+
+
 def test_count_mismatch_is_an_error(shard_dir: Path) -> None:
     shard = list_shards(str(shard_dir))[0]  # 10 samples
     # the fix is named: index the folder again, then overwrite the store planned with the old count

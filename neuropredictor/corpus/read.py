@@ -119,8 +119,15 @@ def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int
             # WebDataset would keep one of the two and lose the other without a word
             cur.problem = short(f"the member {cur.key}.{fld} appears twice in a row in the shard: two images "
                                 "under one key; give each its own key")
+        elif fld in IMAGE_EXTENSIONS and cur.problem is None and (other := [f for f in cur.fields if f in IMAGE_EXTENSIONS]):
+            cur.problem = short(f"two images under the key {cur.key} ({other[0]}, {fld}): which one is the stimulus "
+                                "is not known; give each its own key")
+        if fld in IMAGE_EXTENSIONS and not ti.isreg() and cur.problem is None:
+            # tar links have no data of their own, and the member they name is not kept while streaming
+            cur.problem = short(f"the member {cur.key}.{fld} is a link in the shard (to {ti.linkname}), not a "
+                                "file: pack the image itself (`neuropredictor shards make` does)")
         cur.fields.append(fld)
-        if cur.data is None and fld in IMAGE_EXTENSIONS and wanted(cur.index):
+        if cur.data is None and fld in IMAGE_EXTENSIONS and ti.isreg() and wanted(cur.index):
             fobj = tf.extractfile(ti)
             cur.data = fobj.read() if fobj is not None else b""
     if n != count:

@@ -103,11 +103,12 @@ def _check_end(tf: tarfile.TarFile, url: str) -> None:
 
 
 def members(tf: tarfile.TarFile, url: str, check_end: bool = True) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
-    """(member, key, field) for every member WebDataset would use, then verify the archive's end (unless
-    the file is only a range of samples from inside a shard)."""
+    """(member, key, field) for every member WebDataset would use, and links (which it skips: their samples
+    are kept here, as invalid rows that say why), then verify the archive's end (unless the file is only a
+    range of samples from inside a shard)."""
     while (ti := tf.next()) is not None:
         tf.members.clear()  # tarfile keeps every TarInfo otherwise: memory would grow with the shard
-        if ti.isreg() and (split := split_member(ti.name)) is not None:
+        if (ti.isreg() or ti.islnk() or ti.issym()) and (split := split_member(ti.name)) is not None:
             yield ti, *split
     if check_end:
         _check_end(tf, url)

@@ -150,12 +150,13 @@ def shard_entry(shard: Shard, commit: Mapping | None = None, failure: Mapping | 
     entry = plan_entry(shard)
     failed_attempts = int(failure.get("attempts") or 0) if failure else 0
     if commit is not None:
-        rec = redact(dict(commit))
+        # internal fields left out before redaction: a record's bad samples and checksums are most of its size
+        rec = redact({k: v for k, v in commit.items() if k not in _RECORD_INTERNAL})
         entry["url"] = (rec.get("source") or {}).get("url", entry["url"])  # where its rows were read from
         entry.update(status=ShardStatus.COMMITTED, attempts=rec.get("attempts") or failed_attempts + 1,
                      duration_s=rec.get("duration_s"), device=rec.get("device"), host=rec.get("host"),
                      error=None)
-        entry.update({k: v for k, v in rec.items() if k not in _SHARD_FIELDS and k not in _RECORD_INTERNAL})
+        entry.update({k: v for k, v in rec.items() if k not in _SHARD_FIELDS})
     elif failure is not None:
         rec = redact(dict(failure))
         entry.update(status=ShardStatus.FAILED, attempts=failed_attempts, duration_s=rec.get("duration_s"),

@@ -29,7 +29,7 @@ from neuropredictor.errors import Interrupted, NeuroPredictorError, StoreError
 from neuropredictor.pipeline import extract_shard, plan, validate
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
-from neuropredictor.status import ShardStatus
+from neuropredictor.status import FAILURES_SHOWN, ShardStatus
 from neuropredictor.store import FeatureStore
 
 ProgressFn = Callable[[str, dict], None]
@@ -187,10 +187,15 @@ def _committed(is_committed: Callable[[str], bool], name: str) -> bool:
 
 
 def failure_message(failed: dict[str, str]) -> str:
-    """What a run whose shards `failed` (name -> error) tells the user: which, why, and how to resume."""
-    return (f"{len(failed)} shard(s) failed after their retries: {', '.join(sorted(failed))}. The other shards "
-            "are stored and committed. Fix the cause and run the same command again: only these shards run.\n"
-            + "\n".join(f"  {k}: {v}" for k, v in sorted(failed.items())))
+    """What a run whose shards `failed` (name -> error) tells the user: which, why, and how to resume. The
+    first FAILURES_SHOWN only: it is a Prefect state message too, and 10,000 shards failing on expired
+    credentials would make it megabytes."""
+    shown = sorted(failed.items())[:FAILURES_SHOWN]
+    more = f" and {len(failed) - len(shown)} more (each named in the manifest)" if len(failed) > len(shown) else ""
+    return (f"{len(failed)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}. The other "
+            "shards are stored and committed. Fix the cause and run the same command again: only these shards "
+            "run.\n" + "\n".join(f"  {k}: {v}" for k, v in shown))
+
 
 
 def unfinished(manifest: dict) -> dict[str, str]:

@@ -28,3 +28,6 @@ class StepStatus(StrEnum):
 
     DONE = "done"
     FAILED = "failed"
+
+
+FAILURES_SHOWN = 20  # failed shards a message or summary names one by one (the manifest names them all)

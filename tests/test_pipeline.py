@@ -319,3 +319,15 @@ def test_a_float16_store_refuses_features_beyond_its_range(corpus, tmp_path):
     with pytest.raises(StoreError, match=r"layer 'scale': 12 feature value\(s\) up to 1e\+05 do not fit float16"):
         extract_shard(cfg, store.shards[0], store)
     assert not store.is_committed(store.shards[0].name)
+
+
+def test_a_failure_message_names_the_first_shards_and_counts_the_rest():
+    # 10,000 shards failing on expired credentials made a message (and a Prefect state message) of megabytes
+    from neuropredictor.schedule import failure_message
+    from neuropredictor.status import FAILURES_SHOWN
+
+    failed = {f"shard-{i:06d}": f"PermissionError: expired token {i}" for i in range(FAILURES_SHOWN + 5)}
+    message = failure_message(failed)
+    assert message.startswith(f"{FAILURES_SHOWN + 5} shard(s) failed after their retries: shard-000000, ")
+    assert "shard-000019 and 5 more (each named in the manifest)" in message and "shard-000020" not in message
+    assert message.count("PermissionError") == FAILURES_SHOWN and "run the same command again" in message

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from neuropredictor.cli.app import console
 from neuropredictor.cli.logs import log_file
-from neuropredictor.status import ShardStatus, StoreStatus
+from neuropredictor.status import FAILURES_SHOWN, ShardStatus, StoreStatus
 
 
 def summarize(manifest: dict, url: str) -> dict:
@@ -59,8 +59,10 @@ def print_summary(summary: dict) -> None:
         console.print(escape(f"warning: {dupes['count']} key(s) name more than one row ({shown}): the corpus joins "
                              "images of the same relative path; align by row, or give them unique names"),
                       style="yellow", highlight=False)
-    for f in summary["failed"]:
+    for f in summary["failed"][:FAILURES_SHOWN]:
         console.print(f"  [red]failed[/] {escape(f['name'])}: {escape(str(f['error']))}", highlight=False)
+    if len(summary["failed"]) > FAILURES_SHOWN:
+        console.print(f"  ... and {len(summary['failed']) - FAILURES_SHOWN} more failed (see manifest.json)")
     if log_file():
         console.print(f"log: {escape(str(log_file()))}", highlight=False)
     url = escape(repr(summary["url"]))

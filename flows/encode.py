@@ -4,9 +4,9 @@ Thin orchestration over `neuropredictor.encode`; its parameters are the library'
 
 from __future__ import annotations
 
-import base64
 import warnings
 
+from neuropredictor_flows.artifacts import markdown_image
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -19,7 +19,6 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from neuropredictor import encode as enc
-from neuropredictor import fs as fsx
 
 
 class EncodeParameters(enc.EncodeOptions):
@@ -54,14 +53,12 @@ def encode_flow(params: EncodeParameters) -> dict:
     table = enc.summary_table(scores)
     create_table_artifact(key="encode-scores", table=table.round(4).astype(object).where(table.notna(), None)
                           .to_dict(orient="records"), description="Median r per layer (and per ROI)")
-    with fsx.open_url(summary["plot"], "rb") as f:
-        png = base64.b64encode(f.read()).decode()
     create_markdown_artifact(
         key="encode-summary",
         markdown=(f"# Encoding scores\n\n- **Scores**: `{params.out}`\n"
                   f"- **Best layer**: `{summary['best_layer'] or 'none above chance'}`\n"
                   f"- **Split**: {summary['split']}\n\n"
-                  f"![layer-wise scores](data:image/png;base64,{png})\n"),
+                  + markdown_image(summary["plot"], "layer-wise scores")),
         description="Layer-wise encoding scores",
     )
     return summary

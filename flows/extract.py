@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
+from neuropredictor_flows.artifacts import shard_rows
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -217,12 +218,13 @@ def report_artifacts(config: ExtractConfig, manifest: dict) -> None:
                 "dtype": layer["dtype"], "reduction": layer["reduction"]} for layer in manifest["layers"]],
         description=f"Layers of {manifest['config']['model']} stored in {config.out}",
     )
+    shards, what = shard_rows(manifest["shards"])
     create_table_artifact(
         key="extract-shards",
         table=[{"shard": s["name"], "status": s["status"], "images": s["count"], "attempts": s.get("attempts"),
                 "seconds": s.get("duration_s"), "images/s": s.get("images_per_s"), "device": s.get("device"),
-                "host": s.get("host")} for s in manifest["shards"]],
-        description="Per-shard status and throughput",
+                "host": s.get("host")} for s in shards],
+        description=what,
     )
     rows = manifest["rows"]
     bad = manifest.get("bad_samples", [])

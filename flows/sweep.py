@@ -9,10 +9,10 @@ comparison table and plot become artifacts. Re-running skips finished models (th
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable
 
+from neuropredictor_flows.artifacts import markdown_image
 from neuropredictor_flows.distributed import TERMINAL, child_key, child_states
 from neuropredictor_flows.extract import (
     ExtractParameters,
@@ -33,7 +33,6 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from pydantic import Field, field_validator
 
-from neuropredictor import fs as fsx
 from neuropredictor.config import ExtractConfig
 from neuropredictor.store import FeatureStore
 from neuropredictor.sweep import SweepConfig, SweepModel
@@ -169,8 +168,7 @@ def _artifacts(sweep: SweepConfig, summary: dict) -> None:
         rows = [{"roi": roi, "rank": i + 1, **entry} for roi, entries in comparison["ranking"].items()
                 for i, entry in enumerate(entries)]
         create_table_artifact(key="sweep-ranking", table=rows, description="Models ranked by their best layer, per ROI")
-        with fsx.open_url(comparison["plot"], "rb", sweep.storage_options) as f:
-            png = base64.b64encode(f.read()).decode()
         create_markdown_artifact(key="sweep-comparison", markdown=(
             f"# Sweep comparison\n\n- **Table**: `{comparison['csv']}`\n- **Plot**: `{comparison['plot']}`\n\n"
-            f"![comparison](data:image/png;base64,{png})\n"), description="Models compared on the neural data")
+            + markdown_image(comparison["plot"], "comparison", sweep.storage_options)),
+            description="Models compared on the neural data")

@@ -492,3 +492,21 @@ def test_an_interrupted_shard_task_ends_cancelled_in_the_ui(corpus, tmp_path):
     assert shard_runs and all(r.state.is_cancelled() for r in shard_runs), [(r.name, r.state.type) for r in shard_runs]
     assert all(r.run_count == 1 for r in shard_runs)
     assert not list((tmp_path / "out.zarr" / "_status").glob("*.json"))  # nothing committed
+
+
+def test_artifacts_stay_small_at_any_scale(tmp_path):
+    # a table row per shard (2 MiB at 10,000 shards) and a comparison plot of 300 models (8 MiB, base64) went
+    # into artifacts whole: Prefect Cloud refuses request bodies over 5 MiB, failing a run whose work was done
+    from neuropredictor_flows.artifacts import MAX_IMAGE_BYTES, MAX_ROWS, markdown_image, shard_rows
+
+    shards = [{"name": f"s{i:05d}", "status": "committed", "images_per_s": float(1000 + i)} for i in range(MAX_ROWS + 100)]
+    shards[550]["status"], shards[550]["images_per_s"] = "failed", None
+    rows, what = shard_rows(shards)
+    assert len(rows) == MAX_ROWS and rows[0]["name"] == "s00550" and rows[1]["name"] == "s00000"
+    assert what.startswith(f"{MAX_ROWS} of {MAX_ROWS + 100} shards: failed and pending first, then the slowest")
+    assert shard_rows(shards[:10]) == (shards[:10], "Per-shard status and throughput")
+    small, big = tmp_path / "small.png", tmp_path / "big.png"
+    small.write_bytes(b"\x89PNG" + bytes(100))
+    big.write_bytes(b"\x89PNG" + bytes(MAX_IMAGE_BYTES))
+    assert markdown_image(str(small), "plot").startswith("![plot](data:image/png;base64,iVBORw")
+    assert markdown_image(str(big), "plot") == f"*The plot is over 1 MiB, too big to show here: open `{big}`.*\n"

@@ -91,7 +91,7 @@ def ceiling(config, iters: int = 20, warmup: int = 3) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     rate = iters * config.batch_size / seconds
-    flops = _flops_per_image(ex, x[:2])
+    flops = _flops_per_image(ex, x)  # a whole batch: a compiled replica pads a smaller one to it
     out = {"images_per_s": round(rate, 1), "gflop_per_image": round(flops / 1e9, 3) if flops else None}
     if flops:
         out["tflops"] = round(rate * flops / 1e12, 2)

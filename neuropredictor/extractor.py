@@ -55,6 +55,7 @@ class Extractor:
         srp_seed: int = 0,
         layer_infos: Sequence[LayerInfo] | None = None,
         compile: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise NeuroPredictorError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
@@ -95,10 +96,11 @@ class Extractor:
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         # torch.compile traces the hooks too (they are registered before the first call). One input shape
-        # keeps it to one compilation: smaller batches (a shard's last) are padded to the first batch's size.
+        # keeps it to one compilation: smaller batches (a shard's last) are padded to `batch_size`, else to
+        # the first batch's size (a small first shard would otherwise fix a shape every full batch misses).
         self.compile = compile
         self._forward = torch.compile(self.module, dynamic=False) if compile else self.module
-        self._batch: int | None = None
+        self._batch: int | None = batch_size
         self._handles: list = []
         self._lock = threading.Lock()  # hooks share per-call state: one forward pass at a time
         self._calls: dict[str, int] = {}

@@ -348,3 +348,13 @@ def test_compiled_forward_equals_the_network_by_hand_and_compiles_once():
         ex(_x(3, 32))
         ex(_x(4, 32))
         assert counters["stats"]["unique_graphs"] == warm
+    # a replica whose first batch is small (a short first shard) pads it to the batch size it was given:
+    # full batches after it compiled again
+    torch._dynamo.reset()
+    with Extractor(model, ["features.2", "classifier.2"], compile=True, batch_size=4) as ex:
+        ex(_x(2, 32))
+        ex(_x(2, 32))
+        warm = counters["stats"]["unique_graphs"]
+        ex(_x(4, 32))
+        ex(_x(3, 32))
+        assert counters["stats"]["unique_graphs"] == warm

@@ -88,7 +88,8 @@ def get_runner(config: ExtractConfig, device: str | torch.device | None = None) 
 
             decoder = DeviceDecoder(model.transform, dev, model.input_size)
         ex = Extractor(model, config.layers, reduce=config.reduce, device=dev, precision=config.precision,
-                       channels_last=config.channels_last, srp_seed=config.srp_seed, compile=config.compile)
+                       channels_last=config.channels_last, srp_seed=config.srp_seed, compile=config.compile,
+                       batch_size=config.batch_size)
         runner = Runner(model, ex.__enter__(), dev, decoder)
         _RUNNERS[str(dev)] = (key, runner)
         return runner

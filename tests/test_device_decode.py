@@ -149,11 +149,15 @@ def test_workers_leave_the_device_only_jpegs_it_may_decode_as_stored(tmp_path):
     exif[0x0112] = 6  # displayed turned 90 degrees clockwise
     turned.save(images / "b.jpg", quality=90, exif=exif.tobytes())
     plain.save(images / "c.png")
-    make_shards(images, str(tmp_path / "shards"), maxcount=3)
-    (batch,) = read_shard(list_shards(str(tmp_path / "shards"))[0], None, batch_size=3, num_workers=1)
-    assert batch.keys == ["a", "b", "c"]
-    assert batch.data[0] == (images / "a.jpg").read_bytes()
-    for j, name in ((1, "b.jpg"), (2, "c.png")):
+    # nvJPEG decodes progressive JPEGs on the host one at a time, and a CMYK one fails its whole batch
+    plain.save(images / "d.jpg", quality=90, progressive=True)
+    plain.convert("CMYK").save(images / "e.jpg", quality=90)
+    plain.convert("L").save(images / "f.jpg", quality=90)
+    make_shards(images, str(tmp_path / "shards"), maxcount=6)
+    (batch,) = read_shard(list_shards(str(tmp_path / "shards"))[0], None, batch_size=6, num_workers=1)
+    assert batch.keys == ["a", "b", "c", "d", "e", "f"]
+    assert batch.data[0] == (images / "a.jpg").read_bytes() and batch.data[5] == (images / "f.jpg").read_bytes()
+    for j, name in ((1, "b.jpg"), (2, "c.png"), (3, "d.jpg"), (4, "e.jpg")):
         # an array, pickled out of the worker (a tensor per image would hold a file descriptor each)
         assert isinstance(batch.data[j], np.ndarray) and batch.data[j].dtype == np.uint8
         np.testing.assert_array_equal(batch.data[j], np.asarray(decode_pil((images / name).read_bytes())))

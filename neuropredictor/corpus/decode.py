@@ -111,14 +111,16 @@ JPEG_MAGIC = b"\xff\xd8"
 
 def for_device(data: bytes) -> bytes | np.ndarray:
     """One image as the device path takes it, prepared in the DataLoader worker: its bytes when it is a
-    JPEG a JPEG decoder (nvJPEG) may decode as stored (within MAX_PIXELS, no EXIF rotation, from the header
-    only), else its pixels decoded here as on the CPU path (`decode_pil`; uint8 (H, W, 3)). ImageError when
+    JPEG a JPEG decoder (nvJPEG) may decode as stored (within MAX_PIXELS, no EXIF rotation, baseline colour
+    or greyscale, from the header only: nvJPEG decodes progressive JPEGs on the host one by one, and a CMYK
+    one fails its whole batch), else its pixels decoded here as on the CPU path (`decode_pil`; uint8
+    (H, W, 3)). ImageError when
     it cannot be decoded. An array, not a tensor: a tensor per image would hold a file descriptor each on
     its way out of the worker (thousands in flight exhaust the process's limit); an array is pickled."""
     if data[:2] == JPEG_MAGIC:
         try:
             with open_image(data) as img:
-                if not needs_rotation(img):
+                if not needs_rotation(img) and img.mode in ("RGB", "L") and not img.info.get("progressive"):
                     return data
         except Exception:
             pass  # decode_pil names the problem

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,9 +71,15 @@ class _ToFloat:
 class _Normalize:
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # on each device once: F.normalize copies its lists to the device per image, each copy a blocking sync
+    _on: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, mean=list(self.mean), std=list(self.std))
+        if x.device not in self._on:
+            self._on[x.device] = tuple(torch.tensor(v, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+                                       for v in (self.mean, self.std))
+        mean, std = self._on[x.device]
+        return (x - mean) / std
 
 
 def _tensor_interpolation(mode: Any) -> Any:
@@ -167,6 +173,7 @@ class DeviceDecoder:
         self.steps = tensor_steps(transform)
         self.device = torch.device(device)
         self.shape = tuple(shape)
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _on_device(self, rgb: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) pixels as a (3, H, W) tensor on the device."""
@@ -181,17 +188,31 @@ class DeviceDecoder:
         if jpegs:
             tensors = [torch.frombuffer(bytearray(encoded[j]), dtype=torch.uint8) for j in jpegs]
             try:  # one call for the whole batch: nvJPEG's batched decoder
-                images.update(zip(jpegs, decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)))
+                images.update(zip(jpegs, self._decode_jpegs(tensors)))
             except RuntimeError:  # one bad file fails the call: decode them one by one
                 for j, t in zip(jpegs, tensors):
                     with contextlib.suppress(RuntimeError):  # a JPEG nvJPEG rejects: PIL may still read it
-                        images[j] = decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device)
+                        images[j] = self._decode_jpegs([t])[0]
         for j in [j for j in jpegs if j not in images]:
             try:
                 images[j] = decoded(self._pil, encoded[j])
             except ImageError as exc:  # a bad image costs its sample only, never the run
                 errors[j] = str(exc)
         return images
+
+    def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        """decode_jpeg on the device, its outputs allocated on a stream of their own: nvJPEG writes them on a
+        private stream that does not wait for ours, so they must not get memory just freed by kernels still
+        queued on ours (pytorch/vision#9606: silent corruption on H100)."""
+        if self._side is None:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._side):
+            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        current.wait_stream(self._side)
+        for t in out:
+            t.record_stream(current)  # freed later, their memory waits for our stream's use of them
+        return out
 
     def __call__(self, batch: Batch) -> Batch:
         if batch.data is None:

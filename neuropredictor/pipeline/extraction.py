@@ -44,9 +44,10 @@ class _BackgroundWriter:
             # writer waits on the event.
             t = t.float()
             host[name] = torch.empty(t.shape, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
-        if any(t.is_pinned() for t in host.values()):
+        on_gpu = [t.device for t in features.values() if t.is_cuda]
+        if on_gpu:  # recorded on the copies' own stream: the current device is cuda:0 in every thread
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(on_gpu[0]))
         t0 = time.perf_counter()
         while True:  # bounded wait: a dead writer thread must not block the producer forever
             try:

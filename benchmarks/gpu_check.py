@@ -2,8 +2,14 @@
 a profiler summary and the encoding benchmark, every raw result written under --out.
 
     bash benchmarks/gpu_wheels.sh                        # here, once: wheels the GPU machine lacks -> .whl
-    python3 benchmarks/gpu_check.py --out $OUT           # there (carry .whl): everything, about 10 minutes
-    python3 benchmarks/gpu_check.py --out $OUT --steps tests,cases     # or in parts, within a call's limit
+    # there (carry .whl), in three calls of the device tool (each under its 600 s limit; estimates, not yet
+    # measured on a GPU): the tests and the eager cases, the compiled cases and the profile, the encoding
+    python3 benchmarks/gpu_check.py --out $OUT --steps tests,cases --cases eager
+    python3 benchmarks/gpu_check.py --out $OUT --steps cases,profile --cases compiled
+    python3 benchmarks/gpu_check.py --out $OUT --steps encode
+
+The record (gpu-check.json) is written after every case and step, so a call cut off at its limit keeps
+what it measured; carry it into the next call's $OUT to add to it.
 
 Files (at most eight, flat, as the device tool returns them): gpu-check.json (every result), gpu-check.log
 (every command's output), gpu-tests.xml, gpu-throughput.png, nvidia-smi.txt. Cases run one per process, so
@@ -20,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from run import plot  # benchmarks/run.py: the same ceiling-vs-pipeline chart
@@ -89,23 +96,23 @@ print(json.dumps(run_bench(**args)))
 """
 
 
-def run_cases(out: Path, env: dict, names: list[str], images: int, device: str) -> dict:
+def run_cases(out: Path, env: dict, names: list[str], images: int, device: str,
+              save: Callable[[str, dict], None]) -> None:
     sys.path[:0] = [p for p in env["PYTHONPATH"].split(":") if p]
     from neuropredictor.bench import make_corpus
 
     work = Path(tempfile.mkdtemp(prefix="np-gpu-"))
     t0 = time.perf_counter()
-    corpus = make_corpus(work, images)
+    # shards of 16 batches of the largest size: each batch has its own decode worker, as in a real corpus
+    corpus = make_corpus(work, images, per_shard=max(int(CASES[n]["batch_size"]) for n in names) * 16)
     log(out, f"corpus: {images} JPEGs 400x300 in {time.perf_counter() - t0:.1f} s")
-    results = {}
     for name in names:
         args = {**CASES[name], "images": images, "device": device, "corpus": corpus, "workdir": str(work / name)}
         proc = sh(out, [sys.executable, "-c", _CASE, json.dumps(args)], timeout=300, env=env)
         try:
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            save(name, json.loads(proc.stdout.strip().splitlines()[-1]))
         except (IndexError, ValueError):
-            results[name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
-    return results
+            save(name, {"error": (proc.stderr or proc.stdout)[-2000:]})
 
 
 _PROFILE = """
@@ -143,7 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or f"benchmarks/results/gpu-{dt.date.today()}")
     parser.add_argument("--steps", default="tests,cases,profile,encode")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(CASES), help="names, or eager / compiled")
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
     args = parser.parse_args()
@@ -160,10 +167,22 @@ def main() -> None:
         (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
     except FileNotFoundError:
         log(out, "nvidia-smi: not found (no NVIDIA driver here)")
+
+    def save() -> None:  # after every case and step: a call cut off at its time limit keeps what it measured
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+
+    def save_case(name: str, result: dict) -> None:
+        record.setdefault("cases", {})[name] = result
+        save()
+
     if "tests" in steps:
         record["tests"] = run_tests(out, env)
+        save()
     if "cases" in steps:
-        record.setdefault("cases", {}).update(run_cases(out, env, args.cases.split(","), args.images, args.device))
+        groups = {"eager": [n for n in CASES if not CASES[n].get("compile")],
+                  "compiled": [n for n in CASES if CASES[n].get("compile")]}
+        names = groups.get(args.cases) or args.cases.split(",")
+        run_cases(out, env, names, args.images, args.device, save_case)
         measured = [{"case": name, **r} for name, r in record["cases"].items() if "pipeline" in r]
         if measured:
             plot(measured, out / "gpu-throughput.png")
@@ -172,9 +191,10 @@ def main() -> None:
         from neuropredictor.bench import make_corpus
 
         record["profile"] = run_profile(out, env, make_corpus(Path(tempfile.mkdtemp()), 1024), args.device)
+        save()
     if "encode" in steps:
         record["encode"] = run_encode(out, env, args.device)
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
+        save()
     log(out, f"wrote {record_path}")
 
 

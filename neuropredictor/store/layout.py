@@ -32,6 +32,7 @@ from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 from neuropredictor.errors import StoreError
 from neuropredictor.shard import Shard
 
+MIN_CHUNK_BYTES = 2**20  # chunks of unequal shards are made smaller, down to this (plan_chunk_rows)
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # uncompressed bytes per chunk: big enough for object-store throughput
 STIMULUS = "stimulus"  # the sample axis, named the same in every array
 MANIFEST = "manifest.json"
@@ -113,8 +114,11 @@ def plan_chunk_rows(counts: Sequence[int], row_bytes: int, chunk_bytes: int = DE
     Shards of equal size (all but the last): the largest divisor of that size whose chunk fits in
     chunk_bytes, so chunk boundaries fall on shard boundaries and no chunk is shared. If that
     divisor is tiny (a prime shard size with big rows would mean one object per row), and for
-    unequal shards: as many rows as fit in chunk_bytes, at most the median shard size, so that most
-    chunks still lie inside one shard and only boundary chunks need staging.
+    unequal shards (img2dataset's, other tools'): chunks straddle shard ends, and each shard stages its
+    two boundary chunks for finalize to merge, so a chunk holds a sixteenth of the median shard (about
+    an eighth of the rows staged; at the median size, nearly all were), but at least MIN_CHUNK_BYTES
+    (object stores want big objects; rows as small as keys stay in few chunks), and what fits in
+    chunk_bytes.
     """
     limit = max(1, int(chunk_bytes) // max(1, int(row_bytes)))
     counts = [int(c) for c in counts if int(c) > 0]  # empty shards own no rows and share no chunk
@@ -126,7 +130,8 @@ def plan_chunk_rows(counts: Sequence[int], row_bytes: int, chunk_bytes: int = DE
         best = _largest_divisor_at_most(size, limit)
         if best * 4 >= min(limit, size):
             return best
-    return max(1, min(limit, int(statistics.median(counts))))
+    median = int(statistics.median(counts))
+    return max(1, min(limit, median, max(median // 16, -(-MIN_CHUNK_BYTES // max(1, int(row_bytes))))))
 
 
 def plan_all_chunk_rows(shards: Sequence[Shard], layers: Sequence[LayerSpec], dtype: str,

@@ -27,6 +27,7 @@ from prefect.futures import as_completed
 from prefect.runtime import task_run
 from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from pydantic import Field, field_validator
 
 from neuropredictor import pipeline, schedule
@@ -113,12 +114,12 @@ def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
 def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str, label: str,
-                        generation: str) -> list[dict] | State:
-    """Extract a group of shards on its device into the store of `generation` (as planned). A shard that
-    raises is recorded as failed (with the attempt number) and the task fails, so Prefect retries it;
-    committed shards are skipped on retry."""
+                        store: FeatureStore) -> list[dict] | State:
+    """Extract a group of shards on its device into the flow's store (opened once, at the generation the
+    flow planned: a store replaced since refuses its writers). A shard that raises is recorded as failed
+    (with the attempt number) and the task fails, so Prefect retries it; committed shards are skipped on
+    retry."""
     logger = get_run_logger()
-    store = FeatureStore.open(config.out, config.storage_options, generation=generation)
     try:
         records = schedule.extract_group(config, shards, store, device, attempt=task_run.run_count or 1,
                                          on_batch=lambda n: emit("batch", {"images": n}), stop=STOP.get())
@@ -172,8 +173,9 @@ def extract_flow(params: ExtractParameters) -> dict | State:
             for group, device in ([] if stop.is_set() else window.start()):
                 # delays drawn per task: the groups of one run (one per GPU) do not retry in step either
                 task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays())
-                running[task.submit(config, group, device, schedule.group_label(group),
-                                    planned["generation"])] = (group, device)
+                # the flow's store object (quoted: Prefect need not walk it), not one opened per task, which
+                # read the whole plan and manifest for every shard (hundreds of MB at 10,000 shards)
+                running[task.submit(config, group, device, schedule.group_label(group), quote(store))] = (group, device)
             if not running:
                 break
             future = next(as_completed(list(running)))

@@ -78,6 +78,7 @@ class FeatureStore:
         self._zstore: Any = None
         self._arrays: dict[str, Any] = {}
         self._shards = None if shards is None else list(shards)  # from create: where they are now (see `shards`)
+        self._by_name: dict[str, Shard] | None = None
         self._lock = threading.Lock()
         self.records = Records(fs, root, generation, plan.get("config_hash"))
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (in memory)
@@ -324,7 +325,9 @@ class FeatureStore:
 
     def planned(self, shard: Shard) -> Shard:
         """The store's own record of a shard the caller names (count and offset must agree)."""
-        s = next((s for s in self.shards if s.name == shard.name), None)
+        if self._by_name is None:  # one dict, not a scan of every shard per writer (100,000 shards: 2 ms each)
+            self._by_name = {s.name: s for s in self.shards}
+        s = self._by_name.get(shard.name)
         if s is None:
             raise StoreError(f"shard {shard.name!r} is not in the plan of {redact_text(self._url)!r}")
         if (s.count, s.offset) != (int(shard.count), int(shard.offset)):

@@ -104,8 +104,8 @@ def validate_task(config: ExtractConfig) -> list[Shard]:
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(config: ExtractConfig, shards: list[Shard]) -> dict:
-    store = pipeline.plan(config, shards)
+def plan_task(config: ExtractConfig, shards: list[Shard], scope: list[str] | None = None) -> dict:
+    store = pipeline.plan(config, shards, scope)
     for line in pipeline.plan_messages(store):  # for the UI (the library's own log reaches the terminal)
         get_run_logger().warning(line)
     return {"shards": len(store.shards), "rows": store.rows, "committed": sorted(store.committed_at_plan or ()),
@@ -150,7 +150,8 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     config = params.library_config()
     devices = config.resolved_devices()
     shards = validate_task(config)
-    planned = plan_task(config, shards)
+    # a child of extract-distributed reads its own group's commit records, not every one of the store
+    planned = plan_task(config, shards, params.shards)
     store = FeatureStore.open(config.out, config.storage_options, generation=planned["generation"])
     emit("planned", schedule.planned_event(store, planned))
     groups = schedule.pending_groups(store, shards, params.shards, params.shards_per_task, planned)

@@ -331,3 +331,17 @@ def test_a_failure_message_names_the_first_shards_and_counts_the_rest():
     assert message.startswith(f"{FAILURES_SHOWN + 5} shard(s) failed after their retries: shard-000000, ")
     assert "shard-000019 and 5 more (each named in the manifest)" in message and "shard-000020" not in message
     assert message.count("PermissionError") == FAILURES_SHOWN and "run the same command again" in message
+
+
+def test_a_scoped_plan_reads_only_its_shards_commit_records(corpus, tmp_path):
+    # each child of extract-distributed planned with every commit record of the store (10,000 per child of
+    # 16 shards at 10,000 shards): it reads and checks its own group's only
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    store = FeatureStore.open(str(out))
+    assert set(store.committed(["shard-000001", "shard-000009"])) == {"shard-000001"}
+    assert store.committed(["shard-000002"])["shard-000002"] == store.committed()["shard-000002"]
+    (out / "_status" / "shard-000002.json").write_text("{")  # damaged: not committed
+    scoped = plan(_config(corpus, out), scope=["shard-000001", "shard-000002"])
+    assert scoped.committed_at_plan == {"shard-000001"}
+    assert plan(_config(corpus, out)).committed_at_plan == {"shard-000000", "shard-000001"}

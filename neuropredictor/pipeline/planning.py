@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from neuropredictor import fs as fsx
 from neuropredictor.config import IDENTITY, ExtractConfig
@@ -103,8 +103,11 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
                          f"{redact_text(str(exc))}") from exc
 
 
-def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureStore:
-    """Validate, then create the store (or reopen it, to resume).
+def plan(config: ExtractConfig, shards: list[Shard] | None = None, scope: Collection[str] | None = None
+         ) -> FeatureStore:
+    """Validate, then create the store (or reopen it, to resume). `scope`: the shards this run extracts,
+    where it is a child of a distributed run (their commit records only are read and checked; the parent
+    checked the others).
 
     Fails fast with a NeuroPredictorError on an unknown model or layer, an unreachable or empty corpus,
     or an output that exists with a different configuration (nothing is written then).
@@ -120,7 +123,7 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None) -> FeatureSto
         raise StoreError(f"cannot write the output store {redact_text(config.out)!r}: {type(exc).__name__}: "
                          f"{redact_text(str(exc))}. Choose an `out` you can write to, or fix its permissions "
                          "or free space.") from exc
-    commits = store.committed()  # read once, here, for the whole plan
+    commits = store.committed(scope)  # read once, here, for the whole plan
     _refuse_changed_files(store, shards, config, commits)
     if config.verify:
         store.withdraw(store.verify({name: r for name, r in commits.items() if name not in store.withdrawn}))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from neuropredictor import fs as fsx
@@ -69,6 +69,19 @@ class Records:
                 elif self._ours(rec, KIND_FAILURE):
                     failures[rec["shard"]] = rec
         return commits, failures
+
+    def commits_of(self, shard_names: Iterable[str]) -> dict[str, dict]:
+        """The commit records of these shards only (concurrent reads, no listing): a child run of a
+        distributed extraction needs its own group's, not the store's."""
+        paths = {self.path(name): name for name in shard_names}
+        found: dict[str, dict] = {}
+        for path, blob in (self._fs.cat(list(paths), on_error="omit") if paths else {}).items():
+            with contextlib.suppress(ValueError):  # a damaged record counts as absent
+                rec = json.loads(blob)
+                name = paths.get(path) or paths.get(self._fs._strip_protocol(path))
+                if name is not None and self._ours(rec, KIND_COMMIT, name):
+                    found[name] = rec
+        return found
 
     def withdraw(self, shard_name: str) -> None:
         """Remove a shard's commit record: its rows are about to be rewritten, so no longer trusted."""

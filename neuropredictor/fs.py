@@ -29,10 +29,13 @@ S3_CONNECTIONS = 64
 def with_defaults(url: str, storage_options: Mapping | None) -> dict:
     """The storage options for url with ours under the caller's: every client we make of an S3 URL (ours,
     and zarr's for the chunks) keeps S3_CONNECTIONS connections, since botocore's 10 cap the concurrent
-    reads of many small objects (a store's commit records, its chunks) at 10 round trips in flight."""
+    reads of many small objects (a store's commit records, its chunks) at 10 round trips in flight; and
+    reads a whole object in one GET (`max_concurrency` 1: above 1, s3fs asks each object's size first, a
+    HEAD before every chunk and record read, to split big objects into parallel ranges)."""
     opts = dict(storage_options or {})
     if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
         opts["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(opts.get("config_kwargs") or {})}
+        opts.setdefault("max_concurrency", 1)
     return opts
 
 

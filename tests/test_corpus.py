@@ -483,6 +483,17 @@ def test_links_and_two_images_under_one_key_are_invalid_rows_that_say_why(tmp_pa
         assert errors["e"].startswith("two images under the key e (jpg, png)")
 
 
+def test_a_dotted_file_name_says_why_it_is_not_an_image(tmp_path: Path) -> None:
+    # `stim_0.5.jpg` is key `stim_0`, field `5.jpg` by WebDataset's rule: the reason only listed the fields
+    make_images(tmp_path / "src", 1, nested=False)
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "s-000000.tar", [("stim_0.5.jpg", (tmp_path / "src" / "img0000.jpg").read_bytes())])
+    (batch,) = read_all(list_shards(str(tmp_path / "shards"))[0])
+    assert batch.keys == ["stim_0"] and not batch.valid[0]
+    assert batch.errors["stim_0"].endswith("so '5.jpg' is not an image field: name files without dots before the "
+                                           "extension")
+
+
 def test_compressed_or_upper_case_tars_beside_the_shards_are_named(shard_dir: Path, tmp_path: Path) -> None:
     # a folder of shards read only its '.tar' files: a '.tar.gz' or '.TAR' beside them was left out, silently
     for extra in ("shard-000009.tar.gz", "SHARD-000009.TAR"):

@@ -28,8 +28,12 @@ class ImageError(Exception):
 def image_bytes(data: bytes | None, fields: Sequence[str]) -> bytes:
     """The sample's encoded image, or ImageError if it has none or an empty one."""
     if data is None:
+        dotted = [f for f in fields if "." in f and f.rsplit(".", 1)[1] in IMAGE_EXTENSIONS]
+        why = (f"; a member's field is all after the first '.' of its file name (WebDataset's rule), so "
+               f"'{dotted[0]}' is not an image field: name files without dots before the extension"
+               if dotted else "")
         raise ImageError(short(f"no image member ({', '.join(IMAGE_EXTENSIONS)}) in the sample; "
-                               f"it has: {', '.join(fields) or 'nothing'}"))
+                               f"it has: {', '.join(fields) or 'nothing'}{why}"))
     if not data:
         raise ImageError("cannot decode image: empty image member (0 bytes)")
     return data

@@ -179,8 +179,8 @@ def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[s
 
 PRESETS = ("auto",)
 # Trunks of numbered blocks, first match wins: timm/DeiT/open_clip/HF ViT, SigLIP/CLIP (HF), Swin, ConvNeXt...
-_BLOCK_TRUNKS = ("blocks", "encoder.layers", "encoder.layer", "encoder.stages", "encoder.blocks", "transformer.resblocks",
-                 "layers", "stages", "layer")
+_BLOCK_TRUNKS = ("blocks", "encoder.layers", "encoder.layer", "encoder.stages", "encoder.blocks",
+                 "transformer.resblocks", "layers", "stages", "layer")
 
 
 def preset_layers(model: LoadedModel, infos: Sequence[LayerInfo], preset: str = "auto") -> list[str]:

@@ -163,11 +163,11 @@ def finalize(config: ExtractConfig, store: FeatureStore | None = None, stop: thr
     and the same command finishes the store. The library's own errors (a replaced store, a busy lease) are
     statements, not outages: raised at once. `generation`: the store's as the caller planned it
     (`FeatureStore.open`)."""
+    def attempt(_n: int) -> dict:
+        return (store or FeatureStore.open(config.out, config.storage_options, generation=generation)).finalize()
+
     try:
-        return RetryPolicy.of(config).call(
-            lambda _n: (store or FeatureStore.open(config.out, config.storage_options, generation=generation)).finalize(),
-            stop,
-            fatal=(NeuroPredictorError,))
+        return RetryPolicy.of(config).call(attempt, stop, fatal=(NeuroPredictorError,))
     except NeuroPredictorError:
         raise
     except Exception as exc:
@@ -195,7 +195,6 @@ def failure_message(failed: dict[str, str]) -> str:
     return (f"{len(failed)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}. The other "
             "shards are stored and committed. Fix the cause and run the same command again: only these shards "
             "run.\n" + "\n".join(f"  {k}: {v}" for k, v in shown))
-
 
 
 def unfinished(manifest: dict) -> dict[str, str]:

@@ -124,7 +124,8 @@ class _Resolver:
                 if kind == "directory":
                     files = [e for e in fs.ls(path, detail=True) if e.get("type") == "file"]
                     _refuse_unread_tars(url, [e["name"] for e in files])
-                    entries = sorted((e for e in files if e["name"].endswith(".tar")), key=lambda e: fsx.basename(e["name"]))
+                    entries = sorted((e for e in files if e["name"].endswith(".tar")),
+                                     key=lambda e: fsx.basename(e["name"]))
                     if not entries:
                         raise CorpusError(
                             f"no .tar shards in {url}, and no images that can be read (extensions "

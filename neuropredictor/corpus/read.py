@@ -119,7 +119,8 @@ def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int
             # WebDataset would keep one of the two and lose the other without a word
             cur.problem = short(f"the member {cur.key}.{fld} appears twice in a row in the shard: two images "
                                 "under one key; give each its own key")
-        elif fld in IMAGE_EXTENSIONS and cur.problem is None and (other := [f for f in cur.fields if f in IMAGE_EXTENSIONS]):
+        elif fld in IMAGE_EXTENSIONS and cur.problem is None and (
+                other := [f for f in cur.fields if f in IMAGE_EXTENSIONS]):
             cur.problem = short(f"two images under the key {cur.key} ({other[0]}, {fld}): which one is the stimulus "
                                 "is not known; give each its own key")
         if fld in IMAGE_EXTENSIONS and not ti.isreg() and cur.problem is None:

@@ -20,7 +20,7 @@ from conftest import make_images
 from neuropredictor import ExtractConfig, run
 from neuropredictor.corpus import make_shards
 from neuropredictor.errors import StoreError
-from neuropredictor.store import FeatureStore, locks
+from neuropredictor.store import FeatureStore, locks, open_features
 from neuropredictor.store import writer as store_writer
 
 CUSTOM = f"custom:{Path(__file__).parent / 'custom_models.py'}:cifar_cnn"
@@ -230,6 +230,20 @@ def test_a_lost_generation_file_is_restored_and_the_commits_kept(corpus, tmp_pat
     assert again["status"] == "complete" and again["generation"] == original
     assert {p.name: p.read_bytes() for p in _commits(out)} == records  # nothing ran again
     assert json.loads(gen_file.read_text())["generation"] == original
+
+
+def test_a_store_a_killed_replacement_half_deleted_is_planned_again(corpus, tmp_path):
+    # a replacement deletes the generation first, then the arrays: killed between them, the store has its
+    # plan, manifest and records but not all of its arrays, and must not be restored as it was
+    import shutil
+
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    (out / "_generation.json").unlink()
+    shutil.rmtree(out / "keys")
+    again = run(_config(corpus, out))
+    assert again["status"] == "complete" and again["rows"]["valid"] == 24
+    assert len(open_features(str(out))["key"]) == 24
 
 
 def test_verify_during_a_finalize_finds_no_damage(unequal_corpus, tmp_path):

@@ -508,7 +508,11 @@ class FeatureStore:
 def _restore_generation(fs: Any, root: str, url: str, found: _Found, lease: locks.Lease) -> str | None:
     """The generation of a store whose `_generation.json` is lost or damaged, written back: the one its
     manifest or its commit records name for this plan; None where neither names one (a plan step that was
-    interrupted before it: no shard can have committed)."""
+    interrupted before it: no shard can have committed), or where an array is gone (a replacement deletes
+    the generation first, then the arrays: one killed half-way left a store that is planned again)."""
+    arrays = [feature_path(lay["name"]) for lay in found.plan.get("layers", [])] + [KEYS, VALID]
+    if not all(fs.exists(f"{root}/{path}/zarr.json") for path in arrays):
+        return None
     config_hash = found.plan.get("config_hash")
     named = [found.manifest] if found.manifest and found.manifest.get("config_hash") == config_hash else []
     if not named:

@@ -132,6 +132,15 @@ def cat_small(fs: Any, path: str) -> bytes:
     return fs.cat_file(path, **kwargs)
 
 
+def in_parts(fs: Any) -> dict:
+    """Options of a whole big file's copy (a shard fetched whole, an upload): in parallel parts on S3, as
+    s3fs does by default (our clients read whole objects in one GET: `with_defaults`)."""
+    return {"max_concurrency": S3_PARTS} if getattr(fs, "max_concurrency", None) is not None else {}
+
+
+S3_PARTS = 10  # s3fs's own default
+
+
 def read_json(fs: Any, path: str) -> tuple[dict | None, bool]:
     """(the JSON object at path or None, whether a file is there but damaged: not JSON, or not an object),
     in one GET on S3 (`cat_small`)."""

@@ -239,7 +239,7 @@ def make_shards(
                 with tempfile.NamedTemporaryFile(suffix=".tar") as f:
                     offsets = _write_tar(f, items)
                     f.flush()
-                    fs.put_file(f.name, path)
+                    fs.put_file(f.name, path, **fsx.in_parts(fs))
             write_offsets(fs, path, offsets)
             shards.append(Shard(url=fsx.full_url(fs, path), name=name, count=len(items), offset=offset))
             offset += len(items)

@@ -122,7 +122,8 @@ def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int
         elif fld in IMAGE_EXTENSIONS and cur.problem is None and (
                 other := [f for f in cur.fields if f in IMAGE_EXTENSIONS]):
             cur.problem = short(f"two images under the key {cur.key} ({other[0]}, {fld}): which one is the stimulus "
-                                "is not known; give each its own key")
+                                "is not known; give each its own key, or name a field that is not a stimulus "
+                                f"otherwise (a mask as {cur.key}.mask.png)")
         if fld in IMAGE_EXTENSIONS and not ti.isreg() and cur.problem is None:
             # tar links have no data of their own, and the member they name is not kept while streaming
             cur.problem = short(f"the member {cur.key}.{fld} is a link in the shard (to {ti.linkname}), not a "
@@ -362,7 +363,7 @@ def _source(shard: Shard, workers: int, storage_options: Mapping | None) -> Iter
     os.close(fd)
     try:
         try:
-            fs.get_file(path, local)
+            fs.get_file(path, local, **fsx.in_parts(fs))
         except Exception as exc:
             raise access_error(shard.url, exc, "shard") from exc
         yield local, None

@@ -150,8 +150,9 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     config = params.library_config()
     devices = config.resolved_devices()
     shards = validate_task(config)
-    # a child of extract-distributed reads its own group's commit records, not every one of the store
-    planned = plan_task(config, shards, params.shards)
+    # a child of extract-distributed (shards given, no finalize: its parent verified and finalizes) reads its
+    # own group's commit records, not every one of the store
+    planned = plan_task(config, shards, params.shards if not params.finalize else None)
     store = FeatureStore.open(config.out, config.storage_options, generation=planned["generation"])
     emit("planned", schedule.planned_event(store, planned))
     groups = schedule.pending_groups(store, shards, params.shards, params.shards_per_task, planned)

@@ -106,8 +106,9 @@ def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "", channe
             raise ReductionError(f"cls needs a token sequence (T, D){where}; use avgpool or pool:K for conv maps")
         side = math.isqrt(shape[0])
         if shape[0] > 1 and side * side == shape[0]:
-            # a class token (plus registers or a distillation token) on a square grid never makes a square
-            # count, so this sequence is patches alone (SigLIP, Swin, Mixer, a ViT's patch embedding)
+            # a class token (plus a distillation token, or 4 registers) on a square grid does not make a square
+            # count (k*k + p is square only for p = 2k + 1, ...), so this sequence is patches alone (SigLIP,
+            # Swin, Mixer, a ViT's patch embedding)
             raise ReductionError(f"cls needs a sequence that starts with a class token{where}: its {shape[0]} "
                                  f"tokens are a {side}x{side} grid of patches, and the first is a patch; use avgpool")
         return (shape[1],)

@@ -306,6 +306,7 @@ def test_tasks_never_write_into_a_store_replaced_since_the_plan(corpus, tmp_path
     state = extract_flow(_params(corpus, out, retries=0), return_state=True)
     store = FeatureStore.open(str(out))
     assert store.committed() == {} and store.manifest["config"]["dtype"] == "float16"
+    assert store.manifest["status"] == "planned"  # and never finalized by this run
     assert state.is_failed() and len(calls) == 3
     with pytest.raises(Exception, match="replaced by another run"):
         state.result()

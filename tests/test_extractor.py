@@ -339,22 +339,15 @@ def test_compiled_forward_equals_the_network_by_hand_and_compiles_once():
             for k in want:
                 assert got[k].shape == want[k].shape
                 torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
-    # once warm (the hooks' graphs settle over the first two calls), a padded batch of 3 reuses the graphs
-    torch._dynamo.reset()
-    with Extractor(model, ["features.2", "classifier.2"], compile=True) as ex:
-        ex(_x(4, 32))
-        ex(_x(4, 32))
-        warm = counters["stats"]["unique_graphs"]
-        ex(_x(3, 32))
-        ex(_x(4, 32))
-        assert counters["stats"]["unique_graphs"] == warm
+    # once warm (the hooks' graphs settle over the first two calls), a padded batch of 3 reuses the graphs;
     # a replica whose first batch is small (a short first shard) pads it to the batch size it was given:
     # full batches after it compiled again
-    torch._dynamo.reset()
-    with Extractor(model, ["features.2", "classifier.2"], compile=True, batch_size=4) as ex:
-        ex(_x(2, 32))
-        ex(_x(2, 32))
-        warm = counters["stats"]["unique_graphs"]
-        ex(_x(4, 32))
-        ex(_x(3, 32))
-        assert counters["stats"]["unique_graphs"] == warm
+    for batch_size, warm_up, then in ((None, 4, (3, 4)), (4, 2, (4, 3))):
+        torch._dynamo.reset()
+        with Extractor(model, ["features.2", "classifier.2"], compile=True, batch_size=batch_size) as ex:
+            ex(_x(warm_up, 32))
+            ex(_x(warm_up, 32))
+            warm = counters["stats"]["unique_graphs"]
+            for n in then:
+                ex(_x(n, 32))
+            assert counters["stats"]["unique_graphs"] == warm, batch_size

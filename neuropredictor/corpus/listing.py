@@ -147,12 +147,17 @@ class _Resolver:
                 raise access_error(url, exc) from exc
 
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            shown = _first_few(missing)
             raise CorpusError(
                 f"{len(missing)} of {len(paths)} shards of the pattern {item} do not exist: {shown}. "
                 "Fix the pattern's range, or upload the missing shards."
             )
         return out
+
+
+def _first_few(names: list[str], n: int = 5) -> str:
+    """The first n names, and how many more there are."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 _TAR_LIKE = re.compile(r"\.(tar(\.(gz|bz2|xz|zst|lz4))?|tgz|tbz2?|txz)$", re.IGNORECASE)
@@ -163,7 +168,7 @@ def _refuse_unread_tars(url: str, paths: list[str]) -> None:
     tars, '.TAR'): the corpus would be short of their samples, silently."""
     unread = sorted(fsx.basename(p) for p in paths if _TAR_LIKE.search(p) and not p.endswith(".tar"))
     if unread:
-        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        shown = _first_few(unread)
         raise CorpusError(f"{url} holds shards that would not be read: {shown}. Shards are plain '.tar' files: "
                           "decompress compressed ones (compressed tars are not supported), rename '.TAR' to '.tar'.")
 
@@ -171,7 +176,7 @@ def _refuse_unread_tars(url: str, paths: list[str]) -> None:
 def _refuse_hidden(resolved: list[tuple[Any, str, dict]]) -> None:
     hidden = [fsx.full_url(fs, path) for fs, path, _ in resolved if is_hidden(fsx.basename(path))]
     if hidden:
-        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
+        shown = _first_few(hidden)
         raise CorpusError(
             f"{len(hidden)} shard(s) have hidden names (starting with '.'): {shown}. Hidden files are often "
             "not shards (macOS '._' files, partial uploads) and some tools skip them: rename real shards "

@@ -480,7 +480,6 @@ class FeatureStore:
         self.repairs.clear()
         return manifest
 
-
     def _duplicate_keys(self, shown: int = 20) -> dict:
         """Keys that more than one row carries (shards packed apart can share names: plan checks only the
         shards it scans), as {"count": n, "examples": {key: [rows]}}; {} when all differ. Reads every key."""

@@ -19,7 +19,8 @@ import torch
 
 from neuropredictor import reduce as R
 from neuropredictor.errors import LayerNotFoundError, NeuroPredictorError
-from neuropredictor.layers import LayerInfo, describe_layers, expand_presets, named_layers, pick_tensor, select_layers
+from neuropredictor.layers import (LayerInfo, describe_layers, expand_presets, has_class_token, named_layers,
+                                   pick_tensor, select_layers)
 from neuropredictor.models import LoadedModel
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,8 +82,9 @@ class Extractor:
         reductions = R.parse_reduce_option(reduce, names)
         self.plan = {
             n: LayerPlan(n, reductions[n], infos[n].shape,
-                         R.output_shape(reductions[n], infos[n].shape, n, infos[n].channels_last), infos[n].calls,
-                         infos[n].channels_last)
+                         R.output_shape(reductions[n], infos[n].shape, n, infos[n].channels_last,
+                                        has_class_token(model.module, n) if reductions[n].name == "cls" else None),
+                         infos[n].calls, infos[n].channels_last)
             for n in names
         }
         # the layer whose output comes last in the forward pass ends it

@@ -160,6 +160,18 @@ def _trace(module: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tens
             h.remove()
 
 
+def has_class_token(root: nn.Module, name: str) -> bool | None:
+    """Whether the model says that layer `name`'s tokens start with a class token: the nearest module
+    holding the layer with a `cls_token` attribute answers (timm's ViT family sets it to None when built
+    without one, as the `*_reg4_gap_*` models are, whose first token is a register). None where none says."""
+    parts = [] if name == ROOT else name.split(".")
+    for depth in range(len(parts), -1, -1):
+        module = root.get_submodule(".".join(parts[:depth]))
+        if hasattr(module, "cls_token"):
+            return module.cls_token is not None
+    return None
+
+
 def select_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[str]:
     """Resolve exact names and globs against the model's layer names, in model order.
 

@@ -85,9 +85,10 @@ def _pooled(red: Reduction, channels_last: bool, ndim: int) -> bool:
     return channels_last and ndim == 3 and red.name in ("avgpool", "pool")
 
 
-def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "", channels_last: bool = False
-                 ) -> tuple[int, ...]:
-    """Per-sample shape after the reduction, given the per-sample output shape; errors if it does not fit."""
+def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "", channels_last: bool = False,
+                 class_token: bool | None = None) -> tuple[int, ...]:
+    """Per-sample shape after the reduction, given the per-sample output shape; errors if it does not fit.
+    `class_token` is False where the model says its sequences have none (None: it does not say)."""
     where = f" for layer {layer!r} with output shape {tuple(shape)}" if layer else ""
     if _pooled(red, channels_last, len(shape)):
         shape = (shape[2], shape[0], shape[1])
@@ -104,6 +105,9 @@ def output_shape(red: Reduction, shape: tuple[int, ...], layer: str = "", channe
     if red.name == "cls":
         if len(shape) != 2:
             raise ReductionError(f"cls needs a token sequence (T, D){where}; use avgpool or pool:K for conv maps")
+        if class_token is False:  # registers alone come first: a square test cannot see them
+            raise ReductionError(f"cls needs a class token{where}, and the model was built without one (its "
+                                 f"first tokens are registers or patches); use avgpool")
         side = math.isqrt(shape[0])
         if shape[0] > 1 and side * side == shape[0]:
             # a class token (plus a distillation token, or 4 registers) on a square grid does not make a square

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from neuropredictor.errors import ReductionError
 from neuropredictor.extractor import Extractor
 from neuropredictor.layers import describe_layers
-from neuropredictor.models import load_model
+from neuropredictor.models import LoadedModel, load_model
+from neuropredictor.models.spec import parse_spec
 from neuropredictor.reduce import parse_reduce_option, parse_reduction, srp_matrix
 
 
@@ -217,6 +218,16 @@ def test_token_reductions():
         Extractor(model, ["patch_embed"], reduce="cls")
     registers = load_model("timm:vit_small_patch14_reg4_dinov2", pretrained=False)  # 1 + 4 + 16 x 16 tokens
     assert Extractor(registers, ["blocks.0"], reduce="cls").plan["blocks.0"].out_shape == (384,)
+    # registers without a class token (timm's *_reg4_gap_*): 4 + 14 x 14 tokens is not square, and the first
+    # is a register; cls stored it
+    import timm
+
+    no_cls = LoadedModel(parse_spec("custom:x:y"), timm.create_model(
+        "vit_tiny_patch16_224", class_token=False, reg_tokens=4, global_pool="avg").eval(),
+        model.transform, model.input_size, "random")
+    assert Extractor(no_cls, ["blocks.0"], reduce="avgpool").plan["blocks.0"].in_shape == (200, 192)
+    with pytest.raises(ReductionError, match="built without one"):
+        Extractor(no_cls, ["blocks.0"], reduce="cls")
 
 
 def test_reduce_option_parsing():
@@ -318,8 +329,6 @@ def test_compiled_forward_equals_the_network_by_hand_and_compiles_once():
     from torch._dynamo.utils import counters
 
     from custom_models import cifar_cnn
-    from neuropredictor.models import LoadedModel
-    from neuropredictor.models.spec import parse_spec
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from conftest import make_images
-from neuropredictor.corpus import IMAGE_EXTENSIONS, Batch, Shard, list_shards, make_shards, read_shard
+from neuropredictor.corpus import IMAGE_EXTENSIONS, Batch, Shard, index_shards, list_shards, make_shards, read_shard
 from neuropredictor.errors import CorpusError
 
 
@@ -492,6 +492,22 @@ def test_a_dotted_file_name_says_why_it_is_not_an_image(tmp_path: Path) -> None:
     assert batch.keys == ["stim_0"] and not batch.valid[0]
     assert batch.errors["stim_0"].endswith("so '5.jpg' is not an image field: name files without dots before the "
                                            "extension")
+
+
+def test_macos_appledouble_members_are_not_samples(tmp_path: Path) -> None:
+    # macOS tar adds "._x.jpg" (x.jpg's extended attributes) before x.jpg: each was a sample keyed "a/", and
+    # the second one refused the whole shard for a repeated key
+    make_images(tmp_path / "src", 2, nested=False)
+    jpg = (tmp_path / "src" / "img0000.jpg").read_bytes()
+    fork = b"\x00\x05\x16\x07" + bytes(60)  # AppleDouble magic, then a header
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "mac-000000.tar",
+              [("a/._x.jpg", fork), ("a/x.jpg", jpg), ("a/._y.jpg", fork), ("a/y.jpg", jpg), ("._z.jpg", fork)])
+    (shard,) = list_shards(str(tmp_path / "shards"))
+    index_shards(str(tmp_path / "shards"))
+    assert shard.count == 2 and list_shards(str(tmp_path / "shards"))[0].count == 2
+    (batch,) = read_all(shard)
+    assert batch.keys == ["a/x", "a/y"] and batch.valid.all()
 
 
 def test_compressed_or_upper_case_tars_beside_the_shards_are_named(shard_dir: Path, tmp_path: Path) -> None:

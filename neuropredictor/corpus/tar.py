@@ -20,8 +20,10 @@ from neuropredictor.errors import CorpusError
 # WebDataset's own split (webdataset.tariterators.base_plus_ext): the key is the member path up to the
 # first "." of its basename, the field is the rest. Members whose basename has no "." are skipped.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-# WebDataset skips these members entirely (tar_file_iterator's skip_meta and meta prefix/suffix).
-_META_RE = re.compile(r"__[^/]*__($|/)")
+# WebDataset skips these members entirely (tar_file_iterator's skip_meta and meta prefix/suffix). We also
+# skip macOS AppleDouble members ("._x.jpg", the extended attributes of x.jpg that macOS tar adds): they are
+# never stimuli, and each would otherwise be a sample keyed by its folder alone ("a/"), repeated.
+_META_RE = re.compile(r"__[^/]*__($|/)|(.*/|)\._[^/]*$")
 
 _TAR_BUFSIZE = 1 << 20  # stream-mode read size: fewer Python-level reads than tarfile's 10 KiB default
 # Member names as UTF-8 whatever the locale; bytes that are not UTF-8 survive as surrogates (printable_key)
@@ -60,7 +62,8 @@ def is_hidden(name: str) -> bool:
 
 
 def split_member(name: str) -> tuple[str, str] | None:
-    """(key, field) as WebDataset splits a member name, or None for members WebDataset skips."""
+    """(key, field) as WebDataset splits a member name, or None for members WebDataset skips (and macOS's
+    "._" members)."""
     m = None if _META_RE.match(name) else _KEY_RE.match(name)
     return (m.group(1), m.group(2).lower()) if m else None
 

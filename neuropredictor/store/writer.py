@@ -130,7 +130,7 @@ class ShardWriter:
             x = np.array(x, dtype=self._dtype, copy=True)  # a copy: the caller may reuse its buffer
             if x.shape != (n, *lay.shape):
                 raise StoreError(f"shard {name!r}, layer {lay.name!r}: got shape {x.shape}, expected {(n, *lay.shape)}")
-            _refuse_non_finite(name, lay.name, np.asarray(source)[valid], x[valid])
+            _refuse_non_finite(name, lay.name, source, x, valid)
             if not valid.all():
                 x[~valid] = np.nan  # an undecodable sample has no features
             prepared[feature_path(lay.name)] = x
@@ -215,14 +215,17 @@ class ShardWriter:
         self._stats["bytes"] += _nbytes(block)
 
 
-def _refuse_non_finite(shard: str, layer: str, source: np.ndarray, stored: np.ndarray) -> None:
+def _refuse_non_finite(shard: str, layer: str, source: np.ndarray, stored: np.ndarray, valid: np.ndarray) -> None:
     """StoreError if valid rows would hold NaN or inf, with nothing to say so (NaN marks invalid rows only):
     finite features beyond float16's range (65504) in a float16 store, or non-finite ones from the forward
-    pass itself (fp16 autocast overflows in some networks)."""
+    pass itself (fp16 autocast overflows in some networks). The rows are not copied out (a batch can be
+    hundreds of MB): invalid ones are cleared from the mask instead."""
     bad = ~np.isfinite(stored)
+    bad[~valid] = False
     if not bad.any():
         return
     where = f"shard {shard!r}, layer {layer!r}: {int(bad.sum())} feature value(s)"
+    source = np.asarray(source)
     lost = np.isfinite(source) & bad
     if lost.any():
         raise StoreError(f"{where} up to {float(np.abs(source[lost]).max()):.4g} do not fit float16 (largest 65504). "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from scipy.stats import spearmanr
 from threadpoolctl import threadpool_limits
 
 from conftest import make_images
+from neuropredictor.encode.align import outer_splits
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.encode import (
     DEFAULT_ALPHAS,
@@ -470,6 +472,69 @@ def test_load_netcdf_and_zarr_with_coordinate(tmp_path, suffix):
     path2 = tmp_path / f"z{suffix}"
     ds2.to_netcdf(path2) if suffix == ".nc" else ds2.to_zarr(path2, zarr_format=3, consolidated=False)
     _check(load_neural(path2), keys, Y)
+
+    # stored targets x stimuli and square: rows were voxels labelled with stimulus keys, and nothing said so
+    square = np.random.default_rng(1).standard_normal((5, 5))
+    for dims, coords in ((("voxel", "stimulus"), {"stimulus": np.array(keys[:5], dtype="S")}),
+                         (("voxel", "image"), {"key": ("image", np.array(keys[:5], dtype=object))}),
+                         (("neuroid", "presentation"), {"neuroid": [f"n{i}" for i in range(5)]})):
+        ds3 = xr.DataArray(square, dims=dims, coords=coords).to_dataset(name="y")
+        path3 = tmp_path / f"t{suffix}"
+        ds3.to_netcdf(path3) if suffix == ".nc" else ds3.to_zarr(path3, zarr_format=3, consolidated=False, mode="w")
+        nd = load_neural(path3, keys=keys[:5] if dims[0] == "neuroid" else None)
+        np.testing.assert_array_equal(nd.values, square.T)
+        assert nd.keys == keys[:5]  # bytes keys as text: they read "b'img000'" and matched nothing
+
+
+def test_csv_index_and_flag_columns_are_not_targets(tmp_path):
+    # df.to_csv() writes the row index as a column without a header ("Unnamed: 0"), and a True/False column
+    # is numeric to pandas: both were scored as targets
+    keys, _, Y = _small()
+    df = pd.DataFrame(Y, columns=[f"v{i}" for i in range(5)])
+    df.insert(0, "key", keys)
+    df.to_csv(tmp_path / "indexed.csv")
+    with pytest.raises(EncodingError, match=r"columns 'Unnamed: 0' have no header.*index=False"):
+        load_neural(tmp_path / "indexed.csv")
+    df["is_test"] = np.arange(60) % 5 == 0
+    df.to_csv(tmp_path / "flag.csv", index=False)
+    with pytest.raises(EncodingError, match=r"columns 'is_test' hold True/False.*split="):
+        load_neural(tmp_path / "flag.csv")
+    assert load_neural(tmp_path / "flag.csv", split="is_test").targets == [f"v{i}" for i in range(5)]
+
+
+def test_inf_in_the_neural_data_drops_the_row_and_a_fold_without_r_is_left_out():
+    keys, A, Y = _small(80)
+    ds = features_dataset({"a": A}, keys)
+    Y = Y.copy()
+    Y[7, 2] = np.inf  # crashed the run, naming NaN and a cleaning that was not done
+    with pytest.warns(AlignmentWarning, match=r"1 nan neural \(e.g. 'img007'\)"):
+        s = encode(ds, NeuralData(Y, keys), device="cpu", inner_folds=3)
+    assert s.attrs["dropped_nan_neural"] == 1 and np.isfinite(s.r.values).all()
+    # a target constant on one fold's test stimuli has no r there: it was NaN overall, left out of every median
+    with pytest.warns(AlignmentWarning):
+        three = encode(ds, NeuralData(Y, keys), device="cpu", inner_folds=3, folds=3)
+    (_, te), *_ = outer_splits([k for i, k in enumerate(keys) if i != 7], None, 0.2, 3, 0)["splits"]
+    rows = np.array([i for i in range(80) if i != 7])[te]
+    Y[rows, 0] = 1.0
+    with pytest.warns(AlignmentWarning):
+        flat = encode(ds, NeuralData(Y, keys), device="cpu", inner_folds=3, folds=3)
+    assert np.isfinite(flat.r.values[0, 0]) and flat.r.values[0, 0] != three.r.values[0, 0]
+
+
+def test_alphas_at_an_end_of_the_grid_are_warned_about(caplog):
+    # noise alone wants the largest alpha there is: a grid that stops at 0.1 under-regularises every target
+    keys, A, _ = _small(80)
+    noise = np.random.default_rng(5).standard_normal((80, 5))
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.encode"):
+        s = encode(features_dataset({"a": A}, keys), NeuralData(noise, keys), device="cpu", inner_folds=3,
+                   alphas="0.01,0.1")
+    assert (s.alpha.values == 0.1).mean() > 0.5
+    assert re.search(r"layer a: \d+% of the alphas chosen .* grid's largest, 0.1; .* extend the grid upward",
+                     caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.encode"):
+        encode(features_dataset({"a": A}, keys), NeuralData(noise, keys), device="cpu", inner_folds=3)
+    assert "grid's largest" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

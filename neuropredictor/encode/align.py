@@ -66,14 +66,15 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
             "without extension).")
 
     values = neural.values
-    all_nan_targets = np.isnan(values).all(0)
+    missing = ~np.isfinite(values)  # NaN marks a missing measurement; inf is no measurement either
+    all_nan_targets = missing.all(0)
     if all_nan_targets.all():
         raise EncodingError("every target of the neural data is NaN for every stimulus")
     usable = np.flatnonzero(~all_nan_targets)
     fi = np.array([fpos[k] for k in common], dtype=np.int64)
     ni = np.array([npos[k] for k in common], dtype=np.int64)
     ok_valid = valid[fi]
-    ok_nan = ~np.isnan(values[np.ix_(ni, usable)]).any(1)
+    ok_nan = ~missing[np.ix_(ni, usable)].any(1)
     invalid = [common[i] for i in np.flatnonzero(~ok_valid)]
     nan_rows = [common[i] for i in np.flatnonzero(ok_valid & ~ok_nan)]
     keep = ok_valid & ok_nan
@@ -85,15 +86,16 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
     dropped = {
         "features_only": entry(features_only, "stimulus in the features store but not in the neural data"),
         "neural_only": entry(neural_only, "stimulus in the neural data but not in the features store"),
-        "invalid_features": entry(invalid, "features row not valid (an undecodable image)"),
+        "invalid_features": entry(invalid, "features row not valid (an undecodable image, or a shard not committed yet: "
+                                            "`neuropredictor inspect` shows which)"),
         # a store still being extracted: its rows without data have no key yet, so their stimuli also count
         # as neural only above; this says why
         "not_extracted": {"count": int((~present).sum()), "examples": [],
                           "why": "features rows without data yet (shards not extracted, or the store not "
                                  "finalized): finish the extraction, then encode"},
-        "nan_neural": entry(nan_rows, "neural row has NaN in a target that is not NaN everywhere"),
+        "nan_neural": entry(nan_rows, "neural row has NaN (or inf) in a target that is not NaN everywhere"),
         "nan_targets": entry([neural.targets[i] for i in np.flatnonzero(all_nan_targets)],  # type: ignore[index]
-                             "target NaN for every stimulus (scores stay NaN)"),
+                             "target NaN (or inf) for every stimulus (scores stay NaN)"),
     }
     report = {"n_features_rows": len(fpos), "n_neural_rows": neural.n_stimuli, "n_matched": int(len(fi)),
               "dropped": dropped}

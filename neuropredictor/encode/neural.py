@@ -178,7 +178,16 @@ def _npz_array(z: Any, name: str, spath: str) -> np.ndarray:
         raise EncodingError(f"{spath}: the array {name!r} holds Python objects (e.g. a pandas column of "
                             "strings), which are not read without unpickling: save it as text, "
                             f"np.savez(..., {name}=np.asarray(values, dtype=str))") from exc
-    return np.char.decode(arr, "utf-8") if arr.dtype.kind == "S" else arr
+    return _text(arr)
+
+
+def _text(arr: np.ndarray) -> np.ndarray:
+    """Bytes (from h5py, MATLAB or netCDF char arrays) as text, so that keys and names match."""
+    if arr.dtype.kind == "S":
+        return np.char.decode(arr, "utf-8")
+    if arr.dtype.kind == "O" and arr.size and all(isinstance(x, bytes) for x in arr.flat):
+        return np.array([x.decode("utf-8") for x in arr.flat]).reshape(arr.shape)
+    return arr
 
 
 def _read_npz(spath: str, array: str | None, opts: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -222,6 +231,17 @@ def _read_csv(spath: str, key_column: str, split_column: str | None, need_keys: 
         raise EncodingError(f"{spath}: columns {_fmt(bad)} are not numeric; every column other than the key "
                             f"({key_column!r}) and the split must hold one target's responses. Remove them, "
                             "or name the key/split column with key_column= / split=")
+    # numeric, but not responses: a row number would be scored as a target (and can correlate with a
+    # sorted stimulus order), a True/False column is a split or a flag
+    unnamed = [c for c in df.columns if str(c).startswith("Unnamed: ")]
+    if unnamed:
+        raise EncodingError(f"{spath}: columns {_fmt(unnamed)} have no header: pandas writes its row index so "
+                            "(DataFrame.to_csv without index=False). Remove them, or give them a name if they "
+                            "hold responses")
+    flags = [c for c in df.columns if pd.api.types.is_bool_dtype(df[c])]
+    if flags:
+        raise EncodingError(f"{spath}: columns {_fmt(flags)} hold True/False, not responses: name a split "
+                            "column with split=, and remove other flags")
     return df.to_numpy(dtype=np.float64), container, [str(c) for c in df.columns]
 
 
@@ -251,10 +271,10 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
                                     f"variables: {', '.join(two_d) or 'none'}); pass array=")
             name = two_d[0]
         da = ds[name]
-        stim_dim, target_dim = da.dims
         # coordinates and 1-D variables along either dimension become findable by name
-        container = {str(k): np.asarray(v.values) for k, v in [*ds.coords.items(), *ds.data_vars.items()]
+        container = {str(k): _text(np.asarray(v.values)) for k, v in [*ds.coords.items(), *ds.data_vars.items()]
                      if k != name and v.ndim == 1}
+        stim_dim, target_dim = _stimulus_dim(ds, da, container, key_column, spath)
         for cand in ((key_column,) + (_KEY_NAMES if key_column == "key" else ())):
             if cand in container and ds[cand].dims == (stim_dim,):
                 break
@@ -267,6 +287,22 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
             container.setdefault("targets", np.asarray(ds[target_dim].values))
         values = np.asarray(da.transpose(stim_dim, target_dim).values)
     return values, container
+
+
+def _stimulus_dim(ds: Any, da: Any, container: dict, key_column: str, spath: str) -> tuple[Any, Any]:
+    """(stimulus dim, target dim) of a 2-D variable: the dimension its keys lie along (a variable of
+    targets x stimuli is read transposed), else the one its target names lie along, else the first."""
+    def along(names: Sequence[str]) -> set:
+        return {ds[n].dims[0] for n in names if n in container and ds[n].dims[0] in da.dims}
+
+    keys = along((key_column,) + (_KEY_NAMES if key_column == "key" else ()))
+    if len(keys) == 2:
+        raise EncodingError(f"{spath}: stimulus keys lie along both dimensions {da.dims} of the data; pass "
+                            "key_column= naming the variable along the stimulus dimension")
+    if not keys and len(named := along(_TARGET_NAMES)) == 1:
+        keys = set(da.dims) - named
+    first, second = da.dims
+    return (second, first) if keys == {second} else (first, second)
 
 
 def _resolve_per_target(spec: Any, container: dict, defaults: Sequence[str], opts: dict) -> list[str] | None:

@@ -98,7 +98,7 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds, seed=opts.seed,
                           device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
                           return_predictions=True) for tr, te in prep.splits]
-    r = np.mean([f["r"] for f in folds], axis=0)
+    r = _fold_mean([f["r"] for f in folds])
     null = None
     if opts.permutations:
         groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
@@ -107,9 +107,36 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
              float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), folds[-1]["solver"],
              folds[-1]["backend"])
-    return LayerScores(layer, r, np.mean([f["r2"] for f in folds], axis=0),
-                       np.median([f["alpha"] for f in folds], axis=0), int(X.shape[1]), folds[-1]["solver"],
+    alphas = np.array([f["alpha"] for f in folds])
+    _warn_grid_edges(layer, alphas, opts.alpha_grid)
+    # the lower middle of the folds' choices: a value of the grid, also for an even number of folds
+    return LayerScores(layer, r, _fold_mean([f["r2"] for f in folds]),
+                       np.quantile(alphas, 0.5, axis=0, method="lower"), int(X.shape[1]), folds[-1]["solver"],
                        folds[-1]["backend"], time.perf_counter() - t0, null)
+
+
+def _fold_mean(per_fold: list[np.ndarray]) -> np.ndarray:
+    """Mean over the outer folds, of the folds that scored the target: a target constant in one fold's
+    test stimuli has no r there, and would otherwise drop out of every summary."""
+    stacked = np.asarray(per_fold, dtype=np.float64)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice": NaN where no fold scored
+        return np.nanmean(stacked, axis=0)
+
+
+_EDGE_WARN = 0.05  # share of targets at an end of the alpha grid worth a warning
+
+
+def _warn_grid_edges(layer: str, alphas: np.ndarray, grid: np.ndarray) -> None:
+    """Warn when many targets chose an end of the grid: their best alpha may lie beyond it."""
+    if len(grid) < 2:
+        return
+    for end, side, fix in ((grid.max(), "largest", "upward"), (grid.min(), "smallest", "downward")):
+        share = float(np.isclose(alphas, end).mean())
+        if share > _EDGE_WARN:
+            log.warning("layer %s: %.0f%% of the alphas chosen (targets x folds) are the grid's %s, %g; "
+                        "the best may lie beyond it: extend the grid %s (alphas=)", layer, 100 * share, side,
+                        end, fix)
 
 
 def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions | None = None,

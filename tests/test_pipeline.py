@@ -290,6 +290,30 @@ def test_a_checkpoint_replaced_at_the_same_path_is_loaded_again(corpus, tmp_path
     assert not np.allclose(a, b)
 
 
+def test_a_custom_factory_that_loads_its_own_checkpoint_is_named_by_its_weights(corpus, tmp_path):
+    # its weights were named "factory" whatever it loaded: a retrained checkpoint behind the same factory
+    # resumed the old one's store, mixing two models' rows under one name
+    import torch
+
+    from neuropredictor.pipeline.replicas import release_runners
+
+    (tmp_path / "lab.py").write_text(
+        "from pathlib import Path\nimport torch, torchvision\n\n"
+        "def net():\n    m = torchvision.models.resnet18()\n"
+        "    m.load_state_dict(torch.load(Path(__file__).with_name('ckpt.pt'), weights_only=True))\n"
+        "    return m\n")
+    spec, out = f"custom:{tmp_path / 'lab.py'}:net", tmp_path / "out.zarr"
+    state = load_model("torchvision:resnet18", pretrained=False).module.state_dict()
+    torch.save(state, tmp_path / "ckpt.pt")
+    first = run(_config(corpus, out, model=spec, pretrained=True))
+    assert first["config"]["weights"].startswith("state-sha256:")
+    assert load_model(spec).weights == first["config"]["weights"]  # the same weights, the same name
+    torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "ckpt.pt")
+    release_runners()  # as in a new process
+    with pytest.raises(ConfigMismatchError, match="weights"):
+        plan(_config(corpus, out, model=spec, pretrained=True))
+
+
 def test_retry_delays_are_drawn_apart_for_each_run():
     # Prefect 3.8's task engine leaves retry_jitter_factor unused: without jitter drawn here, every pod
     # of a cluster retried in step after a storage outage

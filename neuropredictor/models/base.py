@@ -213,6 +213,17 @@ def weights_digest(path: str | Path) -> str:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def state_digest(module: nn.Module) -> str:
+    """The identity of weights that no file or tag names (a custom factory that loads its own checkpoint):
+    a checksum of every parameter's and buffer's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return "state-sha256:" + h.hexdigest()
+
+
 def _sub_dicts(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """The checkpoint and every sub-dict under the known prefixes, nested two deep ("module.visual.")."""
     out, frontier = [state], [state]

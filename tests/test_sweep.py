@@ -152,6 +152,30 @@ def test_a_rerun_redoes_what_changed_since(tmp_path):
     assert changed["status"] == "failed" and "changed since their rows were extracted" in changed["extract"]["error"]
 
 
+def test_a_custom_factory_with_a_retrained_checkpoint_is_not_skipped(tmp_path):
+    # its store was skipped as finished: the factory's weights were named "factory", whatever it loaded
+    import torch
+
+    from neuropredictor.models import load_model
+
+    (tmp_path / "lab.py").write_text(
+        "from pathlib import Path\nimport torch\nfrom custom_models import cifar_cnn\n\n"
+        "def net():\n    m, transform = cifar_cnn()\n"
+        "    m.load_state_dict(torch.load(Path(__file__).with_name('ckpt.pt'), weights_only=True))\n"
+        "    return m, transform\n")
+    make_images(tmp_path / "imgs", 8, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    state = load_model(CUSTOM, pretrained=False).module.state_dict()
+    torch.save(state, tmp_path / "ckpt.pt")
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=[f"custom:{tmp_path / 'lab.py'}:net"],
+                   layers=["features.5"])
+    assert run_sweep(sweep)["models"][0]["status"] == "done"
+    assert run_sweep(sweep)["models"][0]["extract"]["skipped"]
+    torch.save({k: v * 2 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "ckpt.pt")
+    retrained = run_sweep(sweep)["models"][0]
+    assert retrained["status"] == "failed" and "weights" in retrained["extract"]["error"]
+
+
 def test_the_sweep_record_holds_no_credentials(tmp_path):
     # sweep.json sits next to the data, like the manifest: URLs lose their passwords and signed query values
     from neuropredictor.sweep.run import SweepRecord

@@ -213,6 +213,9 @@ def weights_digest(path: str | Path) -> str:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
+STATE_DIGEST = "state-sha256:"  # weights named by their values: only loading the model tells if they changed
+
+
 def state_digest(module: nn.Module) -> str:
     """The identity of weights that no file or tag names (a custom factory that loads its own checkpoint):
     a checksum of every parameter's and buffer's name, dtype, shape and bytes."""
@@ -221,7 +224,7 @@ def state_digest(module: nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return "state-sha256:" + h.hexdigest()
+    return STATE_DIGEST + h.hexdigest()
 
 
 def _sub_dicts(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ from neuropredictor.corpus import list_shards
 from neuropredictor.corpus.folder import is_image_folder, shards_for
 from neuropredictor.corpus.listing import changed_since
 from neuropredictor.errors import CorpusError, StoreError
-from neuropredictor.pipeline.replicas import Runner, check_device, get_runner
+from neuropredictor.pipeline.replicas import Runner, check_device, forget_self_loaded, get_runner
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore
@@ -49,6 +49,7 @@ def validate(config: ExtractConfig) -> list[Shard]:
     images, the shards made of it beside the store: see corpus.folder)."""
     for device in config.resolved_devices():
         check_device(device)
+    forget_self_loaded()
     get_runner(config)
     shards = corpus_shards(config, known=lambda: planned_shards(config))
     if not any(s.count for s in shards):  # a store of 0 rows would report "complete" for nothing

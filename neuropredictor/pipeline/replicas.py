@@ -13,6 +13,7 @@ from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.extractor import Extractor
 from neuropredictor.models import LoadedModel, load_model
+from neuropredictor.models.base import STATE_DIGEST
 from neuropredictor.store import LayerSpec
 
 if TYPE_CHECKING:  # imported when used: torchvision's decoders cost start-up time nobody else needs
@@ -93,6 +94,15 @@ def get_runner(config: ExtractConfig, device: str | torch.device | None = None) 
         runner = Runner(model, ex.__enter__(), dev, decoder)
         _RUNNERS[str(dev)] = (key, runner)
         return runner
+
+
+def forget_self_loaded() -> None:
+    """Drop cached replicas whose weights a custom factory loaded itself: the cache key (the options) cannot
+    tell a retrained checkpoint behind the factory, so each run (`validate`) calls the factory again."""
+    with _RUNNERS_LOCK:
+        for dev, (_key, runner) in list(_RUNNERS.items()):
+            if runner.model.weights.startswith(STATE_DIGEST):
+                del _RUNNERS[dev]
 
 
 def release_runners(device: str | None = None) -> None:

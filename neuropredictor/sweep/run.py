@@ -81,9 +81,11 @@ Comparer = Callable[[SweepConfig, list[SweepModel]], dict]
 def _unchanged(config: ExtractConfig) -> bool:
     """Whether the model's store is complete and holds what extracting it now would give, as far as that can
     be told without loading the model: its plan's shards are the corpus's as listed now (names, counts,
-    sizes and etags; no shard is read) and its weights file has the checksum it was made with. When not,
-    the model is extracted, which resumes, or refuses a changed corpus, exactly as `extract` would."""
-    from neuropredictor.models.base import weights_digest
+    sizes and etags; no shard is read) and its weights have the checksum they were made with (of the weights
+    file; of the loaded parameters, for a custom factory that loads its own). When not, the model is
+    extracted, which resumes, or refuses a changed corpus or model, exactly as `extract` would."""
+    from neuropredictor.models import load_model
+    from neuropredictor.models.base import STATE_DIGEST, weights_digest
     from neuropredictor.pipeline.planning import corpus_shards
     from neuropredictor.store import FeatureStore
 
@@ -95,7 +97,10 @@ def _unchanged(config: ExtractConfig) -> bool:
         if [(s.name, s.count, s.size, s.etag) for s in listed] != [(s.name, s.count, s.size, s.etag)
                                                                    for s in store.shards]:
             return False
-        return not config.weights or store.config.get("weights") == weights_digest(config.weights)
+        made_with = str(store.config.get("weights"))
+        if made_with.startswith(STATE_DIGEST):
+            return load_model(config.model, pretrained=config.pretrained, weights=config.weights).weights == made_with
+        return not config.weights or made_with == weights_digest(config.weights)
     except Exception:  # whatever keeps us from telling: extracting tells, and says why if it cannot
         return False
 

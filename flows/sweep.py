@@ -170,5 +170,6 @@ def _artifacts(sweep: SweepConfig, summary: dict) -> None:
         create_table_artifact(key="sweep-ranking", table=rows, description="Models ranked by their best layer, per ROI")
         create_markdown_artifact(key="sweep-comparison", markdown=(
             f"# Sweep comparison\n\n- **Table**: `{comparison['csv']}`\n- **Plot**: `{comparison['plot']}`\n\n"
+            + (f"**Warning**: {comparison['warning']}\n\n" if comparison.get("warning") else "")
             + markdown_image(comparison["plot"], "comparison", sweep.storage_options)),
             description="Models compared on the neural data")

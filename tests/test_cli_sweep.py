@@ -74,7 +74,7 @@ def test_each_store_equals_extract_and_the_planted_model_ranks_first(root, swept
         assert_identical_stores(str(root / f"single-{slug(spec)}.zarr"), str(store))
         rows += 2 * len(_auto_layers(spec))  # ROIs: all targets and V1
     table = (root / "out" / "comparison.csv").read_text().splitlines()
-    assert table[0].startswith("model,roi,layer,median_r") and len(table) - 1 == rows
+    assert table[0].startswith("model,n_stimuli,roi,layer,median_r") and len(table) - 1 == rows
     assert report["csv"] == str(root / "out" / "comparison.csv")
     assert (root / "out" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for roi in ("all", "V1"):
@@ -101,9 +101,9 @@ def test_a_sweep_file_with_a_per_model_override_and_a_failing_model(root, tmp_pa
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({
         "corpus": str(root / "shards"), "out": str(tmp_path / "out"), "layers": ["auto"], "reduce": "avgpool",
-        "pretrained": False, "batch_size": 8, "num_workers": 0, "retries": 0,
+        "pretrained": False, "batch_size": 8, "num_workers": 0, "retries": 0, "dtype": "float16", "precision": "bf16",
         "models": ["torchvision:resnet19", {"spec": CUSTOM, "layers": ["features.4"], "reduce": "pool:2"}]}))
-    result = _invoke(["sweep", str(spec), "--batch-size", "4", "--no-prefect", "--json"])  # an option on top of the file
+    result = _invoke(["sweep", str(spec), "--dtype", "float32", "--no-prefect", "--json"])  # an option on top of the file
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["failed"] == ["torchvision:resnet19"]
@@ -114,7 +114,7 @@ def test_a_sweep_file_with_a_per_model_override_and_a_failing_model(root, tmp_pa
     assert [(layer["name"], layer["reduction"]) for layer in manifest["layers"]] == [("features.4", "pool:2")]
     record = json.loads((tmp_path / "out" / "sweep.json").read_text())
     options = record["models"][CUSTOM]["extract"]["options"]
-    assert options["batch_size"] == 4 and options["retries"] == 0  # the option given; the file's, not the default
+    assert options["dtype"] == "float32" and options["precision"] == "bf16"  # the option given; the file's, not the default
     # the model's options change: its store was made with others, and the message names the flag that replaces it
     changed = _invoke(["sweep", str(spec), "--models", CUSTOM, "--reduce", "pool:2", "--no-prefect"])
     assert changed.exit_code == 1 and "--overwrite" in changed.stderr and "overwrite=True" not in changed.stderr

@@ -532,9 +532,10 @@ def test_alphas_at_an_end_of_the_grid_are_warned_about(caplog):
     assert re.search(r"layer a: \d+% of the alphas chosen .* grid's largest, 0.1; .* extend the grid upward",
                      caplog.text)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="neuropredictor.encode"):
-        encode(features_dataset({"a": A}, keys), NeuralData(noise, keys), device="cpu", inner_folds=3)
-    assert "grid's largest" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.encode"):  # a signal: alphas inside the grid
+        encode(features_dataset({"a": A}, keys), NeuralData(A @ np.ones((10, 3)), keys), device="cpu",
+               inner_folds=3, alphas="logspace:-6:6:13")
+    assert "grid's" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_each_store_equals_a_single_extraction(swept):
 def test_comparison_ranks_the_planted_model_and_layer_first(swept):
     root, sweep, summary = swept
     table = (root / "out" / "comparison.csv").read_text().splitlines()
-    assert table[0].startswith("model,roi,layer,median_r")
+    assert table[0].startswith("model,n_stimuli,roi,layer,median_r")
     assert len(table) - 1 == sum(2 * len(m["extract"]["layers"]) for m in summary["models"])  # all + V1 per layer
     for roi in ("all", "V1"):
         first = summary["comparison"]["ranking"][roi][0]
@@ -176,6 +176,75 @@ def test_a_custom_factory_with_a_retrained_checkpoint_is_not_skipped(tmp_path):
     assert retrained["status"] == "failed" and "weights" in retrained["extract"]["error"]
 
 
+def test_the_record_vouches_only_for_its_own_store_and_runtime_options_reload_nothing(tmp_path):
+    # A store replaced by an `extract --overwrite` with other layers was skipped as the sweep's, and scored
+    # under its name; a new batch size reloaded every finished model and recorded its rate as 0.0 img/s.
+    from neuropredictor.pipeline import replicas
+
+    make_images(tmp_path / "imgs", 8, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=[CUSTOM], layers=["features.5"])
+    first = run_sweep(sweep)["models"][0]["extract"]
+    assert replicas._RUNNERS == {}  # released once extracted: not held while scoring or the next model runs
+    again = run_sweep(sweep.model_copy(update={"batch_size": 3, "num_workers": 1, "retries": 2}))["models"][0]
+    assert again["extract"]["skipped"] and again["extract"]["images_per_s"] == first["images_per_s"] > 0
+    store = sweep.store_url(sweep.models[0])
+    run(sweep.extract_config(sweep.models[0]).model_copy(update={"layers": ["features.2"], "overwrite": True}))
+    replaced = run_sweep(sweep)["models"][0]
+    assert replaced["status"] == "failed"  # extracted, not skipped: refused as another configuration
+    assert "layers" in replaced["extract"]["error"] and "overwrite" in replaced["extract"]["error"]
+    assert json.loads(Path(store, "manifest.json").read_text())["config"]["layers"] == ["features.2"]
+
+
+def test_two_sweeps_into_one_folder_keep_each_others_records(tmp_path):
+    # each wrote back the whole record it had read at its start: the other's models vanished from sweep.json
+    from neuropredictor.sweep.run import SweepRecord
+
+    make_images(tmp_path / "imgs", 4, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    one, two = (_sweep(tmp_path / "shards", tmp_path / "out", models=[m]) for m in (CUSTOM, "torchvision:alexnet"))
+    early = SweepRecord(one)  # read before the other sweep ran
+    run_sweep(two)
+    early.mark(CUSTOM, "extract", {}, "done")
+    assert set(json.loads((tmp_path / "out" / "sweep.json").read_text())["models"]) == {CUSTOM, "torchvision:alexnet"}
+    with pytest.raises(ValueError, match=r"'a-scores' would store its features where 'a' keeps its scores"):
+        _sweep(tmp_path, tmp_path / "out", models=[{"spec": CUSTOM, "name": "a"}, {"spec": CUSTOM, "name": "a-scores"}])
+
+
+def test_models_scored_on_different_stimuli_are_named(tmp_path):
+    # a model that could not use some images (its transform refused them) was ranked beside the others as if
+    # scored on the same stimuli, and the random split of every other stimulus changed with the count
+    from neuropredictor.encode.align import outer_splits
+
+    keys = [f"img{i:03d}" for i in range(40)]
+    test = lambda ks: {ks[i] for i in outer_splits(ks, None, 0.25, None, 0)["splits"][0][1]}  # noqa: E731
+    assert test(keys) - {"img005"} <= test([k for k in keys if k != "img005"])
+    (tmp_path / "picky.py").write_text(
+        "from custom_models import cifar_cnn\n\n"
+        "def net():\n    m, transform = cifar_cnn()\n"
+        "    def picky(image):\n"
+        "        if image.getpixel((0, 0)) == (0, 0, 0):\n            raise ValueError('too dark')\n"
+        "        return transform(image)\n"
+        "    return m, picky\n")
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        pixels = rng.integers(1, 255, (32, 32, 3), dtype=np.uint8)
+        pixels[0, 0] = 0 if i == 5 else pixels[0, 0]
+        Image.fromarray(pixels).save(tmp_path / "imgs" / f"img{i:03d}.png")
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=20)
+    np.savez(tmp_path / "neural.npz", data=rng.standard_normal((40, 3)), keys=np.array(keys))
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=[CUSTOM, f"custom:{tmp_path / 'picky.py'}:net"],
+                   layers=["features.5"], neural=str(tmp_path / "neural.npz"),
+                   encode={"alphas": "1,100", "inner_folds": 3, "permutations": 0})
+    summary = run_sweep(sweep)
+    assert "fewer for custom:" in summary["comparison"]["warning"] and "(39)" in summary["comparison"]["warning"]
+    table = (tmp_path / "out" / "comparison.csv").read_text().splitlines()
+    assert table[0].startswith("model,n_stimuli,") and {row.split(",")[1] for row in table[1:]} == {"40", "39"}
+
+
 def test_the_sweep_record_holds_no_credentials(tmp_path):
     # sweep.json sits next to the data, like the manifest: URLs lose their passwords and signed query values
     from neuropredictor.sweep.run import SweepRecord
@@ -198,7 +267,7 @@ def test_the_ranking_keeps_an_roi_without_a_finite_score():
 
     from neuropredictor.sweep.compare import COLUMNS, ranking
 
-    rows = [[m, roi, layer, r, r, r, np.nan, 0.1, r is not np.nan and r > 0.1, False]
+    rows = [[m, 40, roi, layer, r, r, r, np.nan, 0.1, r is not np.nan and r > 0.1, False]
             for m, scores in (("a", (0.3, 0.5)), ("b", (0.2, 0.05)))
             for roi in ("V1", "bad") for layer, r in zip(("l1", "l2"), scores if roi == "V1" else (np.nan,) * 2)]
     table = pd.DataFrame(rows, columns=COLUMNS)

@@ -240,7 +240,7 @@ def _report(summary: dict) -> dict:
     ranking = {roi: [{"rank": i + 1, **e} for i, e in enumerate(entries)]
                for roi, entries in comparison.get("ranking", {}).items()}
     return {"out": summary["out"], "models": models, "ranking": ranking, "csv": comparison.get("csv"),
-            "plot": comparison.get("plot"), "failed": summary["failed"]}
+            "plot": comparison.get("plot"), "warning": comparison.get("warning"), "failed": summary["failed"]}
 
 
 def _print_report(report: dict) -> None:
@@ -264,6 +264,8 @@ def _print_report(report: dict) -> None:
             ranked.add_row(str(e["rank"]), e["model"], e["layer"], _r(e["median_r"]),
                            *([_r(e["median_r_normalized"])] if normalized else []), chance)
         console.print(ranked)
+    if report["warning"]:
+        console.print(f"[yellow]warning:[/] {escape(report['warning'])}", highlight=False)
     if report["csv"]:
         console.print(f"comparison: {report['csv']}   plot: {report['plot']}", highlight=False, soft_wrap=True)
 

@@ -3,6 +3,7 @@ stimuli by key (reporting what is dropped), split them into train/test, read one
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -133,9 +134,10 @@ def outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float
                                 "not both")
         tr, te = np.flatnonzero(train), np.flatnonzero(~train)
         return {"splits": [(tr, te)], "how": "given", "n_train": len(tr), "n_test": len(te)}
-    # Random, but a function of the seed and the key set only: rows in another order split the same.
-    order = np.argsort(np.asarray(keys, dtype=object), kind="stable")
-    perm = order[np.random.default_rng(seed).permutation(n)]
+    # Random, but each key's place is a function of the seed and the key alone: rows in another order split
+    # the same, and a stimulus one model could not use (an invalid image) moves no other between train and
+    # test, so models compared on one neural data set share their splits but for the stimuli they lack.
+    perm = np.argsort([hashlib.blake2b(f"{seed}|{k}".encode(), digest_size=8).digest() for k in keys], kind="stable")
     if folds:
         k = int(folds)
         if k < 2 or k > n:

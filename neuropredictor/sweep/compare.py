@@ -14,14 +14,15 @@ from neuropredictor import fs as fsx
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
-COLUMNS = ["model", "roi", "layer", "median_r", "q25", "q75", "median_r_normalized", "chance", "above_chance",
+COLUMNS = ["model", "n_stimuli", "roi", "layer", "median_r", "q25", "q75", "median_r_normalized", "chance", "above_chance",
            "best"]
 
 
 def comparison_table(scores: Mapping[str, str], storage_options: Mapping | None = None) -> pandas.DataFrame:
     """One row per model x layer x ROI ("all" = every target): the median held-out r over the targets, its
     interquartile range, the median of r / noise ceiling where the data has a ceiling, the chance level and
-    whether the layer beats it, and `best` (the model's best layer for that ROI among those above chance).
+    whether the layer beats it, and `best` (the model's best layer for that ROI among those above chance);
+    `n_stimuli`: the stimuli the model was scored on (fewer where some of its feature rows are invalid).
     scores: model spec -> its scores store."""
     import pandas as pd
     import xarray as xr
@@ -38,8 +39,22 @@ def comparison_table(scores: Mapping[str, str], storage_options: Mapping | None 
         else:
             table["median_r_normalized"] = np.nan
         table.insert(0, "model", model)
+        table.insert(1, "n_stimuli", int(ds.attrs.get("n_stimuli", -1)))
         frames.append(table[COLUMNS])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def unequal_stimuli(table: pandas.DataFrame) -> str | None:
+    """A warning when the models were scored on different numbers of stimuli (invalid rows of some models'
+    stores): their scores are then not measured on one stimulus set."""
+    counts = table.drop_duplicates("model").set_index("model")["n_stimuli"]
+    if counts.nunique() <= 1:
+        return None
+    most = int(counts.max())
+    fewer = ", ".join(f"{m} ({int(n)})" for m, n in counts.items() if n < most)
+    return (f"the models were scored on different stimuli: {most} for most, fewer for {fewer} (invalid feature "
+            "rows). Their ranking compares different stimulus sets; see each store's bad samples with "
+            "`neuropredictor inspect`")
 
 
 def ranking(table: pandas.DataFrame) -> dict[str, list[dict[str, Any]]]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from neuropredictor.config import ExtractConfig, comma_list, fields_of
 from neuropredictor.encode.options import EncodeOptions
 
+SCORES_SUFFIX = "-scores"  # DIR/<slug>-scores.zarr
 _PER_MODEL = ("layers", "reduce", "pretrained", "weights")  # what a model may set for itself
 
 
@@ -88,6 +89,11 @@ class SweepConfig(_SweepFields):
                 raise ValueError(f"the models {seen[name]!r} and {m.label!r} would share one store ({name}.zarr): "
                                  "give each entry its own `name` (e.g. {spec: ..., weights: ep1.pt, name: ep1})")
             seen[name] = m.label
+        for name, label in seen.items():  # "a" keeps its scores in a-scores.zarr: a model named "a-scores" there
+            if name.endswith(SCORES_SUFFIX) and name.removesuffix(SCORES_SUFFIX) in seen:
+                raise ValueError(f"the model {label!r} would store its features where "
+                                 f"{seen[name.removesuffix(SCORES_SUFFIX)]!r} keeps its scores ({name}.zarr): "
+                                 "give it another `name`")
         return models
 
     @classmethod
@@ -113,7 +119,7 @@ class SweepConfig(_SweepFields):
         return f"{self.out.rstrip('/')}/{slug(model.label)}.zarr"
 
     def scores_url(self, model: SweepModel) -> str:
-        return f"{self.out.rstrip('/')}/{slug(model.label)}-scores.zarr"
+        return f"{self.out.rstrip('/')}/{slug(model.label)}{SCORES_SUFFIX}.zarr"
 
     def extract_config(self, model: SweepModel) -> ExtractConfig:
         """The model's extraction: exactly what `extract` would run for the same options."""

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from neuropredictor import fs as fsx
-from neuropredictor.config import ExtractConfig
+from neuropredictor.config import IDENTITY, ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
 from neuropredictor.redact import redact
 from neuropredictor.status import StepStatus, StoreStatus
@@ -48,14 +48,21 @@ class SweepRecord:
         self._fs, self._root = fsx.connect(sweep.out, sweep.storage_options, error=NeuroPredictorError,
                                            what="sweep folder")
         # damaged reads as none: everything is checked again (stores resume by their own records)
-        data, _damaged = fsx.read_json(self._fs, self.path)
-        self.models: dict[str, dict] = dict((data or {}).get("models", {}))
+        self.models: dict[str, dict] = self._read()
+        self._marked: set[str] = set()
 
     @property
     def path(self) -> str:
         return f"{self._root}/{RECORD}"
 
+    def _read(self) -> dict[str, dict]:
+        data, _damaged = fsx.read_json(self._fs, self.path)
+        return dict((data or {}).get("models", {}))
+
     def save(self) -> None:
+        """Write this run's entries over the record as it is now: another sweep into the same folder (other
+        models) keeps its own entries."""
+        self.models = {**self._read(), **{label: self.models[label] for label in self._marked}}
         fsx.write_json_atomic(self._fs, self.path, {"format": "neuropredictor-sweep/1", "models": self.models})
 
     def done(self, spec: str, step: str, options: dict) -> bool:
@@ -64,6 +71,7 @@ class SweepRecord:
 
     def mark(self, spec: str, step: str, options: dict, status: str, **info: Any) -> None:
         self.models.setdefault(spec, {})[step] = {"options": _written(options), "status": status, **_written(info)}
+        self._marked.add(spec)
         self.save()
 
 
@@ -78,9 +86,10 @@ Scorer = Callable[[SweepConfig, SweepModel, SweepRecord], dict]
 Comparer = Callable[[SweepConfig, list[SweepModel]], dict]
 
 
-def _unchanged(config: ExtractConfig) -> bool:
+def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
     """Whether the model's store is complete and holds what extracting it now would give, as far as that can
-    be told without loading the model: its plan's shards are the corpus's as listed now (names, counts,
+    be told without loading the model: it is the store the record names (by its config hash: not one
+    extracted into the same place since, with other options), its plan's shards are the corpus's as listed now (names, counts,
     sizes and etags; no shard is read) and its weights have the checksum they were made with (of the weights
     file; of the loaded parameters, for a custom factory that loads its own). When not, the model is
     extracted, which resumes, or refuses a changed corpus or model, exactly as `extract` would."""
@@ -91,7 +100,7 @@ def _unchanged(config: ExtractConfig) -> bool:
 
     try:
         store = FeatureStore.open(config.out, config.storage_options, mode="r")
-        if store.manifest.get("status") != StoreStatus.COMPLETE:
+        if store.manifest.get("status") != StoreStatus.COMPLETE or store.manifest.get("config_hash") != config_hash:
             return False
         listed = corpus_shards(config, known=lambda: store.shards)
         if [(s.name, s.count, s.size, s.etag) for s in listed] != [(s.name, s.count, s.size, s.etag)
@@ -119,17 +128,22 @@ def _scoring_inputs(sweep: SweepConfig, model: SweepModel) -> dict[str, Any]:
         return {"store": None}
 
 
+_RECORDED = {*ExtractConfig.fields_with(IDENTITY), "corpus", "out"}
+
+
 def extract_options(sweep: SweepConfig, model: SweepModel) -> dict:
-    """The model's extraction options as the record keeps them (never its storage options; not `verify`,
-    which checks a store without changing what it holds)."""
-    return sweep.extract_config(model).model_dump(mode="json", exclude={"storage_options", "verify"})
+    """The model's extraction options as the record keeps them: those that decide what its store holds (the
+    others, such as batch size or devices, change how fast a run goes, and a store resumes with any)."""
+    return sweep.extract_config(model).model_dump(mode="json", include=_RECORDED)
 
 
 def is_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> bool:
     """Whether the model's store is complete and was made with the sweep's current options for it (then
     it is skipped without loading the model). With `verify`, nothing is skipped: every store is read back."""
-    return (not sweep.verify and record.done(model.label, "extract", extract_options(sweep, model))
-            and _unchanged(sweep.extract_config(model)))
+    if sweep.verify or not record.done(model.label, "extract", extract_options(sweep, model)):
+        return False
+    made = record.models[model.label]["extract"].get("info", {})
+    return _unchanged(sweep.extract_config(model), made.get("config_hash"))
 
 
 def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord, manifest: dict,
@@ -139,8 +153,10 @@ def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
     start = since.replace(microsecond=0)  # commit times have second precision
     rows_now = sum(int(s["count"]) for s in manifest["shards"]
                    if s.get("committed_at") and datetime.fromisoformat(s["committed_at"]) >= start)
+    before = record.models.get(model.label, {}).get("extract", {}).get("info", {})
     info = {"rows": manifest["rows"], "layers": [lay["name"] for lay in manifest["layers"]],
-            "images_per_s": round(rows_now / seconds, 1) if seconds > 0 else None,
+            # a resume that found nothing to do keeps the rate of the run that extracted the rows
+            "images_per_s": round(rows_now / seconds, 1) if seconds > 0 and rows_now else before.get("images_per_s"),
             "seconds": round(seconds, 2), "config_hash": manifest["config_hash"]}
     record.mark(model.label, "extract", extract_options(sweep, model), StepStatus.DONE, info=info)
     return {"status": StepStatus.DONE, "skipped": False, **info}
@@ -176,6 +192,10 @@ def extract_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord, on
         raise
     except Exception as exc:  # one model's failure must not cost the others
         return record_failed(sweep, model, record, f"{type(exc).__name__}: {exc}")
+    finally:  # its memory (a GPU's too) goes before it is scored and the next model loads
+        from neuropredictor.pipeline import release_runners
+
+        release_runners()
     return record_extracted(sweep, model, record, manifest, time.perf_counter() - t0, since)
 
 
@@ -206,7 +226,11 @@ def compare_models(sweep: SweepConfig, done: list[SweepModel]) -> dict[str, Any]
     table = compare.comparison_table({m.label: sweep.scores_url(m) for m in done}, sweep.storage_options)
     csv = compare.write_csv(table, f"{out}/comparison.csv", sweep.storage_options)
     png = compare.plot_comparison(table, f"{out}/comparison.png", sweep.storage_options)
-    return {"csv": csv, "plot": png, "ranking": compare.ranking(table)}
+    result = {"csv": csv, "plot": png, "ranking": compare.ranking(table)}
+    if (warning := compare.unequal_stimuli(table)) is not None:
+        log.warning("%s", warning)
+        result["warning"] = warning
+    return result
 
 
 def model_entry(sweep: SweepConfig, model: SweepModel, record: SweepRecord, extracted: dict[str, Any],

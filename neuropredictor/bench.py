@@ -55,7 +55,7 @@ def make_corpus(root: Path, images: int, per_shard: int = 256, size: tuple[int, 
     jobs = [(src / f"img{i:07d}.jpg", i, size) for i in range(images)]
     with ProcessPoolExecutor() as pool:  # thousands of JPEGs: every core encodes
         list(pool.map(_write_image, jobs, chunksize=64))
-    make_shards(src, str(root / "shards"), maxcount=per_shard)
+    make_shards(src, str(root / "shards"), maxcount=per_shard, overwrite=True)  # the benchmark's own folder
     return str(root / "shards")
 
 

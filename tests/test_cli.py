@@ -107,6 +107,16 @@ def test_shards_make_bad_options_are_one_error_line(tmp_path, option, words):
     assert result.exit_code == 2 and words in result.output and "traceback" not in result.output, result.output
 
 
+def test_shards_make_into_another_corpus_needs_overwrite(tmp_path):
+    make_images(tmp_path / "imgs", 4, nested=False)
+    assert _cli("shards", "make", str(tmp_path / "imgs"), str(tmp_path / "sh"), "--maxcount", "2").exit_code == 0
+    refused = _cli("shards", "make", str(tmp_path / "imgs"), str(tmp_path / "sh"), "--maxcount", "4")
+    assert refused.exit_code == 2 and "pass --overwrite to replace them" in refused.output.replace("\n", " ")
+    assert len(list((tmp_path / "sh").glob("*.tar"))) == 2
+    replaced = _cli("shards", "make", str(tmp_path / "imgs"), str(tmp_path / "sh"), "--maxcount", "4", "--overwrite")
+    assert replaced.exit_code == 0 and len(list((tmp_path / "sh").glob("*.tar"))) == 1
+
+
 def test_repeated_corpus_and_layers_options_are_lists(corpus, tmp_path):
     # repeated, each option kept only its last value: one shard of two read, one layer of two stored
     out = tmp_path / "out.zarr"

@@ -113,8 +113,23 @@ def test_make_shards_is_deterministic_and_removes_stale_shards(image_dir: Path, 
         assert Path(sa.url).read_bytes() == Path(sb.url).read_bytes()
     assert (tmp_path / "a/index.json").read_bytes() == (tmp_path / "b/index.json").read_bytes()
 
-    # re-run into the same folder with bigger shards: the third shard of the old run must not linger
-    c = make_shards(image_dir, str(tmp_path / "a"), maxcount=20)
+    # the same shards again: nothing to replace, allowed
+    assert make_shards(image_dir, str(tmp_path / "a"), maxcount=10) == a
+    # another corpus into the same folder (here: bigger shards) replaced and deleted the old one's shards,
+    # whose stores could then never resume: refused before anything is touched, unless overwrite
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    with pytest.raises(CorpusError, match=r"holds shards of another corpus \(shard-000002.offsets.json, "
+                                          r"shard-000002.tar\) that this one \(2 shards\) would delete: pass "
+                                          r"overwrite=True"):
+        make_shards(image_dir, str(tmp_path / "a"), maxcount=20)
+    make_images(tmp_path / "other", 25, nested=False)  # as many images, other keys: the same shard names
+    with pytest.raises(CorpusError, match=r"shard-000000.tar exists and holds other images .* overwrite=True"):
+        make_shards(tmp_path / "other", str(tmp_path / "a"), maxcount=10)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    with pytest.raises(CorpusError, match="into the image folder"):
+        make_shards(image_dir, str(image_dir / "shards"))
+    # with overwrite the third shard of the old run must not linger
+    c = make_shards(image_dir, str(tmp_path / "a"), maxcount=20, overwrite=True)
     assert [s.count for s in c] == [20, 5]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["index.json"] + [  # stale sidecars go too
         f"shard-00000{i}.{ext}" for i in range(2) for ext in ("offsets.json", "tar")]
@@ -574,6 +589,8 @@ def test_s3_make_list_read_with_env_credentials(s3: dict, image_dir: Path) -> No
 
     listed = list_shards("s3://test-bucket/corpus")
     assert listed == shards
+    with pytest.raises(CorpusError, match=r"s3://test-bucket/corpus/shard-000000.tar exists .* overwrite=True"):
+        make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10)  # remote shards are not compared
     assert list_shards("s3://test-bucket/corpus/shard-{000000..000002}.tar") == shards
 
     import s3fs

@@ -83,6 +83,8 @@ def shards_make(
     out: Annotated[str, typer.Argument(help="Output folder or URL (s3://bucket/prefix) for the tar shards.")],
     maxcount: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
     prefix: Annotated[str, typer.Option(help="Shard file name prefix.")] = "shard",
+    overwrite: Annotated[bool, typer.Option(help="Replace shards of another corpus already in OUT (stores "
+                                            "extracted from them can no longer resume).")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Pack a folder of images into WebDataset shards, with stable keys and an index of counts."""
@@ -90,7 +92,7 @@ def shards_make(
 
     skipped: list[tuple[str, str]] = []
     try:
-        shards = make_shards(image_dir, out, maxcount=maxcount, prefix=prefix,
+        shards = make_shards(image_dir, out, maxcount=maxcount, prefix=prefix, overwrite=overwrite,
                              on_skip=lambda rel, reason: skipped.append((rel, reason)))
     except NeuroPredictorError as exc:
         fail(exc)

@@ -133,7 +133,7 @@ def demo(
         base = np.stack([(xx * (i + 1)) % 256, (yy * (i + 3)) % 256, ((xx + yy) * 2 + i * 10) % 256], -1)
         arr = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(image_dir / f"stim{i:03d}.jpg", quality=90)
-    shards = make_shards(image_dir, str(out / "shards"), maxcount=16)
+    shards = make_shards(image_dir, str(out / "shards"), maxcount=16, overwrite=True)  # the demo's own folder
     console.print(f"made {len(shards)} shards of {images} generated images in {out / 'shards'}")
     store = str(out / "features.zarr")
     config = ExtractConfig(corpus=str(out / "shards"), model="torchvision:resnet18", layers=["layer3", "layer4"],

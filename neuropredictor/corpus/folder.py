@@ -70,7 +70,8 @@ def shards_for(image_dir: str | os.PathLike, out: str, storage_options: dict | N
     if fsx.read_json(fs, f"{path}/{LISTING_NAME}")[0] == listing:
         return target
     log.info("making shards of %s in %s", image_dir, target)
-    make_shards(image_dir, target, maxcount=SHARD_SIZE, storage_options=storage_options)
+    # this folder is ours, made for this image folder: its shards follow the images (identical ones are kept)
+    make_shards(image_dir, target, maxcount=SHARD_SIZE, storage_options=storage_options, overwrite=True)
     # written last: shards made by a run that died half-way are checked again next time
     fsx.write_json_atomic(fs, f"{path}/{LISTING_NAME}", listing)
     return target

@@ -20,7 +20,7 @@ import braceexpand
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.make import IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_NAME, write_index
+from neuropredictor.corpus.make import IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_NAME, first_few, write_index
 from neuropredictor.corpus.offsets import Offsets, read_offsets, scan_offsets, usable, write_offsets
 from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
@@ -147,17 +147,12 @@ class _Resolver:
                 raise access_error(url, exc) from exc
 
         if missing:
-            shown = _first_few(missing)
+            shown = first_few(missing)
             raise CorpusError(
                 f"{len(missing)} of {len(paths)} shards of the pattern {item} do not exist: {shown}. "
                 "Fix the pattern's range, or upload the missing shards."
             )
         return out
-
-
-def _first_few(names: list[str], n: int = 5) -> str:
-    """The first n names, and how many more there are."""
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 _TAR_LIKE = re.compile(r"\.(tar(\.(gz|bz2|xz|zst|lz4))?|tgz|tbz2?|txz)$", re.IGNORECASE)
@@ -168,7 +163,7 @@ def _refuse_unread_tars(url: str, paths: list[str]) -> None:
     tars, '.TAR'): the corpus would be short of their samples, silently."""
     unread = sorted(fsx.basename(p) for p in paths if _TAR_LIKE.search(p) and not p.endswith(".tar"))
     if unread:
-        shown = _first_few(unread)
+        shown = first_few(unread)
         raise CorpusError(f"{url} holds shards that would not be read: {shown}. Shards are plain '.tar' files: "
                           "decompress compressed ones (compressed tars are not supported), rename '.TAR' to '.tar'.")
 
@@ -176,7 +171,7 @@ def _refuse_unread_tars(url: str, paths: list[str]) -> None:
 def _refuse_hidden(resolved: list[tuple[Any, str, dict]]) -> None:
     hidden = [fsx.full_url(fs, path) for fs, path, _ in resolved if is_hidden(fsx.basename(path))]
     if hidden:
-        shown = _first_few(hidden)
+        shown = first_few(hidden)
         raise CorpusError(
             f"{len(hidden)} shard(s) have hidden names (starting with '.'): {shown}. Hidden files are often "
             "not shards (macOS '._' files, partial uploads) and some tools skip them: rename real shards "

@@ -134,6 +134,24 @@ def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> Offsets:
     return Offsets(size=fileobj.tell(), starts=tuple(starts), keys=tuple(keys))
 
 
+def _entries(fs: Any, folder: str) -> list[str]:
+    try:
+        return fs.ls(folder, detail=False)
+    except FileNotFoundError:  # an object-store prefix exists only once something is under it
+        return []
+
+
+def _refuse_replacing(fs: Any, path: str, overwrite: bool) -> None:
+    if not overwrite and fs.exists(path):
+        raise CorpusError(f"{fsx.full_url(fs, path)} exists and holds other images than this run would pack "
+                          "there: pass overwrite=True to replace the shards, or another output folder")
+
+
+def first_few(names: list[str], n: int = 5) -> str:
+    """The first n names, and how many more there are."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def write_index(fs: Any, folder: str, shards: list[Shard]) -> None:
     """`index.json` in folder: each shard's sample count, so that plans count without reading a tar."""
     index = {"format": INDEX_FORMAT, "shards": [{"name": s.name, "count": s.count} for s in shards],
@@ -160,14 +178,19 @@ def make_shards(
     prefix: str = "shard",
     storage_options: dict | None = None,
     on_skip: SkipFn | None = None,
+    overwrite: bool = False,
 ) -> list[Shard]:
     """Pack the images under `image_dir` into WebDataset shards `{prefix}-{i:06d}.tar` in `out`.
 
     Each sample is the image bytes, unmodified, as `<key>.<ext>` plus `<key>.json` ({"path": relative
     path}); key = relative path without extension, dots replaced by "_". Beside each shard goes its
-    offsets sidecar (`corpus.offsets`); `index.json` with the counts is written last. Stale shards left
-    in `out` by an earlier, larger run are removed.
+    offsets sidecar (`corpus.offsets`); `index.json` with the counts is written last.
     `out` is a local directory or any fsspec URL (s3://bucket/prefix). Returns the shards.
+
+    Shards already in `out` are another corpus (stores may be planned on them): only with `overwrite` are
+    they replaced, and those past this run's last one removed. Without it, making the same shards again is
+    allowed (a byte-identical local shard is left as it is), and anything else is refused before it is
+    touched.
 
     Files that are not images (by extension) and hidden files are left out, each reported to
     `on_skip(relative path, reason)` (by default: logged as one warning). Two files that would share a
@@ -213,9 +236,20 @@ def make_shards(
 
     fs, root_out = connect(str(out), storage_options)
     local = fsx.is_local(fs)
+    if local and Path(root_out).resolve().is_relative_to(root.resolve()):
+        raise CorpusError(f"the shards would be written into the image folder {root} itself ({out}): pass an "
+                          "output folder outside it")
+    groups = [files[i : i + maxcount] for i in range(0, len(files), maxcount)]
     try:
         fs.makedirs(root_out, exist_ok=True)
-        groups = [files[i : i + maxcount] for i in range(0, len(files), maxcount)]
+        shard_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})(\.tar|{re.escape(OFFSETS_SUFFIX)})$")
+        existing = {entry: shard_re.match(fsx.basename(entry)) for entry in _entries(fs, root_out)}
+        stale = sorted(e for e, m in existing.items() if m and int(m.group(1)) >= len(groups))
+        if stale and not overwrite:
+            names = first_few([fsx.basename(e) for e in stale], 3)
+            raise CorpusError(f"{out} holds shards of another corpus ({names}) that this one "
+                              f"({len(groups)} shards) would delete: pass overwrite=True to replace "
+                              "them, or another output folder")
         shards, offset = [], 0
         for i, items in enumerate(groups):
             name = f"{prefix}-{i:06d}"
@@ -229,11 +263,13 @@ def make_shards(
                     # An identical shard is left as it is: stores planned on it see the same file (its
                     # mtime is part of its fingerprint) and resume.
                     if not _same_bytes(tmp, path):
+                        _refuse_replacing(fs, path, overwrite)
                         os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
             else:
+                _refuse_replacing(fs, path, overwrite)  # comparing would download every shard
                 # Remote: build locally, then upload in one go (an object store commits the object only
                 # when the upload completes, so readers never see a partial shard).
                 with tempfile.NamedTemporaryFile(suffix=".tar") as f:
@@ -244,15 +280,9 @@ def make_shards(
             shards.append(Shard(url=fsx.full_url(fs, path), name=name, count=len(items), offset=offset))
             offset += len(items)
 
-        stale_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})(\.tar|{re.escape(OFFSETS_SUFFIX)})$")
-        others = []
-        for entry in fs.ls(root_out, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            m = stale_re.match(name)
-            if m and int(m.group(1)) >= len(shards):
-                fs.rm_file(entry)
-            elif not m and name.endswith(".tar"):
-                others.append(name)
+        for entry in stale:
+            fs.rm_file(entry)
+        others = [fsx.basename(e) for e, m in existing.items() if not m and e.endswith(".tar")]
         if others:
             log.warning("%s also holds %d shard(s) this run did not make (%s%s): a folder of shards is one corpus, "
                         "so extractions read them too (index.json lists only this run's)", out, len(others),

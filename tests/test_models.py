@@ -57,6 +57,13 @@ def test_unknown_models_name_close_matches():
         load_model("timm:resnet_does_not_exist", pretrained=False)
     with pytest.raises(ModelSpecError, match="IMAGENET1K_V1"):
         load_model("torchvision:resnet50@NOPE", pretrained=False)
+    # transpositions found no close name ("Close names: []"), and a mistyped tag was timm's bare RuntimeError
+    with pytest.raises(ModelSpecError, match=r"Close names: resnet18, .*neuropredictor models 'timm:"):
+        load_model("timm:resent18", pretrained=False)
+    with pytest.raises(ModelSpecError, match=r"no weights 'a1_in1kk' for resnet18; its tags: a1_in1k, a2_in1k"):
+        load_model("timm:resnet18.a1_in1kk", pretrained=False)
+    with pytest.raises(ModelSpecError, match=r"source 'tim' in 'tim:resnet18' \(did you mean 'timm'\?\)"):
+        load_model("tim:resnet18", pretrained=False)
 
 
 def _check_forward(model, layer: str, reduce: str = "avgpool") -> torch.Tensor:

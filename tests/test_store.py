@@ -6,6 +6,7 @@ Everything runs twice: on local disk and on S3 (moto's real server, see conftest
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing
 import threading
 import warnings
@@ -588,6 +589,11 @@ def test_bad_options_and_torch_input(tmp_path):
         create(t, dtype="bfloat16")
     with pytest.raises(StoreError, match="compression"):
         create(t, compression="lzma")
+    # numcodecs refused the level only when the arrays were made: the store stayed half planned, recording it
+    for bad, top in (("zstd:99", "zstd:22"), ("blosc:10", "blosc:9"), ("gzip:12", "gzip:9")):
+        with pytest.raises(StoreError, match=rf"level \d+ is out of range for \w+: use \w+:0 to {top}"):
+            create(t, compression=bad)
+    assert not os.path.exists(t.url)
     with pytest.raises(StoreError, match="offset"):
         FeatureStore.create(t.url, make_shards([3, 3])[::-1], LAYERS, CONFIG)
     assert not t.objects()

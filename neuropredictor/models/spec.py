@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from neuropredictor.errors import ModelSpecError
@@ -36,7 +37,10 @@ def parse_spec(spec: str) -> ModelSpec:
     if not sep or not rest:
         raise ModelSpecError(f"model spec {spec!r} has no source prefix.\n{GRAMMAR}")
     if source not in SOURCES:
-        raise ModelSpecError(f"unknown model source {source!r} in {spec!r}; sources are {', '.join(SOURCES)}.\n{GRAMMAR}")
+        close = difflib.get_close_matches(source, SOURCES, n=1)
+        raise ModelSpecError(f"unknown model source {source!r} in {spec!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; sources are {', '.join(SOURCES)}.\n{GRAMMAR}")
     name, tag = rest, None
     # hf ids and custom paths may contain '@' only as a tag separator; the last '@' wins
     if "@" in rest:

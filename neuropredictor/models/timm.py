@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
@@ -17,8 +19,13 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     name = f"{spec.name}.{spec.tag}" if spec.tag else spec.name
     arch = name.split(".")[0]
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch[:6]}*")[:8]
-        raise ModelSpecError(f"timm has no model {arch!r}. Close names: {close}. List them: list_models('timm')")
+        names = timm.list_models()
+        close = difflib.get_close_matches(arch, names, n=8, cutoff=0.75) or timm.list_models(f"*{arch[:6]}*")[:8]
+        raise ModelSpecError(f"timm has no model {arch!r}. Close names: {', '.join(close) or 'none'}. List "
+                             f"them: neuropredictor models 'timm:*{arch[:4]}*'")
+    if "." in name and name not in (tagged := timm.list_pretrained(f"{arch}.*")):
+        tags = ", ".join(t.split(".", 1)[1] for t in tagged) or "none"
+        raise ModelSpecError(f"timm has no weights {name.split('.', 1)[1]!r} for {arch}; its tags: {tags}")
     if pretrained:
         with pretrained_download(spec):
             model = timm.create_model(name, pretrained=True)

@@ -172,7 +172,13 @@ def parse_compression(compression: str) -> tuple[str, int | None]:
     if name not in COMPRESSIONS or (level and (name == "none" or not level.strip().isdigit())):
         raise StoreError(f"unknown compression {compression!r}: use one of {', '.join(COMPRESSIONS)} "
                          "(optionally with a level, e.g. zstd:5)")
+    top = _TOP_LEVEL.get(name, 0)
+    if level and int(level) > top:
+        raise StoreError(f"compression level {int(level)} is out of range for {name}: use {name}:0 to {name}:{top}")
     return name, int(level) if level else None
+
+
+_TOP_LEVEL = {"zstd": 22, "blosc": 9, "gzip": 9}  # the codecs' highest levels
 
 
 def compressors(compression: str, for_features: bool) -> Any:

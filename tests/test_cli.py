@@ -107,6 +107,26 @@ def test_shards_make_bad_options_are_one_error_line(tmp_path, option, words):
     assert result.exit_code == 2 and words in result.output and "traceback" not in result.output, result.output
 
 
+@pytest.mark.parametrize("option,line", [
+    (["--batch-size", "0"], "error: --batch-size: Input should be greater than or equal to 1 (got 0)"),
+    (["--precision", "FP16"], "error: --precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'FP16')")])
+def test_invalid_values_are_one_line_naming_the_flag(corpus, tmp_path, option, line):
+    # pydantic's block: "1 validation error for ExtractConfig / batch_size / ... https://errors.pydantic.dev"
+    result = _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--layers", "features.2", "--out",
+                  str(tmp_path / "o.zarr"), *option)
+    assert result.exit_code == 2 and " ".join(result.output.split()) == line, result.output
+
+
+def test_a_sweep_file_with_an_unknown_key_names_it_and_the_close_one(tmp_path):
+    (tmp_path / "s.yaml").write_text(f"corpus: x\nout: {tmp_path / 'o'}\nmodels: [{{spec: {CUSTOM}, layer: a}}]\n"
+                                     "pretrianed: false\n")
+    result = _cli("sweep", str(tmp_path / "s.yaml"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "validation error" not in text
+    assert "unknown option 'models.0.layer' (did you mean --layers?)" in text
+    assert "unknown option 'pretrianed' (did you mean --pretrained?)" in text
+
+
 def test_shards_make_into_another_corpus_needs_overwrite(tmp_path):
     make_images(tmp_path / "imgs", 4, nested=False)
     assert _cli("shards", "make", str(tmp_path / "imgs"), str(tmp_path / "sh"), "--maxcount", "2").exit_code == 0

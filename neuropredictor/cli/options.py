@@ -3,6 +3,7 @@ and library messages that name parameters are shown with the flags."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,8 +48,35 @@ def as_flags(message: str) -> str:
 
 
 def fail(exc: Exception) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {escape(as_flags(str(exc)))}", highlight=False)
+    from pydantic import ValidationError
+
+    text = invalid_values(exc) if isinstance(exc, ValidationError) else str(exc)
+    err_console.print(f"[bold red]error:[/] {escape(as_flags(text))}", highlight=False)
     raise typer.Exit(2)
+
+
+def invalid_values(exc: Any) -> str:
+    """A pydantic ValidationError as one line: each bad value by its option's name, with what it should be
+    (not pydantic's block with Python field names and a URL)."""
+    from neuropredictor.sweep.config import SweepConfig, SweepModel
+
+    known = {*ExtractConfig.model_fields, *EncodeOptions.model_fields, *SweepConfig.model_fields,
+             *SweepModel.model_fields}
+    parts: list[str] = []
+    for err in exc.errors(include_url=False):
+        # a union's members each report an error: the plain string's is noise beside the entry's own
+        if err["type"] == "string_type" and err["loc"][-1:] == ("str",):
+            continue
+        loc = [str(p) for p in err["loc"] if p not in ("str", "SweepModel")]
+        name = loc[-1] if loc else ""
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(name, known, n=1)
+            parts.append(f"unknown option {'.'.join(loc)!r}" + (f" (did you mean `{close[0]}`?)" if close else ""))
+            continue
+        where = f"`{name}`" if len(loc) == 1 else ".".join(loc)
+        got = err.get("input")
+        parts.append(f"{where}: {err['msg']}" + ("" if isinstance(got, (dict, list)) else f" (got {got!r})"))
+    return "; ".join(dict.fromkeys(parts))
 
 
 ENC = EncodeOptions.model_fields  # the CLI's encode options take their defaults and help from here

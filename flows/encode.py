@@ -36,6 +36,7 @@ def encode_layer_task(prepared: enc.Prepared, layer: str, params: EncodeParamete
 def encode_flow(params: EncodeParameters) -> dict:
     """Score every layer of a features store as an encoding model of neural data (Pearson r, R²)."""
     logger = get_run_logger()
+    enc.check_scores_out(params.out, None, params.overwrite)  # before the fit, not after it
     with warnings.catch_warnings(record=True) as caught:  # the alignment report belongs in the run's log
         warnings.simplefilter("always")
         prepared = enc.prepare(params.features, params.read_neural(), params)

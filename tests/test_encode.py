@@ -592,6 +592,10 @@ def test_save_scores_round_trip_and_plot(planted, tmp_path):
     assert back.attrs["n_train"] == 480 and json.loads(back.attrs["alignment"])["n_matched"] == N
     with pytest.raises(EncodingError, match="already exists"):
         save_scores(s, url)
+    # encode checked its output only after the whole fit (hours on real data): now before reading anything
+    np.savez(tmp_path / "unmatched.npz", data=np.zeros((3, 2)), keys=np.array(["x", "y", "z"]))
+    with pytest.raises(EncodingError, match="already exists"):  # not "no stimulus key is in both"
+        encode_command(features=str(tmp_path / "absent.zarr"), neural=str(tmp_path / "unmatched.npz"), out=url)
     save_scores(s, url, overwrite=True)
     # overwrite replaces scores only: writing deletes the folder whole, and a folder of other things survived
     # only as long as nobody asked to overwrite it

@@ -290,6 +290,9 @@ def test_two_checkpoints_of_one_architecture_run_under_their_names(tmp_path):
         _sweep(tmp_path, tmp_path / "out", models=[{"spec": CUSTOM, "weights": "a.pt"}, {"spec": CUSTOM, "weights": "b.pt"}])
     with pytest.raises(ValueError, match="'custom:a/b.py:f' and 'custom:a_b.py:f'"):
         _sweep(tmp_path, tmp_path / "out", models=["custom:a/b.py:f", "custom:a_b.py:f"])
+    # a malformed spec is refused with the sweep, not after the models before it ran
+    with pytest.raises(ValueError, match=r"unknown model source 'tim' in 'tim:resnet34' \(did you mean 'timm'"):
+        _sweep(tmp_path, tmp_path / "out", models=["timm:resnet18", "tim:resnet34"])
 
     make_images(tmp_path / "imgs", 8, nested=False)
     make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)

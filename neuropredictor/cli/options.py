@@ -74,6 +74,9 @@ def invalid_values(exc: Any) -> str:
             parts.append(f"unknown option {'.'.join(loc)!r}" + (f" (did you mean `{close[0]}`?)" if close else ""))
             continue
         where = f"`{name}`" if len(loc) == 1 else ".".join(loc)
+        if err["type"] == "value_error":  # our own validators' messages say what was given, and the fix
+            parts.append(f"{where}: {err['ctx']['error']}")
+            continue
         got = err.get("input")
         parts.append(f"{where}: {err['msg']}" + ("" if isinstance(got, (dict, list)) else f" (got {got!r})"))
     return "; ".join(dict.fromkeys(parts))

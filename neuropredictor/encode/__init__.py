@@ -24,14 +24,14 @@ the CLI, this API and the `encode` flow).
 from neuropredictor.encode._common import AlignmentWarning, EncodingError
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.options import EncodeOptions, FitOptions, parse_alphas
-from neuropredictor.encode.report import plot_scores, save_outputs, save_scores, summary_table
+from neuropredictor.encode.report import check_scores_out, plot_scores, save_outputs, save_scores, summary_table
 from neuropredictor.encode.ridge import DEFAULT_ALPHAS, encode_layer, pearson_r, r2_score
 from neuropredictor.encode.rsa import rdm, rsa
 from neuropredictor.encode.run import LayerScores, Prepared, assemble, encode, encode_command, prepare, score_layer
 
 __all__ = [
     "DEFAULT_ALPHAS", "AlignmentWarning", "EncodeOptions", "EncodingError", "FitOptions", "LayerScores",
-    "NeuralData", "Prepared", "assemble", "encode", "encode_command", "encode_layer", "load_neural", "parse_alphas",
+    "NeuralData", "Prepared", "assemble", "check_scores_out", "encode", "encode_command", "encode_layer", "load_neural", "parse_alphas",
     "pearson_r", "plot_scores", "prepare", "r2_score", "rdm", "rsa", "save_outputs", "save_scores", "score_layer",
     "summary_table",
 ]

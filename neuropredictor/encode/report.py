@@ -94,6 +94,27 @@ def describe_split(attrs: Mapping[str, Any]) -> str:
     return f"{'given' if how == 'given' else 'random'} split: {attrs['n_train']} train / {attrs['n_test']} test"
 
 
+def check_scores_out(url: str, storage_options: Mapping | None = None, overwrite: bool = False) -> None:
+    """EncodingError unless scores may be written at url: nothing there, or scores and overwrite=True (a
+    features store, or a folder with anything else in it, is never deleted: writing replaces a folder
+    whole). Called before the fit too, so that a refusal does not come after hours of it."""
+    from neuropredictor import fs as fsx
+    from neuropredictor.redact import redact_text
+
+    fs, root = fsx.connect(url, storage_options, error=EncodingError, what="scores store")
+    if not fsx.listing(fs, root):
+        return
+    if fs.exists(f"{root}/manifest.json"):
+        raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "
+                            "(e.g. next to it, as RUN-scores.zarr)")
+    group, _damaged = fsx.read_json(fs, f"{root}/zarr.json")
+    if "alignment" not in ((group or {}).get("attributes") or {}):  # what every scores store carries
+        raise EncodingError(f"{redact_text(url)!r} holds something other than scores, which writing them "
+                            "would delete: choose another path, or empty it yourself")
+    if not overwrite:
+        raise EncodingError(f"{redact_text(url)!r} already exists; pass overwrite=True or choose another path")
+
+
 def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = None,
                 overwrite: bool = False) -> str:
     """Write the scores as a Zarr v3 store at url (local path or any fsspec URL); returns url.
@@ -101,21 +122,7 @@ def save_scores(ds: xarray.Dataset, url: str, storage_options: Mapping | None = 
     An existing store at url is replaced only with overwrite=True, and only when it holds scores (a
     features store, or a folder with anything else in it, is never deleted: writing replaces a folder whole).
     """
-    from neuropredictor import fs as fsx
-    from neuropredictor.redact import redact_text
-
-    fs, root = fsx.connect(url, storage_options, error=EncodingError, what="scores store")
-    if fsx.listing(fs, root):
-        if fs.exists(f"{root}/manifest.json"):
-            raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "
-                                "(e.g. next to it, as RUN-scores.zarr)")
-        group, _damaged = fsx.read_json(fs, f"{root}/zarr.json")
-        if "alignment" not in ((group or {}).get("attributes") or {}):  # what every scores store carries
-            raise EncodingError(f"{redact_text(url)!r} holds something other than scores, which writing them "
-                                "would delete: choose another path, or empty it yourself")
-        if not overwrite:
-            raise EncodingError(f"{redact_text(url)!r} already exists; pass overwrite=True "
-                                "or choose another path")
+    check_scores_out(url, storage_options, overwrite)
     # Fixed-width numpy strings ('<U5') have no zarr v3 data type yet (zarr warns they may become
     # unreadable); object strings are stored as the specified variable-length UTF-8.
     ds = ds.copy()

@@ -21,7 +21,7 @@ from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_m
 from neuropredictor.encode.align import align, layer_matrix, open_dataset, outer_splits, select_layers
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.options import EncodeOptions, FitOptions
-from neuropredictor.encode.report import save_outputs, target_groups
+from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
 from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,8 +221,9 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
         `encode(url, neural, layers="a,b", folds=5, device="cpu")`.
     Per layer and target, the ridge alpha is chosen by `inner_folds`-fold cross-validation on the
     training stimuli only. Held-out stimuli: the neural data's own split if it has one; else `folds`
-    outer folds (every stimulus held out once; scores averaged over folds, alpha the median of the
-    folds' choices); else a random `test_fraction` (depends only on the seed and the matched keys).
+    outer folds (every stimulus held out once; scores averaged over the folds that score a target, alpha
+    the lower median of the folds' choices); else a random `test_fraction` (each stimulus placed by a hash
+    of the seed and its key).
 
     Returns the Dataset described in `assemble`.
     """
@@ -237,5 +238,6 @@ def encode_command(options: EncodeOptions | None = None, *, storage_options: Map
     JSON-able summary of `save_outputs`. Options: `EncodeOptions`, as an object and/or keywords.
     Errors a user can fix are EncodingError (a NeuroPredictorError)."""
     opts = EncodeOptions.resolve(options, fields)
+    check_scores_out(opts.out, storage_options, opts.overwrite)
     scores = encode(opts.features, opts.read_neural(storage_options), opts, storage_options=storage_options)
     return save_outputs(scores, opts, storage_options=storage_options)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from neuropredictor.config import ExtractConfig, comma_list, fields_of
 from neuropredictor.encode.options import EncodeOptions
+from neuropredictor.errors import ModelSpecError
 
 SCORES_SUFFIX = "-scores"  # DIR/<slug>-scores.zarr
 _PER_MODEL = ("layers", "reduce", "pretrained", "weights")  # what a model may set for itself
@@ -43,6 +44,18 @@ class SweepModel(BaseModel):
     weights: str | None = Field(None, description=ExtractConfig.model_fields["weights"].description)
 
     _split = field_validator("layers", mode="before")(comma_list)
+
+    @field_validator("spec")
+    @classmethod
+    def _grammar(cls, v: str) -> str:
+        """A malformed spec is refused with the sweep, not found after the models before it ran for hours."""
+        from neuropredictor.models.spec import parse_spec
+
+        try:
+            parse_spec(v)
+        except ModelSpecError as exc:
+            raise ValueError(str(exc).split("\n")[0]) from None
+        return v
 
     @property
     def label(self) -> str:

@@ -58,26 +58,32 @@ def parse_reduce_option(value: str | dict[str, str] | None, layers: list[str]) -
 
     "avgpool" applies to every layer; "layer4=avgpool,layer3=pool:2" sets layers one by one (globs as in
     `neuropredictor.globs`);
-    a bare entry among them is the default for the layers not named; layers not covered keep `full`.
+    a bare entry among them is the default for the layers not named; layers not covered keep `full`. Two
+    entries that give one layer (or every layer) different reductions are refused: the last would win.
     """
     if value is None:
         value = "full"
     items = list(value.items()) if isinstance(value, dict) else [
         tuple(part.split("=", 1)) if "=" in part else (None, part) for part in value.split(",") if part.strip()
     ]
-    default = Reduction("full")
-    per_layer: dict[str, Reduction] = {}
+    default, bare = Reduction("full"), None
+    per_layer: dict[str, tuple[str, Reduction]] = {}
     for key, red_text in items:
         red = parse_reduction(red_text)
         if key is None:
-            default = red
+            if bare is not None and red != default:  # the last one would win, silently
+                raise ReductionError(f"reduce gives two reductions for every layer: {bare!r} and {red_text!r}")
+            default, bare = red, red_text
             continue
         matched = matches(key.strip(), layers)
         if not matched:
             raise ReductionError(f"reduce names layer {key!r}, which is not among the selected layers {layers}")
         for name in matched:
-            per_layer[name] = red
-    return {name: per_layer.get(name, default) for name in layers}
+            if name in per_layer and per_layer[name][1] != red:
+                raise ReductionError(f"reduce sets layer {name!r} twice: {per_layer[name][0]}={per_layer[name][1]} "
+                                     f"and {key.strip()}={red}; give each layer one reduction")
+            per_layer[name] = (key.strip(), red)
+    return {name: per_layer[name][1] if name in per_layer else default for name in layers}
 
 
 def _pooled(red: Reduction, channels_last: bool, ndim: int) -> bool:

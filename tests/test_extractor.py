@@ -234,6 +234,12 @@ def test_reduce_option_parsing():
     layers = ["layer3", "layer4", "fc"]
     got = parse_reduce_option("avgpool,layer3=pool:2,fc=full", layers)
     assert {k: str(v) for k, v in got.items()} == {"layer3": "pool:2", "layer4": "avgpool", "fc": "full"}
+    # the last of two entries for one layer won, silently
+    with pytest.raises(ReductionError, match=r"sets layer 'layer4' twice: layer4=avgpool and layer\*=pool:2"):
+        parse_reduce_option("layer4=avgpool,layer*=pool:2", layers)
+    with pytest.raises(ReductionError, match=r"two reductions for every layer: 'avgpool' and 'pool:2'"):
+        parse_reduce_option("avgpool,pool:2", layers)
+    assert str(parse_reduce_option("layer4=avgpool,layer4=avgpool", layers)["layer4"]) == "avgpool"
     assert {str(v) for v in parse_reduce_option("srp:64", layers).values()} == {"srp:64"}
     with pytest.raises(ReductionError, match="not among the selected layers"):
         parse_reduce_option("layer9=avgpool", layers)

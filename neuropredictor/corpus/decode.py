@@ -131,7 +131,7 @@ def for_device(data: bytes) -> bytes | np.ndarray:
     return np.asarray(decoded(decode_pil, data))
 
 
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-f]+>")
 _PIL_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 
@@ -143,7 +143,7 @@ def decoded(decode: Callable[[Any], Any], data: Any) -> Any:
     except Exception as exc:
         # PIL names the in-memory file it was given ("<_io.BytesIO object at 0x7f...>"): an address that
         # differs run to run in the manifest and tells the user nothing
-        text = _OBJECT_REPR.sub("the image", str(exc))
+        text = _OBJECT_REPR.sub("", str(exc))
         raise ImageError(short(f"cannot decode image: {type(exc).__name__}: {text}")) from None
 
 

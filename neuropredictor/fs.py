@@ -58,6 +58,13 @@ def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = F
     return fs, path.rstrip("/") or path
 
 
+def unreachable(url: str, exc: BaseException, what: str) -> str:
+    """Why `what` at url could not be read or written, and what to check (credentials never shown)."""
+    return (f"cannot reach the {what} {redact_text(str(url))!r}: {type(exc).__name__}: {redact_text(str(exc))[:300]}. "
+            "Check the path, the endpoint (AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the "
+            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage_options key/secret).")
+
+
 def open_url(url: str, mode: str = "rb", storage_options: Mapping | None = None, *,
              error: type[NeuroPredictorError] = NeuroPredictorError) -> Any:
     """An open file at url (a context manager); a missing file raises `error` naming it."""

@@ -100,8 +100,7 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
     except StoreError:
         raise
     except Exception as exc:
-        raise StoreError(f"cannot reach the output store {redact_text(url)!r}: {type(exc).__name__}: "
-                         f"{redact_text(str(exc))}") from exc
+        raise StoreError(fsx.unreachable(url, exc, "output store")) from exc
 
 
 def plan(config: ExtractConfig, shards: list[Shard] | None = None, scope: Collection[str] | None = None

@@ -143,3 +143,13 @@ def test_a_folder_of_unreadable_image_types_names_the_extensions_read(tmp_path: 
     (folder / "b.jfif").write_bytes(b"\0" * 10)
     with pytest.raises(NeuroPredictorError, match=r"no images that can be read \(extensions jpg, jpeg, png"):
         run(_config(folder, tmp_path / "a.zarr"))
+
+
+def test_an_output_that_is_not_a_store_is_refused_before_the_images_are_packed(tmp_path: Path):
+    # the refusal came at plan, after the whole folder was copied into shards beside the output
+    make_images(tmp_path / "stim", 4, nested=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(NeuroPredictorError, match=r"is not empty and holds no neuropredictor store \(todo.txt\)"):
+        run(_config(tmp_path / "stim", tmp_path / "notes"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "stim"]

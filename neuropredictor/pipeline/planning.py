@@ -15,7 +15,7 @@ from neuropredictor.pipeline.replicas import Runner, check_device, forget_self_l
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore
-from neuropredictor.store.feature_store import plan_shards
+from neuropredictor.store.feature_store import plan_shards, refuse_foreign
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ def validate(config: ExtractConfig) -> list[Shard]:
         check_device(device)
     forget_self_loaded()
     get_runner(config)
+    check_output(config.out, config.storage_options)  # before a folder of images is packed beside it
     shards = corpus_shards(config, known=lambda: planned_shards(config))
     if not any(s.count for s in shards):  # a store of 0 rows would report "complete" for nothing
         raise CorpusError(
             f"no images in the corpus {config.corpus!r}: its {len(shards)} shard(s) hold no samples. Check "
             "the shards (`tar tf SHARD`), or make them with `neuropredictor shards make`."
         )
-    check_output(config.out, config.storage_options)
     return shards
 
 
@@ -82,7 +82,8 @@ def planned_shards(config: ExtractConfig) -> list[Shard]:
 
 def check_output(url: str, storage_options: dict | None = None) -> None:
     """Fail early, writing nothing, when the output cannot be created: its nearest existing ancestor must
-    be a directory (or, on object stores, the bucket must exist)."""
+    be a directory (or, on object stores, the bucket must exist), and an existing folder must be a store
+    or empty."""
     fs, path = fsx.connect(url, storage_options, error=StoreError, what="output store")
     try:
         probe = path
@@ -91,6 +92,8 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
                 if not fs.isdir(probe):
                     raise StoreError(f"cannot create the output store {redact_text(url)!r}: {probe!r} is a file, "
                                      "not a folder. Choose another `out`.")
+                if probe == path:
+                    refuse_foreign(fs, path, url)
                 return
             parent = fs._parent(probe)
             if not parent or parent == probe:

@@ -130,7 +130,7 @@ class FeatureStore:
                         "chunk_rows": chunk_rows, "rows": sum(int(s.count) for s in shards)},
             "shards": [mf.plan_entry(s) for s in shards],
         }
-        _refuse_foreign(fs, root, url)
+        refuse_foreign(fs, root, url)
         if overwrite and (root in ("", "/") or (not fsx.is_local(fs) and "/" not in root)):
             raise StoreError(f"refusing to replace all of {redact_text(url)!r}: choose a sub-folder as `out`")
         with locks.acquire(fs, f"{root}/{LOCKS_DIR}/plan.json", "planning", wait_s) as lease:
@@ -571,7 +571,7 @@ def _entries(fs: Any, root: str) -> list[str]:
     return sorted(fsx.basename(p) for p in fsx.listing(fs, root))
 
 
-def _refuse_foreign(fs: Any, root: str, url: str) -> None:
+def refuse_foreign(fs: Any, root: str, url: str) -> None:
     """A folder with things in it that are not a store's is never written to (nor emptied)."""
     entries = [fsx.published_name(e) for e in _entries(fs, root)]
     ours = {*STORE_ENTRIES, LOCKS_DIR}

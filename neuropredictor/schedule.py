@@ -131,17 +131,32 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
     return records
 
 
+GIVE_UP_AFTER = 3  # groups failed after their retries, one after another, before any succeeded
+
+
 class DeviceWindow:
     """One group of shards in flight per device: `start` pairs free devices with the next groups, `finish`
-    frees a device and keeps what a finished group leaves (its uncommitted shards, if it failed)."""
+    frees a device and keeps what a finished group leaves (its uncommitted shards, if it failed).
+
+    When the first GIVE_UP_AFTER groups all fail, no other group starts: the cause is then the model, its
+    options or the storage, not a shard, and each further group would spend its retries on it (a model
+    that runs out of memory on every batch held a sweep for hours). The groups not started count as failed,
+    with that reason; they run on the next run."""
 
     def __init__(self, groups: Iterable[Sequence[Shard]], devices: Sequence[str]) -> None:
         self._todo = deque(list(g) for g in groups)
         self._free = list(devices)
         self.failed: dict[str, str] = {}  # shard name -> error
         self.rows_done = 0
+        self._succeeded = False
+        self._first_errors: list[str] = []  # of the groups that failed before any succeeded
 
     def start(self) -> list[tuple[list[Shard], str]]:
+        if not self._succeeded and len(self._first_errors) >= GIVE_UP_AFTER and self._todo:
+            why = (f"not started: the first {len(self._first_errors)} groups of shards all failed "
+                   f"(last: {self._first_errors[-1][:200]})")
+            self.failed.update({s.name: why for group in self._todo for s in group})
+            self._todo.clear()
         out = []
         while self._free and self._todo:
             out.append((self._todo.popleft(), self._free.pop(0)))
@@ -152,6 +167,10 @@ class DeviceWindow:
         self._free.append(device)
         if error is not None:
             self.failed.update({s.name: error for s in group if not _committed(is_committed, s.name)})
+        if error is None:
+            self._succeeded = True
+        elif not self._succeeded:
+            self._first_errors.append(error)
         self.rows_done += sum(s.count for s in group if s.name not in self.failed)
 
 
@@ -192,9 +211,9 @@ def failure_message(failed: dict[str, str]) -> str:
     credentials would make it megabytes."""
     shown = sorted(failed.items())[:FAILURES_SHOWN]
     more = f" and {len(failed) - len(shown)} more (each named in the manifest)" if len(failed) > len(shown) else ""
-    return (f"{len(failed)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}. The other "
-            "shards are stored and committed. Fix the cause and run the same command again: only these shards "
-            "run.\n" + "\n".join(f"  {k}: {v}" for k, v in shown))
+    return (f"{len(failed)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}. The "
+            "shards not named here are stored and committed. Fix the cause and run the same command again: only "
+            "these shards run.\n" + "\n".join(f"  {k}: {v}" for k, v in shown))
 
 
 def unfinished(manifest: dict) -> dict[str, str]:

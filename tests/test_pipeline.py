@@ -16,7 +16,8 @@ import zarr
 
 from conftest import MODEL, check_against_reference, make_images
 from neuropredictor.corpus import list_shards, make_shards
-from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError, StoreError
+from neuropredictor.errors import (ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError,
+                                   NeuroPredictorError, StoreError)
 from neuropredictor import ExtractConfig, extract_shard, finalize, plan, run
 from neuropredictor.models import load_model
 from neuropredictor.store import FeatureStore, open_features
@@ -340,6 +341,36 @@ def test_a_float16_store_refuses_features_beyond_its_range(corpus, tmp_path):
     with pytest.raises(StoreError, match=r"layer 'scale': 12 feature value\(s\) up to 1e\+05 do not fit float16"):
         extract_shard(cfg, store.shards[0], store)
     assert not store.is_committed(store.shards[0].name)
+
+
+def test_a_model_failing_on_every_shard_stops_after_the_first_groups(tmp_path, image_dir):
+    # a model that runs out of memory on every batch spent every shard's retries, one shard after another:
+    # hours per broken model in a sweep before the next one ran
+    from neuropredictor.schedule import GIVE_UP_AFTER
+    from neuropredictor.schedule import run as run_here
+
+    make_shards(image_dir, str(tmp_path / "shards"), maxcount=4)  # 25 images: 7 shards
+    factory = tmp_path / "oom.py"
+    factory.write_text(
+        "import torch\nfrom torch import nn\nfrom torchvision.transforms import v2\n"
+        "class Oom(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.head = nn.Identity()\n"
+        "    def forward(self, x):\n"
+        "        if x.shape[0] > 2:  # the layers' probe (2 images) passes, a real batch (4) does not\n"
+        "            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
+        "        return self.head(x.mean((2, 3)))\n"
+        "def oom():\n"
+        "    return Oom(), v2.Compose([v2.Resize((8, 8)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])\n")
+    cfg = _config(tmp_path / "shards", tmp_path / "out.zarr", model=f"custom:{factory}:oom", layers=["head"],
+                  reduce="full", retries=1, retry_delay_seconds=0.0)
+    with pytest.raises(NeuroPredictorError) as info:
+        run_here(cfg)
+    message = str(info.value)
+    assert message.startswith("7 shard(s) failed") and message.count("OutOfMemoryError") >= GIVE_UP_AFTER
+    assert "not started: the first 3 groups of shards all failed (last: OutOfMemoryError" in message
+    shards = json.loads((tmp_path / "out.zarr" / "manifest.json").read_text())["shards"]
+    assert [s["status"] for s in shards] == ["failed"] * GIVE_UP_AFTER + ["pending"] * (7 - GIVE_UP_AFTER)
+    assert [s["attempts"] for s in shards[:GIVE_UP_AFTER]] == [2] * GIVE_UP_AFTER  # each with its retry
 
 
 def test_a_failure_message_names_the_first_shards_and_counts_the_rest():

@@ -135,3 +135,15 @@ def test_a_stop_during_a_retry_delay_ends_the_wait_without_another_attempt():
     with pytest.raises(Interrupted):
         RetryPolicy(retries=2, delay_s=30.0).call(fails, stop)
     assert attempts == [1] and time.monotonic() - started < 5
+
+
+def test_ctrl_c_during_a_sweep_says_how_to_resume(corpus, env, tmp_path):
+    # the sweep ended with exit 130 and no word (extract said how to resume)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "neuropredictor", "sweep", "--corpus", str(corpus), "--models", MODEL,
+           "--no-pretrained", "--layers", "layer1", "--reduce", "avgpool", "--out", str(out), "--batch-size", "2",
+           "--num-workers", "1", "--no-prefect"]
+    code, output, took, _children = _signal_after_a_commit(cmd, env, out / "torchvision_resnet18.zarr",
+                                                           signal.SIGINT, group=True)
+    assert code == 130 and took < 15, output
+    assert "interrupted: committed shards are kept" in output and "Traceback" not in output, output

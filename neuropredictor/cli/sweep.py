@@ -47,7 +47,7 @@ from neuropredictor.cli.options import (
     enc_option,
     fail,
 )
-from neuropredictor.errors import NeuroPredictorError
+from neuropredictor.errors import Interrupted, NeuroPredictorError
 from neuropredictor.status import StepStatus
 from neuropredictor.sweep.config import EncodeSettings, SweepConfig
 
@@ -111,9 +111,16 @@ def sweep(
     finished models are skipped. Exit code 1 when a model failed (after the others completed)."""
     from pydantic import ValidationError
 
+    from neuropredictor.cli.interrupt import RESUME_MESSAGE, Stopped, interrupted, interruptible
+
     try:
         config = _config(ctx, file)
-        summary = _run(config, prefect)
+        # Ctrl-C (or kill) stops at once: what a model committed stays, and the next run resumes from there
+        with interruptible() as interruption:
+            try:
+                summary = _run(config, prefect)
+            except (KeyboardInterrupt, Interrupted):
+                interrupted(Stopped(RESUME_MESSAGE, interruption.signum))
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     report = _report(summary)

@@ -182,7 +182,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
                 break
             future = next(as_completed(list(running)))
             group, device = running.pop(future)
-            error = None if future.state.is_completed() else _state_error(future)
+            error = _state_error(future)
             if stop.is_set():
                 error = error or "interrupted"  # only its uncommitted shards count as not done
             window.finish(group, device, error, store.is_committed)
@@ -201,12 +201,14 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     return summarize(manifest)
 
 
-def _state_error(future: Any) -> str:
+def _state_error(future: Any) -> str | None:
+    """The task's error, None when it completed: from its result, which waits for the final state (the
+    state a future holds when it is done may still lag behind the server's)."""
     try:
         future.result()
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-    return str(future.state.message)
+    return None
 
 
 def summarize(manifest: dict) -> dict:

@@ -94,7 +94,10 @@ def pending_groups(store: FeatureStore, shards: Sequence[Shard], names: Sequence
         wanted = set(names)
         shards = [s for s in shards if s.name in wanted]
     done = committed_names(store, planned)
-    todo = [s for s in shards if s.name not in done]
+    # shards that failed in an earlier run go last: a few bad shards at the front would otherwise end
+    # every rerun early (`DeviceWindow`), and the others' rows come first
+    failed_before = {e["name"] for e in store.manifest.get("shards", []) if e.get("status") == ShardStatus.FAILED}
+    todo = sorted((s for s in shards if s.name not in done), key=lambda s: s.name in failed_before)
     return [todo[i:i + per_group] for i in range(0, len(todo), per_group)]
 
 
@@ -132,6 +135,7 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
 
 
 GIVE_UP_AFTER = 3  # groups failed after their retries, one after another, before any succeeded
+NOT_STARTED = "not started"  # how the groups left after those read in `failed`
 
 
 class DeviceWindow:
@@ -145,15 +149,18 @@ class DeviceWindow:
 
     def __init__(self, groups: Iterable[Sequence[Shard]], devices: Sequence[str]) -> None:
         self._todo = deque(list(g) for g in groups)
+        self._devices = len(devices)
         self._free = list(devices)
         self.failed: dict[str, str] = {}  # shard name -> error
         self.rows_done = 0
-        self._succeeded = False
+        self._succeeded = False  # a group committed a shard in this run
         self._first_errors: list[str] = []  # of the groups that failed before any succeeded
 
     def start(self) -> list[tuple[list[Shard], str]]:
         if not self._succeeded and len(self._first_errors) >= GIVE_UP_AFTER and self._todo:
-            why = (f"not started: the first {len(self._first_errors)} groups of shards all failed "
+            if len(self._free) < self._devices:
+                return []  # a group still running (on another device) may succeed: wait for it
+            why = (f"{NOT_STARTED}: the first {len(self._first_errors)} groups of shards all failed "
                    f"(last: {self._first_errors[-1][:200]})")
             self.failed.update({s.name: why for group in self._todo for s in group})
             self._todo.clear()
@@ -165,9 +172,9 @@ class DeviceWindow:
     def finish(self, group: Sequence[Shard], device: str, error: str | None,
                is_committed: Callable[[str], bool]) -> None:
         self._free.append(device)
-        if error is not None:
-            self.failed.update({s.name: error for s in group if not _committed(is_committed, s.name)})
-        if error is None:
+        left = [s.name for s in group if not _committed(is_committed, s.name)] if error is not None else []
+        self.failed.update({name: error for name in left})
+        if len(left) < len(group):  # a shard of it committed: the model and the storage work
             self._succeeded = True
         elif not self._succeeded:
             self._first_errors.append(error)
@@ -209,11 +216,14 @@ def failure_message(failed: dict[str, str]) -> str:
     """What a run whose shards `failed` (name -> error) tells the user: which, why, and how to resume. The
     first FAILURES_SHOWN only: it is a Prefect state message too, and 10,000 shards failing on expired
     credentials would make it megabytes."""
-    shown = sorted(failed.items())[:FAILURES_SHOWN]
-    more = f" and {len(failed) - len(shown)} more (each named in the manifest)" if len(failed) > len(shown) else ""
-    return (f"{len(failed)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}. The "
-            "shards not named here are stored and committed. Fix the cause and run the same command again: only "
-            "these shards run.\n" + "\n".join(f"  {k}: {v}" for k, v in shown))
+    tried = {k: v for k, v in failed.items() if not v.startswith(NOT_STARTED)}
+    waiting = sorted(set(failed) - set(tried))
+    shown = sorted(tried.items())[:FAILURES_SHOWN]
+    more = f" and {len(tried) - len(shown)} more (each named in the manifest)" if len(tried) > len(shown) else ""
+    also = f"; {len(waiting)} more were not started, since the first groups all failed" if waiting else ""
+    return (f"{len(tried)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}{also}. Fix "
+            "the cause and run the same command again: the committed shards are kept, and only those not "
+            "committed run.\n" + "\n".join(f"  {k}: {v}" for k, v in shown))
 
 
 def unfinished(manifest: dict) -> dict[str, str]:

@@ -403,6 +403,11 @@ def test_offline_download_failure_says_what_to_do(monkeypatch, tmp_path):
         from neuropredictor.cli import as_flags
 
         assert "--weights PATH" in as_flags(str(info.value)) and "--no-pretrained" in as_flags(str(info.value))
+    # hf builds random weights from the hub's config: "use --no-pretrained" was the advice when it was given
+    with pytest.raises(WeightsUnavailableError, match=r"the config of hf:google/vit-base-patch16-224, which its "
+                                                      r"random weights are built from too") as info:
+        load_model("hf:google/vit-base-patch16-224", pretrained=False)
+    assert "pretrained=False" not in str(info.value) and "hf:/path/to/model" in str(info.value)
 
 
 def test_list_models():

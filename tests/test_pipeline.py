@@ -362,15 +362,46 @@ def test_a_model_failing_on_every_shard_stops_after_the_first_groups(tmp_path, i
         "def oom():\n"
         "    return Oom(), v2.Compose([v2.Resize((8, 8)), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])\n")
     cfg = _config(tmp_path / "shards", tmp_path / "out.zarr", model=f"custom:{factory}:oom", layers=["head"],
-                  reduce="full", retries=1, retry_delay_seconds=0.0)
+                  reduce="full", retries=1, retry_delay_seconds=0.0, device="cpu")
     with pytest.raises(NeuroPredictorError) as info:
         run_here(cfg)
     message = str(info.value)
-    assert message.startswith("7 shard(s) failed") and message.count("OutOfMemoryError") >= GIVE_UP_AFTER
-    assert "not started: the first 3 groups of shards all failed (last: OutOfMemoryError" in message
+    assert message.startswith("3 shard(s) failed after their retries: shard-000000, shard-000001, shard-000002; "
+                              "4 more were not started, since the first groups all failed.")
+    assert message.count("OutOfMemoryError") == GIVE_UP_AFTER and "are stored and committed" not in message
     shards = json.loads((tmp_path / "out.zarr" / "manifest.json").read_text())["shards"]
     assert [s["status"] for s in shards] == ["failed"] * GIVE_UP_AFTER + ["pending"] * (7 - GIVE_UP_AFTER)
     assert [s["attempts"] for s in shards[:GIVE_UP_AFTER]] == [2] * GIVE_UP_AFTER  # each with its retry
+    # the next run starts with the shards not tried yet: three bad shards at the front would end every rerun
+    from neuropredictor.schedule import pending_groups
+
+    store = FeatureStore.open(cfg.out)
+    order = [g[0].name for g in pending_groups(store, store.shards)]
+    assert order == [f"shard-00000{i}" for i in (3, 4, 5, 6, 0, 1, 2)]
+
+
+def test_giving_up_waits_for_groups_in_flight_and_counts_a_partly_committed_group_as_working():
+    from neuropredictor.schedule import DeviceWindow
+    from neuropredictor.shard import Shard
+
+    shards = [Shard(f"x/s{i}.tar", f"s{i}", 1, i) for i in range(8)]
+    never = lambda name: False  # noqa: E731
+    # two devices: three fast failures on one while the other's first group still runs (and then succeeds)
+    window = DeviceWindow([[s] for s in shards], ["cuda:0", "cuda:1"])
+    (g0, d0), (g1, d1) = window.start()
+    window.finish(g0, d0, "OutOfMemoryError: cuda:0", never)
+    for _ in range(2):
+        ((g, d),) = window.start()
+        window.finish(g, d, "OutOfMemoryError: cuda:0", never)
+    assert window.start() == []  # not given up: cuda:1's group may still succeed
+    window.finish(g1, d1, None, never)
+    assert len(window.start()) == 2 and not any(v.startswith("not started") for v in window.failed.values())
+    # groups of two shards: one committed before the other failed is no sign of a broken model
+    window = DeviceWindow([shards[i:i + 2] for i in range(0, 8, 2)], ["cpu"])
+    for _ in range(3):
+        ((g, d),) = window.start()
+        window.finish(g, d, "CorpusError: truncated", lambda name: name in ("s0", "s2", "s4"))
+    assert len(window.start()) == 1 and sorted(window.failed) == ["s1", "s3", "s5"]
 
 
 def test_a_failure_message_names_the_first_shards_and_counts_the_rest():

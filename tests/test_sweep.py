@@ -147,7 +147,7 @@ def test_a_rerun_redoes_what_changed_since(tmp_path):
     assert rescored["extract"]["skipped"] and not rescored["encode"]["skipped"]
 
     gratings(tmp_path / "other", 24, seed=5)  # other images, same shard names and counts
-    make_shards(tmp_path / "other", str(tmp_path / "shards"), maxcount=12)
+    make_shards(tmp_path / "other", str(tmp_path / "shards"), maxcount=12, overwrite=True)
     changed = run_sweep(sweep)["models"][0]
     assert changed["status"] == "failed" and "changed since their rows were extracted" in changed["extract"]["error"]
 

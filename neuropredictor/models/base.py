@@ -137,9 +137,10 @@ def _hub_offline_when_unreachable() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pretrained_download(spec: ModelSpec, via_hub: bool = True) -> Iterator[None]:
+def pretrained_download(spec: ModelSpec, via_hub: bool = True, random_weights: bool = False) -> Iterator[None]:
     """Turn a failed weights download into an error that says what happened and what to do instead; for
-    weights from the Hugging Face hub (`via_hub`), fail fast when the hub cannot be reached."""
+    weights from the Hugging Face hub (`via_hub`), fail fast when the hub cannot be reached.
+    `random_weights`: only the model's config was to be downloaded (hf: builds random models from it)."""
     try:
         with _hub_offline_when_unreachable() if via_hub else contextlib.nullcontext():
             yield
@@ -148,6 +149,12 @@ def pretrained_download(spec: ModelSpec, via_hub: bool = True) -> Iterator[None]
     except Exception as exc:
         if not _looks_like_download_failure(exc):
             raise
+        if random_weights:
+            raise WeightsUnavailableError(
+                f"could not download the config of {spec}, which its random weights are built from too (no "
+                f"network access, or offline mode): {type(exc).__name__}: {first_line(exc)}\n"
+                "Fill the cache on a machine with network access first, or name a local folder saved with "
+                "save_pretrained (hf:/path/to/model).") from exc
         raise WeightsUnavailableError(
             f"could not download the pretrained weights of {spec} (no network access, or offline mode): "
             f"{type(exc).__name__}: {first_line(exc)}\n"

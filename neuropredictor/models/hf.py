@@ -38,7 +38,7 @@ def _import_transformers():
 def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     transformers = _import_transformers()
     revision = {"revision": spec.tag} if spec.tag else {}
-    with pretrained_download(spec):
+    with pretrained_download(spec, random_weights=not pretrained):
         try:
             config = transformers.AutoConfig.from_pretrained(spec.name, **revision)
             processor = transformers.AutoImageProcessor.from_pretrained(spec.name, **revision)

@@ -123,11 +123,12 @@ def test_make_shards_is_deterministic_and_removes_stale_shards(image_dir: Path, 
                                           r"overwrite=True"):
         make_shards(image_dir, str(tmp_path / "a"), maxcount=20)
     make_images(tmp_path / "other", 25, nested=False)  # as many images, other keys: the same shard names
-    with pytest.raises(CorpusError, match=r"shard-000000.tar exists and holds other images .* overwrite=True"):
+    with pytest.raises(CorpusError, match=r"shard-000000.tar holds other images than this run .* overwrite=True"):
         make_shards(tmp_path / "other", str(tmp_path / "a"), maxcount=10)
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
     with pytest.raises(CorpusError, match="into the image folder"):
-        make_shards(image_dir, str(image_dir / "shards"))
+        make_shards(image_dir, str(image_dir))
+    assert [s.count for s in make_shards(image_dir, str(image_dir / "shards"), maxcount=10)] == [10, 10, 5]
     # with overwrite the third shard of the old run must not linger
     c = make_shards(image_dir, str(tmp_path / "a"), maxcount=20, overwrite=True)
     assert [s.count for s in c] == [20, 5]
@@ -590,7 +591,8 @@ def test_s3_make_list_read_with_env_credentials(s3: dict, image_dir: Path) -> No
 
     listed = list_shards("s3://test-bucket/corpus")
     assert listed == shards
-    with pytest.raises(CorpusError, match=r"s3://test-bucket/corpus/shard-000000.tar exists .* overwrite=True"):
+    with pytest.raises(CorpusError, match=r"s3://test-bucket/corpus/shard-000000.tar already exists \(shards on "
+                                          r"object stores are not compared .* overwrite=True"):
         make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10)  # remote shards are not compared
     assert list_shards("s3://test-bucket/corpus/shard-{000000..000002}.tar") == shards
 

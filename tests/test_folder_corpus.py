@@ -153,3 +153,11 @@ def test_an_output_that_is_not_a_store_is_refused_before_the_images_are_packed(t
     with pytest.raises(NeuroPredictorError, match=r"is not empty and holds no neuropredictor store \(todo.txt\)"):
         run(_config(tmp_path / "stim", tmp_path / "notes"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "stim"]
+
+
+def test_a_store_inside_its_image_folder_works(tmp_path: Path):
+    # its shards go beside the store, so inside the image folder: refused for a while as "into the image folder"
+    make_images(tmp_path / "stim", 4, nested=False)
+    manifest = run(_config(tmp_path / "stim", tmp_path / "stim" / "feats.zarr"))
+    assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 4
+    assert run(_config(tmp_path / "stim", tmp_path / "stim" / "feats.zarr"))["rows"]["valid"] == 4  # resumes

@@ -141,10 +141,12 @@ def _entries(fs: Any, folder: str) -> list[str]:
         return []
 
 
-def _refuse_replacing(fs: Any, path: str, overwrite: bool) -> None:
+def _refuse_replacing(fs: Any, path: str, overwrite: bool, compared: bool) -> None:
     if not overwrite and fs.exists(path):
-        raise CorpusError(f"{fsx.full_url(fs, path)} exists and holds other images than this run would pack "
-                          "there: pass overwrite=True to replace the shards, or another output folder")
+        what = "holds other images than this run would pack there" if compared else \
+            "already exists (shards on object stores are not compared with what this run would write)"
+        raise CorpusError(f"{fsx.full_url(fs, path)} {what}: pass overwrite=True to replace the shards, or "
+                          "another output folder")
 
 
 def first_few(names: list[str], n: int = 5) -> str:
@@ -236,9 +238,9 @@ def make_shards(
 
     fs, root_out = connect(str(out), storage_options)
     local = fsx.is_local(fs)
-    if local and Path(root_out).resolve().is_relative_to(root.resolve()):
-        raise CorpusError(f"the shards would be written into the image folder {root} itself ({out}): pass an "
-                          "output folder outside it")
+    if local and Path(root_out).resolve() == root.resolve():  # its tars among its images: no longer a corpus
+        raise CorpusError(f"the shards would be written into the image folder {root} itself: pass another "
+                          "output folder")
     groups = [files[i : i + maxcount] for i in range(0, len(files), maxcount)]
     try:
         fs.makedirs(root_out, exist_ok=True)
@@ -263,13 +265,13 @@ def make_shards(
                     # An identical shard is left as it is: stores planned on it see the same file (its
                     # mtime is part of its fingerprint) and resume.
                     if not _same_bytes(tmp, path):
-                        _refuse_replacing(fs, path, overwrite)
+                        _refuse_replacing(fs, path, overwrite, compared=True)
                         os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
             else:
-                _refuse_replacing(fs, path, overwrite)  # comparing would download every shard
+                _refuse_replacing(fs, path, overwrite, compared=False)  # comparing would download every shard
                 # Remote: build locally, then upload in one go (an object store commits the object only
                 # when the upload completes, so readers never see a partial shard).
                 with tempfile.NamedTemporaryFile(suffix=".tar") as f:
@@ -282,11 +284,11 @@ def make_shards(
 
         for entry in stale:
             fs.rm_file(entry)
-        others = [fsx.basename(e) for e, m in existing.items() if not m and e.endswith(".tar")]
+        others = sorted(fsx.basename(e) for e, m in existing.items() if not m and e.endswith(".tar"))
         if others:
-            log.warning("%s also holds %d shard(s) this run did not make (%s%s): a folder of shards is one corpus, "
+            log.warning("%s also holds %d shard(s) this run did not make (%s): a folder of shards is one corpus, "
                         "so extractions read them too (index.json lists only this run's)", out, len(others),
-                        ", ".join(sorted(others)[:3]), " ..." if len(others) > 3 else "")
+                        first_few(others, 3))
         write_index(fs, root_out, shards)
     except CorpusError:
         raise

@@ -60,9 +60,16 @@ def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = F
 
 def unreachable(url: str, exc: BaseException, what: str) -> str:
     """Why `what` at url could not be read or written, and what to check (credentials never shown)."""
-    return (f"cannot reach the {what} {redact_text(str(url))!r}: {type(exc).__name__}: {redact_text(str(exc))[:300]}. "
-            "Check the path, the endpoint (AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the "
-            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage_options key/secret).")
+    check = "the path" if "://" not in str(url) or str(url).startswith("file://") else (
+        "the path, the endpoint (AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the credentials "
+        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage_options key/secret)")
+    return f"cannot reach {what} {redact_text(str(url))}: {type(exc).__name__}: {redact_text(str(exc))[:300]}. Check {check}."
+
+
+def permanent(exc: BaseException) -> bool:
+    """An access error that retrying does not cure: a file where a folder should be, denied access, no
+    credentials (a dropped connection or a timeout is not)."""
+    return isinstance(exc, (NotADirectoryError, PermissionError)) or "Credentials" in type(exc).__name__
 
 
 def open_url(url: str, mode: str = "rb", storage_options: Mapping | None = None, *,

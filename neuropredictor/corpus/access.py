@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from neuropredictor import fs as fsx
-from neuropredictor.corpus.tar import short
 from neuropredictor.errors import CorpusError
 from neuropredictor.redact import redact_text
 
@@ -30,6 +29,4 @@ def access_error(url: str, exc: BaseException, what: str = "corpus") -> CorpusEr
         return CorpusError(
             f"access to {what} {url} was denied: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
             "or storage_options key/secret) and the permissions.")
-    return CorpusError(
-        f"cannot reach {what} {url}: {type(exc).__name__}: {short(redact_text(str(exc)))}. Check the endpoint "
-        "(AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the credentials.")
+    return CorpusError(fsx.unreachable(url, exc, what))

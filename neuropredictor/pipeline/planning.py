@@ -103,7 +103,7 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
     except StoreError:
         raise
     except Exception as exc:
-        raise StoreError(fsx.unreachable(url, exc, "output store")) from exc
+        raise StoreError(fsx.unreachable(url, exc, "the output store")) from exc
 
 
 def plan(config: ExtractConfig, shards: list[Shard] | None = None, scope: Collection[str] | None = None

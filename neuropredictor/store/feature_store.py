@@ -25,7 +25,7 @@ import zarr
 from neuropredictor import fs as fsx
 from neuropredictor import manifest as mf
 from neuropredictor.redact import redact_text
-from neuropredictor.errors import ConfigMismatchError, NeuroPredictorError, StoreError
+from neuropredictor.errors import ConfigMismatchError, StoreError
 from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus, StoreStatus
 from neuropredictor.store import locks
@@ -199,10 +199,10 @@ class FeatureStore:
         fs, root = fsx.connect(url, storage_options, error=StoreError, what="store")
         try:
             found = _Found.read(fs, root, url)
-        except NeuroPredictorError:
+        except Exception as exc:  # a file, no credentials: the URL and what to check (an outage is retried)
+            if fsx.permanent(exc):
+                raise StoreError(fsx.unreachable(url, exc, "the store")) from exc
             raise
-        except Exception as exc:  # not a folder, no credentials, no endpoint: the URL and what to check
-            raise StoreError(fsx.unreachable(url, exc, "store")) from exc
         if found.plan is None:
             raise StoreError(f"no neuropredictor store at {redact_text(url)!r} ({MANIFEST} not found); "
                              "check the path, or create it with an extraction (`out`)")

@@ -141,6 +141,11 @@ def test_a_rerun_redoes_what_changed_since(tmp_path):
     assert first["status"] == "done" and not first["encode"]["skipped"]
     unchanged = run_sweep(sweep)["models"][0]
     assert unchanged["extract"]["skipped"] and unchanged["encode"]["skipped"]
+    # scores made before the splits were placed by key hash: on other splits, so made again, not compared
+    record = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert record["models"][CUSTOM]["encode"]["options"].pop("split_scheme") == "key-hash/1"
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(record))
+    assert not run_sweep(sweep)["models"][0]["encode"]["skipped"]
 
     planted_neural(alone, PLANTED[1], tmp_path / "neural.npz", seed=1)  # new neural data, same path
     rescored = run_sweep(sweep)["models"][0]

@@ -125,6 +125,11 @@ def _key_hint(fkeys: list[str], nkeys: list[str]) -> str:
     return ""
 
 
+# How random and K-fold splits place the stimuli (recorded with the scores: scores made by another scheme
+# are on other splits, and a sweep scores its models again rather than compare them across schemes)
+SPLIT_SCHEME = "key-hash/1"
+
+
 def outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float, folds: int | None,
                  seed: int) -> dict[str, Any]:
     n = len(keys)

@@ -18,7 +18,7 @@ import numpy as np
 
 from neuropredictor.encode._common import EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_medians
-from neuropredictor.encode.align import align, layer_matrix, open_dataset, outer_splits, select_layers
+from neuropredictor.encode.align import SPLIT_SCHEME, align, layer_matrix, open_dataset, outer_splits, select_layers
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.options import EncodeOptions, FitOptions
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
@@ -193,6 +193,7 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         "n_train": report["n_train"],
         "n_test": report["n_test"],
         "split": report["split"],
+        "split_scheme": SPLIT_SCHEME,
         "folds": opts.folds or 0,
         "inner_folds": opts.inner_folds,
         "seed": opts.seed,

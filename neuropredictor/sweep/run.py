@@ -116,14 +116,16 @@ def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
 
 def _scoring_inputs(sweep: SweepConfig, model: SweepModel) -> dict[str, Any]:
     """What a model's scores were made from beyond their options: the store's generation (a new one when
-    the store was replaced) and the neural data file as it is now (size and etag, or mtime)."""
+    the store was replaced), the neural data file as it is now (size and etag, or mtime) and how stimuli
+    are split (models scored on other splits are not compared)."""
     from neuropredictor.corpus.listing import fingerprint
+    from neuropredictor.encode.align import SPLIT_SCHEME
     from neuropredictor.store import FeatureStore
 
     try:
         generation = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").generation
         fs, path = fsx.connect(sweep.neural, sweep.storage_options)
-        return {"store": generation, "neural_file": list(fingerprint(fs.info(path)))}
+        return {"store": generation, "neural_file": list(fingerprint(fs.info(path))), "split_scheme": SPLIT_SCHEME}
     except Exception:  # unreadable: never taken for unchanged; scoring reports the problem
         return {"store": None}
 
@@ -139,7 +141,8 @@ def extract_options(sweep: SweepConfig, model: SweepModel) -> dict:
 
 def is_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> bool:
     """Whether the model's store is complete and was made with the sweep's current options for it (then
-    it is skipped without loading the model). With `verify`, nothing is skipped: every store is read back."""
+    it is skipped without loading the model, but for a custom factory that loads its own weights). With
+    `verify`, nothing is skipped: every store is read back."""
     if sweep.verify or not record.done(model.label, "extract", extract_options(sweep, model)):
         return False
     made = record.models[model.label]["extract"].get("info", {})

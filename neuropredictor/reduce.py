@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from neuropredictor.errors import ReductionError
-from neuropredictor.globs import matches
+from neuropredictor.globs import is_glob, matches
 
 NAMES = ("full", "flatten", "avgpool", "cls", "pool", "srp")
 
@@ -58,8 +58,9 @@ def parse_reduce_option(value: str | dict[str, str] | None, layers: list[str]) -
 
     "avgpool" applies to every layer; "layer4=avgpool,layer3=pool:2" sets layers one by one (globs as in
     `neuropredictor.globs`);
-    a bare entry among them is the default for the layers not named; layers not covered keep `full`. Two
-    entries that give one layer (or every layer) different reductions are refused: the last would win.
+    a bare entry among them is the default for the layers not named; layers not covered keep `full`. A layer
+    named exactly overrides a glob that matches it ("blocks.*=cls,blocks.11=avgpool"); two globs, or two
+    bare entries, that give a layer different reductions are refused: the last would win.
     """
     if value is None:
         value = "full"
@@ -75,14 +76,20 @@ def parse_reduce_option(value: str | dict[str, str] | None, layers: list[str]) -
                 raise ReductionError(f"reduce gives two reductions for every layer: {bare!r} and {red_text!r}")
             default, bare = red, red_text
             continue
-        matched = matches(key.strip(), layers)
+        key = key.strip()
+        matched = matches(key, layers)
         if not matched:
             raise ReductionError(f"reduce names layer {key!r}, which is not among the selected layers {layers}")
         for name in matched:
             if name in per_layer and per_layer[name][1] != red:
-                raise ReductionError(f"reduce sets layer {name!r} twice: {per_layer[name][0]}={per_layer[name][1]} "
-                                     f"and {key.strip()}={red}; give each layer one reduction")
-            per_layer[name] = (key.strip(), red)
+                before = per_layer[name][0]
+                if is_glob(before) != is_glob(key):  # a layer named exactly overrides a glob
+                    if is_glob(key):
+                        continue
+                else:
+                    raise ReductionError(f"reduce sets layer {name!r} twice: {before}={per_layer[name][1]} and "
+                                         f"{key}={red}; give each layer one reduction")
+            per_layer[name] = (key, red)
     return {name: per_layer[name][1] if name in per_layer else default for name in layers}
 
 

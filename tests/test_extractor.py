@@ -234,9 +234,12 @@ def test_reduce_option_parsing():
     layers = ["layer3", "layer4", "fc"]
     got = parse_reduce_option("avgpool,layer3=pool:2,fc=full", layers)
     assert {k: str(v) for k, v in got.items()} == {"layer3": "pool:2", "layer4": "avgpool", "fc": "full"}
-    # the last of two entries for one layer won, silently
-    with pytest.raises(ReductionError, match=r"sets layer 'layer4' twice: layer4=avgpool and layer\*=pool:2"):
-        parse_reduce_option("layer4=avgpool,layer*=pool:2", layers)
+    # the last of two entries for one layer won, silently; a layer named exactly overrides a glob
+    with pytest.raises(ReductionError, match=r"sets layer 'layer4' twice: layer\*=avgpool and l\*4=pool:2"):
+        parse_reduce_option("layer*=avgpool,l*4=pool:2", layers)
+    for text in ("layer4=avgpool,layer*=pool:2", "layer*=pool:2,layer4=avgpool"):
+        assert {k: str(v) for k, v in parse_reduce_option(text, layers).items()} == {
+            "layer3": "pool:2", "layer4": "avgpool", "fc": "full"}
     with pytest.raises(ReductionError, match=r"two reductions for every layer: 'avgpool' and 'pool:2'"):
         parse_reduce_option("avgpool,pool:2", layers)
     assert str(parse_reduce_option("layer4=avgpool,layer4=avgpool", layers)["layer4"]) == "avgpool"

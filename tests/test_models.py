@@ -477,3 +477,32 @@ def test_the_hub_counts_as_reachable_through_the_environments_proxy(monkeypatch)
         _reachable.cache_clear()
         assert _reachable(hub)
     _reachable.cache_clear()
+
+
+def test_state_digest_names_weights_by_their_values_whatever_the_state_holds():
+    # a custom factory's weights are named by this digest: extra state (any object) and bfloat16 or bool
+    # buffers crashed it ('dict' object has no attribute 'detach')
+    from torch import nn
+
+    from neuropredictor.models.base import state_digest
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.register_buffer("scale", torch.ones(2, dtype=torch.bfloat16))
+            self.register_buffer("mask", torch.tensor([True, False]))
+
+        def get_extra_state(self) -> dict:
+            return {"classes": ["a", "b"]}
+
+        def set_extra_state(self, state: dict) -> None:
+            pass
+
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    assert state_digest(a) == state_digest(b) and state_digest(a).startswith("state-sha256:")
+    with torch.no_grad():
+        b.scale[0] = 2.0  # a bfloat16 value: another model
+    assert state_digest(a) != state_digest(b)

@@ -83,7 +83,8 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     from neuropredictor.store import FeatureStore
 
     use_prefect = prefect_configured() if use_prefect is None else use_prefect
-    # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache.
+    # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache (but
+    # for a custom factory that loads its own weights, which each run loads again: forget_self_loaded).
     if use_prefect:
         threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
     with interruptible() as interruption, progress_bar() as progress:

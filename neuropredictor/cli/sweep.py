@@ -119,8 +119,10 @@ def sweep(
         with interruptible() as interruption:
             try:
                 summary = _run(config, prefect)
-            except (KeyboardInterrupt, Interrupted):
-                interrupted(Stopped(RESUME_MESSAGE, interruption.signum))
+            except BaseException as exc:  # whatever the run ended with (Interrupted, Prefect's own wrappers)
+                if isinstance(exc, (KeyboardInterrupt, Interrupted)) or interruption.stop.is_set():
+                    interrupted(Stopped(RESUME_MESSAGE, interruption.signum))
+                raise
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     report = _report(summary)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from neuropredictor.models.base import UNTRAINED, LoadedModel, load_weights_file, transform_output_size
+from neuropredictor.models.base import (STATE_DIGEST, UNTRAINED, LoadedModel, load_weights_file, state_digest,
+                                       transform_output_size)
 from neuropredictor.models.spec import GRAMMAR, SOURCES, ModelSpec, parse_spec
 
 RANDOM_SEED = 0
@@ -42,6 +43,8 @@ def load_model(spec: str | ModelSpec, pretrained: bool = True, weights: str | Pa
         weights_id = f"random:seed{RANDOM_SEED}"
     if weights is not None:
         weights_id = load_weights_file(module, weights)
+    elif weights_id == STATE_DIGEST:  # weights only their values name (see models.custom)
+        weights_id = state_digest(module)
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -227,8 +227,16 @@ def state_digest(module: nn.Module) -> str:
     """The identity of weights that no file or tag names (a custom factory that loads its own checkpoint):
     a checksum of every parameter's and buffer's name, dtype, shape and bytes."""
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
+    for name, value in module.state_dict().items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:  # extra state, a quantized layer's dtype
+            h.update(f"{name}|{value!r}\n".encode())
+            continue
+        t = value.detach().cpu()
+        if t.is_quantized:  # its integers; the scales are in its repr below
+            h.update(repr((t.qscheme(), t.q_scale(), t.q_zero_point()) if t.qscheme() in (
+                torch.per_tensor_affine, torch.per_tensor_symmetric) else t.q_per_channel_scales()).encode())
+            t = t.int_repr()
+        t = t.contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return STATE_DIGEST + h.hexdigest()

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
-from neuropredictor.models.base import Transform, imagenet_transform, state_digest
+from neuropredictor.models.base import STATE_DIGEST, Transform, imagenet_transform
 from neuropredictor.models.spec import ModelSpec
 
 
@@ -57,9 +57,9 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     model, transform = result if isinstance(result, tuple) else (result, None)
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"custom factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
-    # weights the factory chose itself are named by their checksum: a retrained checkpoint behind the same
-    # factory is another model, so a store of the old one is not resumed with it
-    weights = "random" if accepts_pretrained and not pretrained else state_digest(model)
+    # weights the factory chose itself are named by their checksum (`load_model` takes it, unless a weights
+    # file replaces them): a retrained checkpoint behind the same factory is another model
+    weights = "random" if accepts_pretrained and not pretrained else STATE_DIGEST
     return model, transform or imagenet_transform(), weights
 
 

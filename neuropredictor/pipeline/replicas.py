@@ -100,9 +100,9 @@ def forget_self_loaded() -> None:
     """Drop cached replicas whose weights a custom factory loaded itself: the cache key (the options) cannot
     tell a retrained checkpoint behind the factory, so each run (`validate`) calls the factory again."""
     with _RUNNERS_LOCK:
-        for dev, (_key, runner) in list(_RUNNERS.items()):
-            if runner.model.weights.startswith(STATE_DIGEST):
-                del _RUNNERS[dev]
+        stale = [dev for dev, (_key, runner) in _RUNNERS.items() if runner.model.weights.startswith(STATE_DIGEST)]
+    for dev in stale:
+        release_runners(dev)  # its memory (a GPU's) goes before the factory loads the model again
 
 
 def release_runners(device: str | None = None) -> None:

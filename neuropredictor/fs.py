@@ -63,7 +63,8 @@ def unreachable(url: str, exc: BaseException, what: str) -> str:
     check = "the path" if "://" not in str(url) or str(url).startswith("file://") else (
         "the path, the endpoint (AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the credentials "
         "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage_options key/secret)")
-    return f"cannot reach {what} {redact_text(str(url))}: {type(exc).__name__}: {redact_text(str(exc))[:300]}. Check {check}."
+    cause = redact_text(str(exc))[:300]
+    return f"cannot reach {what} {redact_text(str(url))}: {type(exc).__name__}: {cause}. Check {check}."
 
 
 def permanent(exc: BaseException) -> bool:

@@ -31,7 +31,7 @@ from neuropredictor.encode.run import LayerScores, Prepared, assemble, encode, e
 
 __all__ = [
     "DEFAULT_ALPHAS", "AlignmentWarning", "EncodeOptions", "EncodingError", "FitOptions", "LayerScores",
-    "NeuralData", "Prepared", "assemble", "check_scores_out", "encode", "encode_command", "encode_layer", "load_neural", "parse_alphas",
-    "pearson_r", "plot_scores", "prepare", "r2_score", "rdm", "rsa", "save_outputs", "save_scores", "score_layer",
-    "summary_table",
+    "NeuralData", "Prepared", "assemble", "check_scores_out", "encode", "encode_command", "encode_layer",
+    "load_neural", "parse_alphas", "pearson_r", "plot_scores", "prepare", "r2_score", "rdm", "rsa", "save_outputs",
+    "save_scores", "score_layer", "summary_table",
 ]

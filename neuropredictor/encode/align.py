@@ -87,8 +87,8 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
     dropped = {
         "features_only": entry(features_only, "stimulus in the features store but not in the neural data"),
         "neural_only": entry(neural_only, "stimulus in the neural data but not in the features store"),
-        "invalid_features": entry(invalid, "features row not valid (an undecodable image, or a shard not committed yet: "
-                                            "`neuropredictor inspect` shows which)"),
+        "invalid_features": entry(invalid, "features row not valid (an undecodable image, or a shard not "
+                                            "committed yet: `neuropredictor inspect` shows which)"),
         # a store still being extracted: its rows without data have no key yet, so their stimuli also count
         # as neural only above; this says why
         "not_extracted": {"count": int((~present).sum()), "examples": [],

@@ -14,8 +14,8 @@ from neuropredictor import fs as fsx
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
-COLUMNS = ["model", "n_stimuli", "roi", "layer", "median_r", "q25", "q75", "median_r_normalized", "chance", "above_chance",
-           "best"]
+COLUMNS = ["model", "n_stimuli", "roi", "layer", "median_r", "q25", "q75", "median_r_normalized", "chance",
+           "above_chance", "best"]
 
 
 def comparison_table(scores: Mapping[str, str], storage_options: Mapping | None = None) -> pandas.DataFrame:

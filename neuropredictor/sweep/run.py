@@ -89,10 +89,10 @@ Comparer = Callable[[SweepConfig, list[SweepModel]], dict]
 def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
     """Whether the model's store is complete and holds what extracting it now would give, as far as that can
     be told without loading the model: it is the store the record names (by its config hash: not one
-    extracted into the same place since, with other options), its plan's shards are the corpus's as listed now (names, counts,
-    sizes and etags; no shard is read) and its weights have the checksum they were made with (of the weights
-    file; of the loaded parameters, for a custom factory that loads its own). When not, the model is
-    extracted, which resumes, or refuses a changed corpus or model, exactly as `extract` would."""
+    extracted into the same place since, with other options), its plan's shards are the corpus's as listed
+    now (names, counts, sizes and etags; no shard is read) and its weights have the checksum they were made
+    with (of the weights file; of the loaded parameters, for a custom factory that loads its own). When not,
+    the model is extracted, which resumes, or refuses a changed corpus or model, exactly as `extract` would."""
     from neuropredictor.models import load_model
     from neuropredictor.models.base import STATE_DIGEST, weights_digest
     from neuropredictor.pipeline.planning import corpus_shards

@@ -137,6 +137,17 @@ def test_shards_make_into_another_corpus_needs_overwrite(tmp_path):
     assert replaced.exit_code == 0 and len(list((tmp_path / "sh").glob("*.tar"))) == 1
 
 
+def test_an_option_of_one_value_given_twice_is_refused(corpus, tmp_path):
+    # click kept the last: `--model a --model b` extracted b alone, without a word
+    result = _cli("extract", "--corpus", str(corpus), "--model", CUSTOM, "--model", "timm:resnet18", "--layers",
+                  "features.2", "--out", str(tmp_path / "o.zarr"))
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "--model is given more than once; give it once (several models:" in text
+    assert not (tmp_path / "o.zarr").exists()
+    made = _cli("shards", "make", str(tmp_path), str(tmp_path / "sh"), "--maxcount", "2", "--maxcount=3")
+    assert made.exit_code == 2 and "--maxcount is given more than once" in made.output
+
+
 def test_repeated_corpus_and_layers_options_are_lists(corpus, tmp_path):
     # repeated, each option kept only its last value: one shard of two read, one layer of two stored
     out = tmp_path / "out.zarr"

@@ -408,6 +408,9 @@ def test_offline_download_failure_says_what_to_do(monkeypatch, tmp_path):
                                                       r"random weights are built from too") as info:
         load_model("hf:google/vit-base-patch16-224", pretrained=False)
     assert "pretrained=False" not in str(info.value) and "hf:/path/to/model" in str(info.value)
+    # open_clip's NLLB text tower reads its config from the hub: a raw OSError traceback
+    with pytest.raises(WeightsUnavailableError, match=r"the config of openclip:nllb-clip-base-siglip"):
+        load_model("openclip:nllb-clip-base-siglip", pretrained=False)
 
 
 def test_list_models():

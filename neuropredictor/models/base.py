@@ -150,11 +150,11 @@ def pretrained_download(spec: ModelSpec, via_hub: bool = True, random_weights: b
         if not _looks_like_download_failure(exc):
             raise
         if random_weights:
+            local = ", or name a local folder saved with save_pretrained (hf:/path/to/model)" if spec.source == "hf" else ""
             raise WeightsUnavailableError(
                 f"could not download the config of {spec}, which its random weights are built from too (no "
                 f"network access, or offline mode): {type(exc).__name__}: {first_line(exc)}\n"
-                "Fill the cache on a machine with network access first, or name a local folder saved with "
-                "save_pretrained (hf:/path/to/model).") from exc
+                f"Fill the cache on a machine with network access first{local}.") from exc
         raise WeightsUnavailableError(
             f"could not download the pretrained weights of {spec} (no network access, or offline mode): "
             f"{type(exc).__name__}: {first_line(exc)}\n"

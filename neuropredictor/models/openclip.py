@@ -45,7 +45,8 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     else:
         # a tag's preprocessing (SigLIP's, PE's, DFN's mean, std and resize) without downloading its weights
         kwargs.update({f"image_{k}": cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k)})
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=None, **kwargs)
+        with pretrained_download(spec, random_weights=True):  # some text towers come from the hub (NLLB's)
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=None, **kwargs)
         weights = "random"
     return model.visual, preprocess, weights
 

@@ -94,7 +94,9 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
         "not_extracted": {"count": int((~present).sum()), "examples": [],
                           "why": "features rows without data yet (shards not extracted, or the store not "
                                  "finalized): finish the extraction, then encode"},
-        "nan_neural": entry(nan_rows, "neural row has NaN (or inf) in a target that is not NaN everywhere"),
+        "nan_neural": entry(nan_rows, "neural row has NaN (or inf) in a target that is not NaN everywhere: the "
+                                      "stimulus is left out for every target; targets measured on other stimuli "
+                                      "(other sessions) are best scored in runs of their own (a file each)"),
         "nan_targets": entry([neural.targets[i] for i in np.flatnonzero(all_nan_targets)],  # type: ignore[index]
                              "target NaN (or inf) for every stimulus (scores stay NaN)"),
     }

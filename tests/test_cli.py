@@ -259,6 +259,17 @@ def test_inspect_and_the_reader_see_commits_made_after_the_finalize(corpus, tmp_
     assert summary["shards"]["committed"] == 4 and summary["status"] == "planned"  # until the next finalize
     run(_config(corpus, out))
     assert json.loads(_cli("inspect", str(out), "--json").output)["status"] == "complete"
+    # a copy (cp -r, aws s3 sync) gets new modification times in any order: records newer than the manifest
+    # made a finished store read as "planned" (and "a run is extracting into it")
+    import os
+    import shutil
+    import time
+
+    copy = shutil.copytree(out, tmp_path / "copy.zarr")
+    later = time.time() + 60
+    for record in (copy / "_status").glob("*.json"):
+        os.utime(record, (later, later))
+    assert json.loads(_cli("inspect", str(copy), "--json").output)["status"] == "complete"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import uuid
@@ -50,7 +51,7 @@ from neuropredictor.store.layout import (
     plan_all_chunk_rows,
     quiet_zarr,
 )
-from neuropredictor.store.records import Records
+from neuropredictor.store.records import KIND_COMMIT, Records
 from neuropredictor.store.staging import Staging
 from neuropredictor.store.writer import ShardWriter
 
@@ -381,7 +382,29 @@ class FeatureStore:
         listed = {fsx.basename(i["name"]) for i in infos if not i["name"].endswith(".failed.json")}
         sealed = {fsx.basename(self.records.path(s["name"])) for s in self._manifest.get("shards", [])
                   if s.get("status") == ShardStatus.COMMITTED}
-        return listed == sealed and all((fsx.modified(i) or 0.0) <= (sealed_at or 0.0) for i in infos)
+        newer = [i["name"] for i in infos if (fsx.modified(i) or 0.0) > (sealed_at or 0.0)]
+        return listed == sealed and (not newer or self._sealed_records(newer))
+
+    def _sealed_records(self, paths: list[str]) -> bool:
+        """Whether records that look newer than the manifest are those it sealed, by what they hold: a
+        copied store (cp -r, aws s3 sync) gets new modification times in any order, and a shard committed or
+        failed again since holds other times and measurements."""
+        entries = {s["name"]: s for s in self._manifest.get("shards", [])}
+        blobs = self._fs.cat(paths, on_error="omit")
+        for blob in blobs.values():
+            try:
+                rec = json.loads(blob)
+            except ValueError:  # damaged since: not what was sealed
+                return False
+            entry = entries.get(rec.get("shard"), {})
+            if rec.get("kind") != KIND_COMMIT and entry.get("status") == ShardStatus.COMMITTED:
+                continue  # a failure before the commit the manifest sealed (a commit outranks it)
+            # times have second precision: with the run's own measurements, a record written again differs
+            fields = ("committed_at", "duration_s", "stages", "pid") if rec.get("kind") == KIND_COMMIT else (
+                "failed_at", "attempts")
+            if rec.get(fields[0]) is None or any(rec.get(f) != entry.get(f) for f in fields):
+                return False
+        return len(blobs) == len(paths)
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ dies is simply run again, and re-running the parent resumes.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import Counter, deque
 from typing import Any
 from uuid import UUID
 
@@ -28,6 +30,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.states import Cancelling
 from pydantic import Field
 
 from neuropredictor import schedule
@@ -42,11 +45,15 @@ class DistributedParameters(ExtractParameters):
                             "(its work pool decides where: e.g. a Kubernetes GPU pool).")
     shards_per_child: int = Field(16, ge=1, description="Shards per child run (one machine's share at a time).")
     max_relaunches: int = Field(2, ge=0, description="How often a failed group is launched again.")
+    max_in_flight: int = Field(16, ge=1, description="Child runs queued or running at once (about the number "
+                               "of GPU machines): the others wait in the parent, not as pods that time out "
+                               "pending and are relaunched while they still start later.")
     poll_seconds: float = Field(10.0, gt=0, description="How often the parent checks its children.")
     timeout_hours: float = Field(72.0, gt=0, description="The parent gives up waiting after this long.")
 
 
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "DELETED"}
+_SAY_EVERY_S = 300.0  # how often the parent logs where its children are
 # Child runs per `read_flow_runs` request: a Prefect server answers at most its default limit (200) per
 # request. The parent's load on the server is one request per POLL_PAGE running children per poll, not
 # one per child (600 children polled every 10 s: 0.3 requests/s instead of 60).
@@ -58,6 +65,58 @@ def child_key(name: str) -> str:
     """The idempotency key of a child run: one child per name and run of this flow. A retried flow run
     keeps its id, so the key holds its run count: otherwise the server hands back the old children."""
     return f"{flow_run.id}-run{flow_run.run_count}-{name}"
+
+
+class Launches:
+    """Which groups the parent launches, and when: at most `max_in_flight` children at once; a group whose
+    child ended otherwise than Completed is launched again (first in line, up to `max_relaunches` times)
+    unless its shards are committed or it was cancelled; and, as the shard loop does (`DeviceWindow`), when
+    the first GIVE_UP_AFTER children all fail with none completed, nothing more is launched once those
+    running end (the cause is then the deployment, the model or the storage: each launch would fail too)."""
+
+    def __init__(self, groups: int, max_in_flight: int, max_relaunches: int) -> None:
+        self.todo = deque(range(groups))
+        self.running: dict[int, UUID] = {}
+        self.attempts = [0] * groups
+        self.failed: dict[int, str] = {}
+        self.finished = 0  # groups whose children are over, for good
+        self._max_in_flight, self._max_relaunches = max_in_flight, max_relaunches
+        self._completed = False
+        self._first_errors: list[str] = []
+        self._errors: dict[int, str] = {}  # the last error of each group that failed
+
+    def to_launch(self) -> list[int]:
+        if not self._completed and len(self._first_errors) >= schedule.GIVE_UP_AFTER and self.todo:
+            if self.running:
+                return []  # a child still running may complete: wait for it
+            why = (f"{schedule.NOT_STARTED}: the first {len(self._first_errors)} child runs all failed "
+                   f"(last: {self._first_errors[-1][:200]})")
+            self.failed.update({i: self._errors.get(i, why) for i in self.todo})
+            self.finished += len(self.todo)
+            self.todo.clear()
+        out = []
+        while self.todo and len(self.running) + len(out) < self._max_in_flight:
+            out.append(self.todo.popleft())
+        for i in out:
+            self.attempts[i] += 1
+        return out
+
+    def ended(self, i: int, state: str, message: str | None, committed: bool) -> bool:
+        """A child of group i ended in `state`; returns whether the group is launched again."""
+        del self.running[i]
+        if state == "COMPLETED" or committed:  # a crashed pod may have committed everything first
+            self._completed = True
+            self.finished += 1
+            return False
+        self._errors[i] = f"{state}: {message}"
+        if not self._completed:
+            self._first_errors.append(self._errors[i])
+        if state != "CANCELLED" and self.attempts[i] <= self._max_relaunches:
+            self.todo.appendleft(i)
+            return True
+        self.failed[i] = self._errors[i] + (" (cancelled: not launched again)" if state == "CANCELLED" else "")
+        self.finished += 1
+        return False
 
 
 def child_states(client: Any, run_ids: list[UUID]) -> dict[UUID, State | None]:
@@ -86,61 +145,71 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
                                         description=f"Child runs of {params.deployment} finished")
     child_fields = set(ExtractParameters.model_fields)
     base = params.model_dump(mode="json", include=child_fields)
-    attempts = [0] * len(groups)
-    running: dict[int, UUID] = {}
+    window = Launches(len(groups), params.max_in_flight, params.max_relaunches)
 
     def launch(i: int) -> None:
-        attempts[i] += 1
         # the parent's plan already verified and replaced: children only extract their shards
         child = dict(base, shards=groups[i], finalize=False, verify=False, overwrite=False)
         run = run_deployment(
             name=params.deployment, parameters={"params": child}, timeout=0, as_subflow=True,
-            idempotency_key=child_key(f"group{i}-attempt{attempts[i]}"),
+            idempotency_key=child_key(f"group{i}-attempt{window.attempts[i]}"),
             flow_run_name=groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}..{groups[i][-1]}",
         )
-        running[i] = run.id
+        window.running[i] = run.id
 
-    failed: dict[int, str] = {}
-    finished = 0
     deadline = time.monotonic() + params.timeout_hours * 3600
+    said = time.monotonic()
     # the parent's own lease on the store while children are queued, run and are relaunched (between
     # them no child holds one): replacing the store is refused meanwhile
     with store.session(PARENT_LEASE), get_client(sync_client=True) as client:
-        for i in range(len(groups)):
-            launch(i)
-        while running and time.monotonic() < deadline:
-            time.sleep(params.poll_seconds)
-            states = child_states(client, list(running.values()))
-            for i, run_id in list(running.items()):
-                state = states.get(run_id)
-                if state is None or state.type.value not in TERMINAL:
-                    continue
-                del running[i]
-                if state.type.value == "COMPLETED":
-                    finished += 1
-                elif attempts[i] <= params.max_relaunches:
-                    logger.warning("child run for %s ended %s (%s); launching it again", groups[i][0],
-                                   state.type.value, state.message)
+        try:
+            for i in window.to_launch():
+                launch(i)
+            while window.running and time.monotonic() < deadline:
+                time.sleep(params.poll_seconds)
+                states = child_states(client, list(window.running.values()))
+                before = window.finished
+                for i, run_id in list(window.running.items()):
+                    state = states.get(run_id)
+                    kind = "DELETED" if state is None else state.type.value  # a child deleted from the server
+                    if kind not in TERMINAL:
+                        continue
+                    committed = kind != "COMPLETED" and len(store.committed(groups[i])) == len(groups[i])
+                    if window.ended(i, kind, None if state is None else state.message, committed):
+                        logger.warning("child run for %s ended %s (%s); launching it again", groups[i][0], kind,
+                                       None if state is None else state.message)
+                for i in window.to_launch():
                     launch(i)
-                else:
-                    failed[i] = f"{state.type.value}: {state.message}"
-                    finished += 1
-            update_progress_artifact(progress, progress=100.0 * finished / max(len(groups), 1))
-    for i in running:
-        failed[i] = f"still running after {params.timeout_hours} h"
+                if window.finished != before:
+                    update_progress_artifact(progress, progress=100.0 * window.finished / max(len(groups), 1))
+                if time.monotonic() - said > _SAY_EVERY_S:  # a pool without a worker shows as children waiting
+                    said = time.monotonic()
+                    waiting = Counter(s.type.value if s else "DELETED" for s in states.values())
+                    logger.info("%d of %d groups done; children now: %s", window.finished, len(groups),
+                                ", ".join(f"{n} {k.lower()}" for k, n in sorted(waiting.items())))
+        finally:  # timed out, or the parent failed: its children do not run on into a store left unguarded
+            for i, run_id in window.running.items():
+                window.failed[i] = (f"still running when the parent ended (after {params.timeout_hours} h, or on "
+                                    "an error): cancelled")
+                with contextlib.suppress(Exception):
+                    client.set_flow_run_state(run_id, Cancelling(message="its extract-distributed parent ended"),
+                                              force=True)
+    for i in window.todo:
+        window.failed.setdefault(i, "not launched before the parent ended")
+    reasons = {name: window.failed[i] for i, g in enumerate(groups) if i in window.failed for name in g}
     if not params.finalize:  # judged by the store's commit records too
         committed = store.committed()  # one listing, concurrent reads
-        missing = {name: failed.get(i, "not committed") for i, g in enumerate(groups) for name in g
-                   if name not in committed}
+        missing = {name: reasons.get(name, "not committed") for g in groups for name in g if name not in committed}
         if missing:
             raise NeuroPredictorError(schedule.failure_message(missing))
         return {"status": "shards-done", "shards": {name: "committed" for g in groups for name in g}}
     manifest = finalize_task(config, planned["generation"])
     report_artifacts(config, manifest)
     # judged by what the store holds, not by the children's states: a child that ended Completed
-    # without committing its shards leaves them unfinished
+    # without committing its shards leaves them unfinished; the children's reasons where they have one
     scope = set(params.shards) if params.shards else None
-    missing = {k: v for k, v in schedule.unfinished(manifest).items() if scope is None or k in scope}
+    missing = {k: reasons.get(k, v) if v == "not committed" else v for k, v in schedule.unfinished(manifest).items()
+               if scope is None or k in scope}
     if missing:
         raise NeuroPredictorError(schedule.failure_message(missing))
     return summarize(manifest)

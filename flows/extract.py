@@ -34,7 +34,7 @@ from neuropredictor import pipeline, schedule
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
 from neuropredictor.manifest import canonical
-from neuropredictor.redact import redact
+from neuropredictor.redact import redact, redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore
 
@@ -165,7 +165,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     total_rows = max(scope_rows, 1)
     done_before = scope_rows - todo_rows
     progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows, key="extract-progress",
-                                           description=f"Rows of {config.out} committed")
+                                           description=f"Rows of {redact_text(config.out)} committed")
     policy = schedule.RetryPolicy.of(config)
     window = schedule.DeviceWindow(groups, devices)
     running: dict[Any, tuple[list[Shard], str]] = {}
@@ -217,12 +217,14 @@ def summarize(manifest: dict) -> dict:
 
 
 def report_artifacts(config: ExtractConfig, manifest: dict) -> None:
-    """Artifacts a user reads in the UI: the layers table, per-shard throughput, where the output is."""
+    """Artifacts a user reads in the UI: the layers table, per-shard throughput, where the output is (its URL
+    without a password or signed query values)."""
+    out = redact_text(config.out)
     create_table_artifact(
         key="extract-layers",
         table=[{"layer": layer["name"], "shape": "(N, " + ", ".join(map(str, layer["shape"])) + ")",
                 "dtype": layer["dtype"], "reduction": layer["reduction"]} for layer in manifest["layers"]],
-        description=f"Layers of {manifest['config']['model']} stored in {config.out}",
+        description=f"Layers of {manifest['config']['model']} stored in {out}",
     )
     shards, what = shard_rows(manifest["shards"])
     create_table_artifact(
@@ -238,14 +240,14 @@ def report_artifacts(config: ExtractConfig, manifest: dict) -> None:
         key="extract-summary",
         markdown=(
             f"# Extraction {manifest['status']}\n\n"
-            f"- **Output**: `{config.out}`\n- **Model**: `{manifest['config']['model']}` "
+            f"- **Output**: `{out}`\n- **Model**: `{manifest['config']['model']}` "
             f"(weights `{manifest['config']['weights']}`)\n"
             f"- **Rows**: {rows['committed']} of {rows['total']} written, {rows['invalid']} invalid images\n"
             f"- **Config hash**: `{manifest['config_hash'][:16]}`\n\n"
             + ("Bad images: " + ", ".join(f"`{b['key']}` ({b['reason']})" for b in bad[:10]) + "\n\n" if bad else "")
             + "## Open it\n\n```python\nimport neuropredictor\n"
-            f"ds = neuropredictor.open_features({config.out!r})\n```\n\n"
-            f"```bash\nneuropredictor inspect {config.out}\n```\n"
+            f"ds = neuropredictor.open_features({out!r})\n```\n\n"
+            f"```bash\nneuropredictor inspect {out}\n```\n"
         ),
         description="Where the features are and how to read them",
     )

@@ -34,6 +34,7 @@ from prefect.deployments import run_deployment
 from pydantic import Field, field_validator
 
 from neuropredictor.config import ExtractConfig
+from neuropredictor.redact import redact_text
 from neuropredictor.store import FeatureStore
 from neuropredictor.sweep import SweepConfig, SweepModel
 from neuropredictor.sweep import run as sweep_run
@@ -128,7 +129,7 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     logger = get_run_logger()
     sweep = params.library_config()
     progress = create_progress_artifact(progress=0.0, key="sweep-progress", description=f"Models of the sweep in "
-                                        f"{sweep.out} done (with a deployment: extracted)")
+                                        f"{redact_text(sweep.out)} done (with a deployment: extracted)")
     done = [0]
 
     def model_done() -> None:
@@ -162,7 +163,7 @@ def _artifacts(sweep: SweepConfig, summary: dict) -> None:
                 "rows": e["extract"].get("rows", {}).get("committed"), "images/s": e["extract"].get("images_per_s"),
                 "store": e["store"], "error": e["extract"].get("error") or e.get("encode", {}).get("error")}
                for e in summary["models"]],
-        description=f"Models of the sweep in {sweep.out}")
+        description=f"Models of the sweep in {redact_text(sweep.out)}")
     comparison = summary.get("comparison")
     if comparison:
         rows = [{"roi": roi, "rank": i + 1, **entry} for roi, entries in comparison["ranking"].items()

@@ -511,3 +511,32 @@ def test_artifacts_stay_small_at_any_scale(tmp_path):
     big.write_bytes(b"\x89PNG" + bytes(MAX_IMAGE_BYTES))
     assert markdown_image(str(small), "plot").startswith("![plot](data:image/png;base64,iVBORw")
     assert markdown_image(str(big), "plot") == f"*The plot is over 1 MiB, too big to show here: open `{big}`.*\n"
+
+
+def test_the_distributed_parent_launches_in_waves_and_gives_up_on_a_broken_deployment():
+    # every child was launched at once: on a cluster with fewer GPUs, pods waited pending until the worker
+    # called them Crashed and they were relaunched (while still starting later); a deployment failing every
+    # child was relaunched for every group; a cancelled child came back
+    from uuid import uuid4
+
+    from neuropredictor_flows.distributed import Launches
+
+    window = Launches(groups=6, max_in_flight=2, max_relaunches=1)
+    first = window.to_launch()
+    for i in first:
+        window.running[i] = uuid4()
+    assert first == [0, 1] and window.to_launch() == []
+    assert window.ended(0, "CRASHED", "pod pending too long", committed=True) is False  # its shards are there
+    assert window.ended(1, "CANCELLED", "by the user", committed=False) is False
+    assert window.failed == {1: "CANCELLED: by the user (cancelled: not launched again)"}
+    assert window.to_launch() == [2, 3]
+    # a broken deployment: the first children all fail, none completes -> nothing more once none runs
+    window = Launches(groups=10, max_in_flight=3, max_relaunches=2)
+    for _ in range(2):
+        for i in window.to_launch():
+            window.running[i] = uuid4()
+        for i in list(window.running):
+            assert window.ended(i, "FAILED", "CUDA out of memory", committed=False) is True  # launched again
+    assert window.to_launch() == [] and not window.running and window.finished == 10
+    assert [window.failed[i] for i in range(3)] == ["FAILED: CUDA out of memory"] * 3
+    assert all(window.failed[i].startswith("not started: the first 3 child runs all failed") for i in range(3, 10))

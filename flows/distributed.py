@@ -74,14 +74,14 @@ class Launches:
     the first GIVE_UP_AFTER children all fail with none completed, nothing more is launched once those
     running end (the cause is then the deployment, the model or the storage: each launch would fail too)."""
 
-    def __init__(self, groups: int, max_in_flight: int, max_relaunches: int) -> None:
+    def __init__(self, groups: int, max_in_flight: int, max_relaunches: int, give_up: bool = True) -> None:
         self.todo = deque(range(groups))
         self.running: dict[int, UUID] = {}
         self.attempts = [0] * groups
         self.failed: dict[int, str] = {}
         self.finished = 0  # groups whose children are over, for good
         self._max_in_flight, self._max_relaunches = max_in_flight, max_relaunches
-        self._completed = False
+        self._completed = not give_up  # (a sweep's children are models: each fails or not on its own)
         self._first_errors: list[str] = []
         self._errors: dict[int, str] = {}  # the last error of each group that failed
 

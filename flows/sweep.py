@@ -2,18 +2,20 @@
 
 Thin orchestration over `neuropredictor.sweep`. On one worker, each model is an `extract` subflow run, one
 after another (one replica per device at a time). With `deployment` set (e.g. `extract/gpu`), each model is
-a child run of that deployment, all launched at once, so a cluster's GPU pool takes them in parallel; the
-parent waits for them with one request per poll for every 200 of them. Then each model's store is scored (`encode`), and the
-comparison table and plot become artifacts. Re-running skips finished models (the sweep's record).
+a child run of that deployment, at most `max_in_flight` at once, so a cluster's GPU pool takes them in
+parallel; the parent waits for them with one request per poll for every 200 of them, and cancels those still
+running when it ends. Then each model's store is scored (`encode`), and the comparison table and plot become
+artifacts. Re-running skips finished models (the sweep's record).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
 from neuropredictor_flows.artifacts import markdown_image
-from neuropredictor_flows.distributed import TERMINAL, child_key, child_states
+from neuropredictor_flows.distributed import TERMINAL, Launches, child_key, child_states
 from neuropredictor_flows.extract import (
     ExtractParameters,
     emit,
@@ -31,6 +33,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.states import Cancelling
 from pydantic import Field, field_validator
 
 from neuropredictor.config import ExtractConfig
@@ -51,6 +54,8 @@ class SweepParameters(SweepConfig):
     poll_seconds: float = Field(10.0, gt=0, description="How often the parent checks its child runs (one request "
                                 "per 200 of them).")
     timeout_hours: float = Field(72.0, gt=0, description="The parent gives up waiting for children after this long.")
+    max_in_flight: int = Field(16, ge=1, description="With a deployment: child runs queued or running at once "
+                               "(about the number of GPU machines); the other models wait in the parent.")
 
     _no_credentials = field_validator("storage_options")(no_credentials)
 
@@ -90,36 +95,55 @@ def _extract_subflow(params: SweepParameters) -> sweep_run.Extractor:
 
 def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep_run.SweepRecord,
                       model_done: Callable[[], None]) -> dict[str, dict]:
-    results, running = {}, {}
+    results = {}
+    todo = []
     for model in sweep.models:
         if sweep_run.is_extracted(sweep, model, record):
             results[model.label] = sweep_run.skipped(record, model)
             model_done()
-            continue
-        child = _child(params, sweep.extract_config(model))
+        else:
+            todo.append(model)
+    # at most max_in_flight children at once (not a pod per model pending until it is called Crashed)
+    window = Launches(len(todo), params.max_in_flight, max_relaunches=0, give_up=False)
+
+    def launch(i: int) -> None:
+        child = _child(params, sweep.extract_config(todo[i]))
         run = run_deployment(name=params.deployment, parameters={"params": child.model_dump(mode="json")}, timeout=0,
-                             as_subflow=True, flow_run_name=model.label, idempotency_key=child_key(model.label))
-        running[run.id] = model
+                             as_subflow=True, flow_run_name=todo[i].label, idempotency_key=child_key(todo[i].label))
+        window.running[i] = run.id
+
     deadline = time.monotonic() + params.timeout_hours * 3600
     with get_client(sync_client=True) as client:
-        while running and time.monotonic() < deadline:
-            time.sleep(params.poll_seconds)
-            for run_id, state in child_states(client, list(running)).items():
-                if state is None or state.type.value not in TERMINAL:
-                    continue
-                model = running.pop(run_id)
-                if state.type.value == "COMPLETED":
-                    manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
-                    child = client.read_flow_run(run_id)  # its own time, not the sweep's
-                    results[model.label] = sweep_run.record_extracted(
-                        sweep, model, record, manifest, child.total_run_time.total_seconds(), child.start_time)
-                else:
-                    results[model.label] = sweep_run.record_failed(
-                        sweep, model, record, f"{state.type.value}: {state.message}")
-                model_done()
-    for model in running.values():
-        results[model.label] = sweep_run.record_failed(sweep, model, record,
-                                                       f"still running after {params.timeout_hours} h")
+        try:
+            for i in window.to_launch():
+                launch(i)
+            while window.running and time.monotonic() < deadline:
+                time.sleep(params.poll_seconds)
+                states = child_states(client, list(window.running.values()))
+                for i, run_id in list(window.running.items()):
+                    state = states.get(run_id)
+                    if state is None or state.type.value not in TERMINAL:
+                        continue
+                    window.ended(i, state.type.value, state.message, committed=False)
+                    model = todo[i]
+                    if state.type.value == "COMPLETED":
+                        manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
+                        child = client.read_flow_run(run_id)  # its own time, not the sweep's
+                        results[model.label] = sweep_run.record_extracted(
+                            sweep, model, record, manifest, child.total_run_time.total_seconds(), child.start_time)
+                    else:
+                        results[model.label] = sweep_run.record_failed(
+                            sweep, model, record, f"{state.type.value}: {state.message}")
+                    model_done()
+                for i in window.to_launch():
+                    launch(i)
+        finally:  # timed out, or the parent failed: its children do not run on without it
+            for run_id in window.running.values():
+                with contextlib.suppress(Exception):
+                    client.set_flow_run_state(run_id, Cancelling(message="its extract-sweep parent ended"), force=True)
+    for i in [*window.running, *window.todo]:
+        results[todo[i].label] = sweep_run.record_failed(sweep, todo[i], record, "not finished when the parent ended "
+                                                         f"(after {params.timeout_hours} h, or on an error)")
     return results
 
 

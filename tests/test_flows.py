@@ -540,3 +540,9 @@ def test_the_distributed_parent_launches_in_waves_and_gives_up_on_a_broken_deplo
     assert window.to_launch() == [] and not window.running and window.finished == 10
     assert [window.failed[i] for i in range(3)] == ["FAILED: CUDA out of memory"] * 3
     assert all(window.failed[i].startswith("not started: the first 3 child runs all failed") for i in range(3, 10))
+    # a sweep's children are models, each failing or not on its own: three broken models stop nothing
+    window = Launches(groups=5, max_in_flight=3, max_relaunches=0, give_up=False)
+    for i in window.to_launch():
+        window.running[i] = uuid4()
+        assert window.ended(i, "FAILED", "no such layer", committed=False) is False
+    assert window.to_launch() == [3, 4]

@@ -249,7 +249,7 @@ def make_shards(
         stale = sorted(e for e, m in existing.items() if m and int(m.group(1)) >= len(groups))
         if stale and not overwrite:
             names = first_few([fsx.basename(e) for e in stale], 3)
-            raise CorpusError(f"{out} holds shards of another corpus ({names}) that this one "
+            raise CorpusError(f"{fsx.full_url(fs, root_out)} holds shards of another corpus ({names}) that this one "
                               f"({len(groups)} shards) would delete: pass overwrite=True to replace "
                               "them, or another output folder")
         shards, offset = [], 0

@@ -150,7 +150,8 @@ def pretrained_download(spec: ModelSpec, via_hub: bool = True, random_weights: b
         if not _looks_like_download_failure(exc):
             raise
         if random_weights:
-            local = ", or name a local folder saved with save_pretrained (hf:/path/to/model)" if spec.source == "hf" else ""
+            local = (", or name a local folder saved with save_pretrained (hf:/path/to/model)"
+                     if spec.source == "hf" else "")
             raise WeightsUnavailableError(
                 f"could not download the config of {spec}, which its random weights are built from too (no "
                 f"network access, or offline mode): {type(exc).__name__}: {first_line(exc)}\n"
@@ -232,7 +233,7 @@ def state_digest(module: nn.Module) -> str:
             h.update(f"{name}|{value!r}\n".encode())
             continue
         t = value.detach().cpu()
-        if t.is_quantized:  # its integers; the scales are in its repr below
+        if t.is_quantized:  # its scales, then its integers
             h.update(repr((t.qscheme(), t.q_scale(), t.q_zero_point()) if t.qscheme() in (
                 torch.per_tensor_affine, torch.per_tensor_symmetric) else t.q_per_channel_scales()).encode())
             t = t.int_repr()

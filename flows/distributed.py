@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
@@ -119,6 +120,29 @@ class Launches:
         return False
 
 
+def watch(window: Launches, launch: Callable[[int], None], client: Any, poll_seconds: float, deadline: float,
+          parent: str) -> Iterator[tuple[list[tuple[int, State | None]], dict[UUID, State | None]]]:
+    """Launch what `window` allows, then poll the children: yields, per poll, the (group, state) of the
+    children that ended (a child deleted from the server: state None), for the caller to pass to
+    `window.ended`, and every running child's state. When the loop ends (nothing running, the deadline, an
+    error: use it under `contextlib.closing`) the children still running are cancelled: they do not run on
+    without their parent."""
+    try:
+        for i in window.to_launch():
+            launch(i)
+        while window.running and time.monotonic() < deadline:
+            time.sleep(poll_seconds)
+            states = child_states(client, list(window.running.values()))
+            yield [(i, states.get(run_id)) for i, run_id in list(window.running.items())
+                   if states.get(run_id) is None or states[run_id].type.value in TERMINAL], states
+            for i in window.to_launch():
+                launch(i)
+    finally:
+        for run_id in window.running.values():
+            with contextlib.suppress(Exception):
+                client.set_flow_run_state(run_id, Cancelling(message=f"its {parent} parent ended"), force=True)
+
+
 def child_states(client: Any, run_ids: list[UUID]) -> dict[UUID, State | None]:
     """The current state of each child run, read in pages of POLL_PAGE runs."""
     out: dict[UUID, State | None] = {}
@@ -161,39 +185,23 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     said = time.monotonic()
     # the parent's own lease on the store while children are queued, run and are relaunched (between
     # them no child holds one): replacing the store is refused meanwhile
-    with store.session(PARENT_LEASE), get_client(sync_client=True) as client:
-        try:
-            for i in window.to_launch():
-                launch(i)
-            while window.running and time.monotonic() < deadline:
-                time.sleep(params.poll_seconds)
-                states = child_states(client, list(window.running.values()))
-                before = window.finished
-                for i, run_id in list(window.running.items()):
-                    state = states.get(run_id)
-                    kind = "DELETED" if state is None else state.type.value  # a child deleted from the server
-                    if kind not in TERMINAL:
-                        continue
-                    committed = kind != "COMPLETED" and len(store.committed(groups[i])) == len(groups[i])
-                    if window.ended(i, kind, None if state is None else state.message, committed):
-                        logger.warning("child run for %s ended %s (%s); launching it again", groups[i][0], kind,
-                                       None if state is None else state.message)
-                for i in window.to_launch():
-                    launch(i)
-                if window.finished != before:
-                    update_progress_artifact(progress, progress=100.0 * window.finished / max(len(groups), 1))
-                if time.monotonic() - said > _SAY_EVERY_S:  # a pool without a worker shows as children waiting
-                    said = time.monotonic()
-                    waiting = Counter(s.type.value if s else "DELETED" for s in states.values())
-                    logger.info("%d of %d groups done; children now: %s", window.finished, len(groups),
-                                ", ".join(f"{n} {k.lower()}" for k, n in sorted(waiting.items())))
-        finally:  # timed out, or the parent failed: its children do not run on into a store left unguarded
-            for i, run_id in window.running.items():
-                window.failed[i] = (f"still running when the parent ended (after {params.timeout_hours} h, or on "
-                                    "an error): cancelled")
-                with contextlib.suppress(Exception):
-                    client.set_flow_run_state(run_id, Cancelling(message="its extract-distributed parent ended"),
-                                              force=True)
+    with store.session(PARENT_LEASE), get_client(sync_client=True) as client, contextlib.closing(
+            watch(window, launch, client, params.poll_seconds, deadline, "extract-distributed")) as polls:
+        for ended, states in polls:
+            for i, state in ended:
+                kind, message = ("DELETED", None) if state is None else (state.type.value, state.message)
+                committed = kind != "COMPLETED" and len(store.committed(groups[i])) == len(groups[i])
+                if window.ended(i, kind, message, committed):
+                    logger.warning("child run for %s ended %s (%s); launching it again", groups[i][0], kind, message)
+            if ended:
+                update_progress_artifact(progress, progress=100.0 * window.finished / max(len(groups), 1))
+            if time.monotonic() - said > _SAY_EVERY_S:  # a pool without a worker shows as children waiting
+                said = time.monotonic()
+                waiting = Counter(s.type.value if s else "DELETED" for s in states.values())
+                logger.info("%d of %d groups done; children now: %s", window.finished, len(groups),
+                            ", ".join(f"{n} {k.lower()}" for k, n in sorted(waiting.items())))
+    for i in window.running:  # cancelled by `watch`: the deadline, or an error
+        window.failed[i] = f"still running when the parent ended (after {params.timeout_hours} h): cancelled"
     for i in window.todo:
         window.failed.setdefault(i, "not launched before the parent ended")
     reasons = {name: window.failed[i] for i, g in enumerate(groups) if i in window.failed for name in g}

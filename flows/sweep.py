@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from neuropredictor_flows.artifacts import markdown_image
-from neuropredictor_flows.distributed import TERMINAL, Launches, child_key, child_states
+from neuropredictor_flows.distributed import Launches, child_key, watch
 from neuropredictor_flows.extract import (
     ExtractParameters,
     emit,
@@ -33,7 +33,6 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.states import Cancelling
 from pydantic import Field, field_validator
 
 from neuropredictor.config import ExtractConfig
@@ -113,34 +112,21 @@ def _extract_children(params: SweepParameters, sweep: SweepConfig, record: sweep
         window.running[i] = run.id
 
     deadline = time.monotonic() + params.timeout_hours * 3600
-    with get_client(sync_client=True) as client:
-        try:
-            for i in window.to_launch():
-                launch(i)
-            while window.running and time.monotonic() < deadline:
-                time.sleep(params.poll_seconds)
-                states = child_states(client, list(window.running.values()))
-                for i, run_id in list(window.running.items()):
-                    state = states.get(run_id)
-                    if state is None or state.type.value not in TERMINAL:
-                        continue
-                    window.ended(i, state.type.value, state.message, committed=False)
-                    model = todo[i]
-                    if state.type.value == "COMPLETED":
-                        manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
-                        child = client.read_flow_run(run_id)  # its own time, not the sweep's
-                        results[model.label] = sweep_run.record_extracted(
-                            sweep, model, record, manifest, child.total_run_time.total_seconds(), child.start_time)
-                    else:
-                        results[model.label] = sweep_run.record_failed(
-                            sweep, model, record, f"{state.type.value}: {state.message}")
-                    model_done()
-                for i in window.to_launch():
-                    launch(i)
-        finally:  # timed out, or the parent failed: its children do not run on without it
-            for run_id in window.running.values():
-                with contextlib.suppress(Exception):
-                    client.set_flow_run_state(run_id, Cancelling(message="its extract-sweep parent ended"), force=True)
+    with get_client(sync_client=True) as client, contextlib.closing(
+            watch(window, launch, client, params.poll_seconds, deadline, "extract-sweep")) as polls:
+        for ended, _states in polls:
+            for i, state in ended:
+                model, run_id = todo[i], window.running[i]
+                kind, message = ("DELETED", None) if state is None else (state.type.value, state.message)
+                window.ended(i, kind, message, committed=False)
+                if kind == "COMPLETED":
+                    manifest = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").manifest
+                    child = client.read_flow_run(run_id)  # its own time, not the sweep's
+                    results[model.label] = sweep_run.record_extracted(
+                        sweep, model, record, manifest, child.total_run_time.total_seconds(), child.start_time)
+                else:
+                    results[model.label] = sweep_run.record_failed(sweep, model, record, f"{kind}: {message}")
+                model_done()
     for i in [*window.running, *window.todo]:
         results[todo[i].label] = sweep_run.record_failed(sweep, todo[i], record, "not finished when the parent ended "
                                                          f"(after {params.timeout_hours} h, or on an error)")

@@ -82,16 +82,15 @@ class Launches:
         self.failed: dict[int, str] = {}
         self.finished = 0  # groups whose children are over, for good
         self._max_in_flight, self._max_relaunches = max_in_flight, max_relaunches
-        self._completed = not give_up  # (a sweep's children are models: each fails or not on its own)
-        self._first_errors: list[str] = []
+        # (a sweep's children are models: each fails or not on its own)
+        self._first = schedule.FirstFailures(enabled=give_up)
         self._errors: dict[int, str] = {}  # the last error of each group that failed
 
     def to_launch(self) -> list[int]:
-        if not self._completed and len(self._first_errors) >= schedule.GIVE_UP_AFTER and self.todo:
+        if self._first.tripped and self.todo:
             if self.running:
                 return []  # a child still running may complete: wait for it
-            why = (f"{schedule.NOT_STARTED}: the first {len(self._first_errors)} child runs all failed "
-                   f"(last: {self._first_errors[-1][:200]})")
+            why = self._first.reason("child runs")
             self.failed.update({i: self._errors.get(i, why) for i in self.todo})
             self.finished += len(self.todo)
             self.todo.clear()
@@ -106,12 +105,11 @@ class Launches:
         """A child of group i ended in `state`; returns whether the group is launched again."""
         del self.running[i]
         if state == "COMPLETED" or committed:  # a crashed pod may have committed everything first
-            self._completed = True
+            self._first.note(None)
             self.finished += 1
             return False
         self._errors[i] = f"{state}: {message}"
-        if not self._completed:
-            self._first_errors.append(self._errors[i])
+        self._first.note(self._errors[i])
         if state != "CANCELLED" and self.attempts[i] <= self._max_relaunches:
             self.todo.appendleft(i)
             return True

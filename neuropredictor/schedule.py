@@ -138,6 +138,29 @@ GIVE_UP_AFTER = 3  # groups failed after their retries, one after another, befor
 NOT_STARTED = "not started"  # how the groups left after those read in `failed`
 
 
+class FirstFailures:
+    """The give-up rule, one home for the shard loop and the distributed parent: when the first
+    GIVE_UP_AFTER pieces of work all fail and none succeeds, the cause is the model, its options, the
+    deployment or the storage, not the work, and nothing more should start."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._succeeded = not enabled
+        self._errors: list[str] = []
+
+    def note(self, error: str | None) -> None:
+        if error is None:
+            self._succeeded = True
+        elif not self._succeeded:
+            self._errors.append(error)
+
+    @property
+    def tripped(self) -> bool:
+        return not self._succeeded and len(self._errors) >= GIVE_UP_AFTER
+
+    def reason(self, what: str) -> str:
+        return f"{NOT_STARTED}: the first {len(self._errors)} {what} all failed (last: {self._errors[-1][:200]})"
+
+
 class DeviceWindow:
     """One group of shards in flight per device: `start` pairs free devices with the next groups, `finish`
     frees a device and keeps what a finished group leaves (its uncommitted shards, if it failed).
@@ -153,15 +176,13 @@ class DeviceWindow:
         self._free = list(devices)
         self.failed: dict[str, str] = {}  # shard name -> error
         self.rows_done = 0
-        self._succeeded = False  # a group committed a shard in this run
-        self._first_errors: list[str] = []  # of the groups that failed before any succeeded
+        self._first = FirstFailures()
 
     def start(self) -> list[tuple[list[Shard], str]]:
-        if not self._succeeded and len(self._first_errors) >= GIVE_UP_AFTER and self._todo:
+        if self._first.tripped and self._todo:
             if len(self._free) < self._devices:
                 return []  # a group still running (on another device) may succeed: wait for it
-            why = (f"{NOT_STARTED}: the first {len(self._first_errors)} groups of shards all failed "
-                   f"(last: {self._first_errors[-1][:200]})")
+            why = self._first.reason("groups of shards")
             self.failed.update({s.name: why for group in self._todo for s in group})
             self._todo.clear()
         out = []
@@ -174,10 +195,7 @@ class DeviceWindow:
         self._free.append(device)
         left = [s.name for s in group if not _committed(is_committed, s.name)] if error is not None else []
         self.failed.update({name: error for name in left})
-        if len(left) < len(group):  # a shard of it committed: the model and the storage work
-            self._succeeded = True
-        elif not self._succeeded:
-            self._first_errors.append(error)
+        self._first.note(None if len(left) < len(group) else error)  # a shard committed: the model works
         self.rows_done += sum(s.count for s in group if s.name not in self.failed)
 
 

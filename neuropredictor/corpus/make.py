@@ -141,8 +141,8 @@ def _entries(fs: Any, folder: str) -> list[str]:
         return []
 
 
-def _refuse_replacing(fs: Any, path: str, overwrite: bool, compared: bool) -> None:
-    if not overwrite and fs.exists(path):
+def _refuse_replacing(fs: Any, path: str, exists: bool, overwrite: bool, compared: bool) -> None:
+    if exists and not overwrite:
         what = "holds other images than this run would pack there" if compared else \
             "already exists (shards on object stores are not compared with what this run would write)"
         raise CorpusError(f"{fsx.full_url(fs, path)} {what}: pass overwrite=True to replace the shards, or "
@@ -246,6 +246,7 @@ def make_shards(
         fs.makedirs(root_out, exist_ok=True)
         shard_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})(\.tar|{re.escape(OFFSETS_SUFFIX)})$")
         existing = {entry: shard_re.match(fsx.basename(entry)) for entry in _entries(fs, root_out)}
+        names = {fsx.basename(e) for e in existing}
         stale = sorted(e for e, m in existing.items() if m and int(m.group(1)) >= len(groups))
         if stale and not overwrite:
             names = first_few([fsx.basename(e) for e in stale], 3)
@@ -265,13 +266,14 @@ def make_shards(
                     # An identical shard is left as it is: stores planned on it see the same file (its
                     # mtime is part of its fingerprint) and resume.
                     if not _same_bytes(tmp, path):
-                        _refuse_replacing(fs, path, overwrite, compared=True)
+                        _refuse_replacing(fs, path, f"{name}.tar" in names, overwrite, compared=True)
                         os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
             else:
-                _refuse_replacing(fs, path, overwrite, compared=False)  # comparing would download every shard
+                # the listing above says whether it exists (no request per shard); comparing would download it
+                _refuse_replacing(fs, path, f"{name}.tar" in names, overwrite, compared=False)
                 # Remote: build locally, then upload in one go (an object store commits the object only
                 # when the upload completes, so readers never see a partial shard).
                 with tempfile.NamedTemporaryFile(suffix=".tar") as f:

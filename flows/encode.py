@@ -1,5 +1,7 @@
 """The `encode` flow: the neural data is read and aligned once, one task per layer (with retries) fits
-ridge encoding models on those arrays, then the scores are assembled, saved, plotted and summarised.
+ridge encoding models on those arrays (each layer kept until the end, so a rerun scores only the layers not
+finished; a layer that fails does not stop the others), then the scores are assembled, saved, plotted and
+summarised.
 Thin orchestration over `neuropredictor.encode`; its parameters are the library's `EncodeOptions`."""
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class EncodeParameters(enc.EncodeOptions):
 
 
 @task(name="encode-layer", task_run_name="{layer}", cache_policy=NO_CACHE)
-def encode_layer_task(prepared: enc.Prepared, layer: str, params: EncodeParameters) -> enc.LayerScores:
-    return enc.score_layer(prepared, layer, params)
+def encode_layer_task(prepared: enc.Prepared, layer: str, params: EncodeParameters,
+                      kept: enc.KeptLayers) -> enc.LayerScores:
+    return enc.score_kept(prepared, layer, params, kept)
 
 
 @flow(name="encode", validate_parameters=True)
@@ -44,12 +47,21 @@ def encode_flow(params: EncodeParameters) -> dict:
         logger.warning(str(w.message))
     progress = create_progress_artifact(progress=0.0, key="encode-progress", description="Layers scored")
     layer_task = encode_layer_task.with_options(retries=params.retries, retry_delay_seconds=5)
-    parts = []
-    for i, layer in enumerate(prepared.layers):  # one at a time: the ridge solver already uses the whole device
-        parts.append(layer_task(quote(prepared), layer, params))  # quoted: Prefect need not walk the arrays
-        update_progress_artifact(progress, progress=100.0 * (i + 1) / len(prepared.layers))
-    scores = enc.assemble(prepared, parts, params)
+    kept = enc.KeptLayers(params.out, prepared, params)
+    tried = 0
+
+    def score(prep: enc.Prepared, layer: str, opts: EncodeParameters, kept: enc.KeptLayers) -> enc.LayerScores:
+        nonlocal tried
+        try:  # quoted: Prefect need not walk the arrays
+            return layer_task(quote(prep), layer, opts, quote(kept))
+        finally:
+            tried += 1
+            update_progress_artifact(progress, progress=100.0 * tried / len(prep.layers))
+
+    # one layer at a time: the ridge solver already uses the whole device
+    scores = enc.assemble(prepared, enc.score_layers(prepared, params, kept, score), params)
     summary = enc.save_outputs(scores, params)
+    kept.clear()
     logger.info("best layer %s; median r per layer %s", summary["best_layer"], summary["layers"])
     table = enc.summary_table(scores)
     create_table_artifact(key="encode-scores", table=table.round(4).astype(object).where(table.notna(), None)

@@ -643,16 +643,20 @@ def test_csv_with_roi_file_and_missing_store(planted, tmp_path):
 # A real store from the pipeline
 
 
-def test_real_store_from_pipeline(tmp_path):
+@pytest.fixture(scope="module")
+def pipeline_store(tmp_path_factory):
+    """A features store made by the pipeline (resnet18, layer1 and layer4 averaged), and neural data planted
+    on layer4, written as y.npy + keys.txt in another order, two stimuli missing, one unknown stimulus."""
     from neuropredictor.corpus import make_shards
     from neuropredictor import ExtractConfig, run
     from neuropredictor.store import open_features
 
-    images = tmp_path / "imgs"
+    root = tmp_path_factory.mktemp("pipeline")
+    images = root / "imgs"
     make_images(images, 60, nested=False)
-    make_shards(images, str(tmp_path / "shards"), maxcount=25)
-    out = str(tmp_path / "run.zarr")
-    run(ExtractConfig(corpus=str(tmp_path / "shards"), model="torchvision:resnet18", layers=["layer1", "layer4"],
+    make_shards(images, str(root / "shards"), maxcount=25)
+    out = str(root / "run.zarr")
+    run(ExtractConfig(corpus=str(root / "shards"), model="torchvision:resnet18", layers=["layer1", "layer4"],
                       reduce="avgpool", out=out, pretrained=False, batch_size=20, num_workers=0))
     feats = open_features(out)
     keys = [str(k) for k in feats.key.values]
@@ -664,14 +668,17 @@ def test_real_store_from_pipeline(tmp_path):
     pcs = np.linalg.svd(l4z, full_matrices=False)[2][:5]
     signal = l4z @ pcs.T @ rng.standard_normal((5, 30))
     Y = signal + 0.5 * signal.std(0) * rng.standard_normal(signal.shape)
-    # neural rows in another order, two stimuli missing, one unknown stimulus
     order = rng.permutation(len(keys))[:-2]
     nd = NeuralData(np.vstack([Y[order], np.zeros((1, 30))]), [keys[i] for i in order] + ["not-a-stimulus"])
-    np.save(tmp_path / "y.npy", nd.values)
-    (tmp_path / "keys.txt").write_text("\n".join(nd.keys))
+    np.save(root / "y.npy", nd.values)
+    (root / "keys.txt").write_text("\n".join(nd.keys))
+    return {"features": out, "neural": str(root / "y.npy"), "keys_file": str(root / "keys.txt")}
+
+
+def test_real_store_from_pipeline(pipeline_store, tmp_path):
     with pytest.warns(AlignmentWarning, match="2 features only.*1 neural only.*'not-a-stimulus'"):
-        result = encode_command(features=out, neural=str(tmp_path / "y.npy"), out=str(tmp_path / "scores.zarr"),
-                                keys_file=str(tmp_path / "keys.txt"), alphas="logspace:-2:6:9", device="cpu")
+        result = encode_command(**pipeline_store, out=str(tmp_path / "scores.zarr"), alphas="logspace:-2:6:9",
+                                device="cpu")
     assert result["best_layer"] == "layer4", result
     assert result["layers"]["layer4"] > 0.6 and result["layers"]["layer4"] > result["layers"]["layer1"]
     assert result["dropped"]["features_only"] == 2 and result["dropped"]["neural_only"] == 1
@@ -679,3 +686,87 @@ def test_real_store_from_pipeline(tmp_path):
     scores = xr.open_zarr(result["scores"])
     assert list(scores.layer.values) == ["layer1", "layer4"]  # model order
     assert Path(result["plot"]).stat().st_size > 0
+
+
+class _Scored:
+    """score_layer as it is, counting the layers it scores; raising for the layers in `fail` (an exception,
+    or KeyboardInterrupt standing for a process killed there)."""
+
+    def __init__(self, monkeypatch, fail: dict[str, BaseException] | None = None):
+        import neuropredictor.encode.run as run_module
+
+        current = run_module.score_layer
+        self.real, self.fail, self.layers = getattr(current, "real", current), dict(fail or {}), []
+        monkeypatch.setattr(run_module, "score_layer", self)
+
+    def __call__(self, prep, layer, options=None, **fields):
+        if layer in self.fail:
+            raise self.fail[layer]
+        self.layers.append(layer)
+        return self.real(prep, layer, options, **fields)
+
+
+def _scores_arrays(url: str) -> dict[str, np.ndarray]:
+    ds = xr.open_zarr(url)
+    return {k: ds[k].values for k in ("r", "r2", "alpha")}
+
+
+def test_a_killed_encode_resumes_at_the_layer_it_had_not_finished(pipeline_store, tmp_path, monkeypatch):
+    common = {**pipeline_store, "alphas": "logspace:-2:6:9", "device": "cpu", "permutations": 20}
+    warnings.simplefilter("ignore", AlignmentWarning)
+    reference = encode_command(**common, out=str(tmp_path / "reference.zarr"))
+    assert not Path(str(tmp_path / "reference.zarr") + ".partial").exists()  # removed once saved
+
+    out = str(tmp_path / "scores.zarr")
+    killed = _Scored(monkeypatch, {"layer4": KeyboardInterrupt()})  # the process dies in the second layer
+    with pytest.raises(KeyboardInterrupt):
+        encode_command(**common, out=out)
+    assert killed.layers == ["layer1"] and not Path(out).exists()
+    assert len(list(Path(out + ".partial").rglob("*.npz"))) == 1
+
+    other = _Scored(monkeypatch, {"layer4": KeyboardInterrupt()})  # other inputs: nothing kept is theirs
+    with pytest.raises(KeyboardInterrupt):
+        encode_command(**{**common, "seed": 1}, out=out)
+    assert other.layers == ["layer1"]
+
+    rerun = _Scored(monkeypatch)
+    summary = encode_command(**common, out=out)
+    assert rerun.layers == ["layer4"]  # layer1 came from the killed run
+    for name, ref in _scores_arrays(reference["scores"]).items():
+        np.testing.assert_array_equal(_scores_arrays(out)[name], ref)
+    assert summary["layers"] == reference["layers"] and summary["chance"] == reference["chance"]
+    assert not Path(out + ".partial").exists()  # both fingerprints' layers removed with the scores saved
+
+
+def test_a_failed_layer_does_not_stop_the_others_and_nothing_half_is_written(pipeline_store, tmp_path,
+                                                                            monkeypatch):
+    common = {**pipeline_store, "alphas": "logspace:-2:6:9", "device": "cpu", "permutations": 0,
+              "out": str(tmp_path / "scores.zarr")}
+    warnings.simplefilter("ignore", AlignmentWarning)
+    failing = _Scored(monkeypatch, {"layer1": MemoryError("cannot allocate 32 GiB")})
+    with pytest.raises(EncodingError, match=r"1 of 2 layers could not be scored \(layer1: MemoryError: cannot "
+                       r"allocate 32 GiB\); no scores were written, the 1 layers scored are kept in .*scores.zarr"
+                       r"\.partial: run the same command again"):
+        encode_command(**common)
+    assert failing.layers == ["layer4"] and not Path(common["out"]).exists()
+    rerun = _Scored(monkeypatch)
+    assert encode_command(**common)["best_layer"] == "layer4"
+    assert rerun.layers == ["layer1"]
+
+
+def test_kept_layers_of_a_damaged_file_or_a_foreign_folder(pipeline_store, tmp_path, monkeypatch, caplog):
+    common = {**pipeline_store, "alphas": "logspace:-2:6:9", "device": "cpu", "permutations": 0,
+              "out": str(tmp_path / "scores.zarr")}
+    warnings.simplefilter("ignore", AlignmentWarning)
+    _Scored(monkeypatch, {"layer4": KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        encode_command(**common)
+    [kept] = Path(common["out"] + ".partial").rglob("*.npz")
+    kept.write_bytes(kept.read_bytes()[:100])  # torn
+    (kept.parent.parent / "notes.txt").write_text("mine")  # the user's file in a folder of that name
+    rerun = _Scored(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.encode.kept"):
+        encode_command(**common)
+    assert rerun.layers == ["layer1", "layer4"]
+    assert "its kept scores cannot be read" in caplog.text and "left as it is" in caplog.text
+    assert (kept.parent.parent / "notes.txt").read_text() == "mine"

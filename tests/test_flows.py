@@ -378,6 +378,34 @@ def test_encode_flow_scores_layers_with_artifacts(encoded_store):
     assert "data:image/png;base64," in arts["encode-summary"].data
 
 
+def test_encode_flow_a_failed_layer_does_not_stop_the_others_and_a_rerun_scores_only_it(encoded_store,
+                                                                                        monkeypatch):
+    import neuropredictor.encode.run as run_module
+    from neuropredictor_flows.encode import EncodeParameters, encode_flow
+
+    real, scored = run_module.score_layer, []
+
+    def score_layer(prep, layer, options=None, **fields):
+        if layer == "layer1" and not scored:
+            raise MemoryError("cannot allocate")
+        scored.append(layer)
+        return real(prep, layer, options, **fields)
+
+    monkeypatch.setattr(run_module, "score_layer", score_layer)
+    root = encoded_store
+    params = EncodeParameters(features=str(root / "features.zarr"), neural=str(root / "neural.npz"),
+                              out=str(root / "scores-failed.zarr"), alphas="logspace:-2:4:7", inner_folds=3,
+                              permutations=0, retries=0)
+    state = encode_flow(params, return_state=True)
+    assert state.is_failed() and scored == ["layer4"]
+    assert "layer1: MemoryError: cannot allocate" in state.message and "kept" in state.message
+    assert not (root / "scores-failed.zarr").exists()
+    state = encode_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    assert scored == ["layer4", "layer1"] and state.result()["best_layer"] == "layer4"
+    assert not (root / "scores-failed.zarr.partial").exists()
+
+
 def test_cli_encode(encoded_store):
     from typer.testing import CliRunner
 

@@ -17,7 +17,7 @@ layer is named only where it beats chance.
 
 Modules: `neural` (reading neural data), `align` (features store, matching by key, splits), `ridge`
 (the solver for one layer on arrays), `chance`, `run` (prepare -> score_layer -> assemble), `report`
-(table, saving, plot), `rsa`, and `options` (`FitOptions` / `EncodeOptions`: every option, shared by
+(table, saving, plot), `kept` (finished layers kept until the scores are saved), `rsa`, and `options` (`FitOptions` / `EncodeOptions`: every option, shared by
 the CLI, this API and the `encode` flow).
 """
 
@@ -27,11 +27,13 @@ from neuropredictor.encode.options import EncodeOptions, FitOptions, parse_alpha
 from neuropredictor.encode.report import check_scores_out, plot_scores, save_outputs, save_scores, summary_table
 from neuropredictor.encode.ridge import DEFAULT_ALPHAS, encode_layer, pearson_r, r2_score
 from neuropredictor.encode.rsa import rdm, rsa
-from neuropredictor.encode.run import LayerScores, Prepared, assemble, encode, encode_command, prepare, score_layer
+from neuropredictor.encode.kept import KeptLayers
+from neuropredictor.encode.run import (LayerScores, Prepared, assemble, encode, encode_command, prepare, score_kept,
+                                       score_layer, score_layers)
 
 __all__ = [
-    "DEFAULT_ALPHAS", "AlignmentWarning", "EncodeOptions", "EncodingError", "FitOptions", "LayerScores",
+    "DEFAULT_ALPHAS", "AlignmentWarning", "EncodeOptions", "EncodingError", "FitOptions", "KeptLayers", "LayerScores",
     "NeuralData", "Prepared", "assemble", "check_scores_out", "encode", "encode_command", "encode_layer",
     "load_neural", "parse_alphas", "pearson_r", "plot_scores", "prepare", "r2_score", "rdm", "rsa", "save_outputs",
-    "save_scores", "score_layer", "summary_table",
+    "save_scores", "score_kept", "score_layer", "score_layers", "summary_table",
 ]

@@ -1,7 +1,8 @@
 """A whole run in three steps, so that a flow can score each layer in its own task on arrays prepared
 once: `prepare` (open the features, align the neural data by key, split) -> `score_layer` (one layer,
 every outer fold) -> `assemble` (the scores Dataset). `encode` runs the three in a row;
-`encode_command` adds reading the neural data and writing the scores and the plot."""
+`encode_command` adds reading the neural data, keeping each scored layer until the end (`kept`: a rerun
+scores only the layers not finished), and writing the scores and the plot."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ import numpy as np
 from neuropredictor.encode._common import EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_medians
 from neuropredictor.encode.align import SPLIT_SCHEME, align, layer_matrix, open_dataset, outer_splits, select_layers
+from neuropredictor.encode.kept import KeptLayers
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.options import EncodeOptions, FitOptions
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
@@ -233,12 +235,57 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 
+def score_kept(prep: Prepared, layer: str, options: FitOptions, kept: KeptLayers | None) -> LayerScores:
+    """`score_layer`, or the layer's scores as an earlier run of the same inputs kept them; kept once scored."""
+    if kept is not None and (part := kept.load(layer)) is not None:
+        log.info("layer %s: scored by an earlier run of the same inputs (kept in %s)", layer, kept.name)
+        return part
+    part = score_layer(prep, layer, options)
+    if kept is not None:
+        kept.save(part)
+    return part
+
+
+def score_layers(prep: Prepared, options: FitOptions, kept: KeptLayers | None = None,
+                 score: Callable[[Prepared, str, FitOptions, KeptLayers | None], LayerScores] = score_kept,
+                 ) -> list[LayerScores]:
+    """Every layer of `prep` with `score` (the `encode` flow passes its task): a layer that fails does not
+    stop the others; `check_failed` raises once all were tried."""
+    parts, failed = [], {}
+    for layer in prep.layers:
+        try:
+            parts.append(score(prep, layer, options, kept))
+        except Exception as exc:  # one layer's failure (memory, most often) must not cost the others
+            failed[layer] = f"{type(exc).__name__}: {exc}"
+            log.error("layer %s could not be scored: %s", layer, failed[layer])
+    check_failed(failed, len(prep.layers), kept)
+    return parts
+
+
+def check_failed(failed: Mapping[str, str], n_layers: int, kept: KeptLayers | None) -> None:
+    """EncodingError naming the layers that could not be scored, and what was kept of the others."""
+    if not failed:
+        return
+    reasons = "; ".join(f"{layer}: {error}" for layer, error in failed.items())
+    done = n_layers - len(failed)
+    keep = (f"the {done} layers scored are kept in {kept.name}: run the same command again to score only "
+            "the others" if kept is not None and kept.enabled and done else "nothing was kept")
+    raise EncodingError(f"{len(failed)} of {n_layers} layers could not be scored ({reasons}); no scores were "
+                        f"written, {keep}. To go without a layer, leave it out with `layers`.")
+
+
 def encode_command(options: EncodeOptions | None = None, *, storage_options: Mapping | None = None,
                    **fields: Any) -> dict[str, Any]:
-    """`neuropredictor encode`: read the neural data -> encode -> save the scores -> plot -> the
-    JSON-able summary of `save_outputs`. Options: `EncodeOptions`, as an object and/or keywords.
-    Errors a user can fix are EncodingError (a NeuroPredictorError)."""
+    """`neuropredictor encode`: read the neural data -> score each layer (kept beside OUT until the scores
+    are saved, so that a rerun after a crash scores only the layers not finished; a layer that fails does not
+    stop the others) -> save the scores -> plot -> the JSON-able summary of `save_outputs`. Options:
+    `EncodeOptions`, as an object and/or keywords. Errors a user can fix are EncodingError (a
+    NeuroPredictorError)."""
     opts = EncodeOptions.resolve(options, fields)
     check_scores_out(opts.out, storage_options, opts.overwrite)
-    scores = encode(opts.features, opts.read_neural(storage_options), opts, storage_options=storage_options)
-    return save_outputs(scores, opts, storage_options=storage_options)
+    prep = prepare(opts.features, opts.read_neural(storage_options), opts, storage_options=storage_options)
+    kept = KeptLayers(opts.out, prep, opts, storage_options)
+    parts = score_layers(prep, opts, kept)
+    summary = save_outputs(assemble(prep, parts, opts), opts, storage_options=storage_options)
+    kept.clear()
+    return summary

@@ -47,7 +47,7 @@ def encode_flow(params: EncodeParameters) -> dict:
         logger.warning(str(w.message))
     progress = create_progress_artifact(progress=0.0, key="encode-progress", description="Layers scored")
     layer_task = encode_layer_task.with_options(retries=params.retries, retry_delay_seconds=5)
-    kept = enc.KeptLayers(params.out, prepared, params)
+    kept = enc.kept_layers(params.out, prepared, params)
     tried = 0
 
     def score(prep: enc.Prepared, layer: str, opts: EncodeParameters, kept: enc.KeptLayers) -> enc.LayerScores:

@@ -40,6 +40,7 @@ from neuropredictor.encode import (
     save_scores,
     summary_table,
 )
+from neuropredictor.encode.report import describe_split
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -144,6 +145,80 @@ def test_split_is_deterministic_and_order_free(planted):
     np.testing.assert_allclose(a.r.values, b.r.values, atol=1e-6)  # same stimuli held out
     c = encode(ds, nd, layers="mid", device="cpu", seed=3)
     assert not np.allclose(a.r.values, c.r.values)
+
+
+def _grouped(n_groups=30, per_group=10, width=40, targets=20, seed=5):
+    """Stimuli in groups (a concept each) whose features name the group and whose responses are the
+    group's own random effect: nothing generalises to a group not trained on, so held-out r is about
+    0 when groups are kept whole, and high when a group's other stimuli are in training (leakage)."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * per_group
+    labels = np.repeat([f"concept{g:02d}" for g in range(n_groups)], per_group)
+    member = np.repeat(np.arange(n_groups), per_group)
+    X = rng.standard_normal((n_groups, width))[member] + 0.1 * rng.standard_normal((n, width))
+    Y = rng.standard_normal((n_groups, targets))[member] + 0.3 * rng.standard_normal((n, targets))
+    keys = [f"img{i:04d}" for i in rng.permutation(n)]  # key order unrelated to the groups
+    return features_dataset({"x": X}, keys), NeuralData(Y, keys), labels
+
+
+@pytest.mark.parametrize("folds", [None, 5])
+def test_groups_keep_held_out_concepts_unseen(folds):
+    from dataclasses import replace as dc_replace
+
+    from neuropredictor.encode import prepare
+
+    ds, nd, labels = _grouped()
+    leaky = encode(ds, nd, folds=folds, device="cpu", permutations=0)
+    grouped_nd = dc_replace(nd, groups=labels)
+    grouped = encode(ds, grouped_nd, folds=folds, device="cpu", permutations=0)
+    assert float(np.median(leaky.r.values)) > 0.8  # a concept's other images were trained on
+    assert abs(float(np.median(grouped.r.values))) < 0.2  # new concepts: nothing to predict them from
+    assert grouped.attrs["n_groups"] == 30 and "by group (30 groups)" in str(describe_split(grouped.attrs))
+    # outer and inner folds both keep each concept on one side (the inner search chose alphas by group too)
+    prep = prepare(ds, grouped_nd, folds=folds, device="cpu")
+    label_of = dict(zip(nd.keys, labels))
+    rows = np.array([label_of[k] for k in prep.keys], dtype=object)
+    for (tr, te), inner in zip(prep.splits, prep.inner):
+        assert not set(rows[tr]) & set(rows[te])
+        assert len(inner) == 5
+        for a, b in inner:
+            assert not set(rows[tr][a]) & set(rows[tr][b]) and len(a) + len(b) == len(tr)
+
+
+def test_group_splits_are_whole_balanced_and_order_free():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 12, 40)  # groups of unequal size
+    labels = np.repeat([f"g{i}" for i in range(40)], sizes).tolist()
+    keys = [f"k{i}" for i in range(len(labels))]
+    n = len(keys)
+    five = outer_splits(keys, None, 0.2, 5, 0, labels)
+    tests = [te for _, te in five["splits"]]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(n))  # each stimulus held out once
+    for tr, te in five["splits"]:
+        assert not {labels[i] for i in tr} & {labels[i] for i in te}
+        assert abs(len(te) - n / 5) <= sizes.max()
+    random = outer_splits(keys, None, 0.2, None, 0, labels)
+    (tr, te), = random["splits"]
+    assert not {labels[i] for i in tr} & {labels[i] for i in te} and abs(len(te) - 0.2 * n) <= sizes.max()
+    # rows in another order: the same stimuli held out
+    order = rng.permutation(n)
+    again = outer_splits([keys[i] for i in order], None, 0.2, None, 0, [labels[i] for i in order])
+    assert {keys[order[i]] for i in again["splits"][0][1]} == {keys[i] for i in te}
+    assert outer_splits(keys, None, 0.2, None, 1, labels)["splits"][0][1].tolist() != te.tolist()  # seed matters
+
+
+def test_groups_refuse_a_straddling_split_and_too_few_groups():
+    keys = [f"k{i}" for i in range(40)]
+    labels = [f"g{i // 10}" for i in range(40)]
+    train = np.arange(40) % 10 != 0  # the first stimulus of every group is a test stimulus
+    with pytest.raises(EncodingError, match=r"4 groups have stimuli on both sides of the given split"):
+        outer_splits(keys, train, 0.2, None, 0, labels)
+    whole = np.array([g != "g3" for g in labels])
+    assert outer_splits(keys, whole, 0.2, None, 0, labels)["n_test"] == 10
+    with pytest.raises(EncodingError, match=r"fall in 4 groups, fewer than the 5 folds"):
+        outer_splits(keys, None, 0.2, 5, 0, labels)
+    with pytest.raises(EncodingError, match="3 group labels for 40 rows"):
+        NeuralData(np.zeros((40, 2)), keys, groups=["a", "b", "c"])
 
 
 def test_outer_folds_and_ceiling(planted):
@@ -449,6 +524,26 @@ def test_load_csv_with_key_column(tmp_path):
     assert nd.train.sum() == 45
     with pytest.raises(EncodingError, match="no key column 'key'"):
         load_neural(tmp_path / "y.csv")
+
+
+def test_load_groups_from_a_column_an_array_or_a_file(tmp_path):
+    keys, _, Y = _small()
+    labels = [f"concept{i % 7}" for i in range(60)]
+    df = pd.DataFrame(Y, columns=[f"v{i}" for i in range(5)])
+    df.insert(0, "key", keys)
+    df["concept"] = labels
+    df.to_csv(tmp_path / "y.csv", index=False)
+    nd = load_neural(tmp_path / "y.csv", groups="concept")  # a text column, not a target
+    _check(nd, keys, Y, [f"v{i}" for i in range(5)])
+    assert nd.groups == labels
+    np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), concept=np.array(labels))
+    assert load_neural(tmp_path / "y.npz", groups="concept").groups == labels
+    (tmp_path / "groups.txt").write_text("\n".join(labels) + "\n")
+    assert load_neural(tmp_path / "y.npz", groups=str(tmp_path / "groups.txt")).groups == labels
+    with pytest.raises(EncodingError, match="groups 'nope' is neither a column"):
+        load_neural(tmp_path / "y.npz", groups="nope")
+    assert EncodeOptions(features="f", neural=str(tmp_path / "y.csv"), out="o",
+                         groups="concept").read_neural().groups == labels
 
 
 @pytest.mark.parametrize("suffix", [".nc", ".zarr"])
@@ -770,3 +865,19 @@ def test_kept_layers_of_a_damaged_file_or_a_foreign_folder(pipeline_store, tmp_p
     assert rerun.layers == ["layer1", "layer4"]
     assert "its kept scores cannot be read" in caplog.text and "left as it is" in caplog.text
     assert (kept.parent.parent / "notes.txt").read_text() == "mine"
+
+
+def test_cli_groups_option_reaches_the_split(pipeline_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    keys = (Path(pipeline_store["keys_file"]).read_text().splitlines())
+    (tmp_path / "groups.txt").write_text("\n".join(f"g{i % 12}" for i in range(len(keys))))
+    args = ["encode", pipeline_store["features"], pipeline_store["neural"], "--keys", pipeline_store["keys_file"],
+            "--out", str(tmp_path / "s.zarr"), "--folds", "4", "--permutations", "0", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(app, [*args, "--groups", str(tmp_path / "groups.txt")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["split"] == "4-fold CV, 58 stimuli, by group (12 groups)"
+    assert xr.open_zarr(summary["scores"]).attrs["n_groups"] == 12

@@ -115,6 +115,7 @@ UsePrefect = Annotated[bool | None, typer.Option(
 KeysFile = Annotated[str | None, enc_option("keys_file", "--keys")]
 KeyColumn = Annotated[str, enc_option("key_column", "--key-column")]
 Split = Annotated[str | None, enc_option("split", "--split")]
+Groups = Annotated[str | None, enc_option("groups", "--groups")]
 Folds = Annotated[int | None, enc_option("folds", "--folds")]
 Alphas = Annotated[str | None, enc_option("alphas", "--alphas")]
 TestFraction = Annotated[float, enc_option("test_fraction", "--test-fraction")]

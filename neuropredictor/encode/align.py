@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,29 +132,89 @@ def _key_hint(fkeys: list[str], nkeys: list[str]) -> str:
 SPLIT_SCHEME = "key-hash/1"
 
 
+def _hash_order(labels: Sequence[str], seed: int) -> np.ndarray:
+    """The order of labels by a hash of the seed and the label: a random order that depends on nothing else."""
+    return np.argsort([hashlib.blake2b(f"{seed}|{k}".encode(), digest_size=8).digest() for k in labels],
+                      kind="stable")
+
+
+def _group_places(groups: Sequence[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the middle of its group's place when the groups are laid end to end in hash order (in
+    stimuli, 0..n), and its group's index. Splitting this line cuts between groups, never through one, and a
+    stimulus more or less moves only the groups at a cut (as the keys' hash order does ungrouped)."""
+    labels, inverse, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True,
+                                        return_counts=True)
+    order = _hash_order(labels.tolist(), seed)
+    ends = np.empty(len(labels))
+    ends[order] = np.cumsum(counts[order])
+    middle = ends - counts / 2.0
+    return middle[inverse], inverse
+
+
+def grouped_folds(groups: Sequence[str], k: int, seed: int, what: str = "stimuli") -> list[np.ndarray]:
+    """k disjoint sets of row indices, whole groups each, about equal in stimuli (within a group's size)."""
+    n_groups = len(set(groups))
+    if n_groups < k:
+        raise EncodingError(f"the {what} fall in {n_groups} groups, fewer than the {k} folds asked for: "
+                            "use fewer folds, or finer groups")
+    middle, _ = _group_places(groups, seed)
+    fold = np.minimum((middle * k / len(groups)).astype(int), k - 1)
+    parts = [np.flatnonzero(fold == i) for i in range(k)]
+    if any(len(p) == 0 for p in parts):
+        raise EncodingError(f"the groups of the {what} are too unequal in size for {k} folds (one group holds "
+                            "more than a fold's share): use fewer folds")
+    return parts
+
+
+def inner_group_folds(groups: Sequence[str], k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The alpha search's (train, test) folds over one outer fold's training stimuli, by group."""
+    parts = grouped_folds(groups, k, seed, "training stimuli of a fold")
+    return [(np.sort(np.concatenate([p for j, p in enumerate(parts) if j != i])), parts[i]) for i in range(k)]
+
+
 def outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float, folds: int | None,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """The held-out designs: the data's own split (train), K folds, or a random test fraction; with groups, a
+    group is never on both sides."""
     n = len(keys)
     if train is not None:
         if folds:
             raise EncodingError("the neural data has its own train/test split; drop it or folds=, "
                                 "not both")
+        if groups is not None:
+            labels = np.asarray(groups, dtype=object)
+            straddle = sorted(set(labels[train].tolist()) & set(labels[~train].tolist()))
+            if straddle:
+                raise EncodingError(f"{len(straddle)} groups have stimuli on both sides of the given split (e.g. "
+                                    f"{_fmt(straddle)}): fix the split, or drop groups= to use it as it is")
         tr, te = np.flatnonzero(train), np.flatnonzero(~train)
         return {"splits": [(tr, te)], "how": "given", "n_train": len(tr), "n_test": len(te)}
-    # Random, but each key's place is a function of the seed and the key alone: rows in another order split
-    # the same, and a stimulus one model could not use (an invalid image) moves no other between train and
-    # test, so models compared on one neural data set share their splits but for the stimuli they lack.
-    perm = np.argsort([hashlib.blake2b(f"{seed}|{k}".encode(), digest_size=8).digest() for k in keys], kind="stable")
     if folds:
         k = int(folds)
         if k < 2 or k > n:
             raise EncodingError(f"folds must be between 2 and the number of stimuli ({n}), not {k}")
-        parts = np.array_split(perm, k)
+    if groups is not None:
+        if folds:
+            parts = grouped_folds(groups, k, seed)
+        else:
+            middle, _ = _group_places(groups, seed)
+            test = middle < n * float(test_fraction)
+            parts = [np.flatnonzero(test), np.flatnonzero(~test)]
+    else:
+        # Random, but each key's place is a function of the seed and the key alone: rows in another order split
+        # the same, and a stimulus one model could not use (an invalid image) moves no other between train and
+        # test, so models compared on one neural data set share their splits but for the stimuli they lack.
+        perm = _hash_order(keys, seed)
+        if folds:
+            parts = np.array_split(perm, k)
+        else:
+            n_test = int(round(n * float(test_fraction)))
+            parts = [perm[:n_test], perm[n_test:]]
+    if folds:
         splits = [(np.sort(np.concatenate([p for j, p in enumerate(parts) if j != i])), np.sort(parts[i]))
                   for i in range(k)]
         return {"splits": splits, "how": f"{k}-fold", "n_train": n - len(parts[0]), "n_test": len(parts[0])}
-    n_test = int(round(n * float(test_fraction)))
-    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    te, tr = np.sort(parts[0]), np.sort(parts[1])
     return {"splits": [(tr, te)], "how": f"random {test_fraction:g} (seed {seed})", "n_train": len(tr),
             "n_test": len(te)}
 

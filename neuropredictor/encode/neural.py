@@ -35,6 +35,8 @@ class NeuralData:
     targets: a name per target (voxel id, neuron id); default "t0", "t1", ...
     roi: a label per target (for per-ROI summaries), or None.
     train: bool per row, True = training stimulus, or None (encode then splits by itself).
+    groups: a label per row (the concept of an image, the photo a crop came from), or None: stimuli of
+        one group are never on both sides of a split.
     ceiling: per-target noise ceiling in units of r (the largest correlation a perfect model could
         reach given the measurement noise), or None.
     source: where the data came from (for the record).
@@ -47,6 +49,7 @@ class NeuralData:
     train: np.ndarray | None = None
     ceiling: np.ndarray | None = None
     source: str | None = None
+    groups: list[str] | None = None
 
     def __post_init__(self) -> None:
         values = np.asarray(self.values)
@@ -88,6 +91,11 @@ class NeuralData:
             self.train = _as_bool(self.train, "train mask")
             if self.train.shape != (n,):
                 raise EncodingError(f"train mask has shape {self.train.shape}; expected ({n},), one flag per row")
+        if self.groups is not None:
+            self.groups = [str(g) for g in np.asarray(self.groups, dtype=object).reshape(-1).tolist()]
+            if len(self.groups) != n:
+                raise EncodingError(f"{len(self.groups)} group labels for {n} rows of neural data: give one "
+                                    "label per row, in row order")
         if self.ceiling is not None:
             self.ceiling = np.asarray(self.ceiling, dtype=np.float64).reshape(-1)
             if self.ceiling.shape != (t,):
@@ -106,19 +114,19 @@ class NeuralData:
         rng = np.random.default_rng(seed)
         keys = [self.keys[i] for i in rng.permutation(len(self.keys))]
         return NeuralData(self.values.copy(), keys, list(self.targets or []), self.roi, self.train,
-                          self.ceiling, source=f"{self.source} (keys permuted, seed {seed})")
+                          self.ceiling, source=f"{self.source} (keys permuted, seed {seed})", groups=self.groups)
 
 
 def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str] | None = None,
                 key_column: str = "key", split: Any = None, *, targets: Any = None, roi: Any = None,
-                ceiling: Any = None, array: str | None = None,
+                ceiling: Any = None, array: str | None = None, groups: Any = None,
                 storage_options: Mapping | None = None) -> NeuralData:
     """Read neural data (stimuli x targets) and its stimulus keys.
 
     path: `.npy`, `.npz`, `.csv`, `.nc` or `.zarr` (local or any fsspec URL). The other arguments
     mean what the `EncodeOptions` fields of the same names say (`keys` is `keys_file` there), and
-    here also take Python values: keys, targets, roi as lists; ceiling as a list or array; split as a
-    list of test keys, a bool array (True = train) or an array of "train"/"test", one per row.
+    here also take Python values: keys, targets, roi, groups as lists; ceiling as a list or array; split
+    as a list of test keys, a bool array (True = train) or an array of "train"/"test", one per row.
     """
     spath = os.fspath(path)
     suffix = _suffix(spath)
@@ -133,8 +141,8 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
     elif suffix == ".npz":
         values, container = _read_npz(spath, array, opts)
     elif suffix == ".csv":
-        values, container, csv_targets = _read_csv(spath, key_column, split if isinstance(split, str) else None,
-                                                   keys is None, opts)
+        values, container, csv_targets = _read_csv(spath, key_column, [c for c in (split, groups)
+                                                                       if isinstance(c, str)], keys is None, opts)
         if targets is None:
             targets = csv_targets
     elif suffix in (".nc", ".zarr"):
@@ -167,7 +175,8 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
     roi_list = _resolve_per_target(roi, container, _ROI_NAMES, opts)
     ceiling_arr = _resolve_ceiling(ceiling, container, opts)
     train = _resolve_split(split, container, key_list, opts, spath)
-    return NeuralData(values, key_list, target_list, roi_list, train, ceiling_arr, source=spath)
+    group_list = _resolve_groups(groups, container, opts, spath)
+    return NeuralData(values, key_list, target_list, roi_list, train, ceiling_arr, source=spath, groups=group_list)
 
 
 def _npz_array(z: Any, name: str, spath: str) -> np.ndarray:
@@ -211,8 +220,9 @@ def _read_npz(spath: str, array: str | None, opts: dict) -> tuple[np.ndarray, di
     return container.pop(name), container
 
 
-def _read_csv(spath: str, key_column: str, split_column: str | None, need_keys: bool,
+def _read_csv(spath: str, key_column: str, other_columns: Sequence[str], need_keys: bool,
               opts: dict) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """The responses, the key column and the named other columns (split, groups), and the target names."""
     import pandas as pd
 
     with _open(spath, "r", opts) as f:
@@ -224,13 +234,14 @@ def _read_csv(spath: str, key_column: str, split_column: str | None, need_keys: 
     elif need_keys:
         raise EncodingError(f"{spath}: no key column {key_column!r}; columns are "
                             f"{_fmt(list(df.columns), 12)}. Pass key_column= or keys=")
-    if split_column is not None and split_column in df.columns:
-        container[split_column] = df.pop(split_column).to_numpy()
+    for column in other_columns:
+        if column in df.columns:
+            container[column] = df.pop(column).to_numpy()
     bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise EncodingError(f"{spath}: columns {_fmt(bad)} are not numeric; every column other than the key "
-                            f"({key_column!r}) and the split must hold one target's responses. Remove them, "
-                            "or name the key/split column with key_column= / split=")
+                            f"({key_column!r}), the split and the groups must hold one target's responses. Remove "
+                            "them, or name the key/split/groups column with key_column= / split= / groups=")
     # numeric, but not responses: a row number would be scored as a target (and can correlate with a
     # sorted stimulus order), a True/False column is a split or a flag
     unnamed = [c for c in df.columns if str(c).startswith("Unnamed: ")]
@@ -352,6 +363,20 @@ def _resolve_split(split: Any, container: dict, keys: list[str], opts: dict, spa
     if arr.size == n and {str(x).strip().lower() for x in arr.tolist()} <= {"train", "test"}:
         return _split_values(arr, "split", n, spath)
     return _test_keys_to_train([str(x) for x in arr.reshape(-1).tolist()], keys, "the test key list")
+
+
+def _resolve_groups(groups: Any, container: dict, opts: dict, spath: str) -> list[str] | None:
+    if groups is None:
+        return None
+    if isinstance(groups, str) and groups in container:
+        return [str(g) for g in np.asarray(container[groups]).reshape(-1).tolist()]
+    if _is_pathlike(groups):
+        g = os.fspath(groups)
+        if not fsx.exists(g, opts):
+            raise EncodingError(f"groups {g!r} is neither a column/array/variable of {spath} (it has "
+                                f"{_fmt(sorted(container), 12)}) nor a file with one group label per line")
+        return _read_lines(g, opts)
+    return [str(x) for x in groups]
 
 
 def _split_values(values: np.ndarray, name: str, n: int, spath: str) -> np.ndarray:

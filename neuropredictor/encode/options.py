@@ -105,6 +105,10 @@ class EncodeOptions(FitOptions):
     split: str | None = Field(None, description="Train/test split: a column/array/variable of NEURAL holding "
                               "booleans or 0/1 (True = train, unless its name contains 'test') or 'train'/'test', "
                               "or a text file of test keys. Default: a random held-out fraction, or `folds`.")
+    groups: str | None = Field(None, description="Group label per stimulus (the concept an image shows, the photo "
+                               "a crop came from): a column/array/variable of NEURAL, or a text file with one label "
+                               "per line in row order. Stimuli of one group are never on both sides of a split: "
+                               "outer folds, the random split, and the alpha search's inner folds.")
     targets: str | None = Field(None, description="Target names: a name inside NEURAL or a text file (default: "
                                 "csv columns, a `targets` array, the second dimension's coordinate).")
     roi: str | None = Field(None, description="ROI label per target, for per-ROI scores: a name inside NEURAL or a "
@@ -120,4 +124,4 @@ class EncodeOptions(FitOptions):
         """The neural data these options name."""
         return load_neural(self.neural, keys=self.keys_file, key_column=self.key_column, split=self.split,
                            targets=self.targets, roi=self.roi, ceiling=self.ceiling, array=self.array,
-                           storage_options=storage_options)
+                           groups=self.groups, storage_options=storage_options)

@@ -87,11 +87,13 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
 def describe_split(attrs: Mapping[str, Any]) -> str:
     """The held-out design of a run in words: "5-fold CV, 600 stimuli", "given split: 480 train / 120 test"."""
     how = str(attrs.get("split", ""))
+    grouped = f", by group ({attrs['n_groups']} groups)" if attrs.get("n_groups") else ""
     if how.endswith("-fold"):
-        return f"{how} CV, {attrs['n_stimuli']} stimuli"
+        return f"{how} CV, {attrs['n_stimuli']} stimuli{grouped}"
     if "n_train" not in attrs:
         return how
-    return f"{'given' if how == 'given' else 'random'} split: {attrs['n_train']} train / {attrs['n_test']} test"
+    return (f"{'given' if how == 'given' else 'random'} split: {attrs['n_train']} train / {attrs['n_test']} test"
+            + grouped)
 
 
 def check_scores_out(url: str, storage_options: Mapping | None = None, overwrite: bool = False) -> None:

@@ -39,7 +39,8 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
 
     alphas: ridge grid (default DEFAULT_ALPHAS); one alpha is chosen per target by `n_folds`-fold
         cross-validation on the training rows only (shuffled with `seed`), minimising the squared
-        error. cv: a scikit-learn splitter to use instead (e.g. LeaveOneOut()).
+        error. cv: a scikit-learn splitter to use instead (e.g. LeaveOneOut()), or the (train, test)
+        row index pairs themselves (a grouped search: `align.inner_group_folds`).
     solver: "ridge" (himalaya RidgeCV, primal), "kernel" (himalaya KernelRidgeCV, linear kernel) or
         "auto": whichever needs fewer operations for this shape (see `_solver_flops`). Both give
         the same fit; kernel wins when features outnumber stimuli, and also somewhat below that,
@@ -79,11 +80,13 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
     # Materialised: himalaya asks the splitter for get_n_splits() without X, which LeaveOneOut
     # and other sample-count-dependent splitters cannot answer.
     try:
-        splits = [(np.asarray(a), np.asarray(b)) for a, b in cv.split(np.zeros((Xtr.shape[0], 1)))]
+        pairs = cv if isinstance(cv, (list, tuple)) else cv.split(np.zeros((Xtr.shape[0], 1)))
+        splits = [(np.asarray(a), np.asarray(b)) for a, b in pairs]
     except Exception as e:
         raise EncodingError(f"inner cross-validation splitter {cv!r} failed on {Xtr.shape[0]} stimuli: {e}") from e
     if not splits or any(len(a) == 0 or len(b) == 0 for a, b in splits):
-        raise EncodingError(f"inner cross-validation {cv!r} gives an empty fold for {Xtr.shape[0]} stimuli")
+        what = "folds given" if isinstance(cv, (list, tuple)) else repr(cv)
+        raise EncodingError(f"inner cross-validation ({what}) has an empty fold for {Xtr.shape[0]} stimuli")
     if dtype not in ("float32", "float64"):
         raise EncodingError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
     np_dtype = np.dtype(dtype)

@@ -6,6 +6,8 @@ scores only the layers not finished), and writing the scores and the plot."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -19,7 +21,8 @@ import numpy as np
 
 from neuropredictor.encode._common import EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_medians
-from neuropredictor.encode.align import SPLIT_SCHEME, align, layer_matrix, open_dataset, outer_splits, select_layers
+from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
+                                         outer_splits, select_layers)
 from neuropredictor.encode.kept import KeptLayers
 from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.options import EncodeOptions, FitOptions
@@ -48,6 +51,8 @@ class Prepared:
     usable: np.ndarray  # indices of the targets that are not NaN everywhere
     splits: list[tuple[np.ndarray, np.ndarray]]  # (train, test) rows of Y, one pair per outer fold
     report: dict[str, Any]  # alignment report and split
+    # with groups: per outer fold, the alpha search's (train, test) folds over its training rows, by group
+    inner: list[list[tuple[np.ndarray, np.ndarray]]] | None = None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -79,17 +84,21 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     aligned = align(ds, neural)
     fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
     keys = [neural.keys[i] for i in ni]
+    groups = None if neural.groups is None else np.asarray(neural.groups, dtype=object)[ni]
     folds = outer_splits(keys, neural.train[ni] if neural.train is not None else None, opts.test_fraction,
-                         opts.folds, opts.seed)
+                         opts.folds, opts.seed, groups)
     need = max(_MIN_TRAIN, 2 * opts.inner_folds)
     for tr, te in folds["splits"]:
         if len(tr) < need or len(te) < _MIN_TEST:
             raise EncodingError(f"after alignment the split leaves {len(tr)} training and {len(te)} test stimuli; "
                                 f"need at least {need} and {_MIN_TEST}. Check the split, or lower `inner_folds` "
                                 "/ change test_fraction")
-    report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]))
+    inner = None if groups is None else [inner_group_folds(groups[tr], opts.inner_folds, opts.seed)
+                                         for tr, _ in folds["splits"]]
+    report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]),
+                  n_groups=0 if groups is None else len(set(groups.tolist())))
     return Prepared(ds, features_name, layers, neural, fi, keys, neural.values[np.ix_(ni, usable)], usable,
-                    folds["splits"], report, started)
+                    folds["splits"], report, inner, started)
 
 
 def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, **fields: Any) -> LayerScores:
@@ -97,9 +106,10 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     opts = FitOptions.resolve(options, fields)
     t0 = time.perf_counter()
     X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
-    folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds, seed=opts.seed,
+    folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds,
+                          cv=prep.inner[i] if prep.inner is not None else None, seed=opts.seed,
                           device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
-                          return_predictions=True) for tr, te in prep.splits]
+                          return_predictions=True) for i, (tr, te) in enumerate(prep.splits)]
     r = _fold_mean([f["r"] for f in folds])
     null = None
     if opts.permutations:
@@ -196,6 +206,7 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         "n_test": report["n_test"],
         "split": report["split"],
         "split_scheme": SPLIT_SCHEME,
+        "n_groups": report.get("n_groups", 0),
         "folds": opts.folds or 0,
         "inner_folds": opts.inner_folds,
         "seed": opts.seed,
@@ -226,7 +237,8 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     training stimuli only. Held-out stimuli: the neural data's own split if it has one; else `folds`
     outer folds (every stimulus held out once; scores averaged over the folds that score a target, alpha
     the lower median of the folds' choices); else a random `test_fraction` (each stimulus placed by a hash
-    of the seed and its key).
+    of the seed and its key). With the neural data's `groups`, whole groups are placed (outer and inner
+    folds), so that no group is on both sides of a split.
 
     Returns the Dataset described in `assemble`.
     """
@@ -235,14 +247,51 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 
+_KEPT_FORMAT = 1  # bump when LayerScores or the fingerprint change meaning
+
+
+def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
+    """What a layer's scores depend on, hashed: the features store's config and the rows read, the
+    responses, the splits (inner ones too), the chance test's groups and the fit options (not the device or
+    batch size). None when the features carry no config hash (a Dataset made in memory: nothing says that its
+    numbers are those of an earlier run)."""
+    config_hash = prep.ds.attrs.get("config_hash")
+    if not config_hash:
+        return None
+    h = hashlib.sha256()
+
+    def add(*parts: Any) -> None:
+        for p in parts:
+            if isinstance(p, np.ndarray):
+                h.update(str((p.dtype.str, p.shape)).encode())
+                h.update(np.ascontiguousarray(p).tobytes())
+            else:
+                h.update(json.dumps(p, sort_keys=True, default=str).encode())
+            h.update(b"\0")
+
+    add(_KEPT_FORMAT, config_hash, prep.keys, prep.rows, prep.Y, prep.usable)
+    for train, test in [*prep.splits, *(pair for fold in prep.inner or [] for pair in fold)]:
+        add(train, test)
+    roi = prep.neural.roi
+    add(None if roi is None else [str(x) for x in roi])
+    add({k: getattr(options, k) for k in ("inner_folds", "seed", "dtype", "solver", "permutations")},
+        options.alpha_grid)
+    return h.hexdigest()[:16]
+
+
+def kept_layers(out: str, prep: Prepared, options: FitOptions, storage_options: Mapping | None = None) -> KeptLayers:
+    """Where a run scoring into `out` keeps its finished layers (OUT.partial/), for these inputs."""
+    return KeptLayers(out, fingerprint(prep, options), storage_options)
+
+
 def score_kept(prep: Prepared, layer: str, options: FitOptions, kept: KeptLayers | None) -> LayerScores:
     """`score_layer`, or the layer's scores as an earlier run of the same inputs kept them; kept once scored."""
-    if kept is not None and (part := kept.load(layer)) is not None:
+    if kept is not None and (fields := kept.load(layer)) is not None:
         log.info("layer %s: scored by an earlier run of the same inputs (kept in %s)", layer, kept.name)
-        return part
+        return LayerScores(**fields)
     part = score_layer(prep, layer, options)
     if kept is not None:
-        kept.save(part)
+        kept.save(dataclasses.asdict(part))
     return part
 
 
@@ -284,7 +333,7 @@ def encode_command(options: EncodeOptions | None = None, *, storage_options: Map
     opts = EncodeOptions.resolve(options, fields)
     check_scores_out(opts.out, storage_options, opts.overwrite)
     prep = prepare(opts.features, opts.read_neural(storage_options), opts, storage_options=storage_options)
-    kept = KeptLayers(opts.out, prep, opts, storage_options)
+    kept = kept_layers(opts.out, prep, opts, storage_options)
     parts = score_layers(prep, opts, kept)
     summary = save_outputs(assemble(prep, parts, opts), opts, storage_options=storage_options)
     kept.clear()

@@ -29,7 +29,8 @@ _DEFAULT_BATCH_BYTES = 2**30  # size of one large intermediate of the solver (se
 def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y_test: np.ndarray,
                  alphas: Sequence[float] | np.ndarray | None = None, n_folds: int = 5, *, cv: Any = None,
                  seed: int = 0, device: str = "auto", dtype: str = "float32", solver: str = "auto",
-                 batch_bytes: int = _DEFAULT_BATCH_BYTES, return_predictions: bool = False) -> dict[str, Any]:
+                 batch_bytes: int = _DEFAULT_BATCH_BYTES, return_predictions: bool = False,
+                 copy_X: bool = True) -> dict[str, Any]:
     """Fit ridge on one layer's training stimuli and score it on the test stimuli, for all targets.
 
     X_*: (n, ...) features (flattened here); Y_*: (n, n_targets) responses. Features are
@@ -49,6 +50,8 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
     dtype: "float32" (fast, enough for these scores) or "float64".
     batch_bytes: cap on the size of the solver's largest intermediates (alphas and targets are
         processed in batches to stay under it).
+    copy_X: False lets the features be standardised in place when they are already in `dtype` (X_train
+        and X_test are then overwritten): a copy of the layer less at the peak.
 
     Returns numpy arrays: r, r2, alpha, cv_score (per target), and n_train, n_test, n_features,
     solver, backend, seconds; predictions (n_test, n_targets, in Y's units) if return_predictions.
@@ -93,7 +96,7 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
 
     # Standardise with training statistics only: test rows must not inform the model.
     mu, sd = _column_stats(Xtr)
-    Xtr, Xte = _standardise(Xtr, mu, sd, np_dtype), _standardise(Xte, mu, sd, np_dtype)
+    Xtr, Xte = _standardise(Xtr, mu, sd, np_dtype, copy_X), _standardise(Xte, mu, sd, np_dtype, copy_X)
     ymu, ysd = Ytr.mean(0), Ytr.std(0)
     ysd[ysd == 0] = 1.0
     Ytr_z = ((Ytr - ymu) / ysd).astype(np_dtype)
@@ -163,8 +166,9 @@ def _column_stats(X: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndar
     return mu, sd
 
 
-def _standardise(X: np.ndarray, mu: np.ndarray, sd: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    out = X.astype(dtype, copy=True)  # one copy in the solver's dtype, then in place
+def _standardise(X: np.ndarray, mu: np.ndarray, sd: np.ndarray, dtype: np.dtype, copy: bool = True) -> np.ndarray:
+    # at most one copy, in the solver's dtype; then in place
+    out = X.astype(dtype, copy=copy or not X.flags.writeable)
     out -= mu.astype(dtype)
     out /= sd.astype(dtype)
     return out

@@ -109,7 +109,8 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds,
                           cv=prep.inner[i] if prep.inner is not None else None, seed=opts.seed,
                           device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
-                          return_predictions=True) for i, (tr, te) in enumerate(prep.splits)]
+                          return_predictions=True, copy_X=False)  # X[tr], X[te] are copies already
+             for i, (tr, te) in enumerate(prep.splits)]
     r = _fold_mean([f["r"] for f in folds])
     null = None
     if opts.permutations:

@@ -10,6 +10,7 @@ dies is simply run again, and re-running the parent resumes.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelling
 from pydantic import Field
@@ -141,6 +143,23 @@ def watch(window: Launches, launch: Callable[[int], None], client: Any, poll_sec
                 client.set_flow_run_state(run_id, Cancelling(message=f"its {parent} parent ended"), force=True)
 
 
+def check_deployment(client: Any, name: str) -> None:
+    """NeuroPredictorError, before any work, when the deployment the children would run does not exist: named
+    with the deployments there are (closest first). Otherwise a mistyped name fails only at the first launch,
+    after the parent has loaded the model and planned the store."""
+    if name.count("/") == 1:
+        with contextlib.suppress(ObjectNotFound):
+            client.read_deployment_by_name(name)
+            return
+    flows = {f.id: f.name for f in client.read_flows()}
+    known = sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments())
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    raise NeuroPredictorError(
+        f"no deployment {name!r} on this Prefect server (deployment names are FLOW/DEPLOYMENT, e.g. extract/gpu)"
+        + (f"; did you mean {', '.join(close)}?" if close else f"; it has {', '.join(known) or 'none'}")
+        + " Deploy it first (`prefect deploy`, see deployments/), or pass deployment=NAME.")
+
+
 def child_states(client: Any, run_ids: list[UUID]) -> dict[UUID, State | None]:
     """The current state of each child run, read in pages of POLL_PAGE runs."""
     out: dict[UUID, State | None] = {}
@@ -155,6 +174,8 @@ def child_states(client: Any, run_ids: list[UUID]) -> dict[UUID, State | None]:
 def extract_distributed_flow(params: DistributedParameters) -> dict:
     """Fan an extraction out over a work pool's workers; finalize once when every group is done."""
     logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        check_deployment(client, params.deployment)
     # the parent plans and finalizes on its control worker, which need not have the children's GPUs
     config = params.library_config().model_copy(update={"device": "cpu"})
     shards = validate_task(config)

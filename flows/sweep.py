@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from neuropredictor_flows.artifacts import markdown_image
-from neuropredictor_flows.distributed import Launches, child_key, watch
+from neuropredictor_flows.distributed import Launches, check_deployment, child_key, watch
 from neuropredictor_flows.extract import (
     ExtractParameters,
     emit,
@@ -152,6 +152,8 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
             model_done()
 
     if params.deployment:
+        with get_client(sync_client=True) as client:
+            check_deployment(client, params.deployment)
         record = sweep_run.SweepRecord(sweep)
         extracted = _extract_children(params, sweep, record, model_done)
         summary = sweep_run.summarize(sweep, [sweep_run.model_entry(sweep, m, record, extracted[m.label], encode_task)

@@ -19,7 +19,8 @@ import zarr
 from conftest import MODEL, check_against_reference, make_images
 from neuropredictor_flows.extract import ExtractParameters, extract_flow
 from neuropredictor.corpus import make_shards
-from neuropredictor.errors import ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError, StoreError
+from neuropredictor.errors import (ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError,
+                                   NeuroPredictorError, StoreError)
 from neuropredictor.store import FeatureStore, open_features
 
 
@@ -574,3 +575,30 @@ def test_the_distributed_parent_launches_in_waves_and_gives_up_on_a_broken_deplo
         window.running[i] = uuid4()
         assert window.ended(i, "FAILED", "no such layer", committed=False) is False
     assert window.to_launch() == [3, 4]
+
+
+def test_a_mistyped_deployment_is_named_before_any_work(corpus, tmp_path):
+    """The distributed parent checks the children's deployment before loading the model or planning the
+    store, and names the deployments there are."""
+    from prefect import flow as prefect_flow
+    from prefect.client.orchestration import get_client
+
+    from neuropredictor_flows.distributed import DistributedParameters, check_deployment, extract_distributed_flow
+
+    @prefect_flow(name="extract")
+    def extract():  # a stand-in flow, for the name of its deployment only
+        pass
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(extract)
+        client.create_deployment(flow_id=flow_id, name="gpu-pool")
+        check_deployment(client, "extract/gpu-pool")  # there: nothing raised
+        with pytest.raises(NeuroPredictorError, match=r"no deployment 'extract/gpu-pol'.*did you mean extract/gpu-pool"):
+            check_deployment(client, "extract/gpu-pol")
+        with pytest.raises(NeuroPredictorError, match=r"no deployment 'gpu-pool'.*FLOW/DEPLOYMENT.*extract/gpu-pool"):
+            check_deployment(client, "gpu-pool")
+    out = tmp_path / "dist.zarr"
+    params = DistributedParameters(**_params(corpus, out).model_dump(), deployment="extract/gpu_pool")
+    state = extract_distributed_flow(params, return_state=True)
+    assert state.is_failed() and "did you mean extract/gpu-pool" in state.message
+    assert not out.exists()  # refused before the plan

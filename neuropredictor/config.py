@@ -105,13 +105,13 @@ class ExtractConfig(BaseModel):
         return [name for name, f in cls.model_fields.items() if any(m is role for m in f.metadata)]
 
     def replica_key(self) -> tuple:
-        """What a model replica depends on (the device aside); a weights file also by its size and mtime, so
-        that a checkpoint replaced at the same path is loaded again."""
+        """What a model replica depends on (the device aside); local files also by their sizes and mtimes (a
+        weights file, a model folder `hf:/dir`, a custom model's `.py`), so that a checkpoint saved again at
+        the same path, or an edited model file, is loaded again."""
         key = tuple((name, _hashable(getattr(self, name))) for name in self.fields_with(REPLICA))
-        if self.weights and os.path.isfile(self.weights):
-            stat = os.stat(self.weights)
-            key += (("weights_file", stat.st_size, stat.st_mtime_ns),)
-        return key
+        rest = self.model.partition(":")[2]
+        paths = dict.fromkeys([self.weights or "", rest, rest.rpartition(":")[0], *rest.rpartition("@")[::2]])
+        return key + tuple(("local", path, _stamp(path)) for path in paths if path and os.path.exists(path))
 
     def resolved_devices(self) -> list[str]:
         """The devices a run uses ('auto': every CUDA device, else the CPU)."""
@@ -125,6 +125,25 @@ class ExtractConfig(BaseModel):
 
     def resolved_workers(self) -> int:
         return self.num_workers if self.num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+_STAMP_FILES = 10_000  # a folder's files looked at, at most (a model folder holds a few)
+
+
+def _stamp(path: str) -> tuple:
+    """Sizes and modification times of a file, or of the files in a folder (recursively)."""
+    def one(p: str) -> tuple:
+        st = os.stat(p)
+        return (st.st_size, st.st_mtime_ns)
+
+    if not os.path.isdir(path):
+        return one(path)
+    found = []
+    for root, _dirs, files in os.walk(path):
+        found += [(os.path.relpath(os.path.join(root, f), path), *one(os.path.join(root, f))) for f in files]
+        if len(found) > _STAMP_FILES:
+            break
+    return tuple(sorted(found))
 
 
 def _hashable(value: Any) -> Any:

@@ -4,6 +4,7 @@ in-memory computation; concurrency, a killed process, corrupt images, config mis
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -310,6 +311,64 @@ def test_a_custom_factory_that_loads_its_own_checkpoint_is_named_by_its_weights(
     torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "ckpt.pt")
     with pytest.raises(ConfigMismatchError, match="weights"):  # in this process too: the replica is not reused
         plan(_config(corpus, out, model=spec, pretrained=True))
+
+
+def test_a_notebook_rerun_after_the_model_changed_uses_the_new_model(corpus, tmp_path, monkeypatch):
+    """run() in one process keeps a replica for the next run: a factory redefined in a notebook (same spec,
+    random weights), an edited model file, and an `hf:` folder saved again each gave the old model's rows,
+    recorded under the old name."""
+    import sys
+    import types
+
+    import torch
+
+    def layer4(out):
+        return open_features(str(out))["layer4"].values
+
+    notebook = types.ModuleType("np_notebook")  # stands for __main__: cells define the factory
+    monkeypatch.setitem(sys.modules, "np_notebook", notebook)
+    notebook.net = lambda pretrained=False: __import__("torchvision").models.resnet18()
+    first = run(_config(corpus, tmp_path / "a.zarr", model="custom:np_notebook:net"))
+
+    def wider(pretrained=False):  # the cell edited: same layers, other weights
+        m = __import__("torchvision").models.resnet18()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(2.0)
+        return m
+
+    notebook.net = wider
+    second = run(_config(corpus, tmp_path / "b.zarr", model="custom:np_notebook:net"))
+    assert first["config"]["weights"] != second["config"]["weights"]
+    assert not np.allclose(layer4(tmp_path / "a.zarr"), layer4(tmp_path / "b.zarr"))
+    with pytest.raises(ConfigMismatchError, match="weights"):  # nor does the first store resume with it
+        plan(_config(corpus, tmp_path / "a.zarr", model="custom:np_notebook:net"))
+
+    # an edited .py file: executed again
+    source = tmp_path / "model_file.py"
+    source.write_text("import torchvision\n\ndef net():\n    return torchvision.models.resnet18()\n")
+    spec = f"custom:{source}:net"
+    assert type(load_model(spec).module).__name__ == "ResNet"
+    source.write_text("import torchvision\n\ndef net():\n    return torchvision.models.resnet34()\n")
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert len(load_model(spec).module.layer1) == 3  # resnet34's, not the module imported before
+
+    # an hf: folder saved again
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "vit"
+    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, image_size=32, patch_size=16)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        transformers.ViTModel(config).save_pretrained(folder)  # "the next epoch", into the same folder
+        out = tmp_path / f"vit{seed}.zarr"
+        outs.append(run(_config(corpus, out, model=f"hf:{folder}", layers=["layers.1"], reduce="cls",
+                                pretrained=True)))
+    assert outs[0]["config"]["weights"] != outs[1]["config"]["weights"]
+    a, b = (open_features(str(tmp_path / f"vit{seed}.zarr"))["layers.1"].values for seed in (1, 2))
+    assert not np.allclose(a, b)
 
 
 def test_retry_delays_are_drawn_apart_for_each_run():

@@ -83,9 +83,9 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     from neuropredictor.store import FeatureStore
 
     use_prefect = prefect_configured() if use_prefect is None else use_prefect
-    # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache (but
-    # for a custom factory that loads its own weights, which each run loads again: forget_self_loaded).
-    if use_prefect:
+    # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache (not a
+    # custom factory's: each run loads it again, `forget_self_loaded`, so warming it would load it twice).
+    if use_prefect and not config.model.startswith("custom:"):
         threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
     with interruptible() as interruption, progress_bar() as progress:
         task = progress.add_task("extract", total=None, rate="-", shards="-")

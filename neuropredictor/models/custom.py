@@ -2,7 +2,8 @@
 
 The factory returns an `nn.Module`, or `(module, transform)` where transform maps a PIL image to a (C, H, W)
 tensor. If it accepts a `pretrained` argument, it receives the CLI's choice. Without a transform, the
-ImageNet evaluation preprocessing (resize 256, centre crop 224, normalise) is used.
+ImageNet evaluation preprocessing (resize 256, centre crop 224, normalise) is used. The model's weights are
+named by their checksum (`state-sha256:`); a `.py` file edited since it was imported is executed again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from neuropredictor.models.base import STATE_DIGEST, Transform, imagenet_transfo
 from neuropredictor.models.spec import ModelSpec
 
 
+_STAMP = "__neuropredictor_file_stamp__"  # (size, mtime) of the .py file a module was executed from
+
+
 def _import_target(target: str):
     if target.endswith(".py"):
         path = Path(target).expanduser().resolve()
@@ -28,10 +32,15 @@ def _import_target(target: str):
             raise ModelSpecError(f"custom model file {path} does not exist")
         # a stable module name, registered in sys.modules, so objects defined there pickle into workers
         name = "neuropredictor_custom_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        if name in sys.modules:
-            return sys.modules[name]
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        known = sys.modules.get(name)
+        if known is not None and getattr(known, _STAMP, None) == stamp:
+            return known
+        # new, or edited since it was imported: executed (again), so that an edited model is the one loaded
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
+        setattr(module, _STAMP, stamp)
         sys.modules[name] = module
         try:
             module_spec.loader.exec_module(module)
@@ -57,10 +66,10 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     model, transform = result if isinstance(result, tuple) else (result, None)
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"custom factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
-    # weights the factory chose itself are named by their checksum (`load_model` takes it, unless a weights
-    # file replaces them): a retrained checkpoint behind the same factory is another model
-    weights = "random" if accepts_pretrained and not pretrained else STATE_DIGEST
-    return model, transform or imagenet_transform(), weights
+    # named by the checksum of their weights (`load_model` takes it, unless a weights file replaces them),
+    # random or not: the user's code decides the model, so a retrained checkpoint behind the same factory, or
+    # a factory redefined in a notebook, is another model
+    return model, transform or imagenet_transform(), STATE_DIGEST
 
 
 def list_models(pattern: str | None = None) -> list[str]:

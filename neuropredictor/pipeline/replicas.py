@@ -97,8 +97,9 @@ def get_runner(config: ExtractConfig, device: str | torch.device | None = None) 
 
 
 def forget_self_loaded() -> None:
-    """Drop cached replicas whose weights a custom factory loaded itself: the cache key (the options) cannot
-    tell a retrained checkpoint behind the factory, so each run (`validate`) calls the factory again."""
+    """Drop cached replicas of custom factories (their weights named by their checksum): the cache key (the
+    options) cannot tell a retrained checkpoint behind the factory, or a factory redefined in a notebook, so
+    each run (`validate`) calls the factory again."""
     with _RUNNERS_LOCK:
         stale = [dev for dev, (_key, runner) in _RUNNERS.items() if runner.model.weights.startswith(STATE_DIGEST)]
     for dev in stale:

@@ -526,6 +526,23 @@ def test_load_csv_with_key_column(tmp_path):
         load_neural(tmp_path / "y.csv")
 
 
+def test_a_boolean_split_points_the_way_its_name_says_or_is_refused(tmp_path):
+    # True was "train" unless the name held "test": a `heldout` column trained on the held-out stimuli
+    keys, _, Y = _small()
+    held = np.arange(60) % 5 == 0  # 12 held-out stimuli
+    for name in ("heldout", "is_val", "isTest", "holdout"):
+        np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), **{name: held})
+        assert load_neural(tmp_path / "y.npz", split=name).train.sum() == 48, name
+    np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), is_train=~held)
+    assert load_neural(tmp_path / "y.npz", split="is_train").train.sum() == 48
+    for name in ("split", "fold", "test_train"):
+        np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), **{name: held})
+        with pytest.raises(EncodingError, match=f"split '{name}' holds True/False, but its name does not say"):
+            load_neural(tmp_path / "y.npz", split=name)
+    with pytest.warns(AlignmentWarning, match="trains on 12 stimuli and tests on 48: check which way"):
+        outer_splits(keys, held, 0.2, None, 0)
+
+
 def test_load_groups_from_a_column_an_array_or_a_file(tmp_path):
     keys, _, Y = _small()
     labels = [f"concept{i % 7}" for i in range(60)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -379,6 +380,10 @@ def _resolve_groups(groups: Any, container: dict, opts: dict, spath: str) -> lis
     return [str(x) for x in groups]
 
 
+_TEST_WORDS = frozenset({"test", "testing", "heldout", "holdout", "held", "val", "validation", "eval"})
+_TRAIN_WORDS = frozenset({"train", "training", "fit"})
+
+
 def _split_values(values: np.ndarray, name: str, n: int, spath: str) -> np.ndarray:
     values = np.asarray(values).reshape(-1)
     if values.size != n:
@@ -390,8 +395,15 @@ def _split_values(values: np.ndarray, name: str, n: int, spath: str) -> np.ndarr
             raise EncodingError(f"{spath}: split {name!r} must hold 'train'/'test' (or booleans); found {_fmt(unknown)}")
         return low == "train"
     flag = _as_bool(values, f"split {name!r}")
-    # A column called `test`/`is_test` marks test stimuli; anything else (`train`, `is_train`) training ones.
-    return ~flag if "test" in name.lower() else flag
+    # which way True points, by the words of the name (`is_test`, `heldOut`: test stimuli; `train`: training
+    # ones): a name that says neither (`split`, `fold`) would be a guess, and a wrong guess swaps the sides
+    words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()))
+    marks_test, marks_train = bool(words & _TEST_WORDS), bool(words & _TRAIN_WORDS)
+    if marks_test == marks_train:
+        raise EncodingError(f"{spath}: split {name!r} holds True/False, but its name does not say whether True "
+                            "marks training or test stimuli: name it with train or test (is_train, is_test, "
+                            "heldout), or store 'train'/'test' values in it")
+    return ~flag if marks_test else flag
 
 
 def _test_keys_to_train(test_keys: list[str], keys: list[str], where: str) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 The library imports no Prefect; use it from a notebook:
 
-    from neuropredictor import load_model, Extractor
+    import torch
+    from neuropredictor import load_model, read_image, Extractor
     model = load_model("timm:resnet50")
+    images = torch.stack([model.transform(read_image(p)) for p in paths])
     with Extractor(model, ["layer3", "layer4"], reduce="avgpool") as ex:
         feats = ex(images)
 """
@@ -28,6 +30,8 @@ _EXPORTS = {
     "list_shards": "neuropredictor.corpus",
     "index_shards": "neuropredictor.corpus",
     "read_shard": "neuropredictor.corpus",
+    "read_image": "neuropredictor.corpus.decode",
+    "release_runners": "neuropredictor.pipeline",
     "Shard": "neuropredictor.shard",
     "FeatureStore": "neuropredictor.store",
     "open_features": "neuropredictor.store",
@@ -40,6 +44,8 @@ _EXPORTS = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuropredictor.corpus import index_shards, list_shards, make_shards, read_shard
+    from neuropredictor.corpus.decode import read_image
+    from neuropredictor.pipeline import release_runners
     from neuropredictor.shard import Shard
     from neuropredictor.extractor import Extractor
     from neuropredictor.config import ExtractConfig

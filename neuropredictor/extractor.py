@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import math
 import threading
@@ -105,6 +106,10 @@ class Extractor:
         self._batch: int | None = batch_size
         self._handles: list = []
         self._lock = threading.Lock()  # hooks share per-call state: one forward pass at a time
+        # True during __call__'s forward pass only: the hooks record (and stop the pass) then, so the module
+        # run by itself, by another Extractor or by `describe_layers` goes through them untouched. A plain flag
+        # (not the thread's id): torch.compile guards on it instead of breaking its graph at every hook
+        self._recording = False
         self._calls: dict[str, int] = {}
         self._out: dict[str, torch.Tensor] = {}
 
@@ -126,6 +131,8 @@ class Extractor:
         plan = self.plan[name]
 
         def hook(_module, _inputs, output):
+            if not self._recording:
+                return
             self._calls[name] = self._calls.get(name, 0) + 1
             if self._calls[name] < plan.calls:
                 return  # a shared module: record its last call only
@@ -137,12 +144,16 @@ class Extractor:
 
         return hook
 
-    @torch.inference_mode()
+    # not inference_mode: its tensors refuse autograd and in-place updates outside it (a linear probe on the
+    # features, `f -= f.mean(0)`), and it saves nothing measurable next to the forward pass
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run one batch (B, C, H, W); returns {layer: reduced float32 tensor on the device}."""
+        """Run one batch (B, C, H, W) of preprocessed images (`model.transform`'s outputs, stacked); returns
+        {layer: reduced float32 tensor on the device}."""
         if not self._handles:
             raise RuntimeError("use the Extractor as a context manager: `with Extractor(...) as ex: ex(images)`")
-        x = images.to(self.device, non_blocking=True)
+        x = _batch_tensor(images)
+        x = x.to(self.device, non_blocking=True)
         n = x.shape[0]
         if self.compile:
             self._batch = self._batch or n
@@ -152,15 +163,31 @@ class Extractor:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = PRECISIONS[self.precision]
         with self._lock:
-            self._calls, self._out = {}, {}
+            self._calls, self._out, self._recording = {}, {}, True
             try:
                 with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     self._forward(x)
             except _StopForward:
                 pass
+            finally:
+                self._recording = False
             out, self._out = self._out, {}
         missing = [name for name in self.plan if name not in out]
         if missing:
             raise NeuroPredictorError(f"layers {missing} did not produce an output in this forward pass")
         return {name: t[:n] for name, t in out.items()} if x.shape[0] != n else out
 
+
+def _batch_tensor(images: Any) -> torch.Tensor:
+    """The batch as a float tensor (B, C, H, W), or a NeuroPredictorError that says how to make one."""
+    how = ("make a batch with `torch.stack([model.transform(neuropredictor.read_image(path)) for path in paths])`")
+    if not isinstance(images, torch.Tensor):
+        raise NeuroPredictorError(f"the Extractor takes a tensor batch (B, C, H, W) of preprocessed images, not a "
+                                  f"{type(images).__name__}: {how}")
+    if images.ndim != 4:
+        extra = " (one image: add the batch dimension, `image[None]`)" if images.ndim == 3 else ""
+        raise NeuroPredictorError(f"the Extractor takes a batch (B, C, H, W); got shape {tuple(images.shape)}{extra}")
+    if not images.is_floating_point():
+        raise NeuroPredictorError(f"the Extractor takes preprocessed (float) images; got {images.dtype}, raw pixels "
+                                  f"perhaps: {how}")
+    return images.float()

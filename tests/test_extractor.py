@@ -116,6 +116,44 @@ def test_hooks_removed_on_exit(resnet18):
         Extractor(resnet18, ["layer1"])(_x(1))
 
 
+def test_inside_the_with_block_the_model_runs_as_itself(resnet18):
+    # the hooks recorded (and stopped the pass with a bare internal exception) on every forward pass of the
+    # module, not just the Extractor's: the model called by hand, a second Extractor, describe_layers
+    x = _x(2)
+    with torch.no_grad():
+        logits = resnet18.module(x)
+    with Extractor(resnet18, ["layer1"]) as first:
+        with torch.no_grad():
+            assert torch.equal(resnet18.module(x), logits)  # ran to the end, hooks silent
+        describe_layers(resnet18)
+        with Extractor(resnet18, ["layer4"], reduce="avgpool") as second:
+            a, b = first(x)["layer1"], second(x)["layer4"]
+    with Extractor(resnet18, ["layer1"]) as alone1, torch.no_grad():
+        ref1 = alone1(x)["layer1"]
+    with Extractor(resnet18, ["layer4"], reduce="avgpool") as alone4:
+        ref4 = alone4(x)["layer4"]
+    assert torch.equal(a, ref1) and torch.equal(b, ref4)
+
+
+def test_features_are_ordinary_tensors_and_bad_batches_say_how_to_make_one(resnet18):
+    from neuropredictor.errors import NeuroPredictorError
+
+    with Extractor(resnet18, ["layer4"], reduce="avgpool") as ex:
+        f = ex(_x(4))["layer4"]
+        probe = torch.nn.Linear(512, 3)
+        probe(f).sum().backward()  # a linear probe on the features: inference tensors refused this
+        assert probe.weight.grad is not None and not f.requires_grad
+        f -= f.mean(0)  # in place, as numpy users do
+        assert torch.allclose(f.mean(0), torch.zeros(512), atol=1e-5)
+        with pytest.raises(NeuroPredictorError, match="tensor batch.*not a list.*model.transform"):
+            ex([_x(1)[0]])
+        with pytest.raises(NeuroPredictorError, match=r"shape \(3, 224, 224\).*image\[None\]"):
+            ex(_x(1)[0])
+        with pytest.raises(NeuroPredictorError, match="preprocessed \\(float\\) images; got torch.uint8"):
+            ex(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+        assert torch.allclose(ex(_x(2).double())["layer4"], ex(_x(2))["layer4"])  # float64: as float32
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_within_tolerance(resnet18, precision):
     # Stated tolerance: relative L2 error of each layer's features <= 5e-2 under bf16/fp16 autocast

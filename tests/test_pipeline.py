@@ -371,6 +371,39 @@ def test_a_notebook_rerun_after_the_model_changed_uses_the_new_model(corpus, tmp
     assert not np.allclose(a, b)
 
 
+def test_read_image_gives_a_notebook_the_rows_of_the_store(tmp_path):
+    """A notebook's own batch, made with read_image + model.transform, equals the store's rows also for the
+    images a plain `Image.open(p).convert("RGB")` gets wrong: 16-bit, transparent, EXIF-rotated."""
+    from PIL import Image
+
+    from neuropredictor import Extractor, read_image
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 65535, (40, 48), dtype=np.uint16)).save(folder / "deep.png")
+    rgba = rng.integers(0, 256, (40, 48, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(48) < 24, 0, 255)  # half transparent
+    Image.fromarray(rgba, "RGBA").save(folder / "clear.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(folder / "turned.jpg", exif=exif)
+    make_shards(folder, str(tmp_path / "shards"))
+    out = tmp_path / "out.zarr"
+    run(_config(tmp_path / "shards", out, layers=["layer4"], reduce="avgpool"))
+    stored = open_features(str(out))
+    model = load_model(MODEL, pretrained=False)
+    with Extractor(model, ["layer4"], reduce="avgpool") as ex:
+        for key in ("deep", "clear", "turned"):
+            path = next(folder.glob(key + ".*"))
+            row = stored["layer4"].values[list(stored.key.values).index(key)]
+            mine = ex(model.transform(read_image(path))[None])["layer4"][0].numpy()
+            np.testing.assert_allclose(mine, row, rtol=1e-5, atol=1e-6, err_msg=key)
+            naive = ex(model.transform(Image.open(path).convert("RGB"))[None])["layer4"][0].numpy()
+            assert not np.allclose(naive, row, atol=1e-3), key  # what the README's recipe used to give
+    assert read_image(path.read_bytes()).size == (40, 64)  # bytes too; turned upright
+
+
 def test_retry_delays_are_drawn_apart_for_each_run():
     # Prefect 3.8's task engine leaves retry_jitter_factor unused: without jitter drawn here, every pod
     # of a cluster retried in step after a storage outage

@@ -8,9 +8,10 @@ whichever decoder met it. Nothing here raises past a sample: a bad image costs i
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,19 @@ def decode_pil(data: bytes) -> Image.Image:
         if needs_rotation(img):
             img = ImageOps.exif_transpose(img)
         return to_rgb(img)
+
+
+def read_image(source: str | os.PathLike | bytes, storage_options: Mapping | None = None) -> Image.Image:
+    """One image file (a path or fsspec URL, or its bytes) decoded as the pipeline decodes it (`decode_pil`:
+    EXIF rotation, transparency over grey, 16-bit and palette images to 8-bit RGB), for a notebook's own
+    batches: `model.transform(read_image(path))` is the tensor the store's row was computed from. A file
+    that cannot be decoded raises ImageError with the reason a store would record."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_pil(bytes(source))
+    from neuropredictor import fs as fsx
+
+    with fsx.open_url(os.fspath(source), "rb", storage_options) as f:
+        return decode_pil(f.read())
 
 
 JPEG_MAGIC = b"\xff\xd8"

@@ -42,6 +42,15 @@ def comma_list(cls: type, v: Any) -> Any:
     return v
 
 
+def path_text(cls: type, v: Any) -> Any:
+    """Validator (mode="before") of location fields: a `pathlib.Path` (or a list of them) as its text."""
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, (list, tuple)):
+        return [os.fspath(i) if isinstance(i, os.PathLike) else i for i in v]
+    return v
+
+
 class ExtractConfig(BaseModel):
     """Everything one extraction run needs. Fields marked IDENTITY form the store's identity; the others
     (batch size, workers, device, retries) may differ between runs that resume one store."""
@@ -98,6 +107,7 @@ class ExtractConfig(BaseModel):
                          "the checksums written with it; damaged shards are extracted again.")
 
     _split = field_validator("layers", mode="before")(comma_list)
+    _paths = field_validator("corpus", "out", "weights", mode="before")(path_text)
 
     @classmethod
     def fields_with(cls, role: Role) -> list[str]:

@@ -930,3 +930,28 @@ def test_scoring_a_layer_holds_about_two_copies_of_it_and_in_place_changes_nothi
     for name in ("r", "r2", "alpha"):
         np.testing.assert_array_equal(copied[name], in_place[name])
     assert np.isfinite(part.r).all()
+
+
+def test_encode_reads_a_file_with_its_reading_options_and_takes_paths(tmp_path):
+    # encode(url, "n.npz", roi="roi") was refused ("extra inputs"), though the README gives EncodeOptions'
+    # names as encode()'s keywords; pathlib paths were refused by open_features and ExtractConfig
+    from neuropredictor import ExtractConfig
+    from neuropredictor.store import open_features
+
+    keys, A, Y = _small(80)
+    ds = features_dataset({"a": A}, keys)
+    held = np.arange(80) % 5 == 0
+    np.savez(tmp_path / "n.npz", data=Y, key=np.array(keys), region=np.array(["V1", "V1", "IT", "IT", "IT"]),
+             is_test=held)
+    scores = encode(ds, tmp_path / "n.npz", roi="region", split="is_test", device="cpu", permutations=0)
+    assert list(scores.roi.values) == ["V1", "V1", "IT", "IT", "IT"] and scores.attrs["n_test"] == 16
+    with pytest.raises(EncodingError, match="roi describe how a neural data file is read.*already loaded"):
+        encode(ds, NeuralData(Y, keys), roi="region", device="cpu")
+    with pytest.raises(EncodingError, match="features must be a features store.*not a ndarray.*encode_layer"):
+        encode(A, NeuralData(Y, keys), device="cpu")
+    with pytest.raises(EncodingError, match="14 training and 2 test stimuli.*use fewer folds"):
+        encode(features_dataset({"a": A[:16]}, keys[:16]), NeuralData(Y[:16], keys[:16]), folds=8, device="cpu")
+    config = ExtractConfig(corpus=tmp_path / "shards", model="timm:resnet18", layers=["layer4"], out=tmp_path / "o")
+    assert config.corpus == str(tmp_path / "shards") and config.out == str(tmp_path / "o")
+    with pytest.raises(NeuroPredictorError, match="o"):  # a Path reaches the store's own error, not a TypeError
+        open_features(tmp_path / "o")

@@ -19,6 +19,10 @@ def open_dataset(features: Any, storage_options: Mapping | None) -> tuple[Any, l
     """The Dataset, its layers in model order (as `open_features` lists them), and a printable name."""
     import xarray as xr
 
+    if not isinstance(features, (xr.Dataset, str, os.PathLike)):
+        raise EncodingError(f"features must be a features store (path or URL) or an xarray Dataset shaped like "
+                            f"`open_features`' result, not a {type(features).__name__}; for arrays of your own, "
+                            "use `encode_layer(X_train, Y_train, X_test, Y_test)`")
     if not isinstance(features, xr.Dataset):
         from neuropredictor.store import open_features
 
@@ -233,5 +237,6 @@ def layer_matrix(ds: Any, layer: str, rows: np.ndarray, keys: list[str]) -> np.n
     if bad.any():
         ex = [keys[i] for i in np.flatnonzero(bad)[:_EXAMPLES]]
         raise EncodingError(f"layer {layer!r}: {int(bad.sum())} valid stimuli have NaN/inf features (e.g. {_fmt(ex)}); "
-                            "float16 stores can overflow: re-extract with dtype float32, or leave the layer out")
+                            "leave the layer out, or drop those rows (mark them not valid); from a float16 store "
+                            "(which can overflow): re-extract with dtype float32")
     return X

@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from neuropredictor.config import comma_list
+from neuropredictor.config import comma_list, path_text
 from neuropredictor.encode._common import EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE
 from neuropredictor.encode.neural import NeuralData, load_neural
@@ -121,8 +121,27 @@ class EncodeOptions(FitOptions):
     plot: str | None = Field(None, description="PNG path of the layer-wise plot (default OUT.png).")
     overwrite: bool = Field(False, description="Replace existing scores at OUT.")
 
+    _paths = field_validator("features", "neural", "out", "keys_file", "plot", mode="before")(path_text)
+
     def read_neural(self, storage_options: Mapping | None = None) -> NeuralData:
         """The neural data these options name."""
         return load_neural(self.neural, keys=self.keys_file, key_column=self.key_column, split=self.split,
                            targets=self.targets, roi=self.roi, ceiling=self.ceiling, array=self.array,
                            groups=self.groups, storage_options=storage_options)
+
+
+# How the neural data file is read: the fields EncodeOptions adds to FitOptions, but where things are and
+# what happens to the scores; `encode`/`prepare` take them as keywords when `neural` is a file.
+READING = tuple(n for n in EncodeOptions.model_fields if n not in FitOptions.model_fields
+                and n not in ("features", "neural", "out", "plot", "overwrite"))
+
+
+def read_with(neural: Any, reading: Mapping[str, Any], storage_options: Mapping | None = None) -> NeuralData:
+    """The neural data: `neural` itself (NeuralData), or the file it names read with the `READING` options."""
+    if isinstance(neural, NeuralData):
+        if reading:
+            raise EncodingError(f"{', '.join(reading)} describe how a neural data file is read; the neural data "
+                                "given is already loaded (NeuralData): drop them, or pass the file's path")
+        return neural
+    args = {("keys" if name == "keys_file" else name): value for name, value in reading.items()}
+    return load_neural(neural, storage_options=storage_options, **args)

@@ -39,7 +39,7 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
     roi is "all" for every target together, then each ROI (if the scores have `roi`). Columns:
     roi, layer, n_targets (with a finite score), median, q25, q75, mean (of `metric`, default r),
     median_r2; from the chance test (NaN / NA when the scores have none, see `chance`): chance (the
-    chance level of the median r), null_low, p_value, above_chance (median r > chance); best (the
+    chance level of the median r), null_low, p_value, above_chance (p_value at most 0.05); best (the
     layer with the highest median within that roi among those not below chance: an roi whose layers
     are all at chance has none). The best layer per ROI is therefore `df[df.best]`.
     """

@@ -24,8 +24,8 @@ from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_m
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
 from neuropredictor.encode.kept import KeptLayers
-from neuropredictor.encode.neural import NeuralData, load_neural
-from neuropredictor.encode.options import EncodeOptions, FitOptions
+from neuropredictor.encode.neural import NeuralData
+from neuropredictor.encode.options import READING, EncodeOptions, FitOptions, read_with
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
 from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
 
@@ -74,12 +74,13 @@ class LayerScores:
 def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
             storage_options: Mapping | None = None, **fields: Any) -> Prepared:
     """Open the features, align the neural data to them by key (an `AlignmentWarning` reports what is
-    dropped), and split the matched stimuli. Options: `FitOptions`, as an object and/or keywords."""
+    dropped), and split the matched stimuli. Options: `FitOptions`, as an object and/or keywords; with
+    `neural` a file, also how to read it (`EncodeOptions`' keys_file, split, roi, groups, ...)."""
+    reading = {k: fields.pop(k) for k in list(fields) if k in READING}
     opts = FitOptions.resolve(options, fields)
     started = time.perf_counter()
     ds, layer_order, features_name = open_dataset(features, storage_options)
-    if not isinstance(neural, NeuralData):
-        neural = load_neural(neural, storage_options=storage_options)
+    neural = read_with(neural, reading, storage_options)
     layers = select_layers(opts.layers, layer_order)
     aligned = align(ds, neural)
     fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
@@ -90,9 +91,12 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     need = max(_MIN_TRAIN, 2 * opts.inner_folds)
     for tr, te in folds["splits"]:
         if len(tr) < need or len(te) < _MIN_TEST:
+            fix = ("use fewer folds" if opts.folds and len(te) < _MIN_TEST else
+                   "this is too few stimuli to fit and score" if opts.folds else
+                   "check the given split" if neural.train is not None else "change test_fraction")
             raise EncodingError(f"after alignment the split leaves {len(tr)} training and {len(te)} test stimuli; "
-                                f"need at least {need} and {_MIN_TEST}. Check the split, or lower `inner_folds` "
-                                "/ change test_fraction")
+                                f"need at least {need} to train ({_MIN_TRAIN}, and 2 per inner fold: "
+                                f"inner_folds={opts.inner_folds}) and {_MIN_TEST} to test: {fix}")
     inner = None if groups is None else [inner_group_folds(groups[tr], opts.inner_folds, opts.seed)
                                          for tr, _ in folds["splits"]]
     report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]),
@@ -231,9 +235,10 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     """Score every layer of a features store as an encoding model of the neural data.
 
     features: a store URL (read with `open_features`) or a Dataset shaped like its result.
-    neural: NeuralData, or a path given to `load_neural` (keys inside the file).
+    neural: NeuralData, or a path given to `load_neural` (keys inside the file, or keys_file=).
     options: `FitOptions` (or `EncodeOptions`) and/or its fields as keywords, e.g.
-        `encode(url, neural, layers="a,b", folds=5, device="cpu")`.
+        `encode(url, neural, layers="a,b", folds=5, device="cpu")`; with neural a file, also how to read it:
+        `encode(url, "betas.npz", roi="roi", split="is_test")`.
     Per layer and target, the ridge alpha is chosen by `inner_folds`-fold cross-validation on the
     training stimuli only. Held-out stimuli: the neural data's own split if it has one; else `folds`
     outer folds (every stimulus held out once; scores averaged over the folds that score a target, alpha
@@ -243,8 +248,9 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
 
     Returns the Dataset described in `assemble`.
     """
+    reading = {k: fields.pop(k) for k in list(fields) if k in READING}
     opts = FitOptions.resolve(options, fields)
-    prep = prepare(features, neural, opts, storage_options=storage_options)
+    prep = prepare(features, neural, opts, storage_options=storage_options, **reading)
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 

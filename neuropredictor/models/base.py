@@ -31,7 +31,9 @@ class LoadedModel:
     module: nn.Module
     transform: Transform  # PIL image -> float tensor (C, H, W); picklable, so it runs in DataLoader workers
     input_size: tuple[int, int, int]  # (C, H, W) the transform produces
-    weights: str  # "random", "pretrained:<tag>" or "sha256:<checksum of the weights file>"
+    # "random:seed<N>", "pretrained:<tag>", "sha256:<checksum of the weights file or folder>", or
+    # "state-sha256:<checksum of the parameters and buffers>" (custom factories)
+    weights: str
     # modules the pretrained checkpoint has no weights for (initialised at random by the source library,
     # e.g. the pooler of a ViT saved as ViTForImageClassification): their outputs are not the checkpoint's
     untrained: tuple[str, ...] = ()

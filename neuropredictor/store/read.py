@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import xarray
 
 
-def open_features(url: str, storage_options: dict | None = None, committed_only: bool = True) -> xarray.Dataset:
+def open_features(url: str | os.PathLike, storage_options: dict | None = None,
+                  committed_only: bool = True) -> xarray.Dataset:
     """xarray Dataset: one data variable per layer, in the model's order (dims stimulus, ...), `valid`
     variable, and `key` coordinate on `stimulus` taken from `keys`.
 
@@ -26,6 +28,7 @@ def open_features(url: str, storage_options: dict | None = None, committed_only:
     """
     import xarray as xr
 
+    url = os.fspath(url)
     store = FeatureStore.open(url, storage_options, mode="r")
     zs = store.zarr_store()
     # Consolidated metadata exists once finalize ran; before that, read each array's own metadata.

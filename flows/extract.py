@@ -34,7 +34,7 @@ from neuropredictor import pipeline, schedule
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import Interrupted, NeuroPredictorError
 from neuropredictor.manifest import canonical
-from neuropredictor.redact import redact, redact_text
+from neuropredictor.redact import redact, redact_text, secret_name_pattern
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore
 
@@ -59,6 +59,15 @@ def no_credentials(cls: type, value: dict | None) -> dict | None:
     return value
 
 
+def parameter_storage_options() -> Any:
+    """The `storage_options` field of flow parameters: the JSON schema refuses option names that hold
+    credentials, so that a Prefect server refuses such a run (a deployment enforces its parameter schema)
+    before it stores the parameters; `no_credentials` checks nested options when the run starts."""
+    return Field(None, description=ExtractConfig.model_fields["storage_options"].description + " No credentials "
+                 "here (Prefect stores a run's parameters): name a Secret block in credentials_block.",
+                 json_schema_extra={"propertyNames": {"not": {"pattern": secret_name_pattern()}}})
+
+
 def resolve_credentials(storage_options: dict | None, block: str | None) -> dict | None:
     """The storage options with the Secret block's (JSON) options on top, when a block is named."""
     if not block:
@@ -72,6 +81,7 @@ def resolve_credentials(storage_options: dict | None, block: str | None) -> dict
 class ExtractParameters(ExtractConfig):
     """One extraction run: which images, which model and layers, where the features go, and how to run it."""
 
+    storage_options: dict[str, Any] | None = parameter_storage_options()
     shards_per_task: int = Field(1, ge=1, description="Shards handled by one task (fewer, longer tasks for "
                                  "corpora with thousands of small shards).")
     credentials_block: str | None = Field(None, description="Name of a Prefect Secret block holding the storage "

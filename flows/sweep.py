@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 from neuropredictor_flows.artifacts import markdown_image
 from neuropredictor_flows.distributed import Launches, check_deployment, child_key, watch
@@ -21,6 +22,7 @@ from neuropredictor_flows.extract import (
     emit,
     extract_flow,
     no_credentials,
+    parameter_storage_options,
     resolve_credentials,
 )
 from prefect import flow, get_run_logger, task
@@ -50,6 +52,7 @@ class SweepParameters(SweepConfig):
                                    "in this flow run, on this worker's devices.")
     credentials_block: str | None = Field(None, description="Prefect Secret block holding the storage options "
                                           "(JSON: endpoint_url, key, secret) for s3:// URLs; never logged.")
+    storage_options: dict[str, Any] | None = parameter_storage_options()
     poll_seconds: float = Field(10.0, gt=0, description="How often the parent checks its child runs (one request "
                                 "per 200 of them).")
     timeout_hours: float = Field(72.0, gt=0, description="The parent gives up waiting for children after this long.")

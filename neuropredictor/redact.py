@@ -30,6 +30,18 @@ _CONNECTION_SECRET = re.compile(r"(?P<head>\b(?:AccountKey|SharedAccessKey|Share
                                 re.IGNORECASE)
 
 
+def secret_name_pattern() -> str:
+    """A JSON-schema `pattern` (no regex flags: JavaScript reads it too) matching names that contain a secret
+    word anywhere, in any case: stricter than `is_secret_name` (`monkey` matches), for refusing option
+    names outright where credentials must never be given."""
+    def any_case(word: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+
+    # a word containing another adds nothing to a substring match (accesskey: key)
+    words = sorted(w for w in _SECRET_WORDS if not any(o != w and o in w for o in _SECRET_WORDS))
+    return "|".join(any_case(w) for w in words)
+
+
 def is_secret_name(name: str) -> bool:
     words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
     parts = {p.lower() for p in re.split(r"[^A-Za-z0-9]+", words) if p}

@@ -602,3 +602,33 @@ def test_a_mistyped_deployment_is_named_before_any_work(corpus, tmp_path):
     state = extract_distributed_flow(params, return_state=True)
     assert state.is_failed() and "did you mean extract/gpu-pool" in state.message
     assert not out.exists()  # refused before the plan
+
+
+def test_a_server_refuses_credentials_in_run_parameters_before_storing_them():
+    """The flows' parameter schema refuses credential-like storage option names, so a Prefect server
+    (deployments enforce their schema) answers 409 instead of keeping the secret with the run."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.utilities.callables import parameter_schema
+
+    from neuropredictor_flows.distributed import extract_distributed_flow
+    from neuropredictor_flows.sweep import extract_sweep_flow
+
+    for flow_fn in (extract_distributed_flow, extract_sweep_flow):
+        definitions = parameter_schema(flow_fn).model_dump_for_openapi()["definitions"]
+        assert any("propertyNames" in d.get("properties", {}).get("storage_options", {}) for d in definitions.values())
+    schema = parameter_schema(extract_flow).model_dump_for_openapi()
+    base = {"corpus": "s3://bucket/shards", "model": "timm:resnet18", "layers": ["layer4"], "out": "s3://bucket/o"}
+    with get_client(sync_client=True) as client:
+        deployment = client.create_deployment(flow_id=client.create_flow(extract_flow), name="schema-check",
+                                              parameter_openapi_schema=schema, enforce_parameter_schema=True)
+        for options in ({"key": "AKIAEXAMPLE"}, {"aws_secret_access_key": "x"}, {"Token": "x"}):
+            with pytest.raises(httpx.HTTPStatusError, match="409|storage_options"):
+                client.create_flow_run_from_deployment(deployment, parameters={"params": {**base,
+                                                                                          "storage_options": options}})
+        client.create_flow_run_from_deployment(deployment, parameters={"params": {
+            **base, "storage_options": {"endpoint_url": "http://127.0.0.1:9000"}}})
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment])))
+        assert len(runs) == 1 and "AKIA" not in json.dumps([r.parameters for r in runs], default=str)

@@ -66,6 +66,9 @@ class Extractor:
         self.precision = precision
         self.channels_last = channels_last
         self.early_exit = early_exit
+        # on the device first: the layer discovery's forward pass runs there (a big model's took seconds on
+        # the CPU, for every replica)
+        model.module.to(self.device)
         infos = {i.name: i for i in (layer_infos or describe_layers(model))}
         names = select_layers(list(infos), expand_presets(model, list(infos.values()), layers))
         for name in names:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 
 class Role:
@@ -42,6 +42,12 @@ def comma_list(cls: type, v: Any) -> Any:
     return v
 
 
+# A list of names that also takes "a,b" (`comma_list`): the JSON schema says so, since a Prefect server checks
+# a deployment's run parameters against it (`"layers": "layer4"` was refused there).
+Names = Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}},
+                                                       {"type": "string"}]})]
+
+
 def path_text(cls: type, v: Any) -> Any:
     """Validator (mode="before") of location fields: a `pathlib.Path` (or a list of them) as its text."""
     if isinstance(v, os.PathLike):
@@ -64,7 +70,7 @@ class ExtractConfig(BaseModel):
     model: Annotated[str, IDENTITY, REPLICA] = Field(
         description="Model spec SOURCE:NAME[@TAG], e.g. timm:resnet50, torchvision:alexnet, "
         "openclip:ViT-B-32@laion2b_s34b_b79k, clip:ViT-B-32, hf:ORG/NAME, custom:module:factory.")
-    layers: Annotated[list[str], IDENTITY, REPLICA] = Field(
+    layers: Annotated[Names, IDENTITY, REPLICA] = Field(
         description="Layer names or globs, e.g. `layer3`, `layer4` or `blocks.*` (a `*` matches within one "
         "dotted segment, `**` across segments); list them with `neuropredictor layers SPEC`.")
     out: str = Field(description="Output Zarr store URL (local path or s3://bucket/prefix).")

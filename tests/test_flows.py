@@ -604,7 +604,7 @@ def test_a_mistyped_deployment_is_named_before_any_work(corpus, tmp_path):
     assert not out.exists()  # refused before the plan
 
 
-def test_a_server_refuses_credentials_in_run_parameters_before_storing_them():
+def test_a_server_refuses_credentials_in_run_parameters_and_takes_layers_as_text():
     """The flows' parameter schema refuses credential-like storage option names, so a Prefect server
     (deployments enforce their schema) answers 409 instead of keeping the secret with the run."""
     import httpx
@@ -629,6 +629,8 @@ def test_a_server_refuses_credentials_in_run_parameters_before_storing_them():
                                                                                           "storage_options": options}})
         client.create_flow_run_from_deployment(deployment, parameters={"params": {
             **base, "storage_options": {"endpoint_url": "http://127.0.0.1:9000"}}})
+        # layers as "a,b", as the command line and the library take them (the schema said array only)
+        client.create_flow_run_from_deployment(deployment, parameters={"params": {**base, "layers": "layer3,layer4"}})
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             deployment_id=FlowRunFilterDeploymentId(any_=[deployment])))
-        assert len(runs) == 1 and "AKIA" not in json.dumps([r.parameters for r in runs], default=str)
+        assert len(runs) == 2 and "AKIA" not in json.dumps([r.parameters for r in runs], default=str)

@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from neuropredictor.config import comma_list, path_text
+from neuropredictor.config import Names, comma_list, path_text
 from neuropredictor.encode._common import EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE
 from neuropredictor.encode.neural import NeuralData, load_neural
@@ -42,7 +42,7 @@ class FitOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[str] | None = Field(None, description="Layers to score, a list or 'a,b' (default: every layer "
+    layers: Names | None = Field(None, description="Layers to score, a list or 'a,b' (default: every layer "
                                      "of the store, in model order).")
     alphas: str | list[float] | None = Field(None, description="Ridge grid: '1,10,100', 'logspace:-2:6:17' or a "
                                              f"list (default {len(DEFAULT_ALPHAS)} values from "

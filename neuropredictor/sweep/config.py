@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from neuropredictor.config import ExtractConfig, comma_list, fields_of
+from neuropredictor.config import ExtractConfig, Names, comma_list, fields_of
 from neuropredictor.encode.options import EncodeOptions
 from neuropredictor.errors import ModelSpecError
 
@@ -38,7 +38,7 @@ class SweepModel(BaseModel):
     name: str | None = Field(None, min_length=1, description="The model's name in the sweep: its store's and "
                              "scores' file names, its record and its row in the comparison (default: the spec). "
                              "Name each entry to run one architecture more than once, e.g. two checkpoints.")
-    layers: list[str] | None = Field(None, description="This model's layers (default: the sweep's `layers`).")
+    layers: Names | None = Field(None, description="This model's layers (default: the sweep's `layers`).")
     reduce: str | None = Field(None, description="This model's reduction (default: the sweep's `reduce`).")
     pretrained: bool | None = Field(None, description="Pretrained weights for this model (default: the sweep's).")
     weights: str | None = Field(None, description=ExtractConfig.model_fields["weights"].description)
@@ -76,7 +76,7 @@ _SweepFields = create_model(
     models=(list[SweepModel | str], Field(min_length=1, description="The models: specs (SOURCE:NAME[@TAG]) or "
                                           "{spec, layers, reduce, pretrained, weights, name} entries.")),
     out=(str, Field(description="Folder (or s3:// prefix) of the sweep: one store per model, DIR/<slug>.zarr.")),
-    layers=(list[str], Field(["auto"], description="Layers of every model (names, globs or the preset `auto`: a "
+    layers=(Names, Field(["auto"], description="Layers of every model (names, globs or the preset `auto`: a "
                              "model's representative depths, see `neuropredictor layers SPEC --preset auto`).")),
     reduce=(str, Field("avgpool", description=ExtractConfig.model_fields["reduce"].description)),
     neural=(str | None, Field(None, description="Neural data (stimuli x targets) to score every model's layers "

@@ -849,6 +849,17 @@ def test_a_killed_encode_resumes_at_the_layer_it_had_not_finished(pipeline_store
     assert summary["layers"] == reference["layers"] and summary["chance"] == reference["chance"]
     assert not Path(out + ".partial").exists()  # both fingerprints' layers removed with the scores saved
 
+    # a store replaced with the same config (its images changed, `extract --overwrite`) is another input
+    from neuropredictor.encode import EncodeOptions, prepare
+    from neuropredictor.encode.run import fingerprint
+
+    opts = EncodeOptions(**common, out=out)
+    prep = prepare(opts.features, opts.read_neural(), opts)
+    before = fingerprint(prep, opts)
+    assert before == fingerprint(prepare(opts.features, opts.read_neural(), opts), opts)
+    prep.ds.attrs["generation"] = "another"
+    assert fingerprint(prep, opts) != before
+
 
 def test_a_failed_layer_does_not_stop_the_others_and_nothing_half_is_written(pipeline_store, tmp_path,
                                                                             monkeypatch):

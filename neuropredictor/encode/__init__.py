@@ -17,8 +17,8 @@ layer is named only where it beats chance.
 
 Modules: `neural` (reading neural data), `align` (features store, matching by key, splits), `ridge`
 (the solver for one layer on arrays), `chance`, `run` (prepare -> score_layer -> assemble), `report`
-(table, saving, plot), `kept` (finished layers kept until the scores are saved), `rsa`, and `options` (`FitOptions` / `EncodeOptions`: every option, shared by
-the CLI, this API and the `encode` flow).
+(table, saving, plot), `kept` (finished layers kept until the scores are saved), `rsa`, and `options`
+(`FitOptions` / `EncodeOptions`: every option, shared by the CLI, this API and the `encode` flow).
 """
 
 from neuropredictor.encode._common import AlignmentWarning, EncodingError

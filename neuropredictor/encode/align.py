@@ -194,7 +194,8 @@ def outer_splits(keys: list[str], train: np.ndarray | None, test_fraction: float
         tr, te = np.flatnonzero(train), np.flatnonzero(~train)
         if len(tr) < len(te):
             warnings.warn(f"the given split trains on {len(tr)} stimuli and tests on {len(te)}: check which way it "
-                          "points (a boolean column's name says whether True is train or test)", AlignmentWarning, stacklevel=3)
+                          "points (a boolean column's name says whether True is train or test)", AlignmentWarning,
+                          stacklevel=3)
         return {"splits": [(tr, te)], "how": "given", "n_train": len(tr), "n_test": len(te)}
     if folds:
         k = int(folds)

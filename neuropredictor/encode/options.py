@@ -103,8 +103,8 @@ class EncodeOptions(FitOptions):
                             "coordinate on the first dimension (if 'key' is absent: keys, stimulus, stimuli, ..., "
                             "then the first dimension's own coordinate).")
     split: str | None = Field(None, description="Train/test split: a column/array/variable of NEURAL holding "
-                              "booleans or 0/1 (its name says which: True marks training stimuli in is_train, test ones in "
-                              "is_test / heldout / is_val; other names are refused) or 'train'/'test', "
+                              "booleans or 0/1 (its name says which: True marks training stimuli in is_train, test "
+                              "ones in is_test / heldout / is_val; other names are refused) or 'train'/'test', "
                               "or a text file of test keys. Default: a random held-out fraction, or `folds`.")
     groups: str | None = Field(None, description="Group label per stimulus (the concept an image shows, the photo "
                                "a crop came from): a column/array/variable of NEURAL, or a text file with one label "

@@ -258,7 +258,7 @@ _KEPT_FORMAT = 1  # bump when LayerScores or the fingerprint change meaning
 
 
 def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
-    """What a layer's scores depend on, hashed: the features store's config and the rows read, the
+    """What a layer's scores depend on, hashed: the features store (config, generation) and the rows read, the
     responses, the splits (inner ones too), the chance test's groups and the fit options (not the device or
     batch size). None when the features carry no config hash (a Dataset made in memory: nothing says that its
     numbers are those of an earlier run)."""
@@ -276,7 +276,8 @@ def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
                 h.update(json.dumps(p, sort_keys=True, default=str).encode())
             h.update(b"\0")
 
-    add(_KEPT_FORMAT, config_hash, prep.keys, prep.rows, prep.Y, prep.usable)
+    # the generation: a store replaced (`--overwrite`) with the same config, e.g. after its images changed
+    add(_KEPT_FORMAT, config_hash, prep.ds.attrs.get("generation"), prep.keys, prep.rows, prep.Y, prep.usable)
     for train, test in [*prep.splits, *(pair for fold in prep.inner or [] for pair in fold)]:
         add(train, test)
     roi = prep.neural.roi

@@ -47,5 +47,5 @@ def open_features(url: str | os.PathLike, storage_options: dict | None = None,
     feats = feats[[lay.name for lay in store.layers]]
     ds = feats.assign({VALID: ((STIMULUS,), valid)}).assign_coords(key=((STIMULUS,), keys))
     ds.attrs.update({"store": redact_text(url), "status": str(store.current_status()),
-                     "config_hash": store.manifest.get("config_hash")})
+                     "config_hash": store.manifest.get("config_hash"), "generation": store.manifest.get("generation")})
     return ds

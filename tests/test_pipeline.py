@@ -404,6 +404,28 @@ def test_read_image_gives_a_notebook_the_rows_of_the_store(tmp_path):
     assert read_image(path.read_bytes()).size == (40, 64)  # bytes too; turned upright
 
 
+def test_a_joining_run_leaves_a_commit_made_while_it_loaded_its_model(corpus, tmp_path, monkeypatch):
+    # run B saw the shard uncommitted, loaded its model; run A committed the shard meanwhile; B's writer then
+    # withdrew A's commit: committed work lost (the other run ended partial)
+    import neuropredictor.pipeline.extraction as extraction
+
+    config = _config(corpus, tmp_path / "out.zarr")
+    store = plan(config)
+    shard = store.shards[0]
+    real_get_runner = extraction.get_runner
+    committed = {}
+
+    def slow_model_load(*args, **kwargs):  # while B loads its model, A commits the shard
+        monkeypatch.setattr(extraction, "get_runner", real_get_runner)
+        committed.update(extract_shard(config, shard, store=FeatureStore.open(config.out)))
+        return real_get_runner(*args, **kwargs)
+
+    monkeypatch.setattr(extraction, "get_runner", slow_model_load)
+    joined = extract_shard(config, shard, store=FeatureStore.open(config.out))
+    assert joined.get("skipped") and committed["committed_at"] == joined["committed_at"]
+    assert FeatureStore.open(config.out).commit_record(shard.name)["committed_at"] == committed["committed_at"]
+
+
 def test_retry_delays_are_drawn_apart_for_each_run():
     # Prefect 3.8's task engine leaves retry_jitter_factor unused: without jitter drawn here, every pod
     # of a cluster retried in step after a storage outage

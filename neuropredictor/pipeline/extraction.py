@@ -20,7 +20,7 @@ from neuropredictor.corpus.listing import source_of
 from neuropredictor.errors import Interrupted
 from neuropredictor.pipeline.replicas import get_runner
 from neuropredictor.shard import Shard
-from neuropredictor.store import FeatureStore
+from neuropredictor.store import FeatureStore, ShardCommitted
 
 
 class _BackgroundWriter:
@@ -99,7 +99,10 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     runner = get_runner(config, device)
     started = time.time()
     t0 = time.perf_counter()
-    writer = store.writer(shard)
+    try:  # a run sharing the store may have committed it since (while the model loaded): its commit stands
+        writer = store.writer(shard, replace_commit=False)
+    except ShardCommitted:
+        return (store.commit_record(shard.name) or {}) | {"skipped": True}
     # what the shard's file is, taken while it is extracted: on local disk its sha256 reads the whole file
     # (about 0.5 s per GB), which after the shard would idle the device for as long
     fingerprint = ThreadPoolExecutor(1, thread_name_prefix="neuropredictor-source")

@@ -8,9 +8,9 @@
     read.py            open_features: an xarray Dataset of the trusted rows
 """
 
-from neuropredictor.store.feature_store import FeatureStore
+from neuropredictor.store.feature_store import FeatureStore, ShardCommitted
 from neuropredictor.store.layout import DEFAULT_CHUNK_BYTES, LayerSpec, plan_chunk_rows
 from neuropredictor.store.read import open_features
 from neuropredictor.store.writer import ShardWriter
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "FeatureStore", "LayerSpec", "ShardWriter", "open_features", "plan_chunk_rows"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "FeatureStore", "LayerSpec", "ShardCommitted", "ShardWriter", "open_features", "plan_chunk_rows"]

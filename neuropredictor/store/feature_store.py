@@ -63,6 +63,10 @@ _FINALIZE_WAIT_S = 900.0
 _FINALIZE_LOCK = "finalize.json"  # in LOCKS_DIR: held by a finalize, and by a replacement of the store
 
 
+class ShardCommitted(StoreError):
+    """A writer was asked for a shard another run has committed meanwhile (`writer(replace_commit=False)`)."""
+
+
 class FeatureStore:
     """One run's Zarr store. Instances are cheap; every process (or thread) may open its own."""
 
@@ -408,14 +412,17 @@ class FeatureStore:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def writer(self, shard: Shard) -> ShardWriter:
+    def writer(self, shard: Shard, *, replace_commit: bool = True) -> ShardWriter:
         """A writer for one attempt at a shard (see `ShardWriter`). Opens the arrays with mode r+ (never
         re-creates them). Withdraws an earlier commit of the shard (its rows are about to be rewritten,
-        so they are no longer trusted). Its staged rows go to a folder of this attempt's own; finalize
-        merges the committed attempt's and deletes the others."""
+        so they are no longer trusted); with replace_commit=False, a committed shard raises ShardCommitted
+        instead (another run committed it since this one looked: its commit must stand). Its staged rows go
+        to a folder of this attempt's own; finalize merges the committed attempt's and deletes the others."""
         self._require_writable()
         shard = self.planned(shard)
         self._check_generation()
+        if not replace_commit and self.is_committed(shard.name):
+            raise ShardCommitted(f"shard {shard.name} was committed by another run")
         self.records.withdraw(shard.name)
         staging = self.staging
         return ShardWriter(shard, {path: self.array(path) for path in self.chunk_rows}, self.layers, self.dtype,

@@ -426,6 +426,37 @@ def test_a_joining_run_leaves_a_commit_made_while_it_loaded_its_model(corpus, tm
     assert FeatureStore.open(config.out).commit_record(shard.name)["committed_at"] == committed["committed_at"]
 
 
+@pytest.mark.parametrize("killed_after", [1, 2, 3, 5])
+def test_an_overwrite_killed_while_deleting_leaves_a_store_that_runs_again(corpus, tmp_path, monkeypatch,
+                                                                          killed_after):
+    # killed after deleting _generation.json and the root zarr.json, the old store read as complete, could
+    # not be opened, and every later run of its own config failed in finalize: stuck for good
+    import neuropredictor.store.feature_store as feature_store
+    from neuropredictor.fs import remove_tree
+
+    out = tmp_path / "out.zarr"
+    config = _config(corpus, out)
+    run(config)
+    reference = open_features(str(out))["layer4"].values
+    calls = []
+
+    def killed(fs, path):
+        if len(calls) == killed_after:
+            raise KeyboardInterrupt
+        calls.append(path)
+        remove_tree(fs, path)
+
+    monkeypatch.setattr(feature_store.fsx, "remove_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        plan(_config(corpus, out, layers=["layer4"], reduce="avgpool", overwrite=True))
+    monkeypatch.undo()
+    status = FeatureStore.open(str(out), mode="r").current_status()
+    assert str(status) != "complete", (calls, status)  # never "complete" while half deleted
+    manifest = run(config)  # the original command again: planned again, extracted, readable
+    assert manifest["status"] == "complete"
+    np.testing.assert_array_equal(open_features(str(out))["layer4"].values, reference)
+
+
 def test_retry_delays_are_drawn_apart_for_each_run():
     # Prefect 3.8's task engine leaves retry_jitter_factor unused: without jitter drawn here, every pod
     # of a cluster retried in step after a storage outage

@@ -542,10 +542,11 @@ class FeatureStore:
 def _restore_generation(fs: Any, root: str, url: str, found: _Found, lease: locks.Lease) -> str | None:
     """The generation of a store whose `_generation.json` is lost or damaged, written back: the one its
     manifest or its commit records name for this plan; None where neither names one (a plan step that was
-    interrupted before it: no shard can have committed), or where an array is gone (a replacement deletes
-    the generation first, then the arrays: one killed half-way left a store that is planned again)."""
-    arrays = [feature_path(lay["name"]) for lay in found.plan.get("layers", [])] + [KEYS, VALID]
-    if not all(fs.exists(f"{root}/{path}/zarr.json") for path in arrays):
+    interrupted before it: no shard can have committed), or where a group or array is gone (a replacement
+    deletes the generation first, then the rest: one killed half-way left a store that is planned again)."""
+    groups = ["", f"{FEATURES}/"]  # the root group and the features group: a replacement deletes them early
+    arrays = [feature_path(lay["name"]) + "/" for lay in found.plan.get("layers", [])] + [f"{KEYS}/", f"{VALID}/"]
+    if not all(fs.exists(f"{root}/{path}zarr.json") for path in groups + arrays):
         return None
     config_hash = found.plan.get("config_hash")
     named = [found.manifest] if found.manifest and found.manifest.get("config_hash") == config_hash else []
@@ -612,12 +613,14 @@ def refuse_foreign(fs: Any, root: str, url: str) -> None:
 
 
 def _delete_store(fs: Any, root: str, found: _Found) -> dict:
-    """Delete a store's own objects (the generation first, so that a late writer of the old store stops),
-    leave anything else in the folder alone; return what was deleted."""
+    """Delete a store's own objects (the manifest first, so that a deletion killed half-way never leaves a store
+    that reads as complete; then the generation, so that a late writer of the old store stops; a store killed
+    half-way is resumed, or planned again, by its own config), leave anything else in the folder alone; return
+    what was deleted."""
     entries = _entries(fs, root)
     old = Records(fs, root, found.generation, found.plan.get("config_hash"))
     commits = old.by_kind()[0] if found.generation is not None else {}
-    deleted = [e for e in dict.fromkeys((GENERATION, *STORE_ENTRIES)) if e in entries]
+    deleted = [e for e in dict.fromkeys((MANIFEST, GENERATION, *STORE_ENTRIES)) if e in entries]
     for name in deleted:
         fsx.remove_tree(fs, f"{root}/{name}")
     return {"generation": found.generation, "config_hash": found.plan.get("config_hash"),

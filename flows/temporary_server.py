@@ -5,8 +5,9 @@
 - its own output goes where the caller says (the command line's log file), not to the terminal;
 - it never outlives this process: Prefect stops it at exit (atexit), but a process ended by a signal
   (SIGTERM's default action, SIGKILL, the OOM killer) runs no atexit hooks, and Prefect offers no hook to
-  start it with a parent-death signal. A small watcher process notices this process is gone and stops the
-  server (SIGTERM, then SIGKILL after 5 s);
+  start it with a parent-death signal. A small watcher process, started with the server (not once it
+  answers: a kill during its start-up left it running), notices this process is gone and stops the server
+  (SIGTERM, then SIGKILL after 5 s);
 - an offline machine logs no telemetry errors (its analytics are turned off, server and client side);
 - a server that does not start in time is one clear error, not Prefect's traceback.
 
@@ -65,11 +66,23 @@ def _server_class(output: IO | None) -> type:
             module = server_module.subprocess  # Prefect's own reference to subprocess, swapped for this call
             server_module.subprocess = types.SimpleNamespace(Popen=functools.partial(subprocess.Popen, **extra))
             try:
-                return super()._run_uvicorn_command()
+                process = super()._run_uvicorn_command()
             finally:
                 server_module.subprocess = module
+            _watch(process.pid)  # now, not once it answers: a kill while it starts (seconds) must stop it too
+            return process
 
     return DetachedServer
+
+
+def _watch(server_pid: int) -> None:
+    """A watcher that stops the server once this process is gone (its own session: a Ctrl-C at the terminal
+    is for us, not for the watcher)."""
+    subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(os.getpid()), str(server_pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        close_fds=True, start_new_session=True,
+    )
 
 
 def ensure_server(output: IO | None = None) -> str | None:
@@ -84,7 +97,6 @@ def ensure_server(output: IO | None = None) -> str | None:
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
     server = _server_class(output)()  # registered as Prefect's instance: get_client() reuses it
-    was_running = server.running
     try:
         server.start()
     except RuntimeError as exc:
@@ -93,10 +105,4 @@ def ensure_server(output: IO | None = None) -> str | None:
             "server (`prefect server start`), allow it more time with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, "
             "or run without `prefect`."
         ) from exc
-    if not was_running and server.server_process is not None:
-        subprocess.Popen(  # its own session: a Ctrl-C at the terminal is for us, not for the watcher
-            [sys.executable, "-c", _WATCHER, str(os.getpid()), str(server.server_process.pid)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=True, start_new_session=True,
-        )
     return server.api_url

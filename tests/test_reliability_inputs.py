@@ -566,8 +566,11 @@ def _prefect_cli(tmp: Path) -> tuple[list[str], dict[str, str]]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_killed_cli_leaves_no_temporary_prefect_server(sig: signal.Signals, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig,starting", [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGKILL, True)],
+                         ids=["SIGTERM", "SIGKILL", "SIGKILL-while-it-starts"])
+def test_killed_cli_leaves_no_temporary_prefect_server(sig: signal.Signals, starting: bool, tmp_path: Path) -> None:
+    # starting: killed as soon as the server process exists (its watcher used to start only once the server
+    # answered, seconds later: a kill then left it running)
     args, env = _prefect_cli(tmp_path)
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -576,10 +579,10 @@ def test_killed_cli_leaves_no_temporary_prefect_server(sig: signal.Signals, tmp_
         while time.monotonic() < deadline and proc.poll() is None:
             kids = _children(proc.pid)
             servers = [pid for pid, cmd in kids.items() if "uvicorn" in cmd]
-            if servers and any("-c" in cmd.split()[:3] for cmd in kids.values()):  # server and its watcher
+            if servers and (starting or any("-c" in cmd.split()[:3] for cmd in kids.values())):  # and its watcher
                 server = servers[0]
                 break
-            time.sleep(0.2)
+            time.sleep(0.05 if starting else 0.2)
         assert server is not None, "the temporary server did not start: " + proc.stderr.read().decode()[-2000:]
         proc.send_signal(sig)
         proc.wait(timeout=60)

@@ -147,10 +147,12 @@ def check_deployment(client: Any, name: str) -> None:
     """NeuroPredictorError, before any work, when the deployment the children would run does not exist: named
     with the deployments there are (closest first). Otherwise a mistyped name fails only at the first launch,
     after the parent has loaded the model and planned the store."""
-    if name.count("/") == 1:
-        with contextlib.suppress(ObjectNotFound):
+    with contextlib.suppress(ObjectNotFound, ValueError):
+        if name.count("/") == 1:
             client.read_deployment_by_name(name)
-            return
+        else:  # run_deployment takes a deployment's id too
+            client.read_deployment(UUID(name))
+        return
     flows = {f.id: f.name for f in client.read_flows()}
     known = sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments())
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)

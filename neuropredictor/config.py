@@ -125,9 +125,13 @@ class ExtractConfig(BaseModel):
         weights file, a model folder `hf:/dir`, a custom model's `.py`), so that a checkpoint saved again at
         the same path, or an edited model file, is loaded again."""
         key = tuple((name, _hashable(getattr(self, name))) for name in self.fields_with(REPLICA))
-        rest = self.model.partition(":")[2]
-        paths = dict.fromkeys([self.weights or "", rest, rest.rpartition(":")[0], *rest.rpartition("@")[::2]])
-        return key + tuple(("local", path, _stamp(path)) for path in paths if path and os.path.exists(path))
+        source, _, rest = self.model.partition(":")
+        # only what a loader reads from disk (not a folder that happens to share a hub model's name)
+        paths = [self.weights or "", rest.rpartition("@")[0] or rest if source == "hf" else "",
+                 rest.rpartition(":")[0] if source == "custom" and rest.rpartition(":")[0].endswith(".py") else "",
+                 rest.rpartition("@")[2] if source in ("openclip", "clip") and "@" in rest else ""]
+        return key + tuple(("local", path, _stamp(path)) for path in dict.fromkeys(paths)
+                           if path and os.path.exists(path))
 
     def resolved_devices(self) -> list[str]:
         """The devices a run uses ('auto': every CUDA device, else the CPU)."""
@@ -149,7 +153,10 @@ _STAMP_FILES = 10_000  # a folder's files looked at, at most (a model folder hol
 def _stamp(path: str) -> tuple:
     """Sizes and modification times of a file, or of the files in a folder (recursively)."""
     def one(p: str) -> tuple:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:  # removed while the folder was walked
+            return (None, None)
         return (st.st_size, st.st_mtime_ns)
 
     if not os.path.isdir(path):

@@ -190,7 +190,5 @@ def _batch_tensor(images: Any) -> torch.Tensor:
     if images.ndim != 4:
         extra = " (one image: add the batch dimension, `image[None]`)" if images.ndim == 3 else ""
         raise NeuroPredictorError(f"the Extractor takes a batch (B, C, H, W); got shape {tuple(images.shape)}{extra}")
-    if not images.is_floating_point():
-        raise NeuroPredictorError(f"the Extractor takes preprocessed (float) images; got {images.dtype}, raw pixels "
-                                  f"perhaps: {how}")
-    return images.float()
+    # float64 as float32; integer batches as they are (a custom model may normalise uint8 pixels itself)
+    return images.float() if images.is_floating_point() else images

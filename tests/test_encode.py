@@ -530,11 +530,12 @@ def test_a_boolean_split_points_the_way_its_name_says_or_is_refused(tmp_path):
     # True was "train" unless the name held "test": a `heldout` column trained on the held-out stimuli
     keys, _, Y = _small()
     held = np.arange(60) % 5 == 0  # 12 held-out stimuli
-    for name in ("heldout", "is_val", "isTest", "holdout"):
+    for name in ("heldout", "is_val", "isTest", "holdout", "hold_out", "testset", "is_evaluation"):
         np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), **{name: held})
         assert load_neural(tmp_path / "y.npz", split=name).train.sum() == 48, name
-    np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), is_train=~held)
-    assert load_neural(tmp_path / "y.npz", split="is_train").train.sum() == 48
+    for name in ("is_train", "trainval"):
+        np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), **{name: ~held})
+        assert load_neural(tmp_path / "y.npz", split=name).train.sum() == 48
     for name in ("split", "fold", "test_train"):
         np.savez(tmp_path / "y.npz", data=Y, key=np.array(keys), **{name: held})
         with pytest.raises(EncodingError, match=f"split '{name}' holds True/False, but its name does not say"):
@@ -859,6 +860,20 @@ def test_a_killed_encode_resumes_at_the_layer_it_had_not_finished(pipeline_store
     assert before == fingerprint(prepare(opts.features, opts.read_neural(), opts), opts)
     prep.ds.attrs["generation"] = "another"
     assert fingerprint(prep, opts) != before
+    prep.ds.attrs["generation"] = prepare(opts.features, opts.read_neural(), opts).ds.attrs["generation"]
+    assert fingerprint(prep, opts) == before
+    prep.ds.attrs["commits"] = "a shard extracted again in place"
+    assert fingerprint(prep, opts) != before
+
+
+def test_a_layer_that_cannot_be_kept_is_still_scored(pipeline_store, tmp_path, caplog):
+    out = tmp_path / "scores.zarr"
+    Path(str(out) + ".partial").write_text("a file where the kept layers would go")
+    warnings.simplefilter("ignore", AlignmentWarning)
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.encode.run"):
+        summary = encode_command(**pipeline_store, out=str(out), alphas="logspace:-2:6:9", device="cpu",
+                                 permutations=0)
+    assert summary["best_layer"] == "layer4" and "could not be kept" in caplog.text
 
 
 def test_a_failed_layer_does_not_stop_the_others_and_nothing_half_is_written(pipeline_store, tmp_path,
@@ -956,6 +971,9 @@ def test_encode_reads_a_file_with_its_reading_options_and_takes_paths(tmp_path):
              is_test=held)
     scores = encode(ds, tmp_path / "n.npz", roi="region", split="is_test", device="cpu", permutations=0)
     assert list(scores.roi.values) == ["V1", "V1", "IT", "IT", "IT"] and scores.attrs["n_test"] == 16
+    options = EncodeOptions(features="f", neural="n", out="o", roi="region", split="is_test", device="cpu",
+                            permutations=0)  # the reading options of an options object count too
+    assert encode(ds, tmp_path / "n.npz", options).attrs["n_test"] == 16
     with pytest.raises(EncodingError, match="roi describe how a neural data file is read.*already loaded"):
         encode(ds, NeuralData(Y, keys), roi="region", device="cpu")
     with pytest.raises(EncodingError, match="features must be a features store.*not a ndarray.*encode_layer"):

@@ -591,8 +591,9 @@ def test_a_mistyped_deployment_is_named_before_any_work(corpus, tmp_path):
 
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow(extract)
-        client.create_deployment(flow_id=flow_id, name="gpu-pool")
+        deployment_id = client.create_deployment(flow_id=flow_id, name="gpu-pool")
         check_deployment(client, "extract/gpu-pool")  # there: nothing raised
+        check_deployment(client, str(deployment_id))  # by id, as run_deployment takes it
         with pytest.raises(NeuroPredictorError, match=r"no deployment 'extract/gpu-pol'.*did you mean extract/gpu-pool"):
             check_deployment(client, "extract/gpu-pol")
         with pytest.raises(NeuroPredictorError, match=r"no deployment 'gpu-pool'.*FLOW/DEPLOYMENT.*extract/gpu-pool"):

@@ -344,6 +344,13 @@ def test_a_notebook_rerun_after_the_model_changed_uses_the_new_model(corpus, tmp
     with pytest.raises(ConfigMismatchError, match="weights"):  # nor does the first store resume with it
         plan(_config(corpus, tmp_path / "a.zarr", model="custom:np_notebook:net"))
 
+    # a folder in the working directory named like a hub model is not that model's (not part of its key)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    key = _config(corpus, tmp_path / "x.zarr", model="timm:resnet18").replica_key()
+    (tmp_path / "resnet18" / "chunk").write_text("x")
+    assert _config(corpus, tmp_path / "x.zarr", model="timm:resnet18").replica_key() == key
+
     # an edited .py file: executed again
     source = tmp_path / "model_file.py"
     source.write_text("import torchvision\n\ndef net():\n    return torchvision.models.resnet18()\n")

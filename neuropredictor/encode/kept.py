@@ -61,6 +61,9 @@ class KeptLayers:
             data = fsx.cat_small(self.fs, self._path(layer))
         except FileNotFoundError:
             return None
+        except Exception as exc:  # unreadable (OUT.partial a file, no access): the layer is scored
+            log.warning("layer %s: kept scores cannot be looked up in %s (%s); scoring it", layer, self.name, exc)
+            return None
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files if k != "meta"}

@@ -380,8 +380,7 @@ def _resolve_groups(groups: Any, container: dict, opts: dict, spath: str) -> lis
     return [str(x) for x in groups]
 
 
-_TEST_WORDS = frozenset({"test", "testing", "heldout", "holdout", "held", "val", "validation", "eval"})
-_TRAIN_WORDS = frozenset({"train", "training", "fit"})
+_TEST_WORDS = frozenset({"heldout", "holdout", "held", "hold", "val", "validation", "eval", "evaluation"})
 
 
 def _split_values(values: np.ndarray, name: str, n: int, spath: str) -> np.ndarray:
@@ -398,7 +397,8 @@ def _split_values(values: np.ndarray, name: str, n: int, spath: str) -> np.ndarr
     # which way True points, by the words of the name (`is_test`, `heldOut`: test stimuli; `train`: training
     # ones): a name that says neither (`split`, `fold`) would be a guess, and a wrong guess swaps the sides
     words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()))
-    marks_test, marks_train = bool(words & _TEST_WORDS), bool(words & _TRAIN_WORDS)
+    marks_test = bool(words & _TEST_WORDS) or any("test" in w for w in words)  # testset, istest
+    marks_train = any("train" in w for w in words)  # trainval: training stimuli
     if marks_test == marks_train:
         raise EncodingError(f"{spath}: split {name!r} holds True/False, but its name does not say whether True "
                             "marks training or test stimuli: name it with train or test (is_train, is_test, "

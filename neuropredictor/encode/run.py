@@ -77,6 +77,8 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     dropped), and split the matched stimuli. Options: `FitOptions`, as an object and/or keywords; with
     `neural` a file, also how to read it (`EncodeOptions`' keys_file, split, roi, groups, ...)."""
     reading = {k: fields.pop(k) for k in list(fields) if k in READING}
+    if isinstance(options, EncodeOptions) and not isinstance(neural, NeuralData):  # its split, groups, roi ...
+        reading = {**{k: getattr(options, k) for k in READING}, **reading}
     opts = FitOptions.resolve(options, fields)
     started = time.perf_counter()
     ds, layer_order, features_name = open_dataset(features, storage_options)
@@ -276,8 +278,10 @@ def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
                 h.update(json.dumps(p, sort_keys=True, default=str).encode())
             h.update(b"\0")
 
-    # the generation: a store replaced (`--overwrite`) with the same config, e.g. after its images changed
-    add(_KEPT_FORMAT, config_hash, prep.ds.attrs.get("generation"), prep.keys, prep.rows, prep.Y, prep.usable)
+    # the generation (a store replaced with the same config) and the commits (a shard extracted again in place,
+    # after its images changed or `verify` found it damaged): the rows read are another input then
+    add(_KEPT_FORMAT, config_hash, prep.ds.attrs.get("generation"), prep.ds.attrs.get("commits"), prep.keys,
+        prep.rows, prep.Y, prep.usable)
     for train, test in [*prep.splits, *(pair for fold in prep.inner or [] for pair in fold)]:
         add(train, test)
     roi = prep.neural.roi
@@ -299,7 +303,11 @@ def score_kept(prep: Prepared, layer: str, options: FitOptions, kept: KeptLayers
         return LayerScores(**fields)
     part = score_layer(prep, layer, options)
     if kept is not None:
-        kept.save(dataclasses.asdict(part))
+        try:
+            kept.save(dataclasses.asdict(part))
+        except Exception as exc:  # keeping is for a rerun's sake: a full disk must not cost this layer's fit
+            log.warning("layer %s: its scores could not be kept in %s (%s: %s); the run goes on", layer, kept.name,
+                        type(exc).__name__, exc)
     return part
 
 

@@ -13,4 +13,5 @@ from neuropredictor.store.layout import DEFAULT_CHUNK_BYTES, LayerSpec, plan_chu
 from neuropredictor.store.read import open_features
 from neuropredictor.store.writer import ShardWriter
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "FeatureStore", "LayerSpec", "ShardCommitted", "ShardWriter", "open_features", "plan_chunk_rows"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "FeatureStore", "LayerSpec", "ShardCommitted", "ShardWriter", "open_features",
+           "plan_chunk_rows"]

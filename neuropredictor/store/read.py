@@ -51,6 +51,9 @@ def open_features(url: str | os.PathLike, storage_options: dict | None = None,
     ds.attrs.update({"store": redact_text(url), "status": str(store.current_status()),
                      "config_hash": store.manifest.get("config_hash"), "generation": store.manifest.get("generation"),
                      # which commit of each shard the rows are: a shard extracted again in place is another one
-                     "commits": hashlib.sha256(json.dumps(sorted((name, str(rec.get("committed_at")))
-                                                                 for name, rec in commits.items())).encode()).hexdigest()})
+                     "commits": _digest(sorted((name, str(rec.get("committed_at"))) for name, rec in commits.items()))})
     return ds
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()

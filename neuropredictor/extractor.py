@@ -68,7 +68,7 @@ class Extractor:
         self.early_exit = early_exit
         # on the device first: the layer discovery's forward pass runs there (a big model's took seconds on
         # the CPU, for every replica)
-        model.module.to(self.device)
+        self.module = model.module.to(self.device)
         infos = {i.name: i for i in (layer_infos or describe_layers(model))}
         names = select_layers(list(infos), expand_presets(model, list(infos.values()), layers))
         for name in names:
@@ -98,7 +98,6 @@ class Extractor:
             for n, p in self.plan.items()
             if p.reduction.name == "srp"
         }
-        self.module = model.module.to(self.device)
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         # torch.compile traces the hooks too (they are registered before the first call). One input shape

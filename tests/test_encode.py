@@ -858,12 +858,18 @@ def test_a_killed_encode_resumes_at_the_layer_it_had_not_finished(pipeline_store
     prep = prepare(opts.features, opts.read_neural(), opts)
     before = fingerprint(prep, opts)
     assert before == fingerprint(prepare(opts.features, opts.read_neural(), opts), opts)
-    prep.ds.attrs["generation"] = "another"
+    prep.ds.attrs["content"] = "another store's rows"
     assert fingerprint(prep, opts) != before
-    prep.ds.attrs["generation"] = prepare(opts.features, opts.read_neural(), opts).ds.attrs["generation"]
-    assert fingerprint(prep, opts) == before
-    prep.ds.attrs["commits"] = "a shard extracted again in place"
-    assert fingerprint(prep, opts) != before
+    # what the content is: the generation and the commit of each shard
+    from neuropredictor.store import FeatureStore
+
+    store = FeatureStore.open(pipeline_store["features"], mode="r")
+    commits = store.committed()
+    name = sorted(commits)[0]
+    assert store.content_id() == store.content_id(commits)
+    assert store.content_id({**commits, name: {**commits[name], "committed_at": "later"}}) != store.content_id()
+    store.generation = "a replacement"
+    assert store.content_id(commits) != FeatureStore.open(pipeline_store["features"], mode="r").content_id()
 
 
 def test_a_layer_that_cannot_be_kept_is_still_scored(pipeline_store, tmp_path, caplog):

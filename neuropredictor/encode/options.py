@@ -136,6 +136,11 @@ READING = tuple(n for n in EncodeOptions.model_fields if n not in FitOptions.mod
                 and n not in ("features", "neural", "out", "plot", "overwrite"))
 
 
+def split_reading(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the `READING` options among keyword fields, the others: `FitOptions`')."""
+    return ({k: v for k, v in fields.items() if k in READING}, {k: v for k, v in fields.items() if k not in READING})
+
+
 def read_with(neural: Any, reading: Mapping[str, Any], storage_options: Mapping | None = None) -> NeuralData:
     """The neural data: `neural` itself (NeuralData), or the file it names read with the `READING` options."""
     if isinstance(neural, NeuralData):

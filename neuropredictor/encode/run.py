@@ -25,7 +25,7 @@ from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds,
                                          outer_splits, select_layers)
 from neuropredictor.encode.kept import KeptLayers
 from neuropredictor.encode.neural import NeuralData
-from neuropredictor.encode.options import READING, EncodeOptions, FitOptions, read_with
+from neuropredictor.encode.options import READING, EncodeOptions, FitOptions, read_with, split_reading
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
 from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
 
@@ -76,7 +76,7 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     """Open the features, align the neural data to them by key (an `AlignmentWarning` reports what is
     dropped), and split the matched stimuli. Options: `FitOptions`, as an object and/or keywords; with
     `neural` a file, also how to read it (`EncodeOptions`' keys_file, split, roi, groups, ...)."""
-    reading = {k: fields.pop(k) for k in list(fields) if k in READING}
+    reading, fields = split_reading(fields)
     if isinstance(options, EncodeOptions) and not isinstance(neural, NeuralData):  # its split, groups, roi ...
         reading = {**{k: getattr(options, k) for k in READING}, **reading}
     opts = FitOptions.resolve(options, fields)
@@ -250,7 +250,7 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
 
     Returns the Dataset described in `assemble`.
     """
-    reading = {k: fields.pop(k) for k in list(fields) if k in READING}
+    reading, fields = split_reading(fields)
     opts = FitOptions.resolve(options, fields)
     prep = prepare(features, neural, opts, storage_options=storage_options, **reading)
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
@@ -260,12 +260,12 @@ _KEPT_FORMAT = 1  # bump when LayerScores or the fingerprint change meaning
 
 
 def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
-    """What a layer's scores depend on, hashed: the features store (config, generation) and the rows read, the
+    """What a layer's scores depend on, hashed: the features store (config, `content_id`) and the rows read, the
     responses, the splits (inner ones too), the chance test's groups and the fit options (not the device or
-    batch size). None when the features carry no config hash (a Dataset made in memory: nothing says that its
-    numbers are those of an earlier run)."""
-    config_hash = prep.ds.attrs.get("config_hash")
-    if not config_hash:
+    batch size). None when the features carry no config hash or content (a Dataset made in memory, or opened with
+    rows not committed: nothing says that its numbers are those of an earlier run)."""
+    config_hash, content = prep.ds.attrs.get("config_hash"), prep.ds.attrs.get("content")
+    if not config_hash or not content:
         return None
     h = hashlib.sha256()
 
@@ -278,10 +278,8 @@ def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
                 h.update(json.dumps(p, sort_keys=True, default=str).encode())
             h.update(b"\0")
 
-    # the generation (a store replaced with the same config) and the commits (a shard extracted again in place,
-    # after its images changed or `verify` found it damaged): the rows read are another input then
-    add(_KEPT_FORMAT, config_hash, prep.ds.attrs.get("generation"), prep.ds.attrs.get("commits"), prep.keys,
-        prep.rows, prep.Y, prep.usable)
+    # content: the store replaced with the same config, or a shard extracted again in place, are other rows
+    add(_KEPT_FORMAT, config_hash, content, prep.keys, prep.rows, prep.Y, prep.usable)
     for train, test in [*prep.splits, *(pair for fold in prep.inner or [] for pair in fold)]:
         add(train, test)
     roi = prep.neural.roi

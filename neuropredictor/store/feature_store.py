@@ -12,6 +12,7 @@ either join it safely or are told who is using it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -357,6 +358,14 @@ class FeatureStore:
         """Shard name -> commit record, for every committed shard (one listing, not a request per shard), or
         for those of `shard_names` only (one read each, no listing)."""
         return self.records.by_kind()[0] if shard_names is None else self.records.commits_of(shard_names)
+
+    def content_id(self, commits: Mapping[str, dict] | None = None) -> str:
+        """What the store's rows are, hashed: its generation (a new one when the store is replaced) and the
+        commit of each shard (a shard extracted again in place, after its images changed or `verify` found it
+        damaged, holds other rows). `commits`: the commit records, where the caller has read them."""
+        commits = self.committed() if commits is None else commits
+        rows = sorted((name, str(rec.get("committed_at"))) for name, rec in commits.items())
+        return hashlib.sha256(mf.canonical_json({"generation": self.generation, "commits": rows}).encode()).hexdigest()
 
     def current_status(self) -> StoreStatus:
         """The store's status now: a finalized manifest stands while the commit records are those it sealed

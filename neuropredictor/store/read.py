@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import TYPE_CHECKING
 
@@ -40,8 +38,8 @@ def open_features(url: str | os.PathLike, storage_options: dict | None = None,
         root = xr.open_zarr(zs, chunks=None, consolidated=consolidated, zarr_format=3)
         keys = np.asarray(root[KEYS].values, dtype=object)
         valid = np.asarray(root[VALID].values, dtype=bool).copy()
-    commits = store.committed()
-    if committed_only:  # the plan's shards tile the rows, so this leaves out every row not committed
+    commits = store.committed() if committed_only else None
+    if commits is not None:  # the plan's shards tile the rows, so this leaves out every row not committed
         for s in store.shards:
             if s.name not in commits:
                 valid[s.offset:s.end] = False
@@ -49,11 +47,7 @@ def open_features(url: str | os.PathLike, storage_options: dict | None = None,
     feats = feats[[lay.name for lay in store.layers]]
     ds = feats.assign({VALID: ((STIMULUS,), valid)}).assign_coords(key=((STIMULUS,), keys))
     ds.attrs.update({"store": redact_text(url), "status": str(store.current_status()),
-                     "config_hash": store.manifest.get("config_hash"), "generation": store.manifest.get("generation"),
-                     # which commit of each shard the rows are: a shard extracted again in place is another one
-                     "commits": _digest(sorted((name, str(rec.get("committed_at"))) for name, rec in commits.items()))})
+                     "config_hash": store.manifest.get("config_hash"),
+                     # which rows these are (None with rows not committed: nothing says what those hold)
+                     "content": None if commits is None else store.content_id(commits)})
     return ds
-
-
-def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()

@@ -115,17 +115,17 @@ def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
 
 
 def _scoring_inputs(sweep: SweepConfig, model: SweepModel) -> dict[str, Any]:
-    """What a model's scores were made from beyond their options: the store's generation (a new one when
-    the store was replaced), the neural data file as it is now (size and etag, or mtime) and how stimuli
+    """What a model's scores were made from beyond their options: the store's rows (`content_id`: a store
+    replaced, or a shard extracted again in place, are other rows), the neural data file as it is now (size and etag, or mtime) and how stimuli
     are split (models scored on other splits are not compared)."""
     from neuropredictor.corpus.listing import fingerprint
     from neuropredictor.encode.align import SPLIT_SCHEME
     from neuropredictor.store import FeatureStore
 
     try:
-        generation = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").generation
+        content = FeatureStore.open(sweep.store_url(model), sweep.storage_options, mode="r").content_id()
         fs, path = fsx.connect(sweep.neural, sweep.storage_options)
-        return {"store": generation, "neural_file": list(fingerprint(fs.info(path))), "split_scheme": SPLIT_SCHEME}
+        return {"store": content, "neural_file": list(fingerprint(fs.info(path))), "split_scheme": SPLIT_SCHEME}
     except Exception:  # unreadable: never taken for unchanged; scoring reports the problem
         return {"store": None}
 

@@ -140,6 +140,9 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
         if not record.get("skipped"):
             logger.info("%s: %d images in %.1f s (%.1f img/s) on %s", record["shard"], record["rows"],
                         record["duration_s"], record["images_per_s"] or 0, record["device"])
+        elif schedule.done_elsewhere(record):
+            logger.info("%s: extracted by another run (host %s)", record["shard"], record.get("host"))
+        if not record.get("skipped") or schedule.done_elsewhere(record):
             emit("shard", {"name": record["shard"], "record": record})
     return records
 
@@ -165,22 +168,25 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     planned = plan_task(config, shards, params.shards if not params.finalize else None)
     store = FeatureStore.open(config.out, config.storage_options, generation=planned["generation"])
     emit("planned", schedule.planned_event(store, planned))
-    groups = schedule.pending_groups(store, shards, params.shards, params.shards_per_task, planned)
-    todo_rows = sum(s.count for g in groups for s in g)
-    logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],
-                todo_rows, ", ".join(devices))
-    # the rows of this run's shards (a child of extract-distributed has a group of them), not the store's
-    scope = set(params.shards or ())
-    scope_rows = sum(s.count for s in store.shards if not scope or s.name in scope)
-    total_rows = max(scope_rows, 1)
-    done_before = scope_rows - todo_rows
-    progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows, key="extract-progress",
-                                           description=f"Rows of {redact_text(config.out)} committed")
-    policy = schedule.RetryPolicy.of(config)
-    window = schedule.DeviceWindow(groups, devices)
-    running: dict[Any, tuple[list[Shard], str]] = {}
-    stop = STOP.get() or threading.Event()
-    with store.session():  # replacing the store is refused while this run extracts into it
+    # the session first: replacing the store is refused while this run extracts into it, and runs that
+    # find each other share the shards (`pending_groups`)
+    with store.session() as session:
+        groups = schedule.pending_groups(store, shards, params.shards, params.shards_per_task, planned,
+                                         shared=store.shared(session))
+        todo_rows = sum(s.count for g in groups for s in g)
+        logger.info("%d of %d shards to extract (%d rows) on %s", sum(len(g) for g in groups), planned["shards"],
+                    todo_rows, ", ".join(devices))
+        # the rows of this run's shards (a child of extract-distributed has a group of them), not the store's
+        scope = set(params.shards or ())
+        scope_rows = sum(s.count for s in store.shards if not scope or s.name in scope)
+        total_rows = max(scope_rows, 1)
+        done_before = scope_rows - todo_rows
+        progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows, key="extract-progress",
+                                               description=f"Rows of {redact_text(config.out)} committed")
+        policy = schedule.RetryPolicy.of(config)
+        window = schedule.DeviceWindow(groups, devices)
+        running: dict[Any, tuple[list[Shard], str]] = {}
+        stop = STOP.get() or threading.Event()
         while True:
             for group, device in ([] if stop.is_set() else window.start()):
                 # delays drawn per task: the groups of one run (one per GPU) do not retry in step either

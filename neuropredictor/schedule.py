@@ -16,7 +16,10 @@ run with or without a Prefect server resumes the same way.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -30,11 +33,14 @@ from neuropredictor.pipeline import extract_shard, plan, validate
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.status import FAILURES_SHOWN, ShardStatus
-from neuropredictor.store import FeatureStore
+from neuropredictor.store import FeatureStore, ShardBusy
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, dict], None]
 """on_event(event, data): "planned" {rows, committed_rows, shards, committed_shards},
-"batch" {images} (negative: a failed attempt's images taken back, as they run again), "shard" {name, record}."""
+"batch" {images} (negative: a failed attempt's images taken back, as they run again), "shard" {name, record}
+(record["skipped"]: another run extracted it meanwhile; its images came in no "batch" event)."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,13 @@ def committed_names(store: FeatureStore, planned: dict | None = None) -> Collect
 
 
 def pending_groups(store: FeatureStore, shards: Sequence[Shard], names: Sequence[str] | None = None,
-                   per_group: int = 1, planned: dict | None = None) -> list[list[Shard]]:
+                   per_group: int = 1, planned: dict | None = None, shared: bool = False) -> list[list[Shard]]:
     """The corpus's `shards` (as `validate` listed them now, matching the plan) without a commit record
     (only `names`, if given), in order, in groups of `per_group`; committed as `committed_names` tells.
     The shards are read where the corpus is now: the plan's URLs are a record (with credentials redacted,
-    and from where the corpus was then), never read from."""
+    and from where the corpus was then), never read from. `shared` (other runs extract into the store now,
+    `FeatureStore.shared`): in a random order instead, so that runs of one command share the shards, each
+    rarely reaching one that another extracts (it would wait for it)."""
     if names is not None:
         unknown = sorted(set(names) - {s.name for s in shards})
         if unknown:
@@ -97,7 +105,10 @@ def pending_groups(store: FeatureStore, shards: Sequence[Shard], names: Sequence
     # shards that failed in an earlier run go last: a few bad shards at the front would otherwise end
     # every rerun early (`DeviceWindow`), and the others' rows come first
     failed_before = {e["name"] for e in store.manifest.get("shards", []) if e.get("status") == ShardStatus.FAILED}
-    todo = sorted((s for s in shards if s.name not in done), key=lambda s: s.name in failed_before)
+    todo = [s for s in shards if s.name not in done]
+    if shared:
+        random.shuffle(todo)
+    todo.sort(key=lambda s: s.name in failed_before)
     return [todo[i:i + per_group] for i in range(0, len(todo), per_group)]
 
 
@@ -105,33 +116,70 @@ def group_label(group: Sequence[Shard]) -> str:
     return group[0].name if len(group) == 1 else f"{group[0].name}..{group[-1].name}"
 
 
+BUSY_POLL_S = 5.0  # how often a shard another run extracts is looked at again
+BUSY_WAIT_S = 12 * 3600.0  # how long for: one shard of the slowest model and largest shard takes far less
+
+
 def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureStore, device: str | None = None,
                   attempt: int = 1, on_batch: Callable[[int], None] | None = None,
                   stop: threading.Event | None = None) -> list[dict]:
     """Extract each shard of the group on `device` (committed ones are skipped). A shard that fails gets a
     failure record naming the attempt, and the error is raised, so that the caller retries the group; the
-    images it reported to on_batch are taken back (on_batch(-n)): they are extracted again."""
-    records = []
+    images it reported to on_batch are taken back (on_batch(-n)): they are extracted again.
+
+    A shard that another run is extracting now (`ShardBusy`) waits until the group's others are done; it is
+    then skipped once that run commits it, or extracted here if that run gives it up (it failed, or died and
+    its claim expired). Skipped shards' records say `skipped`."""
+    records, busy = [], []
     for shard in group:
-        counted = [0]
-
-        def count(n: int) -> None:
-            counted[0] += n
-            if on_batch is not None:
-                on_batch(n)
-
         try:
-            record = extract_shard(config, shard, store=store, device=device, on_batch=count, attempt=attempt,
-                                   stop=stop)
-        except Interrupted:
-            raise  # not a failure of the shard: it runs again next time
-        except Exception as exc:
-            if on_batch is not None and counted[0]:
-                on_batch(-counted[0])
-            store.record_failure(shard, f"{type(exc).__name__}: {exc}", attempts=attempt)
-            raise
-        records.append(record | {"shard": shard.name})
+            records.append(_extract_recorded(config, shard, store, device, attempt, on_batch, stop))
+        except ShardBusy as exc:
+            log.info("%s; it waits until this group's other shards are done", exc)
+            busy.append((shard, exc))
+    stop = stop or threading.Event()  # never set: its wait is a sleep
+    for shard, error in busy:
+        for _ in range(int(BUSY_WAIT_S / BUSY_POLL_S)):
+            if stop.wait(BUSY_POLL_S):
+                raise Interrupted(f"stopped while waiting for shard {shard.name}, which another run extracts")
+            try:
+                records.append(_extract_recorded(config, shard, store, device, attempt, on_batch, stop))
+                break
+            except ShardBusy as exc:
+                error = exc
+        else:
+            store.record_failure(shard, f"{error} for over {BUSY_WAIT_S / 3600:.0f} h", attempts=attempt)
+            raise error
     return records
+
+
+def _extract_recorded(config: ExtractConfig, shard: Shard, store: FeatureStore, device: str | None, attempt: int,
+                      on_batch: Callable[[int], None] | None, stop: threading.Event | None) -> dict:
+    """extract_shard, with a failure record for a shard that fails (see extract_group)."""
+    counted = [0]
+
+    def count(n: int) -> None:
+        counted[0] += n
+        if on_batch is not None:
+            on_batch(n)
+
+    try:
+        record = extract_shard(config, shard, store=store, device=device, on_batch=count, attempt=attempt, stop=stop)
+    except (Interrupted, ShardBusy):
+        raise  # not a failure of the shard: it runs again next time, or another run extracts it
+    except Exception as exc:
+        if on_batch is not None and counted[0]:
+            on_batch(-counted[0])
+        store.record_failure(shard, f"{type(exc).__name__}: {exc}", attempts=attempt)
+        raise
+    return record | {"shard": shard.name}
+
+
+def done_elsewhere(record: dict) -> bool:
+    """Whether a shard's record, as extract_group returns it, is of a shard another process committed
+    during this run (its rows were not counted by this run's progress)."""
+    return bool(record.get("skipped")) and (record.get("host"), record.get("pid")) != (socket.gethostname(),
+                                                                                      os.getpid())
 
 
 GIVE_UP_AFTER = 3  # groups failed after their retries, one after another, before any succeeded
@@ -270,7 +318,6 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
     emit("planned", planned_event(store))
     stop = stop or threading.Event()
     devices = config.resolved_devices()
-    window = DeviceWindow(pending_groups(store, shards), devices)
     policy = RetryPolicy.of(config)
 
     def on_batch(n: int) -> None:
@@ -280,7 +327,9 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         return policy.call(lambda attempt: extract_group(config, group, store, device, attempt, on_batch, stop), stop)
 
     running: dict[Future, tuple[list[Shard], str]] = {}
-    with store.session(), ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
+    with store.session() as session, \
+            ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
+        window = DeviceWindow(pending_groups(store, shards, shared=store.shared(session)), devices)
         try:
             while True:
                 for group, device in window.start():
@@ -296,7 +345,7 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
                     window.finish(group, device, None if error is None else f"{type(error).__name__}: {error}",
                                   store.is_committed)
                     for record in ([] if error is not None else future.result()):
-                        if not record.get("skipped"):
+                        if not record.get("skipped") or done_elsewhere(record):
                             emit("shard", {"name": record["shard"], "record": record})
         except BaseException:
             stop.set()  # the workers end after their current batch; nothing half-written is committed

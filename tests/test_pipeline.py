@@ -411,24 +411,22 @@ def test_read_image_gives_a_notebook_the_rows_of_the_store(tmp_path):
     assert read_image(path.read_bytes()).size == (40, 64)  # bytes too; turned upright
 
 
-def test_a_joining_run_leaves_a_commit_made_while_it_loaded_its_model(corpus, tmp_path, monkeypatch):
-    # run B saw the shard uncommitted, loaded its model; run A committed the shard meanwhile; B's writer then
-    # withdrew A's commit: committed work lost (the other run ended partial)
-    import neuropredictor.pipeline.extraction as extraction
-
+def test_a_joining_run_leaves_a_commit_made_before_it_took_the_claim(corpus, tmp_path, monkeypatch):
+    # run B saw the shard uncommitted; run A, holding the shard's claim, committed it and let the claim go; B
+    # then took the claim, and its writer withdrew A's commit: committed work lost (the other run ended partial)
     config = _config(corpus, tmp_path / "out.zarr")
     store = plan(config)
     shard = store.shards[0]
-    real_get_runner = extraction.get_runner
+    joining = FeatureStore.open(config.out)
+    real_claim = joining.claim
     committed = {}
 
-    def slow_model_load(*args, **kwargs):  # while B loads its model, A commits the shard
-        monkeypatch.setattr(extraction, "get_runner", real_get_runner)
-        committed.update(extract_shard(config, shard, store=FeatureStore.open(config.out)))
-        return real_get_runner(*args, **kwargs)
+    def claim_late(s):  # between B's look at the commit record and its claim, A extracts the shard
+        committed.update(extract_shard(config, s, store=FeatureStore.open(config.out)))
+        return real_claim(s)
 
-    monkeypatch.setattr(extraction, "get_runner", slow_model_load)
-    joined = extract_shard(config, shard, store=FeatureStore.open(config.out))
+    monkeypatch.setattr(joining, "claim", claim_late)
+    joined = extract_shard(config, shard, store=joining)
     assert joined.get("skipped") and committed["committed_at"] == joined["committed_at"]
     assert FeatureStore.open(config.out).commit_record(shard.name)["committed_at"] == committed["committed_at"]
 

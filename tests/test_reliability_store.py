@@ -158,7 +158,7 @@ def test_a_stale_writer_can_never_commit_into_a_replaced_store(corpus, clean, tm
     old = plan(_config(corpus, out))
     stale = old.writer(old.shards[0])  # a run that paused (no live lease) while the store is replaced
     run(_config(corpus, out, layers=["features.2"], overwrite=True))
-    monkeypatch.setattr(store_writer, "_GENERATION_CHECK_S", 0.0)
+    monkeypatch.setattr(store_writer, "_FENCE_CHECK_S", 0.0)
     rows = {"features/features.5": np.zeros((4, 32, 8, 8), np.float32)}
     with pytest.raises(StoreError, match="replaced by another run"):
         stale.write(0, ["a", "b", "c", "d"], np.ones(4, bool), {"features.5": rows["features/features.5"]})
@@ -398,8 +398,151 @@ def test_concurrent_runs_of_one_configuration_join_safely(corpus, clean, tmp_pat
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     assert {r["status"] for r in results} == {"complete"}
     assert [p.stem for p in _commits(out)] == [f"shard-{i:06d}" for i in range(6)]
-    assert not list((out / "_runs").glob("*.json")) and not list((out / "_locks").glob("*.json"))
+    assert not list((out / "_runs").glob("*.json")) and not list((out / "_locks").glob("**/*.json"))
     _assert_identical(clean["features.5"], str(out))
+
+
+def test_runs_of_one_command_share_the_shards_each_extracted_once(corpus, clean, tmp_path):
+    # two runs at once (a job array, a deployment run twice) extracted every shard twice; with other batch
+    # sizes, the later writer's rows landed after the first one's commit and no longer matched its checksums
+    out = tmp_path / "out.zarr"
+    code = _script("""
+        from neuropredictor.store import FeatureStore
+        from neuropredictor.store.writer import ShardWriter
+        session = FeatureStore.session
+        def session_when_both_run(self, *a, **k):  # both runs extract at once, whatever their start-up times
+            lease = session(self, *a, **k)
+            for _ in range(600):
+                if sum(n.endswith(".json") for n in os.listdir(os.path.join(self._root, "_runs"))) >= 2:
+                    break
+                time.sleep(0.1)
+            return lease
+        FeatureStore.session = session_when_both_run
+        write = ShardWriter.write
+        def slow_write(self, *a, **k):
+            time.sleep(0.2)
+            return write(self, *a, **k)
+        ShardWriter.write = slow_write
+        events = []
+        manifest = run(cfg, on_event=lambda e, d: events.append([d["name"], bool(d["record"].get("skipped"))])
+                       if e == "shard" else None)
+        print(json.dumps({"status": manifest["status"], "shards": events}))
+        """)
+    procs = [_spawn(code, _config(corpus, out, batch_size=b), tmp_path) for b in (2, 3)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert {r["status"] for r in results} == {"complete"}
+    names = [f"shard-{i:06d}" for i in range(6)]
+    extracted = [{n for n, skipped in r["shards"] if not skipped} for r in results]
+    assert not extracted[0] & extracted[1] and extracted[0] | extracted[1] == set(names)
+    for r in results:  # the other run's shards reached this run's progress too
+        assert sorted(n for n, _ in r["shards"]) == names
+    assert FeatureStore.open(str(out)).verify() == {}
+    a, b = _arrays(clean["features.5"]), _arrays(str(out))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k) if k.startswith("features") \
+            else np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert not list((out / "_locks").glob("**/*.json"))
+
+
+def test_a_shard_another_run_extracts_waits_for_it(corpus, tmp_path, monkeypatch):
+    from neuropredictor import schedule
+    from neuropredictor.errors import Interrupted
+    from neuropredictor.pipeline import plan
+
+    monkeypatch.setattr(schedule, "BUSY_POLL_S", 0.05)
+    config = _config(corpus, tmp_path / "out.zarr")
+    store = plan(config)
+    first, second = store.shards[:2]
+    held = FeatureStore.open(config.out).claim(first)  # another run, extracting it now
+    with pytest.raises(StoreError, match=f"shard {first.name} is being extracted by run {held.run_id}"):
+        store.claim(first)
+    done: dict = {}
+    worker = threading.Thread(
+        target=lambda: done.update(records=schedule.extract_group(config, [first, second], store)))
+    worker.start()
+    _wait_for(lambda: store.is_committed(second.name), what="the group's free shard")
+    time.sleep(0.3)
+    assert worker.is_alive() and not store.is_committed(first.name)  # waiting, not writing
+    held.release()  # that run gave it up (it failed): this one extracts it
+    worker.join(60)
+    assert [r["shard"] for r in done["records"]] == [second.name, first.name]
+    assert not any(r.get("skipped") for r in done["records"]) and store.is_committed(first.name)
+
+    # stopped while waiting: Interrupted, nothing recorded as failed
+    third = store.shards[2]
+    held = FeatureStore.open(config.out).claim(third)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(Interrupted, match=f"waiting for shard {third.name}"):
+        schedule.extract_group(config, [third], store, stop=stop)
+    held.release()
+    assert not store.records.by_kind()[1]
+
+
+def test_a_claim_whose_process_died_on_this_machine_is_taken_at_once(tmp_path):
+    # a run killed for its memory held its shards' claims for a minute more: its rerun waited for its own
+    import fsspec
+
+    fs, path = fsspec.filesystem("file"), str(tmp_path / "claim.json")
+    code = ("import fsspec, os, signal, sys\nfrom neuropredictor.store import locks\n"
+            "locks.acquire(fsspec.filesystem('file'), sys.argv[1], 'extracting', wait_s=0)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, path], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    dead = json.loads(fs.cat_file(path))
+    assert dead["expires_at"] > time.time() + 30  # not expired: its process is gone
+    taken = locks.try_acquire(fs, path, "extracting")
+    assert isinstance(taken, locks.Lease) and json.loads(fs.cat_file(path))["run_id"] == taken.run_id
+    # a live process's claim (this one's, another run id) stands
+    other = locks.try_acquire(fs, path, "extracting")
+    assert isinstance(other, dict) and other["run_id"] == taken.run_id
+    taken.release()
+
+
+def test_a_writer_whose_claim_was_taken_over_writes_nothing_more(corpus, tmp_path, monkeypatch):
+    from neuropredictor.pipeline import plan
+
+    monkeypatch.setattr(store_writer, "_FENCE_CHECK_S", 0.0)
+    config = _config(corpus, tmp_path / "out.zarr")
+    store = plan(config)
+    shard = store.shards[0]
+    claim = store.claim(shard)
+    writer = store.writer(shard, claim=claim)
+    # its renewals failed for a lifetime (storage unreachable); another run took the claim over
+    Path(claim.path).write_text(json.dumps(locks._record("other-run", "extracting", 60)))
+    rows = np.ones((2, *store.layers[0].shape), dtype=np.float32)
+    with pytest.raises(locks.StoreBusyError, match="lost the lease .*now held by run other-run"):
+        writer.write(0, ["a", "b"], np.ones(2, bool), {store.layers[0].name: rows})
+        writer.commit()
+    assert not store.is_committed(shard.name)
+    claim.release()
+
+
+def test_finalize_clears_what_killed_runs_left(corpus, tmp_path, monkeypatch):
+    import fsspec
+
+    out = tmp_path / "out.zarr"
+    config = _config(corpus, out)
+    run(config)
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 0.2)
+    fs = fsspec.filesystem("file")
+    dead = {**locks._record("killed-run", "extracting", 0.2), "expires_at": 0}
+    for path in ("_locks/shards/shard-000001.json", "_runs/killed-run.json", "_locks/plan.json"):
+        fs.pipe_file(str(out / path), json.dumps(dead).encode())
+    live = locks.try_acquire(fs, str(out / "_locks/shards/shard-000002.json"), "extracting")
+    (out / "_locks/shards/shard-000003.json.taken-0123456789abcdef").write_bytes(b"")
+    (out / "_runs/.killed-run.json.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"{")
+    time.sleep(2.5)  # over ten lifetimes: spent markers and temporary files go too
+    FeatureStore.open(str(out)).finalize()
+    left = sorted(str(p.relative_to(out)) for d in ("_locks", "_runs") for p in (out / d).rglob("*") if p.is_file())
+    # the live claim, and the markers of the leases taken over now (spent ten lifetimes from now)
+    assert [p for p in left if ".taken-" not in p] == ["_locks/shards/shard-000002.json"], left
+    assert len(left) == 3 and "0123456789abcdef" not in "".join(left), left
+    live.release()
 
 
 _KILLS = {

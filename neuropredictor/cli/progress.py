@@ -69,7 +69,9 @@ class ProgressListener:
             self.progress.update(self.task, advance=data["images"], rate="-" if rate is None else f"{rate:,.0f}")
         elif event == "shard":
             self.shards += 1
-            self.progress.update(self.task, shards=f"{self.shards}/{self.of}")
+            # another run's shard: its rows count as done, not as this run's speed
+            advance = data["record"].get("rows", 0) if data["record"].get("skipped") else 0
+            self.progress.update(self.task, advance=advance, shards=f"{self.shards}/{self.of}")
 
 
 def run_with_progress(config, use_prefect: bool | None = None) -> dict:

@@ -21,6 +21,7 @@ from neuropredictor.errors import Interrupted
 from neuropredictor.pipeline.replicas import get_runner
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, ShardCommitted
+from neuropredictor.store.locks import Lease
 
 
 class _BackgroundWriter:
@@ -90,17 +91,25 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
 
     on_batch(n) is called after each batch (progress bars). attempt is recorded in the commit record (the
     orchestrator's retry count). When `stop` is set, the shard ends after its current batch with
-    `Interrupted`, uncommitted. Returns the shard's commit record.
+    `Interrupted`, uncommitted. Returns the shard's commit record. Raises ShardBusy (nothing done) while
+    another run extracts the shard.
     """
     store = store or FeatureStore.open(config.out, config.storage_options)
     done = store.commit_record(shard.name)  # one read of this shard's record, not a listing of all
     if done is not None:
         return done | {"skipped": True}
+    with store.claim(shard) as claim:  # ShardBusy while another run extracts it
+        return _extract_claimed(config, shard, store, claim, device, on_batch, attempt, stop)
+
+
+def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, claim: Lease,
+                     device: str | torch.device | None, on_batch: Callable[[int], None] | None, attempt: int,
+                     stop: threading.Event | None) -> dict:
     runner = get_runner(config, device)
     started = time.time()
     t0 = time.perf_counter()
-    try:  # a run sharing the store may have committed it since (while the model loaded): its commit stands
-        writer = store.writer(shard, replace_commit=False)
+    try:  # the claim's last holder may have committed it after this run looked: its commit stands
+        writer = store.writer(shard, replace_commit=False, claim=claim)
     except ShardCommitted:
         return (store.commit_record(shard.name) or {}) | {"skipped": True}
     # what the shard's file is, taken while it is extracted: on local disk its sha256 reads the whole file

@@ -8,10 +8,10 @@
     read.py            open_features: an xarray Dataset of the trusted rows
 """
 
-from neuropredictor.store.feature_store import FeatureStore, ShardCommitted
+from neuropredictor.store.feature_store import FeatureStore, ShardBusy, ShardCommitted
 from neuropredictor.store.layout import DEFAULT_CHUNK_BYTES, LayerSpec, plan_chunk_rows
 from neuropredictor.store.read import open_features
 from neuropredictor.store.writer import ShardWriter
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "FeatureStore", "LayerSpec", "ShardCommitted", "ShardWriter", "open_features",
-           "plan_chunk_rows"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "FeatureStore", "LayerSpec", "ShardBusy", "ShardCommitted", "ShardWriter",
+           "open_features", "plan_chunk_rows"]

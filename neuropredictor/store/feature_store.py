@@ -32,6 +32,7 @@ from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus, StoreStatus
 from neuropredictor.store import locks
 from neuropredictor.store.layout import (
+    CLAIMS_DIR,
     DEFAULT_CHUNK_BYTES,
     FEATURES,
     GENERATION,
@@ -51,6 +52,7 @@ from neuropredictor.store.layout import (
     feature_path,
     plan_all_chunk_rows,
     quiet_zarr,
+    safe_name,
 )
 from neuropredictor.store.records import KIND_COMMIT, Records
 from neuropredictor.store.staging import Staging
@@ -66,6 +68,14 @@ _FINALIZE_LOCK = "finalize.json"  # in LOCKS_DIR: held by a finalize, and by a r
 
 class ShardCommitted(StoreError):
     """A writer was asked for a shard another run has committed meanwhile (`writer(replace_commit=False)`)."""
+
+
+class ShardBusy(locks.StoreBusyError):
+    """Another live run holds the shard's claim (`FeatureStore.claim`): it is extracting the shard now."""
+
+    def __init__(self, shard_name: str, holder: dict) -> None:
+        super().__init__(f"shard {shard_name} is being extracted by {locks.describe(holder)}")
+        self.holder = holder
 
 
 class FeatureStore:
@@ -421,21 +431,39 @@ class FeatureStore:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def writer(self, shard: Shard, *, replace_commit: bool = True) -> ShardWriter:
+    def claim(self, shard: Shard) -> locks.Lease:
+        """This run's claim on extracting `shard`: a lease (`_locks/shards/<shard>.json`, a context manager),
+        so that runs sharing the store never write one shard at once (rows a second writer wrote after the
+        first one's commit differed from its checksums, and finalize deleted rows the second had staged).
+        Raises ShardBusy, naming the holder, while another live run holds it."""
+        self._require_writable()
+        got = locks.try_acquire(self._fs, f"{self._root}/{CLAIMS_DIR}/{safe_name(shard.name)}.json",
+                                f"extracting {shard.name}")
+        if not isinstance(got, locks.Lease):
+            raise ShardBusy(shard.name, got)
+        return got
+
+    def writer(self, shard: Shard, *, replace_commit: bool = True, claim: locks.Lease | None = None) -> ShardWriter:
         """A writer for one attempt at a shard (see `ShardWriter`). Opens the arrays with mode r+ (never
         re-creates them). Withdraws an earlier commit of the shard (its rows are about to be rewritten,
         so they are no longer trusted); with replace_commit=False, a committed shard raises ShardCommitted
         instead (another run committed it since this one looked: its commit must stand). Its staged rows go
-        to a folder of this attempt's own; finalize merges the committed attempt's and deletes the others."""
+        to a folder of this attempt's own; finalize merges the committed attempt's and deletes the others.
+        `claim`: the shard's (`claim`); the writer stops, before its next write, once it is lost."""
         self._require_writable()
         shard = self.planned(shard)
         self._check_generation()
         if not replace_commit and self.is_committed(shard.name):
             raise ShardCommitted(f"shard {shard.name} was committed by another run")
         self.records.withdraw(shard.name)
-        staging = self.staging
+
+        def fence() -> None:  # a replaced store, or a claim another run took over: nothing more is written
+            self._check_generation()
+            if claim is not None:
+                claim.check()
+
         return ShardWriter(shard, {path: self.array(path) for path in self.chunk_rows}, self.layers, self.dtype,
-                           self.chunk_rows, self.rows, staging, self.records, self._check_generation)
+                           self.chunk_rows, self.rows, self.staging, self.records, fence)
 
     def record_failure(self, shard: Shard, error: str, attempts: int) -> None:
         """Keep the shard's last error (`_status/<shard>.failed.json`); the shard stays uncommitted."""
@@ -448,6 +476,10 @@ class FeatureStore:
         self._require_writable()
         run_id = locks.new_run_id()
         return locks.register(self._fs, f"{self._root}/{RUNS_DIR}/{run_id}.json", what, run_id)
+
+    def shared(self, session: locks.Lease) -> bool:
+        """Whether runs other than `session`'s are extracting into the store now."""
+        return any(lease.get("run_id") != session.run_id for lease in locks.live(self._fs, f"{self._root}/{RUNS_DIR}"))
 
     # -- integrity ----------------------------------------------------------------------------
 
@@ -520,9 +552,17 @@ class FeatureStore:
             # Written last: 'complete' in the manifest means the data and the metadata are sealed.
             lease.check()
             fsx.write_json_atomic(self._fs, f"{self._root}/{MANIFEST}", manifest)
+            self._clear_dead()
         self._manifest = manifest
         self.repairs.clear()
         return manifest
+
+    def _clear_dead(self) -> None:
+        """Remove what killed runs left behind: their leases and run records, spent take-over markers and
+        temporary files (they would pile up, one per shard a killed run was extracting)."""
+        with contextlib.suppress(Exception):  # a leftover costs a few bytes; failing here would hide the manifest
+            for folder, exclusive in ((CLAIMS_DIR, True), (LOCKS_DIR, True), (RUNS_DIR, False)):
+                locks.clear_dead(self._fs, f"{self._root}/{folder}", exclusive)
 
     def _duplicate_keys(self, shown: int = 20) -> dict:
         """Keys that more than one row carries (shards packed apart can share names: plan checks only the

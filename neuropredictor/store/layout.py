@@ -41,6 +41,7 @@ GENERATION = "_generation.json"  # {generation, config_hash}: written last when 
 STATUS_DIR = "_status"
 STAGING_DIR = "_staging"
 LOCKS_DIR = "_locks"
+CLAIMS_DIR = f"{LOCKS_DIR}/shards"  # a lease per shard being extracted
 RUNS_DIR = "_runs"
 FEATURES = "features"
 KEYS = "keys"

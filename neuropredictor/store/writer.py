@@ -22,7 +22,7 @@ from neuropredictor.store.records import Records
 from neuropredictor.store.staging import Staging
 
 
-_GENERATION_CHECK_S = 2.0  # how often a writer re-reads the store's generation (one tiny GET)
+_FENCE_CHECK_S = 2.0  # how often a writer re-reads the store's generation and its claim (tiny GETs)
 
 
 class _ArrayBuffer:
@@ -73,7 +73,7 @@ class ShardWriter:
 
     def __init__(self, shard: Shard, arrays: Mapping[str, Any], layers: Sequence[LayerSpec], dtype: str,
                  chunk_rows: Mapping[str, int], total: int, staging: Staging, records: Records,
-                 check_generation: Callable[[], None]) -> None:
+                 fence: Callable[[], None]) -> None:
         self._shard = shard
         self._offset, self._count = int(shard.offset), int(shard.count)
         self._end = self._offset + self._count
@@ -81,8 +81,9 @@ class ShardWriter:
         self._dtype = np.dtype(dtype)
         self._layers = list(layers)
         self._staging, self._records = staging, records
-        # raises once the store has been replaced: a stale writer stops instead of writing into the new one
-        self._check_generation = check_generation
+        # raises once the store has been replaced or the shard's claim was lost: a stale writer stops instead
+        # of writing into the new store, or over rows another run is writing now
+        self._fence = fence
         # this attempt's own staging folder, named in its commit record: a concurrent attempt at the same
         # shard (a relaunched worker while the first still runs) never touches it
         self.attempt = uuid.uuid4().hex[:16]
@@ -169,7 +170,7 @@ class ShardWriter:
             return self._committed
         stats = self.close()
         self._staging.check_complete(self._shard, self.attempt)
-        self._check_generation()
+        self._fence()
         checksums = {path: buf.digest.hexdigest() for path, buf in self._buffers.items()}
         self._committed = self._records.write_commit(
             self._shard, dict(record or {}, checksums=checksums, staging=self.attempt), stats)
@@ -182,8 +183,8 @@ class ShardWriter:
         upto = buf.end if (final or buf.end == self._end) else (buf.end // c) * c
         if upto <= buf.start:
             return
-        if time.monotonic() - self._checked_at > _GENERATION_CHECK_S:
-            self._check_generation()
+        if time.monotonic() - self._checked_at > _FENCE_CHECK_S:
+            self._fence()
             self._checked_at = time.monotonic()
         lo = buf.start
         data = buf.take(upto)

@@ -313,6 +313,55 @@ def test_a_custom_factory_that_loads_its_own_checkpoint_is_named_by_its_weights(
         plan(_config(corpus, out, model=spec, pretrained=True))
 
 
+def test_a_custom_models_code_is_part_of_its_store(corpus, tmp_path):
+    # a forward pass fixed in the model file (same weights): the rerun resumed the store, and its new rows
+    # joined the old code's under one name
+    source = tmp_path / "lab_net.py"
+    body = ("import torch, torchvision\n\nclass Net(torchvision.models.ResNet):\n"
+            "    def forward(self, x):\n        return super().forward(x{})\n\n"
+            "def net():\n    return Net(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])\n")
+    source.write_text(body.format(""))
+    spec, out = f"custom:{source}:net", tmp_path / "out.zarr"
+    first = run(_config(corpus, out, model=spec))
+    assert first["config"]["code"].startswith("sha256:")
+    source.write_text(body.format(" * 2"))
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConfigMismatchError, match="config.code: stored=\"sha256:"):
+        plan(_config(corpus, out, model=spec))
+    # a store planned before the code was recorded resumes as it is
+    plan_file = out / "_plan.json"
+    stored = json.loads(plan_file.read_text())
+    del stored["config"]["code"]
+    plan_file.write_text(json.dumps(stored))
+    (out / "manifest.json").unlink()
+    assert plan(_config(corpus, out, model=spec)).config.get("code") is None
+
+
+def test_a_model_file_changed_during_a_run_adds_no_rows(corpus, tmp_path):
+    # a checkpoint saved again mid-run: the workers reloaded it at their next shard (its file's stamp is
+    # part of the replica's key), and the store held two models' rows under the first one's name
+    import torch
+
+    weights = tmp_path / "ckpt.pt"
+    state = load_model(MODEL, pretrained=False).module.state_dict()
+    torch.save(state, weights)
+    config = _config(corpus, tmp_path / "out.zarr", weights=str(weights), retries=0)
+
+    def on_event(event, data):
+        if event == "shard" and not weights.with_suffix(".done").exists():  # after the first shard: epoch 2
+            torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, weights)
+            os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+            weights.with_suffix(".done").touch()
+
+    with pytest.raises(NeuroPredictorError, match="(?s)shard.*failed.*differs from the one the store"):
+        run(config, on_event=on_event)
+    store = FeatureStore.open(config.out)
+    assert len(store.committed()) == 1 and "weights" in store.records.by_kind()[1][store.shards[1].name]["error"]
+    torch.save(state, weights)  # the original put back: the run completes with the first model's rows
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 2 * 10**9))
+    assert run(config)["status"] == "complete"
+
+
 def test_a_notebook_rerun_after_the_model_changed_uses_the_new_model(corpus, tmp_path, monkeypatch):
     """run() in one process keeps a replica for the next run: a factory redefined in a notebook (same spec,
     random weights), an edited model file, and an `hf:` folder saved again each gave the old model's rows,

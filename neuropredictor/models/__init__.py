@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from neuropredictor.models.base import (STATE_DIGEST, UNTRAINED, LoadedModel, load_weights_file, state_digest,
+from neuropredictor.models.base import (CODE, STATE_DIGEST, UNTRAINED, LoadedModel, load_weights_file, state_digest,
                                        transform_output_size)
 from neuropredictor.models.spec import GRAMMAR, SOURCES, ModelSpec, parse_spec
 
@@ -49,7 +49,8 @@ def load_model(spec: str | ModelSpec, pretrained: bool = True, weights: str | Pa
     for p in module.parameters():
         p.requires_grad_(False)
     return LoadedModel(spec=spec, module=module, transform=transform, input_size=transform_output_size(transform),
-                       weights=weights_id, untrained=() if weights is not None else getattr(module, UNTRAINED, ()))
+                       weights=weights_id, untrained=() if weights is not None else getattr(module, UNTRAINED, ()),
+                       code=getattr(module, CODE, None))
 
 
 def list_models(source: str | None = None, pattern: str | None = None) -> list[str]:

@@ -37,9 +37,13 @@ class LoadedModel:
     # modules the pretrained checkpoint has no weights for (initialised at random by the source library,
     # e.g. the pooler of a ViT saved as ViTForImageClassification): their outputs are not the checkpoint's
     untrained: tuple[str, ...] = ()
+    # "sha256:<checksum>" of the file that defines a custom model (None for other sources, and for a factory
+    # defined in a notebook or script): its code makes the numbers as much as its weights do
+    code: str | None = None
 
 
 UNTRAINED = "neuropredictor_untrained"  # a loader's module attribute that LoadedModel.untrained comes from
+CODE = "neuropredictor_code"  # a loader's module attribute that LoadedModel.code comes from
 
 
 def imagenet_transform(resize: int = 256, crop: int = 224) -> Transform:

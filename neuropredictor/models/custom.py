@@ -3,7 +3,9 @@
 The factory returns an `nn.Module`, or `(module, transform)` where transform maps a PIL image to a (C, H, W)
 tensor. If it accepts a `pretrained` argument, it receives the CLI's choice. Without a transform, the
 ImageNet evaluation preprocessing (resize 256, centre crop 224, normalise) is used. The model's weights are
-named by their checksum (`state-sha256:`); a `.py` file edited since it was imported is executed again.
+named by their checksum (`state-sha256:`), and its code by the checksum of the file that defines the factory
+(not of what that file imports; not for a factory defined in `__main__`, a notebook or script); a `.py` file
+edited since it was imported is executed again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
-from neuropredictor.models.base import STATE_DIGEST, Transform, imagenet_transform
+from neuropredictor.models.base import CODE, STATE_DIGEST, Transform, imagenet_transform
 from neuropredictor.models.spec import ModelSpec
 
 
@@ -68,8 +70,17 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
         raise ModelSpecError(f"custom factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
     # named by the checksum of their weights (`load_model` takes it, unless a weights file replaces them),
     # random or not: the user's code decides the model, so a retrained checkpoint behind the same factory, or
-    # a factory redefined in a notebook, is another model
+    # a factory redefined in a notebook, is another model; and by its file's, so that a forward pass fixed
+    # since is too (a resume would add the new code's rows to the old code's)
+    setattr(model, CODE, _file_digest(module))
     return model, transform or imagenet_transform(), STATE_DIGEST
+
+
+def _file_digest(module) -> str | None:
+    path = getattr(module, "__file__", None)
+    if module.__name__ == "__main__" or not path or not Path(path).is_file():
+        return None  # a notebook, a driver script (edited freely), or a module without a file
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -18,6 +18,7 @@ from neuropredictor.config import ExtractConfig
 from neuropredictor.corpus import read_shard
 from neuropredictor.corpus.listing import source_of
 from neuropredictor.errors import Interrupted
+from neuropredictor.pipeline.planning import identity
 from neuropredictor.pipeline.replicas import get_runner
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, ShardCommitted
@@ -106,6 +107,7 @@ def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, c
                      device: str | torch.device | None, on_batch: Callable[[int], None] | None, attempt: int,
                      stop: threading.Event | None) -> dict:
     runner = get_runner(config, device)
+    store.check_config(identity(config, runner))  # reloaded since the plan if its files changed: the same model?
     started = time.time()
     t0 = time.perf_counter()
     try:  # the claim's last holder may have committed it after this run looked: its commit stands

@@ -40,6 +40,8 @@ def identity(config: ExtractConfig, runner: Runner) -> dict:
         out[key] = value
         if name == "model":
             out["input_size"] = list(runner.model.input_size)
+            if runner.model.code is not None:
+                out["code"] = runner.model.code
     return out
 
 

@@ -443,6 +443,17 @@ class FeatureStore:
             raise ShardBusy(shard.name, got)
         return got
 
+    def check_config(self, config: dict) -> None:
+        """Raise ConfigMismatchError unless `config` (what a worker loaded: `pipeline.identity`) is the one the
+        store was planned with: a checkpoint, model folder or model file replaced during a run is reloaded by
+        the workers, and its rows must not join the old model's."""
+        diffs = config_diffs(self.config, mf.redact(mf.canonical(config)))
+        if diffs:
+            raise ConfigMismatchError(
+                f"the model loaded now differs from the one the store {redact_text(self._url)!r} was planned with:\n  "
+                + "\n  ".join(diffs) + "\nIts file changed during the run (a checkpoint saved again, a model file "
+                "edited). Put the original back and run again, or start over with overwrite=True.")
+
     def writer(self, shard: Shard, *, replace_commit: bool = True, claim: locks.Lease | None = None) -> ShardWriter:
         """A writer for one attempt at a shard (see `ShardWriter`). Opens the arrays with mode r+ (never
         re-creates them). Withdraws an earlier commit of the shard (its rows are about to be rewritten,
@@ -678,10 +689,20 @@ def _delete_store(fs: Any, root: str, found: _Found) -> dict:
             "kept": [e for e in entries if e not in (*STORE_ENTRIES, LOCKS_DIR)]}
 
 
+_RECORDED_SINCE = ("code",)  # config fields older stores lack: they resume as they are
+
+
+def config_diffs(stored: dict, requested: dict) -> list[str]:
+    """`config.field: stored=... requested=...` lines between a stored config and a requested one (both
+    redacted and canonical)."""
+    requested = {k: v for k, v in requested.items() if k in stored or k not in _RECORDED_SINCE}
+    return [f"config.{d}" if not d.startswith("<") else f"config: {d.split(': ', 1)[1]}"
+            for d in mf.diff_configs(stored, requested)]
+
+
 def plan_diffs(existing: dict, requested: dict) -> list[str]:
     """`field: stored=... requested=...` lines between a stored plan and a requested one."""
-    diffs = [f"config.{d}" if not d.startswith("<") else f"config: {d.split(': ', 1)[1]}"
-             for d in mf.diff_configs(existing.get("config", {}), requested["config"])]
+    diffs = config_diffs(existing.get("config", {}), requested["config"])
     stored_layers = {d["name"]: d for d in existing.get("layers", [])}
     req_layers = {d["name"]: d for d in requested["layers"]}
     layer_diffs = [f"layers.{name}: stored={_shown(stored_layers.get(name))} requested={_shown(req_layers.get(name))}"

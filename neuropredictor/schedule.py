@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -34,6 +35,7 @@ from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.status import FAILURES_SHOWN, ShardStatus
 from neuropredictor.store import FeatureStore, ShardBusy
+from neuropredictor.store.locks import PROCESS_ID
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,8 @@ def pending_groups(store: FeatureStore, shards: Sequence[Shard], names: Sequence
     # every rerun early (`DeviceWindow`), and the others' rows come first
     failed_before = {e["name"] for e in store.manifest.get("shards", []) if e.get("status") == ShardStatus.FAILED}
     todo = [s for s in shards if s.name not in done]
-    if shared:
-        random.shuffle(todo)
+    if shared:  # not the global generator: jobs that seed it alike would all take one order
+        random.SystemRandom().shuffle(todo)
     todo.sort(key=lambda s: s.name in failed_before)
     return [todo[i:i + per_group] for i in range(0, len(todo), per_group)]
 
@@ -117,26 +119,29 @@ def group_label(group: Sequence[Shard]) -> str:
 
 
 BUSY_POLL_S = 5.0  # how often a shard another run extracts is looked at again
-BUSY_WAIT_S = 12 * 3600.0  # how long for: one shard of the slowest model and largest shard takes far less
+BUSY_WAIT_S = 12 * 3600.0  # how long for, at most (a run whose rows advance is waited for; see locks.stuck)
 
 
 def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureStore, device: str | None = None,
                   attempt: int = 1, on_batch: Callable[[int], None] | None = None,
-                  stop: threading.Event | None = None) -> list[dict]:
+                  stop: threading.Event | None = None, wait_busy: bool = True) -> list[dict]:
     """Extract each shard of the group on `device` (committed ones are skipped). A shard that fails gets a
     failure record naming the attempt, and the error is raised, so that the caller retries the group; the
     images it reported to on_batch are taken back (on_batch(-n)): they are extracted again.
 
     A shard that another run is extracting now (`ShardBusy`) waits until the group's others are done; it is
     then skipped once that run commits it, or extracted here if that run gives it up (it failed, or died and
-    its claim expired). Skipped shards' records say `skipped`."""
+    its claim expired, or is stuck: `locks.stuck`). Skipped shards' records say `skipped`. With
+    `wait_busy=False` it is not waited for: its record says `busy` (the caller comes back to it)."""
     records, busy = [], []
     for shard in group:
         try:
             records.append(_extract_recorded(config, shard, store, device, attempt, on_batch, stop))
         except ShardBusy as exc:
-            log.info("%s; it waits until this group's other shards are done", exc)
+            log.info("%s; %s", exc, "it waits until the others are done" if wait_busy else "it comes later")
             busy.append((shard, exc))
+    if not wait_busy:
+        return records + [{"shard": shard.name, "busy": str(exc)} for shard, exc in busy]
     stop = stop or threading.Event()  # never set: its wait is a sleep
     for shard, error in busy:
         for _ in range(int(BUSY_WAIT_S / BUSY_POLL_S)):
@@ -178,8 +183,9 @@ def _extract_recorded(config: ExtractConfig, shard: Shard, store: FeatureStore, 
 def done_elsewhere(record: dict) -> bool:
     """Whether a shard's record, as extract_group returns it, is of a shard another process committed
     during this run (its rows were not counted by this run's progress)."""
-    return bool(record.get("skipped")) and (record.get("host"), record.get("pid")) != (socket.gethostname(),
-                                                                                      os.getpid())
+    ours = record.get("process") == PROCESS_ID if "process" in record else (
+        (record.get("host"), record.get("pid")) == (socket.gethostname(), os.getpid()))  # older records
+    return bool(record.get("skipped")) and not ours
 
 
 GIVE_UP_AFTER = 3  # groups failed after their retries, one after another, before any succeeded
@@ -211,7 +217,8 @@ class FirstFailures:
 
 class DeviceWindow:
     """One group of shards in flight per device: `start` pairs free devices with the next groups, `finish`
-    frees a device and keeps what a finished group leaves (its uncommitted shards, if it failed).
+    frees a device and keeps what a finished group leaves (its uncommitted shards, if it failed; its busy
+    shards, which another run extracts, come back BUSY_POLL_S later, behind the groups waiting then).
 
     When the first GIVE_UP_AFTER groups all fail, no other group starts: the cause is then the model, its
     options or the storage, not a shard, and each further group would spend its retries on it (a model
@@ -222,29 +229,43 @@ class DeviceWindow:
         self._todo = deque(list(g) for g in groups)
         self._devices = len(devices)
         self._free = list(devices)
+        self._later: list[tuple[float, list[Shard]]] = []  # (when, busy shards) to look at again
         self.failed: dict[str, str] = {}  # shard name -> error
         self.rows_done = 0
         self._first = FirstFailures()
 
     def start(self) -> list[tuple[list[Shard], str]]:
+        now = time.monotonic()
+        self._todo.extend(group for when, group in self._later if when <= now)
+        self._later = [(when, group) for when, group in self._later if when > now]
         if self._first.tripped and self._todo:
             if len(self._free) < self._devices:
                 return []  # a group still running (on another device) may succeed: wait for it
             why = self._first.reason("groups of shards")
             self.failed.update({s.name: why for group in self._todo for s in group})
+            self.failed.update({s.name: why for _when, group in self._later for s in group})
             self._todo.clear()
+            self._later.clear()
         out = []
         while self._free and self._todo:
             out.append((self._todo.popleft(), self._free.pop(0)))
         return out
 
+    def waiting_s(self) -> float | None:
+        """Seconds until a busy shard is looked at again; None when none waits."""
+        return max(0.0, min(when for when, _ in self._later) - time.monotonic()) if self._later else None
+
     def finish(self, group: Sequence[Shard], device: str, error: str | None,
-               is_committed: Callable[[str], bool]) -> None:
+               is_committed: Callable[[str], bool], busy: Collection[str] = ()) -> None:
         self._free.append(device)
         left = [s.name for s in group if not _committed(is_committed, s.name)] if error is not None else []
         self.failed.update({name: error for name in left})
-        self._first.note(None if len(left) < len(group) else error)  # a shard committed: the model works
-        self.rows_done += sum(s.count for s in group if s.name not in self.failed)
+        later = [s for s in group if s.name in busy and s.name not in self.failed]
+        if later:
+            self._later.append((time.monotonic() + BUSY_POLL_S, later))
+        if error is not None or len(later) < len(group):  # shards only other runs had say nothing of the model
+            self._first.note(None if len(left) < len(group) else error)  # a shard committed: the model works
+        self.rows_done += sum(s.count for s in group if s.name not in self.failed and s not in later)
 
 
 def finalize(config: ExtractConfig, store: FeatureStore | None = None, stop: threading.Event | None = None,
@@ -324,7 +345,9 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         emit("batch", {"images": n})
 
     def work(group: list[Shard], device: str) -> list[dict]:
-        return policy.call(lambda attempt: extract_group(config, group, store, device, attempt, on_batch, stop), stop)
+        # a shard another run extracts is not waited for here: the device takes the next group meanwhile
+        return policy.call(lambda attempt: extract_group(config, group, store, device, attempt, on_batch, stop,
+                                                         wait_busy=False), stop)
 
     running: dict[Future, tuple[list[Shard], str]] = {}
     with store.session() as session, \
@@ -335,17 +358,23 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
                 for group, device in window.start():
                     running[pool.submit(work, group, device)] = (group, device)
                 if not running:
-                    break
+                    waiting = window.waiting_s()
+                    if waiting is None:
+                        break
+                    if stop.wait(min(waiting, 1.0)):  # only shards other runs extract are left: look again soon
+                        raise Interrupted("stopped")
+                    continue
                 finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)  # wakes up for Ctrl-C
                 for future in finished:
                     group, device = running.pop(future)
                     error = future.exception()
                     if isinstance(error, Interrupted) or stop.is_set():
                         raise Interrupted("stopped")
+                    records = [] if error is not None else future.result()
                     window.finish(group, device, None if error is None else f"{type(error).__name__}: {error}",
-                                  store.is_committed)
-                    for record in ([] if error is not None else future.result()):
-                        if not record.get("skipped") or done_elsewhere(record):
+                                  store.is_committed, busy={r["shard"] for r in records if r.get("busy")})
+                    for record in records:
+                        if not record.get("busy") and (not record.get("skipped") or done_elsewhere(record)):
                             emit("shard", {"name": record["shard"], "record": record})
         except BaseException:
             stop.set()  # the workers end after their current batch; nothing half-written is committed

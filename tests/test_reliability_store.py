@@ -4,6 +4,7 @@ a changed corpus. Each case compares with a clean run of the same configuration,
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -483,6 +484,28 @@ def test_a_shard_another_run_extracts_waits_for_it(corpus, tmp_path, monkeypatch
     assert not store.records.by_kind()[1]
 
 
+def test_a_run_does_the_other_shards_while_another_run_holds_one(corpus, tmp_path, monkeypatch):
+    # without Prefect a group is one shard: the run's device waited for the held shard, its others queued
+    from neuropredictor import schedule
+    from neuropredictor.pipeline import extract_shard, plan
+
+    monkeypatch.setattr(schedule, "BUSY_POLL_S", 0.05)
+    config = _config(corpus, tmp_path / "out.zarr")
+    first = plan(config).shards[0]
+    other = FeatureStore.open(config.out)
+    held = other.claim(first)  # another run is extracting the first shard
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(manifest=run(config)))
+    runner.start()
+    store = FeatureStore.open(config.out)
+    _wait_for(lambda: len(store.committed()) == 5, what="the other five shards")
+    assert not store.is_committed(first.name) and runner.is_alive()
+    monkeypatch.setattr(other, "claim", lambda shard: held)  # that run commits it, then lets go
+    extract_shard(config, first, store=other)
+    runner.join(60)
+    assert outcome["manifest"]["status"] == "complete"
+
+
 def test_a_claim_whose_process_died_on_this_machine_is_taken_at_once(tmp_path):
     # a run killed for its memory held its shards' claims for a minute more: its rerun waited for its own
     import fsspec
@@ -501,6 +524,97 @@ def test_a_claim_whose_process_died_on_this_machine_is_taken_at_once(tmp_path):
     other = locks.try_acquire(fs, path, "extracting")
     assert isinstance(other, dict) and other["run_id"] == taken.run_id
     taken.release()
+
+
+def test_a_dead_lease_with_a_takers_marker_left_is_taken_once_the_marker_is_spent(tmp_path, monkeypatch):
+    # a taker killed between its marker and the removal left both: acquire gave up within seconds ("changed
+    # hands 100 times") instead of waiting for the marker to be spent
+    import fsspec
+
+    fs, path = fsspec.filesystem("file"), str(tmp_path / "plan.json")
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 2.0)  # the marker is spent after a lifetime
+    monkeypatch.setattr(locks, "_POLL_SECONDS", 0.002)  # many turns within it
+    raw = json.dumps({**locks._record("dead-run", "planning", 2.0), "expires_at": 0}).encode()
+    fs.pipe_file(path, raw)
+    import hashlib
+
+    fs.pipe_file(f"{path}.taken-{hashlib.sha256(raw).hexdigest()[:16]}", b"")  # the killed taker's marker
+    lease = locks.acquire(fs, path, "planning", wait_s=30)
+    assert json.loads(fs.cat_file(path))["run_id"] == lease.run_id
+    lease.release()
+
+
+def test_liveness_on_this_machine_tells_zombies_and_reused_pids(tmp_path):
+    import fsspec
+
+    fs, path = fsspec.filesystem("file"), str(tmp_path / "claim.json")
+    code = ("import fsspec, os, sys\nfrom neuropredictor.store import locks\n"
+            "locks.acquire(fsspec.filesystem('file'), sys.argv[1], 'extracting', wait_s=0)\nos._exit(0)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, path])
+    try:
+        _wait_for(lambda: (locks._process(proc.pid) or ("Z",))[0] == "Z", what="the child to exit")
+        assert locks._process(proc.pid) is not None  # not reaped: a zombie, whose pid still answers signal 0
+        assert isinstance(locks.try_acquire(fs, path, "extracting"), locks.Lease)
+    finally:
+        proc.wait()
+    alive = {**locks._record("r", "extracting", 60), "pid": os.getppid()}
+    alive["started"] = locks._process(os.getppid())[1]
+    assert not locks.expired(alive)
+    assert locks.expired({**alive, "started": str(int(alive["started"]) + 1)})  # that pid, another process
+
+
+def test_a_stuck_holder_of_a_shard_is_taken_over(corpus, tmp_path, monkeypatch):
+    # a holder alive but stuck (a hung decoder) renews its claim for ever: its rows not advancing for
+    # STUCK_SECONDS, its shard is taken over, and the holder stops at its next write
+    from neuropredictor import schedule
+    from neuropredictor.pipeline import plan
+
+    monkeypatch.setattr(schedule, "BUSY_POLL_S", 0.05)
+    monkeypatch.setattr(locks, "STUCK_SECONDS", 0.5)
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 0.6)
+    config = _config(corpus, tmp_path / "out.zarr")
+    store = plan(config)
+    shard = store.shards[0]
+    held = FeatureStore.open(config.out).claim(shard)
+    held.progress = lambda: 2  # two rows written, then nothing more
+    records = schedule.extract_group(config, [shard], store)
+    assert not records[0].get("skipped") and store.is_committed(shard.name)
+    with pytest.raises(locks.StoreBusyError, match="lost the lease"):
+        held.check()
+    held.release()
+
+
+def test_a_writer_whose_lease_ran_out_unseen_writes_nothing_more(corpus, tmp_path):
+    # a machine suspended for minutes: the throttled check had run just before, and the writer wrote its next
+    # chunks over rows another run had extracted and committed meanwhile
+    from neuropredictor.pipeline import plan
+
+    config = _config(corpus, tmp_path / "out.zarr")
+    store = plan(config)
+    shard = store.shards[0]
+    claim = store.claim(shard)
+    writer = store.writer(shard, claim=claim)
+    claim._stop.set()  # no more renewals, as when suspended; the lifetime is over by the wall clock
+    claim.expires_at = time.time()
+    Path(claim.path).write_text(json.dumps({**json.loads(Path(claim.path).read_text()), "expires_at": time.time()}))
+    rows = np.ones((4, *store.layers[0].shape), dtype=np.float32)
+    with pytest.raises(locks.StoreBusyError, match="lost the lease"):
+        writer.write(0, ["a", "b", "c", "d"], np.ones(4, bool), {store.layers[0].name: rows})
+    claim.release()
+
+
+def test_a_commit_never_replaces_one_another_run_made_meanwhile(corpus, tmp_path):
+    from neuropredictor.pipeline import extract_shard, plan
+
+    config = _config(corpus, tmp_path / "out.zarr")
+    store = plan(config)
+    shard = store.shards[0]
+    # its claim lost at the last moment, after the fence's check (or a writer without a claim)
+    writer = store.writer(shard, replace_commit=False)
+    theirs = extract_shard(config, shard, store=FeatureStore.open(config.out))
+    with pytest.raises(StoreError, match="committed by another run"):
+        writer.commit()
+    assert store.commit_record(shard.name)["committed_at"] == theirs["committed_at"]
 
 
 def test_a_writer_whose_claim_was_taken_over_writes_nothing_more(corpus, tmp_path, monkeypatch):
@@ -538,11 +652,11 @@ def test_finalize_clears_what_killed_runs_left(corpus, tmp_path, monkeypatch):
     (out / "_runs/.killed-run.json.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"{")
     time.sleep(2.5)  # over ten lifetimes: spent markers and temporary files go too
     FeatureStore.open(str(out)).finalize()
+    assert json.loads((out / "_locks/shards/shard-000002.json").read_text())["run_id"] == live.run_id  # kept
+    live.release()  # (its renewals' temporary files come and go)
     left = sorted(str(p.relative_to(out)) for d in ("_locks", "_runs") for p in (out / d).rglob("*") if p.is_file())
-    # the live claim, and the markers of the leases taken over now (spent ten lifetimes from now)
-    assert [p for p in left if ".taken-" not in p] == ["_locks/shards/shard-000002.json"], left
-    assert len(left) == 3 and "0123456789abcdef" not in "".join(left), left
-    live.release()
+    # the markers of the leases taken over now (spent ten lifetimes from now)
+    assert sorted(p.split(".taken-")[0] for p in left) == ["_locks/plan.json", "_locks/shards/shard-000001.json"]
 
 
 _KILLS = {

@@ -22,7 +22,7 @@ from neuropredictor.pipeline.planning import identity
 from neuropredictor.pipeline.replicas import get_runner
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, ShardCommitted
-from neuropredictor.store.locks import Lease
+from neuropredictor.store.locks import PROCESS_ID, Lease
 
 
 class _BackgroundWriter:
@@ -100,7 +100,10 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     if done is not None:
         return done | {"skipped": True}
     with store.claim(shard) as claim:  # ShardBusy while another run extracts it
-        return _extract_claimed(config, shard, store, claim, device, on_batch, attempt, stop)
+        try:
+            return _extract_claimed(config, shard, store, claim, device, on_batch, attempt, stop)
+        except ShardCommitted:  # the claim's last holder committed it after this run looked: its commit stands
+            return (store.commit_record(shard.name) or {}) | {"skipped": True}
 
 
 def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, claim: Lease,
@@ -110,10 +113,8 @@ def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, c
     store.check_config(identity(config, runner))  # reloaded since the plan if its files changed: the same model?
     started = time.time()
     t0 = time.perf_counter()
-    try:  # the claim's last holder may have committed it after this run looked: its commit stands
-        writer = store.writer(shard, replace_commit=False, claim=claim)
-    except ShardCommitted:
-        return (store.commit_record(shard.name) or {}) | {"skipped": True}
+    writer = store.writer(shard, replace_commit=False, claim=claim)
+    claim.progress = lambda: writer.rows  # renewals say how far it got: others can tell it is not stuck
     # what the shard's file is, taken while it is extracted: on local disk its sha256 reads the whole file
     # (about 0.5 s per GB), which after the shard would idle the device for as long
     fingerprint = ThreadPoolExecutor(1, thread_name_prefix="neuropredictor-source")
@@ -172,6 +173,7 @@ def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, c
         # which worker did it (a pod, a GPU box); set by the deployment, defaults to the host name
         "worker": os.environ.get("NEUROPREDICTOR_WORKER_ID") or socket.gethostname(),
         "pid": os.getpid(),
+        "process": PROCESS_ID,  # which process committed it (a run sharing the store tells its own from others')
         "batch_size": config.batch_size,
         "attempts": attempt,
         "stages": stages,

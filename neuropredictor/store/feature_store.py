@@ -54,7 +54,7 @@ from neuropredictor.store.layout import (
     quiet_zarr,
     safe_name,
 )
-from neuropredictor.store.records import KIND_COMMIT, Records
+from neuropredictor.store.records import KIND_COMMIT, Records, ShardCommitted
 from neuropredictor.store.staging import Staging
 from neuropredictor.store.writer import ShardWriter
 
@@ -64,10 +64,6 @@ log = logging.getLogger(__name__)
 _PLAN_WAIT_S = 600.0  # how long a planner waits for another one to finish planning the same store
 _FINALIZE_WAIT_S = 900.0
 _FINALIZE_LOCK = "finalize.json"  # in LOCKS_DIR: held by a finalize, and by a replacement of the store
-
-
-class ShardCommitted(StoreError):
-    """A writer was asked for a shard another run has committed meanwhile (`writer(replace_commit=False)`)."""
 
 
 class ShardBusy(locks.StoreBusyError):
@@ -435,10 +431,11 @@ class FeatureStore:
         """This run's claim on extracting `shard`: a lease (`_locks/shards/<shard>.json`, a context manager),
         so that runs sharing the store never write one shard at once (rows a second writer wrote after the
         first one's commit differed from its checksums, and finalize deleted rows the second had staged).
-        Raises ShardBusy, naming the holder, while another live run holds it."""
+        Raises ShardBusy, naming the holder, while another live run holds it. The claim reports the shard's
+        progress (set its `progress`): a holder whose rows stopped advancing is taken over (`locks.stuck`)."""
         self._require_writable()
         got = locks.try_acquire(self._fs, f"{self._root}/{CLAIMS_DIR}/{safe_name(shard.name)}.json",
-                                f"extracting {shard.name}")
+                                f"extracting {shard.name}", progress=True)
         if not isinstance(got, locks.Lease):
             raise ShardBusy(shard.name, got)
         return got
@@ -460,7 +457,8 @@ class FeatureStore:
         so they are no longer trusted); with replace_commit=False, a committed shard raises ShardCommitted
         instead (another run committed it since this one looked: its commit must stand). Its staged rows go
         to a folder of this attempt's own; finalize merges the committed attempt's and deletes the others.
-        `claim`: the shard's (`claim`); the writer stops, before its next write, once it is lost."""
+        `claim`: the shard's (`claim`); the writer stops, before its next write, once it is lost or runs out
+        (a machine suspended past it), and its commit then also never replaces another run's."""
         self._require_writable()
         shard = self.planned(shard)
         self._check_generation()
@@ -468,13 +466,15 @@ class FeatureStore:
             raise ShardCommitted(f"shard {shard.name} was committed by another run")
         self.records.withdraw(shard.name)
 
-        def fence() -> None:  # a replaced store, or a claim another run took over: nothing more is written
-            self._check_generation()
-            if claim is not None:
+        def fence(full: bool) -> None:  # a replaced store, or a claim another run took over: nothing more written
+            if claim is not None and (full or not claim.valid_now()):
                 claim.check()
+            if full:
+                self._check_generation()
 
         return ShardWriter(shard, {path: self.array(path) for path in self.chunk_rows}, self.layers, self.dtype,
-                           self.chunk_rows, self.rows, self.staging, self.records, fence)
+                           self.chunk_rows, self.rows, self.staging, self.records, fence,
+                           exclusive_commit=not replace_commit)
 
     def record_failure(self, shard: Shard, error: str, attempts: int) -> None:
         """Keep the shard's last error (`_status/<shard>.failed.json`); the shard stays uncommitted."""

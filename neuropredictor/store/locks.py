@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from neuropredictor import fs as fsx
@@ -35,6 +36,10 @@ from neuropredictor.errors import StoreError
 LEASE_SECONDS = 60.0
 _POLL_SECONDS = 0.5
 _KEEP_LIFETIMES = 10  # how many lifetimes a spent take-over marker or temporary file is kept before clear_dead
+# a holder that reports its progress (a shard's claim: rows written) and made none for this long is stuck: a hung
+# decoder or device call keeps a process, and so its lease, alive (a model that takes longer to load counts too:
+# that run then stops at its first write)
+STUCK_SECONDS = 1800.0
 
 
 def new_run_id() -> str:
@@ -62,13 +67,27 @@ def _machine() -> str | None:
         return None
 
 
+def _process(pid: int | str) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process on this machine, None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after "pid (command name)", which may hold spaces
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
 _MACHINE = _machine()
+_STARTED = (_process("self") or ("", None))[1]  # with the pid, this process: a pid used again is another one
+PROCESS_ID = uuid.uuid4().hex  # this process, in records that say who wrote them
 
 
-def _record(run_id: str, what: str, seconds: float) -> dict:
-    now = time.time()
+def _record(run_id: str, what: str, seconds: float, progress: Any = None, progressed_at: float | None = None,
+            now: float | None = None) -> dict:
+    now = time.time() if now is None else now
     return {"run_id": run_id, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
-            "machine": _MACHINE, "renewed_at": now, "expires_at": now + seconds}
+            "machine": _MACHINE, "started": _STARTED, "progress": progress, "progressed_at": progressed_at,
+            "renewed_at": now, "expires_at": now + seconds}
 
 
 def _read_raw(fs: Any, path: str) -> tuple[bytes, dict] | None:
@@ -96,26 +115,35 @@ def expired(lease: dict) -> bool:
     return time.time() > float(lease.get("expires_at", 0)) or _gone_here(lease)
 
 
+def stuck(lease: dict) -> bool:
+    """Whether a holder that reports its progress has made none for STUCK_SECONDS."""
+    at = lease.get("progressed_at")
+    return isinstance(at, (int, float)) and time.time() - at > STUCK_SECONDS
+
+
 def _gone_here(lease: dict) -> bool:
+    """Whether the lease's process was on this machine and is gone: no such pid, a zombie, or a pid that
+    another process has taken since (its start time differs)."""
     pid = lease.get("pid")
     if _MACHINE is None or lease.get("machine") != _MACHINE or not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # it exists, as another user's process
-        return False
-    return False
+    found = _process(pid)
+    return found is None or found[0] == "Z" or (lease.get("started") is not None and found[1] != lease["started"])
 
 
 class Lease:
     """A lease held by this process; renewed on a daemon thread until released. An exclusive lease found
-    in other hands at a renewal is lost: it is not written back, and `check()` raises."""
+    in other hands at a renewal is lost: it is not written back, and `check()` raises. A lease that reports
+    progress (`progressed_at` set) records, at each renewal, the value of `progress()` (a shard's rows
+    written) and when it last changed, so that others can tell a holder that is alive but stuck (`stuck`)."""
 
-    def __init__(self, fs: Any, path: str, run_id: str, what: str, seconds: float, exclusive: bool) -> None:
-        self._fs, self.path, self.run_id, self.what, self.seconds = fs, path, run_id, what, seconds
-        self.exclusive, self.lost = exclusive, False
+    def __init__(self, fs: Any, path: str, record: dict, seconds: float, exclusive: bool) -> None:
+        self._fs, self.path, self.run_id, self.what = fs, path, record["run_id"], record["what"]
+        self.seconds, self.exclusive, self.lost = seconds, exclusive, False
+        self.expires_at = record["expires_at"]  # as last written here: what `valid_now` trusts without a read
+        self.progressed_at = record["progressed_at"]
+        self.progress: Callable[[], Any] | None = None
+        self._progress: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="neuropredictor-lease", daemon=True)
 
@@ -131,13 +159,23 @@ class Lease:
         return (current is not None and current.get("run_id") == self.run_id
                 and float(current.get("expires_at", 0)) - time.time() > self.seconds / 6)
 
+    def valid_now(self) -> bool:
+        """Whether the lease, as this process last wrote it, has a sixth of its lifetime left (no read: the
+        wall clock, so a machine that was suspended finds its lease run out)."""
+        return not self.lost and self.expires_at - time.time() > self.seconds / 6
+
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             with contextlib.suppress(Exception):  # a missed renewal is retried; expiry is the only harm
                 if self.exclusive and not self._held():
                     self.lost = True  # taken over, or about to be: writing it back would make two holders
                     return
-                fsx.write_json_atomic(self._fs, self.path, _record(self.run_id, self.what, self.seconds))
+                now, value = time.time(), self.progress() if self.progress else None
+                if self.progressed_at is not None and value != self._progress:
+                    self._progress, self.progressed_at = value, now
+                record = _record(self.run_id, self.what, self.seconds, value, self.progressed_at, now)
+                fsx.write_json_atomic(self._fs, self.path, record)
+                self.expires_at = record["expires_at"]
 
     def check(self) -> None:
         """Raise StoreBusyError unless the lease is still this run's (read now): before a write only its
@@ -154,6 +192,8 @@ class Lease:
         self._stop.set()
         # a renewal being written now would put the lease back after its removal: let it end first
         self._thread.join(timeout=self.seconds / 3)
+        if self._thread.is_alive():
+            return  # still writing (storage that slow): removed now, its late write could land on a new holder's
         # Storage unreachable (an outage): the lease expires by itself; failing here would hide the run's
         # own outcome (its failed shards, or its finalize error).
         with contextlib.suppress(Exception):
@@ -169,20 +209,25 @@ class Lease:
         self.release()
 
 
-def try_acquire(fs: Any, path: str, what: str) -> Lease | dict:
-    """Take the exclusive lease at path now, or return its live holder's record; a dead holder is taken over."""
+def try_acquire(fs: Any, path: str, what: str, progress: bool = False) -> Lease | dict:
+    """Take the exclusive lease at path now, or return its holder's record while it lives; a dead holder is
+    taken over, and so is a stuck one (`stuck`). `progress`: the lease reports its holder's progress (see
+    `Lease`)."""
     seconds = LEASE_SECONDS  # read now: tests shorten it
     run_id = new_run_id()
-    for _ in range(100):  # each turn, another process created, released or took over the lease meanwhile
-        if fsx.create_exclusive(fs, path, fsx.json_bytes(_record(run_id, what, seconds))):
-            return Lease(fs, path, run_id, what, seconds, exclusive=True).start()
+    for _ in range(100):  # each turn, another process created or released the lease meanwhile
+        now = time.time()
+        record = _record(run_id, what, seconds, progressed_at=now if progress else None, now=now)
+        if fsx.create_exclusive(fs, path, fsx.json_bytes(record)):
+            return Lease(fs, path, record, seconds, exclusive=True).start()
         found = _read_raw(fs, path)
         if found is None:
             continue  # released just now
         raw, holder = found
-        if not expired(holder):
+        if not expired(holder) and not stuck(holder):
             return holder
-        _take_over(fs, path, raw, seconds)
+        if not _take_over(fs, path, raw, seconds):
+            return holder  # another process is taking it over (or a taker died at it: its marker ages out)
     raise StoreBusyError(f"could not take the lease {path}: it changed hands 100 times in a row")
 
 
@@ -220,8 +265,9 @@ def _take_over(fs: Any, path: str, raw: bytes, seconds: float) -> bool:
 
 def register(fs: Any, path: str, what: str, run_id: str) -> Lease:
     """A non-exclusive lease: this run is working here (several runs may hold one each)."""
-    fsx.write_json_atomic(fs, path, _record(run_id, what, LEASE_SECONDS))
-    return Lease(fs, path, run_id, what, LEASE_SECONDS, exclusive=False).start()
+    record = _record(run_id, what, LEASE_SECONDS)
+    fsx.write_json_atomic(fs, path, record)
+    return Lease(fs, path, record, LEASE_SECONDS, exclusive=False).start()
 
 
 def live(fs: Any, folder: str) -> list[dict]:

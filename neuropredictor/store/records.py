@@ -17,6 +17,7 @@ from typing import Any
 
 from neuropredictor import fs as fsx
 from neuropredictor import manifest as mf
+from neuropredictor.errors import StoreError
 from neuropredictor.redact import redact, redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.store.layout import STATUS_DIR, safe_name
@@ -24,6 +25,11 @@ from neuropredictor.store.layout import STATUS_DIR, safe_name
 KIND_COMMIT = "commit"
 KIND_FAILURE = "failure"
 _MAX_ERROR_CHARS = 4000
+
+
+class ShardCommitted(StoreError):
+    """A shard another run has committed meanwhile (`FeatureStore.writer(replace_commit=False)`): its commit
+    stands."""
 
 
 class Records:
@@ -88,8 +94,10 @@ class Records:
         with contextlib.suppress(FileNotFoundError):
             self._fs.rm_file(self.path(shard_name))
 
-    def write_commit(self, shard: Shard, record: Mapping, stats: Mapping | None = None) -> dict:
-        """Write the shard's commit record (credentials redacted); returns what was written.
+    def write_commit(self, shard: Shard, record: Mapping, stats: Mapping | None = None,
+                     exclusive: bool = False) -> dict:
+        """Write the shard's commit record (credentials redacted); returns what was written. `exclusive`:
+        only if the shard has none (an atomic create), else ShardCommitted.
 
         record: whatever the caller wants kept (attempts, duration_s, device, host, images_per_s,
         bad_samples=[{key, reason}], valid=<count>...).
@@ -101,7 +109,10 @@ class Records:
         rec["bad_samples"] = mf.bad_samples(record, shard.name)
         if stats is not None and "stats" not in rec:
             rec["stats"] = dict(stats)
-        fsx.write_json_atomic(self._fs, self.path(shard.name), rec)
+        if not exclusive:
+            fsx.write_json_atomic(self._fs, self.path(shard.name), rec)
+        elif not fsx.create_exclusive(self._fs, self.path(shard.name), fsx.json_bytes(rec)):
+            raise ShardCommitted(f"shard {shard.name} was committed by another run")
         return rec
 
     def write_failure(self, shard: Shard, error: str, attempts: int) -> None:

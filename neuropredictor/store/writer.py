@@ -73,7 +73,7 @@ class ShardWriter:
 
     def __init__(self, shard: Shard, arrays: Mapping[str, Any], layers: Sequence[LayerSpec], dtype: str,
                  chunk_rows: Mapping[str, int], total: int, staging: Staging, records: Records,
-                 fence: Callable[[], None]) -> None:
+                 fence: Callable[[bool], None], exclusive_commit: bool = False) -> None:
         self._shard = shard
         self._offset, self._count = int(shard.offset), int(shard.count)
         self._end = self._offset + self._count
@@ -81,9 +81,11 @@ class ShardWriter:
         self._dtype = np.dtype(dtype)
         self._layers = list(layers)
         self._staging, self._records = staging, records
-        # raises once the store has been replaced or the shard's claim was lost: a stale writer stops instead
-        # of writing into the new store, or over rows another run is writing now
+        # fence(full) raises once the store has been replaced or the shard's claim was lost: a stale writer
+        # stops instead of writing into the new store, or over rows another run is writing now. Cheap each
+        # write; full (reads) every _FENCE_CHECK_S and before the commit.
         self._fence = fence
+        self._exclusive_commit = exclusive_commit  # the commit record only if none exists (a joining run)
         # this attempt's own staging folder, named in its commit record: a concurrent attempt at the same
         # shard (a relaunched worker while the first still runs) never touches it
         self.attempt = uuid.uuid4().hex[:16]
@@ -145,6 +147,11 @@ class ShardWriter:
         self._stats["rows"] += n
         self._stats["valid"] += int(valid.sum())
 
+    @property
+    def rows(self) -> int:
+        """Rows handed to the writer so far (its progress)."""
+        return self._next
+
     def close(self) -> dict:
         """Write what is buffered, padding rows never written with fill (NaN, "", invalid), so a shard
         always ends with every one of its chunks rewritten; return the stats (rows, padded_rows, bytes,
@@ -170,10 +177,11 @@ class ShardWriter:
             return self._committed
         stats = self.close()
         self._staging.check_complete(self._shard, self.attempt)
-        self._fence()
+        self._fence(True)
         checksums = {path: buf.digest.hexdigest() for path, buf in self._buffers.items()}
         self._committed = self._records.write_commit(
-            self._shard, dict(record or {}, checksums=checksums, staging=self.attempt), stats)
+            self._shard, dict(record or {}, checksums=checksums, staging=self.attempt), stats,
+            exclusive=self._exclusive_commit)
         return self._committed
 
     def _flush(self, buf: _ArrayBuffer, final: bool) -> None:
@@ -183,8 +191,9 @@ class ShardWriter:
         upto = buf.end if (final or buf.end == self._end) else (buf.end // c) * c
         if upto <= buf.start:
             return
-        if time.monotonic() - self._checked_at > _FENCE_CHECK_S:
-            self._fence()
+        full = time.monotonic() - self._checked_at > _FENCE_CHECK_S
+        self._fence(full)
+        if full:
             self._checked_at = time.monotonic()
         lo = buf.start
         data = buf.take(upto)

@@ -240,6 +240,20 @@ def test_inspect_counts_the_committed_rows_of_an_interrupted_store(corpus, tmp_p
     assert summary["shards"] == {"total": 4, "committed": 2, "pending": 2}
     text = _cli("inspect", str(out)).output
     assert "rows: 8/16 written" in text and "[planned]" in text and "resumes it" in text
+    assert "now run" not in text and summary["extracting"] == []
+
+    # a run extracting the third shard now (another machine): who, and how far
+    store = FeatureStore.open(str(out))
+    claim = store.claim(store.shards[2])
+    claim.progress = lambda: 3
+    try:
+        claim.renew()
+        text = _cli("inspect", str(out)).output
+        summary = json.loads(_cli("inspect", str(out), "--json").output)
+    finally:
+        claim.release()
+    assert f"now run {claim.run_id} (extracting {store.shards[2].name}) on host" in text and "3 rows written" in text
+    assert [lease["run_id"] for lease in summary["extracting"]] == [claim.run_id]
 
 
 def test_inspect_and_the_reader_see_commits_made_after_the_finalize(corpus, tmp_path):

@@ -98,10 +98,11 @@ def inspect(
         store = FeatureStore.open(out, mode="r")
         # not finalized yet (running, or interrupted): statuses come from the commit records
         manifest = store.status_manifest()
+        extracting = store.extracting()
         damaged = store.verify() if verify else None
     except NeuroPredictorError as exc:
         fail(exc)
-    summary = summarize(manifest, out)
+    summary = summarize(manifest, out) | {"extracting": extracting}
     if as_json:
         print(json.dumps(summary if damaged is None else summary | {"damaged": damaged}))
     else:

@@ -10,6 +10,7 @@ from rich.table import Table
 from neuropredictor.cli.app import console
 from neuropredictor.cli.logs import log_file
 from neuropredictor.status import FAILURES_SHOWN, ShardStatus, StoreStatus
+from neuropredictor.store.locks import describe
 
 
 def summarize(manifest: dict, url: str) -> dict:
@@ -50,6 +51,9 @@ def print_summary(summary: dict) -> None:
     if summary["status"] == StoreStatus.PLANNED:
         console.print("not finalized: a run is extracting into it, or was interrupted (the same extract command "
                       "resumes it)", highlight=False)
+    for lease in summary.get("extracting", []):  # inspect only: the shards runs hold now
+        rows = f", {lease['progress']} rows written" if isinstance(lease.get("progress"), int) else ""
+        console.print(escape(f"  now {describe(lease)}{rows}"), highlight=False)
     for bad in summary["bad_samples"][:10]:
         console.print(escape(f"  bad sample {bad['key']} ({bad['shard']}): {bad['reason']}"), highlight=False)
     if len(summary["bad_samples"]) > 10:

@@ -488,6 +488,10 @@ class FeatureStore:
         run_id = locks.new_run_id()
         return locks.register(self._fs, f"{self._root}/{RUNS_DIR}/{run_id}.json", what, run_id)
 
+    def extracting(self) -> list[dict]:
+        """The shards other runs are extracting now: their live claims (run, host, pid, rows written...)."""
+        return locks.live(self._fs, f"{self._root}/{CLAIMS_DIR}")
+
     def shared(self, session: locks.Lease) -> bool:
         """Whether runs other than `session`'s are extracting into the store now."""
         return any(lease.get("run_id") != session.run_id for lease in locks.live(self._fs, f"{self._root}/{RUNS_DIR}"))

@@ -165,17 +165,23 @@ class Lease:
         return not self.lost and self.expires_at - time.time() > self.seconds / 6
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
-            with contextlib.suppress(Exception):  # a missed renewal is retried; expiry is the only harm
-                if self.exclusive and not self._held():
-                    self.lost = True  # taken over, or about to be: writing it back would make two holders
-                    return
-                now, value = time.time(), self.progress() if self.progress else None
-                if self.progressed_at is not None and value != self._progress:
-                    self._progress, self.progressed_at = value, now
-                record = _record(self.run_id, self.what, self.seconds, value, self.progressed_at, now)
-                fsx.write_json_atomic(self._fs, self.path, record)
-                self.expires_at = record["expires_at"]
+        while not self._stop.wait(self.seconds / 3) and self.renew():
+            pass
+
+    def renew(self) -> bool:
+        """Write the lease again now, with its progress (the heartbeat does, every third of its lifetime);
+        False once it is lost."""
+        with contextlib.suppress(Exception):  # a missed renewal is retried; expiry is the only harm
+            if self.exclusive and not self._held():
+                self.lost = True  # taken over, or about to be: writing it back would make two holders
+                return False
+            now, value = time.time(), self.progress() if self.progress else None
+            if self.progressed_at is not None and value != self._progress:
+                self._progress, self.progressed_at = value, now
+            record = _record(self.run_id, self.what, self.seconds, value, self.progressed_at, now)
+            fsx.write_json_atomic(self._fs, self.path, record)
+            self.expires_at = record["expires_at"]
+        return True
 
     def check(self) -> None:
         """Raise StoreBusyError unless the lease is still this run's (read now): before a write only its

@@ -181,6 +181,25 @@ def test_a_custom_factory_with_a_retrained_checkpoint_is_not_skipped(tmp_path):
     assert retrained["status"] == "failed" and "weights" in retrained["extract"]["error"]
 
 
+def test_a_custom_model_whose_code_changed_is_not_skipped(tmp_path):
+    # same weights, a forward pass fixed in its file: the sweep skipped the store made by the old code
+    import os
+
+    (tmp_path / "lab_code.py").write_text(
+        "from custom_models import cifar_cnn\n\ndef net():\n    return cifar_cnn()\n")
+    make_images(tmp_path / "imgs", 8, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=4)
+    sweep = _sweep(tmp_path / "shards", tmp_path / "out", models=[f"custom:{tmp_path / 'lab_code.py'}:net"],
+                   layers=["features.5"])
+    assert run_sweep(sweep)["models"][0]["status"] == "done"
+    assert run_sweep(sweep)["models"][0]["extract"]["skipped"]
+    source = tmp_path / "lab_code.py"
+    source.write_text(source.read_text() + "# the forward pass, fixed\n")
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    changed = run_sweep(sweep)["models"][0]
+    assert changed["status"] == "failed" and "config.code" in changed["extract"]["error"]
+
+
 def test_the_record_vouches_only_for_its_own_store_and_runtime_options_reload_nothing(tmp_path):
     # A store replaced by an `extract --overwrite` with other layers was skipped as the sweep's, and scored
     # under its name; a new batch size reloaded every finished model and recorded its rate as 0.0 img/s.

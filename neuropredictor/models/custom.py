@@ -72,14 +72,29 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     # random or not: the user's code decides the model, so a retrained checkpoint behind the same factory, or
     # a factory redefined in a notebook, is another model; and by its file's, so that a forward pass fixed
     # since is too (a resume would add the new code's rows to the old code's)
-    setattr(model, CODE, _file_digest(module))
+    setattr(model, CODE, code_digest(spec))
     return model, transform or imagenet_transform(), STATE_DIGEST
 
 
-def _file_digest(module) -> str | None:
-    path = getattr(module, "__file__", None)
-    if module.__name__ == "__main__" or not path or not Path(path).is_file():
-        return None  # a notebook, a driver script (edited freely), or a module without a file
+def code_digest(spec: ModelSpec) -> str | None:
+    """"sha256:<checksum>" of the file that defines the spec's factory (found without running it, for a sweep
+    to tell whether a store is current); None for `__main__` (a notebook, or a driver script edited freely)
+    and for a module without a file."""
+    target = spec.name.rpartition(":")[0]
+    if target.endswith(".py"):
+        path: str | Path | None = Path(target).expanduser().resolve()
+    elif target == "__main__":
+        return None
+    else:
+        path = getattr(sys.modules.get(target), "__file__", None)
+        if path is None:
+            try:
+                found = importlib.util.find_spec(target)
+            except (ImportError, ValueError):
+                return None
+            path = found.origin if found is not None else None
+    if not path or not Path(path).is_file():
+        return None
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 

@@ -91,10 +91,12 @@ def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
     be told without loading the model: it is the store the record names (by its config hash: not one
     extracted into the same place since, with other options), its plan's shards are the corpus's as listed
     now (names, counts, sizes and etags; no shard is read) and its weights have the checksum they were made
-    with (of the weights file; of the loaded parameters, for a custom factory that loads its own). When not,
+    with (of the weights file; of the loaded parameters, for a custom factory that loads its own), as has a
+    custom model's file. When not,
     the model is extracted, which resumes, or refuses a changed corpus or model, exactly as `extract` would."""
-    from neuropredictor.models import load_model
+    from neuropredictor.models import load_model, parse_spec
     from neuropredictor.models.base import STATE_DIGEST, weights_digest
+    from neuropredictor.models.custom import code_digest
     from neuropredictor.pipeline.planning import corpus_shards
     from neuropredictor.store import FeatureStore
 
@@ -105,6 +107,9 @@ def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
         listed = corpus_shards(config, known=lambda: store.shards)
         if [(s.name, s.count, s.size, s.etag) for s in listed] != [(s.name, s.count, s.size, s.etag)
                                                                    for s in store.shards]:
+            return False
+        code = store.config.get("code")  # a custom model's file: its code makes the numbers too
+        if code is not None and code != code_digest(parse_spec(config.model)):
             return False
         made_with = str(store.config.get("weights"))
         if made_with.startswith(STATE_DIGEST):

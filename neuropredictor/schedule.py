@@ -23,19 +23,19 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import Interrupted, NeuroPredictorError, StoreError
+from neuropredictor.errors import ConfigMismatchError, Interrupted, NeuroPredictorError, StoreError
 from neuropredictor.pipeline import extract_shard, plan, validate
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.status import FAILURES_SHOWN, ShardStatus
 from neuropredictor.store import FeatureStore, ShardBusy
-from neuropredictor.store.locks import PROCESS_ID
+from neuropredictor.store.locks import process_id
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
         try:
             records.append(_extract_recorded(config, shard, store, device, attempt, on_batch, stop))
         except ShardBusy as exc:
-            log.info("%s; %s", exc, "it waits until the others are done" if wait_busy else "it comes later")
+            if wait_busy:  # (the caller says so otherwise, once)
+                log.info("%s; it waits until the others are done", exc)
             busy.append((shard, exc))
     if not wait_busy:
         return records + [{"shard": shard.name, "busy": str(exc)} for shard, exc in busy]
@@ -183,7 +184,7 @@ def _extract_recorded(config: ExtractConfig, shard: Shard, store: FeatureStore, 
 def done_elsewhere(record: dict) -> bool:
     """Whether a shard's record, as extract_group returns it, is of a shard another process committed
     during this run (its rows were not counted by this run's progress)."""
-    ours = record.get("process") == PROCESS_ID if "process" in record else (
+    ours = record.get("process") == process_id() if "process" in record else (
         (record.get("host"), record.get("pid")) == (socket.gethostname(), os.getpid()))  # older records
     return bool(record.get("skipped")) and not ours
 
@@ -230,6 +231,7 @@ class DeviceWindow:
         self._devices = len(devices)
         self._free = list(devices)
         self._later: list[tuple[float, list[Shard]]] = []  # (when, busy shards) to look at again
+        self._busy_since: dict[str, float] = {}  # busy shard -> when this run first found it so
         self.failed: dict[str, str] = {}  # shard name -> error
         self.rows_done = 0
         self._first = FirstFailures()
@@ -256,14 +258,29 @@ class DeviceWindow:
         return max(0.0, min(when for when, _ in self._later) - time.monotonic()) if self._later else None
 
     def finish(self, group: Sequence[Shard], device: str, error: str | None,
-               is_committed: Callable[[str], bool], busy: Collection[str] = ()) -> None:
+               is_committed: Callable[[str], bool], busy: Mapping[str, str] | None = None,
+               elsewhere: Collection[str] = ()) -> None:
+        """`busy`: shard -> why, of those another run extracts now (looked at again later, for BUSY_WAIT_S at
+        most); `elsewhere`: those another run committed meanwhile (they say nothing of whether the model
+        works here)."""
         self._free.append(device)
+        busy = busy or {}
         left = [s.name for s in group if not _committed(is_committed, s.name)] if error is not None else []
         self.failed.update({name: error for name in left})
-        later = [s for s in group if s.name in busy and s.name not in self.failed]
+        now, later = time.monotonic(), []
+        for s in group:
+            if s.name in busy and s.name not in self.failed:
+                if s.name not in self._busy_since:
+                    log.info("%s; this run comes back to it", busy[s.name])
+                since = self._busy_since.setdefault(s.name, now)
+                if now - since > BUSY_WAIT_S:
+                    self.failed[s.name] = f"{busy[s.name]} for over {BUSY_WAIT_S / 3600:.0f} h"
+                else:
+                    later.append(s)
         if later:
-            self._later.append((time.monotonic() + BUSY_POLL_S, later))
-        if error is not None or len(later) < len(group):  # shards only other runs had say nothing of the model
+            self._later.append((now + BUSY_POLL_S, later))
+        ours = [s for s in group if s.name not in busy and s.name not in elsewhere]
+        if error is not None or ours:
             self._first.note(None if len(left) < len(group) else error)  # a shard committed: the model works
         self.rows_done += sum(s.count for s in group if s.name not in self.failed and s not in later)
 
@@ -345,9 +362,10 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         emit("batch", {"images": n})
 
     def work(group: list[Shard], device: str) -> list[dict]:
-        # a shard another run extracts is not waited for here: the device takes the next group meanwhile
+        # a shard another run extracts is not waited for here: the device takes the next group meanwhile; a
+        # model that is not the store's (its file changed during the run) stays so on a retry
         return policy.call(lambda attempt: extract_group(config, group, store, device, attempt, on_batch, stop,
-                                                         wait_busy=False), stop)
+                                                         wait_busy=False), stop, fatal=(ConfigMismatchError,))
 
     running: dict[Future, tuple[list[Shard], str]] = {}
     with store.session() as session, \
@@ -372,7 +390,8 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
                         raise Interrupted("stopped")
                     records = [] if error is not None else future.result()
                     window.finish(group, device, None if error is None else f"{type(error).__name__}: {error}",
-                                  store.is_committed, busy={r["shard"] for r in records if r.get("busy")})
+                                  store.is_committed, busy={r["shard"]: r["busy"] for r in records if r.get("busy")},
+                                  elsewhere={r["shard"] for r in records if done_elsewhere(r)})
                     for record in records:
                         if not record.get("busy") and (not record.get("skipped") or done_elsewhere(record)):
                             emit("shard", {"name": record["shard"], "record": record})
@@ -385,6 +404,8 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         if window.failed:  # say both: what failed to finish and which shards are missing
             raise NeuroPredictorError(f"{exc}\n{failure_message(window.failed)}") from exc
         raise
-    if window.failed:
-        raise NeuroPredictorError(failure_message(window.failed))
+    missing = unfinished(manifest)  # not those another run committed since
+    failed = {name: why for name, why in window.failed.items() if name in missing}
+    if failed:
+        raise NeuroPredictorError(failure_message(failed))
     return manifest

@@ -337,6 +337,27 @@ def test_a_custom_models_code_is_part_of_its_store(corpus, tmp_path):
     assert plan(_config(corpus, out, model=spec)).config.get("code") is None
 
 
+def test_a_custom_models_code_is_the_file_defining_its_factory_as_it_ran(tmp_path, monkeypatch):
+    # `custom:pkg:net` re-exported from pkg/nets.py: the package's __init__ was hashed, not the forward pass;
+    # and a module imported by name, edited since, was hashed as the new file while its old code ran
+    import hashlib
+
+    package = tmp_path / "np_pkg_code"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .nets import net\n")
+    nets = package / "nets.py"
+    nets.write_text("import torchvision\n\ndef net():\n    return torchvision.models.resnet18()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = load_model("custom:np_pkg_code:net", pretrained=False)
+    assert loaded.code == "sha256:" + hashlib.sha256(nets.read_bytes()).hexdigest()
+    nets.write_text(nets.read_text() + "# the forward pass, fixed\n")
+    os.utime(nets, ns=(nets.stat().st_atime_ns, nets.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ModelSpecError, match="nets.py was edited after this process imported it"):
+        load_model("custom:np_pkg_code:net", pretrained=False)
+    for name in ("np_pkg_code", "np_pkg_code.nets"):
+        monkeypatch.delitem(sys.modules, name)
+
+
 def test_a_model_file_changed_during_a_run_adds_no_rows(corpus, tmp_path):
     # a checkpoint saved again mid-run: the workers reloaded it at their next shard (its file's stamp is
     # part of the replica's key), and the store held two models' rows under the first one's name

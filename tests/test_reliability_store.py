@@ -563,6 +563,53 @@ def test_liveness_on_this_machine_tells_zombies_and_reused_pids(tmp_path):
     assert locks.expired({**alive, "started": str(int(alive["started"]) + 1)})  # that pid, another process
 
 
+def test_a_forked_or_hidden_process_is_not_taken_for_dead(tmp_path, monkeypatch):
+    # a forked child recorded its parent's start time, so its siblings took its live leases at once; and a
+    # process whose /proc entry is hidden (hidepid, another user's) counted as gone
+    import fsspec
+
+    fs, path = fsspec.filesystem("file"), str(tmp_path / "claim.json")
+    ready = tmp_path / "ready"
+    pid = os.fork()
+    if pid == 0:  # the child: take the lease, say so, then live until killed
+        try:
+            locks.acquire(fs, path, "extracting", wait_s=0)
+            ready.touch()
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        _wait_for(ready.exists, what="the child's lease")
+        holder = locks.try_acquire(fs, path, "extracting")
+        assert isinstance(holder, dict) and holder["pid"] == pid and holder["started"] == locks._process(pid)[1]
+        monkeypatch.setattr(locks, "_process", lambda _pid: None)  # /proc hides it: signal 0 says it lives
+        assert not locks.expired(holder)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert locks.expired(holder)  # gone: signal 0 says so too
+
+
+def test_a_shard_held_longer_than_the_wait_is_reported_not_waited_for_ever(monkeypatch):
+    from neuropredictor import schedule
+    from neuropredictor.shard import Shard
+
+    monkeypatch.setattr(schedule, "BUSY_WAIT_S", 0.05)
+    monkeypatch.setattr(schedule, "BUSY_POLL_S", 0.0)
+    shard = Shard(name="s0", url="s0.tar", offset=0, count=4)
+    window = schedule.DeviceWindow([[shard]], ["cpu"])
+    busy = {"s0": "shard s0 is being extracted by run r"}
+    for _ in range(2):  # found busy, looked at again later, still busy
+        assert window.start() == [([shard], "cpu")]
+        window.finish([shard], "cpu", None, lambda _name: False, busy=busy)
+        assert not window.failed and window.waiting_s() == 0.0
+    time.sleep(0.1)
+    assert window.start() == [([shard], "cpu")]
+    window.finish([shard], "cpu", None, lambda _name: False, busy=busy)
+    assert window.failed == {"s0": "shard s0 is being extracted by run r for over 0 h"}
+    assert window.waiting_s() is None and window.start() == []
+
+
 def test_a_stuck_holder_of_a_shard_is_taken_over(corpus, tmp_path, monkeypatch):
     # a holder alive but stuck (a hung decoder) renews its claim for ever: its rows not advancing for
     # STUCK_SECONDS, its shard is taken over, and the holder stops at its next write

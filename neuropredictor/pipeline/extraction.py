@@ -19,10 +19,10 @@ from neuropredictor.corpus import read_shard
 from neuropredictor.corpus.listing import source_of
 from neuropredictor.errors import Interrupted
 from neuropredictor.pipeline.planning import identity
-from neuropredictor.pipeline.replicas import get_runner
+from neuropredictor.pipeline.replicas import Runner, get_runner
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, ShardCommitted
-from neuropredictor.store.locks import PROCESS_ID, Lease
+from neuropredictor.store.locks import Lease, process_id
 
 
 class _BackgroundWriter:
@@ -99,18 +99,18 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     done = store.commit_record(shard.name)  # one read of this shard's record, not a listing of all
     if done is not None:
         return done | {"skipped": True}
+    # the model first (loaded once per process): a claim is held only while its rows advance (`locks.stuck`)
+    runner = get_runner(config, device)
+    store.check_config(identity(config, runner))  # reloaded since the plan if its files changed: the same model?
     with store.claim(shard) as claim:  # ShardBusy while another run extracts it
         try:
-            return _extract_claimed(config, shard, store, claim, device, on_batch, attempt, stop)
+            return _extract_claimed(config, shard, store, claim, runner, on_batch, attempt, stop)
         except ShardCommitted:  # the claim's last holder committed it after this run looked: its commit stands
             return (store.commit_record(shard.name) or {}) | {"skipped": True}
 
 
-def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, claim: Lease,
-                     device: str | torch.device | None, on_batch: Callable[[int], None] | None, attempt: int,
-                     stop: threading.Event | None) -> dict:
-    runner = get_runner(config, device)
-    store.check_config(identity(config, runner))  # reloaded since the plan if its files changed: the same model?
+def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, claim: Lease, runner: Runner,
+                     on_batch: Callable[[int], None] | None, attempt: int, stop: threading.Event | None) -> dict:
     started = time.time()
     t0 = time.perf_counter()
     writer = store.writer(shard, replace_commit=False, claim=claim)
@@ -173,7 +173,7 @@ def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, c
         # which worker did it (a pod, a GPU box); set by the deployment, defaults to the host name
         "worker": os.environ.get("NEUROPREDICTOR_WORKER_ID") or socket.gethostname(),
         "pid": os.getpid(),
-        "process": PROCESS_ID,  # which process committed it (a run sharing the store tells its own from others')
+        "process": process_id(),  # which process committed it (a run sharing the store tells its own from others')
         "batch_size": config.batch_size,
         "attempts": attempt,
         "stages": stages,

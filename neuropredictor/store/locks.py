@@ -68,7 +68,8 @@ def _machine() -> str | None:
 
 
 def _process(pid: int | str) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) of a process on this machine, None if there is none."""
+    """(state, start time in clock ticks since boot) of a process on this machine, None if its /proc entry
+    cannot be read (no such process, or one that `hidepid` hides)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()  # after "pid (command name)", which may hold spaces
@@ -78,8 +79,23 @@ def _process(pid: int | str) -> tuple[str, str] | None:
 
 
 _MACHINE = _machine()
-_STARTED = (_process("self") or ("", None))[1]  # with the pid, this process: a pid used again is another one
-PROCESS_ID = uuid.uuid4().hex  # this process, in records that say who wrote them
+_STARTED: str | None = None  # with the pid, this process: a pid used again is another one
+_PROCESS_ID = ""
+
+
+def _this_process() -> None:
+    global _STARTED, _PROCESS_ID
+    _STARTED = (_process("self") or ("", None))[1]
+    _PROCESS_ID = uuid.uuid4().hex
+
+
+_this_process()
+os.register_at_fork(after_in_child=_this_process)  # a forked worker is another process, started later
+
+
+def process_id() -> str:
+    """This process, in records that say who wrote them (a forked child has its own)."""
+    return _PROCESS_ID
 
 
 def _record(run_id: str, what: str, seconds: float, progress: Any = None, progressed_at: float | None = None,
@@ -128,7 +144,15 @@ def _gone_here(lease: dict) -> bool:
     if _MACHINE is None or lease.get("machine") != _MACHINE or not isinstance(pid, int) or pid == os.getpid():
         return False
     found = _process(pid)
-    return found is None or found[0] == "Z" or (lease.get("started") is not None and found[1] != lease["started"])
+    if found is None:  # no such process, or another user's that /proc hides: signal 0 tells which
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    return found[0] == "Z" or (lease.get("started") is not None and found[1] != lease["started"])
 
 
 class Lease:
@@ -178,6 +202,11 @@ class Lease:
             now, value = time.time(), self.progress() if self.progress else None
             if self.progressed_at is not None and value != self._progress:
                 self._progress, self.progressed_at = value, now
+            if self.progressed_at is not None and now - self.progressed_at > STUCK_SECONDS - self.seconds:
+                # about to count as stuck: stop renewing before others take it over, as at expiry (a renewal
+                # written then could land on the taker's lease)
+                self.lost = True
+                return False
             record = _record(self.run_id, self.what, self.seconds, value, self.progressed_at, now)
             fsx.write_json_atomic(self._fs, self.path, record)
             self.expires_at = record["expires_at"]

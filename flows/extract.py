@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from neuropredictor import pipeline, schedule
 from neuropredictor.config import ExtractConfig
-from neuropredictor.errors import Interrupted, NeuroPredictorError
+from neuropredictor.errors import ConfigMismatchError, Interrupted, NeuroPredictorError
 from neuropredictor.manifest import canonical
 from neuropredictor.redact import redact, redact_text, secret_name_pattern
 from neuropredictor.shard import Shard
@@ -190,7 +190,8 @@ def extract_flow(params: ExtractParameters) -> dict | State:
         while True:
             for group, device in ([] if stop.is_set() else window.start()):
                 # delays drawn per task: the groups of one run (one per GPU) do not retry in step either
-                task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays())
+                task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays(),
+                                                        retry_condition_fn=_worth_retrying)
                 # the flow's store object (quoted: Prefect need not walk it), not one opened per task, which
                 # read the whole plan and manifest for every shard (hundreds of MB at 10,000 shards)
                 running[task.submit(config, group, device, schedule.group_label(group), quote(store))] = (group, device)
@@ -215,6 +216,12 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     if window.failed:
         raise NeuroPredictorError(schedule.failure_message(window.failed))
     return summarize(manifest)
+
+
+def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect's retry condition: not for a model that is not the store's (its file changed during the run),
+    which stays so on every retry."""
+    return not isinstance(state.data, ConfigMismatchError)
 
 
 def _state_error(future: Any) -> str | None:

@@ -188,6 +188,40 @@ def test_transient_storage_fault_is_retried(s3, image_dir):
     check_against_reference(open_features("s3://test-bucket/runs/flaky.zarr", s3), image_dir)
 
 
+def test_a_model_changed_during_a_flow_run_is_not_retried(corpus, tmp_path):
+    # a checkpoint saved again mid-run is refused at the next shard; Prefect retried that task, twice, to the
+    # same refusal
+    import os
+
+    import torch
+
+    from neuropredictor.models import load_model
+    from neuropredictor_flows.extract import PROGRESS
+
+    weights = tmp_path / "ckpt.pt"
+    state = load_model(MODEL, pretrained=False).module.state_dict()
+    torch.save(state, weights)
+    changed = []
+
+    def on_event(event, data):
+        if event == "shard" and not changed:  # after the first shard: the next epoch's checkpoint
+            torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, weights)
+            os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+            changed.append(data["name"])
+
+    out = tmp_path / "out.zarr"
+    token = PROGRESS.set(on_event)
+    try:
+        run_state = extract_flow(_params(corpus, out, weights=str(weights), retries=2), return_state=True)
+    finally:
+        PROGRESS.reset(token)
+    assert run_state.is_failed() and changed == ["shard-000000"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    failed = [s for s in manifest["shards"] if s["status"] == "failed"]
+    assert [s["name"] for s in failed] == ["shard-000001", "shard-000002"]
+    assert all(s["attempts"] == 1 and "differs from the one the store" in s["error"] for s in failed), failed
+
+
 def test_permanent_fault_fails_the_flow_then_rerun_runs_only_that_shard(corpus, tmp_path):
     clean = tmp_path / "clean.zarr"
     extract_flow(_params(corpus, clean))

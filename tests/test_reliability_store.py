@@ -403,10 +403,14 @@ def test_concurrent_runs_of_one_configuration_join_safely(corpus, clean, tmp_pat
     _assert_identical(clean["features.5"], str(out))
 
 
-def test_runs_of_one_command_share_the_shards_each_extracted_once(corpus, clean, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_runs_of_one_command_share_the_shards_each_extracted_once(corpus, clean, tmp_path, request, where):
     # two runs at once (a job array, a deployment run twice) extracted every shard twice; with other batch
     # sizes, the later writer's rows landed after the first one's commit and no longer matched its checksums
-    out = tmp_path / "out.zarr"
+    import fsspec
+
+    options = request.getfixturevalue("s3") if where == "s3" else None
+    out = "s3://test-bucket/shared.zarr" if where == "s3" else str(tmp_path / "out.zarr")
     code = _script("""
         from neuropredictor.store import FeatureStore
         from neuropredictor.store.writer import ShardWriter
@@ -414,7 +418,7 @@ def test_runs_of_one_command_share_the_shards_each_extracted_once(corpus, clean,
         def session_when_both_run(self, *a, **k):  # both runs extract at once, whatever their start-up times
             lease = session(self, *a, **k)
             for _ in range(600):
-                if sum(n.endswith(".json") for n in os.listdir(os.path.join(self._root, "_runs"))) >= 2:
+                if len(locks.live(self._fs, self._root + "/_runs")) >= 2:
                     break
                 time.sleep(0.1)
             return lease
@@ -429,7 +433,7 @@ def test_runs_of_one_command_share_the_shards_each_extracted_once(corpus, clean,
                        if e == "shard" else None)
         print(json.dumps({"status": manifest["status"], "shards": events}))
         """)
-    procs = [_spawn(code, _config(corpus, out, batch_size=b), tmp_path) for b in (2, 3)]
+    procs = [_spawn(code, _config(corpus, out, batch_size=b, storage_options=options), tmp_path) for b in (2, 3)]
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
@@ -441,12 +445,13 @@ def test_runs_of_one_command_share_the_shards_each_extracted_once(corpus, clean,
     assert not extracted[0] & extracted[1] and extracted[0] | extracted[1] == set(names)
     for r in results:  # the other run's shards reached this run's progress too
         assert sorted(n for n, _ in r["shards"]) == names
-    assert FeatureStore.open(str(out)).verify() == {}
-    a, b = _arrays(clean["features.5"]), _arrays(str(out))
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k) if k.startswith("features") \
-            else np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert not list((out / "_locks").glob("**/*.json"))
+    assert FeatureStore.open(out, options).verify() == {}
+    a, b = open_features(clean["features.5"]), open_features(out, options)
+    np.testing.assert_array_equal(a.key.values, b.key.values)
+    np.testing.assert_allclose(a["features.5"].values, b["features.5"].values, rtol=1e-5, atol=1e-6)
+    fs = fsspec.filesystem("s3", **options) if options else fsspec.filesystem("file")
+    fs.invalidate_cache()
+    assert not [p for p in fs.find(out.removeprefix("s3://") + "/_locks") if p.endswith(".json")]
 
 
 def test_a_shard_another_run_extracts_waits_for_it(corpus, tmp_path, monkeypatch):

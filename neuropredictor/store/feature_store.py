@@ -489,7 +489,7 @@ class FeatureStore:
         return locks.register(self._fs, f"{self._root}/{RUNS_DIR}/{run_id}.json", what, run_id)
 
     def extracting(self) -> list[dict]:
-        """The shards other runs are extracting now: their live claims (run, host, pid, rows written...)."""
+        """The shards runs are extracting now: their live claims (run, host, pid, rows written...)."""
         return locks.live(self._fs, f"{self._root}/{CLAIMS_DIR}")
 
     def shared(self, session: locks.Lease) -> bool:

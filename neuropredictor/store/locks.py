@@ -12,9 +12,9 @@ once it has expired, and the lease can be taken over; an owner on this machine w
 dead at once (a run killed for its memory resumes without waiting out its own leases). Exclusive leases
 are created with an atomic create-if-absent (`fs.create_exclusive`); object stores have no conditional
 delete, so of the processes that find a lease expired, only the one that first creates its marker
-(`<lease>.taken-<digest of its bytes>`) removes it. A holder whose lease was taken over anyway (its renewals failed for a whole lifetime) stops
-renewing it and `check()` says so, instead of writing it back. Clocks of different machines are compared,
-so they must agree to well within the lifetime (NTP does that).
+(`<lease>.taken-<digest of its bytes>`) removes it. A holder whose lease was taken over anyway (its renewals
+failed for a whole lifetime) stops renewing it and `check()` says so, instead of writing it back. Clocks of
+different machines are compared, so they must agree to well within the lifetime (NTP does that).
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
 
 def _scoring_inputs(sweep: SweepConfig, model: SweepModel) -> dict[str, Any]:
     """What a model's scores were made from beyond their options: the store's rows (`content_id`: a store
-    replaced, or a shard extracted again in place, are other rows), the neural data file as it is now (size and etag, or mtime) and how stimuli
-    are split (models scored on other splits are not compared)."""
+    replaced, or a shard extracted again in place, are other rows), the neural data file as it is now (size
+    and etag, or mtime) and how stimuli are split (models scored on other splits are not compared)."""
     from neuropredictor.corpus.listing import fingerprint
     from neuropredictor.encode.align import SPLIT_SCHEME
     from neuropredictor.store import FeatureStore

@@ -9,6 +9,7 @@ re-running the same parameters runs only missing shards.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -181,7 +182,8 @@ def extract_flow(params: ExtractParameters) -> dict | State:
         scope_rows = sum(s.count for s in store.shards if not scope or s.name in scope)
         total_rows = max(scope_rows, 1)
         done_before = scope_rows - todo_rows
-        progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows, key="extract-progress",
+        progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows,
+                                               key=_progress_key(params.shards),
                                                description=f"Rows of {redact_text(config.out)} committed")
         policy = schedule.RetryPolicy.of(config)
         window = schedule.DeviceWindow(groups, devices)
@@ -216,6 +218,15 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     if window.failed:
         raise NeuroPredictorError(schedule.failure_message(window.failed))
     return summarize(manifest)
+
+
+def _progress_key(shards: list[str] | None) -> str:
+    """The progress artifact's key: one per group of shards (children of extract-distributed run at once: one
+    key for all showed whichever child wrote last), the same for a group launched again."""
+    if not shards:
+        return "extract-progress"
+    label = re.sub(r"[^a-z0-9]+", "-", schedule.group_label(sorted(shards)).lower()).strip("-")
+    return f"extract-progress-{label}"[:120].rstrip("-")
 
 
 def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:

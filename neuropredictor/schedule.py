@@ -114,8 +114,10 @@ def pending_groups(store: FeatureStore, shards: Sequence[Shard], names: Sequence
     return [todo[i:i + per_group] for i in range(0, len(todo), per_group)]
 
 
-def group_label(group: Sequence[Shard]) -> str:
-    return group[0].name if len(group) == 1 else f"{group[0].name}..{group[-1].name}"
+def group_label(group: Sequence[Shard] | Sequence[str]) -> str:
+    """A group of shards (or of their names) as it is named in logs and the UI: its first..last shard."""
+    names = [s if isinstance(s, str) else s.name for s in group]
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
 
 
 BUSY_POLL_S = 5.0  # how often a shard another run extracts is looked at again

@@ -92,8 +92,8 @@ def _unchanged(config: ExtractConfig, config_hash: str | None) -> bool:
     extracted into the same place since, with other options), its plan's shards are the corpus's as listed
     now (names, counts, sizes and etags; no shard is read) and its weights have the checksum they were made
     with (of the weights file; of the loaded parameters, for a custom factory that loads its own), as has a
-    custom model's file. When not,
-    the model is extracted, which resumes, or refuses a changed corpus or model, exactly as `extract` would."""
+    custom model's file. When not, the model is extracted, which resumes, or refuses a changed corpus or
+    model, exactly as `extract` would."""
     from neuropredictor.models import load_model, parse_spec
     from neuropredictor.models.base import STATE_DIGEST, weights_digest
     from neuropredictor.models.custom import code_digest

@@ -233,6 +233,18 @@ def test_a_lost_generation_file_is_restored_and_the_commits_kept(corpus, tmp_pat
     assert json.loads(gen_file.read_text())["generation"] == original
 
 
+def test_a_plan_killed_after_its_generation_reads_as_planned(corpus, tmp_path):
+    # killed between the generation (written once the arrays exist) and its manifest: `inspect` said the
+    # store was still being planned, and the manifest said so to every reader
+    from neuropredictor.pipeline import plan
+
+    out = tmp_path / "out.zarr"
+    plan(_config(corpus, out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "status": "planning"}))
+    assert FeatureStore.open(str(out)).status_manifest()["status"] == "planned"
+
+
 def test_a_store_a_killed_replacement_half_deleted_is_planned_again(corpus, tmp_path):
     # a replacement deletes the generation first, then the arrays: killed between them, the store has its
     # plan, manifest and records but not all of its arrays, and must not be restored as it was

@@ -378,6 +378,8 @@ class FeatureStore:
         (one listing); once a resume or a withdrawal changed them, the store is 'planned' again until the
         next finalize."""
         status = StoreStatus(self._manifest.get("status", self._fresh_status()))
+        if status == StoreStatus.PLANNING and self.generation is not None:
+            return StoreStatus.PLANNED  # its plan wrote the generation (last), then died before its manifest
         return StoreStatus.PLANNED if status.finalized and not self._commits_sealed() else status
 
     def status_manifest(self) -> dict:

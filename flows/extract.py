@@ -143,7 +143,7 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
                         record["duration_s"], record["images_per_s"] or 0, record["device"])
         elif schedule.done_elsewhere(record):
             logger.info("%s: extracted by another run (host %s)", record["shard"], record.get("host"))
-        if not record.get("skipped") or schedule.done_elsewhere(record):
+        if schedule.news(record):
             emit("shard", {"name": record["shard"], "record": record})
     return records
 

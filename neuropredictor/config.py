@@ -130,7 +130,7 @@ class ExtractConfig(BaseModel):
         paths = [self.weights or "", rest.rpartition("@")[0] or rest if source == "hf" else "",
                  rest.rpartition(":")[0] if source == "custom" and rest.rpartition(":")[0].endswith(".py") else "",
                  rest.rpartition("@")[2] if source in ("openclip", "clip") and "@" in rest else ""]
-        return key + tuple(("local", path, _stamp(path)) for path in dict.fromkeys(paths)
+        return key + tuple(("local", path, file_stamp(path)) for path in dict.fromkeys(paths)
                            if path and os.path.exists(path))
 
     def resolved_devices(self) -> list[str]:
@@ -150,8 +150,9 @@ class ExtractConfig(BaseModel):
 _STAMP_FILES = 10_000  # a folder's files looked at, at most (a model folder holds a few)
 
 
-def _stamp(path: str) -> tuple:
-    """Sizes and modification times of a file, or of the files in a folder (recursively)."""
+def file_stamp(path: str | os.PathLike) -> tuple:
+    """Sizes and modification times of a file, or of the files in a folder (recursively): whether a local
+    model file changed since it was loaded."""
     def one(p: str) -> tuple:
         try:
             st = os.stat(p)

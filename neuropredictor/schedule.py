@@ -156,9 +156,13 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
             except ShardBusy as exc:
                 error = exc
         else:
-            store.record_failure(shard, f"{error} for over {BUSY_WAIT_S / 3600:.0f} h", attempts=attempt)
+            store.record_failure(shard, _held_too_long(str(error)), attempts=attempt)
             raise error
     return records
+
+
+def _held_too_long(why: str) -> str:
+    return f"{why} for over {BUSY_WAIT_S / 3600:.0f} h"
 
 
 def _extract_recorded(config: ExtractConfig, shard: Shard, store: FeatureStore, device: str | None, attempt: int,
@@ -189,6 +193,12 @@ def done_elsewhere(record: dict) -> bool:
     ours = record.get("process") == process_id() if "process" in record else (
         (record.get("host"), record.get("pid")) == (socket.gethostname(), os.getpid()))  # older records
     return bool(record.get("skipped")) and not ours
+
+
+def news(record: dict) -> bool:
+    """Whether a shard's record, as extract_group returns it, is progress to report (a "shard" event): a shard
+    extracted here, or by another run meanwhile; not one this run committed before, nor one still busy."""
+    return not record.get("busy") and (not record.get("skipped") or done_elsewhere(record))
 
 
 GIVE_UP_AFTER = 3  # groups failed after their retries, one after another, before any succeeded
@@ -276,7 +286,7 @@ class DeviceWindow:
                     log.info("%s; this run comes back to it", busy[s.name])
                 since = self._busy_since.setdefault(s.name, now)
                 if now - since > BUSY_WAIT_S:
-                    self.failed[s.name] = f"{busy[s.name]} for over {BUSY_WAIT_S / 3600:.0f} h"
+                    self.failed[s.name] = _held_too_long(busy[s.name])
                 else:
                     later.append(s)
         if later:
@@ -394,9 +404,8 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
                     window.finish(group, device, None if error is None else f"{type(error).__name__}: {error}",
                                   store.is_committed, busy={r["shard"]: r["busy"] for r in records if r.get("busy")},
                                   elsewhere={r["shard"] for r in records if done_elsewhere(r)})
-                    for record in records:
-                        if not record.get("busy") and (not record.get("skipped") or done_elsewhere(record)):
-                            emit("shard", {"name": record["shard"], "record": record})
+                    for record in filter(news, records):
+                        emit("shard", {"name": record["shard"], "record": record})
         except BaseException:
             stop.set()  # the workers end after their current batch; nothing half-written is committed
             raise

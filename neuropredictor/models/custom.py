@@ -21,17 +21,13 @@ from pathlib import Path
 
 from torch import nn
 
+from neuropredictor.config import file_stamp
 from neuropredictor.errors import ModelSpecError
 from neuropredictor.models.base import CODE, STATE_DIGEST, Transform, imagenet_transform
 from neuropredictor.models.spec import ModelSpec
 
 
 _RAN = "__neuropredictor_ran__"  # ((size, mtime), checksum) of the file a module was executed from
-
-
-def _stamp(path: str | Path) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _digest(source: bytes) -> str:
@@ -45,7 +41,7 @@ def _import_target(target: str):
             raise ModelSpecError(f"custom model file {path} does not exist")
         # a stable module name, registered in sys.modules, so objects defined there pickle into workers
         name = "neuropredictor_custom_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        stamp = _stamp(path)
+        stamp = file_stamp(path)
         known = sys.modules.get(name)
         if known is not None and getattr(known, _RAN, (None,))[0] == stamp:
             return known
@@ -77,10 +73,10 @@ def _ran_digest(module_name: str | None) -> str | None:
         return None
     ran = getattr(module, _RAN, None)
     if ran is None:
-        ran = (_stamp(path), _digest(Path(path).read_bytes()))
+        ran = (file_stamp(path), _digest(Path(path).read_bytes()))
         with contextlib.suppress(AttributeError, TypeError):  # an extension module may refuse attributes
             setattr(module, _RAN, ran)
-    elif ran[0] != _stamp(path):
+    elif ran[0] != file_stamp(path):
         raise ModelSpecError(
             f"{path} was edited after this process imported it: the model would run its old code. Restart the "
             f"process, or name the file in the spec (custom:{path}:FACTORY), which is executed again when edited")

@@ -399,18 +399,20 @@ def test_unmatched_invalid_and_nan_rows_reported_and_dropped():
     A[[3, 4]] = np.nan
     ds = features_dataset({"a": A}, keys, valid)
     Y = Y.copy()
-    Y[[10, 11, 12], 1] = np.nan  # missing measurements
+    Y[[10, 11, 12], 1] = np.nan  # missing measurements of one target: the stimuli stay for the others
+    Y[13, :4] = np.nan  # a stimulus measured for no target
     Y[:, 4] = np.nan  # a dead target
     nkeys = list(keys)
     nkeys[70:] = [f"extra{i}" for i in range(10)]  # in the neural data only; img070.. in features only
     with pytest.warns(AlignmentWarning, match="dropped") as rec:
         s = encode(ds, NeuralData(Y, nkeys), device="cpu", inner_folds=3)
     msg = str(rec[0].message)
-    assert "'extra0'" in msg and "'img003'" in msg and "'img010'" in msg
+    assert "'extra0'" in msg and "'img003'" in msg and "'img013'" in msg and "'img010'" not in msg
     assert s.attrs["dropped_features_only"] == 10 and s.attrs["dropped_neural_only"] == 10
-    assert s.attrs["dropped_invalid_features"] == 2 and s.attrs["dropped_nan_neural"] == 3
-    assert s.attrs["dropped_nan_targets"] == 1
-    assert s.attrs["n_stimuli"] == 80 - 10 - 2 - 3
+    assert s.attrs["dropped_invalid_features"] == 2 and s.attrs["dropped_nan_neural"] == 1
+    assert s.attrs["dropped_nan_targets"] == 1 and s.attrs["target_sets"] == 2
+    assert s.attrs["n_stimuli"] == 80 - 10 - 2 - 1
+    assert s.n_measured.values.tolist() == [67, 64, 67, 67, 0]
     report = json.loads(s.attrs["alignment"])
     assert report["dropped"]["invalid_features"]["examples"] == ["img003", "img004"]
     assert np.isnan(s.r.values[0, 4]) and np.isfinite(s.r.values[0, :4]).all()
@@ -619,7 +621,7 @@ def test_inf_in_the_neural_data_drops_the_row_and_a_fold_without_r_is_left_out()
     keys, A, Y = _small(80)
     ds = features_dataset({"a": A}, keys)
     Y = Y.copy()
-    Y[7, 2] = np.inf  # crashed the run, naming NaN and a cleaning that was not done
+    Y[7] = np.inf  # crashed the run, naming NaN and a cleaning that was not done
     with pytest.warns(AlignmentWarning, match=r"1 nan neural \(e.g. 'img007'\)"):
         s = encode(ds, NeuralData(Y, keys), device="cpu", inner_folds=3)
     assert s.attrs["dropped_nan_neural"] == 1 and np.isfinite(s.r.values).all()
@@ -632,6 +634,85 @@ def test_inf_in_the_neural_data_drops_the_row_and_a_fold_without_r_is_left_out()
     with pytest.warns(AlignmentWarning):
         flat = encode(ds, NeuralData(Y, keys), device="cpu", inner_folds=3, folds=3)
     assert np.isfinite(flat.r.values[0, 0]) and flat.r.values[0, 0] != three.r.values[0, 0]
+
+
+def _two_sessions(n=120, seed=3):
+    """Targets 0-2 recorded on stimuli 0-79 (session a), 3-5 on 40-119 (session b; inf, not NaN, marks the
+    others): one planted linear map, noise of its own per session."""
+    rng = np.random.default_rng(seed)
+    keys = [f"img{i:03d}" for i in range(n)]
+    A = rng.standard_normal((n, 12))
+    Y = A @ rng.standard_normal((12, 6)) + 0.7 * rng.standard_normal((n, 6))
+    Y[80:, :3] = np.nan
+    Y[:40, 3:] = np.inf
+    return keys, A, Y
+
+
+def test_targets_measured_on_different_stimuli_are_each_fitted_on_theirs():
+    keys, A, Y = _two_sessions()
+    ds = features_dataset({"a": A}, keys)
+    train = np.arange(120) % 5 != 0
+    s = encode(ds, NeuralData(Y, keys, train=train), device="cpu", inner_folds=3, permutations=0)
+    assert s.attrs["n_stimuli"] == 120 and s.attrs["target_sets"] == 2 and s.attrs["dropped_nan_neural"] == 0
+    assert s.n_measured.values.tolist() == [80, 80, 80, 80, 80, 80]
+    # the same as scoring each session from a file of its own (the shared split cut to its stimuli)
+    for rows, cols in ((slice(0, 80), slice(0, 3)), (slice(40, 120), slice(3, 6))):
+        alone = encode(features_dataset({"a": A[rows]}, keys[rows]), NeuralData(Y[rows, cols], keys[rows],
+                       train=train[rows]), device="cpu", inner_folds=3, permutations=0)
+        np.testing.assert_allclose(s.r.values[0, cols], alone.r.values[0], rtol=1e-6)
+        np.testing.assert_array_equal(s.alpha.values[0, cols], alone.alpha.values[0])
+    assert (s.r.values > 0.6).all()
+
+    # K folds: each fold's fit of a session is on the fold's stimuli of that session
+    five = encode(ds, NeuralData(Y, keys), device="cpu", inner_folds=3, folds=4, permutations=0)
+    splits = outer_splits(keys, None, 0.2, 4, 0)["splits"]
+    for rows, cols in ((np.arange(0, 80), slice(0, 3)), (np.arange(40, 120), slice(3, 6))):
+        r = []
+        for tr, te in splits:
+            tr, te = np.intersect1d(tr, rows), np.intersect1d(te, rows)
+            r.append(encode_layer(A[tr], Y[tr, cols], A[te], Y[te, cols], n_folds=3, device="cpu")["r"])
+        np.testing.assert_allclose(five.r.values[0, cols], np.mean(r, axis=0), rtol=1e-5)
+
+
+def test_the_chance_test_shuffles_each_set_of_targets_on_its_stimuli():
+    keys, A, Y = _two_sessions()
+    Y[40:, 3:] = np.random.default_rng(9).standard_normal((80, 3))  # session b: noise alone
+    roi = ["a", "a", "a", "b", "b", "b"]
+    s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys, roi=roi), device="cpu", inner_folds=3, folds=3,
+               permutations=200)
+    assert s.n_measured.values.tolist() == [80] * 6  # each session kept its 80 stimuli
+    chance = json.loads(s.attrs["chance"])
+    assert chance["a"]["p_value"][0] < 0.01 and chance["b"]["p_value"][0] > 0.05
+    assert np.isfinite(chance["all"]["chance"][0])
+
+
+def test_many_sets_of_measured_stimuli_are_refused_and_small_sets_left_unscored():
+    keys, A, Y = _small(120)
+    stray = np.tile(Y[:, :1], (1, 70))
+    stray[np.arange(70), np.arange(70)] = np.nan  # every target misses another stimulus: 70 sets
+    with pytest.raises(EncodingError, match=r"measured on 70 different sets of stimuli.*fill them"):
+        encode(features_dataset({"a": A}, keys), NeuralData(stray, keys), device="cpu", inner_folds=3)
+
+    Y = Y.copy()
+    Y[8:, 4] = np.nan  # measured on 8 stimuli: too few to fit
+    with pytest.warns(AlignmentWarning, match=r"1 targets were measured on too few stimuli.*'t4'"):
+        s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", inner_folds=3)
+    assert np.isnan(s.r.values[0, 4]) and np.isfinite(s.r.values[0, :4]).all()
+    assert s.attrs["dropped_few_stimuli_targets"] == 1 and s.n_measured.values[4] == 8
+    few = np.full((120, 2), np.nan)
+    few[:8, 0], few[8:16, 1] = Y[:8, 0], Y[8:16, 1]  # 16 stimuli in all, but 8 per target
+    with pytest.warns(AlignmentWarning), pytest.raises(EncodingError, match="no target was measured on enough"):
+        encode(features_dataset({"a": A}, keys), NeuralData(few, keys), device="cpu", inner_folds=3)
+
+
+def test_rsa_keeps_only_stimuli_measured_for_every_target(planted):
+    neural = planted["neural"]
+    Y = neural.values.copy()
+    Y[:5, 0] = np.nan
+    with pytest.warns(AlignmentWarning, match=r"5 nan neural"):
+        out = rsa(planted["ds"], NeuralData(Y, neural.keys), layers="mid")
+    assert out.attrs["n_stimuli"] == len(neural.keys) - 5
+    assert "an RDM needs them all" in json.loads(out.attrs["alignment"])["dropped"]["nan_neural"]["why"]
 
 
 def test_alphas_at_an_end_of_the_grid_are_warned_about(caplog):

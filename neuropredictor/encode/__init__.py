@@ -15,8 +15,9 @@ silently misaligned.
 Each layer is also tested against chance (a permutation null of its median r, see `chance`): a best
 layer is named only where it beats chance.
 
-Modules: `neural` (reading neural data), `align` (features store, matching by key, splits), `ridge`
-(the solver for one layer on arrays), `chance`, `run` (prepare -> score_layer -> assemble), `report`
+Modules: `neural` (reading neural data), `align` (features store, matching by key, splits),
+`target_sets` (targets measured on different stimuli, each fitted on theirs), `ridge` (the solver for one
+layer on arrays), `chance`, `run` (prepare -> score_layer -> assemble), `report`
 (table, saving, plot), `kept` (finished layers kept until the scores are saved), `rsa`, and `options`
 (`FitOptions` / `EncodeOptions`: every option, shared by the CLI, this API and the `encode` flow).
 """

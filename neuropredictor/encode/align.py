@@ -45,8 +45,9 @@ def select_layers(layers: Any, order: list[str]) -> list[str]:
     return [n for n in order if n in wanted]  # model order, whatever order they were asked in
 
 
-def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
-    """Match neural rows to feature rows by key; report and drop what cannot be used."""
+def align(ds: Any, neural: NeuralData, complete: bool = False) -> dict[str, Any]:
+    """Match neural rows to feature rows by key; report and drop what cannot be used: stimuli not measured
+    for any target (NaN), or with `complete` (an RDM needs every target) for some target."""
     if "key" not in ds.coords and "key" not in ds:
         raise EncodingError("the features dataset has no `key` coordinate on `stimulus`; open stores with "
                             "neuropredictor.store.open_features")
@@ -79,7 +80,8 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
     fi = np.array([fpos[k] for k in common], dtype=np.int64)
     ni = np.array([npos[k] for k in common], dtype=np.int64)
     ok_valid = valid[fi]
-    ok_nan = ~missing[np.ix_(ni, usable)].any(1)
+    measured = ~missing[np.ix_(ni, usable)]
+    ok_nan = measured.all(1) if complete else measured.any(1)
     invalid = [common[i] for i in np.flatnonzero(~ok_valid)]
     nan_rows = [common[i] for i in np.flatnonzero(ok_valid & ~ok_nan)]
     keep = ok_valid & ok_nan
@@ -99,8 +101,8 @@ def align(ds: Any, neural: NeuralData) -> dict[str, Any]:
                           "why": "features rows without data yet (shards not extracted, or the store not "
                                  "finalized): finish the extraction, then encode"},
         "nan_neural": entry(nan_rows, "neural row has NaN (or inf) in a target that is not NaN everywhere: the "
-                                      "stimulus is left out for every target; targets measured on other stimuli "
-                                      "(other sessions) are best scored in runs of their own (a file each)"),
+                                      "stimulus is left out for every target (an RDM needs them all)" if complete
+                            else "neural row NaN (or inf) for every target"),
         "nan_targets": entry([neural.targets[i] for i in np.flatnonzero(all_nan_targets)],  # type: ignore[index]
                              "target NaN (or inf) for every stimulus (scores stay NaN)"),
     }

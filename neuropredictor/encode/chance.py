@@ -1,8 +1,8 @@
 """The chance test of held-out scores: a permutation null of the median r over a group of targets.
 
 Each permutation shuffles the rows of a fold's held-out responses (one shuffle for all targets, so
-their correlations with each other are kept) and recomputes Pearson r against the unchanged
-predictions. The model never saw those stimuli, so under "the predictions carry no information
+their correlations with each other are kept; one per set of targets measured on other stimuli) and
+recomputes Pearson r against the unchanged predictions. The model never saw those stimuli, so under "the predictions carry no information
 about the held-out responses" the observed median r is one more draw from this null: exact for one
 train/test split. Chance level: the null's 95th percentile; p-value: (1 + #null medians >=
 observed) / (1 + permutations).
@@ -29,29 +29,33 @@ CHANCE_QUANTILE = 0.95
 _BATCH_BYTES = 2**28  # one batch of permuted responses (permutations x stimuli x targets, float32)
 
 
-def null_medians(y_tests: Sequence[np.ndarray], predictions: Sequence[np.ndarray], groups: Sequence[np.ndarray],
-                 permutations: int, seed: int) -> np.ndarray:
-    """(permutations, groups) null medians of r: y_tests and predictions are (n_test, targets) per
-    outer fold, groups are boolean masks over the targets. The same seed gives the same shuffles for
-    every layer."""
+def null_medians(folds: Sequence[Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]], n_targets: int,
+                 groups: Sequence[np.ndarray], permutations: int, seed: int) -> np.ndarray:
+    """(permutations, groups) null medians of r. folds: per outer fold, the (targets, responses, predictions)
+    it scored: targets are columns (of n_targets), responses and predictions (n_test, len(targets)); one
+    part per set of targets measured on the same stimuli (see `target_sets`), each shuffled on its own
+    stimuli. groups are boolean masks over the targets. The same seed gives the same shuffles for every
+    layer."""
     rng = np.random.default_rng(seed)
-    folds = []
-    for y, pred in zip(y_tests, predictions):
-        zy, zp = unit_columns(y, np.float32), unit_columns(pred, np.float32)
-        n, t = zy.shape
-        order = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1)
-        null = np.empty((permutations, t), np.float32)
-        step = max(1, _BATCH_BYTES // (4 * n * t))
-        for i in range(0, permutations, step):
-            null[i:i + step] = np.einsum("pnt,nt->pt", zy[order[i:i + step]], zp)
-        folds.append(null)
+    per_fold = []
+    for parts in folds:
+        null = np.full((permutations, n_targets), np.nan, np.float32)  # NaN: a target this fold did not score
+        for targets, y, pred in parts:
+            zy, zp = unit_columns(y, np.float32), unit_columns(pred, np.float32)
+            n, t = zy.shape
+            order = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1)
+            step = max(1, _BATCH_BYTES // (4 * n * t))
+            for i in range(0, permutations, step):
+                null[i:i + step, targets] = np.einsum("pnt,nt->pt", zy[order[i:i + step]], zp)
+        per_fold.append(null)
     out = np.empty((permutations, len(groups)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a group of constant targets has no median: NaN
         for gi, g in enumerate(groups):
-            # folds paired by the rank of their shuffles' median r in this group (see the module docstring)
-            ranked = [f[np.argsort(np.nanmedian(f[:, g], axis=1))][:, g] for f in folds]
-            out[:, gi] = np.nanmedian(np.mean(ranked, axis=0), axis=1)
+            # folds paired by the rank of their shuffles' median r in this group (see the module docstring); a
+            # target's r is the mean over the folds that scored it, as observed
+            ranked = [f[np.argsort(np.nanmedian(f[:, g], axis=1))][:, g] for f in per_fold]
+            out[:, gi] = np.nanmedian(np.nanmean(ranked, axis=0), axis=1)
     return out
 
 

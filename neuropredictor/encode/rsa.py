@@ -63,7 +63,7 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
         if neural is None:
             raise EncodingError("give neural data (NeuralData or a path) or neural_rdm")
         neural_data = neural if isinstance(neural, NeuralData) else load_neural(neural, storage_options=storage_options)
-    aligned = align(ds, neural_data)
+    aligned = align(ds, neural_data, complete=True)
     fi, ni, usable = aligned["features_rows"], aligned["neural_rows"], aligned["targets"]
     if len(fi) < 3:
         raise EncodingError(f"RSA needs at least 3 matched stimuli; have {len(fi)}")

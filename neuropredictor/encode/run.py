@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode._common import _EXAMPLES, AlignmentWarning, EncodingError, _fmt
 from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_medians
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
@@ -28,6 +28,7 @@ from neuropredictor.encode.neural import NeuralData
 from neuropredictor.encode.options import READING, EncodeOptions, FitOptions, read_with, split_reading
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
 from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
+from neuropredictor.encode.target_sets import TargetSet, target_sets
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray
@@ -53,6 +54,9 @@ class Prepared:
     report: dict[str, Any]  # alignment report and split
     # with groups: per outer fold, the alpha search's (train, test) folds over its training rows, by group
     inner: list[list[tuple[np.ndarray, np.ndarray]]] | None = None
+    # targets by the stimuli they were measured on, each set with its own cut of the splits (one set when Y
+    # has no NaN); see `target_sets`
+    sets: list[TargetSet] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -101,10 +105,29 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
                                 f"inner_folds={opts.inner_folds}) and {_MIN_TEST} to test: {fix}")
     inner = None if groups is None else [inner_group_folds(groups[tr], opts.inner_folds, opts.seed)
                                          for tr, _ in folds["splits"]]
+    Y = neural.values[np.ix_(ni, usable)]
+    sets = target_sets(Y, folds["splits"], inner, groups, opts.inner_folds, opts.seed, need, _MIN_TEST)
     report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]),
-                  n_groups=0 if groups is None else len(set(groups.tolist())))
-    return Prepared(ds, features_name, layers, neural, fi, keys, neural.values[np.ix_(ni, usable)], usable,
-                    folds["splits"], report, inner, started)
+                  n_groups=0 if groups is None else len(set(groups.tolist())), target_sets=len(sets))
+    _drop_unscored_sets(sets, [neural.targets[i] for i in usable], report)  # type: ignore[index]
+    return Prepared(ds, features_name, layers, neural, fi, keys, Y, usable, folds["splits"], report, inner,
+                    sets, started)
+
+
+def _drop_unscored_sets(sets: list[TargetSet], names: list[str], report: dict[str, Any]) -> None:
+    """Report (and warn of) the targets whose stimuli no fold can fit and score; an error if that is all."""
+    lost = [s for s in sets if not any(s.splits)]
+    names = [names[i] for s in lost for i in s.targets]
+    report["dropped"]["few_stimuli_targets"] = {
+        "count": len(names), "examples": names[:_EXAMPLES],
+        "why": "target measured on too few stimuli for a fold to fit and score it (scores stay NaN)"}
+    if len(lost) == len(sets):
+        raise EncodingError(f"no target was measured on enough stimuli for a fold to fit and score it (at least "
+                            f"{_MIN_TRAIN} training and {_MIN_TEST} test stimuli; with groups, enough groups for "
+                            "the inner folds): the sets of stimuli the targets share are too small")
+    if names:
+        warnings.warn(f"{len(names)} targets were measured on too few stimuli to be fitted and scored; their "
+                      f"scores stay NaN: {_fmt(names)}", AlignmentWarning, stacklevel=3)
 
 
 def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, **fields: Any) -> LayerScores:
@@ -112,26 +135,42 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     opts = FitOptions.resolve(options, fields)
     t0 = time.perf_counter()
     X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
-    folds = [encode_layer(X[tr], prep.Y[tr], X[te], prep.Y[te], opts.alpha_grid, opts.inner_folds,
-                          cv=prep.inner[i] if prep.inner is not None else None, seed=opts.seed,
-                          device=opts.device, dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
-                          return_predictions=True, copy_X=False)  # X[tr], X[te] are copies already
-             for i, (tr, te) in enumerate(prep.splits)]
-    r = _fold_mean([f["r"] for f in folds])
+    per_fold = {name: np.full((len(prep.splits), prep.Y.shape[1]), np.nan) for name in ("r", "r2", "alpha")}
+    tested: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in prep.splits]  # for the null
+    last: dict[str, Any] = {}
+    for ts in prep.sets:
+        for i, pair in enumerate(ts.splits):
+            if pair is None:  # too few of this set's stimuli in this fold
+                continue
+            tr, te = pair
+            Y = prep.Y if len(ts.targets) == prep.Y.shape[1] else prep.Y[:, ts.targets]
+            last = encode_layer(X[tr], Y[tr], X[te], Y[te], opts.alpha_grid, opts.inner_folds,
+                                cv=ts.inner[i] if ts.inner is not None else None, seed=opts.seed,
+                                device=opts.device, dtype=opts.dtype, solver=opts.solver,
+                                batch_bytes=opts.batch_bytes, return_predictions=True,
+                                copy_X=False)  # X[tr], X[te] are copies already
+            for name, values in per_fold.items():
+                values[i, ts.targets] = last[name]
+            tested[i].append((ts.targets, Y[te], last["predictions"]))
+    r = _fold_mean(per_fold["r"])
     null = None
     if opts.permutations:
         groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
-        null = null_medians([prep.Y[te] for _, te in prep.splits], [f["predictions"] for f in folds], groups,
-                            opts.permutations, opts.seed)
+        null = null_medians(tested, prep.Y.shape[1], groups, opts.permutations, opts.seed)
     log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
-             float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), folds[-1]["solver"],
-             folds[-1]["backend"])
-    alphas = np.array([f["alpha"] for f in folds])
-    _warn_grid_edges(layer, alphas, opts.alpha_grid)
-    # the lower middle of the folds' choices: a value of the grid, also for an even number of folds
-    return LayerScores(layer, r, _fold_mean([f["r2"] for f in folds]),
-                       np.quantile(alphas, 0.5, axis=0, method="lower"), int(X.shape[1]), folds[-1]["solver"],
-                       folds[-1]["backend"], time.perf_counter() - t0, null)
+             float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), last["solver"], last["backend"])
+    alphas = per_fold["alpha"]
+    _warn_grid_edges(layer, alphas[np.isfinite(alphas)], opts.alpha_grid)
+    return LayerScores(layer, r, _fold_mean(per_fold["r2"]), _lower_median(alphas), int(X.shape[1]),
+                       last["solver"], last["backend"], time.perf_counter() - t0, null)
+
+
+def _lower_median(per_fold: np.ndarray) -> np.ndarray:
+    """Per target, the lower middle of the folds' alphas that scored it (a value of the grid, also for an even
+    number of folds); NaN where no fold did."""
+    n = np.isfinite(per_fold).sum(0)
+    middle = np.take_along_axis(np.sort(per_fold, axis=0), (np.maximum(n, 1) - 1)[None] // 2, axis=0)[0]
+    return np.where(n > 0, middle, np.nan)
 
 
 def _fold_mean(per_fold: list[np.ndarray]) -> np.ndarray:
@@ -182,6 +221,10 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
                               "target": ("target", list(neural.targets or []))}
     for name in ("n_features", "solver", "backend", "seconds"):
         coords[name] = ("layer", [getattr(p, name) for p in layers])
+    measured = np.zeros(neural.n_targets, np.int64)  # targets NaN everywhere: 0
+    for ts in prep.sets:
+        measured[usable[ts.targets]] = int(ts.rows.sum())
+    coords["n_measured"] = ("target", measured, {"long_name": "matched stimuli the target was measured on"})
     if neural.roi is not None:
         coords["roi"] = ("target", list(neural.roi))
     long_names = {"r": "Pearson r, held-out stimuli", "r2": "R^2, held-out stimuli",
@@ -214,6 +257,7 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         "split": report["split"],
         "split_scheme": SPLIT_SCHEME,
         "n_groups": report.get("n_groups", 0),
+        "target_sets": len(prep.sets),
         "folds": opts.folds or 0,
         "inner_folds": opts.inner_folds,
         "seed": opts.seed,
@@ -282,6 +326,11 @@ def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
     add(_KEPT_FORMAT, config_hash, content, prep.keys, prep.rows, prep.Y, prep.usable)
     for train, test in [*prep.splits, *(pair for fold in prep.inner or [] for pair in fold)]:
         add(train, test)
+    if len(prep.sets) > 1:  # the splits as cut to each set's stimuli
+        for ts in prep.sets:
+            add(ts.targets)
+            for i, pair in enumerate(ts.splits):
+                add(i, *(pair or ()), *(a for inner in (ts.inner[i] or [] if ts.inner else []) for a in inner))
     roi = prep.neural.roi
     add(None if roi is None else [str(x) for x in roi])
     add({k: getattr(options, k) for k in ("inner_folds", "seed", "dtype", "solver", "permutations")},

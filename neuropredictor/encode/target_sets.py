@@ -1,0 +1,81 @@
+"""Targets measured on different stimuli: neurons recorded in different sessions, subjects shown different
+images, voxels lost in some runs. NaN marks a stimulus a target was not measured on. Targets are grouped by
+the set of stimuli they were measured on, and each group is fitted and scored on those stimuli only, with
+the split that every target shares (a stimulus is on the same side for all of them): no stimulus is
+dropped for every target because some targets lack it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode.align import inner_group_folds
+
+Pairs = list[tuple[np.ndarray, np.ndarray]]
+
+# Each set costs a fit of its own: beyond this many, the NaNs are stray (dropouts), not sessions
+MAX_TARGET_SETS = 64
+
+
+@dataclass
+class TargetSet:
+    """Targets measured on the same stimuli, and where they are fitted."""
+
+    targets: np.ndarray  # columns of the matched responses
+    rows: np.ndarray  # bool over the matched stimuli: measured
+    splits: list[tuple[np.ndarray, np.ndarray] | None]  # per outer fold, (train, test) rows; None: too few here
+    inner: list[Pairs | None] | None = None  # per outer fold, the grouped alpha search's folds (with groups)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.rows.all())
+
+
+def measured_sets(Y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(targets, rows measured) per distinct set of measured stimuli, in the order of each set's first
+    target. Y: (stimuli, targets), NaN / inf where not measured."""
+    missing = ~np.isfinite(Y)
+    if not missing.any():
+        return [(np.arange(Y.shape[1]), np.ones(Y.shape[0], bool))]
+    # one byte string per target column: unique on bits, not on a (targets x stimuli) bool matrix
+    packed = np.ascontiguousarray(np.packbits(missing, axis=0).T)
+    _, first, which = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True,
+                                return_inverse=True)
+    if len(first) > MAX_TARGET_SETS:
+        raise EncodingError(
+            f"the targets were measured on {len(first)} different sets of stimuli (NaN marks a stimulus a target "
+            f"was not measured on); each set is fitted on its own, and more than {MAX_TARGET_SETS} would multiply "
+            "the fit's time. If the NaNs are stray (dropouts), fill them (e.g. with the target's mean) or drop "
+            "those stimuli; if the targets come from many sessions, score them in files of their own")
+    order = np.argsort(first, kind="stable")
+    return [(np.flatnonzero(which.ravel() == s), ~missing[:, first[s]]) for s in order]
+
+
+def target_sets(Y: np.ndarray, splits: Pairs, inner: list[Pairs] | None, groups: Sequence[str] | None,
+                inner_folds: int, seed: int, min_train: int, min_test: int) -> list[TargetSet]:
+    """The sets of `measured_sets` with their own splits: the shared ones cut to the set's stimuli. A fold
+    that leaves a set too few stimuli to fit (min_train) or score (min_test), or too few groups for the
+    alpha search, does not score that set (None)."""
+    out = []
+    for targets, rows in measured_sets(Y):
+        if rows.all():
+            out.append(TargetSet(targets, rows, list(splits), list(inner) if inner is not None else None))
+            continue
+        own: list[tuple[np.ndarray, np.ndarray] | None] = []
+        own_inner: list[Pairs | None] = []
+        for tr, te in splits:
+            tr, te = tr[rows[tr]], te[rows[te]]
+            folds = None
+            if len(tr) >= min_train and len(te) >= min_test and groups is not None:
+                try:
+                    folds = inner_group_folds(np.asarray(groups, dtype=object)[tr], inner_folds, seed)
+                except EncodingError:  # its training stimuli fall in too few groups
+                    tr = tr[:0]
+            ok = len(tr) >= min_train and len(te) >= min_test
+            own.append((tr, te) if ok else None)
+            own_inner.append(folds if ok else None)
+        out.append(TargetSet(targets, rows, own, own_inner if groups is not None else None))
+    return out

@@ -157,6 +157,7 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     if params.deployment:
         with get_client(sync_client=True) as client:
             check_deployment(client, params.deployment)
+        sweep_run.check_neural(sweep)
         record = sweep_run.SweepRecord(sweep)
         extracted = _extract_children(params, sweep, record, model_done)
         summary = sweep_run.summarize(sweep, [sweep_run.model_entry(sweep, m, record, extracted[m.label], encode_task)

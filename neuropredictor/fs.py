@@ -75,9 +75,12 @@ def permanent(exc: BaseException) -> bool:
 
 def open_url(url: str, mode: str = "rb", storage_options: Mapping | None = None, *,
              error: type[NeuroPredictorError] = NeuroPredictorError) -> Any:
-    """An open file at url (a context manager); a missing file raises `error` naming it."""
+    """An open file at url (a context manager); a missing file raises `error` naming it. Writing creates the
+    file's folder, as writing a store does."""
     fs, path = connect(url, storage_options, error=error, what="file")
     try:
+        if "w" in mode and is_local(fs):
+            fs.makedirs(parent(path) or ".", exist_ok=True)
         return fs.open(path, mode)
     except FileNotFoundError as exc:
         raise error(f"file not found: {redact_text(str(url))}") from exc

@@ -89,6 +89,18 @@ def test_status_words_survive_rich_markup(corpus, tmp_path):
     assert inspected.exit_code == 0 and "[complete]" in inspected.output, inspected.output
 
 
+def test_a_corpus_of_nothing_but_bad_images_is_said_to_hold_no_features(corpus, tmp_path):
+    for i in range(3):
+        (tmp_path / "bad" / f"b{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "bad" / f"b{i}.jpg").write_bytes(b"not an image")
+    args = ["--model", CUSTOM, "--layers", "features.5", "--batch-size", "2", "--num-workers", "0", "--no-prefect"]
+    result = _cli("extract", "--corpus", str(tmp_path / "bad"), "--out", str(tmp_path / "bad.zarr"), *args)
+    assert result.exit_code == 0 and "3 invalid" in result.output, result.output
+    assert "every image written is invalid" in " ".join(result.output.split())  # was [complete] and nothing else
+    good = _cli("extract", "--corpus", str(corpus), "--out", str(tmp_path / "good.zarr"), *args)
+    assert good.exit_code == 0 and "every image written is invalid" not in " ".join(good.output.split())
+
+
 def test_brackets_in_help_and_paths_are_shown_as_written(tmp_path):
     # rich markup took [@TAG] in the model spec's help, and [v2] in an output folder's name, for tags
     for command in (["extract", "--help"], ["layers", "--help"]):
@@ -369,3 +381,15 @@ def test_overwrite_says_what_it_deleted(corpus, tmp_path):
     text = " ".join(other.output.split())
     assert "--overwrite replaced a store made with another configuration (4 of 4 shards committed)" in text, text
     assert "deleted" in text and "_status" in text and "left alone: notes.txt" in text
+
+
+def test_ctrl_c_during_encode_says_what_is_kept_and_how_to_resume(monkeypatch):
+    import neuropredictor.encode as enc
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(enc, "encode_command", stopped)  # the command imports it when it runs
+    result = _cli("encode", "f.zarr", "n.npz", "--out", "runs/s.zarr")
+    assert result.exit_code == 130  # was 130 without a word
+    assert "kept in runs/s.zarr.partial/; run the same command again" in " ".join(result.output.split())

@@ -95,6 +95,9 @@ def test_a_rerun_skips_every_model(root, swept):
     assert "ROI V1: models ranked" in table.stdout and "comparison.csv" in table.stdout
     first_row = next(line for line in table.stdout.splitlines() if line.strip("│ ").startswith("1 "))
     assert "custom:" in first_row and "features.1" in first_row
+    checked = _invoke([*args, "--verify"])  # every store read back: nothing left to extract (was "extracted (")
+    assert checked.exit_code == 0, checked.output
+    assert checked.stderr.count("already extracted (") == 2 and "img/s" not in checked.stderr
 
 
 def test_a_sweep_file_with_a_per_model_override_and_a_failing_model(root, tmp_path):

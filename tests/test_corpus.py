@@ -16,6 +16,7 @@ from torchvision.transforms import v2 as T
 
 from conftest import make_images
 from neuropredictor.corpus import IMAGE_EXTENSIONS, Batch, Shard, index_shards, list_shards, make_shards, read_shard
+from neuropredictor.corpus.folder import shards_for
 from neuropredictor.errors import CorpusError
 
 
@@ -186,6 +187,15 @@ def test_make_shards_errors(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(cyc / "sub" / "a.jpg")
     (cyc / "sub" / "loop").symlink_to(cyc)  # a symlink cycle: walked once, not forever
     assert make_shards(cyc, str(tmp_path / "cyc-out"))[0].count == 1
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.new("RGB", (8, 8)).save(broken / "a.jpg")
+    (broken / "b.jpg").symlink_to(tmp_path / "gone.jpg")  # crashed a folder run with a bare FileNotFoundError
+    for make in (lambda: make_shards(broken, str(tmp_path / "broken-out")),
+                 lambda: shards_for(broken, str(tmp_path / "runs" / "x.zarr"))):
+        with pytest.raises(CorpusError, match=r"b\.jpg: it is a symbolic link to .*gone\.jpg, which does not exist"):
+            make()
 
     # a symlink to a folder of the tree that sorts before it: the images keep their real paths as keys
     linked = tmp_path / "linked"

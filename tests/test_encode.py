@@ -32,6 +32,7 @@ from neuropredictor.encode import (
     encode_command,
     encode_layer,
     load_neural,
+    prepare,
     parse_alphas,
     plot_scores,
     rdm,
@@ -422,7 +423,8 @@ def test_unmatched_invalid_and_nan_rows_reported_and_dropped():
     # a store still being extracted: rows without data have no key; their stimuli are said to be why
     keys_partial = [k if i < 60 else "" for i, k in enumerate(keys)]
     valid_partial = valid & (np.arange(80) < 60)
-    with pytest.warns(AlignmentWarning, match=r"20 not extracted \(features rows without data yet") as rec:
+    with pytest.warns(AlignmentWarning, match=r"20 neural only or not extracted yet \(e\.g\. 'img060'.*20 not "
+                                              r"extracted \(features rows without data yet") as rec:
         s = encode(features_dataset({"a": A}, keys_partial, valid_partial), NeuralData(Y, nkeys), device="cpu",
                    inner_folds=3)
     assert s.attrs["dropped_not_extracted"] == 20
@@ -491,6 +493,32 @@ def test_load_npz_with_keys_roi_ceiling_split(tmp_path):
     assert nd.roi == ["V1", "V1", "V4", "IT", "IT"]
     np.testing.assert_allclose(nd.ceiling, np.linspace(0.5, 0.9, 5))
     np.testing.assert_array_equal(nd.train, ~is_test)  # a column named *test*: True = test
+
+
+def test_options_naming_what_is_not_there_fail_early_and_say_so(tmp_path):
+    keys, A, Y = _small()
+    np.savez(tmp_path / "y.npz", betas=Y, keys=np.array(keys), roi=np.array(["V1", "V1", "V4", "IT", "IT"]))
+    # was "file not found: nope", as if a file had been asked for
+    with pytest.raises(EncodingError, match=r"roi 'nope' is neither a column/array/variable of .*y\.npz \(it has "
+                                            r"'keys', 'roi'\) nor a file"):
+        load_neural(tmp_path / "y.npz", roi="nope")
+    # was a bare ValueError (could not convert string to float)
+    with pytest.raises(EncodingError, match=r"ceiling 'roi' must hold numbers.*ROI labels go to roi="):
+        load_neural(tmp_path / "y.npz", ceiling="roi")
+    for name in ("absent.nc", "absent.zarr"):  # was a FileNotFoundError with a traceback
+        with pytest.raises(EncodingError, match=rf"file not found: .*{name}"):
+            load_neural(tmp_path / name)
+    with pytest.warns(AlignmentWarning, match=r"2 targets have a noise ceiling that is not positive.*'t1', 't3'"):
+        NeuralData(Y, keys, ceiling=[0.5, 0.0, 0.7, np.nan, 0.6])
+    # a device that is not there: refused before any layer is fitted, not in each of them
+    if not torch.cuda.is_available():
+        with pytest.raises(EncodingError, match="CUDA is not available here; use device auto or cpu"):
+            prepare(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cuda")
+    Y = Y.copy()
+    Y[:, 2] = 1.0
+    with pytest.warns(AlignmentWarning, match=r"1 targets cannot be scored.*constant.*'t2'"):
+        s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", inner_folds=3)
+    assert s.attrs["dropped_constant_targets"] == 1 and np.isnan(s.r.values[0, 2])
 
 
 def test_an_roi_named_like_the_group_of_all_targets_is_refused():
@@ -695,7 +723,7 @@ def test_many_sets_of_measured_stimuli_are_refused_and_small_sets_left_unscored(
 
     Y = Y.copy()
     Y[8:, 4] = np.nan  # measured on 8 stimuli: too few to fit
-    with pytest.warns(AlignmentWarning, match=r"1 targets were measured on too few stimuli.*'t4'"):
+    with pytest.warns(AlignmentWarning, match=r"1 targets cannot be scored.*measured on too few stimuli.*'t4'"):
         s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", inner_folds=3)
     assert np.isnan(s.r.values[0, 4]) and np.isfinite(s.r.values[0, :4]).all()
     assert s.attrs["dropped_few_stimuli_targets"] == 1 and s.n_measured.values[4] == 8
@@ -951,6 +979,19 @@ def test_a_killed_encode_resumes_at_the_layer_it_had_not_finished(pipeline_store
     assert store.content_id({**commits, name: {**commits[name], "committed_at": "later"}}) != store.content_id()
     store.generation = "a replacement"
     assert store.content_id(commits) != FeatureStore.open(pipeline_store["features"], mode="r").content_id()
+
+
+def test_a_plot_that_cannot_be_written_leaves_no_scores_to_refuse(pipeline_store, tmp_path):
+    common = {**pipeline_store, "alphas": "logspace:-2:6:9", "device": "cpu", "permutations": 0, "layers": "layer1"}
+    warnings.simplefilter("ignore", AlignmentWarning)
+    out = str(tmp_path / "scores.zarr")
+    (tmp_path / "taken.png").mkdir()  # a folder where the plot would go
+    with pytest.raises(IsADirectoryError):
+        encode_command(**common, out=out, plot=str(tmp_path / "taken.png"))
+    # was: the scores written first, then the error; the rerun refused ("already exists")
+    assert not Path(out).exists() and len(list(Path(out + ".partial").rglob("*.npz"))) == 1
+    summary = encode_command(**common, out=out, plot=str(tmp_path / "new" / "deeper" / "p.png"))
+    assert Path(summary["plot"]).stat().st_size > 0 and Path(out).exists()  # its folder made, as --out's is
 
 
 def test_a_layer_that_cannot_be_kept_is_still_scored(pipeline_store, tmp_path, caplog):

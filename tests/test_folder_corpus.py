@@ -161,3 +161,15 @@ def test_a_store_inside_its_image_folder_works(tmp_path: Path):
     manifest = run(_config(tmp_path / "stim", tmp_path / "stim" / "feats.zarr"))
     assert manifest["status"] == "complete" and manifest["rows"]["valid"] == 4
     assert run(_config(tmp_path / "stim", tmp_path / "stim" / "feats.zarr"))["rows"]["valid"] == 4  # resumes
+
+
+def test_a_folder_of_images_among_several_corpora_is_refused_with_the_fix(tmp_path: Path):
+    # was "no .tar shards in ./a, and no images that can be read", about a folder full of images
+    make_images(tmp_path / "a", 3)
+    make_images(tmp_path / "b", 3)
+    config = _config(tmp_path / "a", tmp_path / "o.zarr").model_copy(update={"corpus": [str(tmp_path / "a"),
+                                                                                         str(tmp_path / "b")]})
+    with pytest.raises(NeuroPredictorError, match=r"a folder of images must be the only corpus \(given 2\).*holds "
+                                                  r"them \(or symlinks to them\)"):
+        run(config)
+    assert not (tmp_path / "o.zarr").exists()

@@ -51,14 +51,22 @@ def test_parse_spec_errors(text):
 
 
 def test_unknown_models_name_close_matches():
-    with pytest.raises(ModelSpecError, match="resnet50"):
+    with pytest.raises(ModelSpecError, match=r"Close names: resnet50, .* List them: neuropredictor models "
+                                             r"'torchvision:resnet5\*'"):  # was a Python list, and no pattern
         load_model("torchvision:resnet5O", pretrained=False)
+    # the pattern each message names lists that family (a pattern may name its source, as a spec does)
+    assert "timm:resnet18" in list_models(pattern="timm:res*") and "torchvision:resnet50" in list_models(
+        pattern="torchvision:resnet5*")
+    assert list_models(pattern="timm:*") == list_models("timm")
+    # no close name: the pattern was 'timm:*qqq*', which lists nothing
+    with pytest.raises(ModelSpecError, match=r"Close names: none\. List them: neuropredictor models 'timm:\*'$"):
+        load_model("timm:qqq", pretrained=False)
     with pytest.raises(ModelSpecError, match="timm has no model"):
         load_model("timm:resnet_does_not_exist", pretrained=False)
     with pytest.raises(ModelSpecError, match="IMAGENET1K_V1"):
         load_model("torchvision:resnet50@NOPE", pretrained=False)
     # transpositions found no close name ("Close names: []"), and a mistyped tag was timm's bare RuntimeError
-    with pytest.raises(ModelSpecError, match=r"Close names: resnet18, .*neuropredictor models 'timm:"):
+    with pytest.raises(ModelSpecError, match=r"Close names: resnet18, .*neuropredictor models 'timm:res\*'"):
         load_model("timm:resent18", pretrained=False)
     with pytest.raises(ModelSpecError, match=r"no weights 'a1_in1kk' for resnet18; its tags: a1_in1k, a2_in1k"):
         load_model("timm:resnet18.a1_in1kk", pretrained=False)

@@ -124,6 +124,26 @@ def test_a_failing_model_is_reported_and_the_others_complete(tmp_path):
     from neuropredictor.sweep import failure_message
 
     assert "run the same sweep again" in failure_message(summary)
+    assert failure_message({"models": summary["models"][:1]}).startswith("every model failed;")
+
+
+def test_neural_data_that_cannot_be_used_fails_before_any_model_runs(tmp_path):
+    # was found after the first model's whole extraction
+    make_images(tmp_path / "imgs", 6, nested=False)
+    keys = [f"stim/img{i:04d}.jpg" for i in range(6)]  # written with folder and extension: match no image
+    np.savez(tmp_path / "neural.npz", data=np.zeros((6, 2)), keys=np.array(keys))
+    sweep = _sweep(tmp_path / "imgs", tmp_path / "out", models=[CUSTOM], neural=str(tmp_path / "neural.npz"))
+    from neuropredictor.encode import EncodingError
+
+    with pytest.raises(EncodingError, match=r"no stimulus key of the neural data \(6 keys.*is an image of the corpus "
+                                            r"\(6 images, e.g. 'img0000'.*nothing was extracted.*6 neural keys would "
+                                            r"match after dropping folders and file extensions"):
+        run_sweep(sweep)
+    bad_roi = _sweep(tmp_path / "imgs", tmp_path / "out", models=[CUSTOM], neural=str(tmp_path / "neural.npz"),
+                     encode={"roi": "nope"})
+    with pytest.raises(EncodingError, match="roi 'nope' is neither"):
+        run_sweep(bad_roi)
+    assert not Path(sweep.store_url(sweep.models[0])).exists() and not list(tmp_path.rglob("*.shards"))
 
 
 def test_a_rerun_redoes_what_changed_since(tmp_path):

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from neuropredictor.cli.app import app, console
+from neuropredictor.cli.interrupt import interrupted
 from neuropredictor.cli.options import (
     ENC,
     Alphas,
@@ -69,6 +70,9 @@ def encode(
     params["layers"] = params["layers"] or None  # not given: Typer's empty list; every layer then
     try:  # parameters are named as EncodeOptions' fields
         summary = encode_command(EncodeOptions(**params))
+    except KeyboardInterrupt as exc:
+        interrupted(exc, f"interrupted: the layers scored so far are kept in {out.rstrip('/')}.partial/; run the "
+                         "same command again to score only the others.")
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     if as_json:

@@ -72,8 +72,8 @@ RESUME_MESSAGE = ("interrupted: committed shards are kept (those in progress wer
                   "`neuropredictor` command again to resume.")
 
 
-def interrupted(exc: Interrupted) -> NoReturn:
+def interrupted(exc: BaseException, message: str = RESUME_MESSAGE) -> NoReturn:
     """What the command does once the run stopped: one line saying so and how to resume, and the exit code
     of the signal (130 for Ctrl-C)."""
-    err_console.print(f"[bold yellow]{escape(RESUME_MESSAGE)}[/]", highlight=False)
+    err_console.print(f"[bold yellow]{escape(message)}[/]", highlight=False)
     raise typer.Exit(getattr(exc, "exit_code", 128 + signal.SIGINT))

@@ -52,12 +52,15 @@ def print_summary(summary: dict) -> None:
         console.print("not finalized: a run is extracting into it, or was interrupted (the same extract command "
                       "resumes it)", highlight=False)
     for lease in summary.get("extracting", []):  # inspect only: the shards runs hold now
-        rows = f", {lease['progress']} rows written" if isinstance(lease.get("progress"), int) else ""
-        console.print(escape(f"  now {describe(lease)}{rows}"), highlight=False)
+        written = f", {lease['progress']} rows written" if isinstance(lease.get("progress"), int) else ""
+        console.print(escape(f"  now {describe(lease)}{written}"), highlight=False)
     for bad in summary["bad_samples"][:10]:
         console.print(escape(f"  bad sample {bad['key']} ({bad['shard']}): {bad['reason']}"), highlight=False)
     if len(summary["bad_samples"]) > 10:
         console.print(f"  ... and {len(summary['bad_samples']) - 10} more (see manifest.json)")
+    if rows.get("committed", 0) and rows.get("invalid", 0) == rows.get("committed"):
+        console.print("warning: every image written is invalid, so the store holds no features: see why above",
+                      style="yellow", highlight=False)
     if dupes := summary["duplicate_keys"]:
         shown = "; ".join(f"{k!r} rows {', '.join(map(str, rows))}" for k, rows in list(dupes["examples"].items())[:3])
         console.print(escape(f"warning: {dupes['count']} key(s) name more than one row ({shown}): the corpus joins "

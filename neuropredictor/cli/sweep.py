@@ -225,6 +225,8 @@ def _outcome(entry: dict) -> str:
         return f"[red]failed[/]: {escape(as_flags(str(ext.get('error'))))}"
     if ext.get("skipped"):
         line = "skipped: already extracted"
+    elif ext.get("rows_now") == 0:  # resumed, and every shard was committed already
+        line = f"already extracted ({ext.get('rows', {}).get('committed', '?')} rows; its store checked)"
     else:
         line = f"extracted ({ext.get('rows', {}).get('committed', '?')} rows, {ext.get('images_per_s') or '-'} img/s)"
     enc = entry.get("encode")

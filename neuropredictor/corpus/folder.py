@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from neuropredictor import fs as fsx
-from neuropredictor.corpus.make import has_images, image_files, make_shards
+from neuropredictor.corpus.make import has_images, image_files, key_for, make_shards, unreadable_image
 from neuropredictor.errors import CorpusError
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,18 @@ def shard_folder(image_dir: str | os.PathLike, out: str) -> str:
     return f"{fsx.parent(str(out).rstrip('/')) or '.'}/{source.name}-{digest}.shards"
 
 
+def folder_keys(image_dir: str | os.PathLike) -> list[str]:
+    """The keys the images of a folder get (their relative paths without extension), without packing it."""
+    return [key_for(rel) for rel, _path, _ext in image_files(Path(image_dir))]
+
+
 def _listing(image_dir: Path) -> dict:
-    files = image_files(image_dir)
-    stats = [(rel, path.stat()) for rel, path, _ext in files]
+    stats = []
+    for rel, path, _ext in image_files(image_dir):
+        try:
+            stats.append((rel, path.stat()))
+        except OSError as exc:  # a broken symlink, most often
+            raise unreadable_image(path, exc) from exc
     return {"source": str(image_dir.resolve()), "shard_size": SHARD_SIZE,
             "images": [[rel, st.st_size, st.st_mtime_ns] for rel, st in stats]}
 

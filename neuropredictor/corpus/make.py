@@ -98,7 +98,15 @@ def has_images(root: Path) -> bool:
     return next(_walk_images(root, []), None) is not None
 
 
-def _key_for(rel: str) -> str:
+def unreadable_image(path: Path, exc: OSError) -> CorpusError:
+    """The error for an image file of a folder that cannot be read; a broken link says where it points."""
+    if path.is_symlink() and not path.exists():
+        return CorpusError(f"cannot read the image {path}: it is a symbolic link to {os.readlink(path)}, which does "
+                           "not exist. Fix the link or remove it.")
+    return CorpusError(f"cannot read the image {path}: {exc}. Fix its permissions or remove it.")
+
+
+def key_for(rel: str) -> str:
     # WebDataset splits member names at the first "." of the basename, so keys must not contain dots.
     stem = rel.rsplit(".", 1)[0]
     return stem.replace(".", "_")
@@ -120,13 +128,13 @@ def _write_tar(fileobj: Any, items: list[tuple[str, Path, str]]) -> Offsets:
     starts, keys = [], []
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for rel, path, ext in items:
-            key = _key_for(rel)
+            key = key_for(rel)
             starts.append(tf.offset)  # where the sample's first header (pax, if any) begins
             keys.append(key)
             try:
                 data = path.read_bytes()  # bytes stored unmodified: no decoding, no re-encoding
             except OSError as exc:
-                raise CorpusError(f"cannot read the image {path}: {exc}. Fix its permissions or remove it.") from exc
+                raise unreadable_image(path, exc) from exc
             tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
             meta = json.dumps({"path": rel}, ensure_ascii=False).encode("utf-8")
             tf.addfile(_tarinfo(f"{key}.json", len(meta)), io.BytesIO(meta))
@@ -218,7 +226,7 @@ def make_shards(
         )
     seen: dict[str, str] = {}
     for rel, _path, _ext in files:
-        key = _key_for(rel)
+        key = key_for(rel)
         if key in seen:
             raise CorpusError(
                 f"{seen[key]} and {rel} under {root} map to the same sample key {key!r} "

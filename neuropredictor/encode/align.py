@@ -67,9 +67,8 @@ def align(ds: Any, neural: NeuralData, complete: bool = False) -> dict[str, Any]
     if not common:
         raise EncodingError(
             f"no stimulus key is in both the features ({len(fpos)} keys, e.g. {_fmt(list(fpos))}) and the neural "
-            f"data ({len(npos)} keys, e.g. {_fmt(neural.keys)})." + _key_hint(list(fpos), neural.keys)
-            + " Keys must equal the corpus keys (`neuropredictor shards` names samples by their relative path "
-            "without extension).")
+            f"data ({len(npos)} keys, e.g. {_fmt(neural.keys)})." + key_hint(list(fpos), neural.keys)
+            + KEYS_RULE)
 
     values = neural.values
     missing = ~np.isfinite(values)  # NaN marks a missing measurement; inf is no measurement either
@@ -108,8 +107,12 @@ def align(ds: Any, neural: NeuralData, complete: bool = False) -> dict[str, Any]
     }
     report = {"n_features_rows": len(fpos), "n_neural_rows": neural.n_stimuli, "n_matched": int(len(fi)),
               "dropped": dropped}
-    lines = [f"{v['count']} {k.replace('_', ' ')}" + (f" (e.g. {_fmt(v['examples'])})" if v["examples"] else
-                                                      f" ({v['why']})") for k, v in dropped.items() if v["count"]]
+    labels = {k: k.replace("_", " ") for k in dropped}
+    if dropped["not_extracted"]["count"]:  # those stimuli may well be in the corpus: say so where they are counted
+        dropped["neural_only"]["why"] += ", or in its rows not extracted yet"
+        labels["neural_only"] = "neural only or not extracted yet"
+    lines = [f"{v['count']} {labels[k]}" + (f" (e.g. {_fmt(v['examples'])})" if v["examples"] else f" ({v['why']})")
+             for k, v in dropped.items() if v["count"]]
     if lines:
         msg = f"matched {len(fi)} stimuli; dropped: " + "; ".join(lines)
         warnings.warn(msg, AlignmentWarning, stacklevel=3)
@@ -119,7 +122,11 @@ def align(ds: Any, neural: NeuralData, complete: bool = False) -> dict[str, Any]
     return {"features_rows": fi, "neural_rows": ni, "targets": usable, "report": report}
 
 
-def _key_hint(fkeys: list[str], nkeys: list[str]) -> str:
+KEYS_RULE = (" Keys must equal the corpus keys (`neuropredictor shards` names samples by their relative path "
+             "without extension).")
+
+
+def key_hint(fkeys: list[str], nkeys: list[str]) -> str:
     """Say so when the keys would match after stripping folders / extensions."""
     def norm(k: str) -> str:
         base = k.replace("\\", "/").rsplit("/", 1)[-1]

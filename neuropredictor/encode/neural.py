@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from neuropredictor import fs as fsx
+from neuropredictor.redact import redact_text
 from neuropredictor.encode._common import ALL_TARGETS, AlignmentWarning, EncodingError, _duplicates, _fmt, _open
 
 NEURAL_FORMATS = (".npy", ".npz", ".csv", ".nc", ".zarr")
@@ -101,6 +102,10 @@ class NeuralData:
             self.ceiling = np.asarray(self.ceiling, dtype=np.float64).reshape(-1)
             if self.ceiling.shape != (t,):
                 raise EncodingError(f"{self.ceiling.size} noise-ceiling values for {t} targets: give one per target")
+            unusable = [self.targets[i] for i in np.flatnonzero(~(self.ceiling > 0))]
+            if unusable:
+                warnings.warn(f"{len(unusable)} targets have a noise ceiling that is not positive (or NaN): their "
+                              f"r_normalized is NaN ({_fmt(unusable)})", AlignmentWarning, stacklevel=3)
 
     @property
     def n_stimuli(self) -> int:
@@ -172,9 +177,9 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
         raise EncodingError(f"{spath}: {len(key_list)} keys for {n} rows of neural data (shape {values.shape}); "
                             "the key list must have one key per row, in row order")
 
-    target_list = _resolve_per_target(targets, container, _TARGET_NAMES, opts)
-    roi_list = _resolve_per_target(roi, container, _ROI_NAMES, opts)
-    ceiling_arr = _resolve_ceiling(ceiling, container, opts)
+    target_list = _resolve_per_target(targets, "targets", container, _TARGET_NAMES, opts, spath)
+    roi_list = _resolve_per_target(roi, "roi", container, _ROI_NAMES, opts, spath)
+    ceiling_arr = _resolve_ceiling(ceiling, container, opts, spath)
     train = _resolve_split(split, container, key_list, opts, spath)
     group_list = _resolve_groups(groups, container, opts, spath)
     return NeuralData(values, key_list, target_list, roi_list, train, ceiling_arr, source=spath, groups=group_list)
@@ -261,6 +266,8 @@ def _read_xarray(spath: str, suffix: str, array: str | None, key_column: str,
                  opts: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     import xarray as xr
 
+    if not fsx.exists(spath, opts):
+        raise EncodingError(f"file not found: {redact_text(spath)}")
     if suffix == ".zarr":
         try:  # consolidated metadata is one read instead of one per array (matters on object stores)
             ds = xr.open_zarr(spath, storage_options=opts or None, chunks=None, consolidated=True)
@@ -317,33 +324,51 @@ def _stimulus_dim(ds: Any, da: Any, container: dict, key_column: str, spath: str
     return (second, first) if keys == {second} else (first, second)
 
 
-def _resolve_per_target(spec: Any, container: dict, defaults: Sequence[str], opts: dict) -> list[str] | None:
+def _resolve_per_target(spec: Any, what: str, container: dict, defaults: Sequence[str], opts: dict,
+                        spath: str) -> list[str] | None:
     if spec is None:
         found = _pick(container, None, defaults)
         return None if found is None else [str(x) for x in np.asarray(found).reshape(-1).tolist()]
     if isinstance(spec, str) and spec in container:
         return [str(x) for x in np.asarray(container[spec]).reshape(-1).tolist()]
     if _is_pathlike(spec):
-        return _read_lines(spec, opts)
+        return _read_lines(_named_file(spec, what, container, opts, spath), opts)
     return [str(x) for x in spec]
 
 
-def _resolve_ceiling(spec: Any, container: dict, opts: dict) -> np.ndarray | None:
+def _resolve_ceiling(spec: Any, container: dict, opts: dict, spath: str) -> np.ndarray | None:
     if spec is None:
         found = _pick(container, None, _CEILING_NAMES)
-        return None if found is None else np.asarray(found, dtype=np.float64).reshape(-1)
+        return None if found is None else _numbers(found, "ceiling", spath)
     if isinstance(spec, str) and spec in container:
-        return np.asarray(container[spec], dtype=np.float64).reshape(-1)
+        return _numbers(container[spec], f"ceiling {spec!r}", spath)
     if _is_pathlike(spec):
-        s = os.fspath(spec)
+        s = _named_file(spec, "ceiling", container, opts, spath)
         if s.endswith(".npy"):
             with _open(s, "rb", opts) as f:
-                return np.load(f, allow_pickle=False).astype(np.float64).reshape(-1)
+                return _numbers(np.load(f, allow_pickle=False), "noise ceiling file", s)
         try:
             return np.asarray([float(x) for x in _read_lines(s, opts)])
         except ValueError as e:
             raise EncodingError(f"noise ceiling file {s!r}: every line must be a number ({e})") from e
-    return np.asarray(spec, dtype=np.float64).reshape(-1)
+    return _numbers(spec, "ceiling", spath)
+
+
+def _numbers(values: Any, what: str, spath: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise EncodingError(f"{spath}: {what} must hold numbers, one noise ceiling (in r) per target ({exc}); "
+                            "ROI labels go to roi=") from exc
+
+
+def _named_file(spec: str | os.PathLike, what: str, container: dict, opts: dict, spath: str) -> str:
+    """A per-row or per-target option given by name: not one of the file's arrays, so a file of its own."""
+    s = os.fspath(spec)
+    if not fsx.exists(s, opts):
+        raise EncodingError(f"{what} {s!r} is neither a column/array/variable of {spath} (it has "
+                            f"{_fmt(sorted(container), 12)}) nor a file with one value per line")
+    return s
 
 
 def _resolve_split(split: Any, container: dict, keys: list[str], opts: dict, spath: str) -> np.ndarray | None:
@@ -372,11 +397,7 @@ def _resolve_groups(groups: Any, container: dict, opts: dict, spath: str) -> lis
     if isinstance(groups, str) and groups in container:
         return [str(g) for g in np.asarray(container[groups]).reshape(-1).tolist()]
     if _is_pathlike(groups):
-        g = os.fspath(groups)
-        if not fsx.exists(g, opts):
-            raise EncodingError(f"groups {g!r} is neither a column/array/variable of {spath} (it has "
-                                f"{_fmt(sorted(container), 12)}) nor a file with one group label per line")
-        return _read_lines(g, opts)
+        return _read_lines(_named_file(groups, "groups", container, opts, spath), opts)
     return [str(x) for x in groups]
 
 

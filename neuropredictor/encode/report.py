@@ -196,16 +196,17 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
 
 def save_outputs(scores: xarray.Dataset, options: EncodeOptions,
                  storage_options: Mapping | None = None) -> dict[str, Any]:
-    """save_scores(options.out) -> plot_scores(options.plot, default OUT.png) -> the JSON-able summary
+    """plot_scores(options.plot, default OUT.png) -> save_scores(options.out) -> the JSON-able summary
     that `encode_command` returns (also used by the `encode` flow after its per-layer tasks): median r
     per layer for all targets ("layers") and per ROI ("rois"), the chance levels and which layers are
     above them, the best layer overall and per ROI (None: no layer above chance), the split."""
     import pandas as pd
 
     out = options.out
-    save_scores(scores, out, storage_options=storage_options, overwrite=options.overwrite)
     png = options.plot or out.rstrip("/") + ".png"
+    # the plot first: a plot that cannot be written must not leave scores that a rerun then refuses to replace
     plot_scores(scores, png, storage_options=storage_options)
+    save_scores(scores, out, storage_options=storage_options, overwrite=options.overwrite)
     table = summary_table(scores)
     groups = {roi: sub for roi, sub in table.groupby("roi", sort=False)}
 

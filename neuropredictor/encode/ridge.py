@@ -243,6 +243,7 @@ def _himalaya_backend(device: str) -> Iterator[Any]:
 
 
 def _backend_for(device: str) -> tuple[str, int | None]:
+    """himalaya's backend and the CUDA device index for `device`; EncodingError for one that is not there."""
     device = str(device).strip().lower()
     if device == "numpy":
         return "numpy", None
@@ -254,8 +255,8 @@ def _backend_for(device: str) -> tuple[str, int | None]:
         return "torch", None
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise EncodingError(f"device {device!r} asked for, but CUDA is not available here; use "
-                                "device='auto' or 'cpu'")
+            raise EncodingError(f"device {device!r} asked for, but CUDA is not available here; use device "
+                                "auto or cpu")
         _, _, idx = device.partition(":")
         return "torch_cuda", (int(idx) if idx.strip() else None)
     raise EncodingError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or numpy")

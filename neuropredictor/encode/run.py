@@ -27,7 +27,7 @@ from neuropredictor.encode.kept import KeptLayers
 from neuropredictor.encode.neural import NeuralData
 from neuropredictor.encode.options import READING, EncodeOptions, FitOptions, read_with, split_reading
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
-from neuropredictor.encode.ridge import _MIN_TRAIN, encode_layer
+from neuropredictor.encode.ridge import _MIN_TRAIN, _backend_for, encode_layer
 from neuropredictor.encode.target_sets import TargetSet, target_sets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,6 +85,7 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
         reading = {**{k: getattr(options, k) for k in READING}, **reading}
     opts = FitOptions.resolve(options, fields)
     started = time.perf_counter()
+    _backend_for(opts.device)  # a device that is not there fails now, not in every layer's fit
     ds, layer_order, features_name = open_dataset(features, storage_options)
     neural = read_with(neural, reading, storage_options)
     layers = select_layers(opts.layers, layer_order)
@@ -109,25 +110,39 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     sets = target_sets(Y, folds["splits"], inner, groups, opts.inner_folds, opts.seed, need, _MIN_TEST)
     report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]),
                   n_groups=0 if groups is None else len(set(groups.tolist())), target_sets=len(sets))
-    _drop_unscored_sets(sets, [neural.targets[i] for i in usable], report)  # type: ignore[index]
+    _drop_unscored_sets(sets, Y, [neural.targets[i] for i in usable], report)  # type: ignore[index]
     return Prepared(ds, features_name, layers, neural, fi, keys, Y, usable, folds["splits"], report, inner,
                     sets, started)
 
 
-def _drop_unscored_sets(sets: list[TargetSet], names: list[str], report: dict[str, Any]) -> None:
-    """Report (and warn of) the targets whose stimuli no fold can fit and score; an error if that is all."""
+def _drop_unscored_sets(sets: list[TargetSet], Y: np.ndarray, names: list[str], report: dict[str, Any]) -> None:
+    """Report (and warn of) the targets that cannot be scored: measured on too few stimuli for a fold to fit and
+    score them (an error if that is all of them), or constant (r is undefined)."""
     lost = [s for s in sets if not any(s.splits)]
-    names = [names[i] for s in lost for i in s.targets]
-    report["dropped"]["few_stimuli_targets"] = {
-        "count": len(names), "examples": names[:_EXAMPLES],
-        "why": "target measured on too few stimuli for a fold to fit and score it (scores stay NaN)"}
     if len(lost) == len(sets):
         raise EncodingError(f"no target was measured on enough stimuli for a fold to fit and score it (at least "
                             f"{_MIN_TRAIN} training and {_MIN_TEST} test stimuli; with groups, enough groups for "
                             "the inner folds): the sets of stimuli the targets share are too small")
-    if names:
-        warnings.warn(f"{len(names)} targets were measured on too few stimuli to be fitted and scored; their "
-                      f"scores stay NaN: {_fmt(names)}", AlignmentWarning, stacklevel=3)
+    few = [names[i] for s in lost for i in s.targets]
+    constant = [names[i] for i in np.flatnonzero(_constant_columns(Y))]
+    for reason, found, why in (
+            ("few_stimuli_targets", few, "target measured on too few stimuli for a fold to fit and score it"),
+            ("constant_targets", constant, "target constant over the stimuli it was measured on: r is undefined")):
+        report["dropped"][reason] = {"count": len(found), "examples": found[:_EXAMPLES],
+                                     "why": f"{why} (scores stay NaN)"}
+        if found:
+            warnings.warn(f"{len(found)} targets cannot be scored, their scores stay NaN: {why} ({_fmt(found)})",
+                          AlignmentWarning, stacklevel=3)
+
+
+def _constant_columns(Y: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Per column, whether its finite values are all equal; a block of columns at a time (Y can be large)."""
+    out = np.empty(Y.shape[1], bool)
+    for j in range(0, Y.shape[1], block):
+        part = Y[:, j:j + block]
+        finite = np.isfinite(part)
+        out[j:j + block] = np.where(finite, part, -np.inf).max(0) == np.where(finite, part, np.inf).min(0)
+    return out
 
 
 def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, **fields: Any) -> LayerScores:

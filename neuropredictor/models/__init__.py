@@ -54,7 +54,11 @@ def load_model(spec: str | ModelSpec, pretrained: bool = True, weights: str | Pa
 
 
 def list_models(source: str | None = None, pattern: str | None = None) -> list[str]:
-    """Specs that can be loaded, as `SOURCE:NAME[@TAG]` strings (hf: only what is in the local cache)."""
+    """Specs that can be loaded, as `SOURCE:NAME[@TAG]` strings (hf: only what is in the local cache). The
+    pattern may name its source as a spec does: `timm:resnet*`."""
+    prefix, sep, rest = (pattern or "").partition(":")
+    if sep and source is None and prefix in SOURCES:
+        source, pattern = prefix, rest or None
     out = []
     for src in [source] if source else SOURCES:
         if src not in _LOADERS:

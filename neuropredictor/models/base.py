@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from neuropredictor.errors import WeightsUnavailableError, first_line
+from neuropredictor.errors import ModelSpecError, WeightsUnavailableError, first_line
 from neuropredictor.models.spec import ModelSpec
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -44,6 +44,21 @@ class LoadedModel:
 
 UNTRAINED = "neuropredictor_untrained"  # a loader's module attribute that LoadedModel.untrained comes from
 CODE = "neuropredictor_code"  # a loader's module attribute that LoadedModel.code comes from
+
+
+def unknown_model(source: str, what: str, name: str, names: list[str], cutoff: float) -> ModelSpecError:
+    """The error for a model name the source does not have: its close names, and a `models` pattern that lists
+    that family (the name's start shared with the closest one), or all of the source's."""
+    import difflib
+    import os
+
+    close = difflib.get_close_matches(name, names, n=8, cutoff=cutoff)
+    if not close:  # a name that shares a start with real ones (transpositions further on)
+        close = [n for n in names if n.startswith(name[:6])][:8]
+    stem = os.path.commonprefix([name, close[0]]) if close else ""
+    pattern = f"{source}:{stem}*" if len(stem) >= 3 else f"{source}:*"
+    return ModelSpecError(f"{source} has no {what} {name!r}. Close names: {', '.join(close) or 'none'}. List them: "
+                          f"neuropredictor models '{pattern}'")
 
 
 def imagenet_transform(resize: int = 256, crop: int = 224) -> Transform:

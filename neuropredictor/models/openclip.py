@@ -9,7 +9,7 @@ from torch import nn
 
 from neuropredictor.errors import ModelSpecError
 from neuropredictor.globs import match_model_names
-from neuropredictor.models.base import Transform, pretrained_download
+from neuropredictor.models.base import Transform, pretrained_download, unknown_model
 from neuropredictor.models.spec import ModelSpec
 
 
@@ -18,10 +18,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     from open_clip.pretrained import get_pretrained_cfg
 
     if spec.name not in open_clip.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(spec.name, open_clip.list_models(), n=6, cutoff=0.4)
-        raise ModelSpecError(f"open_clip has no architecture {spec.name!r}. Close names: {close}")
+        raise unknown_model(spec.source, "architecture", spec.name, open_clip.list_models(), cutoff=0.4)
     if spec.source == "clip":
         if spec.tag not in (None, "openai"):
             raise ModelSpecError(f"clip: specs use OpenAI's weights only; for other tags write openclip:{spec.name}@{spec.tag}")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 
 from torch import nn
 
 from neuropredictor.errors import ModelSpecError
 from neuropredictor.globs import match_model_names
-from neuropredictor.models.base import Transform, pretrained_download
+from neuropredictor.models.base import Transform, pretrained_download, unknown_model
 from neuropredictor.models.spec import ModelSpec
 
 
@@ -19,10 +18,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
     name = f"{spec.name}.{spec.tag}" if spec.tag else spec.name
     arch = name.split(".")[0]
     if not timm.is_model(arch):
-        names = timm.list_models()
-        close = difflib.get_close_matches(arch, names, n=8, cutoff=0.75) or timm.list_models(f"*{arch[:6]}*")[:8]
-        raise ModelSpecError(f"timm has no model {arch!r}. Close names: {', '.join(close) or 'none'}. List "
-                             f"them: neuropredictor models 'timm:*{arch[:4]}*'")
+        raise unknown_model("timm", "model", arch, timm.list_models(), cutoff=0.75)
     if "." in name and name not in (tagged := timm.list_pretrained(f"{arch}.*")):
         tags = ", ".join(t.split(".", 1)[1] for t in tagged) or "none"
         raise ModelSpecError(f"timm has no weights {name.split('.', 1)[1]!r} for {arch}; its tags: {tags}")

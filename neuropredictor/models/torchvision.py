@@ -13,6 +13,7 @@ from neuropredictor.models.base import (
     Transform,
     imagenet_transform,
     pretrained_download,
+    unknown_model,
 )
 from neuropredictor.models.spec import ModelSpec
 
@@ -22,10 +23,7 @@ def load(spec: ModelSpec, pretrained: bool) -> tuple[nn.Module, Transform, str]:
 
     names = tvm.list_models()
     if spec.name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(spec.name, names, n=6, cutoff=0.5)
-        raise ModelSpecError(f"torchvision has no model {spec.name!r}. Close names: {close}")
+        raise unknown_model("torchvision", "model", spec.name, names, cutoff=0.5)
     try:
         enum = tvm.get_model_weights(spec.name)
     except ValueError:

@@ -69,6 +69,12 @@ def corpus_shards(config: ExtractConfig, known: Callable[[], Iterable[Shard]]) -
     corpus = config.corpus
     if is_image_folder(corpus):
         corpus = shards_for(corpus, config.out, config.storage_options)
+    elif isinstance(corpus, list) and (folders := [c for c in corpus if is_image_folder(c)]):
+        # keys are paths within a folder: two folders would give two stimuli one key
+        raise CorpusError(
+            f"{folders[0]!r} is a folder of images, and a folder of images must be the only corpus (given "
+            f"{len(corpus)}): to extract several folders together, point the corpus at a folder that holds them "
+            "(or symlinks to them); each image's key then starts with its folder's name.")
     return list_shards(corpus, config.storage_options, known=known)
 
 

@@ -167,7 +167,7 @@ def record_extracted(sweep: SweepConfig, model: SweepModel, record: SweepRecord,
             "images_per_s": round(rows_now / seconds, 1) if seconds > 0 and rows_now else before.get("images_per_s"),
             "seconds": round(seconds, 2), "config_hash": manifest["config_hash"]}
     record.mark(model.label, "extract", extract_options(sweep, model), StepStatus.DONE, info=info)
-    return {"status": StepStatus.DONE, "skipped": False, **info}
+    return {"status": StepStatus.DONE, "skipped": False, "rows_now": rows_now, **info}
 
 
 def record_failed(sweep: SweepConfig, model: SweepModel, record: SweepRecord, error: str) -> dict[str, Any]:
@@ -264,6 +264,27 @@ def summarize(sweep: SweepConfig, entries: list[dict[str, Any]],
     return summary
 
 
+def check_neural(sweep: SweepConfig) -> None:
+    """Read the sweep's neural data before any model runs, and, where the corpus keys are known without reading
+    images (a folder of images), match them: a file that cannot be read as asked, or keys that match no image,
+    fail now rather than after the first model's extraction."""
+    if sweep.neural is None or not sweep.models:
+        return
+    from neuropredictor.corpus.folder import folder_keys, is_image_folder
+    from neuropredictor.encode import EncodingError
+    from neuropredictor.encode.align import KEYS_RULE, key_hint
+
+    neural = sweep.encode_options(sweep.models[0]).read_neural(sweep.storage_options)
+    if not is_image_folder(sweep.corpus):
+        return  # a shard's keys are known once it is read
+    keys = folder_keys(sweep.corpus)
+    if not set(neural.keys) & set(keys):
+        raise EncodingError(f"no stimulus key of the neural data ({len(neural.keys)} keys, e.g. "
+                            f"{', '.join(map(repr, neural.keys[:3]))}) is an image of the corpus ({len(keys)} images, "
+                            f"e.g. {', '.join(map(repr, keys[:3]))}); nothing was extracted." + key_hint(keys, neural.keys)
+                            + KEYS_RULE)
+
+
 def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract: Extractor = extract_here,
               encode: Scorer = encode_model,
               compare: Comparer = compare_models) -> dict[str, Any]:
@@ -272,6 +293,7 @@ def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract
     models are listed in summary["failed"] (see `failure_message`); the others finish regardless. The steps
     are replaceable (the Prefect flow runs each as a subflow or a task of its own)."""
     emit = on_event or (lambda event, data: None)
+    check_neural(sweep)
     record = SweepRecord(sweep)
     entries: list[dict[str, Any]] = []
     for i, model in enumerate(sweep.models):
@@ -285,5 +307,6 @@ def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract
 def failure_message(summary: dict[str, Any]) -> str:
     lines = [f"  {r['model']}: {(r.get('extract', {}).get('error') or r.get('encode', {}).get('error'))}"
              for r in summary["models"] if r["status"] == StepStatus.FAILED]
-    return (f"{len(lines)} of {len(summary['models'])} models failed (the others are complete); fix the cause and "
-            "run the same sweep again: finished models are skipped.\n" + "\n".join(lines))
+    n = len(summary["models"])
+    how = "every model failed" if len(lines) == n else f"{len(lines)} of {n} models failed (the others are complete)"
+    return f"{how}; fix the cause and run the same sweep again: finished models are skipped.\n" + "\n".join(lines)

@@ -1,6 +1,7 @@
-"""The ridge solver for one layer on plain arrays (`encode_layer`): standardisation with training
-statistics, per-target alpha by inner cross-validation (himalaya, primal or kernel by cost), held-out
-Pearson r and R^2."""
+"""The ridge solver for one layer on plain arrays (`encode_layer`, or `encode_rows` on rows of one matrix):
+standardisation with training statistics, per-target alpha by inner cross-validation (himalaya, primal or
+kernel by cost; the kernels built here a block of features at a time, so that a wide layer is never copied
+whole), held-out Pearson r and R^2."""
 
 from __future__ import annotations
 
@@ -29,46 +30,64 @@ _DEFAULT_BATCH_BYTES = 2**30  # size of one large intermediate of the solver (se
 def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y_test: np.ndarray,
                  alphas: Sequence[float] | np.ndarray | None = None, n_folds: int = 5, *, cv: Any = None,
                  seed: int = 0, device: str = "auto", dtype: str = "float32", solver: str = "auto",
-                 batch_bytes: int = _DEFAULT_BATCH_BYTES, return_predictions: bool = False,
-                 copy_X: bool = True) -> dict[str, Any]:
+                 batch_bytes: int = _DEFAULT_BATCH_BYTES, return_predictions: bool = False) -> dict[str, Any]:
     """Fit ridge on one layer's training stimuli and score it on the test stimuli, for all targets.
 
     X_*: (n, ...) features (flattened here); Y_*: (n, n_targets) responses. Features are
     standardised with the training rows' mean and std (constant features become 0); targets are
     z-scored with the training rows' statistics too, which changes neither the chosen alphas nor
-    r / R^2 but keeps float32 well-conditioned. An intercept is fitted in every fold.
+    r / R^2 but keeps float32 well-conditioned. An intercept is fitted in every fold. The caller's
+    arrays are not modified.
 
     alphas: ridge grid (default DEFAULT_ALPHAS); one alpha is chosen per target by `n_folds`-fold
         cross-validation on the training rows only (shuffled with `seed`), minimising the squared
         error. cv: a scikit-learn splitter to use instead (e.g. LeaveOneOut()), or the (train, test)
         row index pairs themselves (a grouped search: `align.inner_group_folds`).
-    solver: "ridge" (himalaya RidgeCV, primal), "kernel" (himalaya KernelRidgeCV, linear kernel) or
-        "auto": whichever needs fewer operations for this shape (see `_solver_flops`). Both give
-        the same fit; kernel wins when features outnumber stimuli, and also somewhat below that,
-        because himalaya's primal solver builds a features x stimuli matrix per alpha.
+    solver: "ridge" (himalaya RidgeCV, primal), "kernel" (himalaya KernelRidgeCV on the linear kernel,
+        built here a block of features at a time) or "auto": whichever needs fewer operations for this
+        shape (see `_solver_flops`). Both give the same fit; kernel wins when features outnumber
+        stimuli, and also somewhat below that, because himalaya's primal solver builds a features x
+        stimuli matrix per alpha.
     device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "numpy".
     dtype: "float32" (fast, enough for these scores) or "float64".
-    batch_bytes: cap on the size of the solver's largest intermediates (alphas and targets are
-        processed in batches to stay under it).
-    copy_X: False lets the features be standardised in place when they are already in `dtype` (X_train
-        and X_test are then overwritten): a copy of the layer less at the peak.
+    batch_bytes: cap on the size of the solver's largest intermediates (alphas, targets and feature
+        blocks are processed in batches to stay under it).
 
     Returns numpy arrays: r, r2, alpha, cv_score (per target), and n_train, n_test, n_features,
     solver, backend, seconds; predictions (n_test, n_targets, in Y's units) if return_predictions.
     """
+    Xtr, Xte = _as_2d(X_train, "X_train"), _as_2d(X_test, "X_test")
+    if Xtr.shape[1] != Xte.shape[1]:
+        raise EncodingError(f"train and test differ in width: features {Xtr.shape[1]} vs {Xte.shape[1]}")
+    for name, a in (("X_train", Xtr), ("X_test", Xte)):
+        if not np.isfinite(a).all():
+            raise EncodingError(f"{name} holds NaN or inf; drop those stimuli first (encode() does this)")
+    X = np.concatenate([Xtr, Xte])
+    return encode_rows(X, np.arange(len(Xtr)), np.arange(len(Xtr), len(X)), Y_train, Y_test, alphas, n_folds, cv=cv,
+                       seed=seed, device=device, dtype=dtype, solver=solver, batch_bytes=batch_bytes,
+                       return_predictions=return_predictions)
+
+
+def encode_rows(X: np.ndarray, train: np.ndarray, test: np.ndarray, Y_train: np.ndarray, Y_test: np.ndarray,
+                alphas: Sequence[float] | np.ndarray | None = None, n_folds: int = 5, *, cv: Any = None,
+                seed: int = 0, device: str = "auto", dtype: str = "float32", solver: str = "auto",
+                batch_bytes: int = _DEFAULT_BATCH_BYTES, return_predictions: bool = False) -> dict[str, Any]:
+    """`encode_layer` on rows of one finite (n, n_features) matrix: X[train] and X[test], with Y_train and
+    Y_test their responses. X is read a block of features at a time and never copied whole: the kernel
+    solver, chosen for wide layers, builds its kernels block by block, so that a layer's fit needs little
+    more memory than the layer (the primal solver, chosen when features are fewer, copies the rows)."""
     t0 = time.perf_counter()
     alphas = _check_alphas(alphas)
-    Xtr, Xte = _as_2d(X_train, "X_train"), _as_2d(X_test, "X_test")
+    train, test = np.asarray(train), np.asarray(test)
     Ytr, Yte = _as_targets(Y_train, "Y_train"), _as_targets(Y_test, "Y_test")
-    if Xtr.shape[0] != Ytr.shape[0] or Xte.shape[0] != Yte.shape[0]:
-        raise EncodingError(f"rows differ: X_train {Xtr.shape[0]} vs Y_train {Ytr.shape[0]}, "
-                            f"X_test {Xte.shape[0]} vs Y_test {Yte.shape[0]}")
-    if Xtr.shape[1] != Xte.shape[1] or Ytr.shape[1] != Yte.shape[1]:
-        raise EncodingError(f"train and test differ in width: features {Xtr.shape[1]} vs {Xte.shape[1]}, "
-                            f"targets {Ytr.shape[1]} vs {Yte.shape[1]}")
-    n_train, n_features = Xtr.shape
+    if len(train) != Ytr.shape[0] or len(test) != Yte.shape[0]:
+        raise EncodingError(f"rows differ: X_train {len(train)} vs Y_train {Ytr.shape[0]}, "
+                            f"X_test {len(test)} vs Y_test {Yte.shape[0]}")
+    if Ytr.shape[1] != Yte.shape[1]:
+        raise EncodingError(f"train and test differ in width: targets {Ytr.shape[1]} vs {Yte.shape[1]}")
+    n_train, n_features = len(train), X.shape[1]
     n_targets = Ytr.shape[1]
-    for name, a in (("X_train", Xtr), ("X_test", Xte), ("Y_train", Ytr), ("Y_test", Yte)):
+    for name, a in (("Y_train", Ytr), ("Y_test", Yte)):
         if not np.isfinite(a).all():
             raise EncodingError(f"{name} holds NaN or inf; drop those stimuli first (encode() does this)")
     if cv is None:
@@ -83,20 +102,19 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
     # Materialised: himalaya asks the splitter for get_n_splits() without X, which LeaveOneOut
     # and other sample-count-dependent splitters cannot answer.
     try:
-        pairs = cv if isinstance(cv, (list, tuple)) else cv.split(np.zeros((Xtr.shape[0], 1)))
+        pairs = cv if isinstance(cv, (list, tuple)) else cv.split(np.zeros((n_train, 1)))
         splits = [(np.asarray(a), np.asarray(b)) for a, b in pairs]
     except Exception as e:
-        raise EncodingError(f"inner cross-validation splitter {cv!r} failed on {Xtr.shape[0]} stimuli: {e}") from e
+        raise EncodingError(f"inner cross-validation splitter {cv!r} failed on {n_train} stimuli: {e}") from e
     if not splits or any(len(a) == 0 or len(b) == 0 for a, b in splits):
         what = "folds given" if isinstance(cv, (list, tuple)) else repr(cv)
-        raise EncodingError(f"inner cross-validation ({what}) has an empty fold for {Xtr.shape[0]} stimuli")
+        raise EncodingError(f"inner cross-validation ({what}) has an empty fold for {n_train} stimuli")
     if dtype not in ("float32", "float64"):
         raise EncodingError(f"dtype must be 'float32' or 'float64', not {dtype!r}")
     np_dtype = np.dtype(dtype)
 
     # Standardise with training statistics only: test rows must not inform the model.
-    mu, sd = _column_stats(Xtr)
-    Xtr, Xte = _standardise(Xtr, mu, sd, np_dtype, copy_X), _standardise(Xte, mu, sd, np_dtype, copy_X)
+    mu, sd = _column_stats(X, train)
     ymu, ysd = Ytr.mean(0), Ytr.std(0)
     ysd[ysd == 0] = 1.0
     Ytr_z = ((Ytr - ymu) / ysd).astype(np_dtype)
@@ -121,13 +139,17 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
 
                 model = RidgeCV(alphas=alphas.astype(np_dtype), fit_intercept=True, cv=splits,
                                 solver_params=solver_params)
+                fit_on, predict_on = (_standardise(X[rows], mu, sd, np_dtype) for rows in (train, test))
             else:
                 from himalaya.kernel_ridge import KernelRidgeCV
 
-                model = KernelRidgeCV(alphas=alphas.astype(np_dtype), kernel="linear", fit_intercept=True, cv=splits,
-                                      solver_params=solver_params, warn=False)
-            model.fit(Xtr, Ytr_z)
-            pred_z = backend.to_numpy(model.predict(Xte)).astype(np.float64)
+                model = KernelRidgeCV(alphas=alphas.astype(np_dtype), kernel="precomputed", fit_intercept=True,
+                                      cv=splits, solver_params=solver_params, warn=False)
+                fit_on, predict_on = _linear_kernels(X, train, test, mu, sd, np_dtype, backend, batch_bytes)
+            model.fit(fit_on, Ytr_z)
+            del fit_on
+            pred_z = backend.to_numpy(model.predict(predict_on)).astype(np.float64)
+            del predict_on
         best = backend.to_numpy(model.best_alphas_).astype(np.float64)
         cv_score = backend.to_numpy(model.cv_scores_).astype(np.float64).reshape(-1)
         backend_name = backend.name
@@ -142,7 +164,7 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
         "alpha": best,
         "cv_score": cv_score,
         "n_train": int(n_train),
-        "n_test": int(Xte.shape[0]),
+        "n_test": int(len(test)),
         "n_features": int(n_features),
         "solver": solver,
         "backend": backend_name,
@@ -153,22 +175,43 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
     return out
 
 
-def _column_stats(X: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and std (float64), a block of columns at a time: a float64 copy of a whole
-    wide layer (10,000 stimuli x 100,000 features = 8 GB) is never made. Zero std becomes 1."""
+def _linear_kernels(X: np.ndarray, train: np.ndarray, test: np.ndarray, mu: np.ndarray, sd: np.ndarray,
+                    dtype: np.dtype, backend: Any, batch_bytes: int) -> tuple[Any, Any]:
+    """The linear kernels of the standardised features, (train x train) and (test x train), on the backend's
+    device: sums over blocks of features, each block standardised on its own, so that no standardised copy
+    of the whole layer is made."""
+    rows = np.concatenate([train, test])
+    n_train = len(train)
+    block = int(max(1, min(X.shape[1], batch_bytes // 4 // max(1, len(rows) * dtype.itemsize))))
+    k_train = k_test = None
+    for j in range(0, X.shape[1], block):
+        part = backend.asarray(_standardise(X[rows, j:j + block], mu[j:j + block], sd[j:j + block], dtype))
+        z_train = part[:n_train]
+        if k_train is None:
+            k_train, k_test = z_train @ z_train.T, part[n_train:] @ z_train.T
+        else:
+            k_train += z_train @ z_train.T
+            k_test += part[n_train:] @ z_train.T
+        del part, z_train
+    return k_train, k_test
+
+
+def _column_stats(X: np.ndarray, rows: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std (float64) over the rows, a block of columns at a time: a float64 copy of a
+    whole wide layer (10,000 stimuli x 100,000 features = 8 GB) is never made. Zero std becomes 1."""
     mu = np.empty(X.shape[1])
     sd = np.empty(X.shape[1])
     for j in range(0, X.shape[1], block):
-        part = X[:, j:j + block].astype(np.float64)
+        part = X[rows, j:j + block].astype(np.float64)
         mu[j:j + block] = part.mean(0)
         sd[j:j + block] = part.std(0)
     sd[sd == 0] = 1.0  # a constant feature carries nothing; centred it is 0 everywhere
     return mu, sd
 
 
-def _standardise(X: np.ndarray, mu: np.ndarray, sd: np.ndarray, dtype: np.dtype, copy: bool = True) -> np.ndarray:
-    # at most one copy, in the solver's dtype; then in place
-    out = X.astype(dtype, copy=copy or not X.flags.writeable)
+def _standardise(X: np.ndarray, mu: np.ndarray, sd: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """X, rows or columns taken by index (a copy of the caller's), standardised in place in the solver's dtype."""
+    out = X.astype(dtype, copy=False)
     out -= mu.astype(dtype)
     out /= sd.astype(dtype)
     return out

@@ -27,7 +27,7 @@ from neuropredictor.encode.kept import KeptLayers
 from neuropredictor.encode.neural import NeuralData
 from neuropredictor.encode.options import READING, EncodeOptions, FitOptions, read_with, split_reading
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
-from neuropredictor.encode.ridge import _MIN_TRAIN, _backend_for, encode_layer
+from neuropredictor.encode.ridge import _MIN_TRAIN, _backend_for, encode_rows
 from neuropredictor.encode.target_sets import TargetSet, target_sets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -159,11 +159,10 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
                 continue
             tr, te = pair
             Y = prep.Y if len(ts.targets) == prep.Y.shape[1] else prep.Y[:, ts.targets]
-            last = encode_layer(X[tr], Y[tr], X[te], Y[te], opts.alpha_grid, opts.inner_folds,
-                                cv=ts.inner[i] if ts.inner is not None else None, seed=opts.seed,
-                                device=opts.device, dtype=opts.dtype, solver=opts.solver,
-                                batch_bytes=opts.batch_bytes, return_predictions=True,
-                                copy_X=False)  # X[tr], X[te] are copies already
+            last = encode_rows(X, tr, te, Y[tr], Y[te], opts.alpha_grid, opts.inner_folds,
+                               cv=ts.inner[i] if ts.inner is not None else None, seed=opts.seed, device=opts.device,
+                               dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
+                               return_predictions=True)
             for name, values in per_fold.items():
                 values[i, ts.targets] = last[name]
             tested[i].append((ts.targets, Y[te], last["predictions"]))

@@ -714,6 +714,34 @@ def test_the_chance_test_shuffles_each_set_of_targets_on_its_stimuli():
     assert np.isfinite(chance["all"]["chance"][0])
 
 
+def test_the_null_pairs_folds_by_rank_and_averages_the_folds_that_scored_a_target():
+    """null_medians against the rule written out with whole stacks (what it computed before it summed fold by
+    fold, to hold one (permutations, targets) array per fold rather than twice that): folds paired by the rank
+    of their shuffles' median r, a target's r the mean of the folds that scored it."""
+    from neuropredictor.encode.chance import null_medians
+    from neuropredictor.encode.ridge import unit_columns
+
+    rng = np.random.default_rng(0)
+    T, P = 60, 50
+    groups = [np.ones(T, bool), np.arange(T) % 3 == 0]
+    folds = []
+    for k in range(4):
+        y = rng.standard_normal((20, T))
+        y[:, k] = 1.0  # constant on this fold's test stimuli: no r there
+        folds.append([(np.arange(T), y, 0.3 * y + rng.standard_normal((20, T)))])
+    got = null_medians(folds, T, groups, P, seed=0)
+    draw, per_fold = np.random.default_rng(0), []
+    for ((_, y, pred),) in folds:
+        order = draw.permuted(np.tile(np.arange(len(y)), (P, 1)), axis=1)
+        per_fold.append(np.einsum("pnt,nt->pt", unit_columns(y, np.float32)[order], unit_columns(pred, np.float32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.array([np.nanmedian(np.nanmean([f[np.argsort(np.nanmedian(f[:, g], axis=1))][:, g]
+                                                  for f in per_fold], axis=0), axis=1) for g in groups]).T
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.isfinite(got).all()
+
+
 def test_many_sets_of_measured_stimuli_are_refused_and_small_sets_left_unscored():
     keys, A, Y = _small(120)
     stray = np.tile(Y[:, :1], (1, 70))

@@ -53,9 +53,19 @@ def null_medians(folds: Sequence[Sequence[tuple[np.ndarray, np.ndarray, np.ndarr
         warnings.simplefilter("ignore", RuntimeWarning)  # a group of constant targets has no median: NaN
         for gi, g in enumerate(groups):
             # folds paired by the rank of their shuffles' median r in this group (see the module docstring); a
-            # target's r is the mean over the folds that scored it, as observed
-            ranked = [f[np.argsort(np.nanmedian(f[:, g], axis=1))][:, g] for f in per_fold]
-            out[:, gi] = np.nanmedian(np.nanmean(ranked, axis=0), axis=1)
+            # target's r is the mean over the folds that scored it, as observed. Summed fold by fold: a stack of
+            # every fold's (permutations, targets) is as large again as the folds' nulls
+            total = count = None
+            for f in per_fold:
+                ranked = f[np.ix_(np.argsort(np.nanmedian(f[:, g], axis=1)), np.flatnonzero(g))]
+                scored = np.isfinite(ranked)
+                ranked[~scored] = 0.0
+                if total is None:
+                    total, count = ranked, scored.astype(np.float32)
+                else:
+                    total += ranked
+                    count += scored
+            out[:, gi] = np.nanmedian(total / count, axis=1)
     return out
 
 

@@ -31,7 +31,8 @@ def bench(
     compile: Annotated[bool, option("compile")] = RUN_DEFAULTS.compile,
     as_json: AsJson = False,
 ) -> None:
-    """Measure the ceiling (model alone, inputs on the device) and the pipeline side by side."""
+    """Measure the ceiling (model alone, inputs on the device) and the pipeline side by side, with random
+    weights (speed does not depend on them; nothing is downloaded) on a generated corpus."""
     from neuropredictor.bench import run_bench
     from neuropredictor.config import split_commas
 

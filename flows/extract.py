@@ -60,13 +60,22 @@ def no_credentials(cls: type, value: dict | None) -> dict | None:
     return value
 
 
+_SCHEMA_DEPTH = 5  # nested option mappings the schema looks into (s3fs: client_kwargs, config_kwargs, ...)
+
+
 def parameter_storage_options() -> Any:
     """The `storage_options` field of flow parameters: the JSON schema refuses option names that hold
-    credentials, so that a Prefect server refuses such a run (a deployment enforces its parameter schema)
-    before it stores the parameters; `no_credentials` checks nested options when the run starts."""
-    return Field(None, description=ExtractConfig.model_fields["storage_options"].description + " No credentials "
+    credentials, at the top and in nested mappings (`client_kwargs`, ...), so that a Prefect server refuses
+    such a run (a deployment enforces its parameter schema) before it stores the parameters; `no_credentials`
+    checks every depth when the run starts."""
+    level: dict[str, Any] = {}
+    for _ in range(_SCHEMA_DEPTH):  # a schema without $ref: it is inlined in the flow's parameter schema
+        # propertyNames / additionalProperties constrain objects only: other values pass
+        level = {"propertyNames": {"not": {"pattern": secret_name_pattern()}}, **({"additionalProperties": level}
+                                                                               if level else {})}
+    return Field(None, repr=False, description=ExtractConfig.model_fields["storage_options"].description + " No credentials "
                  "here (Prefect stores a run's parameters): name a Secret block in credentials_block.",
-                 json_schema_extra={"propertyNames": {"not": {"pattern": secret_name_pattern()}}})
+                 json_schema_extra=level)
 
 
 def resolve_credentials(storage_options: dict | None, block: str | None) -> dict | None:

@@ -104,7 +104,8 @@ class ExtractConfig(BaseModel):
     retries: int = Field(2, ge=0, description="Retries of a failed shard before it counts as failed.")
     retry_delay_seconds: float = Field(10.0, ge=0, description="Delay before the first retry of a shard; doubles "
                                        "each retry, with jitter.")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec storage options (e.g. "
+    # repr=False: a config shown in a notebook or a log line must not show the keys it may hold
+    storage_options: dict[str, Any] | None = Field(None, repr=False, description="fsspec storage options (e.g. "
                                                    "endpoint_url); never written to the manifest.")
     overwrite: bool = Field(False, description="Replace an existing store made with another configuration (only "
                             "the store's own objects are deleted; a store another run is extracting into is "

@@ -659,12 +659,16 @@ def test_a_server_refuses_credentials_in_run_parameters_and_takes_layers_as_text
     with get_client(sync_client=True) as client:
         deployment = client.create_deployment(flow_id=client.create_flow(extract_flow), name="schema-check",
                                               parameter_openapi_schema=schema, enforce_parameter_schema=True)
-        for options in ({"key": "AKIAEXAMPLE"}, {"aws_secret_access_key": "x"}, {"Token": "x"}):
+        # nested too: s3fs takes keys in client_kwargs (was stored, and shown in the UI, until the run started)
+        for options in ({"key": "AKIAEXAMPLE"}, {"aws_secret_access_key": "x"}, {"Token": "x"},
+                        {"client_kwargs": {"aws_secret_access_key": "AKIAEXAMPLE"}},
+                        {"config_kwargs": {"s3": {"session_token": "AKIAEXAMPLE"}}}):
             with pytest.raises(httpx.HTTPStatusError, match="409|storage_options"):
                 client.create_flow_run_from_deployment(deployment, parameters={"params": {**base,
                                                                                           "storage_options": options}})
         client.create_flow_run_from_deployment(deployment, parameters={"params": {
-            **base, "storage_options": {"endpoint_url": "http://127.0.0.1:9000"}}})
+            **base, "storage_options": {"endpoint_url": "http://127.0.0.1:9000",
+                                        "client_kwargs": {"region_name": "eu-west-1"}}}})
         # layers as "a,b", as the command line and the library take them (the schema said array only)
         client.create_flow_run_from_deployment(deployment, parameters={"params": {**base, "layers": "layer3,layer4"}})
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(

@@ -542,6 +542,19 @@ def test_manifest_has_no_secrets(target: Target):
     assert json.loads(target.fs.cat_file(f"{target.root}/manifest.json")) == manifest
 
 
+def test_a_config_shown_in_a_notebook_hides_its_storage_options():
+    from neuropredictor import ExtractConfig
+    from neuropredictor.sweep import SweepConfig
+
+    options = {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value"}
+    extract = ExtractConfig(corpus="s3://b/c", model="timm:resnet18", layers=["a"], out="s3://b/o",
+                            storage_options=options)
+    sweep = SweepConfig(corpus="s3://b/c", models=["timm:resnet18"], out="s3://b/s", storage_options=options)
+    for shown in (repr(extract), str(extract), repr(sweep)):  # were printed with the keys
+        assert "AKIAEXAMPLE" not in shown and "s3cr3t-value" not in shown and "corpus=" in shown
+    assert extract.storage_options == options  # still there for the run
+
+
 def test_finalize_is_idempotent(target: Target):
     store = create(target)
     for s in make_shards(UNEQUAL):

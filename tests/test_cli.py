@@ -101,6 +101,19 @@ def test_a_corpus_of_nothing_but_bad_images_is_said_to_hold_no_features(corpus, 
     assert good.exit_code == 0 and "every image written is invalid" not in " ".join(good.output.split())
 
 
+def test_an_error_quoting_a_signed_url_is_redacted_on_the_terminal_and_in_the_log(tmp_path, monkeypatch):
+    # a presigned .tar URL was printed with its key id and signature
+    monkeypatch.setenv("NEUROPREDICTOR_LOG_DIR", str(tmp_path / "logs"))
+    signed = f"{tmp_path}/shard.tar?AWSAccessKeyId=AKIAEXAMPLE&Signature=s1gnatureXYZ&Expires=1795559572"
+    Path(signed).write_bytes(b"")  # there, but not read as a shard (its name ends in the query)
+    result = _cli("extract", "--corpus", signed, "--model", CUSTOM, "--layers", "features.5", "--out",
+                  str(tmp_path / "o.zarr"), "--no-prefect")
+    assert result.exit_code != 0 and "is not a .tar shard" in " ".join(result.output.split())
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    for text in (result.output.replace("\n", ""), logs):  # a long URL wraps mid-word on the terminal
+        assert "AKIAEXAMPLE" not in text and "s1gnatureXYZ" not in text
+
+
 def test_brackets_in_help_and_paths_are_shown_as_written(tmp_path):
     # rich markup took [@TAG] in the model spec's help, and [v2] in an output folder's name, for tags
     for command in (["extract", "--help"], ["layers", "--help"]):

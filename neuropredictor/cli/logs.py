@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from neuropredictor.cli.app import err_console
 from neuropredictor.cli.options import as_flags
+from neuropredictor.redact import redact_text
 
 LOG_DIR_ENV = "NEUROPREDICTOR_LOG_DIR"
 _KEEP = 20  # log files kept: the newest ones
@@ -54,9 +55,17 @@ def _prune(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-class _AsFlags(logging.Formatter):
+class _Redacted(logging.Formatter):
+    """Lines with credentials in URLs or signed query strings masked, whoever wrote them (a library's error
+    can quote a signed URL); tracebacks too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+class _AsFlags(_Redacted):
     """On the terminal, the parameters our own lines name read as this command line's flags (other
-    libraries' lines and tracebacks are shown as they are)."""
+    libraries' lines and tracebacks are shown as they are, but redacted)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         message = super().formatMessage(record)
@@ -77,7 +86,7 @@ def setup(verbose: bool) -> None:
         _prune(folder)
         STATE.file = folder / f"neuropredictor-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         STATE.handler = logging.FileHandler(STATE.file, delay=True, encoding="utf-8")
-        STATE.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        STATE.handler.setFormatter(_Redacted("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     except OSError:  # no writable home: log lines stay on the terminal
         STATE.file, STATE.handler, verbose = None, None, True
     root.setLevel(logging.INFO)
@@ -130,10 +139,11 @@ def log_file() -> Path | None:
 def report_crash(exc: BaseException) -> None:
     """An error that is not one of ours: one line on the terminal, the traceback in the log file (and on the
     terminal with -v)."""
-    text = "".join(traceback.format_exception(exc))
+    text = redact_text("".join(traceback.format_exception(exc)))
     if STATE.handler is not None:
         STATE.handler.emit(logging.LogRecord("neuropredictor.cli", logging.ERROR, __file__, 0, text, None, None))
     if STATE.verbose or STATE.handler is None:
         err_console.print(escape(text), highlight=False)
     where = f"the traceback is in {log_file()}" if log_file() else "run with -v for the traceback"
-    err_console.print(f"[bold red]error:[/] {escape(f'{type(exc).__name__}: {exc}')} ({escape(where)})", highlight=False)
+    line = redact_text(f"{type(exc).__name__}: {exc}")
+    err_console.print(f"[bold red]error:[/] {escape(line)} ({escape(where)})", highlight=False)

@@ -15,6 +15,7 @@ from rich.markup import escape
 from neuropredictor.cli.app import err_console
 from neuropredictor.config import ExtractConfig
 from neuropredictor.encode.options import EncodeOptions
+from neuropredictor.redact import redact_text
 
 Weights = Annotated[Optional[Path], typer.Option("--weights", help=ExtractConfig.model_fields["weights"].description)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -50,7 +51,7 @@ def as_flags(message: str) -> str:
 def fail(exc: Exception) -> NoReturn:
     from pydantic import ValidationError
 
-    text = invalid_values(exc) if isinstance(exc, ValidationError) else str(exc)
+    text = redact_text(invalid_values(exc) if isinstance(exc, ValidationError) else str(exc))
     err_console.print(f"[bold red]error:[/] {escape(as_flags(text))}", highlight=False)
     raise typer.Exit(2)
 

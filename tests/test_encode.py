@@ -728,10 +728,10 @@ def test_the_null_pairs_folds_by_rank_and_averages_the_folds_that_scored_a_targe
     for k in range(4):
         y = rng.standard_normal((20, T))
         y[:, k] = 1.0  # constant on this fold's test stimuli: no r there
-        folds.append([(np.arange(T), y, 0.3 * y + rng.standard_normal((20, T)))])
+        folds.append((20, [(np.arange(T), np.arange(20), y, 0.3 * y + rng.standard_normal((20, T)))]))
     got = null_medians(folds, T, groups, P, seed=0)
     draw, per_fold = np.random.default_rng(0), []
-    for ((_, y, pred),) in folds:
+    for _, ((_, _, y, pred),) in folds:
         order = draw.permuted(np.tile(np.arange(len(y)), (P, 1)), axis=1)
         per_fold.append(np.einsum("pnt,nt->pt", unit_columns(y, np.float32)[order], unit_columns(pred, np.float32)))
     with warnings.catch_warnings():
@@ -740,6 +740,38 @@ def test_the_null_pairs_folds_by_rank_and_averages_the_folds_that_scored_a_targe
                                                   for f in per_fold], axis=0), axis=1) for g in groups]).T
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.isfinite(got).all()
+
+
+def test_sets_sharing_stimuli_are_shuffled_together_so_the_null_is_not_too_narrow():
+    """Targets of two sets measured on nearly the same stimuli are correlated; shuffled independently, their
+    null median varied less than the observed one and pure noise was called above chance about 12 % of the
+    time at p <= 0.05 (review). One shuffle, induced on each set's stimuli, keeps that near 5 %."""
+    from neuropredictor.encode.chance import _induced, chance_summary, null_medians
+
+    order = np.random.default_rng(1).permuted(np.tile(np.arange(9), (2000, 1)), axis=1)
+    sub = np.array([0, 2, 3, 7])
+    induced = _induced(order, sub)
+    assert all(sorted(row) == [0, 1, 2, 3] for row in induced[:50].tolist())  # a permutation of the set
+    counts = np.unique(induced[:, 0], return_counts=True)[1]
+    assert len(counts) == 4 and counts.min() > 400  # each place equally likely (500 each)
+    np.testing.assert_array_equal(_induced(order, np.arange(9)), order)  # the whole fold: the shuffle itself
+
+    rng = np.random.default_rng(0)
+    T, n, P, trials = 40, 40, 99, 200
+    common = rng.standard_normal((n, 1))
+    hits = 0
+    for _ in range(trials):
+        y = 0.8 * common + 0.6 * rng.standard_normal((n, T))  # targets correlated with each other
+        pred = rng.standard_normal((n, 1)) + 0.1 * rng.standard_normal((n, T))  # no information, but shared
+        keep = np.arange(1, n)  # set b lacks one of the fold's stimuli
+        parts = [(np.arange(T // 2), np.arange(n), y[:, :T // 2], pred[:, :T // 2]),
+                 (np.arange(T // 2, T), keep, y[keep, T // 2:], pred[keep, T // 2:])]
+        null = null_medians([(n, parts)], T, [np.ones(T, bool)], P, seed=int(rng.integers(1 << 30)))
+        from neuropredictor.encode.ridge import pearson_r
+        observed = np.median(np.concatenate([pearson_r(y[:, :T // 2], pred[:, :T // 2]),
+                                             pearson_r(y[keep, T // 2:], pred[keep, T // 2:])]))
+        hits += chance_summary(np.array([observed]), null)["p_value"][0] <= 0.05
+    assert hits / trials < 0.09, hits / trials
 
 
 def test_many_sets_of_measured_stimuli_are_refused_and_small_sets_left_unscored():
@@ -755,6 +787,11 @@ def test_many_sets_of_measured_stimuli_are_refused_and_small_sets_left_unscored(
         s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", inner_folds=3)
     assert np.isnan(s.r.values[0, 4]) and np.isfinite(s.r.values[0, :4]).all()
     assert s.attrs["dropped_few_stimuli_targets"] == 1 and s.n_measured.values[4] == 8
+    part = Y.copy()
+    part[14:, 3] = np.nan  # 14 stimuli: some of 4 folds hold too few of them to score
+    with pytest.warns(AlignmentWarning, match=r"1 targets are scored in only some of the 4 folds.*'t3'"):
+        s = encode(features_dataset({"a": A}, keys), NeuralData(part, keys), device="cpu", inner_folds=3, folds=4)
+    assert np.isfinite(s.r.values[0, 3])
     few = np.full((120, 2), np.nan)
     few[:8, 0], few[8:16, 1] = Y[:8, 0], Y[8:16, 1]  # 16 stimuli in all, but 8 per target
     with pytest.warns(AlignmentWarning), pytest.raises(EncodingError, match="no target was measured on enough"):
@@ -1082,13 +1119,14 @@ def test_cli_groups_option_reaches_the_split(pipeline_store, tmp_path):
     assert xr.open_zarr(summary["scores"]).attrs["n_groups"] == 12
 
 
-def test_scoring_a_wide_layer_holds_little_more_than_the_layer():
+def test_scoring_a_wide_layer_holds_little_more_than_the_layer(monkeypatch):
     """The peak of memory while one wide layer is scored (tracemalloc): the layer read from the store, plus a
     block of its features at a time while the kernels are built (no standardised copy of its rows, which
     made the peak 2.6 times the layer)."""
     import tracemalloc
 
     from neuropredictor.encode import prepare, score_layer
+    from neuropredictor.encode import ridge
 
     rng = np.random.default_rng(0)
     n, p = 300, 30000
@@ -1096,26 +1134,34 @@ def test_scoring_a_wide_layer_holds_little_more_than_the_layer():
     keys = [f"k{i}" for i in range(n)]
     Y = X[:, :20] @ rng.standard_normal((20, 8)) + rng.standard_normal((n, 8))
     prep = prepare(features_dataset({"x": X}, keys), NeuralData(Y, keys), device="cpu")
-    score_layer(prep, "x", device="cpu", permutations=0)  # imports are not the fit's memory
+    whole = score_layer(prep, "x", device="cpu", permutations=0)  # (also: imports are not the fit's memory)
     tracemalloc.start()
-    try:  # blocks of an eighth of the layer (the default is 256 MB: small next to a layer worth measuring)
-        part = score_layer(prep, "x", device="cpu", permutations=0, batch_bytes=X.nbytes // 2)
+    try:
+        part = score_layer(prep, "x", device="cpu", permutations=0, batch_bytes=2**22)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert part.solver == "kernel" and np.isfinite(part.r).all()
     assert peak < 1.6 * X.nbytes, peak / X.nbytes  # 1.25 of it reading the layer (its NaN check)
-    # the same numbers as the kernel of the whole layer at once (himalaya's own linear kernel gives those bit
-    # for bit); in float64, as float32 sums in another order move these near-chance r by 1e-3
-    blocks, whole = (score_layer(prep, "x", device="cpu", permutations=0, dtype="float64", batch_bytes=b)
-                     for b in (X.nbytes, 2**40))
-    np.testing.assert_allclose(blocks.r, whole.r, atol=1e-9)
-    np.testing.assert_array_equal(blocks.alpha, whole.alpha)
+    # the batch size is no part of the numbers (a rerun with a smaller one after running out of memory reuses
+    # the layers kept by the first)
+    np.testing.assert_array_equal(part.r, whole.r)
+    # the sum over blocks of features is the kernel of the whole layer at once (himalaya's own linear kernel
+    # gives that bit for bit); in float64, as float32 sums in another order move these near-chance r by 1e-3
+    blocks = score_layer(prep, "x", device="cpu", permutations=0, dtype="float64")
+    monkeypatch.setattr(ridge, "_KERNEL_BLOCK", 10**9)
+    at_once = score_layer(prep, "x", device="cpu", permutations=0, dtype="float64")
+    np.testing.assert_allclose(blocks.r, at_once.r, atol=1e-9)
+    np.testing.assert_array_equal(blocks.alpha, at_once.alpha)
     (tr, te), = prep.splits
     kept = {k: v.copy() for k, v in (("tr", X[tr]), ("te", X[te]))}
     encode_layer(kept["tr"], Y[tr], kept["te"], Y[te], parse_alphas("logspace:-1:5:7"), device="cpu")
     np.testing.assert_array_equal(kept["tr"], X[tr])  # the caller's arrays untouched
     np.testing.assert_array_equal(kept["te"], X[te])
+    with pytest.raises(EncodingError, match="train and test share rows"):
+        ridge.encode_rows(X, np.arange(10, 300), np.arange(0, 20), Y[10:], Y[:20])
+    with pytest.raises(EncodingError, match="row indices"):
+        ridge.encode_rows(X, np.arange(300) >= 60, np.arange(60), Y[60:], Y[:60])
 
 
 def test_encode_reads_a_file_with_its_reading_options_and_takes_paths(tmp_path):

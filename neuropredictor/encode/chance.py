@@ -1,8 +1,8 @@
 """The chance test of held-out scores: a permutation null of the median r over a group of targets.
 
 Each permutation shuffles the rows of a fold's held-out responses (one shuffle for all targets, so
-their correlations with each other are kept; one per set of targets measured on other stimuli) and
-recomputes Pearson r against the unchanged predictions. The model never saw those stimuli, so under "the predictions carry no information
+their correlations with each other are kept; targets measured on some of the stimuli take the order it
+induces on theirs) and recomputes Pearson r against the unchanged predictions. The model never saw those stimuli, so under "the predictions carry no information
 about the held-out responses" the observed median r is one more draw from this null: exact for one
 train/test split. Chance level: the null's 95th percentile; p-value: (1 + #null medians >=
 observed) / (1 + permutations).
@@ -29,24 +29,33 @@ CHANCE_QUANTILE = 0.95
 _BATCH_BYTES = 2**28  # one batch of permuted responses (permutations x stimuli x targets, float32)
 
 
-def null_medians(folds: Sequence[Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]], n_targets: int,
-                 groups: Sequence[np.ndarray], permutations: int, seed: int) -> np.ndarray:
-    """(permutations, groups) null medians of r. folds: per outer fold, the (targets, responses, predictions)
-    it scored: targets are columns (of n_targets), responses and predictions (n_test, len(targets)); one
-    part per set of targets measured on the same stimuli (see `target_sets`), each shuffled on its own
-    stimuli. groups are boolean masks over the targets. The same seed gives the same shuffles for every
-    layer."""
+Part = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # targets, test positions, responses, predictions
+
+
+def null_medians(folds: Sequence[tuple[int, Sequence[Part]]], n_targets: int, groups: Sequence[np.ndarray],
+                 permutations: int, seed: int) -> np.ndarray:
+    """(permutations, groups) null medians of r. folds: per outer fold, its number of test stimuli and the parts
+    it scored, (targets, positions, responses, predictions): targets are columns (of n_targets), positions
+    the part's test stimuli among the fold's, responses and predictions (len(positions), len(targets)); one part
+    per set of targets measured on the same stimuli (see `target_sets`). groups are boolean masks over the
+    targets. The same seed gives the same shuffles for every layer.
+
+    One shuffle of the fold's test stimuli per permutation, for every part: a part measured on some of them
+    takes the order that shuffle induces on its own (each stimulus goes where the shuffle's cycle through it next
+    lands among them), so that targets of different sets that share stimuli stay shuffled together, as their
+    correlation is in the observed scores."""
     rng = np.random.default_rng(seed)
     per_fold = []
-    for parts in folds:
+    for n_test, parts in folds:
+        order = rng.permuted(np.tile(np.arange(n_test), (permutations, 1)), axis=1)
         null = np.full((permutations, n_targets), np.nan, np.float32)  # NaN: a target this fold did not score
-        for targets, y, pred in parts:
+        for targets, positions, y, pred in parts:
+            own = order if len(positions) == n_test else _induced(order, positions)
             zy, zp = unit_columns(y, np.float32), unit_columns(pred, np.float32)
             n, t = zy.shape
-            order = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1)
             step = max(1, _BATCH_BYTES // (4 * n * t))
             for i in range(0, permutations, step):
-                null[i:i + step, targets] = np.einsum("pnt,nt->pt", zy[order[i:i + step]], zp)
+                null[i:i + step, targets] = np.einsum("pnt,nt->pt", zy[own[i:i + step]], zp)
         per_fold.append(null)
     out = np.empty((permutations, len(groups)))
     with warnings.catch_warnings():
@@ -67,6 +76,25 @@ def null_medians(folds: Sequence[Sequence[tuple[np.ndarray, np.ndarray, np.ndarr
                     count += scored
             out[:, gi] = np.nanmedian(total / count, axis=1)
     return out
+
+
+def _induced(order: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Per row of `order` (a permutation of 0..n-1), the permutation it induces on the sorted `positions`, as
+    indices into them: from each position, follow the permutation until it lands on a position again."""
+    n = order.shape[1]
+    inside = np.zeros(n, bool)
+    inside[positions] = True
+    local = np.full(n, -1)
+    local[positions] = np.arange(len(positions))
+    out = order[:, positions]
+    todo = ~inside[out]
+    for _ in range(n):  # a cycle comes back within n steps
+        if not todo.any():
+            break
+        r, c = np.nonzero(todo)
+        out[r, c] = order[r, out[r, c]]
+        todo[r, c] = ~inside[out[r, c]]
+    return local[out]
 
 
 def chance_summary(observed: np.ndarray, null: np.ndarray) -> dict[str, np.ndarray]:

@@ -50,8 +50,8 @@ def encode_layer(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, Y
         stimuli matrix per alpha.
     device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N" or "numpy".
     dtype: "float32" (fast, enough for these scores) or "float64".
-    batch_bytes: cap on the size of the solver's largest intermediates (alphas, targets and feature
-        blocks are processed in batches to stay under it).
+    batch_bytes: cap on the size of the solver's largest intermediates (alphas and targets are
+        processed in batches to stay under it).
 
     Returns numpy arrays: r, r2, alpha, cv_score (per target), and n_train, n_test, n_features,
     solver, backend, seconds; predictions (n_test, n_targets, in Y's units) if return_predictions.
@@ -79,6 +79,10 @@ def encode_rows(X: np.ndarray, train: np.ndarray, test: np.ndarray, Y_train: np.
     t0 = time.perf_counter()
     alphas = _check_alphas(alphas)
     train, test = np.asarray(train), np.asarray(test)
+    if train.dtype.kind not in "iu" or test.dtype.kind not in "iu":
+        raise EncodingError(f"train and test are row indices (integers), not {train.dtype} / {test.dtype}")
+    if np.intersect1d(train, test).size:
+        raise EncodingError("train and test share rows: a stimulus must not be both fitted and scored")
     Ytr, Yte = _as_targets(Y_train, "Y_train"), _as_targets(Y_test, "Y_test")
     if len(train) != Ytr.shape[0] or len(test) != Yte.shape[0]:
         raise EncodingError(f"rows differ: X_train {len(train)} vs Y_train {Ytr.shape[0]}, "
@@ -145,7 +149,7 @@ def encode_rows(X: np.ndarray, train: np.ndarray, test: np.ndarray, Y_train: np.
 
                 model = KernelRidgeCV(alphas=alphas.astype(np_dtype), kernel="precomputed", fit_intercept=True,
                                       cv=splits, solver_params=solver_params, warn=False)
-                fit_on, predict_on = _linear_kernels(X, train, test, mu, sd, np_dtype, backend, batch_bytes)
+                fit_on, predict_on = _linear_kernels(X, train, test, mu, sd, np_dtype, backend)
             model.fit(fit_on, Ytr_z)
             del fit_on
             pred_z = backend.to_numpy(model.predict(predict_on)).astype(np.float64)
@@ -175,17 +179,22 @@ def encode_rows(X: np.ndarray, train: np.ndarray, test: np.ndarray, Y_train: np.
     return out
 
 
+# Features per block of the kernels' sums: fixed, not from batch_bytes, as the order of float sums is part of
+# the numbers (a rerun with a smaller batch_bytes must give the same scores)
+_KERNEL_BLOCK = 2048
+
+
 def _linear_kernels(X: np.ndarray, train: np.ndarray, test: np.ndarray, mu: np.ndarray, sd: np.ndarray,
-                    dtype: np.dtype, backend: Any, batch_bytes: int) -> tuple[Any, Any]:
+                    dtype: np.dtype, backend: Any) -> tuple[Any, Any]:
     """The linear kernels of the standardised features, (train x train) and (test x train), on the backend's
     device: sums over blocks of features, each block standardised on its own, so that no standardised copy
     of the whole layer is made."""
     rows = np.concatenate([train, test])
     n_train = len(train)
-    block = int(max(1, min(X.shape[1], batch_bytes // 4 // max(1, len(rows) * dtype.itemsize))))
     k_train = k_test = None
-    for j in range(0, X.shape[1], block):
-        part = backend.asarray(_standardise(X[rows, j:j + block], mu[j:j + block], sd[j:j + block], dtype))
+    for j in range(0, X.shape[1], _KERNEL_BLOCK):
+        cols = slice(j, j + _KERNEL_BLOCK)
+        part = backend.asarray(_standardise(X[rows, cols], mu[cols], sd[cols], dtype))
         z_train = part[:n_train]
         if k_train is None:
             k_train, k_test = z_train @ z_train.T, part[n_train:] @ z_train.T

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import _EXAMPLES, AlignmentWarning, EncodingError, _fmt
-from neuropredictor.encode.chance import CHANCE_QUANTILE, chance_summary, null_medians
+from neuropredictor.encode.chance import CHANCE_QUANTILE, Part, chance_summary, null_medians
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
 from neuropredictor.encode.kept import KeptLayers
@@ -123,8 +123,9 @@ def _drop_unscored_sets(sets: list[TargetSet], Y: np.ndarray, names: list[str], 
         raise EncodingError(f"no target was measured on enough stimuli for a fold to fit and score it (at least "
                             f"{_MIN_TRAIN} training and {_MIN_TEST} test stimuli; with groups, enough groups for "
                             "the inner folds): the sets of stimuli the targets share are too small")
-    few = [names[i] for s in lost for i in s.targets]
-    constant = [names[i] for i in np.flatnonzero(_constant_columns(Y))]
+    lost_targets = {int(i) for s in lost for i in s.targets}
+    few = [names[i] for i in sorted(lost_targets)]
+    constant = [names[i] for i in np.flatnonzero(_constant_columns(Y)) if i not in lost_targets]
     for reason, found, why in (
             ("few_stimuli_targets", few, "target measured on too few stimuli for a fold to fit and score it"),
             ("constant_targets", constant, "target constant over the stimuli it was measured on: r is undefined")):
@@ -133,6 +134,12 @@ def _drop_unscored_sets(sets: list[TargetSet], Y: np.ndarray, names: list[str], 
         if found:
             warnings.warn(f"{len(found)} targets cannot be scored, their scores stay NaN: {why} ({_fmt(found)})",
                           AlignmentWarning, stacklevel=3)
+    # scored, but not in every fold: fewer held-out stimuli behind their r than the split's
+    partial = [names[i] for s in sets if any(s.splits) and not all(s.splits) for i in s.targets]
+    if partial:
+        warnings.warn(f"{len(partial)} targets are scored in only some of the {len(sets[0].splits)} folds (their "
+                      f"stimuli are too few in the others): their r rests on fewer held-out stimuli ({_fmt(partial)})",
+                      AlignmentWarning, stacklevel=3)
 
 
 def _constant_columns(Y: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -151,26 +158,30 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     t0 = time.perf_counter()
     X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
     per_fold = {name: np.full((len(prep.splits), prep.Y.shape[1]), np.nan) for name in ("r", "r2", "alpha")}
-    tested: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in prep.splits]  # for the null
+    tested: list[list[Part]] = [[] for _ in prep.splits]  # for the null
     last: dict[str, Any] = {}
     for ts in prep.sets:
+        every = len(ts.targets) == prep.Y.shape[1]
         for i, pair in enumerate(ts.splits):
             if pair is None:  # too few of this set's stimuli in this fold
                 continue
             tr, te = pair
-            Y = prep.Y if len(ts.targets) == prep.Y.shape[1] else prep.Y[:, ts.targets]
-            last = encode_rows(X, tr, te, Y[tr], Y[te], opts.alpha_grid, opts.inner_folds,
+            y_train, y_test = (prep.Y[rows] if every else prep.Y[np.ix_(rows, ts.targets)] for rows in (tr, te))
+            last = encode_rows(X, tr, te, y_train, y_test, opts.alpha_grid, opts.inner_folds,
                                cv=ts.inner[i] if ts.inner is not None else None, seed=opts.seed, device=opts.device,
                                dtype=opts.dtype, solver=opts.solver, batch_bytes=opts.batch_bytes,
-                               return_predictions=True)
+                               return_predictions=bool(opts.permutations))
             for name, values in per_fold.items():
                 values[i, ts.targets] = last[name]
-            tested[i].append((ts.targets, Y[te], last["predictions"]))
+            if opts.permutations:  # where this set's test stimuli lie among the fold's
+                tested[i].append((ts.targets, np.flatnonzero(ts.rows[prep.splits[i][1]]), y_test,
+                                  last["predictions"]))
     r = _fold_mean(per_fold["r"])
     null = None
     if opts.permutations:
         groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
-        null = null_medians(tested, prep.Y.shape[1], groups, opts.permutations, opts.seed)
+        null = null_medians([(len(te), parts) for (_, te), parts in zip(prep.splits, tested)], prep.Y.shape[1],
+                            groups, opts.permutations, opts.seed)
     log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
              float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), last["solver"], last["backend"])
     alphas = per_fold["alpha"]
@@ -314,7 +325,7 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 
-_KEPT_FORMAT = 1  # bump when LayerScores or the fingerprint change meaning
+_KEPT_FORMAT = 2  # bump when LayerScores or the fingerprint change meaning (2: targets in sets, their null)
 
 
 def fingerprint(prep: Prepared, options: FitOptions) -> str | None:

@@ -18,6 +18,7 @@ Pairs = list[tuple[np.ndarray, np.ndarray]]
 
 # Each set costs a fit of its own: beyond this many, the NaNs are stray (dropouts), not sessions
 MAX_TARGET_SETS = 64
+_BLOCK = 4096  # target columns read at a time
 
 
 @dataclass
@@ -29,19 +30,17 @@ class TargetSet:
     splits: list[tuple[np.ndarray, np.ndarray] | None]  # per outer fold, (train, test) rows; None: too few here
     inner: list[Pairs | None] | None = None  # per outer fold, the grouped alpha search's folds (with groups)
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.rows.all())
-
 
 def measured_sets(Y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """(targets, rows measured) per distinct set of measured stimuli, in the order of each set's first
     target. Y: (stimuli, targets), NaN / inf where not measured."""
-    missing = ~np.isfinite(Y)
-    if not missing.any():
+    # one byte string per target column: unique on bits, not on a (targets x stimuli) bool matrix; a block of
+    # columns at a time, as Y can be large (10,000 x 100,000)
+    packed = np.empty((Y.shape[1], (Y.shape[0] + 7) // 8), np.uint8)
+    for j in range(0, Y.shape[1], _BLOCK):
+        packed[j:j + _BLOCK] = np.packbits(~np.isfinite(Y[:, j:j + _BLOCK]), axis=0).T
+    if not packed.any():
         return [(np.arange(Y.shape[1]), np.ones(Y.shape[0], bool))]
-    # one byte string per target column: unique on bits, not on a (targets x stimuli) bool matrix
-    packed = np.ascontiguousarray(np.packbits(missing, axis=0).T)
     _, first, which = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True,
                                 return_inverse=True)
     if len(first) > MAX_TARGET_SETS:
@@ -51,7 +50,7 @@ def measured_sets(Y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
             "the fit's time. If the NaNs are stray (dropouts), fill them (e.g. with the target's mean) or drop "
             "those stimuli; if the targets come from many sessions, score them in files of their own")
     order = np.argsort(first, kind="stable")
-    return [(np.flatnonzero(which.ravel() == s), ~missing[:, first[s]]) for s in order]
+    return [(np.flatnonzero(which.ravel() == s), np.isfinite(Y[:, first[s]])) for s in order]
 
 
 def target_sets(Y: np.ndarray, splits: Pairs, inner: list[Pairs] | None, groups: Sequence[str] | None,

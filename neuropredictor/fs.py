@@ -86,6 +86,30 @@ def open_url(url: str, mode: str = "rb", storage_options: Mapping | None = None,
         raise error(f"file not found: {redact_text(str(url))}") from exc
 
 
+def check_creatable(url: str, storage_options: Mapping | None, *, error: type[NeuroPredictorError],
+                    what: str) -> tuple[Any, str, bool]:
+    """Fail early, writing nothing, when `what` cannot be created at url: its nearest existing ancestor must be
+    a folder (on object stores, the bucket must exist). Returns (fs, path, whether url exists already)."""
+    fs, path = connect(url, storage_options, error=error, what=what)
+    try:
+        probe = path
+        for _ in range(64):  # bounded walk up to the nearest existing ancestor
+            if fs.exists(probe):
+                if not fs.isdir(probe):
+                    raise error(f"cannot create {what} {redact_text(url)!r}: {probe!r} is a file, not a folder. "
+                                "Choose another path.")
+                return fs, path, probe == path
+            parent_path = fs._parent(probe)
+            if not parent_path or parent_path == probe:
+                break
+            probe = parent_path
+        raise error(f"cannot create {what} {redact_text(url)!r}: its bucket {probe!r} does not exist")
+    except error:
+        raise
+    except Exception as exc:
+        raise error(unreachable(url, exc, what)) from exc
+
+
 def exists(url: str, storage_options: Mapping | None = None) -> bool:
     """Whether something is at url (False also when it cannot be reached)."""
     try:

@@ -1059,6 +1059,26 @@ def test_a_plot_that_cannot_be_written_leaves_no_scores_to_refuse(pipeline_store
     assert Path(summary["plot"]).stat().st_size > 0 and Path(out).exists()  # its folder made, as --out's is
 
 
+def test_outputs_that_cannot_be_created_are_refused_before_any_fit(pipeline_store, tmp_path, s3, monkeypatch):
+    # encode fitted every layer, then failed on a missing bucket (FileNotFoundError, without the path)
+    from neuropredictor.encode import run as encode_run
+    from neuropredictor.errors import StoreError
+    from neuropredictor.pipeline.planning import check_output
+
+    fitted: list[str] = []
+    monkeypatch.setattr(encode_run, "score_layer", lambda prep, layer, *a, **k: fitted.append(layer))
+    (tmp_path / "a-file").write_text("x")
+    common = {**pipeline_store, "device": "cpu", "permutations": 0}
+    for out, words in (("s3://no-such-bucket/scores.zarr", "its bucket 'no-such-bucket' does not exist"),
+                       (str(tmp_path / "a-file" / "scores.zarr"), "a-file' is a file, not a folder")):
+        with pytest.raises(EncodingError, match=f"cannot create the scores store .*{words}"):
+            encode_command(**common, out=out, storage_options=s3)
+        with pytest.raises(StoreError, match=f"cannot create the output store .*{words}"):  # extract: one rule
+            check_output(out.replace("scores", "features"), s3)
+    assert fitted == []
+    check_output("s3://test-bucket/new/deeper/f.zarr", s3)  # a bucket that exists: folders are made as written
+
+
 def test_a_layer_that_cannot_be_kept_is_still_scored(pipeline_store, tmp_path, caplog):
     out = tmp_path / "scores.zarr"
     Path(str(out) + ".partial").write_text("a file where the kept layers would go")

@@ -103,8 +103,9 @@ def check_scores_out(url: str, storage_options: Mapping | None = None, overwrite
     from neuropredictor import fs as fsx
     from neuropredictor.redact import redact_text
 
-    fs, root = fsx.connect(url, storage_options, error=EncodingError, what="scores store")
-    if not fsx.listing(fs, root):
+    # a missing bucket, or a file in the way, is refused now, not after every layer's fit
+    fs, root, exists = fsx.check_creatable(url, storage_options, error=EncodingError, what="the scores store")
+    if not exists or not fsx.listing(fs, root):
         return
     if fs.exists(f"{root}/manifest.json"):
         raise EncodingError(f"{redact_text(url)!r} is a features store; write the scores elsewhere "

@@ -89,29 +89,16 @@ def planned_shards(config: ExtractConfig) -> list[Shard]:
 
 
 def check_output(url: str, storage_options: dict | None = None) -> None:
-    """Fail early, writing nothing, when the output cannot be created: its nearest existing ancestor must
-    be a directory (or, on object stores, the bucket must exist), and an existing folder must be a store
-    or empty."""
-    fs, path = fsx.connect(url, storage_options, error=StoreError, what="output store")
-    try:
-        probe = path
-        for _ in range(64):  # bounded walk up to the nearest existing ancestor
-            if fs.exists(probe):
-                if not fs.isdir(probe):
-                    raise StoreError(f"cannot create the output store {redact_text(url)!r}: {probe!r} is a file, "
-                                     "not a folder. Choose another `out`.")
-                if probe == path:
-                    refuse_foreign(fs, path, url)
-                return
-            parent = fs._parent(probe)
-            if not parent or parent == probe:
-                break
-            probe = parent
-        raise StoreError(f"cannot create the output store {redact_text(url)!r}: its bucket {probe!r} does not exist")
-    except StoreError:
-        raise
-    except Exception as exc:
-        raise StoreError(fsx.unreachable(url, exc, "the output store")) from exc
+    """Fail early, writing nothing, when the output cannot be created (`fs.check_creatable`), or an existing
+    folder there is neither a store nor empty."""
+    fs, path, exists = fsx.check_creatable(url, storage_options, error=StoreError, what="the output store")
+    if exists:
+        try:
+            refuse_foreign(fs, path, url)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(fsx.unreachable(url, exc, "the output store")) from exc
 
 
 def plan(config: ExtractConfig, shards: list[Shard] | None = None, scope: Collection[str] | None = None

@@ -406,3 +406,13 @@ def test_ctrl_c_during_encode_says_what_is_kept_and_how_to_resume(monkeypatch):
     result = _cli("encode", "f.zarr", "n.npz", "--out", "runs/s.zarr")
     assert result.exit_code == 130  # was 130 without a word
     assert "kept in runs/s.zarr.partial/; run the same command again" in " ".join(result.output.split())
+
+
+def test_a_prefect_server_that_cannot_be_reached_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens on the discard port
+    make_images(tmp_path / "imgs", 2, nested=False)
+    result = _cli("extract", "--corpus", str(tmp_path / "imgs"), "--model", CUSTOM, "--layers", "features.5",
+                  "--out", str(tmp_path / "o.zarr"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Failed to reach API" in text  # was a bare RuntimeError and the log file
+    assert "or run without Prefect (--no-prefect)" in text

@@ -13,6 +13,7 @@ from pathlib import Path
 from neuropredictor.cli.app import err_console
 from neuropredictor.cli.interrupt import RESUME_MESSAGE, Stopped, interruptible
 from neuropredictor.cli.logs import prepare_prefect
+from neuropredictor.errors import NeuroPredictorError
 
 
 def progress_bar():
@@ -87,8 +88,10 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
     use_prefect = prefect_configured() if use_prefect is None else use_prefect
     # Load the model while Prefect starts up: the flow's validate step finds it in the replica cache (not a
     # custom factory's: each run loads it again, `forget_self_loaded`, so warming it would load it twice).
+    warm = None
     if use_prefect and not config.model.startswith("custom:"):
-        threading.Thread(target=_prewarm, args=(config,), daemon=True).start()
+        warm = threading.Thread(target=_prewarm, args=(config,), daemon=True)
+        warm.start()
     with interruptible() as interruption, progress_bar() as progress:
         task = progress.add_task("extract", total=None, rate="-", shards="-")
         listener = ProgressListener(progress, task)
@@ -122,6 +125,11 @@ def run_with_progress(config, use_prefect: bool | None = None) -> dict:
         except BaseException as exc:
             if interruption.stop.is_set():  # whatever the run ended with (Interrupted, Prefect's CancelledRun)
                 raise Stopped(RESUME_MESSAGE, interruption.signum) from exc
+            if warm is not None:  # a process that exits inside torch's loading aborts ("terminate called ...")
+                warm.join(timeout=_PREWARM_JOIN_S)
+            if use_prefect and isinstance(exc, RuntimeError) and "Failed to reach API" in str(exc):
+                raise NeuroPredictorError(f"{exc}: start the Prefect server, point PREFECT_API_URL at a running "
+                                          "one, or run without Prefect (--no-prefect)") from exc
             raise
         finally:
             progress.refresh()
@@ -150,6 +158,9 @@ def prefect_configured() -> bool:
         return False
     name = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
     return bool(profiles.get("profiles", {}).get(name, {}).get("PREFECT_API_URL"))
+
+
+_PREWARM_JOIN_S = 30.0
 
 
 def _prewarm(config) -> None:

@@ -85,7 +85,14 @@ def resolve_credentials(storage_options: dict | None, block: str | None) -> dict
     from prefect.blocks.system import Secret
 
     secret = Secret.load(block).get()
-    return {**(storage_options or {}), **(secret if isinstance(secret, dict) else json.loads(secret))}
+    try:
+        options = secret if isinstance(secret, dict) else json.loads(secret)
+    except (TypeError, ValueError):
+        options = None
+    if not isinstance(options, dict):  # what it holds is not shown: it is a secret
+        raise ValueError(f"the Secret block {block!r} must hold the storage options as a JSON object, e.g. "
+                         '{"key": ..., "secret": ..., "endpoint_url": ...}; it holds something else')
+    return {**(storage_options or {}), **options}
 
 
 class ExtractParameters(ExtractConfig):

@@ -119,6 +119,13 @@ def test_credentials_from_a_prefect_secret_block(s3, image_dir, monkeypatch):
     with get_client(sync_client=True) as client:  # what Prefect's database keeps of the run's parameters
         stored = client.read_flow_run(state.state_details.flow_run_id).parameters
     assert stored["params"]["credentials_block"] == "np-test-s3" and "testing-secret" not in json.dumps(stored)
+    # a block holding a bare key, not options: was a JSONDecodeError
+    from neuropredictor_flows.extract import resolve_credentials
+
+    Secret(value="testing-secret").save("np-test-plain", overwrite=True)
+    with pytest.raises(ValueError, match="'np-test-plain' must hold the storage options as a JSON object") as err:
+        resolve_credentials(None, "np-test-plain")
+    assert "testing-secret" not in str(err.value)
 
 
 def test_a_sweep_with_a_credentials_block_passes_the_block_to_its_extract_subflow(s3, image_dir, monkeypatch):

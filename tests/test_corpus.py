@@ -439,6 +439,22 @@ def test_read_shard_order_and_values_with_and_without_workers(image_dir: Path, t
     for b0, b2 in zip(runs[0], runs[2], strict=True):
         assert b0.keys == b2.keys and torch.equal(b0.index, b2.index) and torch.equal(b0.images, b2.images)
 
+    # a signal to the whole process group (Ctrl-C; a Prefect worker cancelling the run) is the parent's to
+    # act on: decode workers that died of it made the run record the shard failed and retry it
+    import multiprocessing
+    import os
+    import signal
+
+    it = read_shard(shard, small_transform(), 2, num_workers=2)
+    got = [next(it)]
+    children = multiprocessing.active_children()
+    assert len(children) == 2
+    for child in children:
+        os.kill(child.pid, signal.SIGTERM)
+        os.kill(child.pid, signal.SIGINT)
+    got += list(it)
+    assert torch.cat([b.index for b in got]).tolist() == list(range(25))
+
     # stopping early shuts the workers down without hanging
     it = read_shard(shard, small_transform(), 2, num_workers=2)
     assert next(it).index.tolist() == [0, 1]

@@ -280,12 +280,22 @@ class _ShardBatches(IterableDataset):
                      images=images, valid=valid, errors=errors, data=data if encoded_only else None)
 
 
-def _forget_parent_thread_exits(_worker_id: int) -> None:
-    """A forked worker inherits the parent's thread-exit hooks, e.g. those of Prefect's log and event
-    services once a flow has run in this process. They assume threads the fork does not have and fail
-    at the worker's exit (exit code 1, the batches lost): the worker is not the parent, so drop them."""
+def _decode_worker_init(_worker_id: int) -> None:
+    """A decode worker (a fork of the run's process) is stopped by its parent, never by a signal:
+
+    - Ctrl-C, and a Prefect worker cancelling a run, signal the whole process group (SIGINT, SIGTERM). A
+      decode worker that died of it first made the run see "DataLoader worker exited unexpectedly", record
+      the shard as failed and retry it, instead of stopping as asked; the parent stops its workers as it
+      stops (they also exit when it dies).
+    - It inherits the parent's thread-exit hooks, e.g. those of Prefect's log and event services once a flow
+      has run in this process. They assume threads the fork does not have and fail at the worker's exit
+      (exit code 1, the batches lost): the worker is not the parent, so drop them."""
+    import signal
     import threading
 
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     getattr(threading, "_threading_atexits", []).clear()
 
 
@@ -326,7 +336,7 @@ def read_shard(shard: Shard, transform: Callable[[Image.Image], torch.Tensor] | 
                                 storage_options)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                             pin_memory=pin_memory,  # batch_size=None: the dataset yields batches
-                            worker_init_fn=_forget_parent_thread_exits)
+                            worker_init_fn=_decode_worker_init)
         expected = 0
         for item in loader:
             if isinstance(item, _Failure):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neuropredictor.encode._common import _EXAMPLES, AlignmentWarning, EncodingError, _fmt
+from neuropredictor.encode._common import EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE, Part, chance_summary, null_medians
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
@@ -28,7 +28,7 @@ from neuropredictor.encode.neural import NeuralData
 from neuropredictor.encode.options import READING, EncodeOptions, FitOptions, read_with, split_reading
 from neuropredictor.encode.report import check_scores_out, save_outputs, target_groups
 from neuropredictor.encode.ridge import _MIN_TRAIN, _backend_for, encode_rows
-from neuropredictor.encode.target_sets import TargetSet, target_sets
+from neuropredictor.encode.target_sets import TargetSet, report_unscorable, target_sets
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray
@@ -110,46 +110,9 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     sets = target_sets(Y, folds["splits"], inner, groups, opts.inner_folds, opts.seed, need, _MIN_TEST)
     report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]),
                   n_groups=0 if groups is None else len(set(groups.tolist())), target_sets=len(sets))
-    _drop_unscored_sets(sets, Y, [neural.targets[i] for i in usable], report)  # type: ignore[index]
+    report_unscorable(sets, Y, [neural.targets[i] for i in usable], report, need, _MIN_TEST)  # type: ignore[index]
     return Prepared(ds, features_name, layers, neural, fi, keys, Y, usable, folds["splits"], report, inner,
                     sets, started)
-
-
-def _drop_unscored_sets(sets: list[TargetSet], Y: np.ndarray, names: list[str], report: dict[str, Any]) -> None:
-    """Report (and warn of) the targets that cannot be scored: measured on too few stimuli for a fold to fit and
-    score them (an error if that is all of them), or constant (r is undefined)."""
-    lost = [s for s in sets if not any(s.splits)]
-    if len(lost) == len(sets):
-        raise EncodingError(f"no target was measured on enough stimuli for a fold to fit and score it (at least "
-                            f"{_MIN_TRAIN} training and {_MIN_TEST} test stimuli; with groups, enough groups for "
-                            "the inner folds): the sets of stimuli the targets share are too small")
-    lost_targets = {int(i) for s in lost for i in s.targets}
-    few = [names[i] for i in sorted(lost_targets)]
-    constant = [names[i] for i in np.flatnonzero(_constant_columns(Y)) if i not in lost_targets]
-    for reason, found, why in (
-            ("few_stimuli_targets", few, "target measured on too few stimuli for a fold to fit and score it"),
-            ("constant_targets", constant, "target constant over the stimuli it was measured on: r is undefined")):
-        report["dropped"][reason] = {"count": len(found), "examples": found[:_EXAMPLES],
-                                     "why": f"{why} (scores stay NaN)"}
-        if found:
-            warnings.warn(f"{len(found)} targets cannot be scored, their scores stay NaN: {why} ({_fmt(found)})",
-                          AlignmentWarning, stacklevel=3)
-    # scored, but not in every fold: fewer held-out stimuli behind their r than the split's
-    partial = [names[i] for s in sets if any(s.splits) and not all(s.splits) for i in s.targets]
-    if partial:
-        warnings.warn(f"{len(partial)} targets are scored in only some of the {len(sets[0].splits)} folds (their "
-                      f"stimuli are too few in the others): their r rests on fewer held-out stimuli ({_fmt(partial)})",
-                      AlignmentWarning, stacklevel=3)
-
-
-def _constant_columns(Y: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Per column, whether its finite values are all equal; a block of columns at a time (Y can be large)."""
-    out = np.empty(Y.shape[1], bool)
-    for j in range(0, Y.shape[1], block):
-        part = Y[:, j:j + block]
-        finite = np.isfinite(part)
-        out[j:j + block] = np.where(finite, part, -np.inf).max(0) == np.where(finite, part, np.inf).min(0)
-    return out
 
 
 def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, **fields: Any) -> LayerScores:

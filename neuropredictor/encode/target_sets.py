@@ -2,16 +2,19 @@
 images, voxels lost in some runs. NaN marks a stimulus a target was not measured on. Targets are grouped by
 the set of stimuli they were measured on, and each group is fitted and scored on those stimuli only, with
 the split that every target shares (a stimulus is on the same side for all of them): no stimulus is
-dropped for every target because some targets lack it."""
+dropped for every target because some targets lack it. `report_unscorable` says which targets cannot be scored
+and why."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode._common import _EXAMPLES, AlignmentWarning, EncodingError, _fmt
 from neuropredictor.encode.align import inner_group_folds
 
 Pairs = list[tuple[np.ndarray, np.ndarray]]
@@ -77,4 +80,43 @@ def target_sets(Y: np.ndarray, splits: Pairs, inner: list[Pairs] | None, groups:
             own.append((tr, te) if ok else None)
             own_inner.append(folds if ok else None)
         out.append(TargetSet(targets, rows, own, own_inner if groups is not None else None))
+    return out
+
+
+def report_unscorable(sets: list[TargetSet], Y: np.ndarray, names: list[str], report: dict[str, Any],
+                      min_train: int, min_test: int) -> None:
+    """Report (in the alignment report's `dropped`, and as warnings) the targets that cannot be scored: measured
+    on too few stimuli for a fold to fit and score them (an error if that is all of them), or constant (r is
+    undefined); and warn of those scored in some folds only."""
+    lost = [s for s in sets if not any(s.splits)]
+    if len(lost) == len(sets):
+        raise EncodingError(f"no target was measured on enough stimuli for a fold to fit and score it (at least "
+                            f"{min_train} training and {min_test} test stimuli; with groups, enough groups for "
+                            "the inner folds): the sets of stimuli the targets share are too small")
+    lost_targets = {int(i) for s in lost for i in s.targets}
+    few = [names[i] for i in sorted(lost_targets)]
+    constant = [names[i] for i in np.flatnonzero(_constant_columns(Y)) if i not in lost_targets]
+    for reason, found, why in (
+            ("few_stimuli_targets", few, "target measured on too few stimuli for a fold to fit and score it"),
+            ("constant_targets", constant, "target constant over the stimuli it was measured on: r is undefined")):
+        report["dropped"][reason] = {"count": len(found), "examples": found[:_EXAMPLES],
+                                     "why": f"{why} (scores stay NaN)"}
+        if found:
+            warnings.warn(f"{len(found)} targets cannot be scored, their scores stay NaN: {why} ({_fmt(found)})",
+                          AlignmentWarning, stacklevel=3)
+    # scored, but not in every fold: fewer held-out stimuli behind their r than the split's
+    partial = [names[i] for s in sets if any(s.splits) and not all(s.splits) for i in s.targets]
+    if partial:
+        warnings.warn(f"{len(partial)} targets are scored in only some of the {len(sets[0].splits)} folds (their "
+                      f"stimuli are too few in the others): their r rests on fewer held-out stimuli ({_fmt(partial)})",
+                      AlignmentWarning, stacklevel=3)
+
+
+def _constant_columns(Y: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Per column, whether its finite values are all equal; a block of columns at a time (Y can be large)."""
+    out = np.empty(Y.shape[1], bool)
+    for j in range(0, Y.shape[1], block):
+        part = Y[:, j:j + block]
+        finite = np.isfinite(part)
+        out[j:j + block] = np.where(finite, part, -np.inf).max(0) == np.where(finite, part, np.inf).min(0)
     return out

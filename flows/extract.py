@@ -73,8 +73,9 @@ def parameter_storage_options() -> Any:
         # propertyNames / additionalProperties constrain objects only: other values pass
         level = {"propertyNames": {"not": {"pattern": secret_name_pattern()}}, **({"additionalProperties": level}
                                                                                if level else {})}
-    return Field(None, repr=False, description=ExtractConfig.model_fields["storage_options"].description + " No credentials "
-                 "here (Prefect stores a run's parameters): name a Secret block in credentials_block.",
+    return Field(None, repr=False, description=ExtractConfig.model_fields["storage_options"].description
+                 + " No credentials here (Prefect stores a run's parameters): name a Secret block in "
+                 "credentials_block.",
                  json_schema_extra=level)
 
 

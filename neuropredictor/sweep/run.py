@@ -281,8 +281,8 @@ def check_neural(sweep: SweepConfig) -> None:
     if not set(neural.keys) & set(keys):
         raise EncodingError(f"no stimulus key of the neural data ({len(neural.keys)} keys, e.g. "
                             f"{', '.join(map(repr, neural.keys[:3]))}) is an image of the corpus ({len(keys)} images, "
-                            f"e.g. {', '.join(map(repr, keys[:3]))}); nothing was extracted." + key_hint(keys, neural.keys)
-                            + KEYS_RULE)
+                            f"e.g. {', '.join(map(repr, keys[:3]))}); nothing was extracted."
+                            + key_hint(keys, neural.keys) + KEYS_RULE)
 
 
 def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract: Extractor = extract_here,

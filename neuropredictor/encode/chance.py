@@ -4,8 +4,8 @@ Each permutation shuffles the rows of a fold's held-out responses (one shuffle f
 their correlations with each other are kept; targets measured on some of the stimuli take the order it
 induces on theirs) and recomputes Pearson r against the unchanged predictions. The model never saw
 those stimuli, so under "the predictions carry no information about the held-out responses" the
-observed median r is one more draw from this null: exact for one train/test split. Chance level: the null's 95th percentile; p-value: (1 + #null medians >=
-observed) / (1 + permutations).
+observed median r is one more draw from this null: exact for one train/test split. Chance level: the
+null's 95th percentile; p-value: (1 + #null medians >= observed) / (1 + permutations).
 
 With K outer folds the observed r is a mean over folds, and the folds' scores are positively
 dependent (each fold's model is trained on the other folds' test stimuli), so averaging independent

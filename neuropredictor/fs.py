@@ -73,6 +73,13 @@ def permanent(exc: BaseException) -> bool:
     return isinstance(exc, (NotADirectoryError, PermissionError)) or "Credentials" in type(exc).__name__
 
 
+def storage_failure(exc: BaseException) -> bool:
+    """Whether exc comes from the storage (a file system, an object store's client or connection) rather than
+    from our own code: such an error is reported with `unreachable`."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp",
+                                                                                "s3fs", "fsspec", "gcsfs", "adlfs")
+
+
 def open_url(url: str, mode: str = "rb", storage_options: Mapping | None = None, *,
              error: type[NeuroPredictorError] = NeuroPredictorError) -> Any:
     """An open file at url (a context manager); a missing file raises `error` naming it. Writing creates the

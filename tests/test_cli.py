@@ -416,3 +416,17 @@ def test_a_prefect_server_that_cannot_be_reached_names_the_fix(tmp_path, monkeyp
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "Failed to reach API" in text  # was a bare RuntimeError and the log file
     assert "or run without Prefect (--no-prefect)" in text
+
+
+def test_inspect_of_a_store_behind_an_endpoint_that_does_not_answer_says_what_to_check(monkeypatch):
+    # was a raw "EndpointConnectionError: Could not connect to the endpoint URL" and a traceback
+    for var, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "y"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                       ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_MAX_ATTEMPTS", "1")):
+        monkeypatch.setenv(var, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    result = _cli("inspect", "s3://lab/features/r.zarr")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "cannot reach the store s3://lab/features/r.zarr" in text, text
+    assert "Check the path, the endpoint" in text

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from neuropredictor import fs as fsx
 from neuropredictor.cli.app import app, console
 from neuropredictor.cli.interrupt import interrupted
 from neuropredictor.cli.options import (
@@ -102,6 +103,10 @@ def inspect(
         damaged = store.verify() if verify else None
     except NeuroPredictorError as exc:
         fail(exc)
+    except Exception as exc:  # an endpoint that does not answer: a run retries it, a look at the store says so
+        if not fsx.storage_failure(exc):
+            raise
+        fail(NeuroPredictorError(fsx.unreachable(out, exc, "the store")))
     summary = summarize(manifest, out) | {"extracting": extracting}
     if as_json:
         print(json.dumps(summary if damaged is None else summary | {"damaged": damaged}))

@@ -774,6 +774,19 @@ def test_sets_sharing_stimuli_are_shuffled_together_so_the_null_is_not_too_narro
     assert hits / trials < 0.09, hits / trials
 
 
+def test_few_held_out_stimuli_are_warned_of():
+    keys, A, Y = _small(60)
+    train = np.ones(60, bool)
+    train[:3] = False  # a split file naming 3 test stimuli ran without a word
+    with pytest.warns(AlignmentWarning, match=r"3 held-out stimuli: a target's r on so few is noisy"):
+        encode(features_dataset({"a": A}, keys), NeuralData(Y, keys, train=train), device="cpu", inner_folds=3,
+               permutations=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AlignmentWarning)  # every stimulus held out once: no warning
+        encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", inner_folds=3, folds=3,
+               permutations=0)
+
+
 def test_many_sets_of_measured_stimuli_are_refused_and_small_sets_left_unscored():
     keys, A, Y = _small(120)
     stray = np.tile(Y[:, :1], (1, 70))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neuropredictor.encode._common import EncodingError
+from neuropredictor.encode._common import AlignmentWarning, EncodingError
 from neuropredictor.encode.chance import CHANCE_QUANTILE, Part, chance_summary, null_medians
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 _MIN_TEST = 3  # Pearson r on fewer held-out stimuli is meaningless
+_FEW_TEST = 20  # ... and noisy on fewer than this (its standard error ~ 1 / sqrt(n - 2))
 
 
 @dataclass
@@ -96,6 +97,10 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     folds = outer_splits(keys, neural.train[ni] if neural.train is not None else None, opts.test_fraction,
                          opts.folds, opts.seed, groups)
     need = max(_MIN_TRAIN, 2 * opts.inner_folds)
+    held_out = sum(len(te) for _, te in folds["splits"])  # K folds hold every stimulus out once
+    if _MIN_TEST <= held_out < _FEW_TEST:
+        warnings.warn(f"{held_out} held-out stimuli: a target's r on so few is noisy (its standard error is about "
+                      f"{1 / np.sqrt(held_out - 2):.2f}); hold out more, or use folds=", AlignmentWarning, stacklevel=2)
     for tr, te in folds["splits"]:
         if len(tr) < need or len(te) < _MIN_TEST:
             fix = ("use fewer folds" if opts.folds and len(te) < _MIN_TEST else

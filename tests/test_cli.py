@@ -408,14 +408,22 @@ def test_ctrl_c_during_encode_says_what_is_kept_and_how_to_resume(monkeypatch):
     assert "kept in runs/s.zarr.partial/; run the same command again" in " ".join(result.output.split())
 
 
-def test_a_prefect_server_that_cannot_be_reached_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens on the discard port
+def test_a_prefect_server_that_cannot_be_reached_names_the_fix(tmp_path):
+    # a process of its own: Prefect reads its settings once, and this one has imported it already
+    import os
+    import subprocess
+    import sys
+
     make_images(tmp_path / "imgs", 2, nested=False)
-    result = _cli("extract", "--corpus", str(tmp_path / "imgs"), "--model", CUSTOM, "--layers", "features.5",
-                  "--out", str(tmp_path / "o.zarr"))
-    text = " ".join(result.output.split())
-    assert result.exit_code == 2 and "Failed to reach API" in text  # was a bare RuntimeError and the log file
-    assert "or run without Prefect (--no-prefect)" in text
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api",  # nothing listens on the discard port
+           "NEUROPREDICTOR_LOG_DIR": str(tmp_path / "logs")}
+    result = subprocess.run([sys.executable, "-m", "neuropredictor", "extract", "--corpus", str(tmp_path / "imgs"),
+                             "--model", "timm:resnet18", "--no-pretrained", "--layers", "layer4",
+                             "--out", str(tmp_path / "o.zarr")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    text = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Failed to reach API" in text, text  # was a bare RuntimeError
+    assert "or run without Prefect (--no-prefect)" in text and "terminate called" not in text
 
 
 def test_inspect_of_a_store_behind_an_endpoint_that_does_not_answer_says_what_to_check(monkeypatch):

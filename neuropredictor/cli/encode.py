@@ -71,8 +71,10 @@ def encode(
     try:  # parameters are named as EncodeOptions' fields
         summary = encode_command(EncodeOptions(**params))
     except KeyboardInterrupt as exc:
-        interrupted(exc, f"interrupted: the layers scored so far are kept in {out.rstrip('/')}.partial/; run the "
-                         "same command again to score only the others.")
+        from neuropredictor.encode.kept import partial_url
+
+        interrupted(exc, f"interrupted: the layers scored so far are kept in {partial_url(out)}/; run the same "
+                         "command again to score only the others.")
     except (NeuroPredictorError, ValidationError) as exc:
         fail(exc)
     if as_json:

@@ -272,6 +272,7 @@ def check_neural(sweep: SweepConfig) -> None:
         return
     from neuropredictor.corpus.folder import folder_keys, is_image_folder
     from neuropredictor.encode import EncodingError
+    from neuropredictor.encode._common import _fmt
     from neuropredictor.encode.align import KEYS_RULE, key_hint
 
     neural = sweep.encode_options(sweep.models[0]).read_neural(sweep.storage_options)
@@ -279,10 +280,9 @@ def check_neural(sweep: SweepConfig) -> None:
         return  # a shard's keys are known once it is read
     keys = folder_keys(sweep.corpus)
     if not set(neural.keys) & set(keys):
-        raise EncodingError(f"no stimulus key of the neural data ({len(neural.keys)} keys, e.g. "
-                            f"{', '.join(map(repr, neural.keys[:3]))}) is an image of the corpus ({len(keys)} images, "
-                            f"e.g. {', '.join(map(repr, keys[:3]))}); nothing was extracted."
-                            + key_hint(keys, neural.keys) + KEYS_RULE)
+        raise EncodingError(f"no stimulus key of the neural data ({len(neural.keys)} keys, e.g. {_fmt(neural.keys, 3)}) "
+                            f"is an image of the corpus ({len(keys)} images, e.g. {_fmt(keys, 3)}); nothing was "
+                            "extracted." + key_hint(keys, neural.keys) + KEYS_RULE)
 
 
 def run_sweep(sweep: SweepConfig, on_event: ProgressFn | None = None, *, extract: Extractor = extract_here,

@@ -111,7 +111,8 @@ class ExtractConfig(BaseModel):
                             "the store's own objects are deleted; a store another run is extracting into is "
                             "never replaced).")
     verify: bool = Field(False, description="Before resuming, read every committed shard back and compare it with "
-                         "the checksums written with it; damaged shards are extracted again.")
+                         "the checksums written with it; damaged shards are extracted again, and damaged zarr metadata "
+                         "is written again from the plan.")
 
     _split = field_validator("layers", mode="before")(comma_list)
     _paths = field_validator("corpus", "out", "weights", mode="before")(path_text)

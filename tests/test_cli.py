@@ -382,6 +382,24 @@ def test_inspect_verify_names_damaged_shards_and_extract_verify_repairs_them(cor
     assert _cli("inspect", str(out), "--verify").exit_code == 0
 
 
+def test_inspect_verify_names_damaged_zarr_metadata_and_extract_verify_writes_it_again(corpus, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert _extract(corpus, out).exit_code == 0
+    meta = out / "features" / "features.5" / "zarr.json"
+    meta.write_text(meta.read_text()[:50])
+    found = _cli("inspect", str(out), "--verify")
+    said = " ".join(found.output.split())
+    assert found.exit_code == 1 and "1 damaged zarr metadata file(s)" in said, said
+    assert "features/features.5/zarr.json: not JSON" in said and "damaged shard" not in said
+    as_json = json.loads(_cli("inspect", str(out), "--verify", "--json").output)
+    assert list(as_json["damaged_metadata"]) == ["features/features.5/zarr.json"] and as_json["damaged"] == {}
+    repaired = _extract(corpus, out, "--verify")
+    said = " ".join(repaired.output.split())
+    assert repaired.exit_code == 0 and "1 zarr metadata file(s) written again from the plan" in said, said
+    assert "extracted again" not in said
+    assert _cli("inspect", str(out), "--verify").exit_code == 0
+
+
 def test_overwrite_says_what_it_deleted(corpus, tmp_path):
     out = tmp_path / "out.zarr"
     assert _extract(corpus, out).exit_code == 0

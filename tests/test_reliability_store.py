@@ -318,6 +318,38 @@ def test_damaged_chunks_are_found_and_exactly_their_shards_extracted_again(corpu
     _assert_identical(clean["features.5"], str(out))
 
 
+@pytest.mark.parametrize("path, damage", [("features/features.5/zarr.json", "truncate"), ("keys/zarr.json", "delete"),
+                                          ("zarr.json", "truncate"), ("valid/zarr.json", "shape")])
+def test_damaged_zarr_metadata_is_found_and_written_again_from_the_plan(corpus, clean, tmp_path, path, damage):
+    # a damaged array zarr.json left every shard unreadable: verify withdrew them all, and no run could write
+    # them again; its chunks are intact, so the metadata is what has to be made again
+    out = tmp_path / "out.zarr"
+    run(_config(corpus, out))
+    meta = out / path
+    original = json.loads(meta.read_text())
+    if damage == "truncate":
+        meta.write_text(meta.read_text()[:60])
+    elif damage == "delete":
+        meta.unlink()
+    else:
+        meta.write_text(json.dumps(original | {"shape": [original["shape"][0] + 1]}))
+    store = FeatureStore.open(str(out), mode="r")
+    why = {"truncate": "not JSON", "delete": "missing", "shape": "differs from the plan in shape"}[damage]
+    assert list(store.damaged_metadata()) == [path] and why in store.damaged_metadata()[path]
+    assert store.verify() == {}  # the damaged array's chunks are not blamed on the shards
+    if path != "zarr.json" and damage != "shape":  # unreadable: a run that writes its rows says what to do
+        with pytest.raises(StoreError, match=f"{path}.*verify.*rows are kept"):
+            FeatureStore.open(str(out)).array(path.removesuffix("/zarr.json"))
+    before = {p.name: p.stat().st_mtime_ns for p in _commits(out)}
+    manifest = run(_config(corpus, out, verify=True))
+    assert {p.name: p.stat().st_mtime_ns for p in _commits(out)} == before  # nothing extracted again
+    assert manifest["status"] == "complete" and FeatureStore.open(str(out)).damaged_metadata() == {}
+    assert {k: v for k, v in json.loads(meta.read_text()).items() if k != "consolidated_metadata"} \
+        == {k: v for k, v in original.items() if k != "consolidated_metadata"}
+    _assert_identical(clean["features.5"], str(out))
+    assert open_features(str(out))["features.5"].shape == (24, *_arrays(clean["features.5"])["features/features.5"].shape[1:])
+
+
 def test_a_truncated_commit_record_counts_as_not_committed(corpus, clean, tmp_path):
     out = tmp_path / "out.zarr"
     run(_config(corpus, out))
@@ -725,10 +757,10 @@ def test_finalize_clears_what_killed_runs_left(corpus, tmp_path, monkeypatch):
 
 _KILLS = {
     # after the arrays exist, before the store's generation is written: the plan is redone
-    "plan": "from neuropredictor.store.feature_store import FeatureStore as F\n"
-            "orig = F._create_arrays\n"
-            "def patched(self, *a, **k):\n    orig(self, *a, **k); die()\n"
-            "F._create_arrays = patched\n",
+    "plan": "from neuropredictor.store import metadata as M\n"
+            "orig = M.create\n"
+            "def patched(*a, **k):\n    orig(*a, **k); die()\n"
+            "M.create = patched\n",
     # right after the second commit record
     "commit": "from neuropredictor.store.writer import ShardWriter as W\n"
               "orig = W.commit\nseen = []\n"

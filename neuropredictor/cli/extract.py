@@ -89,7 +89,8 @@ def extract(
 def inspect(
     out: Annotated[str, typer.Argument(help="A store written by `neuropredictor extract`.")],
     verify: Annotated[bool, typer.Option("--verify", help="Also read every committed shard back and compare it "
-                                         "with the checksums written with it; exit code 1 if any is damaged.")] = False,
+                                         "with the checksums written with it, and check the zarr metadata; exit "
+                                         "code 1 if any is damaged.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Summarise a store: layers, shapes, shards done/failed/pending, bad samples, throughput."""
@@ -101,6 +102,7 @@ def inspect(
         manifest = store.status_manifest()
         extracting = store.extracting()
         damaged = store.verify() if verify else None
+        broken = store.damaged_metadata() if verify else None
     except NeuroPredictorError as exc:
         fail(exc)
     except Exception as exc:  # an endpoint that does not answer: a run retries it, a look at the store says so
@@ -109,12 +111,12 @@ def inspect(
         fail(NeuroPredictorError(fsx.unreachable(out, exc, "the store")))
     summary = summarize(manifest, out) | {"extracting": extracting}
     if as_json:
-        print(json.dumps(summary if damaged is None else summary | {"damaged": damaged}))
+        print(json.dumps(summary if damaged is None else summary | {"damaged": damaged, "damaged_metadata": broken}))
     else:
         print_summary(summary)
         if damaged is not None:
-            print_damaged(damaged)
-    if damaged:
+            print_damaged(damaged, broken)
+    if damaged or broken:
         raise typer.Exit(1)
 
 

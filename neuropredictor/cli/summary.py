@@ -77,12 +77,20 @@ def print_summary(summary: dict) -> None:
                   f"or xarray.open_zarr({url}, group='features')", highlight=False)
 
 
-def print_damaged(damaged: dict[str, str]) -> None:
-    """What `inspect --verify` found: nothing, or each damaged shard and what is wrong with it."""
-    if not damaged:
+def print_damaged(damaged: dict[str, str], metadata: dict[str, str]) -> None:
+    """What `inspect --verify` found: nothing, or each damaged zarr metadata file and shard, and what is
+    wrong with it."""
+    if not damaged and not metadata:
         console.print("verify: every committed shard reads back as written", highlight=False)
         return
-    console.print(f"[bold red]verify: {len(damaged)} damaged shard(s)[/] (run the same extract command with "
-                  "--verify to extract exactly them again)", highlight=False)
-    for name, why in sorted(damaged.items()):
-        console.print(escape(f"  {name}: {why}"), highlight=False)
+    if metadata:
+        console.print(f"[bold red]verify: {len(metadata)} damaged zarr metadata file(s)[/] (run the same extract "
+                      "command with --verify to write them again from the plan; the rows are kept, and checked "
+                      "then)", highlight=False)
+        for path, why in sorted(metadata.items()):
+            console.print(escape(f"  {path}: {why}"), highlight=False)
+    if damaged:
+        console.print(f"[bold red]verify: {len(damaged)} damaged shard(s)[/] (run the same extract command with "
+                      "--verify to extract exactly them again)", highlight=False)
+        for name, why in sorted(damaged.items()):
+            console.print(escape(f"  {name}: {why}"), highlight=False)

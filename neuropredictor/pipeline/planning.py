@@ -124,6 +124,7 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None, scope: Collec
     commits = store.committed(scope)  # read once, here, for the whole plan
     _refuse_changed_files(store, shards, config, commits)
     if config.verify:
+        store.repair_metadata()
         store.withdraw(store.verify({name: r for name, r in commits.items() if name not in store.withdrawn}))
     store.committed_at_plan = frozenset(name for name in commits if name not in store.withdrawn)
     for line in plan_messages(store):
@@ -132,9 +133,9 @@ def plan(config: ExtractConfig, shards: list[Shard] | None = None, scope: Collec
 
 
 def plan_messages(store: FeatureStore) -> list[str]:
-    """What the plan changed in the store, in words: what `overwrite=True` deleted, and the committed
-    shards it took back, each with why (damaged, found by `verify=True`; or its file changed, with
-    `overwrite=True`): they are extracted again."""
+    """What the plan changed in the store, in words: what `overwrite=True` deleted, the zarr metadata
+    `verify=True` wrote again, and the committed shards it took back, each with why (damaged, found by
+    `verify=True`; or its file changed, with `overwrite=True`): they are extracted again."""
     out = []
     if replaced := store.replaced:
         kept = replaced.get("kept") or []
@@ -142,6 +143,9 @@ def plan_messages(store: FeatureStore) -> list[str]:
                    f"({replaced.get('committed_shards', 0)} of {replaced.get('shards', '?')} shards committed): "
                    f"deleted {', '.join(replaced.get('deleted', [])) or 'nothing'}"
                    + (f"; left alone: {', '.join(kept)}" if kept else ""))
+    if rewritten := store.metadata_rewritten:
+        out.append(f"{len(rewritten)} zarr metadata file(s) written again from the plan (the rows are kept, and "
+                   "checked next): " + "; ".join(f"{path} ({why})" for path, why in sorted(rewritten.items())))
     if withdrawn := store.withdrawn:
         out.append(f"{len(withdrawn)} committed shard(s) are extracted again: "
                    + "; ".join(f"{name} ({why})" for name, why in sorted(withdrawn.items())))

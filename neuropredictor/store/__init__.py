@@ -4,6 +4,7 @@
     staging.py         the boundary-chunk protocol (no two writers ever write one object)
     records.py         commit and failure records (`_status/`)
     writer.py          one shard's attempt: rows -> chunks -> commit record
+    metadata.py        the zarr metadata as the plan makes it: create, check, write again
     feature_store.py   create (plan) / open / finalize
     read.py            open_features: an xarray Dataset of the trusted rows
 """

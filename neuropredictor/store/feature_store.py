@@ -30,7 +30,7 @@ from neuropredictor.redact import redact_text
 from neuropredictor.errors import ConfigMismatchError, StoreError
 from neuropredictor.shard import Shard
 from neuropredictor.status import ShardStatus, StoreStatus
-from neuropredictor.store import locks
+from neuropredictor.store import locks, metadata
 from neuropredictor.store.layout import (
     CLAIMS_DIR,
     DEFAULT_CHUNK_BYTES,
@@ -41,14 +41,11 @@ from neuropredictor.store.layout import (
     MANIFEST,
     PLAN,
     RUNS_DIR,
-    STIMULUS,
     STORE_ENTRIES,
     VALID,
     LayerSpec,
     RowDigest,
     check_plan,
-    compressors,
-    dim_names,
     feature_path,
     plan_all_chunk_rows,
     quiet_zarr,
@@ -96,6 +93,7 @@ class FeatureStore:
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (in memory)
         self.replaced: dict | None = None  # what `create(overwrite=True)` deleted, if it replaced a store
         self.withdrawn: dict[str, str] = {}  # damaged shards `withdraw` took back: name -> what was wrong
+        self.metadata_rewritten: dict[str, str] = {}  # zarr.json files written again from the plan -> why
         # the shards committed when `pipeline.plan` checked them: the progress event and the queue of shards
         # use it rather than reading every commit record again (a shard committed since is skipped anyway)
         self.committed_at_plan: frozenset[str] | None = None
@@ -187,8 +185,7 @@ class FeatureStore:
         store = cls(url, storage_options, "r+", fs, root, plan, None, None, shards)
         store.repairs.clear()
         fsx.write_json_atomic(fs, f"{root}/{MANIFEST}", store._manifest)  # status planning: ours, not ready
-        storage = plan["storage"]
-        store._create_arrays(layers, storage["dtype"], storage["compression"], storage["rows"], storage["chunk_rows"])
+        metadata.create(store.zarr_store(), layers, plan["storage"])
         generation = uuid.uuid4().hex
         fsx.write_json_atomic(fs, f"{root}/{GENERATION}", {"generation": generation, "config_hash": plan["config_hash"]})
         store.generation = generation
@@ -248,22 +245,6 @@ class FeatureStore:
                           f"-> {now}) while this one was writing: this run's rows are discarded and nothing of it "
                           "is committed there.")
 
-    def _create_arrays(self, layers: list[LayerSpec], dtype: str, compression: str, total: int,
-                       chunk_rows: dict[str, int]) -> None:
-        zs = self.zarr_store()
-        zarr.open_group(zs, mode="a", zarr_format=3)
-        zarr.open_group(zs, path=FEATURES, mode="a", zarr_format=3)
-        for lay in layers:
-            path = feature_path(lay.name)
-            zarr.create_array(zs, name=path, shape=(total, *lay.shape), chunks=(chunk_rows[path], *lay.shape),
-                              dtype=dtype, fill_value=np.nan, compressors=compressors(compression, True),
-                              dimension_names=dim_names(lay), overwrite=True, zarr_format=3,
-                              attributes={"layer": lay.name, "reduction": lay.reduction})
-        for name, kind, fill in ((KEYS, str, ""), (VALID, bool, False)):
-            zarr.create_array(zs, name=name, shape=(total,), chunks=(chunk_rows[name],), dtype=kind, fill_value=fill,
-                              compressors=compressors(compression, False), dimension_names=(STIMULUS,),
-                              overwrite=True, zarr_format=3)
-
     def zarr_store(self) -> Any:
         """The zarr store object under this run's folder (read-only when opened with mode 'r')."""
         if self._zstore is None:
@@ -280,8 +261,16 @@ class FeatureStore:
         with self._lock:
             arr = self._arrays.get(path)
         if arr is None:
-            arr = zarr.open_array(self.zarr_store(), path=path, mode="r" if self._mode == "r" else "r+",
-                                  zarr_format=3)
+            try:
+                arr = zarr.open_array(self.zarr_store(), path=path, mode="r" if self._mode == "r" else "r+",
+                                      zarr_format=3)
+            except Exception as exc:  # its zarr.json damaged or lost: say so, and how to repair it
+                why = self.damaged_metadata().get(f"{path}/{metadata.ZARR_JSON}")
+                if why is None:
+                    raise
+                raise StoreError(f"{path}/{metadata.ZARR_JSON} of the store at {redact_text(self._url)!r} is {why}: "
+                                 "its rows cannot be read or written. Run the same extraction with verify "
+                                 "(--verify) to write it again from the plan; the rows are kept.") from exc
             with self._lock:
                 arr = self._arrays.setdefault(path, arr)
         return arr
@@ -312,7 +301,7 @@ class FeatureStore:
 
     @property
     def layers(self) -> list[LayerSpec]:
-        return [LayerSpec(d["name"], tuple(d["shape"]), d["reduction"]) for d in self._plan.get("layers", [])]
+        return metadata.layers_of(self._plan)
 
     @property
     def dtype(self) -> str:
@@ -500,12 +489,31 @@ class FeatureStore:
 
     # -- integrity ----------------------------------------------------------------------------
 
+    def damaged_metadata(self) -> dict[str, str]:
+        """The zarr metadata files (`zarr.json` of a group or array) that are missing, damaged, or differ
+        from the plan: path -> what is wrong. `repair_metadata` rewrites them."""
+        return metadata.damaged(self._fs, self._root, self._plan)
+
+    def repair_metadata(self) -> dict[str, str]:
+        """Write the damaged zarr metadata files (`damaged_metadata`) again from the plan, and return them
+        (also kept in `metadata_rewritten`). The chunks are kept: `verify` then tells whether the rows read
+        back as written. The next finalize consolidates the metadata again."""
+        self._require_writable()
+        damaged = self.damaged_metadata()
+        metadata.rewrite(self._fs, self._root, self._plan, damaged)
+        self.metadata_rewritten.update(damaged)
+        with self._lock:
+            self._arrays.clear()
+        return damaged
+
     def verify(self, commits: Mapping[str, dict] | None = None) -> dict[str, str]:
         """Read every committed shard's rows and compare them with the checksums of its commit record
         (`commits`: the records to check, where the caller has read them); returns shard name -> what is
-        wrong, for the damaged ones."""
+        wrong, for the damaged ones. An array whose metadata is damaged (`damaged_metadata`) is not read:
+        its chunks may well be intact."""
         commits = self.committed() if commits is None else commits
         staged = self.staging
+        unreadable = self.damaged_metadata()
         damaged: dict[str, str] = {}
         for shard in self.shards:
             rec = commits.get(shard.name)
@@ -513,6 +521,8 @@ class FeatureStore:
                 continue
             sums = rec.get("checksums") or {}
             for path in self.chunk_rows:
+                if f"{path}/{metadata.ZARR_JSON}" in unreadable:
+                    continue
                 if path not in sums:
                     damaged[shard.name] = f"{path}: no checksum in its commit record (written by an older version)"
                     break

@@ -702,6 +702,23 @@ def test_targets_measured_on_different_stimuli_are_each_fitted_on_theirs():
         np.testing.assert_allclose(five.r.values[0, cols], np.mean(r, axis=0), rtol=1e-5)
 
 
+def test_a_layer_reports_every_solver_its_fits_used():
+    # the automatic choice goes by each fit's shape: 240 stimuli of 60 features fit primal, a set of 40
+    # stimuli through its kernel; the layer named only its last fit's solver
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(240)]
+    A = rng.standard_normal((240, 60))
+    Y = A[:, :4] @ rng.standard_normal((4, 4)) + rng.standard_normal((240, 4))
+    Y[40:, 2:] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", inner_folds=3, permutations=0)
+        alone = [encode(features_dataset({"a": A[rows]}, keys[rows]), NeuralData(Y[rows][:, cols], keys[rows]),
+                        device="cpu", inner_folds=3, permutations=0).solver.values[0]
+                 for rows, cols in ((slice(None), slice(0, 2)), (slice(0, 40), slice(2, 4)))]
+    assert sorted(alone) == ["kernel", "ridge"] and s.solver.values.tolist() == ["kernel+ridge"]
+
+
 def test_the_chance_test_shuffles_each_set_of_targets_on_its_stimuli():
     keys, A, Y = _two_sessions()
     Y[40:, 3:] = np.random.default_rng(9).standard_normal((80, 3))  # session b: noise alone

@@ -127,7 +127,7 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
     per_fold = {name: np.full((len(prep.splits), prep.Y.shape[1]), np.nan) for name in ("r", "r2", "alpha")}
     tested: list[list[Part]] = [[] for _ in prep.splits]  # for the null
-    last: dict[str, Any] = {}
+    used: dict[str, set[str]] = {"solver": set(), "backend": set()}  # auto chooses per fit, by its shape
     for ts in prep.sets:
         every = len(ts.targets) == prep.Y.shape[1]
         for i, pair in enumerate(ts.splits):
@@ -141,6 +141,8 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
                                return_predictions=bool(opts.permutations))
             for name, values in per_fold.items():
                 values[i, ts.targets] = last[name]
+            for name, seen in used.items():
+                seen.add(last[name])
             if opts.permutations:  # where this set's test stimuli lie among the fold's
                 tested[i].append((ts.targets, np.flatnonzero(ts.rows[prep.splits[i][1]]), y_test,
                                   last["predictions"]))
@@ -150,12 +152,13 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
         groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
         null = null_medians([(len(te), parts) for (_, te), parts in zip(prep.splits, tested)], prep.Y.shape[1],
                             groups, opts.permutations, opts.seed)
+    solver, backend = ("+".join(sorted(seen)) or "none" for seen in used.values())
     log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
-             float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), last["solver"], last["backend"])
+             float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), solver, backend)
     alphas = per_fold["alpha"]
     _warn_grid_edges(layer, alphas[np.isfinite(alphas)], opts.alpha_grid)
     return LayerScores(layer, r, _fold_mean(per_fold["r2"]), _lower_median(alphas), int(X.shape[1]),
-                       last["solver"], last["backend"], time.perf_counter() - t0, null)
+                       solver, backend, time.perf_counter() - t0, null)
 
 
 def _lower_median(per_fold: np.ndarray) -> np.ndarray:

@@ -879,6 +879,28 @@ def test_rsa_recovers_the_source_layer(planted):
     assert abs(direct.rho.sel(layer="late")) < 0.1
 
 
+def test_rdm_is_one_minus_pearson_and_needs_little_memory_beyond_the_layer():
+    # rdm copied a layer to float64, then centred and scaled copies: 6 times a float32 layer at its peak
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X = (3 * rng.standard_normal((60, 5000)) + 10 * rng.standard_normal((60, 1))).astype(np.float32)
+    X[5] = 2.0  # a constant pattern: NaN against every other, 0 on the diagonal
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d, ref = rdm(X), 1 - np.corrcoef(X.astype(np.float64))
+    others = np.arange(60) != 5
+    np.testing.assert_allclose(d[np.ix_(others, others)], ref[np.ix_(others, others)], atol=1e-12)
+    assert np.isnan(d[5, others]).all() and np.isnan(d[others, 5]).all() and d[5, 5] == 0
+    wide = rng.standard_normal((200, 50_000)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        rdm(wide)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * wide.nbytes, peak / wide.nbytes
+
+
 def test_rsa_leaves_out_the_pairs_of_a_constant_pattern(planted):
     # One stimulus whose features are constant (a blank image, an all-zero ReLU row) has no correlation
     # distance to the others: its pairs are left out, not the whole layer turned NaN.

@@ -17,16 +17,31 @@ if TYPE_CHECKING:  # pragma: no cover
     import xarray
 
 
+_RDM_BLOCK = 2048  # features per block: rdm's float64 working copy is n x this, not a copy of the layer
+
+
 def rdm(patterns: np.ndarray) -> np.ndarray:
     """Representational dissimilarity matrix: 1 - Pearson r between the rows (stimuli) of
-    patterns (n, ...) -> (n, n). A constant row has NaN dissimilarities."""
-    X = np.asarray(patterns, dtype=np.float64).reshape(len(patterns), -1)
-    X = X - X.mean(1, keepdims=True)
-    norm = np.linalg.norm(X, axis=1, keepdims=True)
+    patterns (n, ...) -> (n, n). A constant row has NaN dissimilarities.
+
+    Built from the rows' Gram matrix a block of features at a time (in float64), so a wide layer needs
+    little memory beyond itself and the n x n result."""
+    X = np.asarray(patterns).reshape(len(patterns), -1)
+    n, p = X.shape
+    blocks = [slice(j, j + _RDM_BLOCK) for j in range(0, p, _RDM_BLOCK)]
+    mean = sum((X[:, cols].sum(1, dtype=np.float64) for cols in blocks), np.zeros(n)) / max(p, 1)
+    gram = np.zeros((n, n))
+    for cols in blocks:
+        centred = X[:, cols].astype(np.float64) - mean[:, None]
+        gram += centred @ centred.T
+    norm = np.sqrt(np.diag(gram).copy())
     with np.errstate(invalid="ignore", divide="ignore"):
-        X = X / norm
-    X[~(norm[:, 0] > 0)] = np.nan
-    d = 1.0 - X @ X.T
+        gram /= norm[:, None]
+        gram /= norm[None, :]
+    constant = ~(norm > 0)
+    gram[constant] = np.nan
+    gram[:, constant] = np.nan
+    d = np.subtract(1.0, gram, out=gram)
     np.fill_diagonal(d, 0.0)
     return d
 

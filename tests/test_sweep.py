@@ -127,6 +127,20 @@ def test_a_failing_model_is_reported_and_the_others_complete(tmp_path):
     assert failure_message({"models": summary["models"][:1]}).startswith("every model failed;")
 
 
+def test_a_sweep_where_every_model_failed_names_the_comparison_it_left_as_an_earlier_runs(tmp_path):
+    from neuropredictor.sweep import failure_message
+    from neuropredictor.sweep.run import summarize
+
+    (tmp_path / "neural.npz").write_bytes(b"")
+    sweep = _sweep(tmp_path, tmp_path / "out", models=[CUSTOM], neural=str(tmp_path / "neural.npz"))
+    failed = [{"model": CUSTOM, "status": "failed", "extract": {"status": "failed", "error": "OSError: gone"}}]
+    assert "earlier" not in failure_message(summarize(sweep, failed))  # none there
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "comparison.csv").write_text("model,layer\n")
+    said = failure_message(summarize(sweep, failed))
+    assert said.startswith("every model failed") and f"{tmp_path / 'out'}/comparison.csv is an earlier run's" in said
+
+
 def test_neural_data_that_cannot_be_used_fails_before_any_model_runs(tmp_path):
     # was found after the first model's whole extraction
     make_images(tmp_path / "imgs", 6, nested=False)

@@ -260,6 +260,9 @@ def summarize(sweep: SweepConfig, entries: list[dict[str, Any]],
     scored = [m for m, e in zip(sweep.models, entries) if e.get("encode", {}).get("status") == StepStatus.DONE]
     if scored:
         summary["comparison"] = compare(sweep, scored)
+    elif sweep.neural is not None and fsx.exists(earlier := f"{sweep.out.rstrip('/')}/comparison.csv",
+                                                 sweep.storage_options):
+        summary["earlier_comparison"] = earlier  # not this run's: no model was scored
     summary["failed"] = [e["model"] for e in entries if e["status"] == StepStatus.FAILED]
     return summary
 
@@ -309,4 +312,7 @@ def failure_message(summary: dict[str, Any]) -> str:
              for r in summary["models"] if r["status"] == StepStatus.FAILED]
     n = len(summary["models"])
     how = "every model failed" if len(lines) == n else f"{len(lines)} of {n} models failed (the others are complete)"
-    return f"{how}; fix the cause and run the same sweep again: finished models are skipped.\n" + "\n".join(lines)
+    earlier = summary.get("earlier_comparison")
+    note = f"\n(no model was scored this time: {earlier} is an earlier run's comparison)" if earlier else ""
+    return (f"{how}; fix the cause and run the same sweep again: finished models are skipped.\n" + "\n".join(lines)
+            + note)

@@ -42,8 +42,9 @@ from neuropredictor.store import FeatureStore
 # The terminal's progress bar, when the command line runs this flow in its own process; deployments run
 # without one. A context variable, so that it reaches the task threads (Prefect copies the context).
 PROGRESS: ContextVar[Callable[[str, dict], None] | None] = ContextVar("neuropredictor_progress", default=None)
-# Set by the command line's Ctrl-C: the shard tasks end after their current batch (uncommitted shards run
-# again next time), no new ones start, and the flow run ends Cancelled without finalizing.
+# Set by the command line's Ctrl-C, or by the flow when its run is cancelled: the shard tasks end after their
+# current batch (uncommitted shards run again next time), no new ones start, and the flow run ends Cancelled
+# without finalizing.
 STOP: ContextVar[threading.Event | None] = ContextVar("neuropredictor_stop", default=None)
 
 INTERRUPTED = "interrupted: committed shards are kept; run the same command again to resume"
@@ -205,24 +206,37 @@ def extract_flow(params: ExtractParameters) -> dict | State:
         policy = schedule.RetryPolicy.of(config)
         window = schedule.DeviceWindow(groups, devices)
         running: dict[Any, tuple[list[Shard], str]] = {}
+        # a deployed run has no command line to set STOP: its own event, which its tasks see (submitted below)
         stop = STOP.get() or threading.Event()
-        while True:
-            for group, device in ([] if stop.is_set() else window.start()):
-                # delays drawn per task: the groups of one run (one per GPU) do not retry in step either
-                task = extract_shards_task.with_options(retries=policy.retries, retry_delay_seconds=policy.delays(),
-                                                        retry_condition_fn=_worth_retrying)
-                # the flow's store object (quoted: Prefect need not walk it), not one opened per task, which
-                # read the whole plan and manifest for every shard (hundreds of MB at 10,000 shards)
-                running[task.submit(config, group, device, schedule.group_label(group), quote(store))] = (group, device)
-            if not running:
-                break
-            future = next(as_completed(list(running)))
-            group, device = running.pop(future)
-            error = _state_error(future)
-            if stop.is_set():
-                error = error or "interrupted"  # only its uncommitted shards count as not done
-            window.finish(group, device, error, store.is_committed)
-            update_progress_artifact(progress_id, progress=100.0 * (done_before + window.rows_done) / total_rows)
+        token = STOP.set(stop)
+        try:
+            while True:
+                for group, device in ([] if stop.is_set() else window.start()):
+                    # delays drawn per task: the groups of one run (one per GPU) do not retry in step either
+                    task = extract_shards_task.with_options(retries=policy.retries,
+                                                            retry_delay_seconds=policy.delays(),
+                                                            retry_condition_fn=_worth_retrying)
+                    # the flow's store object (quoted: Prefect need not walk it), not one opened per task, which
+                    # read the whole plan and manifest for every shard (hundreds of MB at 10,000 shards)
+                    future = task.submit(config, group, device, schedule.group_label(group), quote(store))
+                    running[future] = (group, device)
+                if not running:
+                    break
+                future = next(as_completed(list(running)))
+                group, device = running.pop(future)
+                error = _state_error(future)
+                if stop.is_set():
+                    error = error or "interrupted"  # only its uncommitted shards count as not done
+                window.finish(group, device, error, store.is_committed)
+                update_progress_artifact(progress_id, progress=100.0 * (done_before + window.rows_done) / total_rows)
+        except BaseException:
+            # Cancelled from Prefect (its TerminationSignal arrives here), or the flow itself failing: the shard
+            # tasks under way end after their batch, uncommitted, instead of holding the process until their
+            # shards are done (or until the worker kills it, after its grace period)
+            stop.set()
+            raise
+        finally:
+            STOP.reset(token)
     if stop.is_set():
         logger.info(INTERRUPTED)
         return Cancelled(message=INTERRUPTED)

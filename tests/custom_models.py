@@ -1,8 +1,11 @@
 """Models of the kind users bring (`custom:` specs): a small CIFAR CNN with its own transform (seed 004),
-a tiny Robust-ResNet-style network (seed 002: patchify stem, large depth-wise kernels, few norms), and
-layers named like credentials (`key`, `token_mixer`)."""
+a tiny Robust-ResNet-style network (seed 002: patchify stem, large depth-wise kernels, few norms),
+layers named like credentials (`key`, `token_mixer`), and a slow CNN (runs that must still be going when a
+test stops them)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
@@ -28,6 +31,19 @@ def cifar_cnn():
         v2.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     ])
     return CifarCNN(), transform
+
+
+class SlowCNN(CifarCNN):
+    """The CIFAR CNN, a fifth of a second per forward pass: without using the CPU, a shard of 100 batches
+    lasts 20 s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.2)
+        return super().forward(x)
+
+
+def slow_cnn():
+    return SlowCNN(), cifar_cnn()[1]
 
 
 class DWBlock(nn.Module):

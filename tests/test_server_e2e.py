@@ -276,3 +276,50 @@ def test_sweep_through_a_real_server(prefect_server, tmp_path):
         name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}.zarr"
         assert_identical_stores(str(tmp_path / "sweep" / name), str(tmp_path / "fanned" / name))
     assert (tmp_path / "fanned" / "comparison.csv").read_text().splitlines() == table
+
+
+def test_a_run_cancelled_from_prefect_stops_its_shard_after_the_batch(prefect_server, tmp_path):
+    """Cancelled from the UI or the API (the worker signals the run's process): the shard under way ends after
+    its batch, uncommitted and not failed, and the process exits at once. It used to go on to the end of the
+    shard (then committed it), or until the worker killed it after its grace period."""
+    from conftest import make_images
+
+    api, env, procs = prefect_server
+    make_images(tmp_path / "imgs", 200, nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=200)  # one shard of 100 batches: 20 s
+    out = tmp_path / "out.zarr"
+    _cli(env, "work-pool", "create", "local-process", "--type", "process")
+    _cli(env, "work-pool", "create", "gpu-k8s", "--type", "kubernetes",
+         "--base-job-template", str(REPO / "infra" / "k8s" / "base-job-template.json"))
+    _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    worker = procs.start("worker", [PREFECT, "worker", "start", "--pool", "local-process", "--work-queue", "default",
+                                    "--limit", "1"], env)
+    params = {"corpus": str(tmp_path / "shards"), "model": f"custom:{REPO / 'tests' / 'custom_models.py'}:slow_cnn",
+              "layers": ["features.5"], "out": str(out), "pretrained": False, "batch_size": 2, "num_workers": 0,
+              "retries": 2}
+    with httpx.Client(base_url=api, timeout=30) as client:
+        deployment = client.get("/deployments/name/extract/local").raise_for_status().json()
+        run_id = _trigger(client, deployment["id"], params)
+        deadline = time.monotonic() + 240
+        while not _extracting(out):  # the shard claimed
+            assert time.monotonic() < deadline, "the shard never started\n" + procs.tail()
+            time.sleep(0.25)
+        time.sleep(3)  # a few batches in
+        client.post(f"/flow_runs/{run_id}/set_state",
+                    json={"state": {"type": "CANCELLING"}, "force": True}).raise_for_status()
+        cancelled_at = time.monotonic()
+        run = _wait_run(client, run_id, procs)
+        _wait_idle(worker, procs)
+        took = time.monotonic() - cancelled_at
+    assert run["state"]["type"] == "CANCELLED", json.dumps(run["state"]) + procs.tail()
+    assert not list((out / "_status").glob("*.json")), procs.tail()  # neither committed nor recorded as failed
+    assert took < 10, f"{took:.1f} s from the cancel to the process's exit\n" + procs.tail()
+    manifest = FeatureStore.open(str(out)).manifest
+    assert manifest["status"] != "complete" and not FeatureStore.open(str(out)).extracting()
+
+
+def _extracting(out: Path) -> list[dict]:
+    try:
+        return FeatureStore.open(str(out), mode="r").extracting()
+    except Exception:  # not planned yet
+        return []

@@ -9,7 +9,9 @@ a profiler summary and the encoding benchmark, every raw result written under --
     python3 benchmarks/gpu_check.py --out $OUT --steps encode
 
 The record (gpu-check.json) is written after every case and step, so a call cut off at its limit keeps
-what it measured; carry it into the next call's $OUT to add to it.
+what it measured. The next call adds to it with --previous: $OUT starts empty on every call, so copy the
+record into an ignored folder here and carry it (`cp .../gpu-check.json .gpu/`, carry [".whl", ".gpu"],
+`--previous .gpu/gpu-check.json`); run the cases a call did not reach by name (--cases a,b).
 
 Files (at most eight, flat, as the device tool returns them): gpu-check.json (every result), gpu-check.log
 (every command's output), gpu-tests.xml, gpu-throughput.png, nvidia-smi.txt. Cases run one per process, so
@@ -64,9 +66,11 @@ def sh(out: Path, cmd: list[str], timeout: float, env: dict | None = None) -> su
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired as exc:
-        log(out, f"timed out after {timeout} s\n{(exc.stdout or '')[-4000:]}")
-        return subprocess.CompletedProcess(cmd, 124, exc.stdout or "", exc.stderr or "")
+    except subprocess.TimeoutExpired as exc:  # its output comes as bytes, text=True or not
+        stdout, stderr = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                          for x in (exc.stdout, exc.stderr))
+        log(out, f"timed out after {timeout} s\n{stdout[-4000:]}")
+        return subprocess.CompletedProcess(cmd, 124, stdout, stderr)
     log(out, (proc.stdout + proc.stderr)[-8000:] + f"\n(exit {proc.returncode}, {time.perf_counter() - t0:.1f} s)")
     return proc
 
@@ -121,7 +125,7 @@ from torch.profiler import ProfilerActivity, profile
 from neuropredictor import ExtractConfig, plan, extract_shard
 cfg = ExtractConfig(**json.loads(sys.argv[1]))
 store = plan(cfg)
-extract_shard(cfg, store.shards[0], store=store)  # warm: workers, cudnn autotune
+extract_shard(cfg, store.shards[0], store=store)  # warm: workers, allocator, first-call kernels
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     extract_shard(cfg, store.shards[1], store=store)
 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
@@ -153,13 +157,15 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="names, or eager / compiled")
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
+    parser.add_argument("--previous", help="an earlier call's gpu-check.json: its results are kept in this record")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = args.steps.split(",")
     env = environment()
     record_path = out / "gpu-check.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    earlier = record_path if record_path.exists() else Path(args.previous) if args.previous else None
+    record = json.loads(earlier.read_text()) if earlier else {}
     record.update(date=dt.date.today().isoformat(), commit=subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or None)
     try:

@@ -27,6 +27,14 @@ from neuropredictor.models import LoadedModel
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def ieee_fp32() -> None:
+    """fp32 computes in fp32 on CUDA: PyTorch runs cuDNN's float32 convolutions in TF32 by default (10 bits of
+    mantissa, about 1e-3 relative error in a ResNet's features). A process-wide setting of torch's: set through
+    its legacy flags, which keep its flags consistent whichever API set them before."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class _StopForward(BaseException):
     """Raised from the last hook to end the forward pass early. A BaseException, so a model's own
     `except Exception` blocks do not swallow it."""
@@ -64,8 +72,12 @@ class Extractor:
         self.model = model
         self.device = torch.device(device)
         self.precision = precision
+        if precision == "fp32" and self.device.type == "cuda":
+            ieee_fp32()
         self.channels_last = channels_last
-        self.early_exit = early_exit
+        # compiled, the forward pass runs whole: the exception that ends it early breaks the graph into one per
+        # block (5 for resnet18), and a ViT's hooks then hit dynamo's recompile limit and run eager
+        self.early_exit = early_exit and not compile
         # on the device first: the layer discovery's forward pass runs there (a big model's took seconds on
         # the CPU, for every replica)
         self.module = model.module.to(self.device)

@@ -43,9 +43,9 @@ def _natural(w: int, h: int, seed: int) -> np.ndarray:
     return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
 
 
-def _jpeg(arr: np.ndarray) -> bytes:
+def _jpeg(arr: np.ndarray, subsampling: int = -1) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90, subsampling=subsampling)
     return buf.getvalue()
 
 
@@ -164,6 +164,22 @@ def test_workers_leave_the_device_only_jpegs_it_may_decode_as_stored(tmp_path):
     assert batch.data[1].shape == (40, 30, 3)  # turned: 30 wide, 40 high as displayed
 
 
+def test_a_jpeg_without_its_end_marker_is_decoded_by_the_workers():
+    # its header reads fine, so it went to the device as bytes: a GPU's batch decoder may return garbage
+    # pixels for a truncated file instead of failing it; the workers' decoder names the problem
+    from neuropredictor.corpus.decode import ImageError, decode_pil, for_device
+
+    data = _jpeg(_natural(200, 150, 0))
+    assert for_device(data) == data and for_device(data + b"\0" * 64) == data + b"\0" * 64  # padded: as stored
+    with Image.open(io.BytesIO(data[: len(data) // 2])) as img:
+        assert img.size == (200, 150)  # the header is whole
+    with pytest.raises(ImageError, match="decode"):
+        for_device(data[: len(data) // 2])
+    trailer = for_device(data + b"camera maker's trailer")  # valid, with bytes after its end: decoded here
+    assert isinstance(trailer, np.ndarray)
+    np.testing.assert_array_equal(trailer, np.asarray(decode_pil(data)))
+
+
 def test_a_batch_of_worker_decoded_images_fits_a_low_file_limit(tmp_path):
     """300 PNGs in one batch from a DataLoader worker, under a limit of 256 open files: the decoded images
     leave the worker pickled, not as one shared-memory tensor (and file descriptor) each."""
@@ -220,12 +236,17 @@ def test_nvjpeg_batch_matches_cpu_decoding():
     gpu = DeviceDecoder(model.transform, "cuda", model.input_size)
     from neuropredictor.corpus import Batch
 
-    data = [_jpeg(_natural(w, h, i)) for i, (w, h) in enumerate([(400, 300), (320, 240), (500, 375), (224, 224)])]
-    data[2] = data[2][:300]  # one broken file must not cost the batch
-    batch = Batch(index=torch.arange(4), keys=[f"k{i}" for i in range(4)], images=None,
-                  valid=torch.ones(4, dtype=torch.bool), data=data)
-    a, b = cpu(batch), gpu(batch)
-    assert b.images.is_cuda and b.valid.tolist() == a.valid.tolist() == [True, True, False, True]
-    # nvJPEG's IDCT differs from libjpeg's by a grey level or two
-    diff = (b.images.cpu() - a.images).abs()
-    assert diff.mean().item() < 5e-3 and diff.max().item() < 8 / 255 / 0.224
+    sizes = [(400, 300), (320, 240), (500, 375), (224, 224)]
+    # 4:4:4 (full-resolution colour): nvJPEG's IDCT differs from libjpeg's by a grey level or two. 4:2:0, what
+    # cameras and PIL write by default: nvJPEG upsamples the colour planes by repeating them, libjpeg smoothly,
+    # so colour edges differ more; torchvision's own test allows 2 grey levels on average
+    for subsampling, mean_levels, max_levels in ((0, 0.3, 8), (2, 2, None)):
+        data = [_jpeg(_natural(w, h, i), subsampling) for i, (w, h) in enumerate(sizes)]
+        data[2] = data[2][:100]  # one broken file (its frame header cut) must not cost the batch
+        batch = Batch(index=torch.arange(4), keys=[f"k{i}" for i in range(4)], images=None,
+                      valid=torch.ones(4, dtype=torch.bool), data=data)
+        a, b = cpu(batch), gpu(batch)
+        assert b.images.is_cuda and b.valid.tolist() == a.valid.tolist() == [True, True, False, True]
+        diff = (b.images.cpu() - a.images).abs() * 0.224 * 255  # in grey levels (resnet's smallest std)
+        print(f"nvJPEG vs libjpeg, subsampling={subsampling}: mean {diff.mean():.3f}, max {diff.max():.2f} grey levels")
+        assert diff.mean().item() < mean_levels and (max_levels is None or diff.max().item() < max_levels)

@@ -125,17 +125,19 @@ def read_image(source: str | os.PathLike | bytes, storage_options: Mapping | Non
 
 
 JPEG_MAGIC = b"\xff\xd8"
+JPEG_END = b"\xff\xd9"
 
 
 def for_device(data: bytes) -> bytes | np.ndarray:
     """One image as the device path takes it, prepared in the DataLoader worker: its bytes when it is a
     JPEG a JPEG decoder (nvJPEG) may decode as stored (within MAX_PIXELS, no EXIF rotation, baseline colour
     or greyscale, from the header only: nvJPEG decodes progressive JPEGs on the host one by one, and a CMYK
-    one fails its whole batch), else its pixels decoded here as on the CPU path (`decode_pil`; uint8
+    one fails its whole batch; ending in its end-of-image marker: a GPU's batch decoder may pass a truncated
+    file as garbage pixels), else its pixels decoded here as on the CPU path (`decode_pil`; uint8
     (H, W, 3)). ImageError when
     it cannot be decoded. An array, not a tensor: a tensor per image would hold a file descriptor each on
     its way out of the worker (thousands in flight exhaust the process's limit); an array is pickled."""
-    if data[:2] == JPEG_MAGIC:
+    if data[:2] == JPEG_MAGIC and data.rstrip(b"\0")[-2:] == JPEG_END:
         try:
             with open_image(data) as img:
                 if not needs_rotation(img) and img.mode in ("RGB", "L") and not img.info.get("progressive"):

@@ -48,7 +48,7 @@ class _BackgroundWriter:
             host[name] = torch.empty(t.shape, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
         on_gpu = [t.device for t in features.values() if t.is_cuda]
         if on_gpu:  # recorded on the copies' own stream: the current device is cuda:0 in every thread
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # the writer thread sleeps on it, rather than spinning a core
             event.record(torch.cuda.current_stream(on_gpu[0]))
         t0 = time.perf_counter()
         while True:  # bounded wait: a dead writer thread must not block the producer forever

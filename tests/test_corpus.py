@@ -439,21 +439,7 @@ def test_read_shard_order_and_values_with_and_without_workers(image_dir: Path, t
     for b0, b2 in zip(runs[0], runs[2], strict=True):
         assert b0.keys == b2.keys and torch.equal(b0.index, b2.index) and torch.equal(b0.images, b2.images)
 
-    # a signal to the whole process group (Ctrl-C; a Prefect worker cancelling the run) is the parent's to
-    # act on: decode workers that died of it made the run record the shard failed and retry it
-    import multiprocessing
-    import os
-    import signal
-
-    it = read_shard(shard, small_transform(), 2, num_workers=2)
-    got = [next(it)]
-    children = multiprocessing.active_children()
-    assert len(children) == 2
-    for child in children:
-        os.kill(child.pid, signal.SIGTERM)
-        os.kill(child.pid, signal.SIGINT)
-    got += list(it)
-    assert torch.cat([b.index for b in got]).tolist() == list(range(25))
+    _signals_to_the_group_are_the_parents_and_its_exit_stops_the_workers(shard)
 
     # stopping early shuts the workers down without hanging
     it = read_shard(shard, small_transform(), 2, num_workers=2)
@@ -465,6 +451,41 @@ def test_read_shard_order_and_values_with_and_without_workers(image_dir: Path, t
     assert only.index.tolist() == list(range(25))
     # three workers (more than this machine's cores: torch warns), batch size 1: every sample its own batch
     assert [int(b.index) for b in read_all(shard, batch_size=1, num_workers=3)] == list(range(25))
+
+
+def _signals_to_the_group_are_the_parents_and_its_exit_stops_the_workers(shard: Shard) -> None:
+    """A signal to the whole process group (Ctrl-C; a Prefect worker cancelling the run) is the parent's to act
+    on: decode workers that died of it made the run record the shard failed and retry it. And a process that
+    exits while its workers still run (a second Ctrl-C cut the loader's shutdown short) must not wait for them
+    forever: workers that ignored SIGTERM held it at exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys
+        import torch
+        from torchvision.transforms import v2 as T
+        from neuropredictor.corpus import Shard, read_shard
+        seen = []
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the parent acts on them (the CLI does)
+            signal.signal(sig, lambda s, frame: seen.append(s))
+        transform = T.Compose([T.Resize((16, 16)), T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])
+        shard = Shard(**json.loads(sys.argv[1]))
+        it = read_shard(shard, transform, 2, num_workers=2)
+        got = [next(it)]
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.killpg(0, sig)
+        got += [next(it) for _ in range(5)]
+        print(json.dumps({{"rows": torch.cat([b.index for b in got]).tolist(), "seen": sorted(seen)}}), flush=True)
+        sys.exit(0)  # with the workers still running
+        """)
+    fields = {f.name: getattr(shard, f.name) for f in dataclasses.fields(shard)}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(fields)], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rows"] == list(range(12)) and len(out["seen"]) == 3
 
 
 def test_bad_images_are_marked_invalid(tmp_path: Path) -> None:

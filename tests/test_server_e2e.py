@@ -295,7 +295,7 @@ def test_a_run_cancelled_from_prefect_stops_its_shard_after_the_batch(prefect_se
     worker = procs.start("worker", [PREFECT, "worker", "start", "--pool", "local-process", "--work-queue", "default",
                                     "--limit", "1"], env)
     params = {"corpus": str(tmp_path / "shards"), "model": f"custom:{REPO / 'tests' / 'custom_models.py'}:slow_cnn",
-              "layers": ["features.5"], "out": str(out), "pretrained": False, "batch_size": 2, "num_workers": 0,
+              "layers": ["features.5"], "out": str(out), "pretrained": False, "batch_size": 2, "num_workers": 1,
               "retries": 2}
     with httpx.Client(base_url=api, timeout=30) as client:
         deployment = client.get("/deployments/name/extract/local").raise_for_status().json()

@@ -281,19 +281,24 @@ class _ShardBatches(IterableDataset):
 
 
 def _decode_worker_init(_worker_id: int) -> None:
-    """A decode worker (a fork of the run's process) is stopped by its parent, never by a signal:
+    """A decode worker (a fork of the run's process) is stopped by its parent, not by signals meant for it:
 
     - Ctrl-C, and a Prefect worker cancelling a run, signal the whole process group (SIGINT, SIGTERM). A
       decode worker that died of it first made the run see "DataLoader worker exited unexpectedly", record
-      the shard as failed and retry it, instead of stopping as asked; the parent stops its workers as it
-      stops (they also exit when it dies).
+      the shard as failed and retry it, instead of stopping as asked. So it leaves the group: the parent
+      stops its workers as it stops (they also exit when it dies).
+    - A signal sent to the worker itself still works: the parent's exit terminates workers still running
+      (multiprocessing's SIGTERM, e.g. after a second Ctrl-C cut the loader's own shutdown short); one that
+      ignored it held the process at exit forever.
     - It inherits the parent's thread-exit hooks, e.g. those of Prefect's log and event services once a flow
       has run in this process. They assume threads the fork does not have and fail at the worker's exit
       (exit code 1, the batches lost): the worker is not the parent, so drop them."""
     import signal
     import threading
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+    for name in ("SIGINT", "SIGHUP"):  # a terminal's, and a direct Ctrl-C is never the worker's to act on
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     getattr(threading, "_threading_atexits", []).clear()

@@ -47,6 +47,9 @@ CASES = {
     "resnet50-b256-compile": {**R50, "batch_size": 256, "compile": True, "channels_last": True},
     "resnet50-b64": {**R50, "batch_size": 64},
     "resnet50-b512": {**R50, "batch_size": 512},
+    # shards as `shards make` packs them (1,000 images): every shard starts its decode workers, and its first
+    # batch is decoded by one worker, while the device waits (no overlap between shards yet)
+    "resnet50-b256-shards1000": {**R50, "batch_size": 256, "shard_images": 1000},
     "resnet50-layer1-early-exit": {**R50, "layers": ["layer1"], "reduce": "avgpool", "batch_size": 256,
                                    "early_exit_baseline": True},
     "vit_b16-b256": {**VIT, "batch_size": 256},
@@ -106,15 +109,19 @@ def run_cases(out: Path, env: dict, names: list[str], images: int, device: str,
     from neuropredictor.bench import make_corpus
 
     work = Path(tempfile.mkdtemp(prefix="np-gpu-"))
-    t0 = time.perf_counter()
-    # shards of 16 batches of the largest size: each batch has its own decode worker, as in a real corpus
-    corpus = make_corpus(work, images, per_shard=max(int(CASES[n]["batch_size"]) for n in names) * 16)
-    log(out, f"corpus: {images} JPEGs 400x300 in {time.perf_counter() - t0:.1f} s")
+    corpora: dict[int, str] = {}
     for name in names:
-        args = {**CASES[name], "images": images, "device": device, "corpus": corpus, "workdir": str(work / name)}
+        args = dict(CASES[name])
+        # shards of 16 batches of the largest size, unless the case says: each batch has its own decode worker
+        per_shard = args.pop("shard_images", max(int(CASES[n]["batch_size"]) for n in names) * 16)
+        if per_shard not in corpora:
+            t0 = time.perf_counter()
+            corpora[per_shard] = make_corpus(work / f"corpus-{per_shard}", images, per_shard=per_shard)
+            log(out, f"corpus: {images} JPEGs 400x300, {per_shard} per shard, in {time.perf_counter() - t0:.1f} s")
+        args.update(images=images, device=device, corpus=corpora[per_shard], workdir=str(work / name))
         proc = sh(out, [sys.executable, "-c", _CASE, json.dumps(args)], timeout=300, env=env)
         try:
-            save(name, json.loads(proc.stdout.strip().splitlines()[-1]))
+            save(name, {**json.loads(proc.stdout.strip().splitlines()[-1]), "shard_images": per_shard})
         except (IndexError, ValueError):
             save(name, {"error": (proc.stderr or proc.stdout)[-2000:]})
 

@@ -643,6 +643,37 @@ def test_csv_index_and_flag_columns_are_not_targets(tmp_path):
     with pytest.raises(EncodingError, match=r"columns 'is_test' hold True/False.*split="):
         load_neural(tmp_path / "flag.csv")
     assert load_neural(tmp_path / "flag.csv", split="is_test").targets == [f"v{i}" for i in range(5)]
+    # the same flag written as 0/1, and an identifier column (NSD's nsd_id): whole numbers, scored as targets
+    df["is_test"] = (np.arange(60) % 5 == 0).astype(int)
+    df.to_csv(tmp_path / "zero_one.csv", index=False)
+    with pytest.raises(EncodingError, match=r"columns 'is_test' hold True/False \(or 0/1\).*split="):
+        load_neural(tmp_path / "zero_one.csv")
+    df = df.drop(columns="is_test")
+    df["nsd_id"] = np.arange(60) * 7 + 3
+    df.to_csv(tmp_path / "ids.csv", index=False)
+    with pytest.raises(EncodingError, match=r"columns 'nsd_id' look like identifiers.*key_column="):
+        load_neural(tmp_path / "ids.csv")
+    df["nsd_id"] = df["nsd_id"] * 1.5  # not whole numbers: responses after all
+    df.to_csv(tmp_path / "ids.csv", index=False)
+    assert load_neural(tmp_path / "ids.csv").targets[-1] == "nsd_id"
+
+
+def test_neural_files_that_are_easy_to_misread_are_named(tmp_path):
+    keys, _, Y = _small()
+    # a split the user did not name is not used, but pointed out
+    np.savez(tmp_path / "n.npz", data=Y, key=np.array(keys), is_test=np.arange(60) % 5 == 0)
+    with pytest.warns(AlignmentWarning, match=r"'is_test'.*looks like a split.*--split is_test"):
+        assert load_neural(tmp_path / "n.npz").train is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_neural(tmp_path / "n.npz", split="is_test").train.sum() == 48
+    # stored targets x stimuli
+    np.savez(tmp_path / "t.npz", data=Y.T, key=np.array(keys))
+    with pytest.raises(EncodingError, match="transpose it"):
+        load_neural(tmp_path / "t.npz")
+    # a ceiling in percent (or R²) is not in units of r
+    with pytest.warns(AlignmentWarning, match=r"noise ceiling above 1 \(up to 36\).*units of r"):
+        NeuralData(Y, keys, ceiling=np.full(5, 36.0))
 
 
 def test_inf_in_the_neural_data_drops_the_row_and_a_fold_without_r_is_left_out():
@@ -839,15 +870,24 @@ def test_rsa_keeps_only_stimuli_measured_for_every_target(planted):
 
 
 def test_alphas_at_an_end_of_the_grid_are_warned_about(caplog):
-    # noise alone wants the largest alpha there is: a grid that stops at 0.1 under-regularises every target
+    # a weak signal in much noise wants a large alpha: a grid that stops at 0.1 under-regularises the targets
     keys, A, _ = _small(80)
-    noise = np.random.default_rng(5).standard_normal((80, 5))
+    rng = np.random.default_rng(5)
+    weak = 0.3 * A @ rng.standard_normal((A.shape[1], 5)) + rng.standard_normal((80, 5))
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.encode"):
+        s = encode(features_dataset({"a": A}, keys), NeuralData(weak, keys), device="cpu", inner_folds=3,
+                   alphas="0.01,0.1")
+    assert (s.alpha.values == 0.1).mean() > 0.5 and (s.r.values > 0.3).all()
+    assert re.search(r"layer a: \d+% of the alphas chosen .* grid's largest, 0.1, for targets it predicts; .* "
+                     r"extend the grid upward", caplog.text)
+    caplog.clear()
+    # noise alone rightly takes the largest alpha there is: not a grid too short (it warned on every layer
+    # of data with unpredictable voxels)
+    noise = rng.standard_normal((80, 200))
     with caplog.at_level(logging.WARNING, logger="neuropredictor.encode"):
         s = encode(features_dataset({"a": A}, keys), NeuralData(noise, keys), device="cpu", inner_folds=3,
-                   alphas="0.01,0.1")
-    assert (s.alpha.values == 0.1).mean() > 0.5
-    assert re.search(r"layer a: \d+% of the alphas chosen .* grid's largest, 0.1; .* extend the grid upward",
-                     caplog.text)
+                   folds=4, permutations=0)
+    assert (s.alpha.values == s.alpha.values.max()).mean() > 0.2 and "grid's" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="neuropredictor.encode"):  # a signal: alphas inside the grid
         encode(features_dataset({"a": A}, keys), NeuralData(A @ np.ones((10, 3)), keys), device="cpu",

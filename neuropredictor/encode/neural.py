@@ -26,6 +26,8 @@ _TARGET_NAMES = ("target", "targets", "target_names", "voxel", "voxels", "neuroi
 _ROI_NAMES = ("roi", "rois", "region")
 _CEILING_NAMES = ("ceiling", "noise_ceiling", "ceilings")
 _DATA_NAMES = ("data", "values", "responses", "Y", "y", "betas")
+_SPLIT_NAMES = ("split", "is_test", "test", "is_train", "train", "shared")  # only named to the user: see load_neural
+_ID_COLUMN = re.compile(r"(?:.*[_\s])?(?:id|idx|index)", re.IGNORECASE)  # nsd_id, image_index: not responses
 
 
 @dataclass
@@ -106,6 +108,12 @@ class NeuralData:
             if unusable:
                 warnings.warn(f"{len(unusable)} targets have a noise ceiling that is not positive (or NaN): their "
                               f"r_normalized is NaN ({_fmt(unusable)})", AlignmentWarning, stacklevel=3)
+            above = np.flatnonzero(self.ceiling > 1)
+            if len(above):
+                warnings.warn(f"{len(above)} targets have a noise ceiling above 1 (up to {np.nanmax(self.ceiling):.3g}), "
+                              "which r cannot reach: the ceiling is in units of r (0 to 1). Convert one in percent "
+                              "(NSD's ncsnr-based ceilings) or in R² (take its square root) first",
+                              AlignmentWarning, stacklevel=3)
 
     @property
     def n_stimuli(self) -> int:
@@ -174,8 +182,13 @@ def load_neural(path: str | os.PathLike, keys: str | os.PathLike | Sequence[str]
                                 "key_column=")
         key_list = [str(k) for k in np.asarray(found).reshape(-1).tolist()]
     if len(key_list) != n:
+        turned = " (it looks stored targets x stimuli: transpose it)" if len(key_list) == values.shape[1] else ""
         raise EncodingError(f"{spath}: {len(key_list)} keys for {n} rows of neural data (shape {values.shape}); "
-                            "the key list must have one key per row, in row order")
+                            f"the key list must have one key per row, in row order{turned}")
+    if split is None and (named := [name for name in _SPLIT_NAMES if name in container]):
+        warnings.warn(f"{spath} has {_fmt(named)}, which looks like a split, but no split was given: it is not "
+                      f"used (held out: K folds or a random share). To hold out its test stimuli, pass "
+                      f"split={named[0]!r} (--split {named[0]})", AlignmentWarning, stacklevel=2)
 
     target_list = _resolve_per_target(targets, "targets", container, _TARGET_NAMES, opts, spath)
     roi_list = _resolve_per_target(roi, "roi", container, _ROI_NAMES, opts, spath)
@@ -255,10 +268,17 @@ def _read_csv(spath: str, key_column: str, other_columns: Sequence[str], need_ke
         raise EncodingError(f"{spath}: columns {_fmt(unnamed)} have no header: pandas writes its row index so "
                             "(DataFrame.to_csv without index=False). Remove them, or give them a name if they "
                             "hold responses")
-    flags = [c for c in df.columns if pd.api.types.is_bool_dtype(df[c])]
+    # whole numbers that are a split or flag (0/1) or an identifier (nsd_id) would be scored as targets
+    flags = [c for c in df.columns if pd.api.types.is_bool_dtype(df[c])
+             or (pd.api.types.is_integer_dtype(df[c]) and set(df[c].unique().tolist()) <= {0, 1})]
     if flags:
-        raise EncodingError(f"{spath}: columns {_fmt(flags)} hold True/False, not responses: name a split "
-                            "column with split=, and remove other flags")
+        raise EncodingError(f"{spath}: columns {_fmt(flags)} hold True/False (or 0/1), not responses: name a split "
+                            "column with split=, and remove other flags (responses that are 0/1 counts: write "
+                            "them as 0.0/1.0)")
+    ids = [c for c in df.columns if pd.api.types.is_integer_dtype(df[c]) and _ID_COLUMN.fullmatch(str(c))]
+    if ids:
+        raise EncodingError(f"{spath}: columns {_fmt(ids)} look like identifiers (whole numbers, named so), not "
+                            "responses: remove them, or make one the key (key_column=)")
     return df.to_numpy(dtype=np.float64), container, [str(c) for c in df.columns]
 
 

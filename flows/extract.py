@@ -35,6 +35,7 @@ from neuropredictor import pipeline, schedule
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import ConfigMismatchError, Interrupted, NeuroPredictorError
 from neuropredictor.manifest import canonical
+from neuropredictor.pipeline.readahead import Readahead
 from neuropredictor.redact import redact, redact_text, secret_name_pattern
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore
@@ -143,7 +144,7 @@ def plan_task(config: ExtractConfig, shards: list[Shard], scope: list[str] | Non
 
 @task(name="extract-shards", task_run_name="{label}", cache_policy=NO_CACHE)
 def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str, label: str,
-                        store: FeatureStore) -> list[dict] | State:
+                        store: FeatureStore, readahead: Readahead | None = None) -> list[dict] | State:
     """Extract a group of shards on its device into the flow's store (opened once, at the generation the
     flow planned: a store replaced since refuses its writers). A shard that raises is recorded as failed
     (with the attempt number) and the task fails, so Prefect retries it; committed shards are skipped on
@@ -151,7 +152,8 @@ def extract_shards_task(config: ExtractConfig, shards: list[Shard], device: str,
     logger = get_run_logger()
     try:
         records = schedule.extract_group(config, shards, store, device, attempt=task_run.run_count or 1,
-                                         on_batch=lambda n: emit("batch", {"images": n}), stop=STOP.get())
+                                         on_batch=lambda n: emit("batch", {"images": n}), stop=STOP.get(),
+                                         readahead=readahead)
     except Interrupted:  # not a failure: nothing to retry; Cancelled, not Completed, in the UI
         logger.info("%s: interrupted; its uncommitted shards run again next time", label)
         return Cancelled(message=f"{label}: interrupted; its uncommitted shards run again next time")
@@ -205,6 +207,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
                                                description=f"Rows of {redact_text(config.out)} committed")
         policy = schedule.RetryPolicy.of(config)
         window = schedule.DeviceWindow(groups, devices)
+        readahead = Readahead(window.upcoming)  # each device's next shard is read as its current one ends
         running: dict[Any, tuple[list[Shard], str]] = {}
         # a deployed run has no command line to set STOP: its own event, which its tasks see (submitted below)
         stop = STOP.get() or threading.Event()
@@ -218,7 +221,8 @@ def extract_flow(params: ExtractParameters) -> dict | State:
                                                             retry_condition_fn=_worth_retrying)
                     # the flow's store object (quoted: Prefect need not walk it), not one opened per task, which
                     # read the whole plan and manifest for every shard (hundreds of MB at 10,000 shards)
-                    future = task.submit(config, group, device, schedule.group_label(group), quote(store))
+                    future = task.submit(config, group, device, schedule.group_label(group), quote(store),
+                                         quote(readahead))
                     running[future] = (group, device)
                 if not running:
                     break
@@ -237,6 +241,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
             raise
         finally:
             STOP.reset(token)
+            readahead.close()
     if stop.is_set():
         logger.info(INTERRUPTED)
         return Cancelled(message=INTERRUPTED)

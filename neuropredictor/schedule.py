@@ -16,6 +16,8 @@ run with or without a Prefect server resumes the same way.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import random
@@ -31,6 +33,7 @@ from typing import Any
 from neuropredictor.config import ExtractConfig
 from neuropredictor.errors import ConfigMismatchError, Interrupted, NeuroPredictorError, StoreError
 from neuropredictor.pipeline import extract_shard, plan, validate
+from neuropredictor.pipeline.readahead import Readahead
 from neuropredictor.redact import redact_text
 from neuropredictor.shard import Shard
 from neuropredictor.status import FAILURES_SHOWN, ShardStatus
@@ -126,7 +129,8 @@ BUSY_WAIT_S = 12 * 3600.0  # how long for, at most (a run whose rows advance is 
 
 def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureStore, device: str | None = None,
                   attempt: int = 1, on_batch: Callable[[int], None] | None = None,
-                  stop: threading.Event | None = None, wait_busy: bool = True) -> list[dict]:
+                  stop: threading.Event | None = None, wait_busy: bool = True,
+                  readahead: Readahead | None = None) -> list[dict]:
     """Extract each shard of the group on `device` (committed ones are skipped). A shard that fails gets a
     failure record naming the attempt, and the error is raised, so that the caller retries the group; the
     images it reported to on_batch are taken back (on_batch(-n)): they are extracted again.
@@ -134,11 +138,14 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
     A shard that another run is extracting now (`ShardBusy`) waits until the group's others are done; it is
     then skipped once that run commits it, or extracted here if that run gives it up (it failed, or died and
     its claim expired, or is stuck: `locks.stuck`). Skipped shards' records say `skipped`. With
-    `wait_busy=False` it is not waited for: its record says `busy` (the caller comes back to it)."""
+    `wait_busy=False` it is not waited for: its record says `busy` (the caller comes back to it).
+    `readahead`: each shard's reader is started as the one before it ends (`pipeline.readahead`)."""
     records, busy = [], []
-    for shard in group:
+    group = list(group)
+    for i, shard in enumerate(group):
+        then = None if readahead is None else functools.partial(readahead.after, group, i, str(device or ""))
         try:
-            records.append(_extract_recorded(config, shard, store, device, attempt, on_batch, stop))
+            records.append(_extract_recorded(config, shard, store, device, attempt, on_batch, stop, readahead, then))
         except ShardBusy as exc:
             if wait_busy:  # (the caller says so otherwise, once)
                 log.info("%s; it waits until the others are done", exc)
@@ -166,7 +173,8 @@ def _held_too_long(why: str) -> str:
 
 
 def _extract_recorded(config: ExtractConfig, shard: Shard, store: FeatureStore, device: str | None, attempt: int,
-                      on_batch: Callable[[int], None] | None, stop: threading.Event | None) -> dict:
+                      on_batch: Callable[[int], None] | None, stop: threading.Event | None,
+                      readahead: Readahead | None = None, then: Callable[[], Shard | None] | None = None) -> dict:
     """extract_shard, with a failure record for a shard that fails (see extract_group)."""
     counted = [0]
 
@@ -176,7 +184,8 @@ def _extract_recorded(config: ExtractConfig, shard: Shard, store: FeatureStore, 
             on_batch(n)
 
     try:
-        record = extract_shard(config, shard, store=store, device=device, on_batch=count, attempt=attempt, stop=stop)
+        record = extract_shard(config, shard, store=store, device=device, on_batch=count, attempt=attempt, stop=stop,
+                               readahead=readahead, then=then)
     except (Interrupted, ShardBusy):
         raise  # not a failure of the shard: it runs again next time, or another run extracts it
     except Exception as exc:
@@ -239,6 +248,8 @@ class DeviceWindow:
     with that reason; they run on the next run."""
 
     def __init__(self, groups: Iterable[Sequence[Shard]], devices: Sequence[str]) -> None:
+        self._lock = threading.Lock()  # `upcoming` is asked from the devices' threads
+        self._promised: dict[str, list[Shard]] = {}  # device -> the group `upcoming` said it would get
         self._todo = deque(list(g) for g in groups)
         self._devices = len(devices)
         self._free = list(devices)
@@ -249,21 +260,44 @@ class DeviceWindow:
         self._first = FirstFailures()
 
     def start(self) -> list[tuple[list[Shard], str]]:
-        now = time.monotonic()
-        self._todo.extend(group for when, group in self._later if when <= now)
-        self._later = [(when, group) for when, group in self._later if when > now]
-        if self._first.tripped and self._todo:
-            if len(self._free) < self._devices:
-                return []  # a group still running (on another device) may succeed: wait for it
-            why = self._first.reason("groups of shards")
-            self.failed.update({s.name: why for group in self._todo for s in group})
-            self.failed.update({s.name: why for _when, group in self._later for s in group})
-            self._todo.clear()
-            self._later.clear()
-        out = []
-        while self._free and self._todo:
-            out.append((self._todo.popleft(), self._free.pop(0)))
-        return out
+        with self._lock:  # `upcoming` reads the groups from the devices' threads
+            now = time.monotonic()
+            self._todo.extend(group for when, group in self._later if when <= now)
+            self._later = [(when, group) for when, group in self._later if when > now]
+            if self._first.tripped and self._todo:
+                if len(self._free) < self._devices:
+                    return []  # a group still running (on another device) may succeed: wait for it
+                why = self._first.reason("groups of shards")
+                self.failed.update({s.name: why for group in self._todo for s in group})
+                self.failed.update({s.name: why for _when, group in self._later for s in group})
+                self._todo.clear()
+                self._later.clear()
+            out = []
+            while self._free and self._todo:
+                device = self._free.pop(0)
+                # the group promised to this device (its reader may be started already), else one promised
+                # to no device, else any (a free device is not kept waiting)
+                promised = self._promised.pop(device, None)
+                others = [id(g) for g in self._promised.values()]
+                group = next((g for g in self._todo if g is promised), None) or \
+                    next((g for g in self._todo if id(g) not in others), self._todo[0])
+                del self._todo[next(i for i, g in enumerate(self._todo) if g is group)]
+                out.append((group, device))
+            return out
+
+    def upcoming(self, device: str) -> Shard | None:
+        """The first shard of the group `device` gets next (a promise `start` keeps if it still can), for its
+        reader to start while the device's current group ends (`pipeline.readahead`)."""
+        with self._lock:
+            group = self._promised.get(device)
+            if group is None or not any(g is group for g in self._todo):
+                taken = [id(g) for d, g in self._promised.items() if d != device]
+                group = next((g for g in self._todo if id(g) not in taken), None)
+                if group is None:
+                    self._promised.pop(device, None)
+                    return None
+                self._promised[device] = group
+            return group[0]
 
     def waiting_s(self) -> float | None:
         """Seconds until a busy shard is looked at again; None when none waits."""
@@ -377,12 +411,15 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
         # a shard another run extracts is not waited for here: the device takes the next group meanwhile; a
         # model that is not the store's (its file changed during the run) stays so on a retry
         return policy.call(lambda attempt: extract_group(config, group, store, device, attempt, on_batch, stop,
-                                                         wait_busy=False), stop, fatal=(ConfigMismatchError,))
+                                                         wait_busy=False, readahead=readahead),
+                           stop, fatal=(ConfigMismatchError,))
 
     running: dict[Future, tuple[list[Shard], str]] = {}
-    with store.session() as session, \
+    readahead = Readahead()
+    with contextlib.closing(readahead), store.session() as session, \
             ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
         window = DeviceWindow(pending_groups(store, shards, shared=store.shared(session)), devices)
+        readahead.upcoming = window.upcoming
         try:
             while True:
                 for group, device in window.start():

@@ -648,3 +648,91 @@ def test_a_scoped_plan_reads_only_its_shards_commit_records(corpus, tmp_path):
     scoped = plan(_config(corpus, out), scope=["shard-000001", "shard-000002"])
     assert scoped.committed_at_plan == {"shard-000001"}
     assert plan(_config(corpus, out)).committed_at_plan == {"shard-000000", "shard-000001"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the next shard's reader, started while the current one ends
+
+
+def test_the_window_promises_each_device_its_next_group_and_keeps_the_promise():
+    from neuropredictor.schedule import DeviceWindow
+    from neuropredictor.shard import Shard
+
+    shards = [Shard(f"x/s{i}.tar", f"s{i}", 1, i) for i in range(5)]
+    never = lambda name: False  # noqa: E731
+    window = DeviceWindow([[s] for s in shards], ["cuda:0", "cuda:1"])
+    (g0, d0), (g1, d1) = window.start()
+    # each device, ending its group, is told a different next group (one reader started for each)
+    assert window.upcoming("cuda:0").name == "s2" and window.upcoming("cuda:1").name == "s3"
+    assert window.upcoming("cuda:0").name == "s2"  # asked again: the same
+    window.finish(g1, d1, None, never)
+    assert [(g[0].name, d) for g, d in window.start()] == [("s3", "cuda:1")]  # its promise, though s2 waits longer
+    window.finish(g0, d0, None, never)
+    assert [(g[0].name, d) for g, d in window.start()] == [("s2", "cuda:0")]
+    assert window.upcoming("cuda:0").name == "s4" and window.upcoming("cuda:1") is None  # one left: promised once
+    window.finish([shards[3]], "cuda:1", None, never)
+    assert [(g[0].name, d) for g, d in window.start()] == [("s4", "cuda:1")]  # a free device is not kept waiting
+    assert window.upcoming("cuda:0") is None
+
+
+def test_each_shards_reader_starts_before_the_one_before_it_commits(tmp_path, image_dir, monkeypatch):
+    """The reader of the next shard (its decode workers, its first batch) starts as the current shard's last batch
+    is read, not after its commit: each shard otherwise began with the device waiting. The store is the same,
+    and no decode worker is left behind."""
+    import multiprocessing
+
+    from neuropredictor.pipeline import readahead as ra
+    from neuropredictor.store.writer import ShardWriter
+
+    make_shards(image_dir, str(tmp_path / "shards"), maxcount=5)  # 25 images -> 5 shards
+    events: list[tuple[str, str]] = []
+    start, commit = ra.Readahead.start, ShardWriter.commit
+    monkeypatch.setattr(ra.Readahead, "start", lambda self, device, shard, open_reader: (
+        events.append(("read", shard.name)), start(self, device, shard, open_reader))[1])
+    monkeypatch.setattr(ShardWriter, "commit", lambda self, record: (
+        events.append(("commit", self._shard.name)), commit(self, record))[1])
+    manifest = run(_config(tmp_path / "shards", tmp_path / "ahead.zarr", num_workers=2))
+    assert manifest["status"] == "complete" and not multiprocessing.active_children()
+    names = [f"shard-{i:06d}" for i in range(5)]
+    for before, after in zip(names, names[1:]):
+        assert events.index(("read", after)) < events.index(("commit", before)), events
+    sequential = run(_config(tmp_path / "shards", tmp_path / "plain.zarr", num_workers=0))
+    assert sequential["status"] == "complete"
+    a, b = open_features(str(tmp_path / "ahead.zarr")), open_features(str(tmp_path / "plain.zarr"))
+    assert list(a.key.values) == list(b.key.values)
+    for layer in ("layer2", "layer4"):
+        np.testing.assert_array_equal(a[layer].values, b[layer].values)
+
+
+def test_a_next_shard_that_cannot_be_read_fails_on_its_own_and_one_not_taken_is_stopped(tmp_path, image_dir):
+    import multiprocessing
+
+    from neuropredictor.errors import NeuroPredictorError
+
+    make_shards(image_dir, str(tmp_path / "shards"), maxcount=10)  # 10, 10, 5
+    (tmp_path / "shards" / "shard-000001.offsets.json").unlink()
+    tar = tmp_path / "shards" / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # read ahead, raised at its own turn
+    with pytest.raises(NeuroPredictorError, match="shard-000001"):
+        run(_config(tmp_path / "shards", tmp_path / "out.zarr", num_workers=2, retries=0))
+    store = FeatureStore.open(str(tmp_path / "out.zarr"))
+    assert sorted(store.committed()) == ["shard-000000", "shard-000002"]
+    assert "shard-000001" in json.dumps(store.status_manifest()["shards"][1])
+    assert not multiprocessing.active_children()
+    # a reader started for a shard the device does not take (another run committed it meanwhile) is stopped
+    from neuropredictor.pipeline.readahead import Readahead
+
+    shards = list_shards(str(tmp_path / "shards"))
+    ahead = Readahead()
+    from neuropredictor.corpus import read_shard
+
+    ahead.start("cpu", shards[0], lambda s: iter(read_shard(s, None, 2, num_workers=2)))
+    assert ahead.take("cpu", shards[2]) is None and not multiprocessing.active_children()
+    ahead.start("cpu", shards[2], lambda s: iter(read_shard(s, None, 2, num_workers=2)))
+    taken = ahead.take("cpu", shards[2])
+    assert [len(b) for b in taken] == [2, 2, 1]
+    ahead.start("cpu", shards[0], lambda s: iter(read_shard(s, None, 2, num_workers=2)))
+    ahead.close()
+    assert not multiprocessing.active_children()
+    ahead.start("cpu", shards[0], lambda s: iter(read_shard(s, None, 2, num_workers=2)))  # closed: nothing starts
+    assert ahead.take("cpu", shards[0]) is None

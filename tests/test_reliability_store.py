@@ -877,3 +877,25 @@ def test_a_conditional_put_that_conflicts_is_asked_again():
     Conflicting.answers = ["ConditionalRequestConflict"] * 6  # a conflict that does not clear is raised
     with pytest.raises(OSError, match="ConditionalRequestConflict"):
         fsx.create_exclusive(fs, "/bucket/other.json", b"c")
+
+
+def test_rows_waiting_for_finalize_are_counted_when_the_store_is_read(unequal_corpus, tmp_path, caplog):
+    # a run killed before its finalize: inspect counted every committed row as written, open_features read many
+    # of them as invalid (their boundary chunks not merged yet), and nothing said why
+    import logging
+
+    from neuropredictor import extract_shard, plan
+
+    config = _config(unequal_corpus, tmp_path / "out.zarr", batch_size=3)
+    store = plan(config)
+    for shard in store.shards:
+        extract_shard(config, shard, store=store)
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.store"):
+        early = open_features(str(tmp_path / "out.zarr"))
+    waiting = 25 - int(early["valid"].sum())
+    assert waiting > 0 and f"{waiting} valid rows of committed shards lie in chunks shared" in caplog.text
+    caplog.clear()
+    store.finalize()
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.store"):
+        assert int(open_features(str(tmp_path / "out.zarr"))["valid"].sum()) == 25
+    assert "finalize" not in caplog.text

@@ -8,6 +8,7 @@ finalizes the store, the Prefect flows as tasks):
     replicas.py     one model replica per device, reused across shards (get_runner)
     planning.py     validate, plan, the store's identity, what the plan changed
     extraction.py   extract_shard, with the background writer
+    readahead.py    the next shard's reader, started while the current one ends
 """
 
 from neuropredictor.pipeline.extraction import extract_shard

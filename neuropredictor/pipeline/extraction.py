@@ -9,16 +9,17 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from neuropredictor.config import ExtractConfig
-from neuropredictor.corpus import read_shard
+from neuropredictor.corpus import Batch, read_shard
 from neuropredictor.corpus.listing import source_of
 from neuropredictor.errors import Interrupted
 from neuropredictor.pipeline.planning import identity
+from neuropredictor.pipeline.readahead import Readahead
 from neuropredictor.pipeline.replicas import Runner, get_runner
 from neuropredictor.shard import Shard
 from neuropredictor.store import FeatureStore, ShardCommitted
@@ -87,13 +88,15 @@ class _BackgroundWriter:
 def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | None = None,
                   device: str | torch.device | None = None,
                   on_batch: Callable[[int], None] | None = None, attempt: int = 1,
-                  stop: threading.Event | None = None) -> dict:
+                  stop: threading.Event | None = None, readahead: Readahead | None = None,
+                  then: Callable[[], Shard | None] | None = None) -> dict:
     """Extract one shard into the store and commit it; a committed shard is skipped (returns its record).
 
     on_batch(n) is called after each batch (progress bars). attempt is recorded in the commit record (the
     orchestrator's retry count). When `stop` is set, the shard ends after its current batch with
     `Interrupted`, uncommitted. Returns the shard's commit record. Raises ShardBusy (nothing done) while
-    another run extracts the shard.
+    another run extracts the shard. `readahead`: where the shard's reader may have been started ahead, and
+    where, once this shard's last batch is read, the reader of the shard `then()` names is started.
     """
     store = store or FeatureStore.open(config.out, config.storage_options)
     done = store.commit_record(shard.name)  # one read of this shard's record, not a listing of all
@@ -104,13 +107,14 @@ def extract_shard(config: ExtractConfig, shard: Shard, store: FeatureStore | Non
     store.check_config(identity(config, runner))  # reloaded since the plan if its files changed: the same model?
     with store.claim(shard) as claim:  # ShardBusy while another run extracts it
         try:
-            return _extract_claimed(config, shard, store, claim, runner, on_batch, attempt, stop)
+            return _extract_claimed(config, shard, store, claim, runner, on_batch, attempt, stop, readahead, then)
         except ShardCommitted:  # the claim's last holder committed it after this run looked: its commit stands
             return (store.commit_record(shard.name) or {}) | {"skipped": True}
 
 
 def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, claim: Lease, runner: Runner,
-                     on_batch: Callable[[int], None] | None, attempt: int, stop: threading.Event | None) -> dict:
+                     on_batch: Callable[[int], None] | None, attempt: int, stop: threading.Event | None,
+                     readahead: Readahead | None, then: Callable[[], Shard | None] | None) -> dict:
     started = time.time()
     t0 = time.perf_counter()
     writer = store.writer(shard, replace_commit=False, claim=claim)
@@ -127,9 +131,14 @@ def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, c
     # (storage-bound); the rest is forward + reductions (compute-bound)
     input_wait = device_decode = 0.0
     decoder = runner.decoder
-    batches = iter(read_shard(shard, runner.model.transform if decoder is None else None, config.batch_size,
-                              config.resolved_workers(), config.storage_options,
-                              pin_memory=runner.device.type == "cuda" and decoder is None))
+
+    def open_reader(s: Shard) -> Iterator[Batch]:
+        return iter(read_shard(s, runner.model.transform if decoder is None else None, config.batch_size,
+                               config.resolved_workers(), config.storage_options,
+                               pin_memory=runner.device.type == "cuda" and decoder is None))
+
+    here = str(runner.device)
+    batches = (readahead.take(here, shard) if readahead is not None else None) or open_reader(shard)
     try:
         while True:
             if stop is not None and stop.is_set():
@@ -139,6 +148,9 @@ def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, c
             input_wait += time.perf_counter() - t_wait
             if batch is None:
                 break
+            if readahead is not None and then is not None and int(batch.index[-1]) + 1 == shard.count:
+                if (upcoming := then()) is not None:  # the last batch is read: the next shard's reader starts
+                    readahead.start(here, upcoming, open_reader)
             if decoder is not None:
                 t_dec = time.perf_counter()
                 batch = decoder(batch)

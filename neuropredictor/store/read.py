@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from neuropredictor.store.layout import FEATURES, KEYS, STIMULUS, VALID, quiet_z
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray
+
+log = logging.getLogger(__name__)
 
 
 def open_features(url: str | os.PathLike, storage_options: dict | None = None,
@@ -43,6 +46,11 @@ def open_features(url: str | os.PathLike, storage_options: dict | None = None,
         for s in store.shards:
             if s.name not in commits:
                 valid[s.offset:s.end] = False
+        written = sum(int(rec.get("stats", {}).get("valid", 0)) for rec in commits.values())
+        if not consolidated and valid.sum() < written:
+            log.warning("%s: %d valid rows of committed shards lie in chunks shared with other shards, which the "
+                        "store's finalize fills: they read as invalid until then (run the same extraction again "
+                        "to finalize it)", redact_text(url), written - int(valid.sum()))
     # the layers in the model's order (zarr lists a group's arrays alphabetically: layer10 before layer2)
     feats = feats[[lay.name for lay in store.layers]]
     ds = feats.assign({VALID: ((STIMULUS,), valid)}).assign_coords(key=((STIMULUS,), keys))

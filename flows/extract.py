@@ -241,7 +241,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
             raise
         finally:
             STOP.reset(token)
-            readahead.close()
+            readahead.close(wait=not stop.is_set())  # a cancelled run does not wait for a reader still opening
     if stop.is_set():
         logger.info(INTERRUPTED)
         return Cancelled(message=INTERRUPTED)

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +143,9 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
     records, busy = [], []
     group = list(group)
     for i, shard in enumerate(group):
-        then = None if readahead is None else functools.partial(readahead.after, group, i, str(device or ""))
+        # not while a busy shard is left to wait for (up to BUSY_WAIT_S): the next group's reader would idle
+        then = None if readahead is None else functools.partial(_next_unless_waiting, readahead, group, i,
+                                                                str(device or ""), busy if wait_busy else [])
         try:
             records.append(_extract_recorded(config, shard, store, device, attempt, on_batch, stop, readahead, then))
         except ShardBusy as exc:
@@ -166,6 +168,11 @@ def extract_group(config: ExtractConfig, group: Iterable[Shard], store: FeatureS
             store.record_failure(shard, _held_too_long(str(error)), attempts=attempt)
             raise error
     return records
+
+
+def _next_unless_waiting(readahead: Readahead, group: list[Shard], index: int, device: str,
+                         busy: list) -> Shard | None:
+    return None if busy and index + 1 >= len(group) else readahead.after(group, index, device)
 
 
 def _held_too_long(why: str) -> str:
@@ -391,6 +398,15 @@ def planned_event(store: FeatureStore, planned: dict | None = None) -> dict:
             "committed_shards": len(committed)}
 
 
+@contextlib.contextmanager
+def _closing(readahead: Readahead, stop: threading.Event) -> Iterator[None]:
+    """A run's readers started ahead are stopped as it ends; a run stopping does not wait for one opening."""
+    try:
+        yield
+    finally:
+        readahead.close(wait=not stop.is_set())
+
+
 def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threading.Event | None = None) -> dict:
     """plan -> every pending shard, one group at a time on each device, with retries -> finalize, in this
     process, without Prefect. Re-running resumes. A shard that still fails after its retries is recorded as
@@ -416,7 +432,7 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
 
     running: dict[Future, tuple[list[Shard], str]] = {}
     readahead = Readahead()
-    with contextlib.closing(readahead), store.session() as session, \
+    with _closing(readahead, stop), store.session() as session, \
             ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
         window = DeviceWindow(pending_groups(store, shards, shared=store.shared(session)), devices)
         readahead.upcoming = window.upcoming

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -727,7 +728,11 @@ def test_a_next_shard_that_cannot_be_read_fails_on_its_own_and_one_not_taken_is_
     from neuropredictor.corpus import read_shard
 
     ahead.start("cpu", shards[0], lambda s: iter(read_shard(s, None, 2, num_workers=2)))
-    assert ahead.take("cpu", shards[2]) is None and not multiprocessing.active_children()
+    assert ahead.take("cpu", shards[2]) is None  # stopped once open: the shard taken does not wait for it
+    deadline = time.monotonic() + 60
+    while multiprocessing.active_children():
+        assert time.monotonic() < deadline, "the reader not taken kept its workers"
+        time.sleep(0.1)
     ahead.start("cpu", shards[2], lambda s: iter(read_shard(s, None, 2, num_workers=2)))
     taken = ahead.take("cpu", shards[2])
     assert [len(b) for b in taken] == [2, 2, 1]
@@ -736,3 +741,24 @@ def test_a_next_shard_that_cannot_be_read_fails_on_its_own_and_one_not_taken_is_
     assert not multiprocessing.active_children()
     ahead.start("cpu", shards[0], lambda s: iter(read_shard(s, None, 2, num_workers=2)))  # closed: nothing starts
     assert ahead.take("cpu", shards[0]) is None
+
+
+def test_a_readahead_never_hides_an_interrupt_or_holds_a_shard_it_could_not_start(monkeypatch):
+    from concurrent.futures import Future
+
+    from neuropredictor.pipeline.readahead import Readahead
+    from neuropredictor.shard import Shard
+
+    class Waiting(Future):  # Ctrl-C (or a Prefect cancel) lands while close waits for a reader to open
+        def exception(self, timeout=None):
+            raise KeyboardInterrupt
+
+    ahead, shard = Readahead(), Shard("x/s.tar", "s", 1, 0)
+    ahead._started["cpu"] = ("s", Waiting())
+    with pytest.raises(KeyboardInterrupt):
+        ahead.close()
+    # no thread to be had: nothing is promised, and the shard is read at its turn as without a readahead
+    ahead = Readahead()
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (_ for _ in ()).throw(RuntimeError("no thread")))
+    ahead.start("cpu", shard, lambda s: iter([]))
+    assert ahead.take("cpu", shard) is None

@@ -298,7 +298,9 @@ def _decode_worker_init(_worker_id: int) -> None:
 
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
-    for name in ("SIGINT", "SIGHUP"):  # a terminal's, and a direct Ctrl-C is never the worker's to act on
+    # a terminal's, and a direct Ctrl-C, are never the worker's to act on; out of the terminal's foreground
+    # group, a write to it (a PIL warning) would stop the worker (SIGTTOU, with `stty tostop`) and hang the run
+    for name in ("SIGINT", "SIGHUP", "SIGTTOU", "SIGTTIN"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     getattr(threading, "_threading_atexits", []).clear()

@@ -47,10 +47,16 @@ class Readahead:
             old = self._started.pop(device, None)
             self._started[device] = (shard.name, future)
         if old is not None:
-            _stop(old[1])
+            _stop(old[1], wait=False)
         cuda = torch.device(device).type == "cuda"
-        threading.Thread(target=_open, args=(future, open_reader, shard, device if cuda else None),
-                         name=f"neuropredictor-readahead-{shard.name}", daemon=True).start()
+        try:
+            threading.Thread(target=_open, args=(future, open_reader, shard, device if cuda else None),
+                             name=f"neuropredictor-readahead-{shard.name}", daemon=True).start()
+        except BaseException as exc:  # no thread to be had: the shard is read when its turn comes, as without
+            with self._lock:
+                if self._started.get(device, (None, None))[1] is future:
+                    del self._started[device]
+            future.set_exception(exc)
 
     def take(self, device: str, shard: Shard) -> Reader | None:
         """The reader started for `shard` on `device`, from its first batch (what opening it raised is raised
@@ -62,16 +68,17 @@ class Readahead:
             return None
         name, future = started
         if name != shard.name:
-            _stop(future)
+            _stop(future, wait=False)  # (this shard does not wait for another's download)
             return None
         return _Taken(future)
 
-    def close(self) -> None:
-        """Stop every reader started and not taken (their decode workers exit)."""
+    def close(self, wait: bool = True) -> None:
+        """Stop every reader started and not taken (their decode workers exit); with wait=False (a run
+        stopping), those still opening stop as soon as they are open, and this returns at once."""
         with self._lock:
             started, self._started, self._closed = list(self._started.values()), {}, True
         for _name, future in started:
-            _stop(future)
+            _stop(future, wait)
 
 
 def _open(future: Future, open_reader: Callable[[Shard], Reader], shard: Shard, device: str | None) -> None:
@@ -84,11 +91,16 @@ def _open(future: Future, open_reader: Callable[[Shard], Reader], shard: Shard, 
         future.set_exception(exc)
 
 
-def _stop(future: Future) -> None:
-    try:
-        _first, reader = future.result()
-    except BaseException:
-        return
+def _stop(future: Future, wait: bool) -> None:
+    """Close the reader a future opens: now (waiting for it to open), or once it is open."""
+    if wait:
+        if future.exception() is None:  # waits; an interrupt of the wait (Ctrl-C, a cancel) goes through
+            _close(future.result()[1])
+    else:
+        future.add_done_callback(lambda f: f.exception() is None and _close(f.result()[1]))
+
+
+def _close(reader: Reader) -> None:
     close = getattr(reader, "close", None)
     if close is not None:
         close()
@@ -112,9 +124,7 @@ class _Taken:
         return next(self._reader)
 
     def close(self) -> None:
-        if self._reader is None:
-            _stop(self._future)
+        if self._reader is None:  # not begun (stopped at once): it closes when open, nobody waits for it
+            _stop(self._future, wait=False)
         else:
-            close = getattr(self._reader, "close", None)
-            if close is not None:
-                close()
+            _close(self._reader)

@@ -408,6 +408,19 @@ def test_damaged_tars_are_errors_not_short_shards(shard_dir: Path, tmp_path: Pat
         list_shards(str(trunc))
     assert len(members) == 20
 
+    # several damaged among good ones: every one named at once (the scan stopped at the first, so a folder of
+    # thousands of remote shards was read whole again for each bad one)
+    several = tmp_path / "several"
+    several.mkdir()
+    for i in range(4):
+        (several / f"s{i}.tar").write_bytes(data)
+    (several / "s1.tar").write_bytes(data[:cut])
+    (several / "s3.tar").write_bytes(b"hello" * 100)
+    for look in (list_shards, index_shards):
+        with pytest.raises(CorpusError, match="2 of 4 shards cannot be read") as exc:
+            look(str(several))
+        assert "s1.tar is truncated" in str(exc.value) and "s3.tar is not a readable tar" in str(exc.value)
+
 
 # ------------------------------------------------------------------------------------------------
 # read_shard

@@ -345,9 +345,20 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
 def _scan(resolved: list[tuple[Any, str, dict]], beside: dict[str, Sequence[str]] | None = None) -> list[Offsets]:
     """The shards' offsets from their tar headers, refusing a key that two samples share, among them and
     with the keys of `beside` (url -> keys). Header scans are I/O-bound (object stores especially): a few
-    threads overlap the requests."""
+    threads overlap the requests. Every shard is scanned: damaged ones are named together, in one
+    CorpusError (a scan of thousands of remote shards is not repeated for each bad one)."""
     with ThreadPoolExecutor(max_workers=min(8, len(resolved))) as pool:
-        scanned = list(pool.map(lambda r: scan_offsets(r[0], r[1], fsx.full_url(r[0], r[1])), resolved))
+        futures = [pool.submit(scan_offsets, fs, path, fsx.full_url(fs, path)) for fs, path, _ in resolved]
+    scanned, damaged = [], []
+    for future in futures:
+        try:
+            scanned.append(future.result())
+        except CorpusError as exc:
+            damaged.append(str(exc))
+    if damaged:
+        more = f"\n  ... and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        raise CorpusError(f"{len(damaged)} of {len(resolved)} shards cannot be read; remake them, or leave them out "
+                          "of the corpus:\n  " + "\n  ".join(damaged[:5]) + more)
     _refuse_duplicate_keys({**(beside or {}),
                             **{fsx.full_url(fs, path): o.keys for (fs, path, _), o in zip(resolved, scanned)}})
     return scanned

@@ -391,6 +391,13 @@ def test_no_overlap_is_a_clear_error():
     ds = features_dataset({"a": A}, keys)
     with pytest.raises(EncodingError, match="no stimulus key is in both.*would match after dropping"):
         encode(ds, NeuralData(Y, [f"stim/{k}.jpg" for k in keys]), device="cpu")
+    # numbered images stored zero-padded, numbers in the neural data
+    numbered = features_dataset({"a": A}, [f"{i:04d}" for i in range(len(keys))])
+    with pytest.raises(EncodingError, match=r"53 neural keys would match if zero-padded .*'7' is stored as '0007'"):
+        encode(numbered, NeuralData(Y, [str(i) for i in range(len(keys))][7:] + ["a", "b", "c", "d", "e", "f", "g"]),
+               device="cpu")
+    # bytes keys from Python (h5py, MATLAB) are text: str(b"k") was "b'k'", matching nothing
+    assert NeuralData(Y, [k.encode() for k in keys]).keys == keys
 
 
 def test_unmatched_invalid_and_nan_rows_reported_and_dropped():

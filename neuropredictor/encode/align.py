@@ -127,7 +127,7 @@ KEYS_RULE = (" Keys must equal the corpus keys (`neuropredictor shards` names sa
 
 
 def key_hint(fkeys: list[str], nkeys: list[str]) -> str:
-    """Say so when the keys would match after stripping folders / extensions."""
+    """Say so when the keys would match after stripping folders / extensions, or leading zeros."""
     def norm(k: str) -> str:
         base = k.replace("\\", "/").rsplit("/", 1)[-1]
         return base.rsplit(".", 1)[0] if "." in base else base
@@ -137,6 +137,14 @@ def key_hint(fkeys: list[str], nkeys: list[str]) -> str:
     if hits:
         return (f" {hits} neural keys would match after dropping folders and file extensions: write the keys "
                 "exactly as stored (e.g. 'cat0/img0001', no extension).")
+    def number(k: str) -> str:
+        return k.lstrip("0") or "0"
+
+    unpadded = {number(k): k for k in fkeys if k.isdigit()}
+    padded = [(k, unpadded[number(k)]) for k in nkeys if k.isdigit() and number(k) in unpadded]
+    if padded:
+        return (f" {len(padded)} neural keys would match if zero-padded as the stored keys are (e.g. "
+                f"{padded[0][0]!r} is stored as {padded[0][1]!r}): write the keys exactly as stored.")
     return ""
 
 

@@ -66,7 +66,8 @@ class NeuralData:
             raise EncodingError(f"neural data must be numeric; got dtype {values.dtype}")
         self.values = values.astype(np.float64, copy=False)
         n, t = self.values.shape
-        self.keys = [str(k) for k in self.keys]
+        # bytes (from h5py, MATLAB) as text: str(b"img1") is "b'img1'", which matches no image
+        self.keys = [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in self.keys]
         if len(self.keys) != n:
             raise EncodingError(f"{len(self.keys)} stimulus keys for {n} rows of neural data "
                                 f"(shape {self.values.shape}): give exactly one key per row, in row order"

@@ -48,7 +48,7 @@ CASES = {
     "resnet50-b64": {**R50, "batch_size": 64},
     "resnet50-b512": {**R50, "batch_size": 512},
     # shards as `shards make` packs them (1,000 images): every shard starts its decode workers, and its first
-    # batch is decoded by one worker, while the device waits (no overlap between shards yet)
+    # batch is decoded by one worker; how much of that the readahead of the next shard hides from the device
     "resnet50-b256-shards1000": {**R50, "batch_size": 256, "shard_images": 1000},
     "resnet50-layer1-early-exit": {**R50, "layers": ["layer1"], "reduce": "avgpool", "batch_size": 256,
                                    "early_exit_baseline": True},

@@ -46,7 +46,6 @@ from neuropredictor.store.layout import (
     LayerSpec,
     RowDigest,
     check_plan,
-    feature_path,
     plan_all_chunk_rows,
     quiet_zarr,
     safe_name,
@@ -86,6 +85,7 @@ class FeatureStore:
         self.generation = generation
         self._zstore: Any = None
         self._arrays: dict[str, Any] = {}
+        self._metadata_docs: dict[str, dict] | None = None  # each zarr.json as the plan makes it
         self._shards = None if shards is None else list(shards)  # from create: where they are now (see `shards`)
         self._by_name: dict[str, Shard] | None = None
         self._lock = threading.Lock()
@@ -492,7 +492,9 @@ class FeatureStore:
     def damaged_metadata(self) -> dict[str, str]:
         """The zarr metadata files (`zarr.json` of a group or array) that are missing, damaged, or differ
         from the plan: path -> what is wrong. `repair_metadata` rewrites them."""
-        return metadata.damaged(self._fs, self._root, self._plan)
+        if self._metadata_docs is None:  # made once per object: the plan does not change
+            self._metadata_docs = metadata.planned(self._plan)
+        return metadata.damaged(self._fs, self._root, self._metadata_docs)
 
     def repair_metadata(self) -> dict[str, str]:
         """Write the damaged zarr metadata files (`damaged_metadata`) again from the plan, and return them
@@ -500,7 +502,7 @@ class FeatureStore:
         back as written. The next finalize consolidates the metadata again."""
         self._require_writable()
         damaged = self.damaged_metadata()
-        metadata.rewrite(self._fs, self._root, self._plan, damaged)
+        metadata.rewrite(self._fs, self._root, self._metadata_docs, damaged)
         self.metadata_rewritten.update(damaged)
         with self._lock:
             self._arrays.clear()
@@ -563,7 +565,7 @@ class FeatureStore:
             shards = self.shards
             lease.check()  # the shared chunks are written next
             self.staging.merge(shards, {name: rec.get("staging") for name, rec in commits.items()}, self.array)
-            valid_rows = self._valid_rows([s for s in shards if s.name in commits], commits)
+            valid_rows = self.valid_rows(commits)
             complete = all(s.name in commits for s in shards)
             zs = self.zarr_store()
             with quiet_zarr():
@@ -603,9 +605,11 @@ class FeatureStore:
         examples = {str(k): [int(r) for r in np.flatnonzero(keys == k)] for k in repeated[:shown]}
         return {"count": int(len(repeated)), "examples": examples}
 
-    def _valid_rows(self, committed: list[Shard], commits: Mapping[str, dict]) -> int:
-        """Valid rows of the committed shards: as each writer counted the valid flags it stored (its commit
-        record's stats); the rows of shards whose record lacks that count (older versions) are read."""
+    def valid_rows(self, commits: Mapping[str, dict]) -> int:
+        """Valid rows of the committed shards (`commits`: their records): as each writer counted the valid
+        flags it stored (its commit record's stats); the rows of shards whose record lacks that count (older
+        versions) are read."""
+        committed = [s for s in self.shards if s.name in commits]
         counted = [commits[s.name].get("stats", {}).get("valid") for s in committed]
         total = sum(int(c) for c in counted if isinstance(c, int))
         unread = [s for s, c in zip(committed, counted) if not isinstance(c, int)]
@@ -620,9 +624,8 @@ def _restore_generation(fs: Any, root: str, url: str, found: _Found, lease: lock
     manifest or its commit records name for this plan; None where neither names one (a plan step that was
     interrupted before it: no shard can have committed), or where a group or array is gone (a replacement
     deletes the generation first, then the rest: one killed half-way left a store that is planned again)."""
-    groups = ["", f"{FEATURES}/"]  # the root group and the features group: a replacement deletes them early
-    arrays = [feature_path(lay["name"]) + "/" for lay in found.plan.get("layers", [])] + [f"{KEYS}/", f"{VALID}/"]
-    if not all(fs.exists(f"{root}/{path}zarr.json") for path in groups + arrays):
+    # the groups and arrays: a replacement deletes the groups early
+    if not all(fs.exists(f"{root}/{path}{metadata.ZARR_JSON}") for path in metadata.node_paths(found.plan)):
         return None
     config_hash = found.plan.get("config_hash")
     named = [found.manifest] if found.manifest and found.manifest.get("config_hash") == config_hash else []

@@ -58,25 +58,28 @@ def create(zs: Any, layers: Iterable[LayerSpec], storage: Mapping) -> None:
                           overwrite=True, zarr_format=3)
 
 
+def node_paths(plan: Mapping) -> list[str]:
+    """The folders (in the store, each ending in `/`; the root is "") of the plan's groups and arrays."""
+    return ["", f"{FEATURES}/", *(feature_path(lay.name) + "/" for lay in layers_of(plan)), f"{KEYS}/", f"{VALID}/"]
+
+
 def planned(plan: Mapping) -> dict[str, dict]:
     """Every `zarr.json` of the plan (its path in the store -> the document), as zarr writes it for the
     plan now: made in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="neuropredictor-metadata-") as tmp, quiet_zarr():
         create(zarr.storage.LocalStore(tmp), layers_of(plan), plan["storage"])
-        paths = ["", f"{FEATURES}/", *(feature_path(lay.name) + "/" for lay in layers_of(plan)), f"{KEYS}/",
-                 f"{VALID}/"]
         docs = {}
-        for path in paths:
+        for path in node_paths(plan):
             with open(f"{tmp}/{path}{ZARR_JSON}", encoding="utf-8") as f:
                 docs[f"{path}{ZARR_JSON}"] = json.load(f)
         return docs
 
 
-def damaged(fs: Any, root: str, plan: Mapping) -> dict[str, str]:
-    """The `zarr.json` files of the store at root that a reader cannot use as the plan made them: path ->
-    what is wrong (missing, not JSON, or a field that differs from the plan's)."""
+def damaged(fs: Any, root: str, docs: Mapping[str, dict]) -> dict[str, str]:
+    """The `zarr.json` files of the store at root that a reader cannot use as the plan made them (`docs`:
+    `planned`): path -> what is wrong (missing, not JSON, or a field that differs from the plan's)."""
     found = {}
-    for path, want in planned(plan).items():
+    for path, want in docs.items():
         doc, unreadable = fsx.read_json(fs, f"{root}/{path}")
         if doc is None:
             found[path] = "not JSON (damaged)" if unreadable else "missing"
@@ -90,10 +93,9 @@ def damaged(fs: Any, root: str, plan: Mapping) -> dict[str, str]:
     return found
 
 
-def rewrite(fs: Any, root: str, plan: Mapping, paths: Iterable[str]) -> None:
-    """Write the given `zarr.json` files again as the plan makes them (the arrays' chunks are not touched;
-    a group's consolidated metadata is made again by the next finalize)."""
-    docs = planned(plan)
+def rewrite(fs: Any, root: str, docs: Mapping[str, dict], paths: Iterable[str]) -> None:
+    """Write the given `zarr.json` files again as the plan makes them (`docs`: `planned`; the arrays' chunks
+    are not touched; a group's consolidated metadata is made again by the next finalize)."""
     for path in paths:
         fsx.write_json_atomic(fs, f"{root}/{path}", docs[path])
 

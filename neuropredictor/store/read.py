@@ -46,8 +46,8 @@ def open_features(url: str | os.PathLike, storage_options: dict | None = None,
         for s in store.shards:
             if s.name not in commits:
                 valid[s.offset:s.end] = False
-        written = sum(int(rec.get("stats", {}).get("valid", 0)) for rec in commits.values())
-        if not consolidated and valid.sum() < written:
+        written = store.valid_rows(commits) if not consolidated else 0
+        if valid.sum() < written:
             log.warning("%s: %d valid rows of committed shards lie in chunks shared with other shards, which the "
                         "store's finalize fills: they read as invalid until then (run the same extraction again "
                         "to finalize it)", redact_text(url), written - int(valid.sum()))

@@ -134,6 +134,10 @@ class SweepConfig(_SweepFields):
     def scores_url(self, model: SweepModel) -> str:
         return f"{self.out.rstrip('/')}/{slug(model.label)}{SCORES_SUFFIX}.zarr"
 
+    def comparison_url(self, suffix: str = ".csv") -> str:
+        """The comparison of the models: its table (.csv) or plot (.png)."""
+        return f"{self.out.rstrip('/')}/comparison{suffix}"
+
     def extract_config(self, model: SweepModel) -> ExtractConfig:
         """The model's extraction: exactly what `extract` would run for the same options."""
         shared = self.model_dump(include=set(ExtractConfig.model_fields) - {"model", "out"})

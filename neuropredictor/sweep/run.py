@@ -230,10 +230,9 @@ def encode_model(sweep: SweepConfig, model: SweepModel, record: SweepRecord) -> 
 
 def compare_models(sweep: SweepConfig, done: list[SweepModel]) -> dict[str, Any]:
     """comparison.csv, comparison.png and the ranking per ROI, over the models whose scores exist."""
-    out = sweep.out.rstrip("/")
     table = compare.comparison_table({m.label: sweep.scores_url(m) for m in done}, sweep.storage_options)
-    csv = compare.write_csv(table, f"{out}/comparison.csv", sweep.storage_options)
-    png = compare.plot_comparison(table, f"{out}/comparison.png", sweep.storage_options)
+    csv = compare.write_csv(table, sweep.comparison_url(".csv"), sweep.storage_options)
+    png = compare.plot_comparison(table, sweep.comparison_url(".png"), sweep.storage_options)
     result = {"csv": csv, "plot": png, "ranking": compare.ranking(table)}
     if (warning := compare.unequal_stimuli(table)) is not None:
         log.warning("%s", warning)
@@ -260,8 +259,7 @@ def summarize(sweep: SweepConfig, entries: list[dict[str, Any]],
     scored = [m for m, e in zip(sweep.models, entries) if e.get("encode", {}).get("status") == StepStatus.DONE]
     if scored:
         summary["comparison"] = compare(sweep, scored)
-    elif sweep.neural is not None and fsx.exists(earlier := f"{sweep.out.rstrip('/')}/comparison.csv",
-                                                 sweep.storage_options):
+    elif sweep.neural is not None and fsx.exists(earlier := sweep.comparison_url(), sweep.storage_options):
         summary["earlier_comparison"] = earlier  # not this run's: no model was scored
     summary["failed"] = [e["model"] for e in entries if e["status"] == StepStatus.FAILED]
     return summary

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import ALL_TARGETS, EncodingError, _open
-from neuropredictor.encode.chance import CHANCE_QUANTILE
+from neuropredictor.encode.chance import CHANCE_QUANTILE, holm
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -39,9 +39,10 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
     roi is "all" for every target together, then each ROI (if the scores have `roi`). Columns:
     roi, layer, n_targets (with a finite score), median, q25, q75, mean (of `metric`, default r),
     median_r2; from the chance test (NaN / NA when the scores have none, see `chance`): chance (the
-    chance level of the median r), null_low, p_value, above_chance (p_value at most 0.05); best (the
-    layer with the highest median within that roi among those not below chance: an roi whose layers
-    are all at chance has none). The best layer per ROI is therefore `df[df.best]`.
+    chance level of the median r, the layer's null's 95th percentile), null_low, p_value (the layer's
+    own), p_holm (p_value adjusted by Holm over the roi's layers), above_chance (p_holm at most 0.05);
+    best (the layer with the highest median within that roi among those not below chance: an roi whose
+    layers are all at chance has none). The best layer per ROI is therefore `df[df.best]`.
     """
     import pandas as pd
 
@@ -69,16 +70,17 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
                 for k in ("chance", "null_low", "p_value"):
                     v = tests.get(roi, {}).get(k, [None] * len(layers))[li]
                     row[k] = np.nan if v is None else v
-                # by the p-value (the chance level is the null's 95th percentile, interpolated: the two
-                # disagreed at the edge)
-                row["above_chance"] = bool(row["p_value"] <= 1 - CHANCE_QUANTILE) \
-                    if np.isfinite(row["p_value"]) else None
                 group_rows.append(row)
+            # by the p-value adjusted for the number of layers (see `chance`), not by the chance level (the
+            # null's 95th percentile, interpolated and per layer)
+            for g, p in zip(group_rows, holm(np.array([g["p_value"] for g in group_rows]))):
+                g["p_holm"] = p
+                g["above_chance"] = bool(p <= 1 - CHANCE_QUANTILE) if np.isfinite(p) else None
             eligible = [i for i, g in enumerate(group_rows) if g["above_chance"] is not False and np.isfinite(g["median"])]
             best = max(eligible, key=lambda i: group_rows[i]["median"], default=-1)
             rows += [{**g, "best": i == best} for i, g in enumerate(group_rows)]
     columns = ["roi", "layer", "n_targets", "median", "q25", "q75", "mean", "median_r2", "chance", "null_low",
-               "p_value", "above_chance", "best"]
+               "p_value", "p_holm", "above_chance", "best"]
     df = pd.DataFrame(rows, columns=columns).astype({"above_chance": "boolean"})
     df.attrs["metric"] = metric
     return df
@@ -170,7 +172,7 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
         above = sub["above_chance"].fillna(True).to_numpy(bool)
         ax.scatter(x[above], med[above], color="k", s=18, zorder=3)
         ax.scatter(x[~above], med[~above], facecolor="white", edgecolor="k", s=18, zorder=3,
-                   label="not above chance" if (~above).any() else None)
+                   label="not above chance (p adjusted for the layers)" if (~above).any() else None)
         best = sub["best"].to_numpy(bool)
         ax.scatter(x[best], med[best], marker="*", s=150, color="tab:orange", zorder=4, label="best layer")
         ax.axhline(0.0, color="0.3", lw=0.6, ls=":")

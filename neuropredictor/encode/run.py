@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import AlignmentWarning, EncodingError
-from neuropredictor.encode.chance import CHANCE_QUANTILE, Part, chance_summary, null_medians
+from neuropredictor.encode.chance import CHANCE_QUANTILE, Part, chance_summary, null_medians, permutations_needed
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
 from neuropredictor.encode.kept import KeptLayers
@@ -90,6 +90,10 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     ds, layer_order, features_name = open_dataset(features, storage_options)
     neural = read_with(neural, reading, storage_options)
     layers = select_layers(opts.layers, layer_order)
+    if 0 < opts.permutations < (enough := permutations_needed(len(layers))):
+        log.warning("%d permutations cannot put any of %d layers above chance once p-values are adjusted for the "
+                    "number of layers (the smallest p is 1/%d); use permutations >= %d", opts.permutations,
+                    len(layers), opts.permutations + 1, enough)
     aligned = align(ds, neural)
     fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
     keys = [neural.keys[i] for i in ni]
@@ -269,7 +273,8 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         "dtype": opts.dtype,
         "permutations": opts.permutations,
         "chance_test": ("held-out response rows permuted against the same predictions; chance = "
-                        f"{CHANCE_QUANTILE:.0%} of the null median r, per layer and group") if chance else "none",
+                        f"{CHANCE_QUANTILE:.0%} of the null median r, per layer and group; above chance: p adjusted by Holm "
+                        "over the layers at most 5 %") if chance else "none",
         "chance": json.dumps(chance),
         "seconds": round(time.perf_counter() - prep.started, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

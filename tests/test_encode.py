@@ -773,7 +773,7 @@ def test_the_null_pairs_folds_by_rank_and_averages_the_folds_that_scored_a_targe
     """null_medians against the rule written out with whole stacks (what it computed before it summed fold by
     fold, to hold one (permutations, targets) array per fold rather than twice that): folds paired by the rank
     of their shuffles' median r, a target's r the mean of the folds that scored it."""
-    from neuropredictor.encode.chance import null_medians
+    from neuropredictor.encode.chance import fold_nulls, null_medians
     from neuropredictor.encode.ridge import unit_columns
 
     rng = np.random.default_rng(0)
@@ -784,7 +784,7 @@ def test_the_null_pairs_folds_by_rank_and_averages_the_folds_that_scored_a_targe
         y = rng.standard_normal((20, T))
         y[:, k] = 1.0  # constant on this fold's test stimuli: no r there
         folds.append((20, [(np.arange(T), np.arange(20), y, 0.3 * y + rng.standard_normal((20, T)))]))
-    got = null_medians(folds, T, groups, P, seed=0)
+    got = null_medians(fold_nulls(folds, T, P, seed=0), groups)
     draw, per_fold = np.random.default_rng(0), []
     for _, ((_, _, y, pred),) in folds:
         order = draw.permuted(np.tile(np.arange(len(y)), (P, 1)), axis=1)
@@ -797,11 +797,50 @@ def test_the_null_pairs_folds_by_rank_and_averages_the_folds_that_scored_a_targe
     assert np.isfinite(got).all()
 
 
+def test_a_targets_permutation_p_value_agrees_with_the_t_test_of_its_r():
+    """One split: a target's permutation p-value against the classical one-sided p of Pearson r (scipy), which
+    holds for normal data and is computed without shuffles."""
+    from scipy.stats import pearsonr
+
+    from neuropredictor.encode.chance import target_p_values
+
+    rng = np.random.default_rng(2)
+    n, T, P = 60, 40, 4000
+    y = rng.standard_normal((n, T))
+    pred = np.linspace(0, 0.5, T) * y + rng.standard_normal((n, T))  # from no signal to a strong one
+    rows = np.arange(n) * 3  # where the held-out stimuli lie among all
+    got = target_p_values([(np.arange(T), rows, y, pred)], T, P, seed=0)
+    want = np.array([pearsonr(y[:, t], pred[:, t], alternative="greater").pvalue for t in range(T)])
+    assert np.abs(got - want).max() < 0.03 and np.median(np.abs(got - want)) < 0.01, np.abs(got - want).max()
+    assert got.min() == 1 / (1 + P)  # the strongest targets: no shuffle as high
+
+
+def test_scores_carry_each_targets_p_value_calibrated_on_noise_with_folds():
+    rng = np.random.default_rng(4)
+    n, T = 150, 120
+    keys = [f"s{i:03d}" for i in range(n)]
+    A = rng.standard_normal((n, 8))
+    Y = rng.standard_normal((n, T))
+    Y[:, :20] += A @ rng.standard_normal((8, 20))  # 20 predicted targets, 100 of noise
+    Y[:30, 100:] = np.nan  # 20 noise targets measured on 120 stimuli: a set of their own
+    s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", folds=5, alphas="logspace:-1:4:6",
+               permutations=500)
+    p = s["p"].sel(layer="a").values
+    assert (p[:20] == 1 / 501).all()
+    noise = p[20:]
+    # on the safe side (cross-validated predictions of noise correlate negatively with it), not degenerate
+    assert (noise > 1 / 501).all() and np.mean(noise <= 0.05) <= 0.06 and noise.min() < 0.3
+    assert np.isfinite(noise[80:]).all() and np.ptp(noise[80:]) > 0.5
+    without = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", folds=5,
+                     alphas="logspace:-1:4:6", permutations=0)
+    assert "p" not in without and np.array_equal(without["r"].values, s["r"].values, equal_nan=True)
+
+
 def test_sets_sharing_stimuli_are_shuffled_together_so_the_null_is_not_too_narrow():
     """Targets of two sets measured on nearly the same stimuli are correlated; shuffled independently, their
     null median varied less than the observed one and pure noise was called above chance about 12 % of the
     time at p <= 0.05 (review). One shuffle, induced on each set's stimuli, keeps that near 5 %."""
-    from neuropredictor.encode.chance import _induced, chance_summary, null_medians
+    from neuropredictor.encode.chance import _induced, chance_summary, fold_nulls, null_medians
 
     order = np.random.default_rng(1).permuted(np.tile(np.arange(9), (2000, 1)), axis=1)
     sub = np.array([0, 2, 3, 7])
@@ -821,7 +860,7 @@ def test_sets_sharing_stimuli_are_shuffled_together_so_the_null_is_not_too_narro
         keep = np.arange(1, n)  # set b lacks one of the fold's stimuli
         parts = [(np.arange(T // 2), np.arange(n), y[:, :T // 2], pred[:, :T // 2]),
                  (np.arange(T // 2, T), keep, y[keep, T // 2:], pred[keep, T // 2:])]
-        null = null_medians([(n, parts)], T, [np.ones(T, bool)], P, seed=int(rng.integers(1 << 30)))
+        null = null_medians(fold_nulls([(n, parts)], T, P, seed=int(rng.integers(1 << 30))), [np.ones(T, bool)])
         from neuropredictor.encode.ridge import pearson_r
         observed = np.median(np.concatenate([pearson_r(y[:, :T // 2], pred[:, :T // 2]),
                                              pearson_r(y[keep, T // 2:], pred[keep, T // 2:])]))
@@ -859,7 +898,7 @@ def test_pure_noise_is_called_above_chance_in_some_layer_rarely_once_adjusted_fo
     """Review: the best of 14 layers of pure noise was above chance, each layer tested on its own. Over 8 correlated
     layers of a model that knows nothing, the share of runs with any layer above chance: about 5 % adjusted, well
     above it not."""
-    from neuropredictor.encode.chance import chance_summary, holm, null_medians
+    from neuropredictor.encode.chance import chance_summary, fold_nulls, holm, null_medians
     from neuropredictor.encode.ridge import pearson_r
 
     rng = np.random.default_rng(5)
@@ -871,7 +910,8 @@ def test_pure_noise_is_called_above_chance_in_some_layer_rarely_once_adjusted_fo
         p = []
         for _ in range(L):  # the layers' predictions share much, as neighbouring layers do
             pred = shared + 0.7 * rng.standard_normal((n, T))
-            null = null_medians([(n, [(np.arange(T), np.arange(n), y, pred)])], T, [np.ones(T, bool)], P, seed=trial)
+            null = null_medians(fold_nulls([(n, [(np.arange(T), np.arange(n), y, pred)])], T, P, seed=trial),
+                                [np.ones(T, bool)])
             p.append(chance_summary(np.array([np.median(pearson_r(y, pred))]), null)["p_value"][0])
         any_raw += min(p) <= 0.05
         any_adjusted += np.nanmin(holm(np.array(p))) <= 0.05

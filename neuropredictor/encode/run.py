@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import AlignmentWarning, EncodingError
-from neuropredictor.encode.chance import CHANCE_QUANTILE, Part, chance_summary, null_medians, permutations_needed
+from neuropredictor.encode.chance import (CHANCE_QUANTILE, Part, chance_summary, fold_nulls, null_medians,
+                                          permutations_needed, target_p_values)
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
 from neuropredictor.encode.kept import KeptLayers
@@ -74,6 +75,7 @@ class LayerScores:
     backend: str
     seconds: float
     null: np.ndarray | None = None  # (permutations, groups) null medians of r, see `chance`
+    p: np.ndarray | None = None  # per target, the p-value of its r against its own null
 
 
 def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
@@ -131,8 +133,9 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
     per_fold = {name: np.full((len(prep.splits), prep.Y.shape[1]), np.nan) for name in ("r", "r2", "alpha")}
     tested: list[list[Part]] = [[] for _ in prep.splits]  # for the null
+    pooled: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in prep.sets]  # for targets' p
     used: dict[str, set[str]] = {"solver": set(), "backend": set()}  # auto chooses per fit, by its shape
-    for ts in prep.sets:
+    for si, ts in enumerate(prep.sets):
         every = len(ts.targets) == prep.Y.shape[1]
         for i, pair in enumerate(ts.splits):
             if pair is None:  # too few of this set's stimuli in this fold
@@ -150,12 +153,18 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
             if opts.permutations:  # where this set's test stimuli lie among the fold's
                 tested[i].append((ts.targets, np.flatnonzero(ts.rows[prep.splits[i][1]]), y_test,
                                   last["predictions"]))
+                pooled[si].append((te, y_test, last["predictions"]))
     r = _fold_mean(per_fold["r"])
-    null = None
+    null = p = None
     if opts.permutations:
         groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
-        null = null_medians([(len(te), parts) for (_, te), parts in zip(prep.splits, tested)], prep.Y.shape[1],
-                            groups, opts.permutations, opts.seed)
+        nulls = fold_nulls([(len(te), parts) for (_, te), parts in zip(prep.splits, tested)], prep.Y.shape[1],
+                           opts.permutations, opts.seed)
+        null = null_medians(nulls, groups)
+        del nulls
+        p = target_p_values([(ts.targets, *part) for ts, parts in zip(prep.sets, pooled) if parts
+                             for part in [tuple(np.concatenate(a) for a in zip(*parts))]],
+                            prep.Y.shape[1], opts.permutations, opts.seed)
     solver, backend = ("+".join(sorted(seen)) or "none" for seen in used.values())
     log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
              float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), solver, backend)
@@ -168,7 +177,7 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     chosen = np.isfinite(alphas)
     _warn_grid_edges(layer, alphas[chosen], predicted[chosen], opts.alpha_grid)
     return LayerScores(layer, r, _fold_mean(per_fold["r2"]), _lower_median(alphas), int(X.shape[1]),
-                       solver, backend, time.perf_counter() - t0, null)
+                       solver, backend, time.perf_counter() - t0, null, p)
 
 
 def _lower_median(per_fold: np.ndarray) -> np.ndarray:
@@ -208,8 +217,9 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
              **fields: Any) -> xarray.Dataset:
     """The scores Dataset of a run from its layers' scores (in the order given).
 
-    Variables: r, r2, alpha (layer x target), r_normalized and ceiling if the neural data has a noise
-    ceiling (r / ceiling, NaN where the ceiling is not positive). Coordinates: layer, target, roi (if
+    Variables: r, r2, alpha, p (layer x target; p: the permutation p-value of a target's r, with the chance
+    test), r_normalized and ceiling if the neural data has a noise ceiling (r / ceiling, NaN where the
+    ceiling is not positive). Coordinates: layer, target, roi (if
     known), and per layer n_features, solver, backend, seconds. Attrs: the alignment report (stimuli
     matched and dropped per reason with examples), the split, the options, and the chance test (see
     `chance`) as JSON: {group: {"chance" | "null_low" | "p_value": [one per layer]}}, group = "all"
@@ -220,7 +230,8 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
     opts = FitOptions.resolve(options, fields)
     neural, usable = prep.neural, prep.usable
     shape = (len(layers), neural.n_targets)
-    values = {name: np.full(shape, np.nan) for name in ("r", "r2", "alpha")}
+    tested = bool(layers) and all(p.p is not None for p in layers)
+    values = {name: np.full(shape, np.nan) for name in ("r", "r2", "alpha", *(["p"] if tested else []))}
     for li, part in enumerate(layers):
         for name, v in values.items():
             v[li, usable] = getattr(part, name)
@@ -235,7 +246,8 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
     if neural.roi is not None:
         coords["roi"] = ("target", list(neural.roi))
     long_names = {"r": "Pearson r, held-out stimuli", "r2": "R^2, held-out stimuli",
-                  "alpha": "ridge alpha chosen by inner cross-validation"}
+                  "alpha": "ridge alpha chosen by inner cross-validation",
+                  "p": "permutation p-value of r (held-out responses shuffled), not adjusted for the targets"}
     data_vars: dict[str, Any] = {k: (("layer", "target"), v, {"long_name": long_names[k]}) for k, v in values.items()}
     ceil = neural.ceiling
     if ceil is not None:
@@ -244,7 +256,7 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         data_vars["r_normalized"] = (("layer", "target"), rn, {"long_name": "r / noise ceiling"})
         data_vars["ceiling"] = (("target",), ceil, {"long_name": "noise ceiling (r)"})
     chance: dict[str, dict[str, list]] = {}
-    if layers and all(p.null is not None for p in layers):
+    if tested:  # with its groups' nulls
         groups = target_groups(neural.roi, neural.n_targets)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a group without finite r has no median: NaN
@@ -308,7 +320,7 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 
-_KEPT_FORMAT = 2  # bump when LayerScores or the fingerprint change meaning (2: targets in sets, their null)
+_KEPT_FORMAT = 3  # bump when LayerScores or the fingerprint change meaning (2: targets in sets, their null; 3: p)
 
 
 def fingerprint(prep: Prepared, options: FitOptions) -> str | None:

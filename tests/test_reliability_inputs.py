@@ -87,6 +87,18 @@ def _png16() -> tuple[bytes, np.ndarray]:
     return encode(img), np.repeat(grey[..., None], 3, axis=2)
 
 
+def _int32_tiff(top: int) -> Callable[[], tuple[bytes, np.ndarray]]:
+    """32-bit integer greyscale ("I"), values 0..top: 8-bit values as they are, wider ones as 16-bit (review: an
+    8-bit picture saved as int32 was scaled as 16-bit, stored almost black and valid)."""
+    def build() -> tuple[bytes, np.ndarray]:
+        values = np.linspace(0, top, 16 * 24).round().astype(np.int32).reshape(16, 24)
+        img = Image.fromarray(values, "I")
+        grey = values if top <= 255 else np.round(values.clip(0, 65535) / 257.0)
+        return encode(img, "TIFF"), np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+
+    return build
+
+
 def _float_tiff(top: float) -> Callable[[], tuple[bytes, np.ndarray]]:
     def build() -> tuple[bytes, np.ndarray]:
         values = np.linspace(0, top, 16 * 24, dtype=np.float32).reshape(16, 24)
@@ -135,6 +147,9 @@ class PixelCase:
 
 PIXEL_CASES = [
     PixelCase("png-16-bit-greyscale-scaled-not-white", _png16),
+    PixelCase("int32-tiff-of-8-bit-values-as-they-are", _int32_tiff(255), ext="tif"),
+    PixelCase("int32-tiff-of-16-bit-values-scaled", _int32_tiff(65535), ext="tif"),
+    PixelCase("int32-tiff-beyond-16-bit-clipped", _int32_tiff(100000), ext="tif"),
     PixelCase("float-tiff-in-0-1-scaled-not-black", _float_tiff(1.0), ext="tif"),
     PixelCase("float-tiff-in-0-255", _float_tiff(300.0), ext="tif"),
     PixelCase("png-exif-orientation", _exif_rotated("PNG")),

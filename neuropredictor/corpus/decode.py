@@ -50,6 +50,7 @@ BACKGROUND = (128, 128, 128)
 
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # greyscale read as 16-bit values (0..65535)
+_INT32 = "I"  # 32-bit greyscale has no nominal range: one whose values are all 8-bit is an 8-bit picture
 _TRANSPARENT = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -85,7 +86,7 @@ def needs_rotation(img: Image.Image) -> bool:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB as the image is displayed: 16-bit greyscale scaled (v * 255 / 65535, rounded) rather than
-    clipped; floating-point greyscale (TIFF "F") in [0, 1] scaled by 255, other floats clipped to [0, 255];
+    clipped (32-bit integer greyscale too, unless all its values lie in 0..255: an 8-bit picture); floating-point greyscale (TIFF "F") in [0, 1] scaled by 255, other floats clipped to [0, 255];
     transparency composited over BACKGROUND."""
     if img.mode == "F":  # PIL's own conversion clips: a [0, 1] stimulus became black
         values = np.nan_to_num(np.asarray(img, dtype=np.float64))
@@ -93,6 +94,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(np.rint(values * scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode in _SIXTEEN_BIT:
         wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+        if img.mode == _INT32 and wide.max(initial=0) <= 255:
+            return Image.fromarray(wide.astype(np.uint8), "L").convert("RGB")
         grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if img.mode in _TRANSPARENT or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):

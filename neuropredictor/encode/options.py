@@ -60,7 +60,8 @@ class FitOptions(BaseModel):
                                                        "auto: whichever costs fewer operations for the shape.")
     permutations: int = Field(1000, ge=0, description="Permutations of the chance test: each layer's held-out "
                               "predictions are re-scored against shuffled responses; a layer is above chance when "
-                              f"its p-value is at most {1 - CHANCE_QUANTILE:.2g}. 0 skips the test.")
+                              f"its p-value, adjusted for the number of layers (Holm), is at most "
+                              f"{1 - CHANCE_QUANTILE:.2g}. 0 skips the test.")
     batch_bytes: int = Field(_DEFAULT_BATCH_BYTES, ge=1, description="Cap on the size of the solver's largest "
                              "intermediates (alphas and targets are batched to stay under it).")
 

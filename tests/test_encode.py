@@ -37,6 +37,7 @@ from neuropredictor.encode import (
     plot_scores,
     rdm,
     rsa,
+    rsa_table,
     save_outputs,
     save_scores,
     summary_table,
@@ -802,17 +803,43 @@ def test_a_targets_permutation_p_value_agrees_with_the_t_test_of_its_r():
     holds for normal data and is computed without shuffles."""
     from scipy.stats import pearsonr
 
-    from neuropredictor.encode.chance import target_p_values
+    from neuropredictor.encode.chance import fold_nulls, target_p_values
 
     rng = np.random.default_rng(2)
     n, T, P = 60, 40, 4000
     y = rng.standard_normal((n, T))
     pred = np.linspace(0, 0.5, T) * y + rng.standard_normal((n, T))  # from no signal to a strong one
-    rows = np.arange(n) * 3  # where the held-out stimuli lie among all
-    got = target_p_values([(np.arange(T), rows, y, pred)], T, P, seed=0)
+    folds = [(n, [(np.arange(T), np.arange(n), y, pred)])]
+    got = target_p_values(folds, fold_nulls(folds, T, P, seed=0), T)
     want = np.array([pearsonr(y[:, t], pred[:, t], alternative="greater").pvalue for t in range(T)])
     assert np.abs(got - want).max() < 0.03 and np.median(np.abs(got - want)) < 0.01, np.abs(got - want).max()
     assert got.min() == 1 / (1 + P)  # the strongest targets: no shuffle as high
+
+
+def test_a_targets_p_value_over_folds_is_that_of_every_shuffle_within_the_folds():
+    """Two folds of 5 have 120 x 120 ways to shuffle within them: the exact p of the r of responses and
+    predictions centred in their fold and pooled, against the sampled one. Fold offsets (a run's mean, a fold's
+    intercept) are no part of it: pooling uncentred, they made the r of noise -0.13 and cost most of the power."""
+    import itertools
+
+    from neuropredictor.encode.chance import fold_nulls, target_p_values
+
+    rng = np.random.default_rng(8)
+    T = 3
+    ys = [rng.standard_normal((5, T)) + 3.0 * f for f in range(2)]  # offsets between folds
+    preds = [0.8 * y - 2.0 * f + rng.standard_normal((5, T)) for f, y in enumerate(ys)]
+    yc = np.vstack([y - y.mean(0) for y in ys])
+    pc = np.vstack([p - p.mean(0) for p in preds])
+
+    def r(y: np.ndarray) -> np.ndarray:
+        return (y * pc).sum(0) / np.sqrt((y ** 2).sum(0) * (pc ** 2).sum(0))
+
+    observed = r(yc)
+    shuffles = itertools.product(itertools.permutations(range(5)), itertools.permutations(range(5, 10)))
+    exact = np.mean([r(yc[list(a) + list(b)]) >= observed - 1e-9 for a, b in shuffles], axis=0)
+    folds = [(5, [(np.arange(T), np.arange(5), y, p)]) for y, p in zip(ys, preds)]
+    got = target_p_values(folds, fold_nulls(folds, T, 4000, seed=3), T)
+    assert (exact > 0.002).all() and np.abs(got - exact).max() < 0.02, (got, exact)
 
 
 def test_scores_carry_each_targets_p_value_calibrated_on_noise_with_folds():
@@ -1028,6 +1055,90 @@ def test_rsa_recovers_the_source_layer(planted):
     direct = rsa(ds, neural_rdm=rdm(planted["mid"]), rdm_keys=keys, layers=["mid", "late"])
     assert direct.rho.sel(layer="mid") == pytest.approx(1.0, abs=1e-6)
     assert abs(direct.rho.sel(layer="late")) < 0.1
+
+
+def test_rsa_p_value_agrees_with_the_exact_permutation_distribution():
+    """7 stimuli have 5,040 orders: the exact Mantel p, by scipy's Spearman over every reordering of the neural
+    patterns, against the sampled one."""
+    import itertools
+
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(7)
+    n = 7
+    keys = [f"s{i}" for i in range(n)]
+    X = rng.standard_normal((n, 30))
+    Y = X[:, :10] + 1.5 * rng.standard_normal((n, 10))
+    iu = np.triu_indices(n, k=1)
+    with np.errstate(invalid="ignore"):
+        layer = 1 - np.corrcoef(X)
+    rho = lambda Yp: spearmanr(layer[iu], (1 - np.corrcoef(Yp))[iu]).statistic  # noqa: E731
+    observed = rho(Y)
+    exact = np.mean([rho(Y[list(order)]) >= observed - 1e-9 for order in itertools.permutations(range(n))])
+    got = rsa(features_dataset({"x": X}, keys), NeuralData(Y, keys), permutations=4000, seed=1)
+    assert float(got.rho.sel(layer="x")) == pytest.approx(observed, abs=1e-9)
+    assert 0.02 < exact < 0.5  # a p-value the sampling can miss
+    assert float(got.p.sel(layer="x")) == pytest.approx(exact, abs=0.025), exact
+
+
+def test_rsa_p_values_are_uniform_for_unrelated_data():
+    rng = np.random.default_rng(11)
+    n, trials = 12, 150
+    keys = [f"s{i}" for i in range(n)]
+    p = np.array([float(rsa(features_dataset({"x": rng.standard_normal((n, 20))}, keys),
+                            NeuralData(rng.standard_normal((n, 8)), keys), permutations=99, seed=t).p.item())
+                  for t in range(trials)])
+    assert 0.01 <= np.mean(p <= 0.05) <= 0.1 and 0.35 <= np.mean(p <= 0.5) <= 0.65, (np.mean(p <= 0.05), np.mean(p <= 0.5))
+
+
+def test_rsa_table_marks_layers_above_chance_after_holm_and_the_best(planted):
+    ds, keys = planted["ds"], list(planted["ds"].key.values)
+    rng = np.random.default_rng(0)
+    nd = NeuralData(planted["mid"] + 0.05 * rng.standard_normal(planted["mid"].shape), keys,
+                    roi=["a"] * 25 + ["b"] * 25)
+    res = rsa(ds, nd, permutations=200)
+    table = rsa_table(res).set_index(["roi", "layer"])
+    assert res.p.sel(layer="mid") == pytest.approx(1 / 201) and res.p.sel(layer="late") > 0.05
+    assert res.p_roi.dims == ("layer", "roi")
+    for roi in ("all", "a", "b"):
+        assert table.loc[(roi, "mid"), "best"] and table.loc[(roi, "mid"), "above_chance"]
+        assert not table.loc[(roi, "late"), "above_chance"]
+    np.testing.assert_allclose(table.loc["all", "p_holm"], np.minimum(1, np.maximum.accumulate(
+        np.sort(res.p.values) * [3, 2, 1]))[np.argsort(np.argsort(res.p.values))])
+    untested = rsa_table(rsa(ds, nd, permutations=0))
+    assert untested.above_chance.isna().all() and untested.set_index(["roi", "layer"]).loc[("all", "mid"), "best"]
+    # a stimulus with a constant pattern: its pairs are left out, and the test permutes the others
+    flat = ds.copy(deep=True)
+    flat["mid"][3] = 0.0
+    one = rsa(flat, nd, layers=["mid"], permutations=200)
+    assert np.isfinite(one.rho.item()) and one.p.item() == pytest.approx(1 / 201)
+
+
+def test_rsa_command_prints_layers_above_chance_and_saves_them(pipeline_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from neuropredictor.cli import app
+
+    out = str(tmp_path / "rsa.zarr")
+    args = ["rsa", pipeline_store["features"], pipeline_store["neural"], "--keys", pipeline_store["keys_file"],
+            "--permutations", "200", "--out", out]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    rows = {r["layer"]: r for r in summary["layers"]}
+    assert summary["n_stimuli"] == 58 and set(rows) == {"layer1", "layer4"}
+    # the planted map is linear in layer4; random conv layers share the images' structure, so both RDMs follow it
+    assert all(r["above_chance"] and r["p"] == pytest.approx(1 / 201) for r in rows.values())
+    assert [r["best"] for r in rows.values()] == [r["rho"] == max(x["rho"] for x in rows.values()) for r in rows.values()]
+    saved = xr.open_zarr(out)
+    assert float(saved.rho.sel(layer="layer4")) == pytest.approx(rows["layer4"]["rho"])
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    shown = CliRunner().invoke(app, [*args, "--overwrite", "--layers", "layer4"])
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"layer4\s*│\s*[0-9.]+ \*", shown.output) and "best layer, all: layer4" in shown.output
+    bad = CliRunner().invoke(app, ["rsa", pipeline_store["features"], pipeline_store["neural"]])
+    assert bad.exit_code == 2 and "keys" in bad.output
 
 
 def test_rdm_is_one_minus_pearson_and_needs_little_memory_beyond_the_layer():

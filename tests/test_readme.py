@@ -50,7 +50,7 @@ def _offline(words: list[str]) -> list[str]:
 
 def test_the_readme_has_an_example_of_every_command():
     used = {words[1] for words in readme_commands()}
-    assert {"models", "layers", "shards", "extract", "inspect", "encode", "sweep", "bench"} <= used, used
+    assert {"models", "layers", "shards", "extract", "inspect", "encode", "rsa", "sweep", "bench"} <= used, used
     assert "models:" in readme_yaml("sweep.yaml")
 
 

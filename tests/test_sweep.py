@@ -325,7 +325,7 @@ def test_the_ranking_keeps_an_roi_without_a_finite_score():
 
     from neuropredictor.sweep.compare import COLUMNS, ranking
 
-    rows = [[m, 40, roi, layer, r, r, r, np.nan, 0.1, r is not np.nan and r > 0.1, False]
+    rows = [[m, 40, roi, layer, r, r, r, np.nan, 0.1, 0.01, 0.02, r is not np.nan and r > 0.1, False]
             for m, scores in (("a", (0.3, 0.5)), ("b", (0.2, 0.05)))
             for roi in ("V1", "bad") for layer, r in zip(("l1", "l2"), scores if roi == "V1" else (np.nan,) * 2)]
     table = pd.DataFrame(rows, columns=COLUMNS)

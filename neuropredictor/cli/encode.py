@@ -91,8 +91,8 @@ def encode(
             for g, col in columns.items()))
     console.print(table)
     console.print(f"* best layer; n.s.: median r not above chance (p > {1 - CHANCE_QUANTILE:.2f} against its null "
-                  f"over {summary['permutations']} permutations of the held-out responses, adjusted for the "
-                  f"{len(summary['layers'])} layers by Holm)"
+                  f"over {summary['permutations']} permutations of the held-out responses, adjusted by Holm for the "
+                  "layers scored in each column)"
                   if summary["permutations"] else "* best layer, not tested against chance (--permutations 0)",
                   highlight=False)
     for g, layer in best.items():

@@ -27,7 +27,7 @@ from neuropredictor.encode.neural import NeuralData, load_neural
 from neuropredictor.encode.options import EncodeOptions, FitOptions, parse_alphas
 from neuropredictor.encode.report import check_scores_out, plot_scores, save_outputs, save_scores, summary_table
 from neuropredictor.encode.ridge import DEFAULT_ALPHAS, encode_layer, pearson_r, r2_score
-from neuropredictor.encode.rsa import rdm, rsa
+from neuropredictor.encode.rsa import rdm, rsa, rsa_table
 from neuropredictor.encode.kept import KeptLayers
 from neuropredictor.encode.run import (LayerScores, Prepared, assemble, encode, encode_command, kept_layers, prepare,
                                        score_kept, score_layer, score_layers)
@@ -35,6 +35,6 @@ from neuropredictor.encode.run import (LayerScores, Prepared, assemble, encode, 
 __all__ = [
     "DEFAULT_ALPHAS", "AlignmentWarning", "EncodeOptions", "EncodingError", "FitOptions", "KeptLayers", "LayerScores",
     "NeuralData", "Prepared", "assemble", "check_scores_out", "encode", "encode_command", "encode_layer", "kept_layers",
-    "load_neural", "parse_alphas", "pearson_r", "plot_scores", "prepare", "r2_score", "rdm", "rsa", "save_outputs",
-    "save_scores", "score_kept", "score_layer", "score_layers", "summary_table",
+    "load_neural", "parse_alphas", "pearson_r", "plot_scores", "prepare", "r2_score", "rdm", "rsa", "rsa_table",
+    "save_outputs", "save_scores", "score_kept", "score_layer", "score_layers", "summary_table",
 ]

@@ -166,7 +166,7 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
         med = sub["median"].to_numpy()
         if metric == "r" and sub["chance"].notna().any():
             ax.fill_between(x, sub["null_low"], sub["chance"], color="tab:red", alpha=0.15, lw=0,
-                            label="chance: null median r, 5-95 %")
+                            label="chance: null median r, 5-95 % (unadjusted)")
         ax.fill_between(x, sub["q25"], sub["q75"], color="0.6", alpha=0.35, lw=0, label="targets, IQR")
         ax.plot(x, med, color="k", lw=1.5, label="median")
         above = sub["above_chance"].fillna(True).to_numpy(bool)

@@ -10,10 +10,12 @@ import numpy as np
 
 from neuropredictor.encode._common import ALL_TARGETS, EncodingError
 from neuropredictor.encode.align import align, layer_matrix, open_dataset, select_layers
-from neuropredictor.encode.neural import NeuralData, load_neural
-from neuropredictor.encode.ridge import pearson_r
+from neuropredictor.encode.chance import CHANCE_QUANTILE, holm
+from neuropredictor.encode.neural import NeuralData
+from neuropredictor.encode.options import read_with
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas
     import xarray
 
 
@@ -46,26 +48,38 @@ def rdm(patterns: np.ndarray) -> np.ndarray:
     return d
 
 
+_GATHER_BYTES = 2**28  # one batch of permuted neural RDMs (permutations x pairs, with their indices)
+
+
 def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, layers: Any = None, *,
         neural_rdm: np.ndarray | None = None, rdm_keys: Sequence[str] | None = None,
-        by_roi: bool = True, storage_options: Mapping | None = None) -> xarray.Dataset:
+        by_roi: bool = True, permutations: int = 1000, seed: int = 0, storage_options: Mapping | None = None,
+        **reading: Any) -> xarray.Dataset:
     """Representational similarity of each layer to the neural data.
 
     Each layer's RDM (1 - Pearson r between stimulus patterns) is compared with the neural RDM by
     Spearman correlation of the upper triangles. The neural RDM is computed the same way from the
     neural data (all targets; and per ROI when the data has ROIs and by_roi), or given directly as
-    neural_rdm (n x n) with its rdm_keys. Stimuli are aligned by key as in `encode`.
+    neural_rdm (n x n) with its rdm_keys. Stimuli are aligned by key as in `encode`; with neural a file,
+    `reading` says how to read it (`EncodeOptions`' keys_file, roi, array, ...).
 
-    Returns a Dataset: `rho` (layer), `rho_roi` (layer x roi) when per-ROI RDMs were made, attrs
-    with the alignment report.
+    Stimuli whose pattern is constant (in the layer or the neural data) have no correlation distance: their
+    pairs are left out, as are pairs a given neural_rdm lacks (NaN).
+
+    The chance test permutes the stimuli of the neural RDM (rows and columns together: a Mantel test), the
+    same `permutations` for every layer: p = (1 + permutations with rho at least as high) / (1 + permutations),
+    one-sided, not adjusted for the number of layers (`rsa_table` adds Holm's adjustment). 0 skips it; a
+    given RDM that lacks some pairs is not tested (p NaN).
+
+    Returns a Dataset: `rho` and `p` (layer), `rho_roi` and `p_roi` (layer x roi) when per-ROI RDMs were
+    made, attrs with the alignment report and the test.
     """
     import xarray as xr
-    from scipy.stats import rankdata
 
     ds, order, features_name = open_dataset(features, storage_options)
     layers = select_layers(layers, order)
     if neural_rdm is not None:
-        if neural is not None:
+        if neural is not None or reading:
             raise EncodingError("give either neural data or neural_rdm, not both")
         m = np.asarray(neural_rdm, dtype=np.float64)
         if m.ndim != 2 or m.shape[0] != m.shape[1]:
@@ -77,51 +91,140 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
     else:
         if neural is None:
             raise EncodingError("give neural data (NeuralData or a path) or neural_rdm")
-        neural_data = neural if isinstance(neural, NeuralData) else load_neural(neural, storage_options=storage_options)
+        neural_data = read_with(neural, reading, storage_options)
+    if permutations < 0:
+        raise EncodingError(f"permutations must be 0 (no test) or more; got {permutations}")
     aligned = align(ds, neural_data, complete=True)
     fi, ni, usable = aligned["features_rows"], aligned["neural_rows"], aligned["targets"]
     if len(fi) < 3:
         raise EncodingError(f"RSA needs at least 3 matched stimuli; have {len(fi)}")
     keys = [neural_data.keys[i] for i in ni]
-    iu = np.triu_indices(len(fi), k=1)
-
-    def ranked(d: np.ndarray) -> np.ndarray:
-        """Ranks of the upper triangle; pairs with a constant pattern (NaN) stay NaN: ranked with them,
-        every rank would be NaN."""
-        values = d[iu]
-        ok = np.isfinite(values)
-        out = np.full(values.shape, np.nan)
-        out[ok] = rankdata(values[ok])
-        return out
-
-    targets: dict[str, np.ndarray] = {}
+    neural_rdms: dict[str, np.ndarray] = {}
     if neural_rdm is not None:
-        targets[ALL_TARGETS] = ranked(np.asarray(neural_rdm, dtype=np.float64)[np.ix_(ni, ni)])
+        neural_rdms[ALL_TARGETS] = np.asarray(neural_rdm, dtype=np.float64)[np.ix_(ni, ni)]
     else:
         Y = neural_data.values[np.ix_(ni, usable)]
-        targets[ALL_TARGETS] = ranked(rdm(Y))
+        neural_rdms[ALL_TARGETS] = rdm(Y)
         if by_roi and neural_data.roi is not None:
             rois = np.asarray(neural_data.roi)[usable]
             for roi in dict.fromkeys(rois.tolist()):
-                targets[str(roi)] = ranked(rdm(Y[:, rois == roi]))
-    rho = np.full((len(layers), len(targets)), np.nan)
+                neural_rdms[str(roi)] = rdm(Y[:, rois == roi])
+    n = len(fi)
+    rng = np.random.default_rng(seed)
+    orders = np.stack([rng.permutation(n) for _ in range(permutations)]) if permutations else None
+    rho = np.full((len(layers), len(neural_rdms)), np.nan)
+    p = np.full_like(rho, np.nan)
+    whole: list[tuple[int, np.ndarray]] = []  # layers without a constant pattern: tested together, per group
     for li, layer in enumerate(layers):
-        lr = ranked(rdm(layer_matrix(ds, layer, fi, keys)))
-        for ti, nr in enumerate(targets.values()):
-            ok = np.isfinite(lr) & np.isfinite(nr)
-            if ok.sum() > 2:
-                # Spearman = Pearson on ranks (ties averaged); NaN pairs (constant patterns) left out
-                a, b = lr[ok], nr[ok]
-                if not ok.all():
-                    a, b = rankdata(a), rankdata(b)
-                rho[li, ti] = pearson_r(a[:, None], b[:, None])[0]
+        d = rdm(layer_matrix(ds, layer, fi, keys))
+        for gi, nd in enumerate(neural_rdms.values()):
+            kept = _varied(d) & _varied(nd)
+            if kept.sum() < 3:
+                continue
+            sub = np.ix_(kept, kept)
+            rho[li, gi] = _spearman(d[sub], nd[sub])
+            if orders is not None and not kept.all() and _complete(d[sub]) and _complete(nd[sub]):
+                # its own stimuli, permuted apart from the others: the order of the first m of a permutation of
+                # n is a permutation of m, as likely as any other
+                p[li, gi] = _mantel(nd[sub], _unit_ranks(d[sub])[:, None], orders[:, :kept.sum()].argsort(1),
+                                    rho[li, gi:gi + 1])[0]
+        if orders is not None and _complete(d):
+            whole.append((li, _unit_ranks(d).astype(np.float32)))
+    if orders is not None:
+        for gi, nd in enumerate(neural_rdms.values()):
+            tested = [(li, z) for li, z in whole if np.isnan(p[li, gi]) and np.isfinite(rho[li, gi])]
+            if tested and _complete(nd):
+                rows = [li for li, _ in tested]
+                p[rows, gi] = _mantel(nd, np.stack([z for _, z in tested], axis=1), orders, rho[rows, gi])
     data_vars: dict[str, Any] = {"rho": (("layer",), rho[:, 0], {"long_name": "Spearman rho, layer RDM vs neural RDM"})}
     coords: dict[str, Any] = {"layer": list(layers)}
-    if len(targets) > 1:
+    if permutations:
+        data_vars["p"] = (("layer",), p[:, 0], {"long_name": "Mantel permutation p-value of rho, one-sided"})
+    if len(neural_rdms) > 1:
         data_vars["rho_roi"] = (("layer", "roi"), rho[:, 1:], {"long_name": "Spearman rho per ROI"})
-        coords["roi"] = list(targets)[1:]
+        if permutations:
+            data_vars["p_roi"] = (("layer", "roi"), p[:, 1:], {"long_name": "Mantel p-value of rho per ROI"})
+        coords["roi"] = list(neural_rdms)[1:]
     out = xr.Dataset(data_vars, coords=coords)
-    out.attrs.update({"features": features_name, "neural": str(neural_data.source or ""), "n_stimuli": int(len(fi)),
+    out.attrs.update({"features": features_name, "neural": str(neural_data.source or ""), "n_stimuli": int(n),
                       "rdm": "1 - Pearson r", "comparison": "Spearman, upper triangle",
-                      "alignment": json.dumps(aligned["report"])})
+                      "permutations": int(permutations), "seed": int(seed),
+                      "chance_test": "stimuli of the neural RDM permuted (Mantel), one-sided" if permutations
+                      else "none", "alignment": json.dumps(aligned["report"])})
     return out
+
+
+def _varied(d: np.ndarray) -> np.ndarray:
+    """The stimuli whose pattern is not constant: a constant one has no correlation distance (NaN) to any other,
+    and its pairs are left out (the RDM of the others)."""
+    off = ~np.eye(len(d), dtype=bool)
+    return ~(np.isnan(d) | ~off).all(1) if len(d) > 1 else np.ones(len(d), bool)
+
+
+def _complete(d: np.ndarray) -> bool:
+    return bool(np.isfinite(d[np.triu_indices(len(d), k=1)]).all())
+
+
+def _unit_ranks(d: np.ndarray | None, values: np.ndarray | None = None) -> np.ndarray:
+    """The ranks (ties averaged) of an RDM's upper triangle (or of `values`), centred and scaled to unit norm:
+    Spearman's rho of two is the sum of their products; NaN when they are all equal."""
+    from scipy.stats import rankdata
+
+    r = rankdata(d[np.triu_indices(len(d), k=1)] if values is None else values)
+    r -= r.mean()
+    norm = np.linalg.norm(r)
+    return r / norm if norm > 0 else np.full_like(r, np.nan)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho of two RDMs' upper triangles, over the pairs both have (a given RDM may lack some)."""
+    iu = np.triu_indices(len(a), k=1)
+    x, y = a[iu], b[iu]
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return float("nan")
+    return float(_unit_ranks(None, x[ok]) @ _unit_ranks(None, y[ok]))
+
+
+def _mantel(neural: np.ndarray, layers: np.ndarray, orders: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """One-sided p-values of each layer's rho (observed) against the neural RDM with its stimuli permuted by each
+    row of orders (permutations, n). layers: the layers' `_unit_ranks` as columns (pairs, layers). Permuting the
+    stimuli moves the neural ranks between pairs and keeps their values, so each permutation's rho is one
+    gather and one product."""
+    n = len(neural)
+    full = np.zeros((n, n), np.float32)
+    iu = np.triu_indices(n, k=1)
+    full[iu] = _unit_ranks(neural)
+    full += full.T
+    flat, layers = full.ravel(), layers.astype(np.float32)
+    step = max(1, _GATHER_BYTES // (12 * len(iu[0])))  # int64 index + float32 value per pair
+    above = np.zeros(layers.shape[1], np.int64)
+    for i in range(0, len(orders), step):
+        o = orders[i:i + step]
+        null = flat[o[:, iu[0]] * n + o[:, iu[1]]] @ layers  # (permutations, layers)
+        above += (null >= observed[None, :] - 1e-6).sum(0)  # float32 products: equal counts as at least as high
+    return (1 + above) / (1 + len(orders))
+
+
+def rsa_table(ds: xarray.Dataset) -> pandas.DataFrame:
+    """Per (roi, layer) of an `rsa` Dataset, tidy: rho, p, p_holm (p adjusted by Holm over the layers), above_chance
+    (p_holm at most 0.05; NA without a test) and best (the highest rho among the layers not below chance). roi is
+    "all" for the RDM of every target, then each ROI."""
+    import pandas as pd
+
+    layers = [str(x) for x in ds["layer"].values.tolist()]
+    groups = [(ALL_TARGETS, ds["rho"].values, ds["p"].values if "p" in ds else None)]
+    if "rho_roi" in ds:
+        groups += [(str(roi), ds["rho_roi"].sel(roi=roi).values, ds["p_roi"].sel(roi=roi).values if "p_roi" in ds
+                    else None) for roi in ds["roi"].values.tolist()]
+    rows = []
+    for roi, rho, p in groups:
+        p = np.full(len(layers), np.nan) if p is None else np.asarray(p, dtype=np.float64)
+        adjusted = holm(p)
+        above = [bool(a <= 1 - CHANCE_QUANTILE) if np.isfinite(a) else None for a in adjusted]
+        eligible = [i for i in range(len(layers)) if above[i] is not False and np.isfinite(rho[i])]
+        best = max(eligible, key=lambda i: rho[i], default=-1)
+        rows += [{"roi": roi, "layer": layer, "rho": float(rho[i]), "p": p[i], "p_holm": adjusted[i],
+                  "above_chance": above[i], "best": i == best} for i, layer in enumerate(layers)]
+    return pd.DataFrame(rows, columns=["roi", "layer", "rho", "p", "p_holm", "above_chance", "best"]).astype(
+        {"above_chance": "boolean"})

@@ -75,7 +75,7 @@ class LayerScores:
     backend: str
     seconds: float
     null: np.ndarray | None = None  # (permutations, groups) null medians of r, see `chance`
-    p: np.ndarray | None = None  # per target, the p-value of its r against its own null
+    p: np.ndarray | None = None  # per target, its permutation p-value (see `chance.target_p_values`)
 
 
 def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: FitOptions | None = None, *,
@@ -133,9 +133,8 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     X = layer_matrix(prep.ds, layer, prep.rows, prep.keys)
     per_fold = {name: np.full((len(prep.splits), prep.Y.shape[1]), np.nan) for name in ("r", "r2", "alpha")}
     tested: list[list[Part]] = [[] for _ in prep.splits]  # for the null
-    pooled: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in prep.sets]  # for targets' p
     used: dict[str, set[str]] = {"solver": set(), "backend": set()}  # auto chooses per fit, by its shape
-    for si, ts in enumerate(prep.sets):
+    for ts in prep.sets:
         every = len(ts.targets) == prep.Y.shape[1]
         for i, pair in enumerate(ts.splits):
             if pair is None:  # too few of this set's stimuli in this fold
@@ -153,18 +152,14 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
             if opts.permutations:  # where this set's test stimuli lie among the fold's
                 tested[i].append((ts.targets, np.flatnonzero(ts.rows[prep.splits[i][1]]), y_test,
                                   last["predictions"]))
-                pooled[si].append((te, y_test, last["predictions"]))
     r = _fold_mean(per_fold["r"])
     null = p = None
     if opts.permutations:
         groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
-        nulls = fold_nulls([(len(te), parts) for (_, te), parts in zip(prep.splits, tested)], prep.Y.shape[1],
-                           opts.permutations, opts.seed)
-        null = null_medians(nulls, groups)
+        folds = [(len(te), parts) for (_, te), parts in zip(prep.splits, tested)]
+        nulls = fold_nulls(folds, prep.Y.shape[1], opts.permutations, opts.seed)
+        null, p = null_medians(nulls, groups), target_p_values(folds, nulls, prep.Y.shape[1])
         del nulls
-        p = target_p_values([(ts.targets, *part) for ts, parts in zip(prep.sets, pooled) if parts
-                             for part in [tuple(np.concatenate(a) for a in zip(*parts))]],
-                            prep.Y.shape[1], opts.permutations, opts.seed)
     solver, backend = ("+".join(sorted(seen)) or "none" for seen in used.values())
     log.info("layer %s: %d features, median r %.3f (%s, %s)", layer, X.shape[1],
              float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan"), solver, backend)
@@ -217,8 +212,8 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
              **fields: Any) -> xarray.Dataset:
     """The scores Dataset of a run from its layers' scores (in the order given).
 
-    Variables: r, r2, alpha, p (layer x target; p: the permutation p-value of a target's r, with the chance
-    test), r_normalized and ceiling if the neural data has a noise ceiling (r / ceiling, NaN where the
+    Variables: r, r2, alpha, p (layer x target; p: a target's permutation p-value, with the chance test; see
+    `chance.target_p_values`), r_normalized and ceiling if the neural data has a noise ceiling (r / ceiling, NaN where the
     ceiling is not positive). Coordinates: layer, target, roi (if
     known), and per layer n_features, solver, backend, seconds. Attrs: the alignment report (stimuli
     matched and dropped per reason with examples), the split, the options, and the chance test (see
@@ -247,7 +242,8 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         coords["roi"] = ("target", list(neural.roi))
     long_names = {"r": "Pearson r, held-out stimuli", "r2": "R^2, held-out stimuli",
                   "alpha": "ridge alpha chosen by inner cross-validation",
-                  "p": "permutation p-value of r (held-out responses shuffled), not adjusted for the targets"}
+                  "p": "permutation p-value of the held-out r, folds centred and pooled (one split: of r), "
+                       "shuffled within folds; not adjusted for the number of targets"}
     data_vars: dict[str, Any] = {k: (("layer", "target"), v, {"long_name": long_names[k]}) for k, v in values.items()}
     ceil = neural.ceiling
     if ceil is not None:

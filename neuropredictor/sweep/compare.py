@@ -15,13 +15,14 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 COLUMNS = ["model", "n_stimuli", "roi", "layer", "median_r", "q25", "q75", "median_r_normalized", "chance",
-           "above_chance", "best"]
+           "p_value", "p_holm", "above_chance", "best"]
 
 
 def comparison_table(scores: Mapping[str, str], storage_options: Mapping | None = None) -> pandas.DataFrame:
     """One row per model x layer x ROI ("all" = every target): the median held-out r over the targets, its
-    interquartile range, the median of r / noise ceiling where the data has a ceiling, the chance level and
-    whether the layer beats it, and `best` (the model's best layer for that ROI among those above chance);
+    interquartile range, the median of r / noise ceiling where the data has a ceiling, the chance level (the
+    layer's null's 95th percentile), its p-value, adjusted by Holm over the model's layers (p_holm), whether that
+    is at most 0.05 (above_chance), and `best` (the model's best layer for that ROI among those above chance);
     `n_stimuli`: the stimuli the model was scored on (fewer where some of its feature rows are invalid).
     scores: model spec -> its scores store."""
     import pandas as pd
@@ -103,13 +104,14 @@ def plot_comparison(table: pandas.DataFrame, path: str, storage_options: Mapping
                 bar.set_hatch("//")
                 bar.set_facecolor("#c8c8c8")
         chance = np.array([r["chance"] for r in rows], dtype=float)
-        ax.scatter(chance, y, marker="|", color="black", s=60, zorder=3, label="chance (95th pct. of null)")
+        ax.scatter(chance, y, marker="|", color="black", s=60, zorder=3, label="chance (95th pct. of null, unadjusted)")
         ax.set_yticks(y, [f"{e['model']}  [{e['layer']}]" for e in entries], fontsize=7)
         ax.axvline(0, color="grey", lw=0.6)
         ax.set_xlabel("median held-out r (best layer)")
         ax.set_title(f"{roi}")
     axes[0][0].legend(loc="lower right", fontsize=7)
-    fig.suptitle("models ranked by their best layer; whiskers: IQR over targets; hatched: not above chance",
+    fig.suptitle("models ranked by their best layer; whiskers: IQR over targets; hatched: not above chance "
+                 "(p adjusted for the model's layers)",
                  fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1213,6 +1213,20 @@ def test_save_scores_round_trip_and_plot(planted, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_the_scores_plot_draws_each_groups_noise_ceiling(planted):
+    from neuropredictor.encode.report import _scores_figure
+
+    s = planted["scores"]
+    ceiling = np.where(np.asarray(s.roi.values) == "V1", 0.6, 0.9)
+    ceiling[0] = np.nan  # a target without one
+    fig = _scores_figure(s.assign(ceiling=("target", ceiling)), "r")
+    drawn = {ax.get_title().split(" (")[0]: [ln.get_ydata()[0] for ln in ax.get_lines()
+                                             if ln.get_label().startswith("noise ceiling")] for ax in fig.axes}
+    assert drawn == {"all": [pytest.approx(np.nanmedian(ceiling))], "V1": [0.6], "IT": [0.9]}
+    assert not any(ln.get_label().startswith("noise ceiling") for ax in _scores_figure(s, "r").axes
+                   for ln in ax.get_lines())
+
+
 def test_helpers_work_on_reopened_scores(planted, tmp_path):
     """summary_table and plot_scores on `xr.open_zarr` of saved scores, whose strings come back as
     numpy's StringDType (issue 12, item 7: both raised a TypeError)."""

@@ -335,6 +335,28 @@ def test_the_ranking_keeps_an_roi_without_a_finite_score():
     assert [e["median_r"] for e in ranked["bad"]] == [None, None]
 
 
+def test_the_comparison_plot_wraps_its_rois_and_leaves_the_callers_backend(tmp_path):
+    # pyplot with matplotlib.use("Agg") switched a notebook's backend when a sweep ran in it; and every ROI sat in
+    # one row of panels
+    import matplotlib
+    import pandas as pd
+
+    from neuropredictor.sweep.compare import COLUMNS, plot_comparison
+
+    rois = ["all", "V1", "V2", "V4", "IT"]
+    rows = [[m, 40, roi, "l1", r, r - 0.1, r + 0.1, np.nan, 0.05, 0.001, 0.002, True, True]
+            for m, r in (("a", 0.3), ("b", 0.2)) for roi in rois]
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        png = Path(plot_comparison(pd.DataFrame(rows, columns=COLUMNS), str(tmp_path / "c.png"))).read_bytes()
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width == round(3 * 6.5 * 110) and height > 2 * 1.6 * 110  # 3 panels a row, 2 rows
+
+
 def test_two_checkpoints_of_one_architecture_run_under_their_names(tmp_path):
     # A model's store, scores and record are named by its slug: two entries of one spec (two checkpoints of an
     # architecture) or specs that slug alike overwrote each other's store and shared one record. They are

@@ -147,7 +147,18 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
     """PNG of layer-wise scores, one panel per group (all targets, then each ROI): the median `metric`
     per layer (model order) with its interquartile band over targets, the chance band of the
     permutation test (5th-95th percentile of the null median r; metric r only), hollow markers for
-    layers not above chance, a star on the best layer; the title states the split. Returns the path."""
+    layers not above chance, a star on the best layer, the median noise ceiling of the group's targets where
+    the data has one; the title states the split. Returns the path."""
+    fig = _scores_figure(ds, metric)
+    spath = os.fspath(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    with _open(spath, "wb", dict(storage_options or {})) as f:
+        f.write(buf.getvalue())
+    return spath
+
+
+def _scores_figure(ds: xarray.Dataset, metric: str) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -155,6 +166,7 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
     layers = [str(x) for x in ds["layer"].values.tolist()]
     x = np.arange(len(layers))
     groups = list(dict.fromkeys(table.roi.tolist()))
+    rois = ds["roi"].values.tolist() if "roi" in ds.coords else None
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
     # Figure + Agg canvas directly, not pyplot: no global backend switch in the caller's session.
@@ -176,6 +188,13 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
         best = sub["best"].to_numpy(bool)
         ax.scatter(x[best], med[best], marker="*", s=150, color="tab:orange", zorder=4, label="best layer")
         ax.axhline(0.0, color="0.3", lw=0.6, ls=":")
+        if metric in ("r", "r_normalized") and "ceiling" in ds:
+            mask = target_groups(rois, ds.sizes["target"])[groups.index(roi)][1]
+            ceiling = ds["ceiling"].values[mask]
+            level = 1.0 if metric == "r_normalized" else float(np.nanmedian(ceiling)) if np.isfinite(ceiling).any() \
+                else np.nan
+            if np.isfinite(level):
+                ax.axhline(level, color="tab:green", lw=1.0, ls="--", label="noise ceiling (median of targets)")
         ax.set_title(f"{roi} ({int(sub['n_targets'].max())} targets)", fontsize=9)
         ax.set_xticks(x)
         ax.set_xticklabels(layers, rotation=45 if len(layers) > 4 else 0, ha="right" if len(layers) > 4 else "center")
@@ -189,12 +208,7 @@ def plot_scores(ds: xarray.Dataset, path: str | os.PathLike, metric: str = "r",
     name = "" if name.startswith("<") else name.rstrip("/").rsplit("/", 1)[-1]
     fig.suptitle("  ".join(t for t in (f"encoding scores {name}".strip(), describe_split(ds.attrs)) if t), fontsize=9)
     fig.tight_layout()
-    spath = os.fspath(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    with _open(spath, "wb", dict(storage_options or {})) as f:
-        f.write(buf.getvalue())
-    return spath
+    return fig
 
 
 def save_outputs(scores: xarray.Dataset, options: EncodeOptions,

@@ -4,6 +4,7 @@ per ROI by their best layer, and a plot of that ranking that stays readable with
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -78,18 +79,21 @@ def ranking(table: pandas.DataFrame) -> dict[str, list[dict[str, Any]]]:
 
 def plot_comparison(table: pandas.DataFrame, path: str, storage_options: Mapping | None = None) -> str:
     """Per ROI, a horizontal bar per model (its best layer's median r, the bar's whisker its interquartile
-    range over targets, a tick at that layer's chance level), ranked; hatched bars are not above chance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    range over targets, a tick at that layer's chance level), ranked; hatched bars are not above chance. Up to
+    three panels a row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     ranked = ranking(table)
     rois = list(ranked)
     n_models = max((len(v) for v in ranked.values()), default=1)
-    fig, axes = plt.subplots(1, len(rois), figsize=(4.5 * len(rois) + 2.5, 0.28 * n_models + 1.6), squeeze=False,
-                             sharey=False)
-    for ax, roi in zip(axes[0], rois):
+    ncols = max(1, min(3, len(rois)))
+    nrows = max(1, math.ceil(len(rois) / ncols))
+    # Figure + Agg canvas, not pyplot: a notebook's backend stays its own
+    fig = Figure(figsize=(6.5 * ncols, (0.28 * n_models + 1.6) * nrows + 0.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, roi in zip(axes, rois):
         entries = ranked[roi][::-1]  # the best at the top
         rows = [table[(table["roi"] == roi) & (table["model"] == e["model"]) & (table["layer"] == e["layer"])].iloc[0]
                 for e in entries]
@@ -109,14 +113,14 @@ def plot_comparison(table: pandas.DataFrame, path: str, storage_options: Mapping
         ax.axvline(0, color="grey", lw=0.6)
         ax.set_xlabel("median held-out r (best layer)")
         ax.set_title(f"{roi}")
-    axes[0][0].legend(loc="lower right", fontsize=7)
+    for ax in axes[len(rois):]:
+        ax.set_visible(False)
+    axes[0].legend(loc="lower right", fontsize=7)
     fig.suptitle("models ranked by their best layer; whiskers: IQR over targets; hatched: not above chance "
-                 "(p adjusted for the model's layers)",
-                 fontsize=9)
+                 "(p adjusted for the model's layers)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     with fsx.open_url(path, "wb", storage_options) as f:
         f.write(buf.getvalue())
     return path

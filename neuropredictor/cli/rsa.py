@@ -64,8 +64,8 @@ def rsa(
         shown.add_row(layer, *("-" if math.isnan(r.rho) else f"{r.rho:.3f}" + (
             " *" if r.best else " n.s." if r.above_chance is False else "") for r in row))
     console.print(shown)
-    console.print(f"* best layer; n.s.: rho not above chance (p > {1 - CHANCE_QUANTILE:.2f} over {permutations} permutations of the "
-                  f"stimuli, adjusted by Holm for the layers in each column)" if permutations else
+    console.print(f"* best layer; n.s.: rho not above chance (p > {1 - CHANCE_QUANTILE:.2f} over {permutations} "
+                  "permutations of the stimuli, adjusted by Holm for the layers in each column)" if permutations else
                   "* best layer, not tested against chance (--permutations 0)", highlight=False)
     for g in groups:
         best = table[(table.roi == g) & table.best].layer.tolist()

@@ -197,7 +197,7 @@ def _mantel(neural: np.ndarray, layers: np.ndarray, orders: np.ndarray, observed
     full[iu] = _unit_ranks(neural)
     full += full.T
     flat, layers = full.ravel(), layers.astype(np.float32)
-    step = max(1, _GATHER_BYTES // (12 * len(iu[0])))  # int64 index + float32 value per pair
+    step = max(1, _GATHER_BYTES // (28 * len(iu[0])))  # per pair: three int64 index arrays, the float32 value
     above = np.zeros(layers.shape[1], np.int64)
     for i in range(0, len(orders), step):
         o = orders[i:i + step]

@@ -107,6 +107,42 @@ def test_make_shards_counts_index_and_members(image_dir: Path, tmp_path: Path) -
     assert keys_in_order[0] == "cat0/img0000"
 
 
+def _killed_at_shard(monkeypatch, n: int) -> None:
+    """make_shards dies while writing its n-th shard (0-based), as under kill -9 or Ctrl-C."""
+    import importlib
+
+    make = importlib.import_module("neuropredictor.corpus.make")
+    real, calls = make._write_tar, []
+
+    def dying(f, items):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(f, items)
+
+    monkeypatch.setattr(make, "_write_tar", dying)
+
+
+def test_a_killed_shards_make_leaves_a_folder_nobody_reads_until_it_is_completed(image_dir: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    # review: a `shards make` killed midway left 61 of 100 shards and no index.json; extract counted them as the whole
+    # corpus ("[complete]", 78 of 200 images missing, exit 0)
+    out = tmp_path / "shards"
+    with monkeypatch.context() as m:
+        _killed_at_shard(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            make_shards(image_dir, str(out), maxcount=10)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    (out / "shard-000002.tar.tmp-99999").write_bytes(b"half")  # what kill -9 leaves of the shard being written
+    for reading in (list_shards, index_shards):
+        with pytest.raises(CorpusError, match=r"shards is being packed by `neuropredictor shards make` \(started at "
+                           r".* 3 shards\), or that run was killed: .* run the same `shards make` again"):
+            reading(str(out))
+    shards = make_shards(image_dir, str(out), maxcount=10)  # completes it: no overwrite needed
+    assert not (out / "_packing.json").exists() and not list(out.glob("*.tmp-*"))
+    assert list_shards(str(out)) == shards and len(shards) == 3
+
+
 def test_make_shards_is_deterministic_and_removes_stale_shards(image_dir: Path, tmp_path: Path) -> None:
     a = make_shards(image_dir, str(tmp_path / "a"), maxcount=10)
     b = make_shards(image_dir, str(tmp_path / "b"), maxcount=10)
@@ -671,6 +707,19 @@ def test_s3_make_list_read_with_env_credentials(s3: dict, image_dir: Path) -> No
         assert b.valid.all()
         for key, img in zip(b.keys, b.images):
             assert torch.equal(img, expected_tensor(files[key]))
+
+
+def test_s3_shards_make_killed_midway_is_refused_then_completed(s3: dict, image_dir: Path, monkeypatch) -> None:
+    with monkeypatch.context() as m:
+        _killed_at_shard(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10)
+    with pytest.raises(CorpusError, match=r"s3://test-bucket/corpus is being packed"):
+        list_shards("s3://test-bucket/corpus")
+    with pytest.raises(CorpusError, match=r"is being packed"):  # one shard named: its folder is checked too
+        list_shards("s3://test-bucket/corpus/shard-000000.tar")
+    shards = make_shards(image_dir, "s3://test-bucket/corpus", maxcount=10)  # the remote shard it left is replaced
+    assert list_shards("s3://test-bucket/corpus") == shards and len(shards) == 3
 
 
 def test_s3_with_explicit_storage_options(s3: dict, image_dir: Path, monkeypatch) -> None:

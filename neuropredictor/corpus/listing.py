@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,8 @@ import braceexpand
 
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
-from neuropredictor.corpus.make import IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_NAME, first_few, write_index
+from neuropredictor.corpus.make import (IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_NAME, PACKING_NAME, first_few, packing,
+                                        write_index)
 from neuropredictor.corpus.offsets import Offsets, read_offsets, scan_offsets, usable, write_offsets
 from neuropredictor.corpus.tar import is_hidden, printable_key
 from neuropredictor.errors import CorpusError
@@ -262,6 +264,23 @@ def fingerprint(info: dict) -> tuple[int | None, str | None]:
     return (int(size) if size is not None else None), (str(etag).strip('"') if etag is not None else None)
 
 
+def _refuse_packing(fs: Any, folder: str) -> None:
+    """CorpusError when `shards make` is writing the folder, or was killed while it did: some of its shards are
+    missing (and a listing would count the rest as the whole corpus)."""
+    try:
+        record = packing(fs, folder)
+    except Exception as exc:
+        raise access_error(fsx.full_url(fs, folder), exc) from exc
+    if record is None:
+        return
+    when = record.get("started_at")
+    since = time.strftime(" at %Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else ""
+    raise CorpusError(f"{fsx.full_url(fs, folder)} is being packed by `neuropredictor shards make` (started{since} "
+                      f"on host {record.get('host', '?')}, {record.get('shards', '?')} shards), or that run was "
+                      f"killed: its shards are not all there. Wait for it, or run the same `shards make` again to "
+                      f"complete the folder ({PACKING_NAME} goes when it is whole).")
+
+
 def _read_index(fs: Any, parent: str) -> dict[str, int]:
     """name -> count from `index.json` in `parent`; empty when absent or not ours (then we scan)."""
     path = f"{parent}/{INDEX_NAME}" if parent else INDEX_NAME
@@ -327,6 +346,7 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
     for fs, path, _ in resolved:
         key = (id(fs), fsx.parent(path))
         if key not in indexes:
+            _refuse_packing(fs, fsx.parent(path))
             indexes[key] = _read_index(fs, fsx.parent(path))
         counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
 
@@ -415,6 +435,7 @@ def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard
     if not is_dir:
         raise CorpusError(f"{folder} is not a folder: pass the folder that holds the .tar shards "
                           "(each folder of a corpus is indexed on its own).")
+    _refuse_packing(fs, root)
     resolved = resolver.resolve(folder, fs, [root], False)
     _refuse_hidden(resolved)
     scanned = _scan(resolved)

@@ -5,13 +5,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import re
+import socket
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,13 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "neuropredictor-shards/1"
+PACKING_NAME = "_packing.json"  # in a folder while `shards make` writes it: its shards are not all there yet
+
+
+def packing(fs: Any, folder: str) -> dict | None:
+    """The record of a `shards make` writing into folder (or killed while it did), or None."""
+    record, damaged = fsx.read_json(fs, f"{folder.rstrip('/')}/{PACKING_NAME}")
+    return record if record is not None else ({} if damaged else None)
 
 
 def _packed_folders(root: Path) -> dict[str, str]:
@@ -200,7 +210,9 @@ def make_shards(
     Shards already in `out` are another corpus (stores may be planned on them): only with `overwrite` are
     they replaced, and those past this run's last one removed. Without it, making the same shards again is
     allowed (a byte-identical local shard is left as it is), and anything else is refused before it is
-    touched.
+    touched. While it writes, `out` holds `_packing.json`, which corpus listings refuse: a run killed midway
+    leaves a folder nobody extracts as if it were whole; running it again completes it (replacing what the
+    killed run wrote, which no extraction can have used).
 
     Files that are not images (by extension) and hidden files are left out, each reported to
     `on_skip(relative path, reason)` (by default: logged as one warning). Two files that would share a
@@ -250,17 +262,29 @@ def make_shards(
         raise CorpusError(f"the shards would be written into the image folder {root} itself: pass another "
                           "output folder")
     groups = [files[i : i + maxcount] for i in range(0, len(files), maxcount)]
+    marker = f"{root_out.rstrip('/')}/{PACKING_NAME}"
+    resuming = replaced = False
     try:
         fs.makedirs(root_out, exist_ok=True)
         shard_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})(\.tar|{re.escape(OFFSETS_SUFFIX)})$")
         existing = {entry: shard_re.match(fsx.basename(entry)) for entry in _entries(fs, root_out)}
         names = {fsx.basename(e) for e in existing}
+        resuming = PACKING_NAME in names
+        if resuming:  # an earlier run killed while packing here: its shards were never a corpus
+            log.info("completing %s, which an earlier `shards make` left unfinished", out)
+            overwrite = True
+            litter = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar\.tmp-\d+$")  # its half-written local shards
+            for entry in [e for e in existing if litter.match(fsx.basename(e))]:
+                fs.rm_file(entry)
         stale = sorted(e for e, m in existing.items() if m and int(m.group(1)) >= len(groups))
         if stale and not overwrite:
             names = first_few([fsx.basename(e) for e in stale], 3)
             raise CorpusError(f"{fsx.full_url(fs, root_out)} holds shards of another corpus ({names}) that this one "
                               f"({len(groups)} shards) would delete: pass overwrite=True to replace "
                               "them, or another output folder")
+        fsx.write_bytes_atomic(fs, marker, json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(), "shards": len(groups)}
+        ).encode())
         shards, offset = [], 0
         for i, items in enumerate(groups):
             name = f"{prefix}-{i:06d}"
@@ -276,6 +300,7 @@ def make_shards(
                     if not _same_bytes(tmp, path):
                         _refuse_replacing(fs, path, f"{name}.tar" in names, overwrite, compared=True)
                         os.replace(tmp, path)
+                        replaced = True
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
@@ -288,6 +313,7 @@ def make_shards(
                     offsets = _write_tar(f, items)
                     f.flush()
                     fs.put_file(f.name, path, **fsx.in_parts(fs))
+                    replaced = True
             write_offsets(fs, path, offsets)
             shards.append(Shard(url=fsx.full_url(fs, path), name=name, count=len(items), offset=offset))
             offset += len(items)
@@ -300,7 +326,11 @@ def make_shards(
                         "so extractions read them too (index.json lists only this run's)", out, len(others),
                         first_few(others, 3))
         write_index(fs, root_out, shards)
+        fs.rm_file(marker)
     except CorpusError:
+        if not resuming and not replaced:  # refused before it changed a shard: the folder is as it was
+            with contextlib.suppress(Exception):
+                fs.rm_file(marker)
         raise
     except Exception as exc:
         raise access_error(str(out), exc, "output") from exc

@@ -24,6 +24,8 @@ from neuropredictor.redact import redact_text
 
 S3_CONNECTIONS = 64
 """Connections each S3 filesystem keeps open (botocore's default is 10); `config_kwargs` overrides it."""
+S3_TRIES = 2  # botocore's tries per request (its config's retries.max_attempts); storage_options override both
+S3FS_TRIES = 2  # s3fs's tries of a request that timed out or lost its connection (its `retries`)
 
 
 def with_defaults(url: str, storage_options: Mapping | None) -> dict:
@@ -31,12 +33,26 @@ def with_defaults(url: str, storage_options: Mapping | None) -> dict:
     and zarr's for the chunks) keeps S3_CONNECTIONS connections, since botocore's 10 cap the concurrent
     reads of many small objects (a store's commit records, its chunks) at 10 round trips in flight; and
     reads a whole object in one GET (`max_concurrency` 1: above 1, s3fs asks each object's size first, a
-    HEAD before every chunk and record read, to split big objects into parallel ranges)."""
+    HEAD before every chunk and record read, to split big objects into parallel ranges).
+
+    Tries per request: botocore's default (5, each waiting s3fs's 15 s read timeout) inside s3fs's own 5 made an
+    endpoint that accepts connections and never answers (a hung server, a wrong port) fail after 7 minutes,
+    silently. S3_TRIES botocore tries (its standard mode: also 500/503s, throttling, with backoff) inside
+    S3FS_TRIES of s3fs's take about a minute per request; the shard's own retries come on top."""
     opts = dict(storage_options or {})
     if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
-        opts["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(opts.get("config_kwargs") or {})}
+        opts["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS,
+                                 "retries": {"max_attempts": S3_TRIES, "mode": "standard"},
+                                 **(opts.get("config_kwargs") or {})}
         opts.setdefault("max_concurrency", 1)
     return opts
+
+
+def tuned(fs: Any) -> Any:
+    """fs, with s3fs's own tries per request set to S3FS_TRIES (an attribute: s3fs takes no option for it)."""
+    if type(fs).__module__.split(".")[0] == "s3fs":
+        fs.retries = S3FS_TRIES
+    return fs
 
 
 def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = False,
@@ -52,6 +68,7 @@ def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = F
         opts["skip_instance_cache"] = True
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **opts)
+        tuned(fs)
     except (ImportError, ValueError, TypeError) as exc:
         raise error(f"cannot open {what} {redact_text(str(url))!r}: {exc}. Use a local path or an fsspec URL "
                     "(s3://bucket/prefix, file://...) and install the package for its protocol.") from exc

@@ -254,6 +254,7 @@ class FeatureStore:
             else:
                 self._zstore = zarr.storage.FsspecStore.from_url(
                     self._url, storage_options=fsx.with_defaults(self._url, self._storage_options), read_only=read_only)
+                fsx.tuned(self._zstore.fs)
         return self._zstore
 
     def array(self, path: str) -> Any:

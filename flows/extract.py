@@ -8,6 +8,7 @@ re-running the same parameters runs only missing shards.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -206,7 +207,8 @@ def extract_flow(params: ExtractParameters) -> dict | State:
                                                key=_progress_key(params.shards),
                                                description=f"Rows of {redact_text(config.out)} committed")
         policy = schedule.RetryPolicy.of(config)
-        window = schedule.DeviceWindow(groups, devices)
+        window = schedule.DeviceWindow(groups, devices, probe=functools.partial(
+            schedule.storage_outage, store, storage_options=config.storage_options))
         readahead = Readahead(window.upcoming)  # each device's next shard is read as its current one ends
         running: dict[Any, tuple[list[Shard], str]] = {}
         # a deployed run has no command line to set STOP: its own event, which its tasks see (submitted below)

@@ -198,9 +198,33 @@ def _extract_recorded(config: ExtractConfig, shard: Shard, store: FeatureStore, 
     except Exception as exc:
         if on_batch is not None and counted[0]:
             on_batch(-counted[0])
-        store.record_failure(shard, f"{type(exc).__name__}: {exc}", attempts=attempt)
+        try:
+            store.record_failure(shard, f"{type(exc).__name__}: {exc}", attempts=attempt)
+        except Exception as unrecorded:  # the storage is down, most often: the shard's own error is the news
+            log.warning("%s: its failure could not be recorded in the store (%s: %s)", shard.name,
+                        type(unrecorded).__name__, redact_text(str(unrecorded))[:300])
         raise
     return record | {"shard": shard.name}
+
+
+def storage_outage(store: FeatureStore, group: Sequence[Shard], storage_options: Mapping | None = None) -> str | None:
+    """Why the storage a failed group needs cannot be reached now (the output store, or the group's first shard),
+    or None. Asked once the group's retries are spent: then the other groups would fail alike, each after its own
+    retries (an outage in the middle of 1,000 shards cost each of them a minute or more of retries)."""
+    from neuropredictor import fs as fsx
+    from neuropredictor.corpus.access import connect
+
+    why = store.unreachable()
+    if why is not None or not group:
+        return why
+    try:
+        fs, path = connect(group[0].url, storage_options, fresh=False)
+        fs.info(path)
+    except FileNotFoundError:
+        return None  # the shard's own problem
+    except Exception as exc:
+        return fsx.unreachable(group[0].url, exc, "the corpus") if fsx.storage_failure(exc) else None
+    return None
 
 
 def done_elsewhere(record: dict) -> bool:
@@ -252,9 +276,11 @@ class DeviceWindow:
     When the first GIVE_UP_AFTER groups all fail, no other group starts: the cause is then the model, its
     options or the storage, not a shard, and each further group would spend its retries on it (a model
     that runs out of memory on every batch held a sweep for hours). The groups not started count as failed,
-    with that reason; they run on the next run."""
+    with that reason; they run on the next run. So it is when a group fails whole and `probe(group)` (see
+    `storage_outage`) says the storage it needs cannot be reached, however many groups succeeded before."""
 
-    def __init__(self, groups: Iterable[Sequence[Shard]], devices: Sequence[str]) -> None:
+    def __init__(self, groups: Iterable[Sequence[Shard]], devices: Sequence[str],
+                 probe: Callable[[Sequence[Shard]], str | None] | None = None) -> None:
         self._lock = threading.Lock()  # `upcoming` is asked from the devices' threads
         self._promised: dict[str, list[Shard]] = {}  # device -> the group `upcoming` said it would get
         self._todo = deque(list(g) for g in groups)
@@ -265,12 +291,20 @@ class DeviceWindow:
         self.failed: dict[str, str] = {}  # shard name -> error
         self.rows_done = 0
         self._first = FirstFailures()
+        self._probe = probe
+        self._outage: str | None = None  # why the storage cannot be reached, once a failed group's probe said so
 
     def start(self) -> list[tuple[list[Shard], str]]:
         with self._lock:  # `upcoming` reads the groups from the devices' threads
             now = time.monotonic()
             self._todo.extend(group for when, group in self._later if when <= now)
             self._later = [(when, group) for when, group in self._later if when > now]
+            if self._outage is not None and (self._todo or self._later):
+                why = f"{NOT_STARTED}: {self._outage}"
+                self.failed.update({s.name: why for group in self._todo for s in group})
+                self.failed.update({s.name: why for _when, group in self._later for s in group})
+                self._todo.clear()
+                self._later.clear()
             if self._first.tripped and self._todo:
                 if len(self._free) < self._devices:
                     return []  # a group still running (on another device) may succeed: wait for it
@@ -335,6 +369,10 @@ class DeviceWindow:
         ours = [s for s in group if s.name not in busy and s.name not in elsewhere]
         if error is not None or ours:
             self._first.note(None if len(left) < len(group) else error)  # a shard committed: the model works
+        if error is not None and left and len(left) == len(group) and self._probe is not None and self._outage is None:
+            self._outage = self._probe(group)
+            if self._outage is not None:
+                log.error("%s; the shards not started yet are left for the next run", self._outage)
         self.rows_done += sum(s.count for s in group if s.name not in self.failed and s not in later)
 
 
@@ -377,7 +415,9 @@ def failure_message(failed: dict[str, str]) -> str:
     waiting = sorted(set(failed) - set(tried))
     shown = sorted(tried.items())[:FAILURES_SHOWN]
     more = f" and {len(tried) - len(shown)} more (each named in the manifest)" if len(tried) > len(shown) else ""
-    also = f"; {len(waiting)} more were not started, since the first groups all failed" if waiting else ""
+    why = failed[waiting[0]][len(NOT_STARTED) + 2:] if waiting else ""  # FirstFailures' reason, or the outage's
+    also = f"; {len(waiting)} more were not started, since " + (
+        "the first groups all failed" if why.startswith("the first ") else why) if waiting else ""
     return (f"{len(tried)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}{also}. Fix "
             "the cause and run the same command again: the committed shards are kept, and only those not "
             "committed run.\n" + "\n".join(f"  {k}: {v}" for k, v in shown))
@@ -434,7 +474,8 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
     readahead = Readahead()
     with _closing(readahead, stop), store.session() as session, \
             ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
-        window = DeviceWindow(pending_groups(store, shards, shared=store.shared(session)), devices)
+        window = DeviceWindow(pending_groups(store, shards, shared=store.shared(session)), devices,
+                              probe=functools.partial(storage_outage, store, storage_options=config.storage_options))
         readahead.upcoming = window.upcoming
         try:
             while True:

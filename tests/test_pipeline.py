@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -623,6 +624,48 @@ def test_giving_up_waits_for_groups_in_flight_and_counts_a_partly_committed_grou
         ((g, d),) = window.start()
         window.finish(g, d, "CorpusError: truncated", lambda name: name in ("s0", "s2", "s4"))
     assert len(window.start()) == 1 and sorted(window.failed) == ["s1", "s3", "s5"]
+
+
+def test_a_storage_outage_mid_run_stops_starting_shards_after_the_first_group_it_fails(image_dir, tmp_path):
+    """Review: storage lost after some shards committed cost every remaining shard its full retries (a minute or more
+    each: a day over 1,000 shards). A group that fails whole while its storage cannot be reached ends the run's
+    starts; and a shard's error is not replaced by the error of recording it (that record goes to the same
+    storage)."""
+    from moto.server import ThreadedMotoServer
+
+    from conftest import _free_port
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
+            "config_kwargs": {"connect_timeout": 1, "read_timeout": 2}}
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True, **opts).mkdir("lab")
+        make_shards(image_dir, "s3://lab/corpus", maxcount=3, storage_options=opts)  # 25 images: 9 shards
+        cfg = _config("s3://lab/corpus", "s3://lab/out.zarr", storage_options=opts, retries=1,
+                      retry_delay_seconds=0.0, num_workers=0)
+        events = []
+
+        def on_event(event, data):
+            events.append(event)
+            if event == "shard" and events.count("shard") == 2:
+                server.stop()  # the storage goes (moto keeps nothing: it does not come back)
+
+        t0 = time.monotonic()
+        with pytest.raises(NeuroPredictorError) as info:
+            run(cfg, on_event=on_event)
+    finally:
+        server.stop()
+    message = str(info.value)
+    assert re.search(r"more were not started, since cannot reach the (output store s3://lab/out.zarr|corpus s3://lab/"
+                     r"corpus/shard-\d+.tar): EndpointConnectionError", message), message
+    tried = int(re.search(r"(\d+) shard\(s\) failed after their retries", message)[1])
+    assert tried == 1 and int(re.search(r"; (\d+) more were not started", message)[1]) == 9 - 2 - tried
+    assert "its failure could not be recorded" not in message and "failed.json" not in message
+    assert time.monotonic() - t0 < 120
 
 
 def test_a_failure_message_names_the_first_shards_and_counts_the_rest():

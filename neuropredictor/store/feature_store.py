@@ -282,6 +282,16 @@ class FeatureStore:
     def url(self) -> str:
         return self._url
 
+    def unreachable(self) -> str | None:
+        """Why the store cannot be read now (an outage, lost access), or None: one read of its manifest."""
+        try:
+            self._fs.info(f"{self._root}/{MANIFEST}")
+        except FileNotFoundError:
+            return None  # reachable: a store being replaced, or removed, is another story
+        except Exception as exc:
+            return fsx.unreachable(self._url, exc, "the output store") if fsx.storage_failure(exc) else None
+        return None
+
     @property
     def manifest(self) -> dict:
         """The manifest as last read or written by this object (not re-read from the store)."""

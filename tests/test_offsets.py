@@ -5,6 +5,7 @@ ranged reads against whole reads, stale sidecars, and bytes and GETs counted by 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -100,6 +101,25 @@ def test_a_shard_changed_behind_its_sidecar_is_refused_not_misread(tmp_path):
     shard = list_shards(str(tmp_path / "a.shards"))[0]
     with pytest.raises(CorpusError, match=r"does not match its offsets file .*shard-000000\.offsets\.json"):
         _batches(shard)
+
+
+def test_a_damaged_member_header_is_named_with_the_samples_its_range_held(tmp_path):
+    # review: 100 bytes of a header overwritten read "has 2 samples but the corpus index says 4: the shard was
+    # replaced after its folder was indexed. Index the folder again (`...", cut off: neither the index nor a count of 4
+    import json
+
+    make_images(tmp_path / "imgs", 12, seed=2, nested=False)
+    (shard,) = make_shards(tmp_path / "imgs", str(tmp_path / "s"), maxcount=12)
+    starts = json.loads((tmp_path / "s" / "shard-000000.offsets.json").read_text())["starts"]
+    with open(shard.url, "r+b") as f:
+        f.seek(starts[5])  # the header of sample 5's first member, in the second batch of 3
+        f.write(b"\xff" * 100)
+    with pytest.raises(CorpusError) as info:
+        _batches(list_shards(str(tmp_path / "s"))[0])
+    message = str(info.value)
+    assert "does not match its offsets file" in message and "corpus index" not in message
+    assert re.search(r"offsets.json \(the bytes its offsets file gives samples 3..5 hold 2 samples, not 3\): the "
+                     r"shard changed, or was damaged", message), message
 
 
 def _foreign_shards(root: Path, images: Path, per_shard: int = 6) -> int:

@@ -93,11 +93,14 @@ class Sample:
 
 
 def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int], bool], first: int = 0,
-                check_end: bool = True) -> Iterator[Sample]:
+                check_end: bool = True, ranged: bool = False) -> Iterator[Sample]:
     """The samples of a tar in order (consecutive members with one key, as WebDataset groups them),
     numbered from `first` (a range of a shard starts past 0). Image bytes are read only for samples
     `wanted(index)` accepts, so a worker skips the others' data. More or fewer samples than `count`
-    raise CorpusError: their rows would land in another shard's place."""
+    raise CorpusError: their rows would land in another shard's place. `ranged`: the tar is the bytes that
+    the shard's offsets file gives samples first..first+count-1 (not the whole shard its index counted)."""
+    where = (f"the bytes its offsets file gives samples {first}..{first + count - 1} hold", "") if ranged else \
+        (f"shard {url} has", f" but the corpus index says {count}: {_STALE}")
     cur: Sample | None = None
     raw = None  # the current sample's key as read (grouping compares it, not the printable one)
     seen: dict[str, int] = {}  # key -> the sample that used it first
@@ -107,8 +110,7 @@ def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int
             if cur is not None:
                 yield cur
             if n >= count:  # stop before anything past the shard's rows exists
-                raise CorpusError(f"shard {url} has more than {count} samples but the corpus index says "
-                                  f"{count}: {_STALE}")
+                raise CorpusError(f"{where[0]} more than {count} samples{where[1]}")
             shown, problem = printable_key(key)
             if problem is None and key in seen:
                 problem = f"the key {key!r} is also sample {seen[key]} of this shard: keys must be unique"
@@ -133,7 +135,7 @@ def tar_samples(tf: tarfile.TarFile, url: str, count: int, wanted: Callable[[int
             fobj = tf.extractfile(ti)
             cur.data = fobj.read() if fobj is not None else b""
     if n != count:
-        raise CorpusError(f"shard {url} has {n} samples but the corpus index says {count}: {_STALE}")
+        raise CorpusError(f"{where[0]} {n} samples" + (where[1] or f", not {count}"))
     if cur is not None:
         yield cur
 
@@ -171,14 +173,15 @@ def sample_range(fs: Any, path: str, url: str, offsets: Offsets, first: int, las
         if len(data) != end - start:
             raise CorpusError(f"bytes {start}..{end} read as {len(data)} bytes")
         with open_tar(io.BytesIO(data)) as tf:
-            samples = list(tar_samples(tf, url, last - first, lambda _i: True, first, check_end=last == offsets.count))
+            samples = list(tar_samples(tf, url, last - first, lambda _i: True, first, check_end=last == offsets.count,
+                                       ranged=True))
         keys = [s.key for s in samples]
         if keys != list(offsets.keys[first:last]):
             i = next(i for i, (a, b) in enumerate(zip(keys, offsets.keys[first:last])) if a != b)
             raise CorpusError(f"sample {first + i} is {keys[i]!r} where the offsets file says {offsets.keys[first + i]!r}")
     except (CorpusError, tarfile.TarError) as exc:
         raise CorpusError(
-            f"shard {url} does not match its offsets file {offsets_path(url)} ({short(str(exc), 160)}): the shard "
+            f"shard {url} does not match its offsets file {offsets_path(url)} ({short(str(exc), 240)}): the shard "
             "changed, or was damaged, after the offsets were written. Re-create or re-upload it, run "
             "`neuropredictor shards index` on its folder, or delete the offsets file to read the shard whole."
         ) from exc

@@ -127,11 +127,21 @@ def check_creatable(url: str, storage_options: Mapping | None, *, error: type[Ne
             if not parent_path or parent_path == probe:
                 break
             probe = parent_path
-        raise error(f"cannot create {what} {redact_text(url)!r}: its bucket {probe!r} does not exist")
+        endpoint = _custom_endpoint(fs)
+        raise error(f"cannot create {what} {redact_text(url)!r}: its bucket {probe!r} does not exist" + (
+            f" at {endpoint}: create it, or check that this endpoint is the S3 API's address (MinIO: its API port, "
+            "9000 by default, not its console's; AWS_ENDPOINT_URL or storage_options endpoint_url)" if endpoint
+            else ": create it, or check its name"))
     except error:
         raise
     except Exception as exc:
         raise error(unreachable(url, exc, what)) from exc
+
+
+def _custom_endpoint(fs: Any) -> str | None:
+    """The endpoint an S3 filesystem talks to, when it is not AWS's own (MinIO, a lab's server), else None."""
+    endpoint = getattr(getattr(getattr(fs, "s3", None), "meta", None), "endpoint_url", None)
+    return redact_text(str(endpoint)) if endpoint and "amazonaws.com" not in str(endpoint) else None
 
 
 def exists(url: str, storage_options: Mapping | None = None) -> bool:

@@ -1397,7 +1397,9 @@ def test_outputs_that_cannot_be_created_are_refused_before_any_fit(pipeline_stor
     monkeypatch.setattr(encode_run, "score_layer", lambda prep, layer, *a, **k: fitted.append(layer))
     (tmp_path / "a-file").write_text("x")
     common = {**pipeline_store, "device": "cpu", "permutations": 0}
-    for out, words in (("s3://no-such-bucket/scores.zarr", "its bucket 'no-such-bucket' does not exist"),
+    # at the endpoint named: a wrong port (MinIO's console) also answers "no such bucket"
+    for out, words in (("s3://no-such-bucket/scores.zarr", f"its bucket 'no-such-bucket' does not exist at "
+                        f"{re.escape(s3['endpoint_url'])}: create it, or check that this endpoint is the S3 API's"),
                        (str(tmp_path / "a-file" / "scores.zarr"), "a-file' is a file, not a folder")):
         with pytest.raises(EncodingError, match=f"cannot create the scores store .*{words}"):
             encode_command(**common, out=out, storage_options=s3)

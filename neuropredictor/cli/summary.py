@@ -14,6 +14,8 @@ from neuropredictor.store.locks import describe
 
 
 def summarize(manifest: dict, url: str) -> dict:
+    """images_per_s: the committed rows over the time their shards took, summed (so per device where several ran
+    at once; waits, outages and failed attempts not counted: a run's wall clock can be much longer)."""
     shards = manifest.get("shards", [])
     by_status = Counter(s["status"] for s in shards)
     rows = sum(s.get("count", 0) for s in shards if s.get("status") == ShardStatus.COMMITTED)
@@ -46,7 +48,7 @@ def print_summary(summary: dict) -> None:
     console.print(
         f"shards: {sh.get('committed', 0)} done, {sh.get('failed', 0)} failed, {sh.get('pending', 0)} pending "
         f"of {sh['total']};  rows: {rows.get('committed', 0)}/{rows.get('total', 0)} written, "
-        f"{rows.get('invalid', 0)} invalid;  throughput: {summary['images_per_s'] or '-'} img/s"
+        f"{rows.get('invalid', 0)} invalid;  {summary['images_per_s'] or '-'} img/s per device while extracting"
     )
     if summary["status"] == StoreStatus.PLANNED:
         console.print("not finalized: a run is extracting into it, or was interrupted (the same extract command "

@@ -288,6 +288,7 @@ class DeviceWindow:
         self._free = list(devices)
         self._later: list[tuple[float, list[Shard]]] = []  # (when, busy shards) to look at again
         self._busy_since: dict[str, float] = {}  # busy shard -> when this run first found it so
+        self._why_busy: dict[str, str] = {}  # busy shard -> who holds it, as last found
         self.failed: dict[str, str] = {}  # shard name -> error
         self.rows_done = 0
         self._first = FirstFailures()
@@ -344,6 +345,10 @@ class DeviceWindow:
         """Seconds until a busy shard is looked at again; None when none waits."""
         return max(0.0, min(when for when, _ in self._later) - time.monotonic()) if self._later else None
 
+    def waiting_for(self) -> dict[str, str]:
+        """The shards this run waits for (another run extracts them): name -> who holds it, as last found."""
+        return {s.name: self._why_busy.get(s.name, s.name) for _when, group in self._later for s in group}
+
     def finish(self, group: Sequence[Shard], device: str, error: str | None,
                is_committed: Callable[[str], bool], busy: Mapping[str, str] | None = None,
                elsewhere: Collection[str] = ()) -> None:
@@ -359,6 +364,7 @@ class DeviceWindow:
             if s.name in busy and s.name not in self.failed:
                 if s.name not in self._busy_since:
                     log.info("%s; this run comes back to it", busy[s.name])
+                self._why_busy[s.name] = busy[s.name]
                 since = self._busy_since.setdefault(s.name, now)
                 if now - since > BUSY_WAIT_S:
                     self.failed[s.name] = _held_too_long(busy[s.name])
@@ -471,6 +477,7 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
                            stop, fatal=(ConfigMismatchError,))
 
     running: dict[Future, tuple[list[Shard], str]] = {}
+    told: Collection[str] = set()  # the busy shards this run last said it waits for
     readahead = Readahead()
     with _closing(readahead, stop), store.session() as session, \
             ThreadPoolExecutor(len(devices), thread_name_prefix="neuropredictor-shards") as pool:
@@ -485,6 +492,13 @@ def run(config: ExtractConfig, on_event: ProgressFn | None = None, stop: threadi
                     waiting = window.waiting_s()
                     if waiting is None:
                         break
+                    held = window.waiting_for()
+                    if held.keys() != told:  # the progress stands still meanwhile: say why, once per set of shards
+                        why = list(held.values())
+                        log.warning("waiting for %d shard(s) that other runs extract (%s%s); this run takes each over "
+                                    "if its run ends without committing it, or dies (its claim then expires)",
+                                    len(why), why[0], f"; and {len(why) - 1} more" if len(why) > 1 else "")
+                        told = set(held)
                     if stop.wait(min(waiting, 1.0)):  # only shards other runs extract are left: look again soon
                         raise Interrupted("stopped")
                     continue

@@ -498,6 +498,34 @@ def test_runs_of_one_command_share_the_shards_each_extracted_once(corpus, clean,
     assert not [p for p in fs.find(out.removeprefix("s3://") + "/_locks") if p.endswith(".json")]
 
 
+def test_a_run_left_waiting_for_a_shard_another_run_holds_says_so(corpus, tmp_path, monkeypatch, caplog):
+    # review: a run waiting (a minute) for a shard a dead run on another machine held showed a frozen progress bar;
+    # why went to the log file only
+    import logging
+
+    from neuropredictor import schedule
+    from neuropredictor.pipeline import plan
+
+    monkeypatch.setattr(schedule, "BUSY_POLL_S", 0.05)
+    config = _config(corpus, tmp_path / "out.zarr")
+    store = plan(config)
+    held = FeatureStore.open(config.out).claim(store.shards[0])  # another run, extracting it now
+    done: dict = {}
+    with caplog.at_level(logging.WARNING, logger="neuropredictor.schedule"):
+        worker = threading.Thread(target=lambda: done.update(manifest=run(config)))
+        worker.start()
+        _wait_for(lambda: all(store.is_committed(s.name) for s in store.shards[1:]), what="the free shards")
+        _wait_for(lambda: "waiting for" in caplog.text, what="the warning")
+        time.sleep(0.3)  # several polls: said once
+        held.release()
+        worker.join(60)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert len(said) == 1 and "claim then expires" in said[0]
+    assert said[0].startswith(f"waiting for 1 shard(s) that other runs extract (shard {store.shards[0].name} is being "
+                              f"extracted by run {held.run_id}")
+    assert done["manifest"]["status"] == "complete"
+
+
 def test_a_shard_another_run_extracts_waits_for_it(corpus, tmp_path, monkeypatch):
     from neuropredictor import schedule
     from neuropredictor.errors import Interrupted

@@ -456,3 +456,8 @@ def test_inspect_of_a_store_behind_an_endpoint_that_does_not_answer_says_what_to
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "cannot reach the store s3://lab/features/r.zarr" in text, text
     assert "Check the path, the endpoint" in text
+    from neuropredictor.errors import StoreError
+    from neuropredictor.store import open_features
+
+    with pytest.raises(StoreError, match=r"cannot reach the store s3://lab/features/r.zarr: EndpointConnectionError"):
+        open_features("s3://lab/features/r.zarr")  # a notebook's read: not a raw botocore error either

@@ -208,8 +208,8 @@ class FeatureStore:
         fs, root = fsx.connect(url, storage_options, error=StoreError, what="store")
         try:
             found = _Found.read(fs, root, url)
-        except Exception as exc:  # a file, no credentials: the URL and what to check (an outage is retried)
-            if fsx.permanent(exc):
+        except Exception as exc:  # a file, no credentials: the URL and what to check (a writer retries an outage)
+            if fsx.permanent(exc) or (mode == "r" and fsx.storage_failure(exc)):  # a reader is told what to check
                 raise StoreError(fsx.unreachable(url, exc, "the store")) from exc
             raise
         if found.plan is None:

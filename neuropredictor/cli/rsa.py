@@ -25,8 +25,9 @@ def rsa(
     roi: Roi = ENC["roi"].default,
     array: Array = ENC["array"].default,
     permutations: Annotated[int, typer.Option(
-        "--permutations", min=0, help="Permutations of the stimuli of the neural RDM (Mantel test); a layer is above "
-        "chance when its p-value, adjusted for the number of layers (Holm), is at most 0.05. 0 skips the test.")] = 1000,
+        "--permutations", min=0, help="Permutations of the stimuli of the neural RDM (Mantel test); a layer is "
+        "above chance when its p-value, adjusted for the number of layers (Holm), is at most 0.05. 0 skips the "
+        "test.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the permutations.")] = 0,
     out: Annotated[Optional[str], typer.Option("--out", help="Save the results as a Zarr store (rho, p per layer "
                                                             "and ROI).")] = None,

@@ -86,7 +86,8 @@ def needs_rotation(img: Image.Image) -> bool:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB as the image is displayed: 16-bit greyscale scaled (v * 255 / 65535, rounded) rather than
-    clipped (32-bit integer greyscale too, unless all its values lie in 0..255: an 8-bit picture); floating-point greyscale (TIFF "F") in [0, 1] scaled by 255, other floats clipped to [0, 255];
+    clipped (32-bit integer greyscale too, unless all its values lie in 0..255: an 8-bit picture);
+    floating-point greyscale (TIFF "F") in [0, 1] scaled by 255, other floats clipped to [0, 255];
     transparency composited over BACKGROUND."""
     if img.mode == "F":  # PIL's own conversion clips: a [0, 1] stimulus became black
         values = np.nan_to_num(np.asarray(img, dtype=np.float64))

@@ -24,14 +24,14 @@ draw of the layers' nulls to take the maximum of.
 Each target has a p-value of its own too (`target_p_values`, the scores' `p`): of the r of its held-out
 responses and predictions, each centred within its fold, pooled over the folds, against shuffles within the
 folds (the same shuffles as above). With one split that is the scores' r; with K folds it is close to their
-mean r, each fold weighted by its spread. Measured on pure noise (100 targets x 5 runs each; default alphas):
-4.2 to 5.2 % of p below 0.05 with 3, 5 and 10 folds, 150 to 300 stimuli, 5 to 2,000 features; 3.2 % with
-over-fitting alphas down to 0.1 and 3.5 % with offsets between groups of stimuli held out by group. The
-alternatives failed there: the plain fold mean against the same shuffles, 11 % below 0.05 (over-fitting alphas); folds paired by
-rank, 0.5 % and a quarter of the power; predictions pooled uncentred, whose fold offsets made the r of noise
--0.13 (power 5 % against 21 % with group offsets). It is not adjusted for the number of targets: a map of
-the targets a layer predicts wants a false discovery rate over them (Benjamini-Hochberg,
-`scipy.stats.false_discovery_control`).
+mean r, each fold weighted by its spread. Measured on pure noise (100 targets x 5 runs each; default
+alphas): 4.2 to 5.2 % of p below 0.05 with 3, 5 and 10 folds, 150 to 300 stimuli, 5 to 2,000 features;
+3.2 % with over-fitting alphas down to 0.1, and 3.5 % with offsets between groups of stimuli held out by
+group. The alternatives failed there: the plain fold mean against the same shuffles, 11 % below 0.05
+(over-fitting alphas); folds paired by rank, 0.5 % and a quarter of the power; predictions pooled
+uncentred, whose fold offsets made the r of noise -0.13 (power 5 % against 21 % with group offsets). It is
+not adjusted for the number of targets: a map of the targets a layer predicts wants a false discovery rate
+over them (Benjamini-Hochberg, `scipy.stats.false_discovery_control`).
 """
 
 from __future__ import annotations

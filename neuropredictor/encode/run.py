@@ -213,9 +213,9 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
     """The scores Dataset of a run from its layers' scores (in the order given).
 
     Variables: r, r2, alpha, p (layer x target; p: a target's permutation p-value, with the chance test; see
-    `chance.target_p_values`), r_normalized and ceiling if the neural data has a noise ceiling (r / ceiling, NaN where the
-    ceiling is not positive). Coordinates: layer, target, roi (if
-    known), and per layer n_features, solver, backend, seconds. Attrs: the alignment report (stimuli
+    `chance.target_p_values`), r_normalized and ceiling if the neural data has a noise ceiling (r / ceiling,
+    NaN where the ceiling is not positive). Coordinates: layer, target, roi (if known), and per layer
+    n_features, solver, backend, seconds. Attrs: the alignment report (stimuli
     matched and dropped per reason with examples), the split, the options, and the chance test (see
     `chance`) as JSON: {group: {"chance" | "null_low" | "p_value": [one per layer]}}, group = "all"
     then each ROI. Targets that are NaN for every stimulus keep NaN scores.
@@ -281,8 +281,8 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         "dtype": opts.dtype,
         "permutations": opts.permutations,
         "chance_test": ("held-out response rows permuted against the same predictions; chance = "
-                        f"{CHANCE_QUANTILE:.0%} of the null median r, per layer and group; above chance: p adjusted by Holm "
-                        "over the layers at most 5 %") if chance else "none",
+                        f"{CHANCE_QUANTILE:.0%} of the null median r, per layer and group; above chance: p adjusted "
+                        "by Holm over the layers at most 5 %") if chance else "none",
         "chance": json.dumps(chance),
         "seconds": round(time.perf_counter() - prep.started, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

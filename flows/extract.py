@@ -8,7 +8,6 @@ re-running the same parameters runs only missing shards.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import threading
@@ -207,8 +206,9 @@ def extract_flow(params: ExtractParameters) -> dict | State:
                                                key=_progress_key(params.shards),
                                                description=f"Rows of {redact_text(config.out)} committed")
         policy = schedule.RetryPolicy.of(config)
-        window = schedule.DeviceWindow(groups, devices, probe=functools.partial(
-            schedule.storage_outage, store, storage_options=config.storage_options))
+        # not once cancelled: its groups end "interrupted", which says nothing of the storage
+        window = schedule.DeviceWindow(groups, devices, probe=lambda group: None if stop.is_set() else
+                                       schedule.storage_outage(store, group, config.storage_options))
         readahead = Readahead(window.upcoming)  # each device's next shard is read as its current one ends
         running: dict[Any, tuple[list[Shard], str]] = {}
         # a deployed run has no command line to set STOP: its own event, which its tasks see (submitted below)

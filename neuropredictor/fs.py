@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import errno
 import os
 import random
 import re
@@ -24,7 +25,8 @@ from neuropredictor.redact import redact_text
 
 S3_CONNECTIONS = 64
 """Connections each S3 filesystem keeps open (botocore's default is 10); `config_kwargs` overrides it."""
-S3_TRIES = 2  # botocore's tries per request (its config's retries.max_attempts); storage_options override both
+S3_TRIES = 3  # botocore's tries per request, the first included; storage_options config_kwargs or AWS_MAX_ATTEMPTS /
+# AWS_RETRY_MODE in the environment override it
 S3FS_TRIES = 2  # s3fs's tries of a request that timed out or lost its connection (its `retries`)
 
 
@@ -37,13 +39,15 @@ def with_defaults(url: str, storage_options: Mapping | None) -> dict:
 
     Tries per request: botocore's default (5, each waiting s3fs's 15 s read timeout) inside s3fs's own 5 made an
     endpoint that accepts connections and never answers (a hung server, a wrong port) fail after 7 minutes,
-    silently. S3_TRIES botocore tries (its standard mode: also 500/503s, throttling, with backoff) inside
-    S3FS_TRIES of s3fs's take about a minute per request; the shard's own retries come on top."""
+    silently. S3_TRIES botocore tries (its standard mode: also 500/503s and throttling, with backoff) inside
+    S3FS_TRIES of s3fs's take about a minute and a half per read; the shard's own retries come on top. (A write to
+    such an endpoint is not bounded by these: s3fs's upload waits without a timeout.)"""
     opts = dict(storage_options or {})
     if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
-        opts["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS,
-                                 "retries": {"max_attempts": S3_TRIES, "mode": "standard"},
-                                 **(opts.get("config_kwargs") or {})}
+        ours: dict[str, Any] = {"max_pool_connections": S3_CONNECTIONS}
+        if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):  # the user's, else ours
+            ours["retries"] = {"total_max_attempts": S3_TRIES, "mode": "standard"}
+        opts["config_kwargs"] = {**ours, **(opts.get("config_kwargs") or {})}
         opts.setdefault("max_concurrency", 1)
     return opts
 
@@ -88,6 +92,12 @@ def permanent(exc: BaseException) -> bool:
     """An access error that retrying does not cure: a file where a folder should be, denied access, no
     credentials (a dropped connection or a timeout is not)."""
     return isinstance(exc, (NotADirectoryError, PermissionError)) or "Credentials" in type(exc).__name__
+
+
+def throttled(exc: BaseException) -> bool:
+    """Whether exc is an object store asking for fewer requests (S3's 503 SlowDown, which s3fs raises as EBUSY):
+    the storage is there, and busy."""
+    return getattr(exc, "errno", None) == errno.EBUSY or "SlowDown" in str(exc)
 
 
 def storage_failure(exc: BaseException) -> bool:

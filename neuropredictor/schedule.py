@@ -223,7 +223,8 @@ def storage_outage(store: FeatureStore, group: Sequence[Shard], storage_options:
     except FileNotFoundError:
         return None  # the shard's own problem
     except Exception as exc:
-        return fsx.unreachable(group[0].url, exc, "the corpus") if fsx.storage_failure(exc) else None
+        if fsx.storage_failure(exc) and not fsx.throttled(exc):
+            return fsx.unreachable(group[0].url, exc, "the corpus")
     return None
 
 
@@ -421,7 +422,7 @@ def failure_message(failed: dict[str, str]) -> str:
     waiting = sorted(set(failed) - set(tried))
     shown = sorted(tried.items())[:FAILURES_SHOWN]
     more = f" and {len(tried) - len(shown)} more (each named in the manifest)" if len(tried) > len(shown) else ""
-    why = failed[waiting[0]][len(NOT_STARTED) + 2:] if waiting else ""  # FirstFailures' reason, or the outage's
+    why = failed[waiting[0]][len(NOT_STARTED) + 2:].rstrip(".") if waiting else ""  # FirstFailures', or the outage's
     also = f"; {len(waiting)} more were not started, since " + (
         "the first groups all failed" if why.startswith("the first ") else why) if waiting else ""
     return (f"{len(tried)} shard(s) failed after their retries: {', '.join(k for k, _ in shown)}{more}{also}. Fix "

@@ -264,11 +264,17 @@ def fingerprint(info: dict) -> tuple[int | None, str | None]:
     return (int(size) if size is not None else None), (str(etag).strip('"') if etag is not None else None)
 
 
-def _refuse_packing(fs: Any, folder: str) -> None:
-    """CorpusError when `shards make` is writing the folder, or was killed while it did: some of its shards are
-    missing (and a listing would count the rest as the whole corpus)."""
+def _refuse_packing(fs: Any, folder: str, indexed: bool) -> None:
+    """CorpusError when `shards make` is writing the folder, or was killed while it did, before its first index.json:
+    some of its shards are missing (and a listing would count the rest as the whole corpus). With an index.json (a
+    make finished here, and another is making the same shards again: the same command on two machines) the folder
+    is read as its index says."""
+    if indexed:
+        return
     try:
         record = packing(fs, folder)
+    except PermissionError:  # a role that may read objects but not learn that one is missing: cannot tell
+        return
     except Exception as exc:
         raise access_error(fsx.full_url(fs, folder), exc) from exc
     if record is None:
@@ -278,7 +284,8 @@ def _refuse_packing(fs: Any, folder: str) -> None:
     raise CorpusError(f"{fsx.full_url(fs, folder)} is being packed by `neuropredictor shards make` (started{since} "
                       f"on host {record.get('host', '?')}, {record.get('shards', '?')} shards), or that run was "
                       f"killed: its shards are not all there. Wait for it, or run the same `shards make` again to "
-                      f"complete the folder ({PACKING_NAME} goes when it is whole).")
+                      f"complete the folder (with --overwrite on object stores, whose shards it does not compare; "
+                      f"{PACKING_NAME} goes when it is whole).")
 
 
 def _read_index(fs: Any, parent: str) -> dict[str, int]:
@@ -346,8 +353,8 @@ def list_shards(corpus: str | os.PathLike | Sequence[str | os.PathLike], storage
     for fs, path, _ in resolved:
         key = (id(fs), fsx.parent(path))
         if key not in indexes:
-            _refuse_packing(fs, fsx.parent(path))
             indexes[key] = _read_index(fs, fsx.parent(path))
+            _refuse_packing(fs, fsx.parent(path), indexed=bool(indexes[key]))
         counts.append(indexes[key].get(fsx.basename(path)[: -len(".tar")]))
 
     todo = [i for i, c in enumerate(counts) if c is None]
@@ -435,7 +442,7 @@ def index_shards(folder: str, storage_options: dict | None = None) -> list[Shard
     if not is_dir:
         raise CorpusError(f"{folder} is not a folder: pass the folder that holds the .tar shards "
                           "(each folder of a corpus is indexed on its own).")
-    _refuse_packing(fs, root)
+    _refuse_packing(fs, root, indexed=False)  # the index it would write would bless the shards there as whole
     resolved = resolver.resolve(folder, fs, [root], False)
     _refuse_hidden(resolved)
     scanned = _scan(resolved)

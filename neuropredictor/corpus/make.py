@@ -15,6 +15,7 @@ import socket
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,19 @@ PACKING_NAME = "_packing.json"  # in a folder while `shards make` writes it: its
 
 
 def packing(fs: Any, folder: str) -> dict | None:
-    """The record of a `shards make` writing into folder (or killed while it did), or None."""
+    """The record of the last `shards make` that started writing into folder and has not finished (or was killed),
+    or None."""
     record, damaged = fsx.read_json(fs, f"{folder.rstrip('/')}/{PACKING_NAME}")
     return record if record is not None else ({} if damaged else None)
+
+
+def _unmark(fs: Any, marker: str, token: str) -> None:
+    """Remove the packing marker if it is still this run's: a make that started after this one (the same command on
+    another machine) wrote its own, which it removes when it is done."""
+    record, _damaged = fsx.read_json(fs, marker)
+    if record is not None and record.get("token") == token:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(marker)
 
 
 def _packed_folders(root: Path) -> dict[str, str]:
@@ -210,9 +221,8 @@ def make_shards(
     Shards already in `out` are another corpus (stores may be planned on them): only with `overwrite` are
     they replaced, and those past this run's last one removed. Without it, making the same shards again is
     allowed (a byte-identical local shard is left as it is), and anything else is refused before it is
-    touched. While it writes, `out` holds `_packing.json`, which corpus listings refuse: a run killed midway
-    leaves a folder nobody extracts as if it were whole; running it again completes it (replacing what the
-    killed run wrote, which no extraction can have used).
+    touched. While it writes, `out` holds `_packing.json`: a folder where it was killed before its index.json
+    was written is refused by corpus listings (its shards are not all there), until a make completes it.
 
     Files that are not images (by extension) and hidden files are left out, each reported to
     `on_skip(relative path, reason)` (by default: logged as one warning). Two files that would share a
@@ -262,20 +272,13 @@ def make_shards(
         raise CorpusError(f"the shards would be written into the image folder {root} itself: pass another "
                           "output folder")
     groups = [files[i : i + maxcount] for i in range(0, len(files), maxcount)]
-    marker = f"{root_out.rstrip('/')}/{PACKING_NAME}"
-    resuming = replaced = False
+    marker, token = f"{root_out.rstrip('/')}/{PACKING_NAME}", uuid.uuid4().hex
+    replaced = False
     try:
         fs.makedirs(root_out, exist_ok=True)
         shard_re = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})(\.tar|{re.escape(OFFSETS_SUFFIX)})$")
         existing = {entry: shard_re.match(fsx.basename(entry)) for entry in _entries(fs, root_out)}
         names = {fsx.basename(e) for e in existing}
-        resuming = PACKING_NAME in names
-        if resuming:  # an earlier run killed while packing here: its shards were never a corpus
-            log.info("completing %s, which an earlier `shards make` left unfinished", out)
-            overwrite = True
-            litter = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar\.tmp-\d+$")  # its half-written local shards
-            for entry in [e for e in existing if litter.match(fsx.basename(e))]:
-                fs.rm_file(entry)
         stale = sorted(e for e, m in existing.items() if m and int(m.group(1)) >= len(groups))
         if stale and not overwrite:
             names = first_few([fsx.basename(e) for e in stale], 3)
@@ -283,8 +286,8 @@ def make_shards(
                               f"({len(groups)} shards) would delete: pass overwrite=True to replace "
                               "them, or another output folder")
         fsx.write_bytes_atomic(fs, marker, json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(), "shards": len(groups)}
-        ).encode())
+            {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
+             "shards": len(groups)}).encode())
         shards, offset = [], 0
         for i, items in enumerate(groups):
             name = f"{prefix}-{i:06d}"
@@ -326,12 +329,12 @@ def make_shards(
                         "so extractions read them too (index.json lists only this run's)", out, len(others),
                         first_few(others, 3))
         write_index(fs, root_out, shards)
-        fs.rm_file(marker)
-    except CorpusError:
-        if not resuming and not replaced:  # refused before it changed a shard: the folder is as it was
-            with contextlib.suppress(Exception):
-                fs.rm_file(marker)
-        raise
+        _unmark(fs, marker, token)
     except Exception as exc:
+        if not replaced:  # refused, or failed, before it changed a shard: the folder is as it was
+            with contextlib.suppress(Exception):
+                _unmark(fs, marker, token)
+        if isinstance(exc, CorpusError):
+            raise
         raise access_error(str(out), exc, "output") from exc
     return shards

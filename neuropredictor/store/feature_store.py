@@ -283,13 +283,16 @@ class FeatureStore:
         return self._url
 
     def unreachable(self) -> str | None:
-        """Why the store cannot be read now (an outage, lost access), or None: one read of its manifest."""
+        """Why the store cannot be read now (an outage, lost access, its disk gone), or None: one look at its
+        manifest, which every planned store has. A store that answers, if slowly (throttled), is reachable."""
         try:
             self._fs.info(f"{self._root}/{MANIFEST}")
         except FileNotFoundError:
-            return None  # reachable: a store being replaced, or removed, is another story
+            return f"the output store {redact_text(self._url)} has no {MANIFEST} any more: it was deleted, or its " \
+                   "disk is not mounted"
         except Exception as exc:
-            return fsx.unreachable(self._url, exc, "the output store") if fsx.storage_failure(exc) else None
+            if fsx.storage_failure(exc) and not fsx.throttled(exc):
+                return fsx.unreachable(self._url, exc, "the output store")
         return None
 
     @property

@@ -50,8 +50,11 @@ class Readahead:
             _stop(old[1], wait=False)
         cuda = torch.device(device).type == "cuda"
         try:
+            # not a daemon: a process that exits (Ctrl-C) while this thread is inside torch's DataLoader start
+            # aborted ("terminate called without an active exception", exit -6, seen in CI); exit waits for the
+            # reader to open (its first batch), which then closes itself (`_stop`)
             threading.Thread(target=_open, args=(future, open_reader, shard, device if cuda else None),
-                             name=f"neuropredictor-readahead-{shard.name}", daemon=True).start()
+                             name=f"neuropredictor-readahead-{shard.name}", daemon=False).start()
         except BaseException as exc:  # no thread to be had: the shard is read when its turn comes, as without
             with self._lock:
                 if self._started.get(device, (None, None))[1] is future:

@@ -100,6 +100,12 @@ def throttled(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.EBUSY or "SlowDown" in str(exc)
 
 
+def outage(url: str, exc: BaseException, what: str) -> str | None:
+    """Why `what` at url cannot be reached, when exc says it cannot (a storage failure, not a throttled request:
+    the storage is there, and busy); else None."""
+    return unreachable(url, exc, what) if storage_failure(exc) and not throttled(exc) else None
+
+
 def storage_failure(exc: BaseException) -> bool:
     """Whether exc comes from the storage (a file system, an object store's client or connection) rather than
     from our own code: such an error is reported with `unreachable`."""

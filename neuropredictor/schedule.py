@@ -223,8 +223,7 @@ def storage_outage(store: FeatureStore, group: Sequence[Shard], storage_options:
     except FileNotFoundError:
         return None  # the shard's own problem
     except Exception as exc:
-        if fsx.storage_failure(exc) and not fsx.throttled(exc):
-            return fsx.unreachable(group[0].url, exc, "the corpus")
+        return fsx.outage(group[0].url, exc, "the corpus")
     return None
 
 

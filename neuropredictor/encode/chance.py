@@ -107,9 +107,10 @@ def target_p_values(folds: Sequence[tuple[int, Sequence[Part]]], nulls: Sequence
     null = np.zeros((len(nulls[0]) if nulls else 0, n_targets))
     for (_, parts), fold_null in zip(folds, nulls):
         for targets, _, y, pred in parts:
-            norm_y, norm_pred = (np.linalg.norm(a - a.mean(0), axis=0) for a in (np.asarray(y, np.float64),
-                                                                                  np.asarray(pred, np.float64)))
-            r = (unit_columns(y, np.float64) * unit_columns(pred, np.float64)).sum(0)
+            yc, pc = (np.asarray(a, np.float64) - np.mean(a, axis=0) for a in (y, pred))
+            norm_y, norm_pred = np.linalg.norm(yc, axis=0), np.linalg.norm(pc, axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):  # a constant column has no r: NaN
+                r = (yc * pc).sum(0) / (norm_y * norm_pred)
             weight = np.where(np.isfinite(r), norm_y * norm_pred, 0.0)  # a fold where it is constant adds nothing
             cross[targets] += weight * np.nan_to_num(r)
             null[:, targets] += weight * np.nan_to_num(fold_null[:, targets])

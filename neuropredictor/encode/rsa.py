@@ -126,10 +126,10 @@ def rsa(features: str | xarray.Dataset, neural: NeuralData | str | None = None, 
             if orders is not None and not kept.all() and _complete(d[sub]) and _complete(nd[sub]):
                 # its own stimuli, permuted apart from the others: the order of the first m of a permutation of
                 # n is a permutation of m, as likely as any other
-                p[li, gi] = _mantel(nd[sub], _unit_ranks(d[sub])[:, None], orders[:, :kept.sum()].argsort(1),
+                p[li, gi] = _mantel(nd[sub], _unit_ranks(_upper(d[sub]))[:, None], orders[:, :kept.sum()].argsort(1),
                                     rho[li, gi:gi + 1])[0]
         if orders is not None and _complete(d):
-            whole.append((li, _unit_ranks(d).astype(np.float32)))
+            whole.append((li, _unit_ranks(_upper(d)).astype(np.float32)))
     if orders is not None:
         for gi, nd in enumerate(neural_rdms.values()):
             tested = [(li, z) for li, z in whole if np.isnan(p[li, gi]) and np.isfinite(rho[li, gi])]
@@ -161,16 +161,21 @@ def _varied(d: np.ndarray) -> np.ndarray:
     return ~(np.isnan(d) | ~off).all(1) if len(d) > 1 else np.ones(len(d), bool)
 
 
+def _upper(d: np.ndarray) -> np.ndarray:
+    """An RDM's upper triangle, its pairs."""
+    return d[np.triu_indices(len(d), k=1)]
+
+
 def _complete(d: np.ndarray) -> bool:
-    return bool(np.isfinite(d[np.triu_indices(len(d), k=1)]).all())
+    return bool(np.isfinite(_upper(d)).all())
 
 
-def _unit_ranks(d: np.ndarray | None, values: np.ndarray | None = None) -> np.ndarray:
-    """The ranks (ties averaged) of an RDM's upper triangle (or of `values`), centred and scaled to unit norm:
-    Spearman's rho of two is the sum of their products; NaN when they are all equal."""
+def _unit_ranks(values: np.ndarray) -> np.ndarray:
+    """The ranks (ties averaged) of values, centred and scaled to unit norm: Spearman's rho of two is the sum of
+    their products; NaN when they are all equal."""
     from scipy.stats import rankdata
 
-    r = rankdata(d[np.triu_indices(len(d), k=1)] if values is None else values)
+    r = rankdata(values)
     r -= r.mean()
     norm = np.linalg.norm(r)
     return r / norm if norm > 0 else np.full_like(r, np.nan)
@@ -178,23 +183,22 @@ def _unit_ranks(d: np.ndarray | None, values: np.ndarray | None = None) -> np.nd
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rho of two RDMs' upper triangles, over the pairs both have (a given RDM may lack some)."""
-    iu = np.triu_indices(len(a), k=1)
-    x, y = a[iu], b[iu]
+    x, y = _upper(a), _upper(b)
     ok = np.isfinite(x) & np.isfinite(y)
     if ok.sum() < 3:
         return float("nan")
-    return float(_unit_ranks(None, x[ok]) @ _unit_ranks(None, y[ok]))
+    return float(_unit_ranks(x[ok]) @ _unit_ranks(y[ok]))
 
 
 def _mantel(neural: np.ndarray, layers: np.ndarray, orders: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """One-sided p-values of each layer's rho (observed) against the neural RDM with its stimuli permuted by each
-    row of orders (permutations, n). layers: the layers' `_unit_ranks` as columns (pairs, layers). Permuting the
+    row of orders (permutations, n). layers: the `_unit_ranks` of the layers' pairs as columns (pairs, layers). Permuting the
     stimuli moves the neural ranks between pairs and keeps their values, so each permutation's rho is one
     gather and one product."""
     n = len(neural)
     full = np.zeros((n, n), np.float32)
     iu = np.triu_indices(n, k=1)
-    full[iu] = _unit_ranks(neural)
+    full[iu] = _unit_ranks(neural[iu])
     full += full.T
     flat, layers = full.ravel(), layers.astype(np.float32)
     step = max(1, _GATHER_BYTES // (28 * len(iu[0])))  # per pair: three int64 index arrays, the float32 value

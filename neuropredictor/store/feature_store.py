@@ -291,8 +291,7 @@ class FeatureStore:
             return f"the output store {redact_text(self._url)} has no {MANIFEST} any more: it was deleted, or its " \
                    "disk is not mounted"
         except Exception as exc:
-            if fsx.storage_failure(exc) and not fsx.throttled(exc):
-                return fsx.unreachable(self._url, exc, "the output store")
+            return fsx.outage(self._url, exc, "the output store")
         return None
 
     @property

@@ -40,11 +40,13 @@ def with_defaults(url: str, storage_options: Mapping | None) -> dict:
     Tries per request: botocore's default (5, each waiting s3fs's 15 s read timeout) inside s3fs's own 5 made an
     endpoint that accepts connections and never answers (a hung server, a wrong port) fail after 7 minutes,
     silently. S3_TRIES botocore tries (its standard mode: also 500/503s and throttling, with backoff) inside
-    S3FS_TRIES of s3fs's take about a minute and a half per read; the shard's own retries come on top. (A write to
-    such an endpoint is not bounded by these: s3fs's upload waits without a timeout.)"""
+    S3FS_TRIES of s3fs's take about a minute and a half per read; the shard's own retries come on top. A write,
+    which these timeouts do not bound (aiohttp times reads only), gets a deadline from its size (s3http)."""
     opts = dict(storage_options or {})
     if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
-        ours: dict[str, Any] = {"max_pool_connections": S3_CONNECTIONS}
+        from neuropredictor.s3http import BoundedUploads  # imports aiobotocore, which only S3 URLs need
+
+        ours: dict[str, Any] = {"max_pool_connections": S3_CONNECTIONS, "http_session_cls": BoundedUploads}
         if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):  # the user's, else ours
             ours["retries"] = {"total_max_attempts": S3_TRIES, "mode": "standard"}
         opts["config_kwargs"] = {**ours, **(opts.get("config_kwargs") or {})}

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -779,6 +780,41 @@ def test_an_s3_endpoint_that_never_answers_fails_in_bounded_time() -> None:
         with pytest.raises(CorpusError, match=r"ReadTimeout|timed out|Timeout"):
             list_shards("s3://bucket/corpus", storage_options=opts)
         assert time.monotonic() - t0 < 40
+    finally:
+        hung.close()
+
+
+@pytest.mark.parametrize("size", [100, 4 * 2**20])
+def test_an_upload_to_an_s3_endpoint_that_never_answers_fails_in_bounded_time(size: int, monkeypatch) -> None:
+    # review: a write waited for ever (aiohttp times reads only): a small one for the server's "100 Continue", a big
+    # one for room in the full socket buffer, and a run writing to a hung endpoint hung instead of failing
+    import socket
+
+    import botocore.exceptions
+
+    from neuropredictor import fs as fsx, s3http
+
+    monkeypatch.setattr(s3http, "UPLOAD_RATE", 4 * 2**20)  # a deadline of seconds, not the real minute
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(128)
+    outcome: list = []
+
+    def upload() -> None:
+        opts = {"endpoint_url": f"http://127.0.0.1:{hung.getsockname()[1]}", "key": "k", "secret": "s",
+                "config_kwargs": {"read_timeout": 1, "connect_timeout": 1}}
+        fs, path = fsx.connect("s3://bucket/store", opts, fresh=True)
+        try:
+            fs.pipe_file(f"{path}/chunk", b"x" * size)
+        except Exception as exc:  # noqa: BLE001 - what ended it is the assertion
+            outcome.append(exc)
+
+    worker = threading.Thread(target=upload, daemon=True)
+    try:
+        worker.start()
+        worker.join(90)
+        assert not worker.is_alive(), "the upload still waits after 90 s"
+        assert isinstance(outcome[0], botocore.exceptions.ReadTimeoutError), outcome
     finally:
         hung.close()
 

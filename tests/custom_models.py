@@ -1,11 +1,13 @@
 """Models of the kind users bring (`custom:` specs): a small CIFAR CNN with its own transform (seed 004),
 a tiny Robust-ResNet-style network (seed 002: patchify stem, large depth-wise kernels, few norms),
-layers named like credentials (`key`, `token_mixer`), and a slow CNN (runs that must still be going when a
-test stops them)."""
+layers named like credentials (`key`, `token_mixer`), a slow CNN (runs that must still be going when a
+test stops them), and a CNN whose transform runs out of memory once (a passing failure of the machine)."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,3 +100,22 @@ class _NamedLikeCredentials(nn.Module):
 def named_like_credentials():
     torch.manual_seed(0)
     return _NamedLikeCredentials(), v2.Compose([v2.ToImage(), v2.Resize((32, 32)), v2.ToDtype(torch.float32, scale=True)])
+
+
+class _OutOfMemoryOnce:
+    """The CIFAR transform, raising MemoryError at the first image it meets that is not the plain grey test image;
+    the file $NP_TEST_OOM_FLAG, created then, says it happened (DataLoader workers are processes)."""
+
+    def __init__(self) -> None:
+        self.inner = cifar_cnn()[1]
+
+    def __call__(self, img):
+        flag = Path(os.environ["NP_TEST_OOM_FLAG"])
+        if img.getextrema() != ((128, 128),) * 3 and not flag.exists():
+            flag.touch()
+            raise MemoryError("host memory full for a moment")
+        return self.inner(img)
+
+
+def out_of_memory_once_cnn():
+    return CifarCNN(), _OutOfMemoryOnce()

@@ -135,6 +135,22 @@ def test_bad_samples_stay_invalid_and_good_ones_match_pil(tmp_path):
         assert (images_out[row] - want).abs().max().item() <= MAX_LEVELS / 0.224 + 1e-6
 
 
+def test_device_memory_full_while_preprocessing_fails_the_batch_not_the_image(tmp_path, monkeypatch):
+    # review: the device running out of memory while resizing made the image an invalid row of a committed shard
+    make_images(tmp_path / "imgs", 2, size=(60, 50), nested=False)
+    make_shards(tmp_path / "imgs", str(tmp_path / "shards"), maxcount=2)
+    model = load_model(MODEL, pretrained=False)
+    decoder = DeviceDecoder(model.transform, "cpu", model.input_size)
+    raw = next(iter(read_shard(list_shards(str(tmp_path / "shards"))[0], None, batch_size=2, num_workers=0)))
+
+    def full(img):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(decoder, "_preprocess", full)
+    with pytest.raises(torch.OutOfMemoryError):
+        decoder(raw)
+
+
 def test_workers_leave_the_device_only_jpegs_it_may_decode_as_stored(tmp_path):
     """The DataLoader workers look at each header: a plain JPEG stays bytes (the device decodes it), a PNG
     and a JPEG with an EXIF rotation arrive decoded as the CPU path decodes them, so the thread feeding the

@@ -479,6 +479,24 @@ def test_cli_one_error_line(case: CliCase, tmp_path: Path) -> None:
 # failures at finalize, and storage outages
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_machine_failure_while_preprocessing_is_retried_not_taken_for_a_bad_image(workers: int, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    # review: any error of a transform made the sample invalid, so host (or GPU) memory full for a moment left a
+    # good image as a NaN row of a committed shard, never tried again
+    flag = tmp_path / "oom-happened"
+    monkeypatch.setenv("NP_TEST_OOM_FLAG", str(flag))
+    config = _config(tmp_path, _small_corpus(tmp_path), num_workers=workers,
+                     model=CUSTOM.replace(":cifar_cnn", ":out_of_memory_once_cnn"))
+    with pytest.raises(NeuroPredictorError, match=r"out of memory reading shard .*x-000000.tar: MemoryError"):
+        pipeline_run(config)  # no retries: the shard fails, saying why
+    assert flag.exists()
+    manifest = pipeline_run(config)  # the same command: the shard again, whole
+    assert manifest["status"] == "complete" and not manifest.get("bad_samples")
+    features = open_features(config.out)
+    assert bool(features["valid"].all()) and np.isfinite(features["features.5"].values).all()
+
+
 def test_os_error_at_finalize_is_one_clear_error_and_a_rerun_finishes(tmp_path: Path) -> None:
     config = _config(tmp_path, _small_corpus(tmp_path))
     manifest = tmp_path / "out.zarr" / "manifest.json"

@@ -3,6 +3,7 @@
 Shared by the CPU path (PIL in the DataLoader workers) and the device path
 (`neuropredictor.device_decode`), so a bad image is kept as an invalid row with the same reason
 whichever decoder met it. Nothing here raises past a sample: a bad image costs its row, never the run.
+Except the machine's own failures (MACHINE_ERRORS): they fail the shard, which is tried again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from neuropredictor.corpus.tar import short
 
 class ImageError(Exception):
     """A sample that cannot become a row of the batch; str(exc) is the reason recorded in the manifest."""
+
+
+MACHINE_ERRORS = (MemoryError, torch.OutOfMemoryError)
+"""Failures of the machine, not of the image (host or device memory, full for a moment): a sample marked invalid
+for one would stay so in a committed shard, never tried again."""
 
 
 def image_bytes(data: bytes | None, fields: Sequence[str]) -> bytes:
@@ -158,7 +164,7 @@ _PIL_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 def decoded(decode: Callable[[Any], Any], data: Any) -> Any:
     try:
         return decode(data)
-    except ImageError:
+    except (ImageError, *MACHINE_ERRORS):
         raise
     except Exception as exc:
         # PIL names the in-memory file it was given ("<_io.BytesIO object at 0x7f...>"): an address that
@@ -171,6 +177,8 @@ def transformed(transform: Callable[[Any], Any], image: Any, shape: tuple[int, .
     """The transform's output, if it can be a row of the batch (a tensor of `shape`); else ImageError."""
     try:
         out = transform(image)
+    except MACHINE_ERRORS:
+        raise
     except Exception as exc:
         raise ImageError(short(f"transform failed: {type(exc).__name__}: {exc}")) from None
     if not (isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape)):

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.decode import (
+    MACHINE_ERRORS,
     ImageError,
     decode_pil,
     decoded,
@@ -246,6 +247,8 @@ class _ShardBatches(IterableDataset):
             yield _Failure(str(exc))
         except tarfile.TarError as exc:
             yield _Failure(tar_error(self.shard.url, exc))
+        except MACHINE_ERRORS as exc:
+            yield _Failure(f"out of memory reading shard {self.shard.url}: {type(exc).__name__}: {exc}")
         except Exception as exc:
             yield _Failure(str(access_error(self.shard.url, exc, "shard")))
 

@@ -15,7 +15,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import fsspec
@@ -299,6 +299,37 @@ def _error_code(exc: BaseException) -> str | None:
     """The S3 error code behind an exception s3fs translated (botocore's ClientError is its cause)."""
     response = getattr(exc.__cause__, "response", None)
     return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def sync_local(paths: Iterable[str], root: str) -> None:
+    """fsync local files, then every folder from theirs up to root: data that a record written next vouches for
+    must be on the disk before it, or a power loss can keep the (fsynced) record and lose the data the kernel had
+    not written back yet. A path that does not exist is skipped (zarr writes no chunk equal to its fill value)."""
+    root = os.path.abspath(root)
+    folders: set[str] = set()
+    for path in paths:
+        path = os.path.abspath(path)
+        try:
+            _fsync(path)
+        except FileNotFoundError:
+            pass
+        folder = os.path.dirname(path)
+        for _ in range(64):  # bounded walk up to the root
+            folders.add(folder)
+            if folder == root or not folder.startswith(root + os.sep):
+                break
+            folder = os.path.dirname(folder)
+    for folder in sorted(folders, key=len, reverse=True):  # the deepest first: a new folder's entry after its files
+        with contextlib.suppress(FileNotFoundError):
+            _fsync(folder)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(fs: Any, path: str, obj: Any) -> None:

@@ -259,6 +259,45 @@ def test_a_store_a_killed_replacement_half_deleted_is_planned_again(corpus, tmp_
     assert len(open_features(str(out))["key"]) == 24
 
 
+def test_rows_reach_the_disk_before_the_records_that_vouch_for_them(unequal_corpus, tmp_path, monkeypatch):
+    # review: zarr's LocalStore writes chunk files without fsync, while a commit record is fsynced: after a power
+    # loss a record could name chunks the kernel had not written back (read as NaN and valid False, the store
+    # complete), and a finalize could delete staged rows whose merged chunk was not yet on the disk
+    from neuropredictor.store import staging
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_remove = os.fsync, staging.fsx.remove_tree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(staging.fsx, "remove_tree", lambda fs, path: (events.append(("remove", path)),
+                                                                       real_remove(fs, path))[1])
+    out = tmp_path / "out.zarr"
+    manifest = run(_config(unequal_corpus, out))
+
+    def first(kind: str, match) -> int:
+        return next((i for i, (k, p) in enumerate(events) if k == kind and match(p)), len(events))
+
+    group = zarr.open_group(str(out), mode="r")
+    arrays = [group[f"features/{n}"] for n in group["features"].array_keys()] + [group["keys"], group["valid"]]
+    checked = {"own": 0, "merged": 0}
+    for shard in manifest["shards"]:
+        lo, hi = shard["offset"], shard["offset"] + shard["rows"]
+        record = first("sync", lambda p, n=shard["name"]: f"/_status/.{n}.json." in p)
+        assert record < len(events)
+        for arr in arrays:
+            c = arr.chunks[0]
+            for k in range(lo // c, (hi - 1) // c + 1):
+                chunk = str(out / arr.path / arr.metadata.encode_chunk_key((k, *(0,) * (arr.ndim - 1))))
+                synced = first("sync", lambda p, f=chunk: p == f)
+                if k * c >= lo and min((k + 1) * c, arr.shape[0]) <= hi:  # the shard's own chunk
+                    assert synced < record, (chunk, shard["name"])
+                    checked["own"] += 1
+                else:  # shared: merged by finalize, on the disk before the shard's staged rows are deleted
+                    assert synced < first("remove", lambda p, n=shard["name"]: p.endswith(f"_staging/{n}"))
+                    checked["merged"] += 1
+    assert checked["own"] and checked["merged"]  # the corpus has both kinds of chunk
+
+
 def test_verify_during_a_finalize_finds_no_damage(unequal_corpus, tmp_path):
     # verify read a shard's rows, then its staged boundary piece: a finalize that merged and deleted the
     # piece in between made a healthy shard read as damaged (and `run(verify=True)` withdrew it)

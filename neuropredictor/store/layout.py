@@ -21,12 +21,13 @@ import hashlib
 import math
 import statistics
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import zarr
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from neuropredictor.errors import StoreError
@@ -161,6 +162,19 @@ def row_nbytes(arr: Any) -> int:
     dt = np.dtype(arr.dtype)
     per_row = int(np.prod(arr.shape[1:])) if len(arr.shape) > 1 else 1
     return per_row * (KEY_ROW_BYTES if dt.kind in ("T", "O", "U") else dt.itemsize)
+
+
+def local_root(arr: Any) -> str | None:
+    """The folder of arr's store when it is on local disk: what is written there is synced before a record vouches
+    for it (fs.sync_local); None on object stores, whose writes are durable once answered."""
+    return str(arr.store.root) if isinstance(arr.store, zarr.storage.LocalStore) else None
+
+
+def local_chunk_files(arr: Any, chunks: Iterable[int]) -> list[str]:
+    """The files of these row chunks of arr when its store is on local disk (local_root); else none."""
+    root = local_root(arr)
+    rest = (0,) * (arr.ndim - 1)  # chunks span every dimension but the rows
+    return [] if root is None else [f"{root}/{arr.path}/{arr.metadata.encode_chunk_key((k, *rest))}" for k in chunks]
 
 
 # ---------------------------------------------------------------------------------------------

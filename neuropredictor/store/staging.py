@@ -24,7 +24,7 @@ import numpy as np
 from neuropredictor import fs as fsx
 from neuropredictor.errors import StoreError
 from neuropredictor.shard import Shard
-from neuropredictor.store.layout import STAGING_DIR, boundary_chunks, row_nbytes, safe_name
+from neuropredictor.store.layout import STAGING_DIR, boundary_chunks, local_chunk_files, local_root, row_nbytes, safe_name
 
 _MERGE_BATCH_BYTES = 256 * 2**20  # staged rows and chunks held in memory at once by finalize
 
@@ -130,7 +130,11 @@ class Staging:
                 if pieces:
                     todo.append((k, pieces, merged_before))
             if todo:
-                self._merge_chunks(open_array(path), rows, todo)
+                arr = open_array(path)
+                self._merge_chunks(arr, rows, todo)
+                root = local_root(arr)
+                if root is not None:  # the merged chunks on the disk before the pieces they hold are deleted
+                    fsx.sync_local(local_chunk_files(arr, [k for k, _, _ in todo]), root)
         # every committed shard's staged rows go: its merged attempt's, and those of attempts that lost
         base = fs._strip_protocol(staging).rstrip("/") + "/"
         held = {p[len(base):].split("/", 1)[0] for p in present if p.startswith(base)}

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from neuropredictor import fs as fsx
 from neuropredictor.errors import StoreError
 from neuropredictor.shard import Shard
-from neuropredictor.store.layout import KEYS, VALID, LayerSpec, RowDigest, feature_path
+from neuropredictor.store.layout import KEYS, VALID, LayerSpec, RowDigest, feature_path, local_chunk_files, local_root
 from neuropredictor.store.records import Records
 from neuropredictor.store.staging import Staging
 
@@ -100,6 +101,9 @@ class ShardWriter:
                  KEYS: ("", np.dtype("<U1"), ()), VALID: (False, np.dtype(bool), ())}
         self._buffers = {path: _ArrayBuffer(arrays[path], path, chunk_rows[path], *kind, self._offset)
                          for path, kind in kinds.items()}
+        # on local disk, the files this attempt wrote, synced before its commit record (sync_local)
+        self._local_root = local_root(next(iter(arrays.values())))
+        self._written: list[str] = []
 
     def write(self, start: int, keys: Sequence[str], valid: np.ndarray, features: Mapping[str, Any]) -> None:
         """Rows [start, start+len(keys)) of this shard (start is the position within the shard).
@@ -177,6 +181,8 @@ class ShardWriter:
             return self._committed
         stats = self.close()
         self._staging.check_complete(self._shard, self.attempt)
+        if self._local_root is not None:
+            fsx.sync_local(self._written, self._local_root)
         self._fence(True)
         checksums = {path: buf.digest.hexdigest() for path, buf in self._buffers.items()}
         self._committed = self._records.write_commit(
@@ -210,6 +216,8 @@ class ShardWriter:
                 own_lo = own_hi = None
                 block = data[a - lo:b - lo]
                 self._staging.put(self._shard.name, buf.path, k, self.attempt, block)
+                if self._local_root is not None:
+                    self._written.append(self._staging.path(self._shard.name, buf.path, k, self.attempt))
                 self._stats["staged_objects"] += 1
                 self._stats["bytes"] += _nbytes(block)
             k += 1
@@ -221,6 +229,7 @@ class ShardWriter:
         block = data[a - lo:b - lo]
         buf.array[a:b] = block
         c = buf.chunk_rows
+        self._written += local_chunk_files(buf.array, range(a // c, (b - 1) // c + 1))
         self._stats["chunks"] += (b - 1) // c - a // c + 1
         self._stats["bytes"] += _nbytes(block)
 

@@ -25,6 +25,7 @@ from neuropredictor_flows.extract import (
     summarize,
     validate_task,
 )
+from neuropredictor_flows.paths import refuse_relative_paths
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
@@ -180,6 +181,7 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
         check_deployment(client, params.deployment)
     # the parent plans and finalizes on its control worker, which need not have the children's GPUs
     config = params.library_config().model_copy(update={"device": "cpu"})
+    refuse_relative_paths(config)
     shards = validate_task(config)
     planned = plan_task(config, shards)
     store = FeatureStore.open(config.out, config.storage_options, generation=planned["generation"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 from neuropredictor_flows.artifacts import markdown_image
+from neuropredictor_flows.paths import refuse_relative_paths
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -39,6 +40,7 @@ def encode_layer_task(prepared: enc.Prepared, layer: str, params: EncodeParamete
 def encode_flow(params: EncodeParameters) -> dict:
     """Score every layer of a features store as an encoding model of neural data (Pearson r, R²)."""
     logger = get_run_logger()
+    refuse_relative_paths(params)
     enc.check_scores_out(params.out, None, params.overwrite)  # before the fit, not after it
     with warnings.catch_warnings(record=True) as caught:  # the alignment report belongs in the run's log
         warnings.simplefilter("always")

@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from neuropredictor_flows.artifacts import shard_rows
+from neuropredictor_flows.paths import refuse_relative_paths
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -182,6 +183,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     """
     logger = get_run_logger()
     config = params.library_config()
+    refuse_relative_paths(config)
     devices = config.resolved_devices()
     shards = validate_task(config)
     # a child of extract-distributed (shards given, no finalize: its parent verified and finalizes) reads its

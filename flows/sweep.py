@@ -17,6 +17,7 @@ from typing import Any
 
 from neuropredictor_flows.artifacts import markdown_image
 from neuropredictor_flows.distributed import Launches, check_deployment, child_key, watch
+from neuropredictor_flows.paths import refuse_relative_paths
 from neuropredictor_flows.extract import (
     ExtractParameters,
     emit,
@@ -141,6 +142,8 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     """Extract every model of a sweep into its own store, score them on the neural data, compare them."""
     logger = get_run_logger()
     sweep = params.library_config()
+    refuse_relative_paths(*(sweep.extract_config(m) for m in sweep.models),
+                          *(sweep.encode_options(m) for m in sweep.models if sweep.neural is not None))
     progress = create_progress_artifact(progress=0.0, key="sweep-progress", description=f"Models of the sweep in "
                                         f"{redact_text(sweep.out)} done (with a deployment: extracted)")
     done = [0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
@@ -49,11 +49,14 @@ Names = Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "array", "items"
 
 
 def path_text(cls: type, v: Any) -> Any:
-    """Validator (mode="before") of location fields: a `pathlib.Path` (or a list of them) as its text."""
+    """Validator (mode="before") of location fields: a `pathlib.Path` (or a list of them) as its text; an empty
+    one is refused (`--out ""` wrote a store's files into the current folder)."""
     if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    if isinstance(v, (list, tuple)):
-        return [os.fspath(i) if isinstance(i, os.PathLike) else i for i in v]
+        v = os.fspath(v)
+    elif isinstance(v, (list, tuple)):
+        v = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in v]
+    if any(isinstance(i, str) and not i.strip() for i in (v if isinstance(v, list) else [v])):
+        raise ValueError("is empty: give a local path or a URL")
     return v
 
 
@@ -115,7 +118,8 @@ class ExtractConfig(BaseModel):
                          "is written again from the plan.")
 
     _split = field_validator("layers", mode="before")(comma_list)
-    _paths = field_validator("corpus", "out", "weights", mode="before")(path_text)
+    LOCATIONS: ClassVar[tuple[str, ...]] = ("corpus", "out", "weights")  # the fields that name files or folders
+    _paths = field_validator(*LOCATIONS, mode="before")(path_text)
 
     @classmethod
     def fields_with(cls, role: Role) -> list[str]:

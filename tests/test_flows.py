@@ -305,6 +305,20 @@ def test_bad_inputs_fail_fast_and_write_nothing(corpus, tmp_path, change, error,
     assert not (tmp_path / "never.zarr").exists() and not (tmp_path / "FILE" ).is_dir()
 
 
+def test_relative_paths_are_refused_in_a_deployed_run_and_taken_elsewhere(corpus, tmp_path, monkeypatch):
+    # explorer: a deployed run with out="rel_out.zarr" ended Completed, its store written into the worker's
+    # temporary folder and deleted with it
+    monkeypatch.chdir(tmp_path)
+    params = _params("shards", "rel_out.zarr")
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "6f1a4a4e-0000-4000-8000-000000000000")  # Prefect's own
+    with pytest.raises(ValueError, match=r"relative path\(s\) in a deployed run: corpus='shards', "
+                                         r"out='rel_out.zarr'.*absolute paths on the worker's machine"):
+        extract_flow(params)
+    assert not (tmp_path / "rel_out.zarr").exists()
+    monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID")  # the command line or a notebook: the working folder
+    assert extract_flow(params)["status"] == "complete" and (tmp_path / "rel_out.zarr" / "manifest.json").exists()
+
+
 def test_config_mismatch_refused_through_the_flow(corpus, tmp_path):
     out = tmp_path / "out.zarr"
     extract_flow(_params(corpus, out))

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -122,7 +122,8 @@ class EncodeOptions(FitOptions):
     plot: str | None = Field(None, description="PNG path of the layer-wise plot (default OUT.png).")
     overwrite: bool = Field(False, description="Replace existing scores at OUT.")
 
-    _paths = field_validator("features", "neural", "out", "keys_file", "plot", mode="before")(path_text)
+    LOCATIONS: ClassVar[tuple[str, ...]] = ("features", "neural", "out", "keys_file", "plot")  # files or folders
+    _paths = field_validator(*LOCATIONS, mode="before")(path_text)
 
     def read_neural(self, storage_options: Mapping | None = None) -> NeuralData:
         """The neural data these options name."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from neuropredictor.redact import redact_text
+
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type's name when empty), at most `limit` characters:
@@ -11,7 +13,12 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 class NeuroPredictorError(Exception):
-    """Base class for errors a user can act on (bad spec, missing layer, unreachable corpus...)."""
+    """Base class for errors a user can act on (bad spec, missing layer, unreachable corpus...). Its message is
+    shown, logged, and kept in failure records and Prefect states: credentials in it are redacted here, once,
+    whichever message quoted a URL."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
 
 
 class ModelSpecError(NeuroPredictorError):

@@ -83,9 +83,16 @@ def connect(url: str, storage_options: Mapping | None = None, *, fresh: bool = F
 
 def unreachable(url: str, exc: BaseException, what: str) -> str:
     """Why `what` at url could not be read or written, and what to check (credentials never shown)."""
-    check = "the path" if "://" not in str(url) or str(url).startswith("file://") else (
-        "the path, the endpoint (AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the credentials "
-        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage_options key/secret)")
+    protocol = fsspec.core.split_protocol(str(url))[0] or "file"
+    if protocol in ("file", "local"):
+        check = "the path"
+    elif protocol in ("s3", "s3a"):
+        check = ("the path, the endpoint (AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the "
+                 "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage_options key/secret)")
+    elif protocol in ("http", "https"):
+        check = "the URL, the server and the network"
+    else:
+        check = "the URL, the network and the credentials (storage_options)"
     cause = redact_text(str(exc))[:300]
     return f"cannot reach {what} {redact_text(str(url))}: {type(exc).__name__}: {cause}. Check {check}."
 

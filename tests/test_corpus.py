@@ -831,6 +831,32 @@ def test_s3_errors(s3: dict, image_dir: Path) -> None:
         list_shards("s3://test-bucket/other")
 
 
+def test_http_shards_missing_or_unreachable_are_told_apart_without_credentials(image_dir: Path, tmp_path: Path) -> None:
+    # explorer: a brace pattern of http:// shards behind a refused connection said they "do not exist", and
+    # printed the URL's password
+    import functools
+    import socket
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    make_shards(image_dir, str(tmp_path / "web"), maxcount=10)  # 3 shards
+    quiet = type("Quiet", (SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(tmp_path / "web")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    try:
+        base = f"http://alice:SuperSecret987@127.0.0.1:{server.server_address[1]}"
+        assert [s.count for s in list_shards(f"{base}/shard-{{000000..000002}}.tar")] == [10, 10, 5]
+        with pytest.raises(CorpusError, match=r"2 of 5 shards of the pattern .*do not exist: .*shard-000003.tar") as lost:
+            list_shards(f"{base}/shard-{{000000..000004}}.tar")
+        with pytest.raises(CorpusError, match=r"cannot reach corpus .*127.0.0.1:\d+/train-000000.tar.*Connect") as cut:
+            list_shards(f"http://alice:SuperSecret987@127.0.0.1:{closed}/train-{{000000..000003}}.tar")
+        assert "SuperSecret987" not in str(lost.value) + str(cut.value)
+    finally:
+        server.shutdown()
+
+
 def test_unreachable_endpoint(tmp_path: Path) -> None:
     import socket
 

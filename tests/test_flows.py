@@ -319,6 +319,14 @@ def test_relative_paths_are_refused_in_a_deployed_run_and_taken_elsewhere(corpus
     assert extract_flow(params)["status"] == "complete" and (tmp_path / "rel_out.zarr" / "manifest.json").exists()
 
 
+def test_a_url_password_quoted_by_an_error_is_redacted_in_the_flow_run(tmp_path):
+    # explorer: a brace pattern's "do not exist" message carried the URL's password into the run's state and logs
+    params = _params("http://alice:SuperSecret987@127.0.0.1:9/train-{000000..000003}.tar", tmp_path / "o.zarr")
+    state = extract_flow(params, return_state=True)  # nothing listens on the discard port
+    assert state.is_failed() and "cannot reach corpus http://alice:***@127.0.0.1:9/" in state.message
+    assert "SuperSecret987" not in state.message
+
+
 def test_config_mismatch_refused_through_the_flow(corpus, tmp_path):
     out = tmp_path / "out.zarr"
     extract_flow(_params(corpus, out))

@@ -97,7 +97,12 @@ class _Resolver:
                 return listing.get(fsx.basename(path))
         try:
             return fs.info(path)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            # fsspec's HTTP filesystem says "not found" whatever failed: a refused connection or a 403 is not a
+            # missing shard, and the fix differs
+            cause = exc.__cause__
+            if type(cause).__module__.split(".")[0] == "aiohttp" and getattr(cause, "status", None) not in (404, 410):
+                raise cause from None
             return None
 
     def resolve(self, item: str, fs: Any, paths: list[str], is_pattern: bool
@@ -106,7 +111,7 @@ class _Resolver:
         out: list[tuple[Any, str, dict]] = []
         missing: list[str] = []
         for path in paths:
-            url = fsx.full_url(fs, path) if is_pattern else item
+            url = redact_text(fsx.full_url(fs, path) if is_pattern else item)  # for messages only
             try:
                 if "*" in path:
                     found = fs.glob(path, detail=True)
@@ -151,7 +156,8 @@ class _Resolver:
         if missing:
             shown = first_few(missing)
             raise CorpusError(
-                f"{len(missing)} of {len(paths)} shards of the pattern {item} do not exist: {shown}. "
+                f"{len(missing)} of {len(paths)} shards of the pattern {redact_text(item)} do not exist: "
+                f"{redact_text(shown)}. "
                 "Fix the pattern's range, or upload the missing shards."
             )
         return out

@@ -159,6 +159,24 @@ def test_committed_shard_is_a_noop(corpus, tmp_path):
     assert before == after
 
 
+def test_a_shard_read_short_is_never_committed(corpus, tmp_path, monkeypatch):
+    # review: the writer pads rows never written with fill, so a reader yielding fewer rows than the plan's count
+    # would have committed padded rows, missing from bad_samples; the readers check counts, this guards the commit
+    from neuropredictor.pipeline import extraction
+
+    real = extraction.read_shard
+
+    def short(*args, **kwargs):
+        yield from list(real(*args, **kwargs))[:-1]
+
+    monkeypatch.setattr(extraction, "read_shard", short)
+    cfg = _config(corpus, tmp_path / "out.zarr", num_workers=0)
+    store = plan(cfg)
+    with pytest.raises(CorpusError, match=r"shard-000000: 8 of its 10 rows were read; it is not committed"):
+        extract_shard(cfg, store.shards[0], store=store)
+    assert store.commit_record(store.shards[0].name) is None
+
+
 def test_corrupt_image_is_recorded_and_skipped(tmp_path):
     images = tmp_path / "imgs"
     make_images(images, 9, nested=False)

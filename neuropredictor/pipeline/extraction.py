@@ -17,7 +17,7 @@ import torch
 from neuropredictor.config import ExtractConfig
 from neuropredictor.corpus import Batch, read_shard
 from neuropredictor.corpus.listing import source_of
-from neuropredictor.errors import Interrupted
+from neuropredictor.errors import CorpusError, Interrupted
 from neuropredictor.pipeline.planning import identity
 from neuropredictor.pipeline.readahead import Readahead
 from neuropredictor.pipeline.replicas import Runner, get_runner
@@ -46,7 +46,8 @@ class _BackgroundWriter:
             # (cast here, they would reach it as inf). On the GPU: async D2H into pinned memory, and the
             # writer waits on the event.
             t = t.float()
-            host[name] = torch.empty(t.shape, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
+            # (another device, e.g. Apple's mps: a plain copy, since the writer's numpy() takes host tensors only)
+            host[name] = torch.empty(t.shape, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t.cpu()
         on_gpu = [t.device for t in features.values() if t.is_cuda]
         if on_gpu:  # recorded on the copies' own stream: the current device is cuda:0 in every thread
             event = torch.cuda.Event(blocking=True)  # the writer thread sleeps on it, rather than spinning a core
@@ -166,6 +167,9 @@ def _extract_claimed(config: ExtractConfig, shard: Shard, store: FeatureStore, c
         batches.close()  # stops the decode workers now, also when the shard ends in an error
         t_flush = time.perf_counter()
         background.close()
+    if writer.rows != shard.count:  # the readers check counts; this guards the commit against any that did not
+        raise CorpusError(f"shard {shard.name}: {writer.rows} of its {shard.count} rows were read; it is not "
+                          "committed, and runs again next time")
     stats = writer.close()
     flush = time.perf_counter() - t_flush
     duration = time.perf_counter() - t0

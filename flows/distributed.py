@@ -200,7 +200,7 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
         run = run_deployment(
             name=params.deployment, parameters={"params": child}, timeout=0, as_subflow=True,
             idempotency_key=child_key(f"group{i}-attempt{window.attempts[i]}"),
-            flow_run_name=groups[i][0] if len(groups[i]) == 1 else f"{groups[i][0]}..{groups[i][-1]}",
+            flow_run_name=schedule.group_label(groups[i]),
         )
         window.running[i] = run.id
 

@@ -118,9 +118,10 @@ def pending_groups(store: FeatureStore, shards: Sequence[Shard], names: Sequence
 
 
 def group_label(group: Sequence[Shard] | Sequence[str]) -> str:
-    """A group of shards (or of their names) as it is named in logs and the UI: its first..last shard."""
+    """A group of shards (or of their names) as it is named in logs and the UI: its first shard and how many more
+    (not first..last: a group of a resumed or shared run has gaps, which a range would hide)."""
     names = [s if isinstance(s, str) else s.name for s in group]
-    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
 
 
 BUSY_POLL_S = 5.0  # how often a shard another run extracts is looked at again

@@ -323,3 +323,34 @@ def _extracting(out: Path) -> list[dict]:
         return FeatureStore.open(str(out), mode="r").extracting()
     except Exception:  # not planned yet
         return []
+
+
+def test_a_flow_run_whose_process_died_is_marked_crashed(prefect_server, tmp_path):
+    # explorer: a flow run killed with its worker stayed Running for ever, holding the queue's concurrency slot
+    # (and an extract-distributed parent would wait for it until its timeout); deployments/automations.yaml marks
+    # a run without heartbeats Crashed. Created here as the README says, then again with a shorter wait
+    import yaml
+
+    api, env, procs = prefect_server
+    shipped = REPO / "deployments" / "automations.yaml"
+    _cli(env, "automation", "create", "--from-file", str(shipped))
+    fast = yaml.safe_load(shipped.read_text())
+    fast["automations"][0] |= {"name": "fast"}
+    fast["automations"][0]["trigger"]["within"] = 40  # heartbeats every 30 s here (Prefect's least)
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast))
+    _cli(env, "automation", "create", "--from-file", str(tmp_path / "fast.yaml"))
+    script = "import time\nfrom prefect import flow\n\n@flow(name='doomed')\ndef doomed():\n    time.sleep(600)\n\ndoomed()\n"
+    doomed = procs.start("doomed", [sys.executable, "-c", script], {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
+    with httpx.Client(base_url=api, timeout=30) as client:
+        query = {"flows": {"name": {"any_": ["doomed"]}}}
+        deadline = time.monotonic() + 120
+        runs: list = []
+        while time.monotonic() < deadline and not (runs and runs[0]["state"]["type"] == "RUNNING"):
+            time.sleep(1)
+            response = client.post("/flow_runs/filter", json=query)
+            runs = response.json() if response.status_code == 200 else []
+        assert runs and runs[0]["state"]["type"] == "RUNNING", procs.tail()
+        time.sleep(5)  # its first heartbeat goes out as it starts
+        os.killpg(doomed.pid, signal.SIGKILL)
+        run = _wait_run(client, runs[0]["id"], procs, timeout=240)
+    assert run["state"]["type"] == "CRASHED" and "No heartbeat" in run["state"]["message"], run["state"]

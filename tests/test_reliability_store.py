@@ -298,6 +298,53 @@ def test_rows_reach_the_disk_before_the_records_that_vouch_for_them(unequal_corp
     assert checked["own"] and checked["merged"]  # the corpus has both kinds of chunk
 
 
+def test_rows_waiting_for_finalize_never_read_as_valid(tmp_path, monkeypatch):
+    # review: each array has chunks of its own size, so a shard end can fall inside a feature chunk (staged, fill
+    # until finalize) while `valid`'s chunk there is the shard's own (True): such rows read as valid with NaN
+    # features before finalize, and with the previous attempt's features after a shard was extracted again
+    from neuropredictor import extract_shard, finalize, plan
+    from neuropredictor.store import layout
+
+    make_images(tmp_path / "imgs", 53, nested=False)
+    files = sorted((tmp_path / "imgs").iterdir())
+    for name, part in (("a", files[:17]), ("b", files[17:37]), ("c", files[37:])):
+        (tmp_path / f"src_{name}").mkdir()
+        for f in part:
+            (tmp_path / f"src_{name}" / f.name).write_bytes(f.read_bytes())
+        make_shards(tmp_path / f"src_{name}", str(tmp_path / "shards" / name), maxcount=100, prefix=f"part{name}")
+    monkeypatch.setattr(layout, "MIN_CHUNK_BYTES", 4 * 8192)  # feature chunks of 4 rows, `valid`'s of 17
+    cfg = _config([str(tmp_path / "shards" / n) for n in "abc"], tmp_path / "out.zarr")
+    store = plan(cfg)
+    assert store.chunk_rows["features/features.5"] == 4 and store.chunk_rows["valid"] == 17
+    for shard in store.shards:
+        extract_shard(cfg, shard, store=store)
+
+    def valid_rows_hold_what_was_committed(expected: np.ndarray) -> None:
+        ds = open_features(cfg.out)
+        valid = ds["valid"].values
+        got = ds["features.5"].values.reshape(len(valid), -1)
+        assert valid.sum() > 0
+        np.testing.assert_array_equal(got[valid], expected[valid])
+
+    before = open_features(cfg.out)  # committed, not finalized: the staged rows are not in the arrays yet
+    assert not np.isnan(before["features.5"].values.reshape(53, -1)[before["valid"].values]).any()
+    finalize(cfg)
+    first = open_features(cfg.out)["features.5"].values.reshape(53, -1)
+    valid_rows_hold_what_was_committed(first)
+    # shard b (rows 17..36) extracted again with other rows, and not finalized (a run killed after its commit)
+    b = store.shards[1]
+    writer = store.writer(b)
+    other = np.full((b.count, 32, 8, 8), 7.0, dtype=np.float32)
+    writer.write(0, [f"k{i}" for i in range(b.count)], np.ones(b.count, bool), {"features.5": other})
+    writer.commit()
+    expected = first.copy()
+    expected[b.offset:b.end] = 7.0
+    valid_rows_hold_what_was_committed(expected)
+    finalize(cfg)
+    valid_rows_hold_what_was_committed(expected)
+    assert open_features(cfg.out)["valid"].values.all()
+
+
 def test_verify_during_a_finalize_finds_no_damage(unequal_corpus, tmp_path):
     # verify read a shard's rows, then its staged boundary piece: a finalize that merged and deleted the
     # piece in between made a healthy shard read as damaged (and `run(verify=True)` withdrew it)

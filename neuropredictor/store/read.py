@@ -46,6 +46,8 @@ def open_features(url: str | os.PathLike, storage_options: dict | None = None,
         for s in store.shards:
             if s.name not in commits:
                 valid[s.offset:s.end] = False
+        for lo, hi in store.staging.waiting_rows(store.shards, {n: rec.get("staging") for n, rec in commits.items()}):
+            valid[lo:hi] = False  # some array's rows there are fill, or an earlier attempt's, until finalize
         written = store.valid_rows(commits) if not consolidated else 0
         if valid.sum() < written:
             log.warning("%s: %d valid rows of committed shards lie in chunks shared with other shards, which the "

@@ -68,6 +68,19 @@ class Staging:
         """The staged objects a complete write of this attempt at the shard leaves behind."""
         return [self.path(shard.name, path, k, attempt) for path in self.chunk_rows for k in self.boundary(shard, path)]
 
+    def waiting_rows(self, shards: Sequence[Shard], committed: Mapping[str, str | None]) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of committed shards (name -> committed attempt) whose staged rows of some array
+        still wait for finalize (one listing): that array holds fill there, or the rows of an earlier attempt at
+        the shard, until it merges them; other arrays may already hold the new rows (each has its own chunks)."""
+        fs = self._fs
+        present = {fs._strip_protocol(p) for p in fsx.listing(fs, self.folder(), recursive=True)}
+        if not present:
+            return []
+        return [(max(k * rows, s.offset), min((k + 1) * rows, s.end))
+                for s in shards if s.name in committed for path, rows in self.chunk_rows.items()
+                for k in self.boundary(s, path) if fs._strip_protocol(self.path(s.name, path, k, committed[s.name]))
+                in present]
+
     def put(self, shard_name: str, array_path: str, chunk: int, attempt: str, block: np.ndarray) -> None:
         fsx.write_bytes_atomic(self._fs, self.path(shard_name, array_path, chunk, attempt), _npy_bytes(block))
 

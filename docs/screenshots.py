@@ -73,13 +73,14 @@ def main() -> None:
                                                          "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}).json()
             run = runs[0]
             artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
-        by_key = {a["key"]: a for a in artifacts}
+        by_kind = {kind: next(a for a in artifacts if a["key"].startswith(f"{kind}-"))
+                   for kind in ("extract-layers", "extract-summary")}  # keyed by kind and store
         # (file, page, a tab to click first)
         pages = [
             ("ui-run-form.png", f"{ui}/deployments/deployment/{deployment['id']}/run", None),
             ("ui-artifacts.png", f"{ui}/runs/flow-run/{run['id']}", "Artifacts"),
-            ("ui-layers-table.png", f"{ui}/artifacts/artifact/{by_key['extract-layers']['id']}", None),
-            ("ui-summary.png", f"{ui}/artifacts/artifact/{by_key['extract-summary']['id']}", None),
+            ("ui-layers-table.png", f"{ui}/artifacts/artifact/{by_kind['extract-layers']['id']}", None),
+            ("ui-summary.png", f"{ui}/artifacts/artifact/{by_kind['extract-summary']['id']}", None),
         ]
         from playwright.sync_api import sync_playwright
 

@@ -1,16 +1,32 @@
 """What the flows' artifacts may hold: the Prefect UI renders them, and Prefect Cloud refuses a request body
-over 5 MiB, which would fail a run after its work is done. Tables and images are bounded here."""
+over 5 MiB, which would fail a run after its work is done. Tables and images are bounded here. And what they are
+called: each store's keys its own."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from neuropredictor import fs as fsx
+from neuropredictor.redact import redact_text
 
 MAX_ROWS = 500  # rows of a table artifact (a table of 10,000 shards is 2 MiB)
 MAX_IMAGE_BYTES = 1 << 20  # an image embedded in a markdown artifact (base64 adds a third)
+
+
+def artifact_key(kind: str, url: str, *parts: str) -> str:
+    """An artifact's key: its kind, the store (or folder) it is about, then `parts` (a group of shards). The UI's
+    Artifacts page keeps a key's history: one key for every store showed whichever ran last. The store is its
+    name and a hash of its URL (two stores named alike in other folders); Prefect takes [a-z0-9-] only."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+    name = slug(re.sub(r"\.zarr$", "", fsx.basename(str(url).rstrip("/"))))[:40].strip("-")
+    digest = hashlib.sha256(redact_text(str(url)).encode()).hexdigest()[:6]
+    return "-".join(p for p in (kind, name, digest, *map(slug, parts)) if p)[:120].rstrip("-")
 
 
 def shard_rows(shards: list[dict]) -> tuple[list[dict], str]:

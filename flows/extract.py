@@ -9,13 +9,12 @@ re-running the same parameters runs only missing shards.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
-from neuropredictor_flows.artifacts import shard_rows
+from neuropredictor_flows.artifacts import artifact_key, shard_rows
 from neuropredictor_flows.paths import refuse_relative_paths
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -205,7 +204,7 @@ def extract_flow(params: ExtractParameters) -> dict | State:
         total_rows = max(scope_rows, 1)
         done_before = scope_rows - todo_rows
         progress_id = create_progress_artifact(progress=100.0 * done_before / total_rows,
-                                               key=_progress_key(params.shards),
+                                               key=_progress_key(config.out, params.shards),
                                                description=f"Rows of {redact_text(config.out)} committed")
         policy = schedule.RetryPolicy.of(config)
         # not once cancelled: its groups end "interrupted", which says nothing of the storage
@@ -260,13 +259,10 @@ def extract_flow(params: ExtractParameters) -> dict | State:
     return summarize(manifest)
 
 
-def _progress_key(shards: list[str] | None) -> str:
-    """The progress artifact's key: one per group of shards (children of extract-distributed run at once: one
-    key for all showed whichever child wrote last), the same for a group launched again."""
-    if not shards:
-        return "extract-progress"
-    label = re.sub(r"[^a-z0-9]+", "-", schedule.group_label(sorted(shards)).lower()).strip("-")
-    return f"extract-progress-{label}"[:120].rstrip("-")
+def _progress_key(out: str, shards: list[str] | None) -> str:
+    """The progress artifact's key: the store's, and one per group of shards (children of extract-distributed
+    run at once: one key for all showed whichever child wrote last), the same for a group launched again."""
+    return artifact_key("extract-progress", out, *([schedule.group_label(sorted(shards))] if shards else []))
 
 
 def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:
@@ -295,14 +291,14 @@ def report_artifacts(config: ExtractConfig, manifest: dict) -> None:
     without a password or signed query values)."""
     out = redact_text(config.out)
     create_table_artifact(
-        key="extract-layers",
+        key=artifact_key("extract-layers", config.out),
         table=[{"layer": layer["name"], "shape": "(N, " + ", ".join(map(str, layer["shape"])) + ")",
                 "dtype": layer["dtype"], "reduction": layer["reduction"]} for layer in manifest["layers"]],
         description=f"Layers of {manifest['config']['model']} stored in {out}",
     )
     shards, what = shard_rows(manifest["shards"])
     create_table_artifact(
-        key="extract-shards",
+        key=artifact_key("extract-shards", config.out),
         table=[{"shard": s["name"], "status": s["status"], "images": s["count"], "attempts": s.get("attempts"),
                 "seconds": s.get("duration_s"), "images/s": s.get("images_per_s"), "device": s.get("device"),
                 "host": s.get("host")} for s in shards],
@@ -311,7 +307,7 @@ def report_artifacts(config: ExtractConfig, manifest: dict) -> None:
     rows = manifest["rows"]
     bad = manifest.get("bad_samples", [])
     create_markdown_artifact(
-        key="extract-summary",
+        key=artifact_key("extract-summary", config.out),
         markdown=(
             f"# Extraction {manifest['status']}\n\n"
             f"- **Output**: `{out}`\n- **Model**: `{manifest['config']['model']}` "

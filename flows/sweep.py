@@ -15,9 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from neuropredictor_flows.artifacts import markdown_image
+from neuropredictor_flows.artifacts import artifact_key, markdown_image
 from neuropredictor_flows.distributed import Launches, check_deployment, child_key, watch
-from neuropredictor_flows.paths import refuse_relative_paths
 from neuropredictor_flows.extract import (
     ExtractParameters,
     emit,
@@ -26,6 +25,7 @@ from neuropredictor_flows.extract import (
     parameter_storage_options,
     resolve_credentials,
 )
+from neuropredictor_flows.paths import refuse_relative_paths
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -144,7 +144,7 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     sweep = params.library_config()
     refuse_relative_paths(*(sweep.extract_config(m) for m in sweep.models),
                           *(sweep.encode_options(m) for m in sweep.models if sweep.neural is not None))
-    progress = create_progress_artifact(progress=0.0, key="sweep-progress", description=f"Models of the sweep in "
+    progress = create_progress_artifact(progress=0.0, key=artifact_key("sweep-progress", sweep.out), description=f"Models of the sweep in "
                                         f"{redact_text(sweep.out)} done (with a deployment: extracted)")
     done = [0]
 
@@ -177,7 +177,7 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
 
 def _artifacts(sweep: SweepConfig, summary: dict) -> None:
     create_table_artifact(
-        key="sweep-models",
+        key=artifact_key("sweep-models", sweep.out),
         table=[{"model": e["model"], "status": e["status"], "layers": len(e["extract"].get("layers", [])),
                 "rows": e["extract"].get("rows", {}).get("committed"), "images/s": e["extract"].get("images_per_s"),
                 "store": e["store"], "error": e["extract"].get("error") or e.get("encode", {}).get("error")}
@@ -187,8 +187,8 @@ def _artifacts(sweep: SweepConfig, summary: dict) -> None:
     if comparison:
         rows = [{"roi": roi, "rank": i + 1, **entry} for roi, entries in comparison["ranking"].items()
                 for i, entry in enumerate(entries)]
-        create_table_artifact(key="sweep-ranking", table=rows, description="Models ranked by their best layer, per ROI")
-        create_markdown_artifact(key="sweep-comparison", markdown=(
+        create_table_artifact(key=artifact_key("sweep-ranking", sweep.out), table=rows, description="Models ranked by their best layer, per ROI")
+        create_markdown_artifact(key=artifact_key("sweep-comparison", sweep.out), markdown=(
             f"# Sweep comparison\n\n- **Table**: `{comparison['csv']}`\n- **Plot**: `{comparison['plot']}`\n\n"
             + (f"**Warning**: {comparison['warning']}\n\n" if comparison.get("warning") else "")
             + markdown_image(comparison["plot"], "comparison", sweep.storage_options)),

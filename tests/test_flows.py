@@ -17,6 +17,7 @@ import s3fs
 import zarr
 
 from conftest import MODEL, check_against_reference, make_images
+from neuropredictor_flows.artifacts import artifact_key
 from neuropredictor_flows.extract import ExtractParameters, extract_flow
 from neuropredictor.corpus import make_shards
 from neuropredictor.errors import (ConfigMismatchError, CorpusError, LayerNotFoundError, ModelSpecError,
@@ -70,11 +71,15 @@ def test_flow_end_to_end_local_with_artifacts(corpus, image_dir, tmp_path):
     assert summary["status"] == "complete" and summary["rows"]["valid"] == 25
     check_against_reference(open_features(str(out)), image_dir)
     arts = _artifacts(state.state_details.flow_run_id)
-    assert {"extract-progress", "extract-layers", "extract-shards", "extract-summary"} <= set(arts)
-    assert float(arts["extract-progress"].data) == pytest.approx(100.0)
-    layers = json.loads(arts["extract-layers"].data)
+    # keys of the store's own (explorer: one key for every store showed whichever ran last in the UI)
+    key = {kind: artifact_key(kind, str(out)) for kind in ("extract-progress", "extract-layers", "extract-shards",
+                                                           "extract-summary")}
+    assert set(key.values()) <= set(arts) and key["extract-summary"].startswith("extract-summary-out-")
+    assert artifact_key("extract-summary", str(tmp_path / "elsewhere" / "out.zarr")) != key["extract-summary"]
+    assert float(arts[key["extract-progress"]].data) == pytest.approx(100.0)
+    layers = json.loads(arts[key["extract-layers"]].data)
     assert [row["layer"] for row in layers] == ["layer2", "layer4"] and layers[0]["shape"] == "(N, 128, 2, 2)"
-    assert str(out) in arts["extract-summary"].data and "open_features" in arts["extract-summary"].data
+    assert str(out) in arts[key["extract-summary"]].data and "open_features" in arts[key["extract-summary"]].data
 
 
 def test_progress_counts_only_the_runs_own_shards(corpus, tmp_path):
@@ -86,7 +91,8 @@ def test_progress_counts_only_the_runs_own_shards(corpus, tmp_path):
                          return_state=True)
     assert state.is_failed()
     # a key of its group's own: children run at once, and one key for all showed whichever wrote last
-    assert float(_artifacts(state.state_details.flow_run_id)["extract-progress-shard-000000"].data) == 0.0
+    key = artifact_key("extract-progress", str(tmp_path / "out.zarr"), "shard-000000")
+    assert float(_artifacts(state.state_details.flow_run_id)[key].data) == 0.0
 
 
 def test_flow_end_to_end_s3(s3, image_dir):
@@ -439,8 +445,10 @@ def test_encode_flow_scores_layers_with_artifacts(encoded_store):
     assert list(scores["layer"].values) == ["layer1", "layer4"] and scores["r"].shape == (2, 12)
     assert Path(summary["plot"]).stat().st_size > 1000
     arts = _artifacts(state.state_details.flow_run_id)
-    assert {"encode-progress", "encode-scores", "encode-summary"} <= set(arts)
-    assert "data:image/png;base64," in arts["encode-summary"].data
+    kinds = {kind: next((a for k, a in arts.items() if k.startswith(f"{kind}-scores-flow-")), None)
+             for kind in ("encode-progress", "encode-scores", "encode-summary")}
+    assert None not in kinds.values(), sorted(arts)
+    assert "data:image/png;base64," in kinds["encode-summary"].data
 
 
 def test_encode_flow_a_failed_layer_does_not_stop_the_others_and_a_rerun_scores_only_it(encoded_store,

@@ -23,6 +23,7 @@ from conftest import MODEL, check_against_reference
 from sweep_data import assert_identical_stores
 from neuropredictor.corpus import make_shards
 from neuropredictor.store import FeatureStore, locks, open_features
+from neuropredictor_flows.artifacts import artifact_key
 from neuropredictor_flows.distributed import PARENT_LEASE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,8 +256,10 @@ def test_sweep_through_a_real_server(prefect_server, tmp_path):
         assert run["state"]["type"] == "COMPLETED", json.dumps(run["state"]) + procs.tail()
         artifacts = client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
         keys_found = {a["key"] for a in artifacts}
-        assert {"sweep-models", "sweep-ranking", "sweep-comparison", "sweep-progress"} <= keys_found, keys_found
-        assert next(float(a["data"]) for a in artifacts if a["key"] == "sweep-progress") == 100.0
+        kinds = ("sweep-models", "sweep-ranking", "sweep-comparison", "sweep-progress")
+        assert {artifact_key(kind, str(tmp_path / "sweep")) for kind in kinds} <= keys_found, keys_found
+        progress = artifact_key("sweep-progress", str(tmp_path / "sweep"))
+        assert next(float(a["data"]) for a in artifacts if a["key"] == progress) == 100.0
         children = client.post("/flow_runs/filter", json={"flow_runs": {"parent_task_run_id": {"is_null_": False}}}).json()
         assert len([c for c in children if c["flow_id"] != run["flow_id"]]) == 2  # one extract run per model
     for spec in (custom, MODEL):
@@ -271,7 +274,8 @@ def test_sweep_through_a_real_server(prefect_server, tmp_path):
         run = _wait_run(client, _trigger(client, deployment["id"], children_params), procs)
         assert run["state"]["type"] == "COMPLETED", json.dumps(run["state"]) + procs.tail()
         artifacts = client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
-        assert next(float(a["data"]) for a in artifacts if a["key"] == "sweep-progress") == 100.0
+        progress = artifact_key("sweep-progress", str(tmp_path / "fanned"))
+        assert next(float(a["data"]) for a in artifacts if a["key"] == progress) == 100.0
     for spec in (custom, MODEL):
         name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', spec)}.zarr"
         assert_identical_stores(str(tmp_path / "sweep" / name), str(tmp_path / "fanned" / name))

@@ -816,30 +816,45 @@ def test_a_targets_permutation_p_value_agrees_with_the_t_test_of_its_r():
     assert got.min() == 1 / (1 + P)  # the strongest targets: no shuffle as high
 
 
-def test_a_targets_p_value_over_folds_is_that_of_every_shuffle_within_the_folds():
-    """Two folds of 5 have 120 x 120 ways to shuffle within them: the exact p of the r of responses and
-    predictions centred in their fold and pooled, against the sampled one. Fold offsets (a run's mean, a fold's
-    intercept) are no part of it: pooling uncentred, they made the r of noise -0.13 and cost most of the power."""
+def test_a_targets_p_value_over_folds_is_the_best_folds_exact_p_times_the_folds():
+    """Two folds of 5 have 120 shuffles each: every fold's exact p of its r, enumerated, and the smallest times 2
+    (Bonferroni), against the sampled one. A pooled test of the folds ignored their dependence (review: 11 % of
+    noise below 0.05 with over-fitting alphas)."""
     import itertools
 
     from neuropredictor.encode.chance import fold_nulls, target_p_values
 
     rng = np.random.default_rng(8)
     T = 3
-    ys = [rng.standard_normal((5, T)) + 3.0 * f for f in range(2)]  # offsets between folds
+    ys = [rng.standard_normal((5, T)) + 3.0 * f for f in range(2)]  # offsets between folds: no part of it
     preds = [0.8 * y - 2.0 * f + rng.standard_normal((5, T)) for f, y in enumerate(ys)]
-    yc = np.vstack([y - y.mean(0) for y in ys])
-    pc = np.vstack([p - p.mean(0) for p in preds])
 
-    def r(y: np.ndarray) -> np.ndarray:
-        return (y * pc).sum(0) / np.sqrt((y ** 2).sum(0) * (pc ** 2).sum(0))
+    def exact(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        yc, pc = y - y.mean(0), pred - pred.mean(0)
+        r = (yc * pc).sum(0) / np.sqrt((yc ** 2).sum(0) * (pc ** 2).sum(0))
+        shuffled = [(yc[list(order)] * pc).sum(0) / np.sqrt((yc ** 2).sum(0) * (pc ** 2).sum(0))
+                    for order in itertools.permutations(range(5))]
+        return np.mean([s >= r - 1e-9 for s in shuffled], axis=0)
 
-    observed = r(yc)
-    shuffles = itertools.product(itertools.permutations(range(5)), itertools.permutations(range(5, 10)))
-    exact = np.mean([r(yc[list(a) + list(b)]) >= observed - 1e-9 for a, b in shuffles], axis=0)
+    want = np.minimum(1, 2 * np.minimum(*(exact(y, p) for y, p in zip(ys, preds))))
     folds = [(5, [(np.arange(T), np.arange(5), y, p)]) for y, p in zip(ys, preds)]
     got = target_p_values(folds, fold_nulls(folds, T, 4000, seed=3), T)
-    assert (exact > 0.002).all() and np.abs(got - exact).max() < 0.02, (got, exact)
+    assert (want > 0.004).all() and np.abs(got - want).max() < 0.03, (got, want)
+
+
+def test_target_p_values_with_folds_stay_calibrated_with_over_fitting_alphas():
+    """The explorer's case: 5 folds, alphas 0.1..10 on 256 features of 200 stimuli, pure noise. The folds' models
+    share training stimuli; pooled, their test put 11 % of p below 0.05."""
+    rng = np.random.default_rng(11)
+    n, T = 200, 200
+    keys = [f"s{i:03d}" for i in range(n)]
+    A = rng.standard_normal((n, 256))
+    A = A + 0.1 * A @ rng.standard_normal((256, 256))  # correlated features, as a layer's are
+    s = encode(features_dataset({"a": A}, keys), NeuralData(rng.standard_normal((n, T)), keys), device="cpu",
+               folds=5, alphas="0.1,1,10", permutations=300)
+    p = s["p"].sel(layer="a").values
+    assert np.isfinite(p).all() and np.mean(p <= 0.05) <= 0.07, np.mean(p <= 0.05)
+    assert np.mean(p <= 0.5) > 0.3  # not piled at 1 either
 
 
 def test_scores_carry_each_targets_p_value_calibrated_on_noise_with_folds():
@@ -853,10 +868,9 @@ def test_scores_carry_each_targets_p_value_calibrated_on_noise_with_folds():
     s = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", folds=5, alphas="logspace:-1:4:6",
                permutations=500)
     p = s["p"].sel(layer="a").values
-    assert (p[:20] == 1 / 501).all()
+    assert (p[:20] == 5 / 501).all()  # no shuffle as high in any fold: the smallest p of 5 folds
     noise = p[20:]
-    # on the safe side (cross-validated predictions of noise correlate negatively with it), not degenerate
-    assert (noise > 1 / 501).all() and np.mean(noise <= 0.05) <= 0.06 and noise.min() < 0.3
+    assert (noise > 5 / 501).all() and np.mean(noise <= 0.05) <= 0.06 and noise.min() < 0.3
     assert np.isfinite(noise[80:]).all() and np.ptp(noise[80:]) > 0.5
     without = encode(features_dataset({"a": A}, keys), NeuralData(Y, keys), device="cpu", folds=5,
                      alphas="logspace:-1:4:6", permutations=0)

@@ -242,8 +242,8 @@ def assemble(prep: Prepared, layers: Sequence[LayerScores], options: FitOptions 
         coords["roi"] = ("target", list(neural.roi))
     long_names = {"r": "Pearson r, held-out stimuli", "r2": "R^2, held-out stimuli",
                   "alpha": "ridge alpha chosen by inner cross-validation",
-                  "p": "permutation p-value of the held-out r, folds centred and pooled (one split: of r), "
-                       "shuffled within folds; not adjusted for the number of targets"}
+                  "p": "permutation p-value of the held-out r: each fold's exact p, the smallest times the folds "
+                       "(Bonferroni; one split: exact); not adjusted for the number of targets"}
     data_vars: dict[str, Any] = {k: (("layer", "target"), v, {"long_name": long_names[k]}) for k, v in values.items()}
     ceil = neural.ceiling
     if ceil is not None:

@@ -316,7 +316,8 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 
-_KEPT_FORMAT = 3  # bump when LayerScores or the fingerprint change meaning (2: targets in sets, their null; 3: p)
+_KEPT_FORMAT = 4  # bump when LayerScores or the fingerprint change meaning (2: targets in sets, their null; 3: p;
+# 4: p with K folds, Bonferroni over the folds)
 
 
 def fingerprint(prep: Prepared, options: FitOptions) -> str | None:

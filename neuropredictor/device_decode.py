@@ -19,7 +19,6 @@ decoders.decode_jpeg`); they work in the pinned 0.29.1, and moving is one import
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from neuropredictor.corpus.decode import ImageError, decode_pil, decoded, transformed
+from neuropredictor.corpus.decode import ImageError, MachineError, decode_pil, decoded, machine_failure, transformed
 from neuropredictor.corpus.read import Batch
 from neuropredictor.errors import NeuroPredictorError
 
@@ -189,10 +188,13 @@ class DeviceDecoder:
             tensors = [torch.frombuffer(bytearray(encoded[j]), dtype=torch.uint8) for j in jpegs]
             try:  # one call for the whole batch: nvJPEG's batched decoder
                 images.update(zip(jpegs, self._decode_jpegs(tensors)))
-            except RuntimeError:  # one bad file fails the call: decode them one by one
+            except RuntimeError as exc:  # one bad file fails the call: decode them one by one
+                _unless_machine(exc)
                 for j, t in zip(jpegs, tensors):
-                    with contextlib.suppress(RuntimeError):  # a JPEG nvJPEG rejects: PIL may still read it
+                    try:
                         images[j] = self._decode_jpegs([t])[0]
+                    except RuntimeError as one:  # a JPEG nvJPEG rejects: PIL may still read it
+                        _unless_machine(one)
         for j in [j for j in jpegs if j not in images]:
             try:
                 images[j] = decoded(self._pil, encoded[j])
@@ -227,6 +229,8 @@ class DeviceDecoder:
                 images[j] = transformed(self._preprocess, img, self.shape)
             except ImageError as exc:
                 failures[j] = str(exc)
+            except MachineError as exc:
+                raise MachineError(f"sample {batch.keys[j]}: {exc}") from exc
         errors = dict(batch.errors)
         for j, reason in failures.items():
             valid[j] = False
@@ -237,3 +241,9 @@ class DeviceDecoder:
         for step in self.steps:
             img = step(img)
         return img
+
+
+def _unless_machine(exc: RuntimeError) -> None:
+    """Raise MachineError when exc is the device's failure (its memory full), not the image's."""
+    if machine_failure(exc):
+        raise MachineError(f"{type(exc).__name__}: {exc}") from exc

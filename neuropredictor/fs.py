@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import errno
 import os
 import random
@@ -16,12 +17,15 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
 
 from neuropredictor.errors import NeuroPredictorError
 from neuropredictor.redact import redact_text
+
+log = logging.getLogger(__name__)
 
 S3_CONNECTIONS = 64
 """Connections each S3 filesystem keeps open (botocore's default is 10); `config_kwargs` overrides it."""
@@ -41,12 +45,12 @@ def with_defaults(url: str, storage_options: Mapping | None) -> dict:
     endpoint that accepts connections and never answers (a hung server, a wrong port) fail after 7 minutes,
     silently. S3_TRIES botocore tries (its standard mode: also 500/503s and throttling, with backoff) inside
     S3FS_TRIES of s3fs's take about a minute and a half per read; the shard's own retries come on top. A write,
-    which these timeouts do not bound (aiohttp times reads only), gets a deadline from its size (s3http)."""
+    which these timeouts do not bound (aiohttp times reads only), is cut off once it stops moving (s3http)."""
     opts = dict(storage_options or {})
     if fsspec.core.split_protocol(str(url))[0] in ("s3", "s3a"):
-        from neuropredictor.s3http import BoundedUploads  # imports aiobotocore, which only S3 URLs need
+        from neuropredictor import s3http  # imports aiobotocore, which only S3 URLs need
 
-        ours: dict[str, Any] = {"max_pool_connections": S3_CONNECTIONS, "http_session_cls": BoundedUploads}
+        ours: dict[str, Any] = {"max_pool_connections": S3_CONNECTIONS, **s3http.config_options()}
         if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):  # the user's, else ours
             ours["retries"] = {"total_max_attempts": S3_TRIES, "mode": "standard"}
         opts["config_kwargs"] = {**ours, **(opts.get("config_kwargs") or {})}
@@ -89,8 +93,8 @@ def unreachable(url: str, exc: BaseException, what: str) -> str:
     elif protocol in ("s3", "s3a"):
         check = ("the path, the endpoint (AWS_ENDPOINT_URL or storage_options endpoint_url), the network and the "
                  "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage_options key/secret)")
-    elif protocol in ("http", "https"):
-        check = "the URL, the server and the network"
+    elif protocol in ("http", "https"):  # a server may answer 403 for a file it does not have
+        check = "the URL (a 403 may mean it does not exist), its credentials, the server and the network"
     else:
         check = "the URL, the network and the credentials (storage_options)"
     cause = redact_text(str(exc))[:300]
@@ -178,9 +182,13 @@ def exists(url: str, storage_options: Mapping | None = None) -> bool:
         return False
 
 
+def protocols(fs: Any) -> tuple[str, ...]:
+    """The protocols a filesystem answers to (fsspec gives a name or a tuple of them)."""
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
 def is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
+    return "file" in protocols(fs) or "local" in protocols(fs)
 
 
 def full_url(fs: Any, path: str) -> str:
@@ -308,35 +316,56 @@ def _error_code(exc: BaseException) -> str | None:
     return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
+_UNSYNCABLE = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EPERM, errno.EISDIR}
+_unsynced_warned: set[str] = set()
+
+
 def sync_local(paths: Iterable[str], root: str) -> None:
     """fsync local files, then every folder from theirs up to root: data that a record written next vouches for
     must be on the disk before it, or a power loss can keep the (fsynced) record and lose the data the kernel had
-    not written back yet. A path that does not exist is skipped (zarr writes no chunk equal to its fill value)."""
+    not written back yet. A path that does not exist is skipped (zarr writes no chunk equal to its fill value), and
+    so is one its filesystem cannot sync (some FUSE, 9p and network mounts refuse folders): warned once, since a
+    power loss may then cost rows, and failing every commit would cost the run. In threads: on a disk with a
+    slow flush, each waits for its own."""
     root = os.path.abspath(root)
+    files = {os.path.abspath(p) for p in paths}
     folders: set[str] = set()
-    for path in paths:
-        path = os.path.abspath(path)
-        try:
-            _fsync(path)
-        except FileNotFoundError:
-            pass
+    for path in files:
         folder = os.path.dirname(path)
         for _ in range(64):  # bounded walk up to the root
             folders.add(folder)
             if folder == root or not folder.startswith(root + os.sep):
                 break
             folder = os.path.dirname(folder)
-    for folder in sorted(folders, key=len, reverse=True):  # the deepest first: a new folder's entry after its files
-        with contextlib.suppress(FileNotFoundError):
-            _fsync(folder)
+    with ThreadPoolExecutor(8, thread_name_prefix="neuropredictor-sync") as pool:
+        list(pool.map(_fsync, files))
+        list(pool.map(_fsync, folders - files))
 
 
 def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        _cannot_sync(path, exc)
+        return
     try:
         os.fsync(fd)
+    except OSError as exc:
+        _cannot_sync(path, exc)
     finally:
         os.close(fd)
+
+
+def _cannot_sync(path: str, exc: OSError) -> None:
+    if exc.errno not in _UNSYNCABLE:
+        raise exc
+    device = str(os.stat(path).st_dev) if os.path.exists(path) else path
+    if device not in _unsynced_warned:
+        _unsynced_warned.add(device)
+        log.warning("cannot sync %s to its disk (%s): on this filesystem a power loss or a crash of the machine may "
+                    "cost rows of shards committed just before it (`inspect --verify` finds them)", path, exc)
 
 
 def write_json_atomic(fs: Any, path: str, obj: Any) -> None:

@@ -1,16 +1,21 @@
-"""The HTTP session of our S3 clients: aiobotocore's, with a deadline on requests that carry a body.
+"""The HTTP session of our S3 clients: aiobotocore's, with uploads that stop moving cut off.
 
 aiohttp bounds each socket read (botocore's read_timeout), not a write: an upload to an endpoint that stops
-reading (a hung server, a connection dropped without a reset) waits for ever, for the server's
-"100 Continue" or for room in a full socket buffer, and a run writing to it hangs instead of failing.
-Here such a request gets a deadline from its size; missing it is a read timeout, retried and reported
-as any other.
+reading (a hung server, a connection dropped without a reset) waited for ever, for the server's
+"100 Continue" or for room in a full socket buffer, and a run writing to it hung instead of failing. Here a
+PUT whose body nobody takes for the client's connect and read timeouts together is a read timeout, retried
+and reported as any other. A slow upload that keeps moving is never cut, whatever its size.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
+import io
 import logging
+import time
 from typing import Any
 
 from aiobotocore.httpsession import AIOHTTPSession
@@ -20,30 +25,76 @@ from neuropredictor.redact import redact_text
 
 log = logging.getLogger(__name__)
 
-UPLOAD_RATE = 128 * 1024
-"""Bytes per second: the slowest upload waited for (1 Mbit/s a request; a writer sends about 10 at once). A
-request with a body gets the client's connect and read timeouts plus its size at this rate to be sent and
-answered: a 4 MiB chunk 32 s more, a 64 MiB one 8.5 minutes. Loose, since a slow link cut off would fail
-shards; a hung endpoint is rare and now costs a bounded wait."""
+_LOOK_S = 0.5  # how often a running upload's progress is looked at
+
+
+class _Moving(io.RawIOBase):
+    """An upload's body, noting when aiohttp last took bytes of it (it takes more as the socket drains)."""
+
+    def __init__(self, body: Any) -> None:
+        super().__init__()
+        self.body = body
+        self.moved = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.body.seekable()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.body.read(size)
+        self.moved = time.monotonic()
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:  # botocore rewinds the body to retry
+        self.moved = time.monotonic()
+        return self.body.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.body.tell()
 
 
 class BoundedUploads(AIOHTTPSession):
-    """aiobotocore's session, each request with a body bounded in time (UPLOAD_RATE)."""
+    """aiobotocore's session; a PUT whose body stops moving for the connect and read timeouts is cut off."""
 
     def __init__(self, *args: Any, timeout: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, timeout=timeout, **kwargs)
         connect, read = timeout if isinstance(timeout, (list, tuple)) else (timeout, timeout)
-        self._wait_s = float(connect or 60) + float(read or 60)
+        self._still_s = float(connect or 60) + float(read or 60)
 
     async def send(self, request: Any) -> Any:
-        headers = request.headers  # botocore's: case-insensitive; an aws-chunked upload states its decoded length
-        size = max(int(headers.get("Content-Length") or 0), int(headers.get("X-Amz-Decoded-Content-Length") or 0))
-        if not size:
-            return await super().send(request)
-        deadline = self._wait_s + size / UPLOAD_RATE
-        try:
-            return await asyncio.wait_for(super().send(request), deadline)
-        except asyncio.TimeoutError as exc:  # botocore's message names the URL only: why is logged
-            log.warning("no answer to a %d-byte upload to %s in %.0f s: taken for a hung endpoint (uploads slower "
-                        "than %d KiB/s are)", size, redact_text(str(request.url)), deadline, UPLOAD_RATE // 1024)
-            raise ReadTimeoutError(endpoint_url=request.url, error=exc) from exc
+        if request.method != "PUT" or not isinstance(request.body, io.IOBase):
+            return await super().send(request)  # no upload: aiohttp's read timeout bounds it
+        if not isinstance(request.body, _Moving):  # a retry sends the same request again
+            request.body = _Moving(request.body)
+        body = request.body
+        body.moved = time.monotonic()
+        sending = asyncio.ensure_future(super().send(request))
+        while True:
+            done, _ = await asyncio.wait({sending}, timeout=_LOOK_S)
+            if done:
+                return sending.result()
+            if time.monotonic() - body.moved > self._still_s:
+                break
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sending
+        log.warning("an upload to %s took no bytes for %.0f s: taken for a hung endpoint",
+                    redact_text(str(request.url)), self._still_s)  # botocore's message names the URL only
+        raise ReadTimeoutError(endpoint_url=request.url, error="upload stalled")
+
+
+@functools.cache
+def config_options() -> dict[str, Any]:
+    """The AioConfig options that make a client use BoundedUploads: none with an aiobotocore too old to take a
+    session class (its uploads then wait as they did)."""
+    from aiobotocore.config import AioConfig
+
+    takes = "http_session_cls" in inspect.signature(AioConfig.__init__).parameters
+    return {"http_session_cls": BoundedUploads} if takes else {}

@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -784,39 +785,79 @@ def test_an_s3_endpoint_that_never_answers_fails_in_bounded_time() -> None:
         hung.close()
 
 
+def _upload(endpoint: str, size: int, read_timeout: float) -> list:
+    """pipe_file of `size` bytes through our S3 client, in a thread; what ended it, or [] while it runs."""
+    from neuropredictor import fs as fsx
+
+    outcome: list = []
+
+    def upload() -> None:
+        opts = {"endpoint_url": endpoint, "key": "k", "secret": "s",
+                "config_kwargs": {"read_timeout": read_timeout, "connect_timeout": 1}}
+        fs, path = fsx.connect("s3://bucket/store", opts, fresh=True)
+        try:
+            fs.pipe_file(f"{path}/chunk", b"x" * size)
+            outcome.append("written")
+        except Exception as exc:  # noqa: BLE001 - what ended it is the assertion
+            outcome.append(exc)
+
+    worker = threading.Thread(target=upload, daemon=True)
+    worker.start()
+    worker.join(120)
+    return outcome
+
+
 @pytest.mark.parametrize("size", [100, 4 * 2**20])
-def test_an_upload_to_an_s3_endpoint_that_never_answers_fails_in_bounded_time(size: int, monkeypatch) -> None:
+def test_an_upload_to_an_s3_endpoint_that_never_answers_fails_in_bounded_time(size: int) -> None:
     # review: a write waited for ever (aiohttp times reads only): a small one for the server's "100 Continue", a big
     # one for room in the full socket buffer, and a run writing to a hung endpoint hung instead of failing
     import socket
 
     import botocore.exceptions
 
-    from neuropredictor import fs as fsx, s3http
-
-    monkeypatch.setattr(s3http, "UPLOAD_RATE", 4 * 2**20)  # a deadline of seconds, not the real minute
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen(128)
-    outcome: list = []
-
-    def upload() -> None:
-        opts = {"endpoint_url": f"http://127.0.0.1:{hung.getsockname()[1]}", "key": "k", "secret": "s",
-                "config_kwargs": {"read_timeout": 1, "connect_timeout": 1}}
-        fs, path = fsx.connect("s3://bucket/store", opts, fresh=True)
-        try:
-            fs.pipe_file(f"{path}/chunk", b"x" * size)
-        except Exception as exc:  # noqa: BLE001 - what ended it is the assertion
-            outcome.append(exc)
-
-    worker = threading.Thread(target=upload, daemon=True)
     try:
-        worker.start()
-        worker.join(90)
-        assert not worker.is_alive(), "the upload still waits after 90 s"
+        outcome = _upload(f"http://127.0.0.1:{hung.getsockname()[1]}", size, read_timeout=1)
+        assert outcome, "the upload still waits after 120 s"
         assert isinstance(outcome[0], botocore.exceptions.ReadTimeoutError), outcome
     finally:
         hung.close()
+
+
+def test_a_slow_upload_that_keeps_moving_is_not_cut_off() -> None:
+    # review: a deadline from the upload's size cut off slow links (ten uploads at once on a 10 Mbit/s uplink);
+    # only an upload that stops moving is: this one takes over twice the connect and read timeouts together
+    import socket
+
+    size = 24 * 2**20
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            head, body = head.split(b"\r\n\r\n", 1)
+            if b"100-continue" in head.lower():
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            got = len(body)
+            while got < size:  # the first half at about 1.3 MB/s, a slow link; then at once (not the socket
+                got += len(conn.recv(65536))  # buffers' tail, which aiohttp's own read timeout bounds)
+                time.sleep(0.05 if got < size // 2 else 0)
+            conn.sendall(b'HTTP/1.1 200 OK\r\nETag: "e"\r\nContent-Length: 0\r\n\r\n')
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        outcome = _upload(f"http://127.0.0.1:{server.getsockname()[1]}", size, read_timeout=3)
+        assert outcome == ["written"] and time.monotonic() - t0 > 2 * (1 + 3), outcome
+    finally:
+        server.close()
 
 
 def test_s3_errors(s3: dict, image_dir: Path) -> None:

@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from conftest import MODEL, key_files, make_images
 from custom_models import cifar_cnn
 from neuropredictor.corpus import list_shards, make_shards, read_shard
+from neuropredictor.corpus.decode import MachineError
 from neuropredictor.device_decode import DeviceDecoder, tensor_steps
 from neuropredictor.errors import ConfigMismatchError, NeuroPredictorError
 from neuropredictor.models import load_model
@@ -147,8 +148,17 @@ def test_device_memory_full_while_preprocessing_fails_the_batch_not_the_image(tm
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(decoder, "_preprocess", full)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(MachineError, match=r"sample img000[01]: OutOfMemoryError: CUDA out of memory"):
         decoder(raw)
+
+    def nvjpeg_full(data):  # nvJPEG's allocator says so in a plain RuntimeError
+        raise RuntimeError("nvjpegDecodeBatched failed: CUDA error: out of memory")
+
+    monkeypatch.setattr(decoder, "_decode_jpegs", nvjpeg_full)
+    monkeypatch.setattr(decoder, "_preprocess", lambda img: img)
+    jpeg = _jpeg(_natural(60, 50, 0))
+    with pytest.raises(MachineError, match="out of memory"):  # not decoded by PIL instead, nor an invalid row
+        decoder._decode_all({0: jpeg}, {})
 
 
 def test_workers_leave_the_device_only_jpegs_it_may_decode_as_stored(tmp_path):

@@ -488,7 +488,7 @@ def test_a_machine_failure_while_preprocessing_is_retried_not_taken_for_a_bad_im
     monkeypatch.setenv("NP_TEST_OOM_FLAG", str(flag))
     config = _config(tmp_path, _small_corpus(tmp_path), num_workers=workers,
                      model=CUSTOM.replace(":cifar_cnn", ":out_of_memory_once_cnn"))
-    with pytest.raises(NeuroPredictorError, match=r"out of memory reading shard .*x-000000.tar: MemoryError"):
+    with pytest.raises(NeuroPredictorError, match=r"out of memory reading shard .*x-000000.tar: sample a: MemoryError"):
         pipeline_run(config)  # no retries: the shard fails, saying why
     assert flag.exists()
     manifest = pipeline_run(config)  # the same command: the shard again, whole

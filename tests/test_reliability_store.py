@@ -298,6 +298,31 @@ def test_rows_reach_the_disk_before_the_records_that_vouch_for_them(unequal_corp
     assert checked["own"] and checked["merged"]  # the corpus has both kinds of chunk
 
 
+def test_a_filesystem_that_cannot_sync_folders_costs_a_warning_not_the_run(corpus, clean, tmp_path, monkeypatch,
+                                                                           caplog):
+    # review: some FUSE, 9p and network mounts refuse to fsync a folder (EINVAL): every commit failed
+    import errno
+    import stat
+
+    from neuropredictor import fs as fsx
+
+    real_fsync = os.fsync
+
+    def refuse_folders(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_folders)
+    monkeypatch.setattr(fsx, "_unsynced_warned", set())
+    out = tmp_path / "out.zarr"
+    with caplog.at_level("WARNING", logger="neuropredictor.fs"):
+        assert run(_config(corpus, out))["status"] == "complete"
+    _assert_identical(clean["features.5"], str(out))
+    said = [r.message for r in caplog.records if "cannot sync" in r.message]
+    assert len(said) == 1 and "Invalid argument" in said[0], said  # once, not once per shard
+
+
 def test_rows_waiting_for_finalize_never_read_as_valid(tmp_path, monkeypatch):
     # review: each array has chunks of its own size, so a shard end can fall inside a feature chunk (staged, fill
     # until finalize) while `valid`'s chunk there is the shard's own (True): such rows read as valid with NaN

@@ -406,3 +406,11 @@ def test_a_resumed_model_reports_the_rate_of_the_rows_it_extracted(tmp_path):
     assert info["rows"]["committed"] == 40 and not info["skipped"]
     # 10 rows, not 40 (seconds are rounded to 10 ms, of a run this short)
     assert info["images_per_s"] * info["seconds"] == pytest.approx(10, rel=0.3)
+
+
+@pytest.mark.parametrize("field", ["out", "corpus", "neural"])
+def test_an_empty_sweep_location_is_refused(field):
+    # review: out='' put every model's store at the filesystem's root ('/torchvision_resnet18.zarr')
+    fields = {"corpus": "shards", "models": ["torchvision:resnet18"], "out": "sweep", "neural": "neural.npz"}
+    with pytest.raises(ValueError, match=rf"{field}\n.*is empty: give a local path or a URL"):
+        SweepConfig(**(fields | {field: "  "}))

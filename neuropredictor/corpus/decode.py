@@ -3,7 +3,7 @@
 Shared by the CPU path (PIL in the DataLoader workers) and the device path
 (`neuropredictor.device_decode`), so a bad image is kept as an invalid row with the same reason
 whichever decoder met it. Nothing here raises past a sample: a bad image costs its row, never the run.
-Except the machine's own failures (MACHINE_ERRORS): they fail the shard, which is tried again.
+Except the machine's own failures (MachineError): they fail the shard, which is tried again.
 """
 
 from __future__ import annotations
@@ -27,9 +27,16 @@ class ImageError(Exception):
     """A sample that cannot become a row of the batch; str(exc) is the reason recorded in the manifest."""
 
 
-MACHINE_ERRORS = (MemoryError, torch.OutOfMemoryError)
-"""Failures of the machine, not of the image (host or device memory, full for a moment): a sample marked invalid
-for one would stay so in a committed shard, never tried again."""
+class MachineError(Exception):
+    """The machine failed while preparing a sample (host or device memory full for a moment), not the image: the
+    shard fails and is tried again (a sample marked invalid for it would stay so in a committed shard)."""
+
+
+def machine_failure(exc: BaseException) -> bool:
+    """Whether exc is the machine's failure: memory, the host's or the device's (some CUDA libraries, nvJPEG's
+    allocator among them, say so in a plain RuntimeError)."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def image_bytes(data: bytes | None, fields: Sequence[str]) -> bytes:
@@ -164,9 +171,11 @@ _PIL_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 def decoded(decode: Callable[[Any], Any], data: Any) -> Any:
     try:
         return decode(data)
-    except (ImageError, *MACHINE_ERRORS):
+    except ImageError:
         raise
     except Exception as exc:
+        if machine_failure(exc):
+            raise MachineError(short(f"{type(exc).__name__}: {exc}")) from exc
         # PIL names the in-memory file it was given ("<_io.BytesIO object at 0x7f...>"): an address that
         # differs run to run in the manifest and tells the user nothing
         text = _OBJECT_REPR.sub("", str(exc))
@@ -177,9 +186,9 @@ def transformed(transform: Callable[[Any], Any], image: Any, shape: tuple[int, .
     """The transform's output, if it can be a row of the batch (a tensor of `shape`); else ImageError."""
     try:
         out = transform(image)
-    except MACHINE_ERRORS:
-        raise
     except Exception as exc:
+        if machine_failure(exc):
+            raise MachineError(short(f"{type(exc).__name__}: {exc}")) from exc
         raise ImageError(short(f"transform failed: {type(exc).__name__}: {exc}")) from None
     if not (isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape)):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -98,10 +98,10 @@ class _Resolver:
         try:
             return fs.info(path)
         except FileNotFoundError as exc:
-            # fsspec's HTTP filesystem says "not found" whatever failed: a refused connection or a 403 is not a
-            # missing shard, and the fix differs
+            # fsspec's HTTP filesystem says "not found" whatever failed: only a 404 or 410 is a missing shard (a
+            # refused connection, a timeout or a 403 is not, and the fix differs)
             cause = exc.__cause__
-            if type(cause).__module__.split(".")[0] == "aiohttp" and getattr(cause, "status", None) not in (404, 410):
+            if "http" in fsx.protocols(fs) and cause is not None and getattr(cause, "status", None) not in (404, 410):
                 raise cause from None
             return None
 

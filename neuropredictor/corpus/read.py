@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from neuropredictor import fs as fsx
 from neuropredictor.corpus.access import access_error, connect
 from neuropredictor.corpus.decode import (
-    MACHINE_ERRORS,
     ImageError,
+    MachineError,
     decode_pil,
     decoded,
     for_device,
@@ -202,6 +202,8 @@ def prepare(sample: Sample, transform: Callable[[Image.Image], torch.Tensor] | N
         return transformed(transform, decoded(decode_pil, data), shape), None
     except ImageError as exc:
         return None, str(exc)
+    except MachineError as exc:
+        raise MachineError(f"sample {sample.key}: {exc}") from exc
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -247,8 +249,8 @@ class _ShardBatches(IterableDataset):
             yield _Failure(str(exc))
         except tarfile.TarError as exc:
             yield _Failure(tar_error(self.shard.url, exc))
-        except MACHINE_ERRORS as exc:
-            yield _Failure(f"out of memory reading shard {self.shard.url}: {type(exc).__name__}: {exc}")
+        except MachineError as exc:
+            yield _Failure(f"out of memory reading shard {self.shard.url}: {exc}")
         except Exception as exc:
             yield _Failure(str(access_error(self.shard.url, exc, "shard")))
 

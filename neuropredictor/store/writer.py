@@ -216,8 +216,8 @@ class ShardWriter:
                 own_lo = own_hi = None
                 block = data[a - lo:b - lo]
                 self._staging.put(self._shard.name, buf.path, k, self.attempt, block)
-                if self._local_root is not None:
-                    self._written.append(self._staging.path(self._shard.name, buf.path, k, self.attempt))
+                if self._local_root is not None:  # the piece itself was synced as it was written: its folder
+                    self._written.append(fsx.parent(self._staging.path(self._shard.name, buf.path, k, self.attempt)))
                 self._stats["staged_objects"] += 1
                 self._stats["bytes"] += _nbytes(block)
             k += 1

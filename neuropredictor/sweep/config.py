@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from neuropredictor.config import ExtractConfig, Names, comma_list, fields_of
+from neuropredictor.config import ExtractConfig, Names, comma_list, fields_of, path_text
 from neuropredictor.encode.options import EncodeOptions
 from neuropredictor.errors import ModelSpecError
 
@@ -91,6 +91,7 @@ class SweepConfig(_SweepFields):
     """Many models over one corpus, one store each; re-running resumes."""
 
     _split = field_validator("models", "layers", mode="before")(comma_list)
+    _paths = field_validator("corpus", "out", "neural", mode="before")(path_text)
 
     @field_validator("models")
     @classmethod

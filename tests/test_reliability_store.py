@@ -294,6 +294,10 @@ def test_rows_reach_the_disk_before_the_records_that_vouch_for_them(unequal_corp
                     checked["own"] += 1
                 else:  # shared: merged by finalize, on the disk before the shard's staged rows are deleted
                     assert synced < first("remove", lambda p, n=shard["name"]: p.endswith(f"_staging/{n}"))
+                    # and the shard's staged piece (synced as it was written) in its folder before the record
+                    attempt = json.loads((out / "_status" / f"{shard['name']}.json").read_text())["staging"]
+                    folder = str(out / "_staging" / shard["name"] / attempt / arr.path)
+                    assert first("sync", lambda p, f=folder: p == f) < record, folder
                     checked["merged"] += 1
     assert checked["own"] and checked["merged"]  # the corpus has both kinds of chunk
 

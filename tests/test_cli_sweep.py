@@ -132,6 +132,18 @@ def test_missing_options_name_what_to_give(tmp_path):
     assert bad.exit_code == 2 and "missing.yaml" in bad.output
 
 
+@pytest.mark.parametrize("where", ["top", "encode"])
+def test_a_command_line_encode_flag_in_a_sweep_file_says_where_it_goes(tmp_path, where):
+    # explorer: `encode_device: cpu` was answered "did you mean 'encode'?", which does not say how
+    fields = {"corpus": "shards", "models": [CUSTOM], "out": str(tmp_path / "out")}
+    fields |= {"encode_device": "cpu"} if where == "top" else {"encode": {"encode_device": "cpu"}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(fields))
+    result = _invoke(["sweep", str(tmp_path / "sweep.yaml"), "--no-prefect"])
+    assert result.exit_code == 2, result.output
+    assert "in a sweep file it is `encode: {device: ...}` (--encode-device on the command line)" in " ".join(
+        result.output.split()), result.output
+
+
 def test_with_prefect_the_sweep_is_the_flow_and_a_failure_still_reports(root, tmp_path, prefect_api):
     args = ["sweep", "--corpus", str(root / "shards"), "--models", f"torchvision:resnet19,{CUSTOM}", "--out",
             str(tmp_path / "out"), *RUN[:-1], "--neural", str(root / "neural.npz"), *SCORE, "--prefect", "--json"]

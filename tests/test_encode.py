@@ -120,6 +120,18 @@ def test_planted_layer_wins_and_r_matches_theory(planted):
     assert best == {"all": "mid", "V1": "mid", "IT": "mid"}
 
 
+def test_untested_a_layer_predicting_nothing_is_the_best_of_nothing():
+    # explorer (RSA's twin): without permutations the best was the highest median even when it was below 0
+    keys = [f"s{i:03d}" for i in range(80)]
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        s = encode(features_dataset({"a": rng.standard_normal((80, 5))}, keys),
+                   NeuralData(rng.standard_normal((80, 6)), keys), device="cpu", permutations=0)
+        if float(s.r.sel(layer="a").median()) < 0:
+            break
+    assert float(s.r.sel(layer="a").median()) < 0 and not summary_table(s)["best"].any()
+
+
 def test_alphas_sensible(planted):
     s = planted["scores"]
     alpha = s.alpha.sel(layer="mid").values
@@ -1122,6 +1134,13 @@ def test_rsa_table_marks_layers_above_chance_after_holm_and_the_best(planted):
         np.sort(res.p.values) * [3, 2, 1]))[np.argsort(np.argsort(res.p.values))])
     untested = rsa_table(rsa(ds, nd, permutations=0))
     assert untested.above_chance.isna().all() and untested.set_index(["roi", "layer"]).loc[("all", "mid"), "best"]
+    # untested, a layer whose RDM correlates negatively is the best of nothing (explorer: "best" at rho -0.07)
+    for seed in range(50):  # unrelated data whose rho comes out negative
+        unrelated = rsa(ds, NeuralData(np.random.default_rng(seed).standard_normal((len(keys), 8)), keys),
+                        layers=["mid"], permutations=0)
+        if unrelated.rho.item() < 0:
+            break
+    assert unrelated.rho.item() < 0 and not rsa_table(unrelated).best.any()
     # a stimulus with a constant pattern: its pairs are left out, and the test permutes the others
     flat = ds.copy(deep=True)
     flat["mid"][3] = 0.0

@@ -59,7 +59,7 @@ def fail(exc: Exception) -> NoReturn:
 def invalid_values(exc: Any) -> str:
     """A pydantic ValidationError as one line: each bad value by its option's name, with what it should be
     (not pydantic's block with Python field names and a URL)."""
-    from neuropredictor.sweep.config import SweepConfig, SweepModel
+    from neuropredictor.sweep.config import EncodeSettings, SweepConfig, SweepModel
 
     known = {*ExtractConfig.model_fields, *EncodeOptions.model_fields, *SweepConfig.model_fields,
              *SweepModel.model_fields}
@@ -71,6 +71,11 @@ def invalid_values(exc: Any) -> str:
         loc = [str(p) for p in err["loc"] if p not in ("str", "SweepModel")]
         name = loc[-1] if loc else ""
         if err["type"] == "extra_forbidden":
+            inner = name.removeprefix("encode_")
+            if inner != name and inner in EncodeSettings.model_fields:  # the command line's --encode-X, in a file
+                parts.append(f"unknown option {'.'.join(loc)!r}: in a sweep file it is `encode: {{{inner}: ...}}` "
+                             f"(--{name.replace('_', '-')} on the command line)")
+                continue
             close = difflib.get_close_matches(name, known, n=1)
             parts.append(f"unknown option {'.'.join(loc)!r}" + (f" (did you mean `{close[0]}`?)" if close else ""))
             continue

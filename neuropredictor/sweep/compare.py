@@ -115,12 +115,13 @@ def plot_comparison(table: pandas.DataFrame, path: str, storage_options: Mapping
         ax.set_title(f"{roi}")
     for ax in axes[len(rois):]:
         ax.set_visible(False)
-    axes[0].legend(loc="lower right", fontsize=7)
-    fig.suptitle("models ranked by their best layer; whiskers: IQR over targets; hatched: not above chance "
-                 "(p adjusted for the model's layers)", fontsize=9)
-    fig.tight_layout()
+    # below the panels, not on a bar; the title in two lines, which a single panel's width holds
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", fontsize=7, frameon=False)
+    fig.suptitle("models ranked by their best layer\nwhiskers: IQR over targets; hatched: not above chance "
+                 "(p adjusted for the model's layers)", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     with fsx.open_url(path, "wb", storage_options) as f:
         f.write(buf.getvalue())
     return path

@@ -43,18 +43,25 @@ def corpus(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-@pytest.fixture(scope="module")
-def unequal_corpus(tmp_path_factory) -> list[str]:
-    """Shards of 7, 13 and 5 samples: boundary chunks, so finalize has rows to merge."""
-    root = tmp_path_factory.mktemp("unequal")
-    make_images(root / "imgs", 25, nested=False)
+def _shards_of(root: Path, sizes: tuple[int, ...]) -> list[str]:
+    """Folders a, b, c, ... of one shard each, of these many samples."""
+    make_images(root / "imgs", sum(sizes), nested=False)
     files = sorted((root / "imgs").iterdir())
-    for name, part in (("a", files[:7]), ("b", files[7:20]), ("c", files[20:])):
+    folders = []
+    for i, size in enumerate(sizes):
+        name, part = "abcdefgh"[i], files[sum(sizes[:i]):sum(sizes[:i + 1])]
         (root / f"src_{name}").mkdir()
         for f in part:
             (root / f"src_{name}" / f.name).write_bytes(f.read_bytes())
         make_shards(root / f"src_{name}", str(root / "shards" / name), maxcount=100, prefix=f"part{name}")
-    return [str(root / "shards" / n) for n in "abc"]
+        folders.append(str(root / "shards" / name))
+    return folders
+
+
+@pytest.fixture(scope="module")
+def unequal_corpus(tmp_path_factory) -> list[str]:
+    """Shards of 7, 13 and 5 samples: boundary chunks, so finalize has rows to merge."""
+    return _shards_of(tmp_path_factory.mktemp("unequal"), (7, 13, 5))
 
 
 def _arrays(url: str) -> dict[str, np.ndarray]:
@@ -334,15 +341,9 @@ def test_rows_waiting_for_finalize_never_read_as_valid(tmp_path, monkeypatch):
     from neuropredictor import extract_shard, finalize, plan
     from neuropredictor.store import layout
 
-    make_images(tmp_path / "imgs", 53, nested=False)
-    files = sorted((tmp_path / "imgs").iterdir())
-    for name, part in (("a", files[:17]), ("b", files[17:37]), ("c", files[37:])):
-        (tmp_path / f"src_{name}").mkdir()
-        for f in part:
-            (tmp_path / f"src_{name}" / f.name).write_bytes(f.read_bytes())
-        make_shards(tmp_path / f"src_{name}", str(tmp_path / "shards" / name), maxcount=100, prefix=f"part{name}")
+    corpus = _shards_of(tmp_path, (17, 20, 16))
     monkeypatch.setattr(layout, "MIN_CHUNK_BYTES", 4 * 8192)  # feature chunks of 4 rows, `valid`'s of 17
-    cfg = _config([str(tmp_path / "shards" / n) for n in "abc"], tmp_path / "out.zarr")
+    cfg = _config(corpus, tmp_path / "out.zarr")
     store = plan(cfg)
     assert store.chunk_rows["features/features.5"] == 4 and store.chunk_rows["valid"] == 17
     for shard in store.shards:

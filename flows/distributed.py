@@ -189,7 +189,8 @@ def extract_distributed_flow(params: DistributedParameters) -> dict:
     groups = [[s.name for s in g]
               for g in schedule.pending_groups(store, shards, params.shards, params.shards_per_child, planned)]
     logger.info("%d shards to extract in %d child runs of %s", sum(map(len, groups)), len(groups), params.deployment)
-    progress = create_progress_artifact(progress=0.0 if groups else 100.0, key=artifact_key("extract-distributed-progress", config.out),
+    progress = create_progress_artifact(progress=0.0 if groups else 100.0,
+                                        key=artifact_key("extract-distributed-progress", config.out),
                                         description=f"Child runs of {params.deployment} finished")
     child_fields = set(ExtractParameters.model_fields)
     base = params.model_dump(mode="json", include=child_fields)

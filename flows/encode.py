@@ -47,7 +47,8 @@ def encode_flow(params: EncodeParameters) -> dict:
         prepared = enc.prepare(params.features, params.read_neural(), params)
     for w in caught:
         logger.warning(str(w.message))
-    progress = create_progress_artifact(progress=0.0, key=artifact_key("encode-progress", params.out), description="Layers scored")
+    progress = create_progress_artifact(progress=0.0, key=artifact_key("encode-progress", params.out),
+                                        description="Layers scored")
     layer_task = encode_layer_task.with_options(retries=params.retries, retry_delay_seconds=5)
     kept = enc.kept_layers(params.out, prepared, params)
     tried = 0
@@ -66,8 +67,9 @@ def encode_flow(params: EncodeParameters) -> dict:
     kept.clear()
     logger.info("best layer %s; median r per layer %s", summary["best_layer"], summary["layers"])
     table = enc.summary_table(scores)
-    create_table_artifact(key=artifact_key("encode-scores", params.out), table=table.round(4).astype(object).where(table.notna(), None)
-                          .to_dict(orient="records"), description="Median r per layer (and per ROI)")
+    create_table_artifact(key=artifact_key("encode-scores", params.out),
+                          table=table.round(4).astype(object).where(table.notna(), None).to_dict(orient="records"),
+                          description="Median r per layer (and per ROI)")
     create_markdown_artifact(
         key=artifact_key("encode-summary", params.out),
         markdown=(f"# Encoding scores\n\n- **Scores**: `{params.out}`\n"

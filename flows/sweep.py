@@ -144,8 +144,9 @@ def extract_sweep_flow(params: SweepParameters) -> dict:
     sweep = params.library_config()
     refuse_relative_paths(*(sweep.extract_config(m) for m in sweep.models),
                           *(sweep.encode_options(m) for m in sweep.models if sweep.neural is not None))
-    progress = create_progress_artifact(progress=0.0, key=artifact_key("sweep-progress", sweep.out), description=f"Models of the sweep in "
-                                        f"{redact_text(sweep.out)} done (with a deployment: extracted)")
+    progress = create_progress_artifact(progress=0.0, key=artifact_key("sweep-progress", sweep.out),
+                                        description=f"Models of the sweep in {redact_text(sweep.out)} done (with a "
+                                                    "deployment: extracted)")
     done = [0]
 
     def model_done() -> None:
@@ -187,7 +188,8 @@ def _artifacts(sweep: SweepConfig, summary: dict) -> None:
     if comparison:
         rows = [{"roi": roi, "rank": i + 1, **entry} for roi, entries in comparison["ranking"].items()
                 for i, entry in enumerate(entries)]
-        create_table_artifact(key=artifact_key("sweep-ranking", sweep.out), table=rows, description="Models ranked by their best layer, per ROI")
+        create_table_artifact(key=artifact_key("sweep-ranking", sweep.out), table=rows,
+                              description="Models ranked by their best layer, per ROI")
         create_markdown_artifact(key=artifact_key("sweep-comparison", sweep.out), markdown=(
             f"# Sweep comparison\n\n- **Table**: `{comparison['csv']}`\n- **Plot**: `{comparison['plot']}`\n\n"
             + (f"**Warning**: {comparison['warning']}\n\n" if comparison.get("warning") else "")

@@ -889,7 +889,8 @@ def test_http_shards_missing_or_unreachable_are_told_apart_without_credentials(i
     try:
         base = f"http://alice:SuperSecret987@127.0.0.1:{server.server_address[1]}"
         assert [s.count for s in list_shards(f"{base}/shard-{{000000..000002}}.tar")] == [10, 10, 5]
-        with pytest.raises(CorpusError, match=r"2 of 5 shards of the pattern .*do not exist: .*shard-000003.tar") as lost:
+        missing = r"2 of 5 shards of the pattern .*do not exist: .*shard-000003.tar"
+        with pytest.raises(CorpusError, match=missing) as lost:
             list_shards(f"{base}/shard-{{000000..000004}}.tar")
         with pytest.raises(CorpusError, match=r"cannot reach corpus .*127.0.0.1:\d+/train-000000.tar.*Connect") as cut:
             list_shards(f"http://alice:SuperSecret987@127.0.0.1:{closed}/train-{{000000..000003}}.tar")

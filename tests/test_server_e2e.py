@@ -343,7 +343,8 @@ def test_a_flow_run_whose_process_died_is_marked_crashed(prefect_server, tmp_pat
     fast["automations"][0]["trigger"]["within"] = 40  # heartbeats every 30 s here (Prefect's least)
     (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast))
     _cli(env, "automation", "create", "--from-file", str(tmp_path / "fast.yaml"))
-    script = "import time\nfrom prefect import flow\n\n@flow(name='doomed')\ndef doomed():\n    time.sleep(600)\n\ndoomed()\n"
+    script = ("import time\nfrom prefect import flow\n\n@flow(name='doomed')\ndef doomed():\n    time.sleep(600)\n\n"
+              "doomed()\n")
     doomed = procs.start("doomed", [sys.executable, "-c", script], {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
     with httpx.Client(base_url=api, timeout=30) as client:
         query = {"flows": {"name": {"any_": ["doomed"]}}}

@@ -42,7 +42,8 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
     chance level of the median r, the layer's null's 95th percentile), null_low, p_value (the layer's
     own), p_holm (p_value adjusted by Holm over the roi's layers), above_chance (p_holm at most 0.05);
     best (the layer with the highest median within that roi among those not below chance and above 0: an roi
-    whose layers are all at chance, or untested all at or below 0, has none). The best layer per ROI is therefore `df[df.best]`.
+    whose layers are all at chance, or untested all at or below 0, has none). The best layer per ROI is therefore
+    `df[df.best]`.
     """
     import pandas as pd
 

@@ -24,7 +24,8 @@ import numpy as np
 from neuropredictor import fs as fsx
 from neuropredictor.errors import StoreError
 from neuropredictor.shard import Shard
-from neuropredictor.store.layout import STAGING_DIR, boundary_chunks, local_chunk_files, local_root, row_nbytes, safe_name
+from neuropredictor.store.layout import (STAGING_DIR, boundary_chunks, local_chunk_files, local_root, row_nbytes,
+                                         safe_name)
 
 _MERGE_BATCH_BYTES = 256 * 2**20  # staged rows and chunks held in memory at once by finalize
 

@@ -1,24 +1,21 @@
-"""A deployed run's paths: a worker that pulls the flow's code runs each flow run in a temporary folder of its
-own, deleted afterwards."""
+"""A deployed run's paths: a worker runs each flow run in a folder of its own (a temporary one for pulled code, a
+pod's), which the user never sees again."""
 
 from __future__ import annotations
 
+import glob
 import os
-import tempfile
 
 from prefect.runtime import deployment
 from pydantic import BaseModel
 
 
 def refuse_relative_paths(*configs: BaseModel) -> None:
-    """In a run of a deployment working in a temporary folder, ValueError naming each relative local path of the
-    configs' LOCATIONS fields that is not there: an output (a store written there, the run Completed, was deleted
-    with it) or an input the code did not bring. A run working elsewhere (`serve()`, a worker's `working_dir`)
-    takes paths relative to its folder, as the command line does; inputs shipped with the code are found."""
+    """In a run of a deployment, ValueError naming each relative local path of the configs' LOCATIONS fields that
+    is an output (OUTPUTS), or an input that is not there: the run's folder is the worker's, a temporary one for
+    pulled code (a store written there, the run Completed, was deleted with it) or a pod's, gone with it. Inputs
+    shipped with the code are found; outputs want absolute paths or URLs."""
     if deployment.id is None:  # the command line or a notebook: the user's own working folder
-        return
-    here, temporary = os.path.realpath(os.getcwd()), os.path.realpath(tempfile.gettempdir())
-    if os.path.commonpath([here, temporary]) != temporary:
         return
     relative = []
     for config in configs:
@@ -28,9 +25,18 @@ def refuse_relative_paths(*configs: BaseModel) -> None:
                 if not isinstance(path, str):
                     continue
                 local = path.removeprefix("file://")
-                if "://" not in local and not os.path.isabs(os.path.expanduser(local)) and not os.path.exists(local):
+                if "://" in local or os.path.isabs(os.path.expanduser(local)):
+                    continue
+                if name in type(config).OUTPUTS or not _there(local):
                     relative.append(f"{name}={path!r}")
     if relative:
         raise ValueError(f"relative path(s) in a deployed run: {', '.join(dict.fromkeys(relative))}. This run works in "
-                         f"a temporary folder ({here}), deleted after it: give absolute paths on the worker's machine, "
-                         "or URLs (s3://...).")
+                         f"its worker's folder ({os.getcwd()}), which may be temporary: give absolute paths on the "
+                         "worker's machine, or URLs (s3://...).")
+
+
+def _there(path: str) -> bool:
+    """Whether a local input is there: a file or folder, a glob's match, or a brace pattern's folder."""
+    if "{" in path:
+        return os.path.isdir(os.path.dirname(path) or ".")
+    return bool(glob.glob(path)) if any(c in path for c in "*?[") else os.path.exists(path)

@@ -119,6 +119,7 @@ class ExtractConfig(BaseModel):
 
     _split = field_validator("layers", mode="before")(comma_list)
     LOCATIONS: ClassVar[tuple[str, ...]] = ("corpus", "out", "weights")  # the fields that name files or folders
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("out",)  # those written
     _paths = field_validator(*LOCATIONS, mode="before")(path_text)
 
     @classmethod

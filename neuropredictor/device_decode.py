@@ -189,12 +189,12 @@ class DeviceDecoder:
             try:  # one call for the whole batch: nvJPEG's batched decoder
                 images.update(zip(jpegs, self._decode_jpegs(tensors)))
             except RuntimeError as exc:  # one bad file fails the call: decode them one by one
-                _unless_machine(exc)
+                self._free_if_full(exc)  # a batch too big for the memory left: one by one may fit
                 for j, t in zip(jpegs, tensors):
                     try:
                         images[j] = self._decode_jpegs([t])[0]
-                    except RuntimeError as one:  # a JPEG nvJPEG rejects: PIL may still read it
-                        _unless_machine(one)
+                    except RuntimeError as one:  # a JPEG nvJPEG rejects, or too big for it now: PIL reads it
+                        self._free_if_full(one)
         for j in [j for j in jpegs if j not in images]:
             try:
                 images[j] = decoded(self._pil, encoded[j])
@@ -215,6 +215,11 @@ class DeviceDecoder:
         for t in out:
             t.record_stream(current)  # freed later, their memory waits for our stream's use of them
         return out
+
+    def _free_if_full(self, exc: RuntimeError) -> None:
+        """After nvJPEG ran out of device memory, give back what the allocator caches, for the next try."""
+        if machine_failure(exc) and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def __call__(self, batch: Batch) -> Batch:
         if batch.data is None:
@@ -242,8 +247,3 @@ class DeviceDecoder:
             img = step(img)
         return img
 
-
-def _unless_machine(exc: RuntimeError) -> None:
-    """Raise MachineError when exc is the device's failure (its memory full), not the image's."""
-    if machine_failure(exc):
-        raise MachineError(f"{type(exc).__name__}: {exc}") from exc

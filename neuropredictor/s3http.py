@@ -60,6 +60,29 @@ class _Moving(io.RawIOBase):
         return self.body.tell()
 
 
+class _MovingChunks:
+    """An aws-chunked upload's body (over HTTPS botocore sends the checksum after the data, in chunks of 1 MiB),
+    noting when aiohttp last took a chunk of it; anything else is the body's own."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.moved = time.monotonic()
+
+    def __aiter__(self) -> _MovingChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.body.__anext__()
+        self.moved = time.monotonic()
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:  # seek (a retry rewinds it), read, ...
+        return getattr(self.body, name)
+
+
+_CHUNK_WAIT_S = 32.0  # more stillness allowed between aws-chunked chunks: 1 MiB at 32 KiB/s
+
+
 class BoundedUploads(AIOHTTPSession):
     """aiobotocore's session; a PUT whose body stops moving for the connect and read timeouts is cut off."""
 
@@ -69,24 +92,33 @@ class BoundedUploads(AIOHTTPSession):
         self._still_s = float(connect or 60) + float(read or 60)
 
     async def send(self, request: Any) -> Any:
-        if request.method != "PUT" or not isinstance(request.body, io.IOBase):
+        body, still_s = request.body, self._still_s
+        if request.method != "PUT" or body is None:
             return await super().send(request)  # no upload: aiohttp's read timeout bounds it
-        if not isinstance(request.body, _Moving):  # a retry sends the same request again
-            request.body = _Moving(request.body)
-        body = request.body
-        body.moved = time.monotonic()
+        if isinstance(body, io.IOBase) and not isinstance(body, _Moving):  # plain HTTP: read 64 KiB at a time
+            body = request.body = _Moving(body)
+        elif hasattr(body, "__anext__") and not isinstance(body, _MovingChunks):  # HTTPS: aws-chunked
+            body = request.body = _MovingChunks(body)
+        if isinstance(body, _MovingChunks):
+            still_s += _CHUNK_WAIT_S
+        elif not isinstance(body, _Moving):
+            return await super().send(request)  # bytes: no progress to watch (botocore sends none for a PUT)
+        body.moved = time.monotonic()  # a retry sends the same request again, its body rewound
         sending = asyncio.ensure_future(super().send(request))
-        while True:
-            done, _ = await asyncio.wait({sending}, timeout=_LOOK_S)
-            if done:
-                return sending.result()
-            if time.monotonic() - body.moved > self._still_s:
-                break
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sending
+        try:
+            while True:
+                done, _ = await asyncio.wait({sending}, timeout=_LOOK_S)
+                if done:
+                    return sending.result()
+                if time.monotonic() - body.moved > still_s:
+                    break
+        finally:  # also when our caller is cancelled: the upload must not run on, holding its connection
+            if not sending.done():
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sending
         log.warning("an upload to %s took no bytes for %.0f s: taken for a hung endpoint",
-                    redact_text(str(request.url)), self._still_s)  # botocore's message names the URL only
+                    redact_text(str(request.url)), still_s)  # botocore's message names the URL only
         raise ReadTimeoutError(endpoint_url=request.url, error="upload stalled")
 
 

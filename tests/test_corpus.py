@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -824,6 +825,59 @@ def test_an_upload_to_an_s3_endpoint_that_never_answers_fails_in_bounded_time(si
         assert isinstance(outcome[0], botocore.exceptions.ReadTimeoutError), outcome
     finally:
         hung.close()
+
+
+def test_an_https_upload_to_an_s3_endpoint_that_never_answers_fails_in_bounded_time(tmp_path: Path, monkeypatch,
+                                                                                     caplog) -> None:
+    # review: over HTTPS botocore sends a PUT's body aws-chunked (its checksum after the data), which the first
+    # watchdog did not look at: an upload to a hung AWS-like endpoint still waited for ever
+    import datetime
+    import ipaddress
+    import socket
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from neuropredictor import s3http
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list = []
+
+    def serve() -> None:  # the handshake, then nothing is ever read or answered
+        for _ in range(20):
+            with contextlib.suppress(OSError):
+                held.append(tls.wrap_socket(server.accept()[0], server_side=True))
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setattr(s3http, "_CHUNK_WAIT_S", 1.0)  # seconds, not the real half minute
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "cert.pem"))
+    try:
+        with caplog.at_level("WARNING", logger="neuropredictor.s3http"):
+            outcome = _upload(f"https://127.0.0.1:{server.getsockname()[1]}", 100, read_timeout=1)
+        assert outcome and type(outcome[0]).__name__ == "ReadTimeoutError", outcome
+        assert any("took no bytes for 3 s" in r.message for r in caplog.records)  # the aws-chunked body's wait
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
 
 
 def test_a_slow_upload_that_keeps_moving_is_not_cut_off() -> None:

@@ -151,14 +151,22 @@ def test_device_memory_full_while_preprocessing_fails_the_batch_not_the_image(tm
     with pytest.raises(MachineError, match=r"sample img000[01]: OutOfMemoryError: CUDA out of memory"):
         decoder(raw)
 
-    def nvjpeg_full(data):  # nvJPEG's allocator says so in a plain RuntimeError
-        raise RuntimeError("nvjpegDecodeBatched failed: CUDA error: out of memory")
+    # nvJPEG out of memory (a batch of big JPEGs beside a big model): decoded on the CPU instead, as a JPEG nvJPEG
+    # rejects is, not a failed shard every retry would fail alike (review of the first version)
+    def nvjpeg_full(data):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
 
     monkeypatch.setattr(decoder, "_decode_jpegs", nvjpeg_full)
-    monkeypatch.setattr(decoder, "_preprocess", lambda img: img)
-    jpeg = _jpeg(_natural(60, 50, 0))
-    with pytest.raises(MachineError, match="out of memory"):  # not decoded by PIL instead, nor an invalid row
-        decoder._decode_all({0: jpeg}, {})
+    arr = _natural(60, 50, 0)
+    errors: dict = {}
+    out = decoder._decode_all({0: _jpeg(arr)}, errors)
+    assert not errors and out[0].shape == (3, 50, 60)
+    np.testing.assert_array_equal(out[0].permute(1, 2, 0).numpy(), np.asarray(Image.open(io.BytesIO(_jpeg(arr)))))
+    # torch's CPU allocator says so in a plain RuntimeError: the machine's failure too
+    from neuropredictor.corpus.decode import machine_failure
+
+    assert machine_failure(RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate "
+                                        "memory: you tried to allocate 137438953472 bytes"))
 
 
 def test_workers_leave_the_device_only_jpegs_it_may_decode_as_stored(tmp_path):

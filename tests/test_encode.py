@@ -118,6 +118,9 @@ def test_planted_layer_wins_and_r_matches_theory(planted):
     table = summary_table(s)
     best = table[table.best].set_index("roi")["layer"].to_dict()
     assert best == {"all": "mid", "V1": "mid", "IT": "mid"}
+    # tested, the best is judged above chance, whatever the metric shown (review: R^2 below 0 lost the best)
+    low = summary_table(s.assign(r2=s.r2 - 10), metric="r2")
+    assert low[low.best].set_index("roi")["layer"].to_dict() == best
 
 
 def test_untested_a_layer_predicting_nothing_is_the_best_of_nothing():
@@ -219,6 +222,19 @@ def test_group_splits_are_whole_balanced_and_order_free():
     again = outer_splits([keys[i] for i in order], None, 0.2, None, 0, [labels[i] for i in order])
     assert {keys[order[i]] for i in again["splits"][0][1]} == {keys[i] for i in te}
     assert outer_splits(keys, None, 0.2, None, 1, labels)["splits"][0][1].tolist() != te.tolist()  # seed matters
+
+
+def test_chance_tests_with_groups_are_said_to_assume_exchangeable_stimuli(caplog):
+    # statistics review: shuffling single stimuli of grouped responses made 19 % of noise p fall below 0.05
+    from dataclasses import replace as dc_replace
+
+    ds, nd, labels = _grouped(targets=4)
+    with caplog.at_level("WARNING", logger="neuropredictor.encode.run"):
+        encode(ds, nd, folds=5, device="cpu", permutations=20)
+        assert not [r for r in caplog.records if "exchangeable" in r.message]
+        encode(ds, dc_replace(nd, groups=labels), folds=5, device="cpu", permutations=20)
+    said = [r.message for r in caplog.records if "exchangeable" in r.message]
+    assert len(said) == 1 and "score one row per group" in said[0]
 
 
 def test_groups_refuse_a_straddling_split_and_too_few_groups():

@@ -32,11 +32,14 @@ class MachineError(Exception):
     shard fails and is tried again (a sample marked invalid for it would stay so in a committed shard)."""
 
 
+_NO_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")  # said in a plain RuntimeError
+
+
 def machine_failure(exc: BaseException) -> bool:
-    """Whether exc is the machine's failure: memory, the host's or the device's (some CUDA libraries, nvJPEG's
-    allocator among them, say so in a plain RuntimeError)."""
+    """Whether exc is the machine's failure: memory, the host's or the device's (torch's CPU allocator and some CUDA
+    libraries say so in a plain RuntimeError)."""
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _NO_MEMORY))
 
 
 def image_bytes(data: bytes | None, fields: Sequence[str]) -> bytes:

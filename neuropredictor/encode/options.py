@@ -123,6 +123,7 @@ class EncodeOptions(FitOptions):
     overwrite: bool = Field(False, description="Replace existing scores at OUT.")
 
     LOCATIONS: ClassVar[tuple[str, ...]] = ("features", "neural", "out", "keys_file", "plot")  # files or folders
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("out", "plot")  # those written
     _paths = field_validator(*LOCATIONS, mode="before")(path_text)
 
     def read_neural(self, storage_options: Mapping | None = None) -> NeuralData:

@@ -41,9 +41,9 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
     median_r2; from the chance test (NaN / NA when the scores have none, see `chance`): chance (the
     chance level of the median r, the layer's null's 95th percentile), null_low, p_value (the layer's
     own), p_holm (p_value adjusted by Holm over the roi's layers), above_chance (p_holm at most 0.05);
-    best (the layer with the highest median within that roi among those not below chance and above 0: an roi
-    whose layers are all at chance, or untested all at or below 0, has none). The best layer per ROI is therefore
-    `df[df.best]`.
+    best (the layer with the highest median within that roi among those above chance; untested, among those whose
+    median is above 0: an roi whose layers are all at chance, or untested all at or below 0, has none). The best
+    layer per ROI is therefore `df[df.best]`.
     """
     import pandas as pd
 
@@ -77,8 +77,9 @@ def summary_table(ds: xarray.Dataset, metric: str = "r") -> pandas.DataFrame:
             for g, p in zip(group_rows, holm(np.array([g["p_value"] for g in group_rows]))):
                 g["p_holm"] = p
                 g["above_chance"] = bool(p <= 1 - CHANCE_QUANTILE) if np.isfinite(p) else None
-            # untested (no permutations), a layer is best only if it predicts at all: a median above 0
-            eligible = [i for i, g in enumerate(group_rows) if g["above_chance"] is not False and g["median"] > 0]
+            # above chance; untested (no permutations), only if it predicts at all: a median above 0
+            eligible = [i for i, g in enumerate(group_rows) if g["above_chance"] is True
+                        or (g["above_chance"] is None and g["median"] > 0)]
             best = max(eligible, key=lambda i: group_rows[i]["median"], default=-1)
             rows += [{**g, "best": i == best} for i, g in enumerate(group_rows)]
     columns = ["roi", "layer", "n_targets", "median", "q25", "q75", "mean", "median_r2", "chance", "null_low",

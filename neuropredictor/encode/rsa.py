@@ -212,8 +212,8 @@ def _mantel(neural: np.ndarray, layers: np.ndarray, orders: np.ndarray, observed
 
 def rsa_table(ds: xarray.Dataset) -> pandas.DataFrame:
     """Per (roi, layer) of an `rsa` Dataset, tidy: rho, p, p_holm (p adjusted by Holm over the layers), above_chance
-    (p_holm at most 0.05; NA without a test) and best (the highest rho among the layers not below chance and above
-    0: untested, a layer whose RDM does not correlate positively is not the best of anything). roi is
+    (p_holm at most 0.05; NA without a test) and best (the highest rho among the layers above chance; untested, among
+    those whose rho is above 0: an RDM that does not correlate positively is the best of nothing). roi is
     "all" for the RDM of every target, then each ROI."""
     import pandas as pd
 
@@ -227,7 +227,7 @@ def rsa_table(ds: xarray.Dataset) -> pandas.DataFrame:
         p = np.full(len(layers), np.nan) if p is None else np.asarray(p, dtype=np.float64)
         adjusted = holm(p)
         above = [bool(a <= 1 - CHANCE_QUANTILE) if np.isfinite(a) else None for a in adjusted]
-        eligible = [i for i in range(len(layers)) if above[i] is not False and rho[i] > 0]  # NaN is not
+        eligible = [i for i in range(len(layers)) if above[i] is True or (above[i] is None and rho[i] > 0)]
         best = max(eligible, key=lambda i: rho[i], default=-1)
         rows += [{"roi": roi, "layer": layer, "rho": float(rho[i]), "p": p[i], "p_holm": adjusted[i],
                   "above_chance": above[i], "best": i == best} for i, layer in enumerate(layers)]

@@ -100,6 +100,12 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
     keys = [neural.keys[i] for i in ni]
     groups = None if neural.groups is None else np.asarray(neural.groups, dtype=object)[ni]
+    if groups is not None and opts.permutations and len(set(groups.tolist())) < len(groups):
+        log.warning("the chance tests shuffle single stimuli within each fold, which takes their held-out responses "
+                    "to be exchangeable: stimuli of one group (one concept's images) that share responses the "
+                    "features do not predict make the p-values too small (19 %% of pure noise below 0.05 with a "
+                    "group offset as large as the noise, in our simulation). Read them with care, or score one row "
+                    "per group (its responses averaged)")
     folds = outer_splits(keys, neural.train[ni] if neural.train is not None else None, opts.test_fraction,
                          opts.folds, opts.seed, groups)
     need = max(_MIN_TRAIN, 2 * opts.inner_folds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -24,8 +25,11 @@ def artifact_key(kind: str, url: str, *parts: str) -> str:
     def slug(text: str) -> str:
         return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
-    name = slug(re.sub(r"\.zarr$", "", fsx.basename(str(url).rstrip("/"))))[:40].strip("-")
-    digest = hashlib.sha256(redact_text(str(url)).encode()).hexdigest()[:6]
+    url = str(url).rstrip("/")
+    where = url if "://" in url else os.path.abspath(url)  # one store, however its path was spelled
+    name = slug(re.sub(r"\.zarr$", "", fsx.basename(url)))[:40].strip("-")
+    # the hash also tells apart groups whose labels the length limit cuts
+    digest = hashlib.sha256("\0".join([redact_text(where), *parts]).encode()).hexdigest()[:8]
     return "-".join(p for p in (kind, name, digest, *map(slug, parts)) if p)[:120].rstrip("-")
 
 

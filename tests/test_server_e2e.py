@@ -343,19 +343,26 @@ def test_a_flow_run_whose_process_died_is_marked_crashed(prefect_server, tmp_pat
     fast["automations"][0]["trigger"]["within"] = 40  # heartbeats every 30 s here (Prefect's least)
     (tmp_path / "fast.yaml").write_text(yaml.safe_dump(fast))
     _cli(env, "automation", "create", "--from-file", str(tmp_path / "fast.yaml"))
-    script = ("import time\nfrom prefect import flow\n\n@flow(name='doomed')\ndef doomed():\n    time.sleep(600)\n\n"
-              "doomed()\n")
-    doomed = procs.start("doomed", [sys.executable, "-c", script], {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
+    # a stand-in named as the product's flow is, and another team's flow (the automation watches ours only)
+    killed, runs = [], {}
+    for name in ("extract", "someone-elses"):
+        script = (f"import time\nfrom prefect import flow\n\n@flow(name={name!r})\ndef doomed():\n"
+                  "    time.sleep(600)\n\ndoomed()\n")
+        killed.append(procs.start(name, [sys.executable, "-c", script], {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}))
     with httpx.Client(base_url=api, timeout=30) as client:
-        query = {"flows": {"name": {"any_": ["doomed"]}}}
         deadline = time.monotonic() + 120
-        runs: list = []
-        while time.monotonic() < deadline and not (runs and runs[0]["state"]["type"] == "RUNNING"):
+        while time.monotonic() < deadline and len(runs) < 2:
             time.sleep(1)
-            response = client.post("/flow_runs/filter", json=query)
-            runs = response.json() if response.status_code == 200 else []
-        assert runs and runs[0]["state"]["type"] == "RUNNING", procs.tail()
-        time.sleep(5)  # its first heartbeat goes out as it starts
-        os.killpg(doomed.pid, signal.SIGKILL)
-        run = _wait_run(client, runs[0]["id"], procs, timeout=240)
+            for name in ("extract", "someone-elses"):
+                response = client.post("/flow_runs/filter", json={"flows": {"name": {"any_": [name]}}})
+                found = response.json() if response.status_code == 200 else []
+                if found and found[0]["state"]["type"] == "RUNNING":
+                    runs[name] = found[0]["id"]
+        assert len(runs) == 2, procs.tail()
+        time.sleep(5)  # their first heartbeats go out as they start
+        for proc in killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+        run = _wait_run(client, runs["extract"], procs, timeout=240)
+        other = client.get(f"/flow_runs/{runs['someone-elses']}").raise_for_status().json()
+    assert other["state"]["type"] == "RUNNING", other["state"]  # not ours: left as it is
     assert run["state"]["type"] == "CRASHED" and "No heartbeat" in run["state"]["message"], run["state"]

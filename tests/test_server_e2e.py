@@ -348,7 +348,8 @@ def test_a_flow_run_whose_process_died_is_marked_crashed(prefect_server, tmp_pat
     for name in ("extract", "someone-elses"):
         script = (f"import time\nfrom prefect import flow\n\n@flow(name={name!r})\ndef doomed():\n"
                   "    time.sleep(600)\n\ndoomed()\n")
-        killed.append(procs.start(name, [sys.executable, "-c", script], {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}))
+        fast_beats = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+        killed.append(procs.start(name, [sys.executable, "-c", script], fast_beats))
     with httpx.Client(base_url=api, timeout=30) as client:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(runs) < 2:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neuropredictor.encode._common import AlignmentWarning, EncodingError
-from neuropredictor.encode.chance import (CHANCE_QUANTILE, Part, chance_summary, fold_nulls, null_medians,
-                                          permutations_needed, target_p_values)
+from neuropredictor.encode.chance import (CHANCE_QUANTILE, Part, chance_summary, fold_nulls, lone_groups,
+                                          null_medians, permutations_needed, target_p_values)
 from neuropredictor.encode.align import (SPLIT_SCHEME, align, inner_group_folds, layer_matrix, open_dataset,
                                          outer_splits, select_layers)
 from neuropredictor.encode.kept import KeptLayers
@@ -60,6 +60,7 @@ class Prepared:
     # has no NaN); see `target_sets`
     sets: list[TargetSet] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    groups: np.ndarray | None = None  # each matched stimulus's group (`groups`): the chance tests move whole groups
 
 
 @dataclass
@@ -100,12 +101,6 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     fi, ni, report, usable = aligned["features_rows"], aligned["neural_rows"], aligned["report"], aligned["targets"]
     keys = [neural.keys[i] for i in ni]
     groups = None if neural.groups is None else np.asarray(neural.groups, dtype=object)[ni]
-    if groups is not None and opts.permutations and len(set(groups.tolist())) < len(groups):
-        log.warning("the chance tests shuffle single stimuli within each fold, which takes their held-out responses "
-                    "to be exchangeable: stimuli of one group (one concept's images) that share responses the "
-                    "features do not predict make the p-values too small (19 %% of pure noise below 0.05 with a "
-                    "group offset as large as the noise, in our simulation). Read them with care, or score one row "
-                    "per group (its responses averaged)")
     folds = outer_splits(keys, neural.train[ni] if neural.train is not None else None, opts.test_fraction,
                          opts.folds, opts.seed, groups)
     need = max(_MIN_TRAIN, 2 * opts.inner_folds)
@@ -123,13 +118,17 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
                                 f"inner_folds={opts.inner_folds}) and {_MIN_TEST} to test: {fix}")
     inner = None if groups is None else [inner_group_folds(groups[tr], opts.inner_folds, opts.seed)
                                          for tr, _ in folds["splits"]]
+    if groups is not None and opts.permutations and any(lone_groups(groups[te]) for _, te in folds["splits"]):
+        log.warning("the chance tests move whole groups onto groups of the same size, and some fold's held-out groups "
+                    "all differ in size: there they move stimuli within groups only, and the p-values come out "
+                    "larger than they should (valid, with less power); groups of equal size avoid it")
     Y = neural.values[np.ix_(ni, usable)]
     sets = target_sets(Y, folds["splits"], inner, groups, opts.inner_folds, opts.seed, need, _MIN_TEST)
     report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]),
                   n_groups=0 if groups is None else len(set(groups.tolist())), target_sets=len(sets))
     report_unscorable(sets, Y, [neural.targets[i] for i in usable], report, need, _MIN_TEST)  # type: ignore[index]
     return Prepared(ds, features_name, layers, neural, fi, keys, Y, usable, folds["splits"], report, inner,
-                    sets, started)
+                    sets, started, groups)
 
 
 def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, **fields: Any) -> LayerScores:
@@ -163,7 +162,8 @@ def score_layer(prep: Prepared, layer: str, options: FitOptions | None = None, *
     if opts.permutations:
         groups = [mask[prep.usable] for _, mask in target_groups(prep.neural.roi, prep.neural.n_targets)]
         folds = [(len(te), parts) for (_, te), parts in zip(prep.splits, tested)]
-        nulls = fold_nulls(folds, prep.Y.shape[1], opts.permutations, opts.seed)
+        blocks = None if prep.groups is None else [prep.groups[te] for _, te in prep.splits]
+        nulls = fold_nulls(folds, prep.Y.shape[1], opts.permutations, opts.seed, blocks)
         null, p = null_medians(nulls, groups), target_p_values(folds, nulls, prep.Y.shape[1])
         del nulls
     solver, backend = ("+".join(sorted(seen)) or "none" for seen in used.values())
@@ -322,8 +322,8 @@ def encode(features: str | xarray.Dataset, neural: NeuralData | str, options: Fi
     return assemble(prep, [score_layer(prep, layer, opts) for layer in prep.layers], opts)
 
 
-_KEPT_FORMAT = 4  # bump when LayerScores or the fingerprint change meaning (2: targets in sets, their null; 3: p;
-# 4: p with K folds, Bonferroni over the folds)
+_KEPT_FORMAT = 5  # bump when LayerScores or the fingerprint change meaning (2: targets in sets, their null; 3: p;
+# 4: p with K folds, Bonferroni over the folds; 5: with groups, whole groups shuffled)
 
 
 def fingerprint(prep: Prepared, options: FitOptions) -> str | None:

@@ -37,6 +37,8 @@ def refuse_relative_paths(*configs: BaseModel) -> None:
 
 def _there(path: str) -> bool:
     """Whether a local input is there: a file or folder, a glob's match, or a brace pattern's folder."""
-    if "{" in path:
-        return os.path.isdir(os.path.dirname(path) or ".")
-    return bool(glob.glob(path)) if any(c in path for c in "*?[") else os.path.exists(path)
+    if os.path.exists(path):  # also a name with [ or { in it
+        return True
+    if "{" in path:  # a brace pattern: the folder above its first brace
+        return os.path.isdir(os.path.dirname(path[:path.index("{")]) or ".")
+    return any(c in path for c in "*?[") and bool(glob.glob(path))

@@ -4,7 +4,9 @@ aiohttp bounds each socket read (botocore's read_timeout), not a write: an uploa
 reading (a hung server, a connection dropped without a reset) waited for ever, for the server's
 "100 Continue" or for room in a full socket buffer, and a run writing to it hung instead of failing. Here a
 PUT whose body nobody takes for the client's connect and read timeouts together is a read timeout, retried
-and reported as any other. A slow upload that keeps moving is never cut, whatever its size.
+and reported as any other. A slow upload that keeps moving is never cut, whatever its size: over plain HTTP,
+where aiohttp takes 64 KiB at a time; over HTTPS, botocore's chunks of 1 MiB must each go within those timeouts
+and 32 s more (about 7 KiB/s with s3fs's timeouts).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class _MovingChunks:
         return chunk
 
     def __getattr__(self, name: str) -> Any:  # seek (a retry rewinds it), read, ...
+        if name == "body":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.body, name)
 
 

@@ -45,6 +45,7 @@ a false discovery rate over them (Benjamini-Hochberg, `scipy.stats.false_discove
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -74,7 +75,8 @@ def fold_nulls(folds: Sequence[tuple[int, Sequence[Part]]], n_targets: int, perm
     takes the order that shuffle induces on its own (each stimulus goes where the shuffle's cycle through it next
     lands among them), so that targets of different sets that share stimuli stay shuffled together, as their
     correlation is in the observed scores. blocks: per fold, the group of each of its test stimuli (`--groups`):
-    the shuffles then move whole groups (`exchanged`)."""
+    the shuffles then move whole groups (`exchanged`), and a part measured on some of them is shuffled by its own
+    groups (an induced order would mix them), not with the others."""
     rng = np.random.default_rng(seed)
     per_fold = []
     for f, (n_test, parts) in enumerate(folds):
@@ -82,7 +84,13 @@ def fold_nulls(folds: Sequence[tuple[int, Sequence[Part]]], n_targets: int, perm
                  else exchanged(rng, blocks[f], permutations))
         null = np.full((permutations, n_targets), np.nan, np.float32)
         for targets, positions, y, pred in parts:
-            own = order if len(positions) == n_test else _induced(order, positions)
+            if len(positions) == n_test:
+                own = order
+            elif blocks is None:
+                own = _induced(order, positions)
+            else:  # the induced order would mix groups: the set's own groups, shuffled as the seed says for every layer
+                key = int.from_bytes(hashlib.sha256(np.asarray(positions, np.int64).tobytes()).digest()[:8], "little")
+                own = exchanged(np.random.default_rng([seed, f, key]), np.asarray(blocks[f])[positions], permutations)
             zy, zp = unit_columns(y, np.float32), unit_columns(pred, np.float32)
             n, t = zy.shape
             step = max(1, _BATCH_BYTES // (4 * n * t))
@@ -96,8 +104,8 @@ def exchanged(rng: np.random.Generator, labels: Sequence, permutations: int) -> 
     """(permutations, n) shuffles of n stimuli in groups (labels): each moves whole groups onto groups of the same
     size, and the stimuli within them. Stimuli of a group may share responses the features do not predict (one
     concept's images); shuffled one by one, that shared part met unrelated predictions and made p-values too small
-    (19 % of pure noise below 0.05 with a group offset as large as the noise). A fold whose groups all differ in
-    size moves stimuli within groups only: conservative (`lone_groups` tells)."""
+    (19 % of pure noise below 0.05 with a group offset as large as the noise). A group of a size no other group
+    has stays in place, its stimuli shuffled within it: conservative (`lone_groups` tells when most are)."""
     _, inverse = np.unique(np.asarray([str(x) for x in labels]), return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if len(inverse) else []
     order = np.empty((permutations, len(inverse)), np.int64)
@@ -113,9 +121,11 @@ def exchanged(rng: np.random.Generator, labels: Sequence, permutations: int) -> 
 
 
 def lone_groups(labels: Sequence) -> bool:
-    """Whether no two groups among labels have the same size: `exchanged` cannot move any of them."""
+    """Whether most stimuli among labels are in groups of a size no other group has: `exchanged` cannot move
+    those groups."""
     _, counts = np.unique(np.asarray([str(x) for x in labels]), return_counts=True)
-    return len(counts) < 2 or np.bincount(counts).max() < 2
+    alone = np.bincount(counts)[counts] == 1  # per group: the only one of its size
+    return bool(counts[alone].sum() * 2 > counts.sum())
 
 
 def null_medians(per_fold: Sequence[np.ndarray], groups: Sequence[np.ndarray]) -> np.ndarray:

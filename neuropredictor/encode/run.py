@@ -119,9 +119,9 @@ def prepare(features: str | xarray.Dataset, neural: NeuralData | str, options: F
     inner = None if groups is None else [inner_group_folds(groups[tr], opts.inner_folds, opts.seed)
                                          for tr, _ in folds["splits"]]
     if groups is not None and opts.permutations and any(lone_groups(groups[te]) for _, te in folds["splits"]):
-        log.warning("the chance tests move whole groups onto groups of the same size, and some fold's held-out groups "
-                    "all differ in size: there they move stimuli within groups only, and the p-values come out "
-                    "larger than they should (valid, with less power); groups of equal size avoid it")
+        log.warning("the chance tests move whole groups onto groups of the same size, and in some fold most held-out "
+                    "stimuli are in groups of a size no other group there has: those stay in place, and the p-values "
+                    "come out larger than they should (valid, with less power); groups of equal size avoid it")
     Y = neural.values[np.ix_(ni, usable)]
     sets = target_sets(Y, folds["splits"], inner, groups, opts.inner_folds, opts.seed, need, _MIN_TEST)
     report.update(split=folds["how"], n_train=int(folds["n_train"]), n_test=int(folds["n_test"]),
@@ -356,6 +356,7 @@ def fingerprint(prep: Prepared, options: FitOptions) -> str | None:
                 add(i, *(pair or ()), *(a for inner in (ts.inner[i] or [] if ts.inner else []) for a in inner))
     roi = prep.neural.roi
     add(None if roi is None else [str(x) for x in roi])
+    add(None if prep.groups is None else [str(x) for x in prep.groups])  # the chance tests move whole groups
     add({k: getattr(options, k) for k in ("inner_folds", "seed", "dtype", "solver", "permutations")},
         options.alpha_grid)
     return h.hexdigest()[:16]

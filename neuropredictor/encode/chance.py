@@ -106,7 +106,7 @@ def exchanged(rng: np.random.Generator, labels: Sequence, permutations: int) -> 
     concept's images); shuffled one by one, that shared part met unrelated predictions and made p-values too small
     (19 % of pure noise below 0.05 with a group offset as large as the noise). A group of a size no other group
     has stays in place, its stimuli shuffled within it: conservative (`lone_groups` tells when most are)."""
-    _, inverse = np.unique(np.asarray([str(x) for x in labels]), return_inverse=True)
+    _, inverse = _groups(labels, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if len(inverse) else []
     order = np.empty((permutations, len(inverse)), np.int64)
     by_size: dict[int, list[np.ndarray]] = {}
@@ -120,10 +120,15 @@ def exchanged(rng: np.random.Generator, labels: Sequence, permutations: int) -> 
     return order
 
 
+def _groups(labels: Sequence, **unique: bool) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique of the labels as text, as the splits read groups (mixed types, None and NaN alike)."""
+    return np.unique(np.asarray([str(x) for x in labels]), **unique)
+
+
 def lone_groups(labels: Sequence) -> bool:
     """Whether most stimuli among labels are in groups of a size no other group has: `exchanged` cannot move
     those groups."""
-    _, counts = np.unique(np.asarray([str(x) for x in labels]), return_counts=True)
+    _, counts = _groups(labels, return_counts=True)
     alone = np.bincount(counts)[counts] == 1  # per group: the only one of its size
     return bool(counts[alone].sum() * 2 > counts.sum())
 
